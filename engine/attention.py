@@ -1,0 +1,74 @@
+"""Attention over the paged KV cache.
+
+New keys and values are written into their slots first; then each query reads its request's blocks. Decoding
+requests (one query each) are batched: their blocks are gathered into `[B, KVH, S, D]` and masked to each context
+length. A prefill chunk attends causally to its own fresh keys, or, when earlier chunks exist, to its gathered
+blocks with an offset causal mask. The gather is the CPU path; a paged kernel (FlashAttention/FlashInfer) can
+replace `decode_attention` and `prefill_attention` on GPU without touching the callers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.kv_cache import AttentionMetadata, DecodeGroup, PrefillSegment
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k_cache, v_cache: [NB, BS, KVH, D]; k, v: [T, KVH, D]; slots: [T]."""
+    kvh, dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, dim).index_copy_(0, slots, k)
+    v_cache.view(-1, kvh, dim).index_copy_(0, slots, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] (already rotated); returns [T, H, D]."""
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if meta.decode is not None and not meta.prefills:
+        return decode_attention(q, k_cache, v_cache, meta.decode)
+    out = torch.empty_like(q)
+    if meta.decode is not None:
+        out[:meta.decode.size] = decode_attention(q[:meta.decode.size], k_cache, v_cache, meta.decode)
+    for seg in meta.prefills:
+        rows = slice(seg.row, seg.row + seg.length)
+        out[rows] = prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, seg)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     group: DecodeGroup) -> torch.Tensor:
+    """q: [B, H, D] -> [B, H, D]. Each kv head's G query heads are the 'query length' of one SDPA call."""
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    keys = _gather(k_cache, group.block_tables)  # [B, KVH, S, D]
+    values = _gather(v_cache, group.block_tables)
+    queries = q.view(batch, kv_heads, heads // kv_heads, dim)  # [B, KVH, G, D]
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.key_mask)
+    return out.reshape(batch, heads, dim)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, seg: PrefillSegment) -> torch.Tensor:
+    """q: [Q, H, D]; k, v: [Q, KVH, D] this chunk's own keys -> [Q, H, D]."""
+    if seg.mask is None:
+        keys, values = k, v  # [Q, KVH, D]: the chunk is the whole context
+    else:
+        context = seg.start_pos + seg.length
+        keys = k_cache[seg.block_ids].flatten(0, 1)[:context]  # [S, KVH, D]
+        values = v_cache[seg.block_ids].flatten(0, 1)[:context]
+    groups = q.shape[1] // k.shape[1]
+    queries = q.transpose(0, 1)  # [H, Q, D]
+    keys = keys.transpose(0, 1).repeat_interleave(groups, dim=0)  # [H, S, D]
+    values = values.transpose(0, 1).repeat_interleave(groups, dim=0)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=seg.mask, is_causal=seg.mask is None)
+    return out.transpose(0, 1)
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """cache: [NB, BS, KVH, D]; block_tables: [B, MB] -> [B, KVH, MB*BS, D]."""
+    blocks = cache[block_tables]  # [B, MB, BS, KVH, D]
+    batch = blocks.shape[0]
+    return blocks.view(batch, -1, blocks.shape[3], blocks.shape[4]).transpose(1, 2)

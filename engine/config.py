@@ -1,0 +1,212 @@
+"""Engine configuration: the model's shape and the engine's knobs, as validated frozen dataclasses.
+
+`ModelConfig` describes a Llama-family decoder (Llama 2/3, SmolLM2, Qwen2). It is read from a Hugging Face
+`config.json`, from GGUF metadata (`engine.gguf_weights`), or from a named real shape (`engine.shapes`).
+
+`EngineConfig` is what a user sets. `EngineConfig.from_dict` takes the `engine:` section of a YAML file; every
+problem raises `ConfigError` naming the field and what was wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style RoPE frequency scaling (rope_type "llama3")."""
+
+    factor: float
+    """How much the low frequencies are stretched (8 for Llama 3.1)."""
+    low_freq_factor: float
+    """Wavelengths longer than original_max_position / low_freq_factor are divided by `factor`."""
+    high_freq_factor: float
+    """Wavelengths shorter than original_max_position / high_freq_factor are kept as they are."""
+    original_max_position: int
+    """The context length the model was pretrained with."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder."""
+
+    architecture: str
+    """"llama" or "qwen2" (q/k/v projections carry a bias)."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    """The longest context the model supports."""
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    """Whether q, k and v projections have a bias (Qwen2)."""
+    rope_scaling: RopeScaling | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}: must be > 0, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_kv_heads: {self.num_kv_heads} does not divide num_heads {self.num_heads}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_parameters(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        h, layers = self.hidden_size, self.num_layers
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        if self.attention_bias:
+            attn += self.q_size + 2 * self.kv_size
+        mlp = 3 * h * self.intermediate_size
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return layers * (attn + mlp + 2 * h) + embed + h
+
+    @staticmethod
+    def from_hf_config(cfg: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face config.json (Llama or Qwen2, transformers 4 or 5 style)."""
+        arch = str(cfg.get("model_type", "llama"))
+        if arch not in ("llama", "qwen2"):
+            raise ConfigError(f"config.json model_type: {arch!r} is not supported (llama, qwen2)")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        heads = int(cfg["num_attention_heads"])
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            max_position=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            rope_scaling=_rope_scaling_from_hf(rope),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _rope_scaling_from_hf(rope: Mapping[str, Any]) -> RopeScaling | None:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ConfigError(f"config.json rope_scaling.rope_type: {kind!r} is not supported (default, llama3)")
+    return RopeScaling(
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position=int(rope["original_max_position_embeddings"]),
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What a user sets for one engine (one worker's model, KV cache and scheduler)."""
+
+    model: str = "smollm2-135m-instruct"
+    """A GGUF file, a Hugging Face folder (config.json + safetensors), the default model's name
+    "smollm2-135m-instruct", or "random:SHAPE" for random weights of a real shape (see engine.shapes)."""
+    dtype: str = "fp32"
+    """Weights and KV cache dtype: fp32, bf16 or fp16."""
+    device: str = "cpu"
+    """"cpu", "cuda" or "cuda:N"."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_kv_blocks: int | None = None
+    """KV blocks in the cache; when unset, as many as fit in kv_cache_gib."""
+    kv_cache_gib: float = 1.0
+    """Memory for the KV cache when num_kv_blocks is unset."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step; longer prompts are prefilled in chunks of at most this many tokens."""
+    max_num_seqs: int = 64
+    """Most requests running at once."""
+    max_model_len: int | None = None
+    """Longest prompt + output; defaults to the model's own maximum (capped at 32768)."""
+    seed: int = 0
+    """Seed of the sampler's shared generator (requests without their own seed)."""
+    num_threads: int | None = None
+    """torch CPU threads for this engine; unset leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"engine.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"engine.device: {self.device!r} is not 'cpu', 'cuda' or 'cuda:N'")
+        _positive("block_size", self.block_size)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_num_seqs", self.max_num_seqs)
+        if self.num_kv_blocks is not None:
+            _positive("num_kv_blocks", self.num_kv_blocks)
+        if not (self.kv_cache_gib > 0 and math.isfinite(self.kv_cache_gib)):
+            raise ConfigError(f"engine.kv_cache_gib: must be a positive number, got {self.kv_cache_gib}")
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+        if self.num_threads is not None:
+            _positive("num_threads", self.num_threads)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @staticmethod
+    def from_dict(values: Mapping[str, Any]) -> "EngineConfig":
+        """Validate a mapping (a YAML `engine:` section); unknown keys and wrong types name the field."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"engine: must be a mapping, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"engine.{key}: unknown field (known: {', '.join(sorted(fields))})")
+            _check_type(key, value, fields[key].type)
+        return EngineConfig(**values)
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"engine.{name}: must be > 0, got {value}")
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float)}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    optional = annotation.endswith("| None")
+    base = annotation.split("|")[0].strip()
+    if value is None and optional:
+        return
+    allowed = _TYPES[base]
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise ConfigError(f"engine.{name}: expected {base}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,244 @@
+"""The engine: requests in, tokens out, one step at a time. Shared by the prefill and decode workers.
+
+A step is `schedule -> run -> postprocess`: the scheduler picks chunks, the model runner computes them and samples,
+and postprocessing appends tokens, detokenizes, checks stop conditions and frees finished requests' blocks.
+
+Disaggregation hooks (used by the prefill and decode workers):
+- prefill side: `add_request(..., prefill_only=True)`; its step output ends with `FinishReason.PREFILLED` and the
+  request keeps its blocks (`held_block_ids`) until `release`.
+- decode side: `reserve_remote` allocates blocks for a prompt whose KV is written from elsewhere into `kv_cache`;
+  `commit_remote` with the first token makes it decode like any other request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Iterable, Sequence
+
+import torch
+
+from pdserve.engine.block_manager import BlockManager, blocks_for
+from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
+from pdserve.engine.detokenizer import Detokenizer, Finish
+from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.model_source import resolve
+from pdserve.engine.request import FinishReason, Prompt, PromptError, Request, RequestOutput, RequestStatus
+from pdserve.engine.sampler import Sampler
+from pdserve.engine.sampling_params import SamplingError, SamplingParams
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.tokenizer import Tokenizer, load_tokenizer
+from pdserve.engine.weights import load_model, read_model_config
+
+log = logging.getLogger(__name__)
+
+MAX_DEFAULT_LEN = 32768
+
+
+class RequestError(ValueError):
+    """A request cannot be served as given; the message names the field."""
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        source = resolve(config.model)
+        self.model_config: ModelConfig = read_model_config(source)
+        self.max_model_len = config.max_model_len or min(self.model_config.max_position, MAX_DEFAULT_LEN)
+        if self.max_model_len > self.model_config.max_position:
+            raise ConfigError(f"engine.max_model_len: {self.max_model_len} is beyond the model's "
+                              f"{self.model_config.max_position}")
+        self.model = load_model(source, self.model_config, config.torch_dtype, config.device, self.max_model_len,
+                                config.seed)
+        self.tokenizer: Tokenizer | None = load_tokenizer(source)
+        self.kv_cache = KVCache(self.model_config, self._num_blocks(), config.block_size, config.torch_dtype,
+                                config.device)
+        self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
+        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(config.seed, config.device))
+        self.eos_token_ids = self._eos_ids()
+        self._requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, Detokenizer] = {}
+        self._order = itertools.count()
+        log.info("engine ready: %s, %d layers, %d KV blocks of %d tokens, max_model_len %d", config.model,
+                 self.model_config.num_layers, self.kv_cache.num_blocks, config.block_size, self.max_model_len)
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if prompt.token_ids is not None:
+            bad = [t for t in prompt.token_ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise PromptError(f"prompt.token_ids: {bad[:5]} outside the vocabulary [0, "
+                                  f"{self.model_config.vocab_size})")
+            return list(prompt.token_ids)
+        if self.tokenizer is None:
+            raise PromptError("prompt: this model has no tokenizer (random weights); send token_ids")
+        if prompt.messages is not None:
+            return self.tokenizer.encode_chat(prompt.messages)
+        return self.tokenizer.encode(str(prompt.text))
+
+    def add_request(self, request_id: str, prompt: Prompt | Sequence[int], sampling: SamplingParams,
+                    prefill_only: bool = False) -> list[int]:
+        """Queue a request; returns its prompt token ids. Raises RequestError/PromptError on bad input."""
+        token_ids = self.tokenize(prompt if isinstance(prompt, Prompt) else Prompt(token_ids=tuple(prompt)))
+        request = self._new_request(request_id, token_ids, sampling, prefill_only)
+        self.scheduler.add(request)
+        return token_ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks. None if it is unknown or already done."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        return self._finish(request, Finish(FinishReason.ABORT), (), "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- the step --------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        sampled = self.runner.run(out.chunks)
+        outputs = []
+        for chunk in out.chunks:
+            request = self._requests[chunk.request_id]
+            self.scheduler.advance(chunk, request)
+            if chunk.request_id in sampled:
+                outputs.append(self._append_token(request, sampled[chunk.request_id]))
+        return outputs
+
+    def generate(self, prompts: Iterable[Prompt | Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
+                 ) -> list[RequestOutput]:
+        """Run a batch to completion (all submitted at once); final outputs in input order."""
+        prompts = list(prompts)
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        ids = [f"generate-{next(self._order)}" for _ in prompts]
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params):
+                self.add_request(request_id, prompt, p)
+        except ValueError:
+            for request_id in ids:
+                self.abort(request_id)
+            raise
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for output in self.step():
+                if output.finished:
+                    final[output.request_id] = output
+        return [final[i] for i in ids]
+
+    # ---- disaggregation hooks --------------------------------------------------------------------------------
+    def held_block_ids(self, request_id: str) -> tuple[int, ...]:
+        """Blocks of a held request (prefilled here, or reserved for a remote prefill)."""
+        return tuple(self._held(request_id).block_ids)
+
+    def release(self, request_id: str) -> None:
+        """Free a held request's blocks (its KV was sent, or the handoff failed)."""
+        request = self._held(request_id)
+        self.scheduler.finish(request)
+        self._forget(request)
+
+    def reserve_remote(self, request_id: str, prompt_token_ids: Sequence[int],
+                       sampling: SamplingParams) -> tuple[int, ...] | None:
+        """Allocate blocks for a prompt prefilled elsewhere; None when too few blocks are free right now."""
+        request = self._new_request(request_id, list(prompt_token_ids), sampling, prefill_only=False)
+        if not self.scheduler.reserve(request):
+            self._forget(request)
+            return None
+        return tuple(request.block_ids)
+
+    def commit_remote(self, request_id: str, first_token_id: int) -> RequestOutput:
+        """The KV of a reserved request is in place: take its first token (sampled by the prefill worker).
+
+        The returned output's text_delta is the first token's text, which the prefill side already reported."""
+        request = self._held(request_id)
+        request.num_computed_tokens = len(request.prompt_token_ids)
+        request.num_preemptions = 0
+        output = self._append_token(request, first_token_id)
+        if not output.finished:
+            self.scheduler.commit(request)
+        return output
+
+    # ---- internals -------------------------------------------------------------------------------------------
+    def _new_request(self, request_id: str, token_ids: list[int], sampling: SamplingParams,
+                     prefill_only: bool) -> Request:
+        if not isinstance(sampling, SamplingParams):
+            raise SamplingError("sampling: expected SamplingParams")
+        if request_id in self._requests:
+            raise RequestError(f"request_id: {request_id!r} is already in use")
+        total = len(token_ids) + sampling.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({sampling.max_tokens}) "
+                               f"= {total} exceeds the context length {self.max_model_len}")
+        if blocks_for(total, self.config.block_size) > self.blocks.num_blocks:
+            raise RequestError(f"max_tokens: prompt + max_tokens = {total} tokens needs more KV blocks than the "
+                               f"cache has ({self.blocks.num_blocks} of {self.config.block_size} tokens)")
+        request = Request(request_id, token_ids, sampling, next(self._order), prefill_only)
+        self._requests[request_id] = request
+        self._detokenizers[request_id] = Detokenizer(self.tokenizer, sampling, self.eos_token_ids)
+        return request
+
+    def _append_token(self, request: Request, token_id: int) -> RequestOutput:
+        detok = self._detokenizers[request.request_id]
+        delta, finish = detok.add(token_id)
+        request.output_token_ids.append(token_id)  # stop tokens too, as transformers and vLLM report them
+        if finish is None and (len(request.output_token_ids) >= request.sampling.max_tokens
+                               or request.num_tokens >= self.max_model_len):
+            finish = Finish(FinishReason.LENGTH)
+            delta += detok.finish_length()
+        if finish is not None:
+            return self._finish(request, finish, (token_id,), delta)
+        if request.prefill_only:
+            self.scheduler.hold(request)
+            return self._output(request, (token_id,), delta, Finish(FinishReason.PREFILLED))
+        return self._output(request, (token_id,), delta, None)
+
+    def _finish(self, request: Request, finish: Finish, new: tuple[int, ...], delta: str) -> RequestOutput:
+        self.scheduler.finish(request)
+        output = self._output(request, new, delta, finish)
+        self._forget(request)
+        return output
+
+    def _output(self, request: Request, new: tuple[int, ...], delta: str, finish: Finish | None) -> RequestOutput:
+        detok = self._detokenizers[request.request_id]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=tuple(request.prompt_token_ids),
+            token_ids=tuple(request.output_token_ids),
+            new_token_ids=new,
+            text=detok.text,
+            text_delta=delta,
+            finish_reason=None if finish is None else finish.reason,
+            stop_reason=None if finish is None else finish.stop_reason,
+        )
+
+    def _forget(self, request: Request) -> None:
+        self._requests.pop(request.request_id, None)
+        self._detokenizers.pop(request.request_id, None)
+
+    def _held(self, request_id: str) -> Request:
+        request = self._requests.get(request_id)
+        if request is None or request.status is not RequestStatus.HELD:
+            raise RequestError(f"request_id: {request_id!r} is not held by this engine")
+        return request
+
+    def _num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, self.config.torch_dtype)
+        return max(1, int(self.config.kv_cache_gib * 2**30 // per_block))
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))

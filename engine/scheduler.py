@@ -1,0 +1,186 @@
+"""Continuous batching: which requests run in the next step, and how many tokens each.
+
+The scheduler decides, the model runner executes; only the frozen `SchedulerOutput` crosses. Each step has a token
+budget (`max_num_batched_tokens`). Order of service:
+
+1. running requests that are decoding (one token each, oldest first), so a long prompt never stalls them;
+2. running requests still in their prefill (the next chunk, up to the remaining budget);
+3. waiting requests, oldest first, while the budget, `max_num_seqs` and free blocks allow.
+
+A request gets the blocks for its new tokens before it is scheduled. When none are free the newest running request
+is preempted: its blocks are freed and it goes to the front of the waiting queue, to be recomputed from its prompt
+plus the tokens it already produced. Nothing is dropped.
+
+Disaggregation hooks: `hold` parks a request (prefill done) with its blocks, outside the running set, until
+`release`; `reserve` allocates blocks for a request whose KV will be written from elsewhere, and `commit` starts
+decoding it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pdserve.engine.block_manager import BlockManager, blocks_for
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Compute `token_ids` at positions start_pos.. for one request, whose KV lives in `block_ids`."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_ids: tuple[int, ...]
+    sample: bool
+    """True when this chunk reaches the request's last known token, so a next token is sampled."""
+    sampling: SamplingParams
+    output_index: int
+    """How many output tokens the request has; the sampled token will be output number `output_index`."""
+
+    @property
+    def context_len(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.blocks = blocks
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.held: dict[str, Request] = {}
+
+    # ---- queue changes -------------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def finish(self, request: Request) -> None:
+        """Remove a request from wherever it is and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING and request in self.waiting:
+            self.waiting.remove(request)
+        self.held.pop(request.request_id, None)
+        self._free_blocks(request)
+        request.status = RequestStatus.FINISHED
+
+    def hold(self, request: Request) -> None:
+        """Park a running request with its blocks (its prefill is done; KV awaits the handoff)."""
+        self.running.remove(request)
+        request.status = RequestStatus.HELD
+        self.held[request.request_id] = request
+
+    def reserve(self, request: Request) -> bool:
+        """Allocate blocks for a request's prompt, whose KV will be written from elsewhere. False if none free."""
+        needed = blocks_for(request.num_tokens, self.blocks.block_size)
+        if not self.blocks.can_allocate(needed):
+            return False
+        request.block_ids = self.blocks.allocate(needed)
+        request.status = RequestStatus.HELD
+        self.held[request.request_id] = request
+        return True
+
+    def commit(self, request: Request) -> None:
+        """A held request whose KV covers all but its last token starts decoding."""
+        self.held.pop(request.request_id)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step --------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: dict[str, ScheduledChunk] = {}
+        preempted: list[str] = []
+        decoding = [r for r in self.running if r.is_decoding]
+        prefilling = [r for r in self.running if not r.is_decoding]
+        for request in decoding + prefilling:
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            count = min(request.num_uncomputed, budget)
+            if not self._grow(request, count, scheduled, preempted):
+                continue
+            scheduled[request.request_id] = self._chunk(request, count)
+            budget = self.max_num_batched_tokens - sum(len(c.token_ids) for c in scheduled.values())  # a victim may have been unscheduled
+        if not preempted:
+            budget = self._admit(budget, scheduled)
+        return SchedulerOutput(chunks=tuple(scheduled.values()), preempted=tuple(preempted))
+
+    def advance(self, chunk: ScheduledChunk, request: Request) -> None:
+        """The runner computed the chunk's tokens."""
+        request.num_computed_tokens = chunk.context_len
+
+    # ---- internals -------------------------------------------------------------------------------------------
+    def _admit(self, budget: int, scheduled: dict[str, ScheduledChunk]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            count = min(request.num_uncomputed, budget)
+            extra = self.blocks.blocks_to_grow(len(request.block_ids), request.num_computed_tokens + count)
+            if not self.blocks.can_allocate(extra):
+                break
+            self.waiting.popleft()
+            request.block_ids += self.blocks.allocate(extra)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = self._chunk(request, count)
+            budget -= count
+        return budget
+
+    def _grow(self, request: Request, count: int, scheduled: dict[str, ScheduledChunk],
+              preempted: list[str]) -> bool:
+        """Give `request` blocks for `count` more tokens, preempting the newest running requests if needed."""
+        extra = self.blocks.blocks_to_grow(len(request.block_ids), request.num_computed_tokens + count)
+        while not self.blocks.can_allocate(extra):
+            victim = max(self.running, key=lambda r: r.arrival_order)
+            self._preempt(victim)
+            scheduled.pop(victim.request_id, None)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        request.block_ids += self.blocks.allocate(extra)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._free_blocks(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def _free_blocks(self, request: Request) -> None:
+        self.blocks.free(request.block_ids)
+        request.block_ids = []
+
+    @staticmethod
+    def _chunk(request: Request, count: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return ScheduledChunk(
+            request_id=request.request_id,
+            token_ids=request.token_slice(start, count),
+            start_pos=start,
+            block_ids=tuple(request.block_ids),
+            sample=start + count == request.num_tokens,
+            sampling=request.sampling,
+            output_index=len(request.output_token_ids),
+        )

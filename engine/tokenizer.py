@@ -1,0 +1,48 @@
+"""The model's tokenizer and chat template, from transformers.
+
+For a GGUF file, transformers builds the tokenizer from the file's own vocabulary, merges and chat template; that
+happens once, when engine.gguf_cache converts the file, and later loads read the saved copy.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from pdserve.engine.gguf_cache import converted
+from pdserve.engine.model_source import ModelSource, SourceKind
+from pdserve.engine.request import Message
+
+
+class Tokenizer:
+    """Text <-> token ids, and chat messages -> token ids with the generation prompt added."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        self.hf = hf_tokenizer
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenize with the tokenizer's defaults (special tokens as the model expects)."""
+        return list(self.hf.encode(text))
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        if self.hf.chat_template is None:
+            raise ValueError("messages: this model's tokenizer has no chat template; send a text prompt")
+        text = self.hf.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                           add_generation_prompt=True, tokenize=False)
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.hf.decode(list(token_ids), skip_special_tokens=True)
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer | None:
+    """The source's tokenizer, or None for random weights (token-id prompts only)."""
+    from transformers import AutoTokenizer
+
+    if source.kind is SourceKind.RANDOM:
+        return None
+    folder = converted(str(source.path)) if source.kind is SourceKind.GGUF else str(source.path)
+    return Tokenizer(AutoTokenizer.from_pretrained(folder))
