@@ -63,6 +63,8 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self._order = itertools.count()
+        self.preemptions_total = 0
+        """Requests preempted (blocks freed, recomputed later) since the engine started."""
         log.info("engine ready: %s, %d layers, %d KV blocks of %d tokens, max_model_len %d", config.model,
                  self.model_config.num_layers, self.kv_cache.num_blocks, config.block_size, self.max_model_len)
 
@@ -105,6 +107,7 @@ class Engine:
     # ---- the step --------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.preemptions_total += len(out.preempted)
         if not out.chunks:
             return []
         sampled = self.runner.run(out.chunks)

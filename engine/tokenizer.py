@@ -6,11 +6,17 @@ happens once, when engine.gguf_cache converts the file, and later loads read the
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Sequence
 
 from pdserve.engine.gguf_cache import converted
 from pdserve.engine.model_source import ModelSource, SourceKind
 from pdserve.engine.request import Message
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 class Tokenizer:
@@ -45,4 +51,7 @@ def load_tokenizer(source: ModelSource) -> Tokenizer | None:
     if source.kind is SourceKind.RANDOM:
         return None
     folder = converted(str(source.path)) if source.kind is SourceKind.GGUF else str(source.path)
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+        log.warning("%s has no tokenizer; prompts must be token ids", folder)
+        return None
     return Tokenizer(AutoTokenizer.from_pretrained(folder))

