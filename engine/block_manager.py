@@ -8,7 +8,7 @@ Freeing a block that is not allocated is a bug in the caller and raises, so leak
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class BlockError(RuntimeError):

@@ -1,8 +1,10 @@
 """Incremental detokenization and stop conditions for one request's output.
 
 Text is produced as deltas: the last few tokens are decoded together so that multi-token characters and
-byte-level merges come out whole, and a delta is held back while it ends in an incomplete UTF-8 sequence. Stop
-strings are searched in the text as it grows; the output text ends just before the first match.
+byte-level merges come out whole, and text is held back while it ends in an incomplete UTF-8 sequence. With stop
+strings, the last `len(longest stop) - 1` characters are also held back, since they may be the start of a stop
+string that the next token completes; so no part of a stop string is ever streamed. The emitted deltas always join
+to `text`, and the output ends just before the first stop string.
 """
 
 from __future__ import annotations
@@ -25,59 +27,67 @@ class Finish:
 class Detokenizer:
     def __init__(self, tokenizer: Tokenizer | None, sampling: SamplingParams, eos_token_ids: tuple[int, ...]) -> None:
         self.tokenizer = tokenizer
-        self.sampling = sampling
+        self.stop_strings = sampling.stop
         self.stop_ids = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(eos_token_ids))
+        self.holdback = max((len(s) for s in sampling.stop), default=1) - 1
         self.tokens: list[int] = []
-        self.text = ""
+        self._decoded = ""  # all text decoded so far, including what is held back
+        self._sent = 0  # characters of _decoded already emitted
         self._prefix_offset = 0
         self._read_offset = 0
 
+    @property
+    def text(self) -> str:
+        """The text emitted so far (the deltas joined)."""
+        return self._decoded[:self._sent]
+
     def add(self, token_id: int) -> tuple[str, Finish | None]:
-        """Take one new output token; return the text it adds and whether the request is now finished."""
+        """Take one new output token; return the text to emit now and whether the request is now finished."""
         if token_id in self.stop_ids:
-            return self._flush(), Finish(FinishReason.STOP, token_id)
+            return self.flush(), Finish(FinishReason.STOP, token_id)
         self.tokens.append(token_id)
-        delta = self._decode_delta()
-        stop = self._find_stop(len(delta))
+        new = self._decode_new()
+        stop = self._find_stop(len(new))
         if stop is not None:
             index, string = stop
-            kept = max(0, index - (len(self.text) - len(delta)))
-            self.text = self.text[:index]
-            return delta[:kept], Finish(FinishReason.STOP, string)
-        return delta, None
+            self._decoded = self._decoded[:index]
+            return self.flush(), Finish(FinishReason.STOP, string)
+        return self._emit(len(self._decoded) - self.holdback), None
 
-    def finish_length(self) -> str:
-        """The request ended by length: return any text still held back."""
-        return self._flush()
+    def flush(self) -> str:
+        """The request is ending: emit everything still held back (an incomplete character decodes as U+FFFD)."""
+        if self.tokenizer is not None and self._read_offset < len(self.tokens):
+            prefix = self.tokenizer.decode(self.tokens[self._prefix_offset:self._read_offset])
+            self._decoded += self.tokenizer.decode(self.tokens[self._prefix_offset:])[len(prefix):]
+            self._read_offset = len(self.tokens)
+        return self._emit(len(self._decoded))
 
-    def _decode_delta(self) -> str:
+    def _emit(self, upto: int) -> str:
+        if upto <= self._sent:
+            return ""
+        delta = self._decoded[self._sent:upto]
+        self._sent = upto
+        return delta
+
+    def _decode_new(self) -> str:
         if self.tokenizer is None:
             return ""
         prefix = self.tokenizer.decode(self.tokens[self._prefix_offset:self._read_offset])
         full = self.tokenizer.decode(self.tokens[self._prefix_offset:])
         if len(full) <= len(prefix) or full.endswith(_REPLACEMENT):
             return ""
-        delta = full[len(prefix):]
+        new = full[len(prefix):]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self.tokens)
-        self.text += delta
-        return delta
+        self._decoded += new
+        return new
 
-    def _flush(self) -> str:
-        if self.tokenizer is None or self._read_offset == len(self.tokens):
-            return ""
-        prefix = self.tokenizer.decode(self.tokens[self._prefix_offset:self._read_offset])
-        delta = self.tokenizer.decode(self.tokens[self._prefix_offset:])[len(prefix):]
-        self._read_offset = len(self.tokens)
-        self.text += delta
-        return delta
-
-    def _find_stop(self, delta_len: int) -> tuple[int, str] | None:
-        """The earliest stop string that the newest text completes: (index in text, string)."""
+    def _find_stop(self, new_len: int) -> tuple[int, str] | None:
+        """The earliest stop string that the newest text completes: (index in the text, string)."""
         best: tuple[int, str] | None = None
-        for string in self.sampling.stop:
-            start = max(0, len(self.text) - delta_len - len(string) + 1)
-            index = self.text.find(string, start)
+        for string in self.stop_strings:
+            start = max(0, len(self._decoded) - new_len - len(string) + 1)
+            index = self._decoded.find(string, start)
             if index >= 0 and (best is None or index < best[0]):
                 best = (index, string)
         return best

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -197,7 +197,7 @@ class Engine:
         if finish is None and (len(request.output_token_ids) >= request.sampling.max_tokens
                                or request.num_tokens >= self.max_model_len):
             finish = Finish(FinishReason.LENGTH)
-            delta += detok.finish_length()
+            delta += detok.flush()
         if finish is not None:
             return self._finish(request, finish, (token_id,), delta)
         if request.prefill_only:

@@ -7,7 +7,7 @@ does) so the weights fit the rotate-half layout. Qwen2 files are not permuted.
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

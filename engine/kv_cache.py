@@ -7,8 +7,8 @@ is copying whole blocks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -52,7 +52,7 @@ class DecodeGroup:
     block_tables: torch.Tensor
     """[B, max_blocks] block ids, padded with 0."""
     key_mask: torch.Tensor
-    """[B, 1, 1, max_blocks * BS] bool: which gathered key slots are real context."""
+    """[B, 1, 1, max_blocks * BS] additive (0 for real context, -inf for padding), built once per step."""
 
 
 @dataclass(frozen=True)

@@ -55,10 +55,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         cfg, tokens = self.cfg, x.shape[0]
-        q, k, v = self.qkv(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = apply_rope(q.view(tokens, cfg.num_heads, cfg.head_dim), cos, sin)  # [T, H, D]
-        k = apply_rope(k.view(tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [T, KVH, D]
-        v = v.view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        qkv = self.qkv(x)  # [T, (H + 2 KVH) * D]
+        qk = qkv[:, :cfg.q_size + cfg.kv_size].view(tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(qk, cos, sin).split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # [T, H, D], [T, KVH, D]
+        v = qkv[:, cfg.q_size + cfg.kv_size:].view(tokens, cfg.num_kv_heads, cfg.head_dim)
         out = paged_attention(q, k, v, kv[0], kv[1], meta)  # [T, H, D]
         return self.o(out.reshape(tokens, cfg.q_size))
 

@@ -73,9 +73,10 @@ class ModelRunner:
         width = max(len(c.block_ids) for c in decodes)
         tables = [list(c.block_ids) + [0] * (width - len(c.block_ids)) for c in decodes]
         lengths = self._tensor([c.context_len for c in decodes])
-        key_mask = torch.arange(width * block_size, device=self.device)[None, :] < lengths[:, None]  # [B, S]
-        return DecodeGroup(size=len(decodes), block_tables=self._tensor(tables),
-                           key_mask=key_mask[:, None, None, :])
+        padding = torch.arange(width * block_size, device=self.device)[None, :] >= lengths[:, None]  # [B, S]
+        key_mask = torch.zeros(padding.shape, dtype=self.kv_cache.tensor.dtype, device=self.device)
+        key_mask.masked_fill_(padding, float("-inf"))
+        return DecodeGroup(size=len(decodes), block_tables=self._tensor(tables), key_mask=key_mask[:, None, None, :])
 
     def _prefill_segments(self, prefills: list[ScheduledChunk], first_row: int) -> tuple[PrefillSegment, ...]:
         segments = []

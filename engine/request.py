@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -55,18 +56,22 @@ class Prompt:
     @staticmethod
     def from_json(line: dict) -> "Prompt":
         """From an input line: {"prompt": str} | {"messages": [{"role", "content"}]} | {"token_ids": [int]}."""
+        given = [key for key in ("prompt", "messages", "token_ids") if key in line]
+        if len(given) != 1:
+            raise PromptError(f"input line: needs exactly one of 'prompt', 'messages' or 'token_ids' (got {given})")
         if "messages" in line:
             messages = line["messages"]
             if not isinstance(messages, list):
                 raise PromptError("messages: must be a list of {role, content}")
             return Prompt(messages=tuple(_message(i, m) for i, m in enumerate(messages)))
         if "token_ids" in line:
-            return Prompt(token_ids=tuple(int(t) for t in line["token_ids"]))
-        if "prompt" in line:
-            if not isinstance(line["prompt"], str):
-                raise PromptError("prompt: must be a string")
-            return Prompt(text=line["prompt"])
-        raise PromptError("input line: needs one of 'prompt', 'messages' or 'token_ids'")
+            ids = line["token_ids"]
+            if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+                raise PromptError("token_ids: must be a list of integers")
+            return Prompt(token_ids=tuple(ids))
+        if not isinstance(line["prompt"], str):
+            raise PromptError("prompt: must be a string")
+        return Prompt(text=line["prompt"])
 
 
 def _message(index: int, value: object) -> Message:

@@ -7,7 +7,7 @@ times the request was preempted; otherwise the engine's shared generator is used
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -22,7 +22,9 @@ def seeded_generator(seed: int, position: int, device: torch.device) -> torch.Ge
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits: [V] fp32 -> temperature-scaled logits with tokens outside top-k / top-p set to -inf."""
+    """logits: [V] fp32 -> temperature-scaled logits with tokens outside top-k / top-p set to -inf.
+
+    top-p keeps the smallest set of most likely tokens whose probability mass reaches p."""
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -31,7 +33,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before > params.top_p, float("-inf"))
+        sorted_logits = sorted_logits.masked_fill(mass_before >= params.top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     return logits
 

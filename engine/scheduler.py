@@ -12,8 +12,8 @@ is preempted: its blocks are freed and it goes to the front of the waiting queue
 plus the tokens it already produced. Nothing is dropped.
 
 Disaggregation hooks: `hold` parks a request (prefill done) with its blocks, outside the running set, until
-`release`; `reserve` allocates blocks for a request whose KV will be written from elsewhere, and `commit` starts
-decoding it.
+`finish` frees them; `reserve` allocates blocks for a request whose KV will be written from elsewhere, and
+`commit` starts decoding it.
 """
 
 from __future__ import annotations
@@ -86,9 +86,11 @@ class Scheduler:
         self.held[request.request_id] = request
 
     def reserve(self, request: Request) -> bool:
-        """Allocate blocks for a request's prompt, whose KV will be written from elsewhere. False if none free."""
+        """Allocate blocks for a request's prompt, whose KV will be written from elsewhere.
+
+        False when too few blocks are free or max_num_seqs requests are already running or reserved."""
         needed = blocks_for(request.num_tokens, self.blocks.block_size)
-        if not self.blocks.can_allocate(needed):
+        if len(self.running) + len(self.held) >= self.max_num_seqs or not self.blocks.can_allocate(needed):
             return False
         request.block_ids = self.blocks.allocate(needed)
         request.status = RequestStatus.HELD
@@ -107,23 +109,21 @@ class Scheduler:
 
     # ---- the step --------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
         scheduled: dict[str, ScheduledChunk] = {}
         preempted: list[str] = []
         decoding = [r for r in self.running if r.is_decoding]
         prefilling = [r for r in self.running if not r.is_decoding]
         for request in decoding + prefilling:
+            budget = self._budget_left(scheduled)  # recounted: a preempted victim gives its tokens back
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             count = min(request.num_uncomputed, budget)
-            if not self._grow(request, count, scheduled, preempted):
-                continue
-            scheduled[request.request_id] = self._chunk(request, count)
-            budget = self.max_num_batched_tokens - sum(len(c.token_ids) for c in scheduled.values())  # a victim may have been unscheduled
+            if self._grow(request, count, scheduled, preempted):
+                scheduled[request.request_id] = self._chunk(request, count)
         if not preempted:
-            budget = self._admit(budget, scheduled)
+            self._admit(self._budget_left(scheduled), scheduled)
         return SchedulerOutput(chunks=tuple(scheduled.values()), preempted=tuple(preempted))
 
     def advance(self, chunk: ScheduledChunk, request: Request) -> None:
@@ -131,7 +131,10 @@ class Scheduler:
         request.num_computed_tokens = chunk.context_len
 
     # ---- internals -------------------------------------------------------------------------------------------
-    def _admit(self, budget: int, scheduled: dict[str, ScheduledChunk]) -> int:
+    def _budget_left(self, scheduled: dict[str, ScheduledChunk]) -> int:
+        return self.max_num_batched_tokens - sum(len(c.token_ids) for c in scheduled.values())
+
+    def _admit(self, budget: int, scheduled: dict[str, ScheduledChunk]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             count = min(request.num_uncomputed, budget)
@@ -144,7 +147,6 @@ class Scheduler:
             self.running.append(request)
             scheduled[request.request_id] = self._chunk(request, count)
             budget -= count
-        return budget
 
     def _grow(self, request: Request, count: int, scheduled: dict[str, ScheduledChunk],
               preempted: list[str]) -> bool:

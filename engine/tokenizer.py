@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from pdserve.engine.gguf_cache import converted
 from pdserve.engine.model_source import ModelSource, SourceKind

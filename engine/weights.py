@@ -12,7 +12,7 @@ import glob
 import json
 import logging
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import safe_open

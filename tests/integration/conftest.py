@@ -43,9 +43,9 @@ def reference_greedy(reference, engine):
             eos = None if ignore_eos else list(engine.eos_token_ids)
             ids = torch.tensor([prompt_ids])
             # An explicit mask: transformers would otherwise take every id equal to pad (<|im_end|>) as padding.
-            out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                                     min_new_tokens=max_tokens if ignore_eos else 0, eos_token_id=eos,
-                                     pad_token_id=engine.eos_token_ids[0])
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                     min_new_tokens=max_tokens if ignore_eos else 0, do_sample=False,
+                                     eos_token_id=eos, pad_token_id=engine.eos_token_ids[0])
             cache[key] = out[0, len(prompt_ids):].tolist()
         return cache[key]
 
