@@ -2,9 +2,13 @@
 
     python -m pdserve.bench.engine_vs_transformers [--model smollm2-135m-instruct] [--tokens 64] [--repeats 3]
 
-Measures decode tokens/s at 1 and 16 concurrent requests and prefill tokens/s for a 1k-token prompt. Runs of ours
-and of transformers alternate (A B A B ...) and the median of each is reported, so a noisy neighbour hits both.
-Decode tokens/s = requests x (tokens - 1) / (time for `tokens` tokens - time for 1 token): prefill is excluded.
+Measures, with ours and transformers alternating and the median of each reported (a noisy neighbour hits both):
+- decode tokens/s at 1 and 16 concurrent requests: equal-length prompts, every request forced to `tokens` tokens
+  (EOS ignored), so both do the same work; = requests x (tokens - 1) / (time for `tokens` - time for 1 token);
+- prefill tokens/s for a 1024-token prompt (time to the first token);
+- chat throughput: 16 different chat requests at once, greedy, each ending at its own EOS (or 128 tokens); useful
+  output tokens/s. transformers pads the batch and runs until the longest finishes (static batching); we batch
+  continuously.
 Prints a table with the ratios and writes JSON with --out.
 """
 
@@ -21,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from pdserve.engine import Engine, EngineConfig, Prompt, SamplingParams
+from pdserve.engine import Engine, EngineConfig, Message, Prompt, SamplingParams
 from pdserve.engine.model_source import DEFAULT_MODEL, default_gguf_path
 
 
@@ -63,6 +67,20 @@ class Ours:
         assert all(len(o.token_ids) == tokens for o in outputs)
 
 
+CHAT_QUESTIONS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in two sentences.",
+    "Give me three tips for better sleep.", "What is 17 times 23?", "Name a famous painting by Van Gogh.",
+    "Write a short poem about autumn leaves.", "How do I reverse a list in Python?", "What causes rain?",
+    "Tell me a fun fact about octopuses.", "Summarise the plot of Romeo and Juliet.", "What is a black hole?",
+    "Suggest a name for a small bakery.", "Why is the sky blue?", "List four primary school subjects.",
+    "Describe a cat in one sentence.",
+]
+
+
+def chat_prompts(engine: Engine) -> list[list[int]]:
+    return [engine.tokenize(Prompt(messages=(Message("user", q),))) for q in CHAT_QUESTIONS]
+
+
 class Transformers:
     def __init__(self, gguf_path: str) -> None:
         from transformers import AutoModelForCausalLM
@@ -76,6 +94,26 @@ class Transformers:
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                   min_new_tokens=tokens, do_sample=False, pad_token_id=0)
         assert out.shape[1] == ids.shape[1] + tokens
+
+    @torch.inference_mode()
+    def chat(self, prompts: list[list[int]], max_tokens: int, eos: int) -> int:
+        """Left-padded static batch; returns the useful tokens (up to and including each row's first EOS)."""
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=eos)[:, width:].tolist()
+        return sum(row.index(eos) + 1 if eos in row else len(row) for row in out)
+
+
+def our_chat(engine: Engine, prompts: list[list[int]], max_tokens: int) -> int:
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
+    return sum(len(o.token_ids) for o in outputs)
+
+
+def chat_rate(run_chat: Callable[[], int], repeats: int) -> float:
+    tokens = run_chat()
+    return tokens / median_time(run_chat, repeats)
 
 
 def decode_rate(system, prompts: list[list[int]], tokens: int, repeats: int) -> float:
@@ -103,6 +141,10 @@ def run(args: argparse.Namespace) -> list[Row]:
         print(f"  {rows[-1].name}: ours {rates[0]:.1f}, transformers {rates[1]:.1f}", flush=True)
     rates = [prefill_rate(s, long_prompt, args.repeats) for s in (ours, theirs)]
     rows.append(Row("prefill tok/s, 1024-token prompt", *rates))
+    chats, eos = chat_prompts(engine), engine.eos_token_ids[0]
+    rates = [chat_rate(lambda: our_chat(engine, chats, 128), args.repeats),
+             chat_rate(lambda: theirs.chat(chats, 128, eos), args.repeats)]
+    rows.append(Row("chat tok/s, 16 concurrent, own EOS", *rates))
     return rows
 
 
