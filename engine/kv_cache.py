@@ -33,10 +33,12 @@ class KVCache:
         """(k, v) of one layer, each [NB, BS, KVH, D] (views into the one tensor)."""
         return self.tensor[0, index], self.tensor[1, index]
 
-    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """A copy of the given blocks: [2, L, len(block_ids), BS, KVH, D]."""
+    def read_blocks(self, block_ids: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of the given blocks: [2, L, len(block_ids), BS, KVH, D], into `out` when given."""
         index = torch.tensor(list(block_ids), dtype=torch.long, device=self.tensor.device)
-        return self.tensor.index_select(2, index)
+        if out is None:
+            return self.tensor.index_select(2, index)
+        return torch.index_select(self.tensor, 2, index, out=out)
 
     def write_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Write `data` ([2, L, len(block_ids), BS, KVH, D]) into the given blocks."""

@@ -1,0 +1,81 @@
+"""The KV connector interface: small and symmetric (the shape of SGLang's base connector).
+
+Push, not pull: the decode worker reserves blocks first (admission happens where the memory is), tells the prefill
+worker its block ids, posts a receive, and the prefill worker sends its blocks as soon as its prefill is done. The
+prefill side frees its blocks once the send finishes, so prefill memory is held only for the handoff itself; a
+decode worker that is full refuses before any KV moves, instead of leaving KV stranded under a lease.
+
+The life of a transfer on either side: `start_send` / `start_recv` -> `poll` until it reports the transfer's
+outcome -> the caller frees the blocks (on every outcome: done, failed, cancelled, timed out). No transfer can
+outlive its deadline: `poll` reports TIMED_OUT when it passes, whatever the peer does. Receives land in a staging
+buffer and are copied into the blocks only on success, so freeing the blocks early is always safe.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass
+
+from pdserve.engine.kv_cache import KVCache
+
+
+class TransferStatus(enum.Enum):
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One direction of one handoff, as one side sees it."""
+
+    transfer_id: str
+    peer: str
+    """The other worker's id."""
+    block_ids: tuple[int, ...]
+    """This side's blocks: the source when sending, the destination when receiving."""
+    tag: int
+    """The same number on both sides; distinguishes concurrent transfers between one pair."""
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    transfer_id: str
+    status: TransferStatus
+    error: str = ""
+    seconds: float = 0.0
+    """From start to the outcome."""
+    bytes: int = 0
+
+
+class TransferError(RuntimeError):
+    """A transfer could not be started (unknown peer, duplicate id, mismatched shapes)."""
+
+
+class KVConnector(abc.ABC):
+    @abc.abstractmethod
+    def register(self, kv_cache: KVCache) -> None:
+        """The worker's KV cache, which transfers read from and write into."""
+
+    @abc.abstractmethod
+    def start_send(self, transfer: Transfer) -> None:
+        """Begin sending the blocks; returns at once."""
+
+    @abc.abstractmethod
+    def start_recv(self, transfer: Transfer) -> None:
+        """Begin receiving into the blocks; returns at once."""
+
+    @abc.abstractmethod
+    def poll(self) -> list[TransferResult]:
+        """Outcomes reached since the last poll; each transfer is reported exactly once."""
+
+    @abc.abstractmethod
+    def cancel(self, transfer_id: str) -> None:
+        """Give up a transfer; the next poll reports it CANCELLED (unless it already finished)."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop; transfers still under way are abandoned (not reported)."""

@@ -1,0 +1,260 @@
+"""KV handoff over torch.distributed point-to-point: gloo for CPU tensors, NCCL for CUDA tensors, same code.
+
+Pairs form as workers come and go: each pair of workers gets its own two-rank process group (gloo or NCCL over a
+`PrefixStore` of a shared `TCPStore`), with no global `init_process_group`. Both sides call `connect` with the same
+store and opposite ranks.
+
+A transfer moves whole blocks, a group of layers per message: a header first (block count and shape; gloo takes a
+message shorter than the receive buffer without complaint, so the receiver checks it), then one message per layer
+group `[2, layers_in_group, n, block_size, kv_heads, head_dim]`. The sender gathers group g+1 while group g is on
+the wire; the receiver copies group g into its blocks while g+1 arrives. This work runs on a small thread pool
+(gloo's send/recv work cannot be polled, only waited on); `poll` reports the outcomes on the caller's thread.
+
+Safety: a transfer's gathers and copies run under its lock and stop once it is no longer live, and `cancel` takes
+that lock, so after `cancel` (or any reported outcome) no thread touches the transfer's blocks again: the caller can
+free them at once. The receiver writes only blocks reserved for the transfer, which the engine leaves alone until
+`commit_remote`. gloo cannot abort a posted receive, so the thread of a cancelled transfer stays blocked until that
+transfer's timeout (it no longer touches the blocks); `max_concurrent` threads bound how many can wait at once.
+Staging tensors are reused (a fresh 90 MiB tensor costs as much in page faults as the copy);
+those of a failed or abandoned transfer may still be written by a late message and are never reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pdserve.engine.kv_cache import KVCache
+from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError, TransferResult, TransferStatus
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("gloo", "nccl")
+
+
+def make_pair_group(backend: str, store: dist.Store, name: str, rank: int, timeout_s: float) -> dist.ProcessGroup:
+    """A two-rank process group named `name` on `store`; blocks until the other rank joins."""
+    prefixed = dist.PrefixStore(f"pdserve/kv/{name}", store)
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
+    raise TransferError(f"kv_transfer.backend: {backend!r} is not one of {BACKENDS}")
+
+
+class StagingPool:
+    """Reusable staging tensors by shape, holding at most `max_bytes` of idle ones."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self.idle: dict[tuple, list[torch.Tensor]] = {}
+        self.idle_bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        with self._lock:
+            free = self.idle.get((shape, dtype, device))
+            if free:
+                tensor = free.pop()
+                self.idle_bytes -= tensor.numel() * tensor.element_size()
+                return tensor
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def give_back(self, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        with self._lock:
+            if self.idle_bytes + nbytes <= self.max_bytes:
+                self.idle.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
+                self.idle_bytes += nbytes
+
+
+class _Mismatch(Exception):
+    """The peer's header does not match this side's transfer; the pair's message stream is no longer in step."""
+
+
+class _Stopped(Exception):
+    """The transfer was cancelled while its thread was still working."""
+
+
+@dataclass
+class _Pair:
+    group: dist.ProcessGroup
+    peer_rank: int
+
+
+@dataclass
+class _Pending:
+    transfer: Transfer
+    sending: bool
+    staging: list[torch.Tensor]
+    started: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    live: bool = True
+
+
+class TorchDistConnector(KVConnector):
+    def __init__(self, worker_id: str, backend: str = "gloo", max_concurrent: int = 16,
+                 layers_per_message: int = 5) -> None:
+        if backend not in BACKENDS:
+            raise TransferError(f"kv_transfer.backend: {backend!r} is not one of {BACKENDS}")
+        self.worker_id = worker_id
+        self.backend = backend
+        self.layers_per_message = layers_per_message
+        self.kv_cache: KVCache | None = None
+        self.pairs: dict[str, _Pair] = {}
+        self.pending: dict[str, _Pending] = {}
+        self._outcomes: queue.SimpleQueue[tuple[str, TransferStatus, str]] = queue.SimpleQueue()
+        self._threads = ThreadPoolExecutor(max_concurrent, thread_name_prefix=f"kv-{worker_id}")
+        self._staging = StagingPool()
+        self._abandoned: list[torch.Tensor] = []
+        self._reported: list[TransferResult] = []
+
+    def connect(self, peer: str, store: dist.Store, rank: int, timeout_s: float = 60.0) -> None:
+        """Form the two-rank group with `peer`; the peer calls this too, with the same store and the other rank."""
+        name = "|".join(sorted((self.worker_id, peer)))
+        self.pairs[peer] = _Pair(make_pair_group(self.backend, store, name, rank, timeout_s), peer_rank=1 - rank)
+
+    def register(self, kv_cache: KVCache) -> None:
+        self.kv_cache = kv_cache
+
+    def start_send(self, transfer: Transfer) -> None:
+        self._start(transfer, sending=True, work=self._send)
+
+    def start_recv(self, transfer: Transfer) -> None:
+        self._start(transfer, sending=False, work=self._receive)
+
+    def poll(self) -> list[TransferResult]:
+        while True:
+            try:
+                transfer_id, status, error = self._outcomes.get_nowait()
+            except queue.Empty:
+                break
+            pending = self.pending.pop(transfer_id, None)
+            if pending is None:
+                continue  # cancelled earlier; already reported
+            self._report(pending, status, error)
+        reported, self._reported = self._reported, []
+        return reported
+
+    def cancel(self, transfer_id: str) -> None:
+        pending = self.pending.pop(transfer_id, None)
+        if pending is not None:
+            self._report(pending, TransferStatus.CANCELLED, "cancelled")
+
+    def shutdown(self) -> None:
+        for pending in list(self.pending.values()):
+            with pending.lock:
+                pending.live = False
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        self.pending.clear()
+        self.pairs.clear()
+        self._abandoned.clear()
+
+    # ---- on the caller's thread ------------------------------------------------------------------------------
+    def _start(self, transfer: Transfer, sending: bool, work) -> None:
+        if transfer.transfer_id in self.pending:
+            raise TransferError(f"transfer {transfer.transfer_id!r} is already under way")
+        pair = self.pairs.get(transfer.peer)
+        if pair is None:
+            raise TransferError(f"{self.worker_id}: no group with peer {transfer.peer!r}; connect first")
+        cache = self._cache().tensor
+        shapes = [(2, g.stop - g.start, len(transfer.block_ids), *cache.shape[3:]) for g in self._layer_groups()]
+        staging = [self._staging.take(shape, cache.dtype, cache.device) for shape in shapes]
+        pending = _Pending(transfer, sending, staging)
+        self.pending[transfer.transfer_id] = pending
+        self._threads.submit(self._run, pending, pair, work)
+
+    def _report(self, pending: _Pending, status: TransferStatus, error: str) -> None:
+        with pending.lock:  # waits for a copy in progress; afterwards no thread touches the blocks
+            pending.live = False
+        if status is TransferStatus.DONE:
+            for tensor in pending.staging:
+                self._staging.give_back(tensor)
+        else:
+            self._abandoned.extend(pending.staging)
+            log.warning("KV transfer %s with %s: %s %s", pending.transfer.transfer_id, pending.transfer.peer,
+                        status.value, error)
+            if error.startswith("header"):
+                self.pairs.pop(pending.transfer.peer, None)
+        nbytes = sum(t.numel() * t.element_size() for t in pending.staging) if status is TransferStatus.DONE else 0
+        self._reported.append(TransferResult(pending.transfer.transfer_id, status, error,
+                                             time.monotonic() - pending.started, nbytes))
+
+    # ---- on a transfer thread --------------------------------------------------------------------------------
+    def _run(self, pending: _Pending, pair: _Pair, work) -> None:
+        try:
+            work(pending, pair, time.monotonic() + pending.transfer.timeout_s)
+        except _Stopped:
+            return
+        except _Mismatch as e:
+            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, f"header: {e}"))
+        except RuntimeError as e:
+            text = str(e).lower()
+            status = TransferStatus.TIMED_OUT if "timed out" in text or "timeout" in text else TransferStatus.FAILED
+            self._outcomes.put((pending.transfer.transfer_id, status, str(e).splitlines()[0][:300]))
+        else:
+            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.DONE, ""))
+
+    def _send(self, pending: _Pending, pair: _Pair, deadline: float) -> None:
+        t = pending.transfer
+        index = self._index(t)
+        works = [pair.group.send([self._header(len(t.block_ids))], pair.peer_rank, t.tag)]
+        for layers, part in zip(self._layer_groups(), pending.staging):
+            with pending.lock:
+                if not pending.live:
+                    raise _Stopped
+                torch.index_select(self._cache().tensor[:, layers], 2, index, out=part)
+            works.append(pair.group.send([part], pair.peer_rank, t.tag))
+        for work in works:
+            _wait(work, deadline)
+
+    def _receive(self, pending: _Pending, pair: _Pair, deadline: float) -> None:
+        t = pending.transfer
+        expected = self._header(len(t.block_ids))
+        header = torch.empty_like(expected)
+        _wait(pair.group.recv([header], pair.peer_rank, t.tag), deadline)
+        if not torch.equal(header, expected):
+            raise _Mismatch(f"peer sent [blocks, layers, block_size, kv_heads, head_dim, bytes, layers_per_message] "
+                            f"= {header.tolist()}, expected {expected.tolist()}")
+        works = [pair.group.recv([part], pair.peer_rank, t.tag) for part in pending.staging]
+        index = self._index(t)
+        for layers, part, work in zip(self._layer_groups(), pending.staging, works):
+            _wait(work, deadline)
+            with pending.lock:
+                if not pending.live:
+                    raise _Stopped
+                self._cache().tensor[:, layers].index_copy_(2, index, part)
+
+    # ---- shapes ----------------------------------------------------------------------------------------------
+    def _layer_groups(self) -> list[slice]:
+        layers = self._cache().tensor.shape[1]
+        return [slice(i, min(i + self.layers_per_message, layers)) for i in range(0, layers, self.layers_per_message)]
+
+    def _index(self, transfer: Transfer) -> torch.Tensor:
+        return torch.tensor(transfer.block_ids, dtype=torch.long, device=self._cache().tensor.device)
+
+    def _header(self, num_blocks: int) -> torch.Tensor:
+        """[blocks, layers, block_size, kv_heads, head_dim, bytes per element, layers per message] (int64)."""
+        cache = self._cache().tensor
+        values = [num_blocks, cache.shape[1], *cache.shape[3:], cache.element_size(), self.layers_per_message]
+        return torch.tensor(values, dtype=torch.int64, device=cache.device)
+
+    def _cache(self) -> KVCache:
+        if self.kv_cache is None:
+            raise TransferError(f"{self.worker_id}: register a KV cache before transferring")
+        return self.kv_cache
+
+
+def _wait(work: dist.Work, deadline: float) -> None:
+    work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
