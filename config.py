@@ -1,0 +1,192 @@
+"""The cluster's configuration: one YAML file validated into frozen dataclasses.
+
+    cfg = load_config("deploy/configs/local.yaml")
+
+Every problem raises `ConfigError` with the field's dotted path and what was wrong ("workers.prefill.count: must
+be >= 0, got -1"). Unknown keys are errors too, so a typo never silently falls back to a default. The `engine:`
+section is `engine.config.EngineConfig`, shared by every worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from pdserve.engine.config import ConfigError, EngineConfig
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deploy", "configs", "local.yaml")
+
+
+class Mode(enum.Enum):
+    DISAGGREGATED = "disaggregated"
+    """Prefill workers hand KV to decode workers."""
+    COLOCATED = "colocated"
+    """Every worker does both phases (the baseline disaggregation is measured against)."""
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if not (math.isfinite(value) and value >= low):
+        raise ConfigError(f"{name}: must be >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 1.0
+    """Ray CPUs per worker; the worker pins this many torch threads."""
+    gpus: float = 0.0
+    """Ray GPUs per worker (1 on a GPU cluster)."""
+
+    def __post_init__(self) -> None:
+        _at_least("cpus", self.cpus, 0)
+        _at_least("gpus", self.gpus, 0)
+
+
+@dataclass(frozen=True)
+class Pool:
+    count: int = 1
+    """How many workers of this role to start."""
+    resources: Resources = field(default_factory=Resources)
+
+    def __post_init__(self) -> None:
+        _at_least("count", self.count, 0)
+
+
+@dataclass(frozen=True)
+class Workers:
+    prefill: Pool = field(default_factory=Pool)
+    decode: Pool = field(default_factory=Pool)
+    colocated: Pool = field(default_factory=lambda: Pool(count=0, resources=Resources(cpus=2.0)))
+    """Workers doing both phases, used in colocated mode; by default as many cores as 1 prefill + 1 decode."""
+
+
+@dataclass(frozen=True)
+class KVTransfer:
+    backend: str = "gloo"
+    """gloo (CPU tensors) or nccl (CUDA tensors)."""
+    timeout_s: float = 30.0
+    """A handoff that takes longer fails; the blocks are freed on both sides."""
+    layers_per_message: int = 5
+    """Layers sent per message; the next group is gathered while one is on the wire."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("gloo", "nccl"):
+            raise ConfigError(f"backend: {self.backend!r} is not one of ['gloo', 'nccl']")
+        _at_least("timeout_s", self.timeout_s, 0.001)
+        _at_least("layers_per_message", self.layers_per_message, 1)
+
+
+@dataclass(frozen=True)
+class Router:
+    host: str = "127.0.0.1"
+    """The public gRPC port's address; 0.0.0.0 to serve beyond this machine."""
+    port: int = 50051
+    http_port: int | None = None
+    """OpenAI-compatible HTTP; off when unset."""
+
+    def __post_init__(self) -> None:
+        for name in ("port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 65536:
+                raise ConfigError(f"{name}: must be a port number (1-65535), got {value!r}")
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float = 2.0
+    """Time to first token at the client (queueing, prefill and KV handoff)."""
+    tpot_s: float = 0.2
+    """Time per output token after the first."""
+
+    def __post_init__(self) -> None:
+        _at_least("ttft_s", self.ttft_s, 0.001)
+        _at_least("tpot_s", self.tpot_s, 0.001)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    mode: Mode = Mode.DISAGGREGATED
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    workers: Workers = field(default_factory=Workers)
+    kv_transfer: KVTransfer = field(default_factory=KVTransfer)
+    router: Router = field(default_factory=Router)
+    redis_url: str | None = None
+    """redis://host:port/db; unset starts a local redis-server for the cluster."""
+    ray_address: str | None = None
+    """An existing Ray cluster ("auto" or host:port); unset starts a local Ray."""
+    slo: SLO = field(default_factory=SLO)
+
+    def __post_init__(self) -> None:
+        pools = {"prefill": self.workers.prefill.count, "decode": self.workers.decode.count,
+                 "colocated": self.workers.colocated.count}
+        if self.mode is Mode.DISAGGREGATED and (pools["prefill"] < 1 or pools["decode"] < 1):
+            raise ConfigError(f"workers: disaggregated mode needs at least 1 prefill and 1 decode worker, got {pools}")
+        if self.mode is Mode.COLOCATED and pools["colocated"] < 1:
+            raise ConfigError(f"workers.colocated.count: colocated mode needs at least 1, got {pools['colocated']}")
+        if self.kv_transfer.backend == "nccl" and self.engine.device == "cpu":
+            raise ConfigError("kv_transfer.backend: nccl moves CUDA tensors; with engine.device cpu use gloo")
+
+
+def load_config(path: str | None = None) -> ClusterConfig:
+    """Read and validate a YAML file (the default: deploy/configs/local.yaml)."""
+    path = path or DEFAULT_CONFIG
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"config file {path!r}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r}: not valid YAML: {e}") from e
+    return parse_config(values)
+
+
+def parse_config(values: Any) -> ClusterConfig:
+    return _build(ClusterConfig, values, "")
+
+
+def _build(cls: type, values: Any, path: str) -> Any:
+    """A frozen dataclass from a mapping, recursively; errors name the dotted field path."""
+    if cls is EngineConfig:
+        return EngineConfig.from_dict(values if values is not None else {})
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{path or 'config'}: must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"{name}: unknown field (known: {', '.join(sorted(fields))})")
+        kwargs[key] = _value(fields[key], value, name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # the dataclass names its own field; add where it sits
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+
+
+def _value(f: dataclasses.Field, value: Any, name: str) -> Any:
+    annotation = str(f.type)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if dataclasses.is_dataclass(default):
+        return _build(type(default), value, name)
+    if isinstance(default, enum.Enum):
+        try:
+            return type(default)(value)
+        except ValueError:
+            raise ConfigError(f"{name}: {value!r} is not one of {[m.value for m in type(default)]}") from None
+    optional = annotation.endswith("| None")
+    if value is None and optional:
+        return None
+    base = annotation.split("|")[0].strip()
+    if base == "str" and isinstance(value, str):
+        return value
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"{name}: expected {base}, got {type(value).__name__} {value!r}")
