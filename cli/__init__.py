@@ -6,13 +6,16 @@ import argparse
 import logging
 import sys
 
-from pdserve.cli import generate
+from pdserve.cli import down, generate, status, up
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated LLM serving.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up.register(commands)
+    down.register(commands)
+    status.register(commands)
     generate.register(commands)
     return parser
 

@@ -2,6 +2,7 @@
 
     pdserve generate "some prompt"                                   # prints the reply (chat; --raw: completion)
     pdserve generate --engine local --input FILE.jsonl --max-tokens N --temperature 0 [--seed S] [--json]
+    pdserve generate --router HOST:PORT --input FILE.jsonl --concurrency N ...   # through a running cluster
 
 Each input line is {"prompt": "..."}, {"messages": [{"role", "content"}, ...]} or {"token_ids": [...]}, with an
 optional "request_id". All lines are submitted at once so they batch together. With --json each output line is
@@ -38,6 +39,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", help="a single prompt, sent as a chat user message (instead of --input)")
     p.add_argument("--raw", action="store_true", help="send PROMPT as plain completion text, not as a chat message")
     p.add_argument("--engine", choices=["local"], default="local", help="where to run: local = in this process")
+    p.add_argument("--router", metavar="HOST:PORT", help="send the prompts to a running cluster's router instead")
+    p.add_argument("--concurrency", type=int, default=16, help="with --router: requests in flight at once")
     p.add_argument("--input", metavar="FILE.jsonl", help="prompts, one JSON object a line ('-' for stdin)")
     p.add_argument("--json", action="store_true", help="print one JSON object per request")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -87,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         lines = _inputs(args)
         sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+        if args.router:
+            return _through_router(args, lines, sampling)
         engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device))
         outputs = engine.generate([line.prompt for line in lines], sampling)
     except (InputError, ConfigError, SamplingError, PromptError, RequestError, OSError) as e:
@@ -109,3 +114,37 @@ def _inputs(args: argparse.Namespace) -> list[InputLine]:
         return read_lines(sys.stdin)
     with open(args.input, encoding="utf-8") as f:
         return read_lines(f)
+
+
+def _through_router(args: argparse.Namespace, lines: list[InputLine], sampling: SamplingParams) -> int:
+    import asyncio
+
+    import grpc
+
+    from pdserve.client import Client
+
+    if args.concurrency < 1:
+        raise InputError(f"--concurrency: must be >= 1, got {args.concurrency}")
+
+    async def send_all() -> list:
+        limit = asyncio.Semaphore(args.concurrency)
+        async with Client(args.router) as client:
+            async def one(line: InputLine):
+                async with limit:
+                    return await client.generate(line.prompt, sampling)
+            return await asyncio.gather(*(one(line) for line in lines), return_exceptions=True)
+
+    failed = 0
+    for line, result in zip(lines, asyncio.run(send_all())):
+        if isinstance(result, grpc.RpcError):
+            print(f"pdserve generate: {line.request_id}: {result.code().name}: {result.details()}", file=sys.stderr)
+            failed += 1
+        elif isinstance(result, BaseException):
+            raise result
+        elif args.json:
+            print(json.dumps({"request_id": line.request_id, "token_ids": list(result.token_ids), "text": result.text,
+                              "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens}),
+                  flush=True)
+        else:
+            print(result.text, flush=True)
+    return 1 if failed else 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -24,11 +25,11 @@ from pdserve.engine.detokenizer import Detokenizer, Finish
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.model_source import resolve
-from pdserve.engine.request import FinishReason, Prompt, PromptError, Request, RequestOutput, RequestStatus
+from pdserve.engine.request import FinishReason, Prompt, Request, RequestOutput, RequestStatus
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
 from pdserve.engine.scheduler import Scheduler
-from pdserve.engine.tokenizer import Tokenizer, load_tokenizer
+from pdserve.engine.tokenizer import Tokenizer, load_tokenizer, tokenize_prompt
 from pdserve.engine.weights import load_model, read_model_config
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,26 @@ class RequestError(ValueError):
     """A request cannot be served as given; the message names the field."""
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    running: int
+    waiting: int
+    held: int
+    """Prefilled and waiting for the handoff, or reserved for a KV that is arriving."""
+    queued_prefill_tokens: int
+    """Prompt tokens still to compute (waiting requests and unfinished chunked prefills)."""
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+def context_length(config: EngineConfig, model_config: ModelConfig) -> int:
+    """The longest prompt + output an engine with this config serves."""
+    length = config.max_model_len or min(model_config.max_position, MAX_DEFAULT_LEN)
+    if length > model_config.max_position:
+        raise ConfigError(f"engine.max_model_len: {length} is beyond the model's {model_config.max_position}")
+    return length
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -47,10 +68,7 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         source = resolve(config.model)
         self.model_config: ModelConfig = read_model_config(source)
-        self.max_model_len = config.max_model_len or min(self.model_config.max_position, MAX_DEFAULT_LEN)
-        if self.max_model_len > self.model_config.max_position:
-            raise ConfigError(f"engine.max_model_len: {self.max_model_len} is beyond the model's "
-                              f"{self.model_config.max_position}")
+        self.max_model_len = context_length(config, self.model_config)
         self.model = load_model(source, self.model_config, config.torch_dtype, config.device, self.max_model_len,
                                 config.seed)
         self.tokenizer: Tokenizer | None = load_tokenizer(source)
@@ -70,17 +88,7 @@ class Engine:
 
     # ---- requests --------------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
-        if prompt.token_ids is not None:
-            bad = [t for t in prompt.token_ids if not 0 <= t < self.model_config.vocab_size]
-            if bad:
-                raise PromptError(f"prompt.token_ids: {bad[:5]} outside the vocabulary [0, "
-                                  f"{self.model_config.vocab_size})")
-            return list(prompt.token_ids)
-        if self.tokenizer is None:
-            raise PromptError("prompt: this model has no tokenizer (random weights); send token_ids")
-        if prompt.messages is not None:
-            return self.tokenizer.encode_chat(prompt.messages)
-        return self.tokenizer.encode(str(prompt.text))
+        return tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
 
     def add_request(self, request_id: str, prompt: Prompt | Sequence[int], sampling: SamplingParams,
                     prefill_only: bool = False) -> list[int]:
@@ -99,6 +107,20 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
+
+    def computed_tokens(self, request_id: str) -> int | None:
+        """Tokens of a request whose KV is computed (0 while it waits); None if the engine does not know it."""
+        request = self._requests.get(request_id)
+        return None if request is None else request.num_computed_tokens
+
+    def load(self) -> EngineLoad:
+        """How busy the engine is, for routing and the registry."""
+        s = self.scheduler
+        queued = sum(r.num_uncomputed for r in s.waiting) + sum(r.num_uncomputed for r in s.running
+                                                                 if not r.is_decoding)
+        return EngineLoad(running=len(s.running), waiting=len(s.waiting), held=len(s.held),
+                          queued_prefill_tokens=queued, kv_blocks_used=self.blocks.num_used,
+                          kv_blocks_total=self.blocks.num_blocks)
 
     @property
     def num_requests(self) -> int:

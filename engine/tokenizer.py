@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from pdserve.engine.gguf_cache import converted
 from pdserve.engine.model_source import ModelSource, SourceKind
-from pdserve.engine.request import Message
+from pdserve.engine.request import Message, Prompt, PromptError
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +55,17 @@ def load_tokenizer(source: ModelSource) -> Tokenizer | None:
         log.warning("%s has no tokenizer; prompts must be token ids", folder)
         return None
     return Tokenizer(AutoTokenizer.from_pretrained(folder))
+
+
+def tokenize_prompt(prompt: Prompt, tokenizer: Tokenizer | None, vocab_size: int) -> list[int]:
+    """A prompt's token ids: text and messages through the tokenizer, token ids checked against the vocabulary."""
+    if prompt.token_ids is not None:
+        bad = [t for t in prompt.token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise PromptError(f"prompt.token_ids: {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        return list(prompt.token_ids)
+    if tokenizer is None:
+        raise PromptError("prompt: this model has no tokenizer (random weights); send token_ids")
+    if prompt.messages is not None:
+        return tokenizer.encode_chat(prompt.messages)
+    return tokenizer.encode(str(prompt.text))

@@ -1,0 +1,40 @@
+"""Where `pdserve up` leaves its state file, and how the other commands find the cluster."""
+
+from __future__ import annotations
+
+import os
+
+from pdserve.cluster.supervisor import ClusterState
+
+
+class NoCluster(RuntimeError):
+    pass
+
+
+def state_path() -> str:
+    base = os.environ.get("PDSERVE_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve", "run")
+    return os.path.join(base, "cluster.json")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_state() -> ClusterState:
+    path = state_path()
+    if not os.path.exists(path):
+        raise NoCluster(f"no cluster is up (no {path}); start one with `pdserve up`")
+    state = ClusterState.read(path)
+    if not pid_alive(state.pid):
+        raise NoCluster(f"the cluster in {path} is gone (pid {state.pid} is not running); `pdserve down` cleans up")
+    return state
+
+
+def router_address(given: str | None) -> str:
+    return given or read_state().router_address

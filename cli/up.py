@@ -1,0 +1,99 @@
+"""`pdserve up [--config FILE] [--detach]`: start a cluster (redis, Ray, workers, router) and print its address.
+
+In the foreground it serves until Ctrl-C and then stops everything it started. With --detach it starts the cluster
+in the background, returns once the router reports healthy, and `pdserve down` stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+
+from pdserve.cli.cluster_state import pid_alive, state_path
+from pdserve.config import load_config
+from pdserve.engine.config import ConfigError
+
+HEALTHY_TIMEOUT_S = 900
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("up", help="start a cluster", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="cluster YAML (default: deploy/configs/local.yaml)")
+    p.add_argument("--detach", action="store_true", help="run in the background; return once healthy")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except (ConfigError, OSError) as e:
+        print(f"pdserve up: {e}", file=sys.stderr)
+        return 2
+    path = state_path()
+    if os.path.exists(path):
+        from pdserve.cluster.supervisor import ClusterState
+
+        state = ClusterState.read(path)
+        if pid_alive(state.pid):
+            print(f"pdserve up: a cluster is already up (router {state.router_address}, pid {state.pid}); "
+                  "`pdserve down` first", file=sys.stderr)
+            return 1
+        os.remove(path)
+    if not args.detach:
+        from pdserve.cluster.supervisor import run as serve
+
+        print("pdserve: starting (Ctrl-C stops the cluster)", file=sys.stderr, flush=True)
+        return serve(config, path)
+    return _detach(args.config, path)
+
+
+def _detach(config: str | None, path: str) -> int:
+    log_path = os.path.join(os.path.dirname(path), "cluster.log")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    command = [sys.executable, "-m", "pdserve.cluster.supervisor", "--state", path]
+    if config:
+        command += ["--config", os.path.abspath(config)]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    deadline = time.monotonic() + HEALTHY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            print(f"pdserve up: the cluster exited with code {process.returncode}; last lines of {log_path}:\n"
+                  + _tail(log_path), file=sys.stderr)
+            return 1
+        if os.path.exists(path) and _healthy(path):
+            from pdserve.cluster.supervisor import ClusterState
+
+            state = ClusterState.read(path)
+            print(f"pdserve: router at {state.router_address} ({state.mode}); pid {state.pid}; logs {log_path}")
+            return 0
+        time.sleep(0.5)
+    print(f"pdserve up: not healthy after {HEALTHY_TIMEOUT_S} s; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def _healthy(path: str) -> bool:
+    from pdserve.client import Client
+    from pdserve.cluster.supervisor import ClusterState
+
+    async def check() -> bool:
+        async with Client(ClusterState.read(path).router_address, timeout_s=5) as client:
+            return (await client.health()).healthy
+
+    try:
+        return asyncio.run(check())
+    except (grpc.RpcError, OSError, ValueError):  # not up yet: ask again
+        return False
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])

@@ -1,0 +1,114 @@
+"""The one thread that owns a worker's engine.
+
+A worker's asyncio methods never touch the engine: they hand a function to `call`, which runs it on this thread
+between two steps and returns a concurrent Future (await it with `asyncio.wrap_future`). The loop is
+
+    run queued commands -> step the engine if it has work -> the role's `after_step(outputs)` -> sleep if idle
+
+so the engine needs no locks. The thread pins itself to the worker's cores before torch starts its own threads
+(which inherit the pinning), so a prefill and a decode worker on one machine do not fight over cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+import torch
+
+from pdserve.engine.engine import Engine, EngineLoad
+from pdserve.engine.request import RequestOutput
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+IDLE_WAIT_S = 0.002
+
+
+class EngineThread:
+    def __init__(self, build: Callable[[], Engine], after_step: Callable[[Engine, list[RequestOutput]], None],
+                 busy: Callable[[], bool], cores: tuple[int, ...] = (), name: str = "engine") -> None:
+        """`after_step` runs on this thread after every step (with the step's outputs, maybe none); `busy` says the
+        role has work besides the engine's (transfers in flight), so the loop keeps polling."""
+        self._build = build
+        self._after_step = after_step
+        self._busy = busy
+        self._cores = cores
+        self._inbox: queue.SimpleQueue[tuple[Callable[[Engine], object], Future]] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._ready: Future[Engine] = Future()
+        self.load: EngineLoad | None = None
+        """The engine's load after the latest step; read from any thread."""
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> Future[Engine]:
+        """Builds the engine on the thread; the future resolves when it is ready (or with the build's error)."""
+        self._thread.start()
+        return self._ready
+
+    def call(self, fn: Callable[[Engine], T]) -> Future[T]:
+        future: Future[T] = Future()
+        if self._stopping.is_set():
+            future.set_exception(RuntimeError("the engine thread has stopped"))
+        else:
+            self._inbox.put((fn, future))
+        return future
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    # ---- on the engine thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            engine = self._start_engine()
+        except BaseException as e:  # reported to whoever awaits start(); the thread ends
+            self._ready.set_exception(e)
+            return
+        self._ready.set_result(engine)
+        while not self._stopping.is_set():
+            self._run_commands(engine, wait=not (engine.has_unfinished() or self._busy()))
+            outputs = engine.step() if engine.has_unfinished() else []
+            self._after_step(engine, outputs)
+            self.load = engine.load()
+        self._fail_pending()
+
+    def _start_engine(self) -> Engine:
+        if self._cores:
+            os.sched_setaffinity(0, self._cores)  # this thread; torch's pool threads inherit it
+            torch.set_num_threads(len(self._cores))
+        engine = self._build()
+        self.load = engine.load()
+        return engine
+
+    def _run_commands(self, engine: Engine, wait: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=IDLE_WAIT_S) if wait else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(engine))
+                except Exception as e:  # the caller gets the error; the engine goes on
+                    future.set_exception(e)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                _, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the engine thread has stopped"))

@@ -1,0 +1,52 @@
+"""A worker's heartbeat: its `WorkerInfo` written to the registry every second, on its own thread.
+
+Redis being away is logged and retried, never fatal: serving goes on and the registry refills once it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+
+from pdserve.cluster.registry import HEARTBEAT_S, Registry, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(self, registry: Registry, info: Callable[[], WorkerInfo]) -> None:
+        self._registry = registry
+        self._info = info
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._failing = False
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def beat(self) -> None:
+        info = self._info()
+        try:
+            self._registry.heartbeat(info)
+        except redis.RedisError as e:
+            if not self._failing:
+                log.warning("heartbeat of %s failed (will retry): %s", info.worker_id, e)
+            self._failing = True
+        else:
+            self._failing = False
+
+    def stop(self) -> None:
+        self._stopping.set()
+        info = self._info()
+        try:
+            self._registry.remove(info.worker_id)
+        except redis.RedisError as e:
+            log.warning("could not remove %s from the registry: %s", info.worker_id, e)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(HEARTBEAT_S):
+            self.beat()

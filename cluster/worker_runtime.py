@@ -1,0 +1,108 @@
+"""What every worker has, whatever its role: an engine on its own thread, a KV connector, a heartbeat, and (on a
+worker that receives KV) the TCPStore its transfer pairs meet in.
+
+The prefill and decode workers compose a `WorkerRuntime` and add their request life on top of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from pdserve.cluster.engine_thread import EngineThread
+from pdserve.cluster.heartbeat import Heartbeat
+from pdserve.cluster.registry import Registry, Role, WorkerInfo, WorkerState
+from pdserve.config import KVTransfer
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import Engine
+from pdserve.engine.request import RequestOutput
+from pdserve.kv_transfer.connector import KVConnector
+from pdserve.kv_transfer.torch_dist import TorchDistConnector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to start; built by the supervisor, passed to the actor."""
+
+    worker_id: str
+    role: Role
+    engine: EngineConfig
+    kv_transfer: KVTransfer = field(default_factory=KVTransfer)
+    redis_url: str | None = None
+    """None: no heartbeat (a worker in a unit test)."""
+    cluster: str = "default"
+    actor_name: str = ""
+    cores: tuple[int, ...] = ()
+    """CPU cores to pin the engine's threads to; empty leaves them as they are."""
+    host: str = "127.0.0.1"
+    """This worker's address for KV pairs (the TCPStore it hosts)."""
+
+
+class WorkerRuntime:
+    def __init__(self, spec: WorkerSpec, after_step: Callable[[Engine, list[RequestOutput]], None],
+                 busy: Callable[[], bool], connector: KVConnector | None = None) -> None:
+        self.spec = spec
+        self.connector = connector or TorchDistConnector(spec.worker_id, spec.kv_transfer.backend,
+                                                         layers_per_message=spec.kv_transfer.layers_per_message)
+        self.thread = EngineThread(lambda: Engine(spec.engine), after_step, busy, spec.cores, name=spec.worker_id)
+        self.engine: Engine | None = None
+        self.store: dist.TCPStore | None = None
+        self.state = WorkerState.STARTING
+        self.heartbeat: Heartbeat | None = None
+        if spec.redis_url is not None:
+            self.heartbeat = Heartbeat(Registry(spec.redis_url, spec.cluster), self.info)
+
+    async def start(self) -> WorkerInfo:
+        self.engine = await asyncio.wrap_future(self.thread.start())
+        self.connector.register(self.engine.kv_cache)
+        if self.spec.role is Role.DECODE:
+            self.store = dist.TCPStore(self.spec.host, 0, is_master=True, wait_for_workers=False,
+                                       timeout=timedelta(seconds=60))
+        self.state = WorkerState.READY
+        if self.heartbeat is not None:
+            self.heartbeat.start()
+        log.info("worker %s ready (%s, pid %d, cores %s)", self.spec.worker_id, self.spec.role.value, os.getpid(),
+                 self.spec.cores)
+        return self.info()
+
+    async def connect(self, peer: str, store_address: str, rank: int) -> None:
+        """Form the KV pair with `peer` (which calls this at the same time with the other rank)."""
+        if not isinstance(self.connector, TorchDistConnector):
+            return  # in-process connectors need no pairing
+        store = self.store if self.store is not None and store_address == self.store_address else None
+        if store is None:
+            host, port = store_address.rsplit(":", 1)
+            store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=60))
+        await asyncio.to_thread(self.connector.connect, peer, store, rank)
+        log.info("worker %s paired with %s", self.spec.worker_id, peer)
+
+    def call(self, fn: Callable[[Engine], object]) -> asyncio.Future:
+        return asyncio.wrap_future(self.thread.call(fn))
+
+    @property
+    def store_address(self) -> str:
+        return f"{self.spec.host}:{self.store.port}" if self.store is not None else ""
+
+    def info(self) -> WorkerInfo:
+        load = self.thread.load
+        return WorkerInfo(
+            worker_id=self.spec.worker_id, role=self.spec.role, actor_name=self.spec.actor_name, pid=os.getpid(),
+            state=self.state, store_address=self.store_address,
+            running=load.running + load.held if load else 0, waiting=load.waiting if load else 0,
+            queued_prefill_tokens=load.queued_prefill_tokens if load else 0,
+            kv_blocks_used=load.kv_blocks_used if load else 0, kv_blocks_total=load.kv_blocks_total if load else 0)
+
+    def stop(self) -> None:
+        self.state = WorkerState.STOPPED
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        self.thread.stop()
+        self.connector.shutdown()

@@ -1,0 +1,188 @@
+"""The decode worker (a Ray actor in a cluster; a plain object in unit tests).
+
+Life of a handed-off request here:
+
+    reserve(task)  -> blocks allocated for the prompt, the KV receive posted   (before the prefill starts)
+    KV arrives     -> the connector reports DONE  \\
+    commit(first)  -> the prefill's first token     +-> decoding, batched with every other running request
+    each step      -> a TokenEvent per request, which the router drains with `events`
+    finished       -> blocks freed.
+
+A receive that fails or times out frees the blocks and ends the request with an error event. `abort` works at every
+stage (receiving, waiting for the first token, decoding) and frees the blocks.
+
+Colocated (role both): `generate(task)` queues the whole request here; prefill and decode share this engine, which
+is the baseline the disaggregated mode is measured against. Everything that touches the engine or the connector
+runs on the engine thread; events cross to the asyncio side with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from pdserve.cluster.messages import DecodeTask, Reservation, TokenEvent
+from pdserve.cluster.registry import WorkerInfo
+from pdserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec
+from pdserve.engine.engine import Engine
+from pdserve.engine.request import FinishReason, RequestOutput
+from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferResult, TransferStatus
+
+
+@dataclass
+class _Arrival:
+    """A handed-off request between reserve and commit."""
+
+    task: DecodeTask
+    received: TransferResult | None = None
+    first_token_id: int | None = None
+
+
+@dataclass
+class _Local:
+    """A colocated request until its first token."""
+
+    enqueued: float
+    started: float | None = None
+
+
+class DecodeWorker:
+    def __init__(self, spec: WorkerSpec, connector: KVConnector | None = None) -> None:
+        self.runtime = WorkerRuntime(spec, self._after_step, self._busy, connector)
+        self._arriving: dict[str, _Arrival] = {}
+        self._local: dict[str, _Local] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: list[TokenEvent] = []
+        self._wakeup: asyncio.Event | None = None
+
+    # ---- called by the router (asyncio side) -----------------------------------------------------------------
+    async def start(self) -> WorkerInfo:
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        return await self.runtime.start()
+
+    async def connect(self, peer: str, store_address: str, rank: int) -> None:
+        await self.runtime.connect(peer, store_address, rank)
+
+    async def info(self) -> WorkerInfo:
+        return self.runtime.info()
+
+    async def reserve(self, task: DecodeTask) -> Reservation | None:
+        """Allocate blocks and post the KV receive; None when there is no room right now."""
+        return await self.runtime.call(lambda engine: self._reserve(engine, task))
+
+    async def commit(self, request_id: str, first_token_id: int) -> None:
+        await self.runtime.call(lambda engine: self._commit(engine, request_id, first_token_id))
+
+    async def generate(self, task: DecodeTask) -> None:
+        """Colocated: prefill and decode the whole request here."""
+        await self.runtime.call(lambda engine: self._generate(engine, task))
+
+    async def abort(self, request_id: str) -> None:
+        await self.runtime.call(lambda engine: self._abort(engine, request_id))
+
+    async def events(self, timeout_s: float = 1.0) -> list[TokenEvent]:
+        """Every event since the last call; waits up to `timeout_s` for one."""
+        if not self._events:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+            except TimeoutError:
+                return []
+        events, self._events = self._events, []
+        self._wakeup.clear()
+        return events
+
+    async def stop(self) -> None:
+        self.runtime.stop()
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        self._events.extend(events)
+        self._wakeup.set()
+
+    # ---- on the engine thread --------------------------------------------------------------------------------
+    def _reserve(self, engine: Engine, task: DecodeTask) -> Reservation | None:
+        blocks = engine.reserve_remote(task.request_id, task.token_ids, task.sampling)
+        if blocks is None:
+            return None
+        transfer = Transfer(task.request_id, task.prefill_worker, blocks, task.tag,
+                            self.runtime.spec.kv_transfer.timeout_s)
+        try:
+            self.runtime.connector.start_recv(transfer)
+        except Exception:
+            engine.release(task.request_id)
+            raise
+        self._arriving[task.request_id] = _Arrival(task)
+        load = engine.load()
+        return Reservation(task.request_id, len(blocks), load.kv_blocks_total - load.kv_blocks_used,
+                           load.running + load.held)
+
+    def _commit(self, engine: Engine, request_id: str, first_token_id: int) -> None:
+        arrival = self._arriving.get(request_id)
+        if arrival is None:
+            return  # aborted, or its KV failed (the router has the error event)
+        arrival.first_token_id = first_token_id
+        self._start_decoding(engine, request_id)
+
+    def _generate(self, engine: Engine, task: DecodeTask) -> None:
+        engine.add_request(task.request_id, list(task.token_ids), task.sampling)
+        self._local[task.request_id] = _Local(time.monotonic())
+
+    def _abort(self, engine: Engine, request_id: str) -> None:
+        self._local.pop(request_id, None)
+        if self._arriving.pop(request_id, None) is not None:
+            self.runtime.connector.cancel(request_id)  # afterwards no thread touches the blocks
+            engine.release(request_id)
+            self._emit([TokenEvent(request_id, finish_reason=FinishReason.ABORT)])
+        elif engine.abort(request_id) is not None:
+            self._emit([TokenEvent(request_id, finish_reason=FinishReason.ABORT)])
+
+    def _after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        events = [self._token_event(output, now) for output in outputs]
+        for request_id, local in self._local.items():
+            if local.started is None and engine.computed_tokens(request_id):
+                local.started = now
+        for result in self.runtime.connector.poll():
+            events.extend(self._received(engine, result))
+        self._emit(events)
+
+    def _token_event(self, output: RequestOutput, now: float) -> TokenEvent:
+        local = self._local.pop(output.request_id, None)
+        queue_s = prefill_s = None
+        if local is not None:  # a colocated request's first token
+            started = local.started or local.enqueued
+            queue_s, prefill_s = started - local.enqueued, now - started
+        return TokenEvent(output.request_id, output.new_token_ids, output.text_delta, output.finish_reason,
+                          queue_s=queue_s, prefill_s=prefill_s)
+
+    def _received(self, engine: Engine, result: TransferResult) -> list[TokenEvent]:
+        arrival = self._arriving.get(result.transfer_id)
+        if arrival is None:
+            return []  # aborted; its blocks were freed then
+        arrival.received = result
+        if result.status is not TransferStatus.DONE:
+            del self._arriving[result.transfer_id]
+            engine.release(result.transfer_id)
+            return [TokenEvent(result.transfer_id, finish_reason=FinishReason.ABORT,
+                               error=f"KV transfer {result.status.value}: {result.error}")]
+        return self._start_decoding(engine, result.transfer_id, emit=False)
+
+    def _start_decoding(self, engine: Engine, request_id: str, emit: bool = True) -> list[TokenEvent]:
+        arrival = self._arriving[request_id]
+        if arrival.received is None or arrival.first_token_id is None:
+            return []
+        del self._arriving[request_id]
+        output = engine.commit_remote(request_id, arrival.first_token_id)
+        # The first token's text went to the client with the prefill's reply; only the end (if any) is new.
+        events = [TokenEvent(request_id, finish_reason=output.finish_reason, kv_transfer_s=arrival.received.seconds)]
+        if emit:
+            self._emit(events)
+        return events
+
+    def _emit(self, events: list[TokenEvent]) -> None:
+        if events:
+            self._loop.call_soon_threadsafe(self._deliver, events)
+
+    def _busy(self) -> bool:
+        return bool(self._arriving)

@@ -1,0 +1,149 @@
+"""The router's view of the workers: who is in the registry, their Ray handles, which KV pairs are formed, and the
+event stream drained from every decode worker.
+
+`run` refreshes from Redis every half second. A worker that appears gets its actor handle (by name, in the cluster's
+Ray namespace), is paired with every worker of the other role (both sides call `connect` at once; the decode worker
+hosts the pair's TCPStore), and, if it decodes, gets a drain task that long-polls its `events`. A worker whose
+heartbeat expires, or whose actor dies, is dropped and `on_lost` is told, so the requests on it fail instead of
+hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+import redis
+from ray.actor import ActorHandle
+
+from pdserve.cluster.messages import TokenEvent
+from pdserve.cluster.registry import Registry, Role, WorkerInfo, WorkerState
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 0.5
+DRAIN_WAIT_S = 1.0
+
+
+@dataclass
+class Member:
+    info: WorkerInfo
+    handle: ActorHandle
+    drain: asyncio.Task | None = None
+    paired: set[str] = field(default_factory=set)
+
+
+class Membership:
+    def __init__(self, registry: Registry, namespace: str, on_events: Callable[[list[TokenEvent]], None],
+                 on_lost: Callable[[str, str], None]) -> None:
+        self.registry = registry
+        self.namespace = namespace
+        self.members: dict[str, Member] = {}
+        self._on_events = on_events
+        self._on_lost = on_lost
+        self._pairing: dict[tuple[str, str], asyncio.Task] = {}
+        self._redis_failing = False
+
+    # ---- queries ---------------------------------------------------------------------------------------------
+    def ready(self, role: Role) -> list[Member]:
+        return [m for m in self.members.values() if m.info.role is role and m.info.state is WorkerState.READY]
+
+    def prefill_for(self, decode_id: str) -> list[Member]:
+        return [m for m in self.ready(Role.PREFILL) if decode_id in m.paired]
+
+    def update(self, worker_id: str, **changes) -> None:
+        """Fresher load figures than the last heartbeat (from a worker's reply)."""
+        member = self.members.get(worker_id)
+        if member is not None:
+            member.info = dataclasses.replace(member.info, **changes)
+
+    # ---- refresh ---------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(REFRESH_S)
+
+    async def refresh(self) -> None:
+        try:
+            infos = {w.worker_id: w for w in await asyncio.to_thread(self.registry.workers)}
+        except redis.RedisError as e:
+            if not self._redis_failing:
+                log.warning("registry unreadable, keeping the last view: %s", e)
+            self._redis_failing = True
+            return
+        self._redis_failing = False
+        for worker_id in list(self.members):
+            if worker_id not in infos:
+                self.drop(worker_id, "its heartbeat expired")
+        for worker_id, info in infos.items():
+            member = self.members.get(worker_id)
+            if member is not None:
+                member.info = info
+            elif info.state is WorkerState.READY:
+                await self._join(info)
+        self._pair_all()
+
+    def drop(self, worker_id: str, reason: str) -> None:
+        member = self.members.pop(worker_id, None)
+        if member is None:
+            return
+        log.warning("worker %s left the cluster: %s", worker_id, reason)
+        if member.drain is not None:
+            member.drain.cancel()
+        for other in self.members.values():
+            other.paired.discard(worker_id)
+        self._on_lost(worker_id, reason)
+
+    async def close(self) -> None:
+        tasks = [m.drain for m in self.members.values() if m.drain is not None] + list(self._pairing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _join(self, info: WorkerInfo) -> None:
+        try:
+            handle = await asyncio.to_thread(ray.get_actor, info.actor_name, self.namespace)
+        except ValueError:
+            log.warning("worker %s is registered but its actor %r is not found", info.worker_id, info.actor_name)
+            return
+        member = Member(info, handle)
+        if info.role in (Role.DECODE, Role.BOTH):
+            member.drain = asyncio.create_task(self._drain(member), name=f"drain-{info.worker_id}")
+        self.members[info.worker_id] = member
+        log.info("worker %s joined (%s)", info.worker_id, info.role.value)
+
+    # ---- KV pairs --------------------------------------------------------------------------------------------
+    def _pair_all(self) -> None:
+        for p in self.ready(Role.PREFILL):
+            for d in self.ready(Role.DECODE):
+                key = (p.info.worker_id, d.info.worker_id)
+                if d.info.worker_id not in p.paired and key not in self._pairing:
+                    self._pairing[key] = asyncio.create_task(self._pair(p, d), name=f"pair-{key}")
+
+    async def _pair(self, p: Member, d: Member) -> None:
+        key = (p.info.worker_id, d.info.worker_id)
+        try:
+            await asyncio.gather(p.handle.connect.remote(d.info.worker_id, d.info.store_address, 0),
+                                 d.handle.connect.remote(p.info.worker_id, d.info.store_address, 1))
+            p.paired.add(d.info.worker_id)
+            d.paired.add(p.info.worker_id)
+            log.info("KV pair %s -> %s formed", *key)
+        except ray.exceptions.RayError as e:
+            log.warning("KV pair %s -> %s failed (will retry): %s", *key, e)
+        finally:
+            self._pairing.pop(key, None)
+
+    # ---- events ----------------------------------------------------------------------------------------------
+    async def _drain(self, member: Member) -> None:
+        while True:
+            try:
+                events = await member.handle.events.remote(DRAIN_WAIT_S)
+            except ray.exceptions.RayError as e:
+                self.drop(member.info.worker_id, f"its actor failed: {type(e).__name__}")
+                return
+            if events:
+                self._on_events(events)

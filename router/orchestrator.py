@@ -1,0 +1,236 @@
+"""The life of a request across the workers, as the router drives it.
+
+Disaggregated:
+
+    pick a decode worker D (most free blocks) and a prefill worker P paired with it (fewest queued tokens)
+    -> D.reserve: blocks allocated, KV receive posted (no room anywhere: wait and pick again)
+    -> P.prefill: queued, prefilled (batched with other prompts), first token sampled; P pushes the KV to D
+    -> the first token goes to the client now; D.commit(first token)
+    -> D decodes once the KV has landed; its TokenEvents (drained by `Membership`) stream to the client.
+
+Colocated: pick a worker W (most free blocks) -> W.generate -> its TokenEvents stream to the client.
+
+Whatever ends the stream early (the client cancels or disconnects, a worker fails) lands in one `finally` that
+aborts the request on every worker it touched, so blocks are freed on both sides. Every finished request appends
+its timings to the registry's stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import ray
+import redis
+
+from pdserve.cluster.messages import DecodeTask, PrefillTask, TokenEvent
+from pdserve.cluster.registry import Registry, Role
+from pdserve.engine.block_manager import blocks_for
+from pdserve.engine.request import FinishReason
+from pdserve.router.membership import Member, Membership
+from pdserve.router.policy import pick_decode, pick_prefill
+from pdserve.router.request_builder import InvalidRequest, ValidRequest
+from pdserve.router.timings import RequestClock, Timings
+
+log = logging.getLogger(__name__)
+
+ROOM_RETRY_S = 0.01
+NO_WORKERS_WAIT_S = 10.0
+
+
+class Unavailable(RuntimeError):
+    """No worker can take the request, or the one serving it failed."""
+
+
+class DuplicateRequest(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What the client gets next: new tokens and text; the last piece has the finish reason and timings."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason | None = None
+    timings: Timings | None = None
+    completion_tokens: int = 0
+    """On the last piece: every token sent."""
+
+
+@dataclass
+class _Stream:
+    worker_id: str
+    events: asyncio.Queue
+
+
+class Orchestrator:
+    def __init__(self, registry: Registry, namespace: str, colocated: bool, block_size: int) -> None:
+        self.registry = registry
+        self.colocated = colocated
+        self.block_size = block_size
+        self.membership = Membership(registry, namespace, self._on_events, self._on_lost)
+        self._streams: dict[str, _Stream] = {}
+        self._tags = itertools.count(1)
+        self._prefill_tokens: dict[str, int] = defaultdict(int)
+
+    async def generate(self, request: ValidRequest) -> AsyncIterator[Piece]:
+        if request.request_id in self._streams:
+            raise DuplicateRequest(f"request_id: {request.request_id!r} is already running")
+        clock = RequestClock()
+        stream = _Stream("", asyncio.Queue())
+        self._streams[request.request_id] = stream
+        touched: list[Member] = []
+        finished = False
+        try:
+            pieces = self._colocated(request, clock, stream, touched) if self.colocated else self._disaggregated(
+                request, clock, stream, touched)
+            async for piece in pieces:
+                clock.tokens_sent(len(piece.token_ids))
+                if piece.finish_reason is not None:
+                    finished = True
+                    timings = clock.timings()
+                    self._record(request, clock, piece.finish_reason, timings, touched)
+                    piece = Piece(piece.token_ids, piece.text, piece.finish_reason, timings, clock.tokens)
+                yield piece
+                if finished:
+                    return
+        finally:
+            del self._streams[request.request_id]
+            if not finished:
+                await asyncio.shield(self._abort(request.request_id, touched))
+
+    # ---- the two modes ---------------------------------------------------------------------------------------
+    async def _disaggregated(self, request: ValidRequest, clock: RequestClock, stream: _Stream,
+                             touched: list[Member]) -> AsyncIterator[Piece]:
+        tag = next(self._tags) % (1 << 31)
+        decode, prefill = await self._reserve(request, tag, stream)
+        touched += [decode, prefill]
+        clock.dispatched = time.monotonic()
+        result = await self._prefill(prefill, PrefillTask(request.request_id, request.token_ids, request.sampling,
+                                                          decode.info.worker_id, tag))
+        clock.worker_queue_s, clock.prefill_s = result.queue_s, result.prefill_s
+        if result.first_token_id is None:
+            raise Unavailable(f"prefill worker {prefill.info.worker_id} dropped the request")
+        if result.finish_reason is not None:  # the first token ended it; free the reservation
+            await _call(decode, decode.handle.abort.remote(request.request_id))
+            yield Piece((result.first_token_id,), result.text_delta, result.finish_reason)
+            return
+        yield Piece((result.first_token_id,), result.text_delta)
+        await _call(decode, decode.handle.commit.remote(request.request_id, result.first_token_id))
+        async for piece in self._events(stream, clock):
+            yield piece
+
+    async def _colocated(self, request: ValidRequest, clock: RequestClock, stream: _Stream,
+                         touched: list[Member]) -> AsyncIterator[Piece]:
+        worker = await self._choose(lambda: self._check_fits(request, pick_decode(
+            [m.info for m in self.membership.ready(Role.BOTH)])))
+        stream.worker_id = worker.info.worker_id
+        touched.append(worker)
+        clock.dispatched = time.monotonic()
+        await _call(worker, worker.handle.generate.remote(DecodeTask(request.request_id, request.token_ids,
+                                                                     request.sampling)))
+        async for piece in self._events(stream, clock):
+            yield piece
+
+    # ---- steps -----------------------------------------------------------------------------------------------
+    async def _reserve(self, request: ValidRequest, tag: int, stream: _Stream) -> tuple[Member, Member]:
+        """A decode worker with room and a prefill worker paired with it; waits while every decode worker is full."""
+        while True:
+            decode = await self._choose(lambda: self._check_fits(request, pick_decode(
+                [m.info for m in self.membership.ready(Role.DECODE) if self.membership.prefill_for(m.info.worker_id)])))
+            prefill_info = pick_prefill([m.info for m in self.membership.prefill_for(decode.info.worker_id)],
+                                        self._prefill_tokens)
+            prefill = self.membership.members.get(prefill_info.worker_id) if prefill_info else None
+            if prefill is None:
+                continue
+            stream.worker_id = decode.info.worker_id
+            task = DecodeTask(request.request_id, request.token_ids, request.sampling, prefill.info.worker_id, tag)
+            reservation = await _call(decode, decode.handle.reserve.remote(task))
+            if reservation is not None:
+                self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total
+                                       - reservation.kv_blocks_free, running=reservation.running)
+                return decode, prefill
+            self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total)  # full
+            await asyncio.sleep(ROOM_RETRY_S)
+
+    async def _choose(self, pick) -> Member:
+        """The member `pick` names; waits a while for one to join when there is none."""
+        deadline = asyncio.get_running_loop().time() + NO_WORKERS_WAIT_S
+        while True:
+            info = pick()
+            if info is not None and info.worker_id in self.membership.members:
+                return self.membership.members[info.worker_id]
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable("no ready worker for this request (see `pdserve status`)")
+            await asyncio.sleep(ROOM_RETRY_S * 10)
+
+    def _check_fits(self, request: ValidRequest, info):
+        if info is not None and blocks_for(len(request.token_ids) + request.sampling.max_tokens,
+                                           self.block_size) > info.kv_blocks_total:
+            raise InvalidRequest(f"sampling.max_tokens: prompt + max_tokens needs more KV blocks than a worker has "
+                                 f"({info.kv_blocks_total} of {self.block_size} tokens)")
+        return info
+
+    async def _prefill(self, prefill: Member, task: PrefillTask):
+        worker_id = prefill.info.worker_id
+        self._prefill_tokens[worker_id] += len(task.token_ids)
+        try:
+            return await _call(prefill, prefill.handle.prefill.remote(task))
+        finally:
+            self._prefill_tokens[worker_id] -= len(task.token_ids)
+
+    async def _events(self, stream: _Stream, clock: RequestClock) -> AsyncIterator[Piece]:
+        while True:
+            event: TokenEvent = await stream.events.get()
+            if event.error:
+                raise Unavailable(f"worker {stream.worker_id}: {event.error}")
+            if event.kv_transfer_s is not None and clock.first_token is not None:
+                clock.kv_transfer_s = time.monotonic() - clock.first_token  # prefill done -> decoding, seen here
+            if event.queue_s is not None:
+                clock.worker_queue_s, clock.prefill_s = event.queue_s, event.prefill_s or 0.0
+            if event.token_ids or event.finish_reason is not None:
+                yield Piece(event.token_ids, event.text_delta, event.finish_reason)
+            if event.finish_reason is not None:
+                return
+
+    async def _abort(self, request_id: str, touched: list[Member]) -> None:
+        calls = [m.handle.abort.remote(request_id) for m in touched]
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.warning("abort of %s on a worker failed: %s", request_id, result)
+
+    # ---- callbacks from Membership ---------------------------------------------------------------------------
+    def _on_events(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            stream = self._streams.get(event.request_id)
+            if stream is not None:
+                stream.events.put_nowait(event)
+
+    def _on_lost(self, worker_id: str, reason: str) -> None:
+        for request_id, stream in self._streams.items():
+            if stream.worker_id == worker_id:
+                stream.events.put_nowait(TokenEvent(request_id, finish_reason=FinishReason.ABORT,
+                                                    error=f"worker lost ({reason})"))
+
+    def _record(self, request: ValidRequest, clock: RequestClock, finish: FinishReason, timings: Timings,
+                touched: list[Member]) -> None:
+        fields = {"request_id": request.request_id, "prompt_tokens": len(request.token_ids),
+                  "completion_tokens": clock.tokens, "finish_reason": finish.value,
+                  "workers": ",".join(m.info.worker_id for m in touched), **timings.as_fields()}
+        try:
+            self.registry.append_timings(fields)
+        except redis.RedisError as e:
+            log.warning("timings of %s not recorded: %s", request.request_id, e)
+
+
+async def _call(member: Member, ref):
+    try:
+        return await ref
+    except ray.exceptions.RayActorError as e:
+        raise Unavailable(f"worker {member.info.worker_id} failed: {type(e).__name__}") from e

@@ -1,0 +1,78 @@
+"""From a client's `GenerateRequest` to a checked request: token ids and `SamplingParams`.
+
+Every problem raises `InvalidRequest` with the field's name, which the server returns as INVALID_ARGUMENT. The router
+tokenizes (workers get token ids), so a bad prompt never reaches a worker.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import context_length
+from pdserve.engine.model_source import resolve
+from pdserve.engine.request import Message, Prompt, PromptError
+from pdserve.engine.sampling_params import SamplingError, SamplingParams
+from pdserve.engine.tokenizer import load_tokenizer, tokenize_prompt
+from pdserve.engine.weights import read_model_config
+from pdserve.proto import generation_pb2 as pb
+
+DEFAULT_MAX_TOKENS = 16
+MAX_REQUEST_ID_LEN = 256
+
+
+class InvalidRequest(ValueError):
+    """The message names the field that is wrong."""
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    request_id: str
+    token_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+
+class RequestBuilder:
+    def __init__(self, engine: EngineConfig) -> None:
+        source = resolve(engine.model)
+        model_config = read_model_config(source)
+        self.vocab_size = model_config.vocab_size
+        self.context_length = context_length(engine, model_config)
+        self.tokenizer = load_tokenizer(source)
+
+    def build(self, request: pb.GenerateRequest) -> ValidRequest:
+        request_id = request.request_id or f"req-{uuid.uuid4().hex}"
+        if len(request_id) > MAX_REQUEST_ID_LEN:
+            raise InvalidRequest(f"request_id: longer than {MAX_REQUEST_ID_LEN} characters")
+        try:
+            token_ids = tokenize_prompt(_prompt(request), self.tokenizer, self.vocab_size)
+            sampling = _sampling(request.sampling if request.HasField("sampling") else pb.SamplingParams())
+        except (PromptError, SamplingError) as e:
+            raise InvalidRequest(str(e)) from e
+        total = len(token_ids) + sampling.max_tokens
+        if total > self.context_length:
+            raise InvalidRequest(f"sampling.max_tokens: prompt ({len(token_ids)} tokens) + max_tokens "
+                                 f"({sampling.max_tokens}) = {total} exceeds the context length {self.context_length}")
+        return ValidRequest(request_id, tuple(token_ids), sampling)
+
+
+def _prompt(request: pb.GenerateRequest) -> Prompt:
+    which = request.WhichOneof("prompt")
+    if which == "text":
+        return Prompt(text=request.text)
+    if which == "messages":
+        return Prompt(messages=tuple(Message(m.role, m.content) for m in request.messages.messages))
+    if which == "token_ids":
+        return Prompt(token_ids=tuple(request.token_ids.ids))
+    raise PromptError("prompt: give one of text, messages or token_ids")
+
+
+def _sampling(s: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k if s.HasField("top_k") else 0,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)

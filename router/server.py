@@ -1,0 +1,99 @@
+"""The router's gRPC server (grpc.aio): the public Generation service and the Admin service.
+
+Errors map to gRPC statuses with a message naming what was wrong: a bad request is INVALID_ARGUMENT, a request id
+already running is ALREADY_EXISTS, no worker (or a failed one) is UNAVAILABLE. A client that cancels or disconnects
+cancels the handler, and the orchestrator aborts the request on its workers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from pdserve.cluster.registry import Role
+from pdserve.engine.request import FinishReason
+from pdserve.proto import generation_pb2 as pb
+from pdserve.proto import generation_pb2_grpc as pb_grpc
+from pdserve.router.orchestrator import DuplicateRequest, Orchestrator, Piece, Unavailable
+from pdserve.router.request_builder import InvalidRequest, RequestBuilder
+
+log = logging.getLogger(__name__)
+
+FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+          FinishReason.ABORT: pb.FINISH_REASON_ABORT}
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, builder: RequestBuilder, orchestrator: Orchestrator) -> None:
+        self.builder = builder
+        self.orchestrator = orchestrator
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            valid = self.builder.build(request)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        first = True
+        try:
+            async for piece in self.orchestrator.generate(valid):
+                yield _response(valid.request_id, piece, len(valid.token_ids), first)
+                first = False
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except DuplicateRequest as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except Unavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, orchestrator: Orchestrator, address: str, mode: str) -> None:
+        self.orchestrator = orchestrator
+        self.address = address
+        self.mode = mode
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        workers = [m.info for m in self.orchestrator.membership.members.values()]
+        return pb.StatusResponse(router_address=self.address, mode=self.mode, workers=[
+            pb.WorkerStatus(worker_id=w.worker_id, role=w.role.value, pid=w.pid, state=w.state.value,
+                            running_requests=w.running, kv_blocks_used=w.kv_blocks_used,
+                            kv_blocks_total=w.kv_blocks_total) for w in sorted(workers, key=lambda w: w.worker_id)])
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        detail = self.unhealthy_reason()
+        return pb.HealthResponse(healthy=not detail, detail=detail or "serving")
+
+    def unhealthy_reason(self) -> str:
+        membership = self.orchestrator.membership
+        if self.orchestrator.colocated:
+            return "" if membership.ready(Role.BOTH) else "no colocated worker is ready"
+        decode = membership.ready(Role.DECODE)
+        if not any(membership.prefill_for(d.info.worker_id) for d in decode):
+            ready = {r.value: len(membership.ready(r)) for r in (Role.PREFILL, Role.DECODE)}
+            return f"no paired prefill and decode workers yet (ready: {ready})"
+        return ""
+
+
+def _response(request_id: str, piece: Piece, prompt_tokens: int, first: bool) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(request_id=request_id, token_ids=piece.token_ids, text=piece.text)
+    if first:
+        response.prompt_tokens = prompt_tokens
+    if piece.finish_reason is not None:
+        response.finish_reason = FINISH.get(piece.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+        response.prompt_tokens = prompt_tokens
+        response.completion_tokens = piece.completion_tokens
+        if piece.timings is not None:
+            response.timings.CopyFrom(pb.Timings(**piece.timings.as_fields()))
+    return response
+
+
+def build_server(builder: RequestBuilder, orchestrator: Orchestrator, host: str, port: int,
+                 mode: str) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"router.port: cannot listen on {host}:{port} (in use?)")
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(builder, orchestrator), server)
+    pb_grpc.add_AdminServicer_to_server(AdminService(orchestrator, f"{host}:{bound}", mode), server)
+    return server, bound
