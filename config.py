@@ -74,12 +74,15 @@ class KVTransfer:
     """A handoff that takes longer fails; the blocks are freed on both sides."""
     layers_per_message: int = 5
     """Layers sent per message; the next group is gathered while one is on the wire."""
+    inject_send_pause_s: float = 0.0
+    """Fault injection for tests and drills: every KV send pauses this long after its header. Keep 0."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("gloo", "nccl"):
             raise ConfigError(f"backend: {self.backend!r} is not one of ['gloo', 'nccl']")
         _at_least("timeout_s", self.timeout_s, 0.001)
         _at_least("layers_per_message", self.layers_per_message, 1)
+        _at_least("inject_send_pause_s", self.inject_send_pause_s, 0)
 
 
 @dataclass(frozen=True)

@@ -79,8 +79,10 @@ class DecodeWorker:
         """Colocated: prefill and decode the whole request here."""
         await self.runtime.call(lambda engine: self._generate(engine, task))
 
-    async def abort(self, request_id: str) -> None:
-        await self.runtime.call(lambda engine: self._abort(engine, request_id))
+    async def abort(self, request_id: str) -> bool:
+        """Drop the request here; True if it was still waiting for its KV (the prefill worker must then answer
+        that receive with "no KV", unless it already sent something)."""
+        return await self.runtime.call(lambda engine: self._abort(engine, request_id))
 
     async def events(self, timeout_s: float = 1.0) -> list[TokenEvent]:
         """Every event since the last call; waits up to `timeout_s` for one."""
@@ -128,14 +130,17 @@ class DecodeWorker:
         engine.add_request(task.request_id, list(task.token_ids), task.sampling)
         self._local[task.request_id] = _Local(time.monotonic())
 
-    def _abort(self, engine: Engine, request_id: str) -> None:
+    def _abort(self, engine: Engine, request_id: str) -> bool:
         self._local.pop(request_id, None)
-        if self._arriving.pop(request_id, None) is not None:
+        arrival = self._arriving.pop(request_id, None)
+        if arrival is not None:
             self.runtime.connector.cancel(request_id)  # afterwards no thread touches the blocks
             engine.release(request_id)
             self._emit([TokenEvent(request_id, finish_reason=FinishReason.ABORT)])
-        elif engine.abort(request_id) is not None:
+            return arrival.received is None
+        if engine.abort(request_id) is not None:
             self._emit([TokenEvent(request_id, finish_reason=FinishReason.ABORT)])
+        return False
 
     def _after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()

@@ -9,6 +9,12 @@ The life of a transfer on either side: `start_send` / `start_recv` -> `poll` unt
 outcome -> the caller frees the blocks (on every outcome: done, failed, cancelled, timed out). No transfer can
 outlive its deadline: `poll` reports TIMED_OUT when it passes, whatever the peer does. Receives land in a staging
 buffer and are copied into the blocks only on success, so freeing the blocks early is always safe.
+
+Every posted receive is answered by exactly one send with the same tag: the KV, or a send of no blocks, which
+means "the KV will not come" (the request ended or was aborted before its KV was sent) and ends the receive as
+FAILED. Transports like gloo close the whole pair when a receive times out, so a receive must never be left to
+wait for a send that will not happen. For the same reason a send that has started is not cut short: cancelling it
+only lets the caller know its outcome early; it still finishes on the wire, from a staging copy.
 """
 
 from __future__ import annotations

@@ -65,6 +65,9 @@ class InProcessConnector(KVConnector):
             key = (p.transfer.peer, self.worker_id, p.transfer.tag)
             if key in self.exchange.in_flight:
                 data = self.exchange.in_flight.pop(key)
+                if data.shape[2] == 0 and p.transfer.block_ids:
+                    self._finish(transfer_id, TransferStatus.FAILED, "the sender aborted (no KV)")
+                    continue
                 if data.shape[2] != len(p.transfer.block_ids):
                     self._finish(transfer_id, TransferStatus.FAILED, f"sent {data.shape[2]} blocks, expected "
                                                                     f"{len(p.transfer.block_ids)}")

@@ -83,6 +83,13 @@ class _Mismatch(Exception):
     """The peer's header does not match this side's transfer; the pair's message stream is no longer in step."""
 
 
+PEER_ABORTED = "the sender aborted (no KV)"
+
+
+class _PeerAborted(Exception):
+    """The sender sent a header of zero blocks: the KV will not come (it aborted the request)."""
+
+
 class _Stopped(Exception):
     """The transfer was cancelled while its thread was still working."""
 
@@ -105,19 +112,20 @@ class _Pending:
 
 class TorchDistConnector(KVConnector):
     def __init__(self, worker_id: str, backend: str = "gloo", max_concurrent: int = 16,
-                 layers_per_message: int = 5) -> None:
+                 layers_per_message: int = 5, send_pause_s: float = 0.0) -> None:
+        """`send_pause_s` is fault injection: every send pauses that long after its header, mid-transfer."""
         if backend not in BACKENDS:
             raise TransferError(f"kv_transfer.backend: {backend!r} is not one of {BACKENDS}")
         self.worker_id = worker_id
         self.backend = backend
         self.layers_per_message = layers_per_message
+        self.send_pause_s = send_pause_s
         self.kv_cache: KVCache | None = None
         self.pairs: dict[str, _Pair] = {}
         self.pending: dict[str, _Pending] = {}
         self._outcomes: queue.SimpleQueue[tuple[str, TransferStatus, str]] = queue.SimpleQueue()
         self._threads = ThreadPoolExecutor(max_concurrent, thread_name_prefix=f"kv-{worker_id}")
         self._staging = StagingPool()
-        self._abandoned: list[torch.Tensor] = []
         self._reported: list[TransferResult] = []
 
     def connect(self, peer: str, store: dist.Store, rank: int, timeout_s: float = 60.0) -> None:
@@ -159,7 +167,6 @@ class TorchDistConnector(KVConnector):
         self._threads.shutdown(wait=False, cancel_futures=True)
         self.pending.clear()
         self.pairs.clear()
-        self._abandoned.clear()
 
     # ---- on the caller's thread ------------------------------------------------------------------------------
     def _start(self, transfer: Transfer, sending: bool, work) -> None:
@@ -182,9 +189,11 @@ class TorchDistConnector(KVConnector):
             for tensor in pending.staging:
                 self._staging.give_back(tensor)
         else:
-            self._abandoned.extend(pending.staging)
-            log.warning("KV transfer %s with %s: %s %s", pending.transfer.transfer_id, pending.transfer.peer,
-                        status.value, error)
+            # not back to the pool: the transfer's thread may still be using them (it holds them until it ends)
+            expected = status is TransferStatus.CANCELLED or error == PEER_ABORTED  # the request ended, not the link
+            level = logging.DEBUG if expected else logging.WARNING
+            log.log(level, "KV transfer %s with %s: %s %s", pending.transfer.transfer_id, pending.transfer.peer,
+                    status.value, error)
             if error.startswith("header"):
                 self.pairs.pop(pending.transfer.peer, None)
         nbytes = sum(t.numel() * t.element_size() for t in pending.staging) if status is TransferStatus.DONE else 0
@@ -197,6 +206,8 @@ class TorchDistConnector(KVConnector):
             work(pending, pair, time.monotonic() + pending.transfer.timeout_s)
         except _Stopped:
             return
+        except _PeerAborted:
+            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, PEER_ABORTED))
         except _Mismatch as e:
             self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, f"header: {e}"))
         except RuntimeError as e:
@@ -210,11 +221,15 @@ class TorchDistConnector(KVConnector):
         t = pending.transfer
         index = self._index(t)
         works = [pair.group.send([self._header(len(t.block_ids))], pair.peer_rank, t.tag)]
+        if not t.block_ids:  # "no KV is coming": ends the receive posted for this tag
+            _wait(works[0], deadline)
+            return
+        if self.send_pause_s:
+            self._pause(pending)
         for layers, part in zip(self._layer_groups(), pending.staging):
-            with pending.lock:
-                if not pending.live:
-                    raise _Stopped
-                torch.index_select(self._cache().tensor[:, layers], 2, index, out=part)
+            with pending.lock:  # cancelled: still send (stale staging) so the receiver's posted recvs complete
+                if pending.live:
+                    torch.index_select(self._cache().tensor[:, layers], 2, index, out=part)
             works.append(pair.group.send([part], pair.peer_rank, t.tag))
         for work in works:
             _wait(work, deadline)
@@ -224,17 +239,25 @@ class TorchDistConnector(KVConnector):
         expected = self._header(len(t.block_ids))
         header = torch.empty_like(expected)
         _wait(pair.group.recv([header], pair.peer_rank, t.tag), deadline)
+        if header[0] == 0 and expected[0] != 0:
+            raise _PeerAborted
         if not torch.equal(header, expected):
             raise _Mismatch(f"peer sent [blocks, layers, block_size, kv_heads, head_dim, bytes, layers_per_message] "
                             f"= {header.tolist()}, expected {expected.tolist()}")
         works = [pair.group.recv([part], pair.peer_rank, t.tag) for part in pending.staging]
         index = self._index(t)
         for layers, part, work in zip(self._layer_groups(), pending.staging, works):
-            _wait(work, deadline)
+            _wait(work, deadline)  # cancelled: still drain the sender's messages, so the pair stays in step
             with pending.lock:
-                if not pending.live:
-                    raise _Stopped
-                self._cache().tensor[:, layers].index_copy_(2, index, part)
+                if pending.live:
+                    self._cache().tensor[:, layers].index_copy_(2, index, part)
+        if not pending.live:
+            raise _Stopped
+
+    def _pause(self, pending: _Pending) -> None:
+        until = time.monotonic() + self.send_pause_s
+        while time.monotonic() < until and pending.live:
+            time.sleep(0.01)
 
     # ---- shapes ----------------------------------------------------------------------------------------------
     def _layer_groups(self) -> list[slice]:

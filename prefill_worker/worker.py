@@ -7,15 +7,18 @@ Life of a request here:
       -> the first token goes back to the router at once, while the KV is on the wire
       -> the send's outcome (done, failed, cancelled, timed out) -> blocks released.
 
-If the first token already ends the request (EOS, a stop, max_tokens 1) nothing is sent and the blocks are freed at
-once. `abort` works at every stage: a queued or running prefill is dropped, a send is cancelled; the blocks are freed
-either way. Everything that touches the engine or the connector runs on the engine thread.
+If the first token already ends the request (EOS, a stop, max_tokens 1) its blocks are freed at once and a send of no
+blocks tells the decode worker that no KV is coming. `abort` works at every stage: a queued or running prefill is
+dropped (and, if the decode worker is still waiting, answered with "no KV"); a send already on the wire finishes and
+then frees the blocks. Every receive the decode worker posted gets exactly one answer (see kv_transfer.connector).
+Everything that touches the engine or the connector runs on the engine thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -25,6 +28,9 @@ from pdserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import FinishReason, RequestOutput
 from pdserve.kv_transfer.connector import KVConnector, Transfer
+
+NO_KV = "no-kv:"
+ANSWERED_MEMORY = 65536
 
 
 @dataclass
@@ -40,6 +46,8 @@ class PrefillWorker:
         self.runtime = WorkerRuntime(spec, self._after_step, self._busy, connector)
         self._prefilling: dict[str, _Prefill] = {}
         self._sending: set[str] = set()
+        self._answered: OrderedDict[str, None] = OrderedDict()
+        """Requests whose decode worker got its answer (KV or "no KV"), newest last."""
 
     # ---- called by the router (asyncio side) -----------------------------------------------------------------
     async def start(self) -> WorkerInfo:
@@ -56,8 +64,10 @@ class PrefillWorker:
         await self.runtime.call(lambda engine: self._add(engine, task, result))
         return await asyncio.wrap_future(result)
 
-    async def abort(self, request_id: str) -> None:
-        await self.runtime.call(lambda engine: self._abort(engine, request_id))
+    async def abort(self, request_id: str, decode_worker: str = "", tag: int = 0, peer_waiting: bool = False) -> None:
+        """Drop the request here. `peer_waiting`: the decode worker still waits for its KV under `tag`, so answer
+        it with "no KV" unless this worker already answered."""
+        await self.runtime.call(lambda engine: self._abort(engine, request_id, decode_worker, tag, peer_waiting))
 
     async def stop(self) -> None:
         self.runtime.stop()
@@ -76,7 +86,8 @@ class PrefillWorker:
                 p.started = now  # the step that just ran held its first chunk (close enough: ends of steps)
         for result in self.runtime.connector.poll():
             self._sending.discard(result.transfer_id)
-            engine.release(result.transfer_id)  # on every outcome; the decode side frees its own
+            if not result.transfer_id.startswith(NO_KV):
+                engine.release(result.transfer_id)  # on every outcome; the decode side frees its own
 
     def _first_token(self, engine: Engine, output: RequestOutput, now: float) -> None:
         p = self._prefilling.pop(output.request_id, None)
@@ -84,23 +95,29 @@ class PrefillWorker:
             return
         started = p.started or p.enqueued
         handed_off = output.finish_reason is FinishReason.PREFILLED
-        if handed_off:
-            blocks = engine.held_block_ids(output.request_id)
-            self.runtime.connector.start_send(Transfer(output.request_id, p.task.decode_worker, blocks, p.task.tag,
-                                                       self.runtime.spec.kv_transfer.timeout_s))
-            self._sending.add(output.request_id)
+        self._answer(output.request_id, p.task.decode_worker, p.task.tag,
+                     engine.held_block_ids(output.request_id) if handed_off else ())
         p.result.set_result(PrefillResult(
             output.request_id, output.new_token_ids[0], output.text_delta,
             None if handed_off else output.finish_reason, started - p.enqueued, now - started))
 
-    def _abort(self, engine: Engine, request_id: str) -> None:
-        if request_id in self._sending:
-            self.runtime.connector.cancel(request_id)  # reported by the next poll, which releases the blocks
-            return
+    def _abort(self, engine: Engine, request_id: str, decode_worker: str, tag: int, peer_waiting: bool) -> None:
         p = self._prefilling.pop(request_id, None)
-        engine.abort(request_id)
-        if p is not None and not p.result.done():
+        if p is not None:
+            engine.abort(request_id)
             p.result.set_result(PrefillResult(request_id, None, "", FinishReason.ABORT, 0.0, 0.0))
+        if peer_waiting and request_id not in self._answered:
+            self._answer(request_id, decode_worker, tag, ())
+
+    def _answer(self, request_id: str, decode_worker: str, tag: int, blocks: tuple[int, ...]) -> None:
+        """Send the KV (or, with no blocks, "no KV is coming") for the receive the decode worker posted."""
+        transfer_id = request_id if blocks else f"{NO_KV}{request_id}"
+        self.runtime.connector.start_send(Transfer(transfer_id, decode_worker, blocks, tag,
+                                                   self.runtime.spec.kv_transfer.timeout_s))
+        self._sending.add(transfer_id)
+        self._answered[request_id] = None
+        while len(self._answered) > ANSWERED_MEMORY:
+            self._answered.popitem(last=False)
 
     def _busy(self) -> bool:
         return bool(self._sending)

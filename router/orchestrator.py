@@ -11,7 +11,7 @@ Disaggregated:
 Colocated: pick a worker W (most free blocks) -> W.generate -> its TokenEvents stream to the client.
 
 Whatever ends the stream early (the client cancels or disconnects, a worker fails) lands in one `finally` that
-aborts the request on every worker it touched, so blocks are freed on both sides. Every finished request appends
+aborts the request on every worker it was sent to, so blocks are freed on both sides. Every finished request appends
 its timings to the registry's stream.
 """
 
@@ -64,6 +64,20 @@ class Piece:
 
 
 @dataclass
+class _Route:
+    """The workers a request was sent to (set before each call, so an abort reaches every one that may know it)."""
+
+    decode: Member | None = None
+    """The decode worker, or the colocated worker."""
+    prefill: Member | None = None
+    tag: int = 0
+
+    @property
+    def worker_ids(self) -> str:
+        return ",".join(m.info.worker_id for m in (self.decode, self.prefill) if m is not None)
+
+
+@dataclass
 class _Stream:
     worker_id: str
     events: asyncio.Queue
@@ -85,17 +99,17 @@ class Orchestrator:
         clock = RequestClock()
         stream = _Stream("", asyncio.Queue())
         self._streams[request.request_id] = stream
-        touched: list[Member] = []
+        route = _Route()
         finished = False
         try:
-            pieces = self._colocated(request, clock, stream, touched) if self.colocated else self._disaggregated(
-                request, clock, stream, touched)
+            pieces = self._colocated(request, clock, stream, route) if self.colocated else self._disaggregated(
+                request, clock, stream, route)
             async for piece in pieces:
                 clock.tokens_sent(len(piece.token_ids))
                 if piece.finish_reason is not None:
                     finished = True
                     timings = clock.timings()
-                    self._record(request, clock, piece.finish_reason, timings, touched)
+                    self._record(request, clock, piece.finish_reason, timings, route)
                     piece = Piece(piece.token_ids, piece.text, piece.finish_reason, timings, clock.tokens)
                 yield piece
                 if finished:
@@ -103,21 +117,20 @@ class Orchestrator:
         finally:
             del self._streams[request.request_id]
             if not finished:
-                await asyncio.shield(self._abort(request.request_id, touched))
+                await asyncio.shield(self._abort(request.request_id, route))
 
     # ---- the two modes ---------------------------------------------------------------------------------------
     async def _disaggregated(self, request: ValidRequest, clock: RequestClock, stream: _Stream,
-                             touched: list[Member]) -> AsyncIterator[Piece]:
-        tag = next(self._tags) % (1 << 31)
-        decode, prefill = await self._reserve(request, tag, stream)
-        touched += [decode, prefill]
+                             route: _Route) -> AsyncIterator[Piece]:
+        route.tag = next(self._tags) % (1 << 31)
+        decode, prefill = await self._reserve(request, route, stream)
         clock.dispatched = time.monotonic()
         result = await self._prefill(prefill, PrefillTask(request.request_id, request.token_ids, request.sampling,
-                                                          decode.info.worker_id, tag))
+                                                          decode.info.worker_id, route.tag))
         clock.worker_queue_s, clock.prefill_s = result.queue_s, result.prefill_s
         if result.first_token_id is None:
             raise Unavailable(f"prefill worker {prefill.info.worker_id} dropped the request")
-        if result.finish_reason is not None:  # the first token ended it; free the reservation
+        if result.finish_reason is not None:  # the first token ended it (and the prefill told D "no KV")
             await _call(decode, decode.handle.abort.remote(request.request_id))
             yield Piece((result.first_token_id,), result.text_delta, result.finish_reason)
             return
@@ -127,11 +140,11 @@ class Orchestrator:
             yield piece
 
     async def _colocated(self, request: ValidRequest, clock: RequestClock, stream: _Stream,
-                         touched: list[Member]) -> AsyncIterator[Piece]:
+                         route: _Route) -> AsyncIterator[Piece]:
         worker = await self._choose(lambda: self._check_fits(request, pick_decode(
             [m.info for m in self.membership.ready(Role.BOTH)])))
         stream.worker_id = worker.info.worker_id
-        touched.append(worker)
+        route.decode = worker
         clock.dispatched = time.monotonic()
         await _call(worker, worker.handle.generate.remote(DecodeTask(request.request_id, request.token_ids,
                                                                      request.sampling)))
@@ -139,7 +152,7 @@ class Orchestrator:
             yield piece
 
     # ---- steps -----------------------------------------------------------------------------------------------
-    async def _reserve(self, request: ValidRequest, tag: int, stream: _Stream) -> tuple[Member, Member]:
+    async def _reserve(self, request: ValidRequest, route: _Route, stream: _Stream) -> tuple[Member, Member]:
         """A decode worker with room and a prefill worker paired with it; waits while every decode worker is full."""
         while True:
             decode = await self._choose(lambda: self._check_fits(request, pick_decode(
@@ -150,7 +163,9 @@ class Orchestrator:
             if prefill is None:
                 continue
             stream.worker_id = decode.info.worker_id
-            task = DecodeTask(request.request_id, request.token_ids, request.sampling, prefill.info.worker_id, tag)
+            route.decode, route.prefill = decode, prefill
+            task = DecodeTask(request.request_id, request.token_ids, request.sampling, prefill.info.worker_id,
+                              route.tag)
             reservation = await _call(decode, decode.handle.reserve.remote(task))
             if reservation is not None:
                 self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total
@@ -199,11 +214,20 @@ class Orchestrator:
             if event.finish_reason is not None:
                 return
 
-    async def _abort(self, request_id: str, touched: list[Member]) -> None:
-        calls = [m.handle.abort.remote(request_id) for m in touched]
-        for result in await asyncio.gather(*calls, return_exceptions=True):
-            if isinstance(result, Exception):
-                log.warning("abort of %s on a worker failed: %s", request_id, result)
+    async def _abort(self, request_id: str, route: _Route) -> None:
+        """Decode first: it says whether it still waits for the KV, which the prefill worker must then answer."""
+        peer_waiting = False
+        if route.decode is not None:
+            try:
+                peer_waiting = bool(await route.decode.handle.abort.remote(request_id))
+            except ray.exceptions.RayError as e:
+                log.warning("abort of %s on %s failed: %s", request_id, route.decode.info.worker_id, e)
+        if route.prefill is not None:
+            try:
+                await route.prefill.handle.abort.remote(request_id, route.decode.info.worker_id, route.tag,
+                                                        peer_waiting)
+            except ray.exceptions.RayError as e:
+                log.warning("abort of %s on %s failed: %s", request_id, route.prefill.info.worker_id, e)
 
     # ---- callbacks from Membership ---------------------------------------------------------------------------
     def _on_events(self, events: list[TokenEvent]) -> None:
@@ -219,10 +243,10 @@ class Orchestrator:
                                                     error=f"worker lost ({reason})"))
 
     def _record(self, request: ValidRequest, clock: RequestClock, finish: FinishReason, timings: Timings,
-                touched: list[Member]) -> None:
+                route: _Route) -> None:
         fields = {"request_id": request.request_id, "prompt_tokens": len(request.token_ids),
                   "completion_tokens": clock.tokens, "finish_reason": finish.value,
-                  "workers": ",".join(m.info.worker_id for m in touched), **timings.as_fields()}
+                  "workers": route.worker_ids, **timings.as_fields()}
         try:
             self.registry.append_timings(fields)
         except redis.RedisError as e:

@@ -1,0 +1,73 @@
+"""Start and stop a real cluster for a test module: `pdserve up --detach` in a subprocess (real redis-server, real
+local Ray, real SmolLM2 workers, the router on 127.0.0.1), then `pdserve down`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from pdserve.client import Client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RunningCluster:
+    address: str
+    state_dir: str
+
+    def pdserve(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pdserve.cli", *args], capture_output=True, text=True,
+                              timeout=timeout_s, env={**os.environ, "PDSERVE_STATE_DIR": self.state_dir})
+
+    def state(self) -> dict:
+        with open(os.path.join(self.state_dir, "cluster.json")) as f:
+            return json.load(f)
+
+    def workers(self) -> dict[str, dict]:
+        async def ask():
+            async with Client(self.address, timeout_s=10) as client:
+                return await client.status()
+
+        status = asyncio.run(ask())
+        return {w.worker_id: {"role": w.role, "used": w.kv_blocks_used, "running": w.running_requests}
+                for w in status.workers}
+
+    def wait_until_idle(self, timeout_s: float = 15) -> dict[str, dict]:
+        """Every worker reports zero KV blocks in use and nothing running (heartbeats lag by up to a second)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            workers = self.workers()
+            if all(w["used"] == 0 and w["running"] == 0 for w in workers.values()) or time.monotonic() > deadline:
+                return workers
+            time.sleep(0.25)
+
+
+def start_cluster(state_dir: str, config: dict) -> RunningCluster:
+    config = {**config, "router": {"host": "127.0.0.1", "port": free_port()}}
+    path = os.path.join(state_dir, "cluster.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    cluster = RunningCluster(f"127.0.0.1:{config['router']['port']}", state_dir)
+    done = cluster.pdserve("up", "--detach", "--config", path, timeout_s=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"pdserve up failed ({done.returncode}): {done.stderr[-3000:]}")
+    return cluster
+
+
+def stop_cluster(cluster: RunningCluster) -> None:
+    done = cluster.pdserve("down", timeout_s=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"pdserve down failed: {done.stderr[-2000:]}")
