@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
@@ -32,18 +33,18 @@ IDLE_WAIT_S = 0.002
 
 class EngineThread:
     def __init__(self, build: Callable[[], Engine], after_step: Callable[[Engine, list[RequestOutput]], None],
-                 busy: Callable[[], bool], cores: tuple[int, ...] = (), name: str = "engine") -> None:
-        """`after_step` runs on this thread after every step (with the step's outputs, maybe none); `busy` says the
-        role has work besides the engine's (transfers in flight), so the loop keeps polling."""
+                 cores: tuple[int, ...] = (), name: str = "engine") -> None:
+        """`after_step` runs on this thread after every step (with the step's outputs, maybe none)."""
         self._build = build
         self._after_step = after_step
-        self._busy = busy
         self._cores = cores
         self._inbox: queue.SimpleQueue[tuple[Callable[[Engine], object], Future]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._ready: Future[Engine] = Future()
         self.load: EngineLoad | None = None
         """The engine's load after the latest step; read from any thread."""
+        self.step_started = 0.0
+        """time.monotonic() when the latest step began (for `after_step` to time what ran in it)."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> Future[Engine]:
@@ -73,7 +74,9 @@ class EngineThread:
             return
         self._ready.set_result(engine)
         while not self._stopping.is_set():
-            self._run_commands(engine, wait=not (engine.has_unfinished() or self._busy()))
+            # Nothing to compute: wait for a command up to IDLE_WAIT_S (transfers in flight are polled that often).
+            self._run_commands(engine, wait=not engine.has_unfinished())
+            self.step_started = time.monotonic()
             outputs = engine.step() if engine.has_unfinished() else []
             self._after_step(engine, outputs)
             self.load = engine.load()

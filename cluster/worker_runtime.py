@@ -48,13 +48,13 @@ class WorkerSpec:
 
 class WorkerRuntime:
     def __init__(self, spec: WorkerSpec, after_step: Callable[[Engine, list[RequestOutput]], None],
-                 busy: Callable[[], bool], connector: KVConnector | None = None) -> None:
+                 connector: KVConnector | None = None) -> None:
         self.spec = spec
         kv = spec.kv_transfer
         self.connector = connector or TorchDistConnector(spec.worker_id, kv.backend,
                                                          layers_per_message=kv.layers_per_message,
                                                          send_pause_s=kv.inject_send_pause_s)
-        self.thread = EngineThread(lambda: Engine(spec.engine), after_step, busy, spec.cores, name=spec.worker_id)
+        self.thread = EngineThread(lambda: Engine(spec.engine), after_step, spec.cores, name=spec.worker_id)
         self.engine: Engine | None = None
         self.store: dist.TCPStore | None = None
         self.state = WorkerState.STARTING

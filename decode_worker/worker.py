@@ -49,7 +49,7 @@ class _Local:
 
 class DecodeWorker:
     def __init__(self, spec: WorkerSpec, connector: KVConnector | None = None) -> None:
-        self.runtime = WorkerRuntime(spec, self._after_step, self._busy, connector)
+        self.runtime = WorkerRuntime(spec, self._after_step, connector)
         self._arriving: dict[str, _Arrival] = {}
         self._local: dict[str, _Local] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,7 +147,7 @@ class DecodeWorker:
         events = [self._token_event(output, now) for output in outputs]
         for request_id, local in self._local.items():
             if local.started is None and engine.computed_tokens(request_id):
-                local.started = now
+                local.started = self.runtime.thread.step_started  # its first chunk ran in this step
         for result in self.runtime.connector.poll():
             events.extend(self._received(engine, result))
         self._emit(events)
@@ -156,7 +156,7 @@ class DecodeWorker:
         local = self._local.pop(output.request_id, None)
         queue_s = prefill_s = None
         if local is not None:  # a colocated request's first token
-            started = local.started or local.enqueued
+            started = local.started or self.runtime.thread.step_started  # one chunk: it started in this step
             queue_s, prefill_s = started - local.enqueued, now - started
         return TokenEvent(output.request_id, output.new_token_ids, output.text_delta, output.finish_reason,
                           queue_s=queue_s, prefill_s=prefill_s)
@@ -188,6 +188,3 @@ class DecodeWorker:
     def _emit(self, events: list[TokenEvent]) -> None:
         if events:
             self._loop.call_soon_threadsafe(self._deliver, events)
-
-    def _busy(self) -> bool:
-        return bool(self._arriving)

@@ -43,7 +43,7 @@ class _Prefill:
 
 class PrefillWorker:
     def __init__(self, spec: WorkerSpec, connector: KVConnector | None = None) -> None:
-        self.runtime = WorkerRuntime(spec, self._after_step, self._busy, connector)
+        self.runtime = WorkerRuntime(spec, self._after_step, connector)
         self._prefilling: dict[str, _Prefill] = {}
         self._sending: set[str] = set()
         self._answered: OrderedDict[str, None] = OrderedDict()
@@ -83,7 +83,7 @@ class PrefillWorker:
             self._first_token(engine, output, now)
         for p in self._prefilling.values():
             if p.started is None and engine.computed_tokens(p.task.request_id):
-                p.started = now  # the step that just ran held its first chunk (close enough: ends of steps)
+                p.started = self.runtime.thread.step_started  # its first chunk ran in this step
         for result in self.runtime.connector.poll():
             self._sending.discard(result.transfer_id)
             if not result.transfer_id.startswith(NO_KV):
@@ -93,7 +93,7 @@ class PrefillWorker:
         p = self._prefilling.pop(output.request_id, None)
         if p is None:
             return
-        started = p.started or p.enqueued
+        started = p.started or self.runtime.thread.step_started  # one chunk: it started in this step
         handed_off = output.finish_reason is FinishReason.PREFILLED
         self._answer(output.request_id, p.task.decode_worker, p.task.tag,
                      engine.held_block_ids(output.request_id) if handed_off else ())
@@ -118,6 +118,3 @@ class PrefillWorker:
         self._answered[request_id] = None
         while len(self._answered) > ANSWERED_MEMORY:
             self._answered.popitem(last=False)
-
-    def _busy(self) -> bool:
-        return bool(self._sending)

@@ -9,10 +9,10 @@ import grpc
 import pytest
 
 from pdserve.client import Client
+from pdserve.cluster.local_cluster import start_cluster, stop_cluster
 from pdserve.cluster.registry import Registry
 from pdserve.engine import Prompt, SamplingParams
 
-from .cluster import start_cluster, stop_cluster
 from .test_smollm2_oracle import PROMPTS
 
 pytestmark = pytest.mark.model

@@ -8,9 +8,8 @@ import time
 import pytest
 
 from pdserve.client import Client
+from pdserve.cluster.local_cluster import start_cluster, stop_cluster
 from pdserve.engine import Prompt, SamplingParams
-
-from .cluster import start_cluster, stop_cluster
 
 pytestmark = pytest.mark.model
 

@@ -1,12 +1,16 @@
-"""Start and stop a real cluster for a test module: `pdserve up --detach` in a subprocess (real redis-server, real
-local Ray, real SmolLM2 workers, the router on 127.0.0.1), then `pdserve down`."""
+"""A whole local cluster from Python, for tests and benchmarks: `pdserve up --detach` in a subprocess (its own
+redis-server, local Ray, the workers, the router on 127.0.0.1) with its own state folder, then `pdserve down`.
+
+    cluster = start_cluster("/tmp/run", {"mode": "colocated"})   # a config as a dict; the router port is picked
+    ... Client(cluster.address) ...
+    stop_cluster(cluster)
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +19,7 @@ from dataclasses import dataclass
 import yaml
 
 from pdserve.client import Client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pdserve.cluster.local_redis import free_port
 
 
 @dataclass(frozen=True)
