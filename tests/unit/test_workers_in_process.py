@@ -1,0 +1,112 @@
+"""The prefill and decode workers' request life without Ray: both in this process, KV over the in-process connector,
+random SmolLM2-shaped weights (the same seed on both, so one engine is the oracle)."""
+
+import asyncio
+import time
+
+import pytest
+
+from pdserve.cluster.messages import DecodeTask, PrefillTask
+from pdserve.cluster.registry import Role
+from pdserve.cluster.worker_runtime import WorkerSpec
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine import Engine, EngineConfig, FinishReason, SamplingParams
+from pdserve.kv_transfer.in_process import Exchange, InProcessConnector
+from pdserve.prefill_worker.worker import PrefillWorker
+
+CONFIG = EngineConfig(model="random:smollm2-135m", num_kv_blocks=64, max_num_batched_tokens=64, num_threads=1)
+PROMPT = tuple(range(100, 190))  # 90 tokens: two prefill chunks
+
+
+@pytest.fixture(scope="module")
+def oracle() -> Engine:
+    return Engine(CONFIG)
+
+
+async def started_pair():
+    exchange = Exchange()
+    prefill = PrefillWorker(WorkerSpec("prefill-0", Role.PREFILL, CONFIG), InProcessConnector("prefill-0", exchange))
+    decode = DecodeWorker(WorkerSpec("decode-0", Role.DECODE, CONFIG), InProcessConnector("decode-0", exchange))
+    await asyncio.gather(prefill.start(), decode.start())
+    return prefill, decode
+
+
+async def events_until_finished(decode: DecodeWorker, request_id: str):
+    events = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        events += [e for e in await decode.events(0.5) if e.request_id == request_id]
+        if events and events[-1].finish_reason is not None:
+            return events
+    raise TimeoutError(request_id)
+
+
+async def idle(*workers, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(w.runtime.thread.load.kv_blocks_used == 0 for w in workers):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def stop(*workers):
+    for w in workers:
+        await w.stop()
+
+
+def test_handoff_matches_one_engine(oracle):
+    sampling = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    expected = oracle.generate([list(PROMPT)], sampling)[0].token_ids
+
+    async def go():
+        prefill, decode = await started_pair()
+        reservation = await decode.reserve(DecodeTask("r1", PROMPT, sampling, "prefill-0", tag=1))
+        assert reservation.num_blocks == 6  # ceil(90 / 16)
+        result = await prefill.prefill(PrefillTask("r1", PROMPT, sampling, "decode-0", tag=1))
+        assert result.finish_reason is None and result.prefill_s > 0
+        await decode.commit("r1", result.first_token_id)
+        events = await events_until_finished(decode, "r1")
+        tokens = (result.first_token_id,) + tuple(t for e in events for t in e.token_ids)
+        assert any(e.kv_transfer_s is not None for e in events)
+        assert await idle(prefill, decode)
+        await stop(prefill, decode)
+        return tokens
+
+    assert asyncio.run(go()) == expected
+
+
+def test_abort_before_the_prefill_answers_the_waiting_receive_and_frees_both_sides():
+    sampling = SamplingParams(max_tokens=10, temperature=0)
+
+    async def go():
+        prefill, decode = await started_pair()
+        await decode.reserve(DecodeTask("r2", PROMPT, sampling, "prefill-0", tag=2))
+        assert decode.runtime.thread.call(lambda e: e.blocks.num_used).result() == 6
+        assert await decode.abort("r2") is True  # it was still waiting for the KV
+        await prefill.abort("r2", "decode-0", 2, peer_waiting=True)  # never saw it: answers "no KV"
+        assert await idle(prefill, decode)
+        events = await decode.events(0.1)
+        await stop(prefill, decode)
+        return events, prefill
+
+    events, prefill = asyncio.run(go())
+    assert [e.finish_reason for e in events] == [FinishReason.ABORT]
+    assert "r2" in prefill._answered
+
+
+def test_a_first_token_that_ends_the_request_tells_the_decode_worker_no_kv_is_coming():
+    sampling = SamplingParams(max_tokens=1, temperature=0)
+
+    async def go():
+        prefill, decode = await started_pair()
+        await decode.reserve(DecodeTask("r3", PROMPT, sampling, "prefill-0", tag=3))
+        result = await prefill.prefill(PrefillTask("r3", PROMPT, sampling, "decode-0", tag=3))
+        events = await events_until_finished(decode, "r3")
+        assert await idle(prefill, decode)
+        await stop(prefill, decode)
+        return result, events
+
+    result, events = asyncio.run(go())
+    assert result.finish_reason is FinishReason.LENGTH
+    assert events[-1].error.startswith("KV transfer failed: the sender aborted")
