@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pdserve.cluster.supervisor import ClusterState
+from pdserve.cluster.state import ClusterState
 
 
 class NoCluster(RuntimeError):

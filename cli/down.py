@@ -9,7 +9,7 @@ import sys
 import time
 
 from pdserve.cli.cluster_state import pid_alive, state_path
-from pdserve.cluster.supervisor import ClusterState
+from pdserve.cluster.state import ClusterState
 
 STOP_TIMEOUT_S = 60
 

@@ -16,6 +16,7 @@ import time
 import grpc
 
 from pdserve.cli.cluster_state import pid_alive, state_path
+from pdserve.cluster.state import ClusterState
 from pdserve.config import load_config
 from pdserve.engine.config import ConfigError
 
@@ -38,8 +39,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     path = state_path()
     if os.path.exists(path):
-        from pdserve.cluster.supervisor import ClusterState
-
         state = ClusterState.read(path)
         if pid_alive(state.pid):
             print(f"pdserve up: a cluster is already up (router {state.router_address}, pid {state.pid}); "
@@ -70,8 +69,6 @@ def _detach(config: str | None, path: str) -> int:
                   + _tail(log_path), file=sys.stderr)
             return 1
         if os.path.exists(path) and _healthy(path):
-            from pdserve.cluster.supervisor import ClusterState
-
             state = ClusterState.read(path)
             print(f"pdserve: router at {state.router_address} ({state.mode}); pid {state.pid}; logs {log_path}")
             return 0
@@ -82,7 +79,6 @@ def _detach(config: str | None, path: str) -> int:
 
 def _healthy(path: str) -> bool:
     from pdserve.client import Client
-    from pdserve.cluster.supervisor import ClusterState
 
     async def check() -> bool:
         async with Client(ClusterState.read(path).router_address, timeout_s=5) as client:

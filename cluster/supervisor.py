@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
 import os
 import signal
-from dataclasses import dataclass
 
 import ray
 import redis
 
 from pdserve.cluster.local_redis import LocalRedis
 from pdserve.cluster.registry import HEARTBEAT_S, Registry, Role
+from pdserve.cluster.state import ClusterState
 from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.config import ClusterConfig, Mode, Pool, load_config
 from pdserve.decode_worker.worker import DecodeWorker
@@ -38,29 +37,6 @@ log = logging.getLogger(__name__)
 CLUSTER = "default"
 NAMESPACE = "pdserve"
 WORKER_START_TIMEOUT_S = 600
-
-
-@dataclass(frozen=True)
-class ClusterState:
-    """What `pdserve up` leaves in its state file."""
-
-    pid: int
-    router_address: str
-    redis_url: str
-    redis_pid: int | None
-    mode: str
-
-    def write(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.__dict__, f)
-        os.replace(tmp, path)
-
-    @staticmethod
-    def read(path: str) -> "ClusterState":
-        with open(path) as f:
-            return ClusterState(**json.load(f))
 
 
 def worker_specs(config: ClusterConfig, redis_url: str, cores: list[int]) -> list[WorkerSpec]:

@@ -1,0 +1,30 @@
+"""What `pdserve up` leaves in its state file for `pdserve status` and `pdserve down` (light: no Ray import)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """The cluster `pdserve up` started: its supervisor pid, router, Redis and mode."""
+
+    pid: int
+    router_address: str
+    redis_url: str
+    redis_pid: int | None
+    mode: str
+
+    def write(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.__dict__, f)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def read(path: str) -> "ClusterState":
+        with open(path) as f:
+            return ClusterState(**json.load(f))
