@@ -76,6 +76,9 @@ class KVTransfer:
     """Layers sent per message; the next group is gathered while one is on the wire."""
     inject_send_pause_s: float = 0.0
     """Fault injection for tests and drills: every KV send pauses this long after its header. Keep 0."""
+    sim_link: str = "network"
+    """Sim engines only: the link the modelled KV crosses, nvlink (one node) or network (across nodes); each handoff
+    then takes the modelled bytes over that link's bandwidth."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("gloo", "nccl"):
@@ -83,6 +86,8 @@ class KVTransfer:
         _at_least("timeout_s", self.timeout_s, 0.001)
         _at_least("layers_per_message", self.layers_per_message, 1)
         _at_least("inject_send_pause_s", self.inject_send_pause_s, 0)
+        if self.sim_link not in ("nvlink", "network"):
+            raise ConfigError(f"sim_link: {self.sim_link!r} is not one of ['nvlink', 'network']")
 
 
 @dataclass(frozen=True)
@@ -92,9 +97,12 @@ class Router:
     port: int = 50051
     http_port: int | None = None
     """OpenAI-compatible HTTP; off when unset."""
+    metrics_port: int | None = None
+    """Prometheus /metrics of the router, on 127.0.0.1; unset picks a free port (in the state file, `pdserve status`).
+    Each worker serves its own on a free port, named in its registry entry (`metrics_port`)."""
 
     def __post_init__(self) -> None:
-        for name in ("port", "http_port"):
+        for name in ("port", "http_port", "metrics_port"):
             value = getattr(self, name)
             if value is not None and not 0 < value < 65536:
                 raise ConfigError(f"{name}: must be a port number (1-65535), got {value!r}")

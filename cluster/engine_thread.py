@@ -33,10 +33,13 @@ IDLE_WAIT_S = 0.002
 
 class EngineThread:
     def __init__(self, build: Callable[[], Engine], after_step: Callable[[Engine, list[RequestOutput]], None],
-                 cores: tuple[int, ...] = (), name: str = "engine") -> None:
-        """`after_step` runs on this thread after every step (with the step's outputs, maybe none)."""
+                 cores: tuple[int, ...] = (), name: str = "engine",
+                 on_step: Callable[[Engine, list[RequestOutput], float], None] | None = None) -> None:
+        """`after_step` runs on this thread after every step (with the step's outputs, maybe none); `on_step` (the
+        worker's metrics) before it, only after a step that ran, with how long `engine.step()` took."""
         self._build = build
         self._after_step = after_step
+        self._on_step = on_step
         self._cores = cores
         self._inbox: queue.SimpleQueue[tuple[Callable[[Engine], object], Future]] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -77,7 +80,10 @@ class EngineThread:
             # Nothing to compute: wait for a command up to IDLE_WAIT_S (transfers in flight are polled that often).
             self._run_commands(engine, wait=not engine.has_unfinished())
             self.step_started = time.monotonic()
-            outputs = engine.step() if engine.has_unfinished() else []
+            stepped = engine.has_unfinished()
+            outputs = engine.step() if stepped else []
+            if stepped and self._on_step is not None:
+                self._on_step(engine, outputs, time.monotonic() - self.step_started)
             self._after_step(engine, outputs)
             self.load = engine.load()
         self._fail_pending()

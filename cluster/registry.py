@@ -52,6 +52,9 @@ class WorkerInfo:
     queued_prefill_tokens: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    metrics_port: int = 0
+    """Port of the worker's Prometheus /metrics, on 127.0.0.1 of its machine; 0 while it serves none. Entries written
+    before this field existed read as 0."""
 
     @property
     def kv_blocks_free(self) -> int:

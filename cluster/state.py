@@ -16,6 +16,8 @@ class ClusterState:
     redis_url: str
     redis_pid: int | None
     mode: str
+    metrics_address: str = ""
+    """host:port of the router's Prometheus /metrics; empty in state files from before it served one."""
 
     def write(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -24,10 +24,9 @@ import redis
 from pdserve.cluster.local_redis import LocalRedis
 from pdserve.cluster.registry import HEARTBEAT_S, Registry, Role
 from pdserve.cluster.state import ClusterState
+from pdserve.cluster.worker_pool import WorkerPool
 from pdserve.cluster.worker_runtime import WorkerSpec
-from pdserve.config import ClusterConfig, Mode, Pool, load_config
-from pdserve.decode_worker.worker import DecodeWorker
-from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.config import ClusterConfig, Mode, load_config
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.request_builder import RequestBuilder
 from pdserve.router.server import build_server
@@ -36,21 +35,18 @@ log = logging.getLogger(__name__)
 
 CLUSTER = "default"
 NAMESPACE = "pdserve"
-WORKER_START_TIMEOUT_S = 600
 
 
-def worker_specs(config: ClusterConfig, redis_url: str, cores: list[int]) -> list[WorkerSpec]:
+def worker_specs(config: ClusterConfig, redis_url: str, cores: list[int], pool: WorkerPool) -> list[WorkerSpec]:
     """One spec per worker, each pinned to its own cores while there are enough (then they share, in turn)."""
-    pools: list[tuple[Role, Pool]] = [(Role.BOTH, config.workers.colocated)] if config.mode is Mode.COLOCATED else [
-        (Role.PREFILL, config.workers.prefill), (Role.DECODE, config.workers.decode)]
-    names = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.BOTH: "colocated"}
+    roles = [Role.BOTH] if config.mode is Mode.COLOCATED else [Role.PREFILL, Role.DECODE]
     specs, next_core = [], 0
-    for role, pool in pools:
-        for i in range(pool.count):
-            n = max(1, math.ceil(pool.resources.cpus))
+    for role in roles:
+        for _ in range(pool.pool(role).count):
+            n = max(1, math.ceil(pool.pool(role).resources.cpus))
             mine = tuple(sorted({cores[(next_core + k) % len(cores)] for k in range(n)})) if cores else ()
             next_core += n
-            worker_id = f"{names[role]}-{i}"
+            worker_id = pool.next_id(role)
             specs.append(WorkerSpec(worker_id, role, config.engine, config.kv_transfer, redis_url, CLUSTER,
                                     actor_name=f"{CLUSTER}-{worker_id}", cores=mine))
     return specs
@@ -61,13 +57,13 @@ class Supervisor:
         self.config = config
         self.state_path = state_path
         self.redis: LocalRedis | None = None
-        self.actors: list = []
+        self.workers = WorkerPool(config, NAMESPACE)
 
     async def serve(self, stop: asyncio.Event) -> None:
         try:
             await self._serve(stop)
         finally:
-            await self._stop_workers()
+            await self.workers.stop_all()
             if ray.is_initialized():
                 ray.shutdown()
             if self.redis is not None:
@@ -83,8 +79,8 @@ class Supervisor:
         builder = RequestBuilder(config.engine)  # resolves (converts) the model once, before the workers load it
         self._start_ray()
         cores = sorted(os.sched_getaffinity(0)) if config.ray_address is None else []
-        specs = worker_specs(config, redis_url, cores)
-        await self._start_workers(specs)
+        specs = worker_specs(config, redis_url, cores, self.workers)
+        await self.workers.start(specs)
         registry = Registry(redis_url, CLUSTER)
         orchestrator = Orchestrator(registry, NAMESPACE, config.mode is Mode.COLOCATED, config.engine.block_size)
         server, port = build_server(builder, orchestrator, config.router.host, config.router.port, config.mode.value)
@@ -113,27 +109,6 @@ class Supervisor:
         wanted = sum(p.count * p.resources.cpus for p in (pools.prefill, pools.decode, pools.colocated))
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), include_dashboard=False,
                  _node_ip_address="127.0.0.1", namespace=NAMESPACE, logging_level=logging.WARNING)
-
-    async def _start_workers(self, specs: list[WorkerSpec]) -> None:
-        pools = {Role.PREFILL: self.config.workers.prefill, Role.DECODE: self.config.workers.decode,
-                 Role.BOTH: self.config.workers.colocated}
-        for spec in specs:
-            cls = PrefillWorker if spec.role is Role.PREFILL else DecodeWorker
-            resources = pools[spec.role].resources
-            actor = ray.remote(cls).options(name=spec.actor_name, num_cpus=resources.cpus, num_gpus=resources.gpus,
-                                            max_concurrency=1000)
-            self.actors.append(actor.remote(spec))
-        await asyncio.wait_for(asyncio.gather(*(a.start.remote() for a in self.actors)), WORKER_START_TIMEOUT_S)
-
-    async def _stop_workers(self) -> None:
-        if not self.actors:
-            return
-        results = await asyncio.gather(*(a.stop.remote() for a in self.actors), return_exceptions=True)
-        for actor, result in zip(self.actors, results):
-            if isinstance(result, Exception):
-                log.warning("a worker did not stop cleanly: %s", result)
-            ray.kill(actor)
-        self.actors = []
 
 
 async def _announce(registry: Registry, address: str) -> None:

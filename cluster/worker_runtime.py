@@ -1,5 +1,6 @@
-"""What every worker has, whatever its role: an engine on its own thread, a KV connector, a heartbeat, and (on a
-worker that receives KV) the TCPStore its transfer pairs meet in.
+"""What every worker has, whatever its role: an engine on its own thread, a KV connector, a heartbeat, its
+Prometheus metrics (served on 127.0.0.1, the port in its registry entry), and (on a worker that receives KV) the
+TCPStore its transfer pairs meet in.
 
 The prefill and decode workers compose a `WorkerRuntime` and add their request life on top of it.
 """
@@ -17,9 +18,12 @@ import torch.distributed as dist
 
 from pdserve.cluster.engine_thread import EngineThread
 from pdserve.cluster.heartbeat import Heartbeat
+from pdserve.cluster.metrics import MetricsServer, serve_metrics
 from pdserve.cluster.registry import Registry, Role, WorkerInfo, WorkerState
+from pdserve.cluster.worker_metrics import WorkerMetrics
 from pdserve.config import KVTransfer
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.cost_model import Link
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import RequestOutput
 from pdserve.kv_transfer.connector import KVConnector
@@ -54,7 +58,10 @@ class WorkerRuntime:
         self.connector = connector or TorchDistConnector(spec.worker_id, kv.backend,
                                                          layers_per_message=kv.layers_per_message,
                                                          send_pause_s=kv.inject_send_pause_s)
-        self.thread = EngineThread(lambda: Engine(spec.engine), after_step, spec.cores, name=spec.worker_id)
+        self.metrics = WorkerMetrics(spec.worker_id, spec.role.value, lambda: self.thread.load)
+        self.metrics_server: MetricsServer | None = None
+        self.thread = EngineThread(lambda: Engine(spec.engine), after_step, spec.cores, name=spec.worker_id,
+                                   on_step=self.metrics.step)
         self.engine: Engine | None = None
         self.store: dist.TCPStore | None = None
         self.state = WorkerState.STARTING
@@ -65,9 +72,12 @@ class WorkerRuntime:
     async def start(self) -> WorkerInfo:
         self.engine = await asyncio.wrap_future(self.thread.start())
         self.connector.register(self.engine.kv_cache)
+        if self.engine.config.simulated and isinstance(self.connector, TorchDistConnector):
+            self.connector.wire_seconds = sim_wire_seconds(self.engine, self.spec.kv_transfer.sim_link)
         if self.spec.role is Role.DECODE:
             self.store = dist.TCPStore(self.spec.host, 0, is_master=True, wait_for_workers=False,
                                        timeout=timedelta(seconds=60))
+        self.metrics_server = serve_metrics(self.metrics.registry)
         self.state = WorkerState.READY
         if self.heartbeat is not None:
             self.heartbeat.start()
@@ -86,6 +96,12 @@ class WorkerRuntime:
         await asyncio.to_thread(self.connector.connect, peer, store, rank)
         log.info("worker %s paired with %s", self.spec.worker_id, peer)
 
+    def drain(self) -> None:
+        """Stop taking new work: the registry says DRAINING at once, and routers stop picking this worker."""
+        self.state = WorkerState.DRAINING
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
+
     def call(self, fn: Callable[[Engine], object]) -> asyncio.Future:
         return asyncio.wrap_future(self.thread.call(fn))
 
@@ -100,7 +116,8 @@ class WorkerRuntime:
             state=self.state, store_address=self.store_address,
             running=load.running + load.held if load else 0, waiting=load.waiting if load else 0,
             queued_prefill_tokens=load.queued_prefill_tokens if load else 0,
-            kv_blocks_used=load.kv_blocks_used if load else 0, kv_blocks_total=load.kv_blocks_total if load else 0)
+            kv_blocks_used=load.kv_blocks_used if load else 0, kv_blocks_total=load.kv_blocks_total if load else 0,
+            metrics_port=self.metrics_server.port if self.metrics_server else 0)
 
     def stop(self) -> None:
         self.state = WorkerState.STOPPED
@@ -108,3 +125,12 @@ class WorkerRuntime:
             self.heartbeat.stop()
         self.thread.stop()
         self.connector.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+
+
+def sim_wire_seconds(engine: Engine, link: str) -> Callable[[int], float]:
+    """How long a sim engine's KV of n blocks would take on the modelled link."""
+    per_block = engine.cost_model.kv_bytes_per_token() * engine.config.block_size
+    kind = Link[link.upper()]
+    return lambda blocks: engine.cost_model.transfer_seconds(blocks * per_block, kind)

@@ -95,6 +95,16 @@ class DecodeWorker:
         self._wakeup.clear()
         return events
 
+    async def drain(self) -> None:
+        """Finish what is here and take nothing new (before a role switch or removal)."""
+        self.runtime.drain()
+
+    async def idle(self) -> bool:
+        """No request reserved, arriving, decoding, or with events the router has not collected."""
+        quiet = await self.runtime.call(
+            lambda engine: not engine.num_requests and not self._arriving and not self._local)
+        return quiet and not self._events
+
     async def stop(self) -> None:
         self.runtime.stop()
 
@@ -149,6 +159,7 @@ class DecodeWorker:
             if local.started is None and engine.computed_tokens(request_id):
                 local.started = self.runtime.thread.step_started  # its first chunk ran in this step
         for result in self.runtime.connector.poll():
+            self.runtime.metrics.transfer(result)
             events.extend(self._received(engine, result))
         self._emit(events)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+BACKENDS = ("torch", "sim")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -160,6 +161,15 @@ class EngineConfig:
     """Seed of the sampler's shared generator (requests without their own seed)."""
     num_threads: int | None = None
     """torch CPU threads for this engine; unset leaves torch's default."""
+    backend: str = "torch"
+    """"torch" runs the model; "sim" runs the real scheduler and block manager with each step's duration taken from
+    a roofline cost model of `hardware` (output tokens are placeholders; see engine.sim_runner)."""
+    hardware: str = "h100"
+    """The accelerator a sim engine models (engine.hardware: h100, h200, a100)."""
+    tensor_parallel: int = 1
+    """GPUs one sim worker spans (tensor parallelism); its KV capacity and step costs follow."""
+    gpu_memory_fraction: float = 0.9
+    """Share of the accelerators' memory a sim engine uses for weights + KV cache."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -177,6 +187,15 @@ class EngineConfig:
             _positive("max_model_len", self.max_model_len)
         if self.num_threads is not None:
             _positive("num_threads", self.num_threads)
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"engine.backend: {self.backend!r} is not one of {list(BACKENDS)}")
+        _positive("tensor_parallel", self.tensor_parallel)
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ConfigError(f"engine.gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
+
+    @property
+    def simulated(self) -> bool:
+        return self.backend == "sim"
 
     @property
     def torch_dtype(self) -> torch.dtype:

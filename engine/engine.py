@@ -12,6 +12,7 @@ Disaggregation hooks (used by the prefill and decode workers):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterable, Sequence
@@ -21,14 +22,17 @@ import torch
 
 from pdserve.engine.block_manager import BlockManager, blocks_for
 from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
+from pdserve.engine.cost_model import CostModel
 from pdserve.engine.detokenizer import Detokenizer, Finish
+from pdserve.engine.hardware import hardware
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.model_source import resolve
+from pdserve.engine.model_source import ModelSource, resolve_engine_model
 from pdserve.engine.request import FinishReason, Prompt, Request, RequestOutput, RequestStatus
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sim_runner import SimRunner
 from pdserve.engine.tokenizer import Tokenizer, load_tokenizer, tokenize_prompt
 from pdserve.engine.weights import load_model, read_model_config
 
@@ -62,29 +66,53 @@ def context_length(config: EngineConfig, model_config: ModelConfig) -> int:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, realtime: bool = True) -> None:
+        """`realtime` matters only to a sim engine: False returns from each step at once (the offline planner)."""
         self.config = config
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
-        source = resolve(config.model)
+        source = resolve_engine_model(config)
         self.model_config: ModelConfig = read_model_config(source)
         self.max_model_len = context_length(config, self.model_config)
-        self.model = load_model(source, self.model_config, config.torch_dtype, config.device, self.max_model_len,
-                                config.seed)
-        self.tokenizer: Tokenizer | None = load_tokenizer(source)
-        self.kv_cache = KVCache(self.model_config, self._num_blocks(), config.block_size, config.torch_dtype,
-                                config.device)
+        if config.simulated:
+            self._build_sim(realtime)
+        else:
+            self._build_torch(source)
         self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(config.seed, config.device))
         self.eos_token_ids = self._eos_ids()
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self._order = itertools.count()
         self.preemptions_total = 0
         """Requests preempted (blocks freed, recomputed later) since the engine started."""
-        log.info("engine ready: %s, %d layers, %d KV blocks of %d tokens, max_model_len %d", config.model,
-                 self.model_config.num_layers, self.kv_cache.num_blocks, config.block_size, self.max_model_len)
+        log.info("engine ready: %s (%s), %d layers, %d KV blocks of %d tokens, max_model_len %d", config.model,
+                 config.backend, self.model_config.num_layers, self.kv_cache.num_blocks, config.block_size,
+                 self.max_model_len)
+
+    def _build_torch(self, source: ModelSource) -> None:
+        config = self.config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.model = load_model(source, self.model_config, config.torch_dtype, config.device, self.max_model_len,
+                                config.seed)
+        self.tokenizer: Tokenizer | None = load_tokenizer(source)
+        self.kv_cache = KVCache(self.model_config, self._num_blocks(), config.block_size, config.torch_dtype,
+                                config.device)
+        self.runner: ModelRunner | SimRunner = ModelRunner(self.model, self.kv_cache, Sampler(config.seed,
+                                                                                              config.device))
+
+    def _build_sim(self, realtime: bool) -> None:
+        """No weights and no tokenizer; a KV tensor of one float per token slot, so KV connectors still move blocks
+        (and keep their protocol) while the cost model says how long the real bytes would take."""
+        config = self.config
+        cost_model = CostModel(self.model_config, hardware(config.hardware), config.tensor_parallel)
+        self.cost_model = cost_model
+        num_blocks = config.num_kv_blocks or max(
+            1, cost_model.kv_capacity_tokens(config.gpu_memory_fraction) // config.block_size)
+        self.model = None
+        self.tokenizer = None
+        placeholder = dataclasses.replace(self.model_config, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=1)
+        self.kv_cache = KVCache(placeholder, num_blocks, config.block_size, torch.float32, "cpu")
+        self.runner = SimRunner(cost_model, realtime)
 
     # ---- requests --------------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -207,7 +235,7 @@ class Engine:
         if blocks_for(total, self.config.block_size) > self.blocks.num_blocks:
             raise RequestError(f"max_tokens: prompt + max_tokens = {total} tokens needs more KV blocks than the "
                                f"cache has ({self.blocks.num_blocks} of {self.config.block_size} tokens)")
-        request = Request(request_id, token_ids, sampling, next(self._order), prefill_only)
+        request = Request(request_id, tuple(token_ids), sampling, next(self._order), prefill_only)
         self._requests[request_id] = request
         self._detokenizers[request_id] = Detokenizer(self.tokenizer, sampling, self.eos_token_ids)
         return request

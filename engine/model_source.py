@@ -7,7 +7,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-from pdserve.engine.config import ConfigError
+from pdserve.engine.config import ConfigError, EngineConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,3 +61,10 @@ def resolve(model: str) -> ModelSource:
         return ModelSource(SourceKind.HF, path=model)
     raise ConfigError(
         f"engine.model: {model!r} is not a .gguf file, a Hugging Face folder, {DEFAULT_MODEL!r} or random:SHAPE")
+
+
+def resolve_engine_model(config: EngineConfig) -> ModelSource:
+    """As `resolve(config.model)`, except that a sim engine also takes a bare shape name ("llama-3-8b")."""
+    if config.simulated and not config.model.startswith("random:"):
+        return resolve("random:" + config.model)
+    return resolve(config.model)

@@ -102,7 +102,8 @@ class FinishReason(enum.Enum):
 @dataclass(eq=False)
 class Request:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: tuple[int, ...]
+    """A tuple, so each step's output shares it instead of copying it."""
     sampling: SamplingParams
     arrival_order: int
     prefill_only: bool = False
@@ -114,7 +115,7 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        return [*self.prompt_token_ids, *self.output_token_ids]
 
     @property
     def num_tokens(self) -> int:
@@ -122,12 +123,13 @@ class Request:
 
     @property
     def num_uncomputed(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return len(self.prompt_token_ids) + len(self.output_token_ids) - self.num_computed_tokens
 
     @property
     def is_decoding(self) -> bool:
         """One token left to compute and it is a sampled one (not part of a prefill)."""
-        return bool(self.output_token_ids) and self.num_uncomputed == 1
+        out = self.output_token_ids
+        return bool(out) and len(self.prompt_token_ids) + len(out) - self.num_computed_tokens == 1
 
     def token_slice(self, start: int, count: int) -> tuple[int, ...]:
         prompt_len = len(self.prompt_token_ids)
@@ -136,7 +138,7 @@ class Request:
         return tuple(self.all_token_ids[start:start + count])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestOutput:
     """What one step did for one request (or the final state, from `Engine.generate`)."""
 

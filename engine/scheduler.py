@@ -26,7 +26,7 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScheduledChunk:
     """Compute `token_ids` at positions start_pos.. for one request, whose KV lives in `block_ids`."""
 
@@ -109,35 +109,31 @@ class Scheduler:
 
     # ---- the step --------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        scheduled: dict[str, ScheduledChunk] = {}
+        step = _Step(self.max_num_batched_tokens)
         preempted: list[str] = []
         decoding = [r for r in self.running if r.is_decoding]
         prefilling = [r for r in self.running if not r.is_decoding]
         for request in decoding + prefilling:
-            budget = self._budget_left(scheduled)  # recounted: a preempted victim gives its tokens back
-            if budget == 0:
+            if step.left == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            count = min(request.num_uncomputed, budget)
-            if self._grow(request, count, scheduled, preempted):
-                scheduled[request.request_id] = self._chunk(request, count)
+            count = min(request.num_uncomputed, step.left)
+            if self._grow(request, count, step, preempted):
+                step.add(self._chunk(request, count))
         if not preempted:
-            self._admit(self._budget_left(scheduled), scheduled)
-        return SchedulerOutput(chunks=tuple(scheduled.values()), preempted=tuple(preempted))
+            self._admit(step)
+        return SchedulerOutput(chunks=tuple(step.chunks.values()), preempted=tuple(preempted))
 
     def advance(self, chunk: ScheduledChunk, request: Request) -> None:
         """The runner computed the chunk's tokens."""
         request.num_computed_tokens = chunk.context_len
 
     # ---- internals -------------------------------------------------------------------------------------------
-    def _budget_left(self, scheduled: dict[str, ScheduledChunk]) -> int:
-        return self.max_num_batched_tokens - sum(len(c.token_ids) for c in scheduled.values())
-
-    def _admit(self, budget: int, scheduled: dict[str, ScheduledChunk]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+    def _admit(self, step: _Step) -> None:
+        while self.waiting and step.left > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            count = min(request.num_uncomputed, budget)
+            count = min(request.num_uncomputed, step.left)
             extra = self.blocks.blocks_to_grow(len(request.block_ids), request.num_computed_tokens + count)
             if not self.blocks.can_allocate(extra):
                 break
@@ -145,17 +141,17 @@ class Scheduler:
             request.block_ids += self.blocks.allocate(extra)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled[request.request_id] = self._chunk(request, count)
-            budget -= count
+            step.add(self._chunk(request, count))
 
-    def _grow(self, request: Request, count: int, scheduled: dict[str, ScheduledChunk],
-              preempted: list[str]) -> bool:
+    def _grow(self, request: Request, count: int, step: _Step, preempted: list[str]) -> bool:
         """Give `request` blocks for `count` more tokens, preempting the newest running requests if needed."""
         extra = self.blocks.blocks_to_grow(len(request.block_ids), request.num_computed_tokens + count)
+        if extra == 0:
+            return True  # the common decode step: the token fits in the last block
         while not self.blocks.can_allocate(extra):
             victim = max(self.running, key=lambda r: r.arrival_order)
             self._preempt(victim)
-            scheduled.pop(victim.request_id, None)
+            step.drop(victim.request_id)  # a preempted victim gives its tokens back
             preempted.append(victim.request_id)
             if victim is request:
                 return False
@@ -186,3 +182,20 @@ class Scheduler:
             sampling=request.sampling,
             output_index=len(request.output_token_ids),
         )
+
+
+class _Step:
+    """The chunks one `schedule` call has chosen so far, and how much of the token budget is left."""
+
+    def __init__(self, budget: int) -> None:
+        self.chunks: dict[str, ScheduledChunk] = {}
+        self.left = budget
+
+    def add(self, chunk: ScheduledChunk) -> None:
+        self.chunks[chunk.request_id] = chunk
+        self.left -= len(chunk.token_ids)
+
+    def drop(self, request_id: str) -> None:
+        chunk = self.chunks.pop(request_id, None)
+        if chunk is not None:
+            self.left += len(chunk.token_ids)

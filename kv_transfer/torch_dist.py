@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -120,6 +121,9 @@ class TorchDistConnector(KVConnector):
         self.backend = backend
         self.layers_per_message = layers_per_message
         self.send_pause_s = send_pause_s
+        self.wire_seconds: Callable[[int], float] | None = None
+        """For simulated engines: how long the modelled KV of n blocks takes on the modelled link; each send waits
+        that long after its header (the placeholder KV itself is tiny)."""
         self.kv_cache: KVCache | None = None
         self.pairs: dict[str, _Pair] = {}
         self.pending: dict[str, _Pending] = {}
@@ -224,8 +228,9 @@ class TorchDistConnector(KVConnector):
         if not t.block_ids:  # "no KV is coming": ends the receive posted for this tag
             _wait(works[0], deadline)
             return
-        if self.send_pause_s:
-            self._pause(pending)
+        pause = self.send_pause_s + (self.wire_seconds(len(t.block_ids)) if self.wire_seconds else 0.0)
+        if pause:
+            self._pause(pending, pause)
         for layers, part in zip(self._layer_groups(), pending.staging):
             with pending.lock:  # cancelled: still send (stale staging) so the receiver's posted recvs complete
                 if pending.live:
@@ -254,8 +259,8 @@ class TorchDistConnector(KVConnector):
         if not pending.live:
             raise _Stopped
 
-    def _pause(self, pending: _Pending) -> None:
-        until = time.monotonic() + self.send_pause_s
+    def _pause(self, pending: _Pending, seconds: float) -> None:
+        until = time.monotonic() + seconds
         while time.monotonic() < until and pending.live:
             time.sleep(0.01)
 

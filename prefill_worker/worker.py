@@ -69,6 +69,15 @@ class PrefillWorker:
         it with "no KV" unless this worker already answered."""
         await self.runtime.call(lambda engine: self._abort(engine, request_id, decode_worker, tag, peer_waiting))
 
+    async def drain(self) -> None:
+        """Finish what is here and take nothing new (before a role switch or removal)."""
+        self.runtime.drain()
+
+    async def idle(self) -> bool:
+        """Nothing queued, prefilling or being sent."""
+        return await self.runtime.call(
+            lambda engine: not engine.num_requests and not self._prefilling and not self._sending)
+
     async def stop(self) -> None:
         self.runtime.stop()
 
@@ -85,6 +94,7 @@ class PrefillWorker:
             if p.started is None and engine.computed_tokens(p.task.request_id):
                 p.started = self.runtime.thread.step_started  # its first chunk ran in this step
         for result in self.runtime.connector.poll():
+            self.runtime.metrics.transfer(result)
             self._sending.discard(result.transfer_id)
             if not result.transfer_id.startswith(NO_KV):
                 engine.release(result.transfer_id)  # on every outcome; the decode side frees its own

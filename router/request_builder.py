@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import context_length
-from pdserve.engine.model_source import resolve
+from pdserve.engine.model_source import resolve_engine_model
 from pdserve.engine.request import Message, Prompt, PromptError
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
 from pdserve.engine.tokenizer import load_tokenizer, tokenize_prompt
@@ -35,7 +35,7 @@ class ValidRequest:
 
 class RequestBuilder:
     def __init__(self, engine: EngineConfig) -> None:
-        source = resolve(engine.model)
+        source = resolve_engine_model(engine)
         model_config = read_model_config(source)
         self.vocab_size = model_config.vocab_size
         self.context_length = context_length(engine, model_config)

@@ -1,0 +1,116 @@
+"""The worker actors one supervisor owns: start them, stop them, move one to the other role, add or remove one.
+
+A move (the ratio controller's actuator) never loses a request:
+
+    drain(worker): its registry state turns DRAINING at once; routers stop picking it within one refresh (0.5 s),
+                   and what it already has (queued prefills, KV handoffs, decoding requests) runs to the end
+    -> wait until it has been idle for `IDLE_STABLE_S`, and at least `ROUTER_GRACE_S` after the drain began (so a
+       request a router picked just before it saw DRAINING has arrived and finished too)
+    -> stop the actor (it leaves the registry) -> start a new actor in the other role on the same cores.
+
+Worker ids are `<role>-<n>` with n counting up per role, so a moved worker gets a new id and routers see one worker
+leave and a new one join (and pair it with every worker of the other role).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+
+import ray
+
+from pdserve.cluster.registry import Role
+from pdserve.cluster.worker_runtime import WorkerSpec
+from pdserve.config import ClusterConfig, Pool
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.prefill_worker.worker import PrefillWorker
+
+log = logging.getLogger(__name__)
+
+WORKER_START_TIMEOUT_S = 600
+ROUTER_GRACE_S = 2.0
+IDLE_STABLE_S = 1.0
+IDLE_POLL_S = 0.25
+ROLE_NAMES = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.BOTH: "colocated"}
+
+
+class WorkerPool:
+    def __init__(self, config: ClusterConfig, namespace: str) -> None:
+        self.config = config
+        self.namespace = namespace
+        self.specs: dict[str, WorkerSpec] = {}
+        self.actors: dict[str, ray.actor.ActorHandle] = {}
+        self._numbers = {role: itertools.count() for role in Role}
+
+    def pool(self, role: Role) -> Pool:
+        workers = self.config.workers
+        return {Role.PREFILL: workers.prefill, Role.DECODE: workers.decode, Role.BOTH: workers.colocated}[role]
+
+    def next_id(self, role: Role) -> str:
+        return f"{ROLE_NAMES[role]}-{next(self._numbers[role])}"
+
+    def counts(self) -> dict[Role, int]:
+        return {role: sum(1 for s in self.specs.values() if s.role is role) for role in Role}
+
+    async def start(self, specs: list[WorkerSpec]) -> None:
+        """Start the workers together; returns once every engine is loaded and registered."""
+        for spec in specs:
+            self._create(spec)
+        await asyncio.wait_for(asyncio.gather(*(self.actors[s.worker_id].start.remote() for s in specs)),
+                               WORKER_START_TIMEOUT_S)
+
+    async def move(self, worker_id: str, to_role: Role) -> str:
+        """Drain `worker_id`, stop it, and start a worker in `to_role` on its cores; returns the new worker's id."""
+        spec = self.specs[worker_id]
+        await self.drain(worker_id)
+        await self.stop(worker_id)
+        new = dataclasses.replace(spec, role=to_role, worker_id=self.next_id(to_role))
+        new = dataclasses.replace(new, actor_name=f"{spec.cluster}-{new.worker_id}")
+        await self.start([new])
+        log.warning("worker %s moved to %s as %s", worker_id, to_role.value, new.worker_id)
+        return new.worker_id
+
+    async def add(self, spec: WorkerSpec) -> None:
+        await self.start([spec])
+
+    async def remove(self, worker_id: str) -> None:
+        await self.drain(worker_id)
+        await self.stop(worker_id)
+
+    async def drain(self, worker_id: str) -> None:
+        actor = self.actors[worker_id]
+        await actor.drain.remote()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        idle_since = None
+        while True:
+            now = loop.time()
+            if await actor.idle.remote():
+                idle_since = now if idle_since is None else idle_since
+                if now - idle_since >= IDLE_STABLE_S and now - began >= ROUTER_GRACE_S:
+                    return
+            else:
+                idle_since = None
+            await asyncio.sleep(IDLE_POLL_S)
+
+    async def stop(self, worker_id: str) -> None:
+        actor = self.actors.pop(worker_id)
+        self.specs.pop(worker_id)
+        try:
+            await actor.stop.remote()
+        except ray.exceptions.RayError as e:
+            log.warning("worker %s did not stop cleanly: %s", worker_id, e)
+        ray.kill(actor)
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.stop(worker_id) for worker_id in list(self.actors)))
+
+    def _create(self, spec: WorkerSpec) -> None:
+        cls = PrefillWorker if spec.role is Role.PREFILL else DecodeWorker
+        resources = self.pool(spec.role).resources
+        actor = ray.remote(cls).options(name=spec.actor_name, namespace=self.namespace, num_cpus=resources.cpus,
+                                        num_gpus=resources.gpus, max_concurrency=1000)
+        self.specs[spec.worker_id] = spec
+        self.actors[spec.worker_id] = actor.remote(spec)
