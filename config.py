@@ -121,6 +121,40 @@ class SLO:
 
 
 @dataclass(frozen=True)
+class Controller:
+    """The prefill:decode ratio controller (disaggregated mode; see controller/ for the math)."""
+
+    enabled: bool = False
+    """Tick the controller in the supervisor; every decision goes to the log and Redis (`pdserve status` shows them)."""
+    dry_run: bool = False
+    """Decide and record, but move no worker."""
+    interval_s: float = 5.0
+    """Seconds between ticks."""
+    cooldown_s: float = 30.0
+    """No move within this long of the last one finishing."""
+    window_s: float = 30.0
+    """The traffic window: requests finished in the last this many seconds (from the Redis timings stream)."""
+    pin_prefill: int | None = None
+    """With pin_decode: hold the split at this many prefill workers whatever the traffic (`pdserve ratio --pin`
+    sets the same at run time)."""
+    pin_decode: int | None = None
+
+    def __post_init__(self) -> None:
+        _at_least("interval_s", self.interval_s, 0.01)
+        _at_least("cooldown_s", self.cooldown_s, 0)
+        _at_least("window_s", self.window_s, 0.1)
+        if (self.pin_prefill is None) != (self.pin_decode is None):
+            raise ConfigError("pin_prefill: set pin_prefill and pin_decode together, or neither")
+        for name in ("pin_prefill", "pin_decode"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+
+    @property
+    def pin(self) -> tuple[int, int] | None:
+        return None if self.pin_prefill is None else (self.pin_prefill, self.pin_decode)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     mode: Mode = Mode.DISAGGREGATED
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -132,6 +166,7 @@ class ClusterConfig:
     ray_address: str | None = None
     """An existing Ray cluster ("auto" or host:port); unset starts a local Ray."""
     slo: SLO = field(default_factory=SLO)
+    controller: Controller = field(default_factory=Controller)
 
     def __post_init__(self) -> None:
         pools = {"prefill": self.workers.prefill.count, "decode": self.workers.decode.count,
@@ -140,6 +175,8 @@ class ClusterConfig:
             raise ConfigError(f"workers: disaggregated mode needs at least 1 prefill and 1 decode worker, got {pools}")
         if self.mode is Mode.COLOCATED and pools["colocated"] < 1:
             raise ConfigError(f"workers.colocated.count: colocated mode needs at least 1, got {pools['colocated']}")
+        if self.controller.enabled and self.mode is Mode.COLOCATED:
+            raise ConfigError("controller.enabled: the ratio controller needs mode disaggregated")
         if self.kv_transfer.backend == "nccl" and self.engine.device == "cpu":
             raise ConfigError("kv_transfer.backend: nccl moves CUDA tensors; with engine.device cpu use gloo")
 
@@ -195,6 +232,8 @@ def _value(f: dataclasses.Field, value: Any, name: str) -> Any:
         return None
     base = annotation.split("|")[0].strip()
     if base == "str" and isinstance(value, str):
+        return value
+    if base == "bool" and isinstance(value, bool):
         return value
     if base == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pdserve.cli import down, generate, status, up
+from pdserve.cli import bench, down, generate, plan, ratio, status, up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     down.register(commands)
     status.register(commands)
     generate.register(commands)
+    bench.register(commands)
+    plan.register(commands)
+    ratio.register(commands)
     return parser
 
 

@@ -4,7 +4,10 @@ timings.
 - `pdserve:<cluster>:worker:<id>`: a worker's `WorkerInfo` as JSON, written by its heartbeat every second with a TTL
   of a few seconds, so a worker that dies drops out of the registry on its own.
 - `pdserve:<cluster>:router`: the router's address, with a TTL too.
-- `pdserve:<cluster>:timings`: a stream; the router appends one entry per finished request (the controller reads it).
+- `pdserve:<cluster>:timings`: a stream; the router appends one entry per finished request (the controller reads
+  the last window of it).
+- `pdserve:<cluster>:decisions`: a stream of the ratio controller's decisions (JSON), and
+  `pdserve:<cluster>:controller:pin`: an operator's pinned split, [prefill, decode].
 
 Only JSON goes in and out: nothing read from Redis is unpickled.
 """
@@ -21,6 +24,7 @@ import redis
 HEARTBEAT_S = 1.0
 TTL_S = 5
 TIMINGS_MAXLEN = 100_000
+DECISIONS_MAXLEN = 10_000
 
 
 class Role(enum.Enum):
@@ -103,6 +107,37 @@ class Registry:
         """The newest `count` entries, oldest first."""
         entries = self.redis.xrevrange(self.timings_key, count=count)
         return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in reversed(entries)]
+
+    def timings_since(self, seconds: float) -> list[dict[str, str]]:
+        """Entries of the last `seconds` (stream ids are the Redis server's milliseconds): the rolling window the
+        controller reads."""
+        now_s, now_us = self.redis.time()
+        start_ms = int(now_s * 1000 + now_us // 1000 - seconds * 1000)
+        entries = self.redis.xrange(self.timings_key, min=f"{start_ms}-0")
+        return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+    def append_decision(self, decision_json: str, dry_run: bool) -> None:
+        self.redis.xadd(f"{self.prefix}:decisions", {"decision": decision_json, "dry_run": int(dry_run)},
+                        maxlen=DECISIONS_MAXLEN, approximate=True)
+
+    def read_decisions(self, count: int = 10) -> list[tuple[str, bool]]:
+        """The newest `count` controller decisions (JSON, dry run?), oldest first."""
+        entries = self.redis.xrevrange(f"{self.prefix}:decisions", count=count)
+        return [(f[b"decision"].decode(), f[b"dry_run"] == b"1") for _, f in reversed(entries)]
+
+    def set_pin(self, prefill: int, decode: int) -> None:
+        self.redis.set(f"{self.prefix}:controller:pin", json.dumps([prefill, decode]))
+
+    def clear_pin(self) -> None:
+        self.redis.delete(f"{self.prefix}:controller:pin")
+
+    def pin(self) -> tuple[int, int] | None:
+        """The operator's pinned split (prefill, decode), if any."""
+        value = self.redis.get(f"{self.prefix}:controller:pin")
+        if value is None:
+            return None
+        prefill, decode = json.loads(value)
+        return int(prefill), int(decode)
 
     @property
     def timings_key(self) -> str:

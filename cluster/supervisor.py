@@ -21,12 +21,18 @@ import signal
 import ray
 import redis
 
+from pdserve.cluster.controller_loop import ControllerLoop, RouterCounts
 from pdserve.cluster.local_redis import LocalRedis
 from pdserve.cluster.registry import HEARTBEAT_S, Registry, Role
 from pdserve.cluster.state import ClusterState
 from pdserve.cluster.worker_pool import WorkerPool
 from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.config import ClusterConfig, Mode, load_config
+from pdserve.controller.config import ControllerConfig
+from pdserve.engine.cost_model import CostModel
+from pdserve.engine.hardware import hardware
+from pdserve.engine.shapes import shape
+from pdserve.router.metrics import start_router_metrics
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.request_builder import RequestBuilder
 from pdserve.router.server import build_server
@@ -85,20 +91,48 @@ class Supervisor:
         orchestrator = Orchestrator(registry, NAMESPACE, config.mode is Mode.COLOCATED, config.engine.block_size)
         server, port = build_server(builder, orchestrator, config.router.host, config.router.port, config.mode.value)
         await server.start()
+        metrics_server = start_router_metrics(orchestrator.metrics, config.router)
         address = f"{config.router.host}:{port}"
         tasks = [asyncio.create_task(orchestrator.membership.run()),
                  asyncio.create_task(_announce(registry, address))]
+        controller = await self._controller(registry, orchestrator) if config.controller.enabled else None
+        if controller is not None:
+            tasks.append(asyncio.create_task(controller.run()))
         ClusterState(os.getpid(), address, redis_url, self.redis.process.pid if self.redis else None,
-                     config.mode.value).write(self.state_path)
+                     config.mode.value, metrics_server.address).write(self.state_path)
         log.warning("pdserve router listening on %s (%s, %d workers)", address, config.mode.value, len(specs))
         try:
             await stop.wait()
         finally:
             log.warning("pdserve shutting down")
             await server.stop(grace=2)
+            metrics_server.stop()
             for task in tasks:
                 task.cancel()
+            if controller is not None:
+                await controller.close()
             await orchestrator.membership.close()
+
+    async def _controller(self, registry: Registry, orchestrator: Orchestrator) -> ControllerLoop:
+        """The ratio controller, with the cost model of a sim engine or a profile of a real one."""
+        config = self.config
+        engine = config.engine
+        if engine.simulated:
+            model = CostModel(shape(engine.model.removeprefix("random:")), hardware(engine.hardware),
+                              engine.tensor_parallel)
+        else:
+            first = next(iter(self.workers.actors.values()))
+            model = await first.profile.remote()
+            log.warning("controller: profiled %s: %s", next(iter(self.workers.actors)), model)
+        info = (await asyncio.to_thread(registry.workers))[0]
+        settings = config.controller
+        controller_config = ControllerConfig(
+            slo_ttft_s=config.slo.ttft_s, slo_tpot_s=config.slo.tpot_s, interval_s=settings.interval_s,
+            cooldown_s=settings.cooldown_s, pin=settings.pin, max_num_seqs=engine.max_num_seqs,
+            kv_capacity_tokens=info.kv_blocks_total * engine.block_size)
+        counts = lambda: RouterCounts(orchestrator.accepted_total, orchestrator.waiting_count)  # noqa: E731
+        return ControllerLoop(controller_config, model, registry, self.workers, counts, settings.window_s,
+                              settings.dry_run)
 
     def _start_ray(self) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -1,8 +1,11 @@
 """A worker's Prometheus metrics (labels `worker_id`, `role`): its load, its engine steps and its KV handoffs.
 
 Fed on the engine thread: `step(engine, outputs, seconds)` after every step that ran (the engine thread's `on_step`)
-and `transfer(result)` for every KV transfer outcome the worker polls. The load gauges cost nothing per step: they
-read the engine thread's latest `EngineLoad` when scraped.
+and `transfer(result)` for every KV transfer outcome the worker polls. The engine thread only bumps plain Python
+numbers (a step costs a couple of µs, where prometheus_client's metrics take a lock per update); `collect` turns them
+into metric families when /metrics is scraped, and reads the load gauges from the engine thread's latest
+`EngineLoad` then. A scrape may see a step half-recorded (a histogram's sum one observation ahead of its buckets);
+the next scrape is whole again.
 
     pdserve_worker_requests_running / _waiting / _held   gauge      the engine's queues (held: prefilled and waiting
                                                                     for the handoff, or reserved for KV arriving)
@@ -16,9 +19,9 @@ read the engine thread's latest `EngineLoad` when scraped.
     pdserve_worker_kv_transfers_total{status}             counter    KV transfers ended: done, failed (a "no KV"
                                                                     answer counts here on the decode side),
                                                                     cancelled, timed_out
-    pdserve_worker_kv_transfer_seconds                    histogram  a finished handoff, start to done (sends on a
-                                                                    prefill worker, receives on a decode worker)
-    pdserve_worker_kv_transfer_bytes_total                counter    bytes of finished handoffs
+    pdserve_worker_kv_transfer_seconds                    histogram  a handoff that moved KV, start to done (sends on
+                                                                    a prefill worker, receives on a decode worker)
+    pdserve_worker_kv_transfer_bytes_total                counter    bytes those handoffs moved
     pdserve_worker_mfu / pdserve_worker_mbu               gauge      model FLOPs / bandwidth utilization per GPU
 
 Step shape: when the engine keeps the step's `SchedulerOutput` as `engine.last_schedule`, requests and tokens are
@@ -31,15 +34,18 @@ MFU and MBU need the hardware's peak, which only a simulated engine knows (`engi
 last `window` steps that ran, MFU = sum(flops) / (sum(seconds) * peak_flops) and MBU = sum(bytes) / (sum(seconds) *
 hbm_bytes_per_s), from the sim runner's `last_cost` (FLOPs and bytes of one GPU, so no tensor-parallel factor: every
 rank does the same share), i.e. utilization while busy. A torch engine (CPU or GPU) has no known peak: the two
-gauges stay unset (no samples).
+gauges stay unset (described, no samples).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from pdserve.cluster.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from pdserve.engine.engine import Engine, EngineLoad
@@ -49,39 +55,56 @@ from pdserve.kv_transfer.connector import TransferResult, TransferStatus
 LABELS = ("worker_id", "role")
 MFU_WINDOW_STEPS = 32
 
+LOAD_GAUGES = (
+    ("requests_running", "running", "Requests running (prefilling or decoding)."),
+    ("requests_waiting", "waiting", "Requests waiting for their first step."),
+    ("requests_held", "held", "Requests holding KV blocks outside the running set (handoff)."),
+    ("queued_prefill_tokens", "queued_prefill_tokens", "Prompt tokens still to compute."),
+    ("kv_blocks_used", "kv_blocks_used", "KV cache blocks in use."),
+    ("kv_blocks_total", "kv_blocks_total", "KV cache blocks in all."),
+)
+"""(metric name after pdserve_worker_, EngineLoad field, help)."""
+
+
+class Buckets:
+    """A histogram one thread fills without a lock: counts per bucket (the last is +Inf) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # bucket `le` holds values <= le
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        counts, total, out = list(self.counts), 0, []
+        for bound, count in zip((*self.bounds, float("inf")), counts):
+            total += count
+            out.append((floatToGoString(bound), total))
+        return out
+
 
 class WorkerMetrics:
     def __init__(self, worker_id: str, role: str, load: Callable[[], EngineLoad | None],
                  window: int = MFU_WINDOW_STEPS) -> None:
         """`load`: the engine's latest load (None before it is built), read at every scrape."""
-        self.registry = CollectorRegistry()
-        self.labels = {"worker_id": worker_id, "role": role}
-        for name, field, doc in (
-                ("requests_running", "running", "Requests running (prefilling or decoding)."),
-                ("requests_waiting", "waiting", "Requests waiting for their first step."),
-                ("requests_held", "held", "Requests holding KV blocks outside the running set (handoff)."),
-                ("queued_prefill_tokens", "queued_prefill_tokens", "Prompt tokens still to compute."),
-                ("kv_blocks_used", "kv_blocks_used", "KV cache blocks in use."),
-                ("kv_blocks_total", "kv_blocks_total", "KV cache blocks in all.")):
-            self._gauge(f"pdserve_worker_{name}", doc).set_function(_reader(load, field))
-        self._step_seconds = self._child(Histogram("pdserve_worker_step_seconds", "Engine step duration.", LABELS,
-                                                   registry=self.registry, buckets=LATENCY_BUCKETS))
-        self._step_requests = self._child(Histogram("pdserve_worker_step_requests", "Requests per engine step.",
-                                                    LABELS, registry=self.registry, buckets=BATCH_BUCKETS))
-        self._prefill_tokens = self._counter("pdserve_worker_prefill_tokens", "Prompt tokens computed.")
-        self._decode_tokens = self._counter("pdserve_worker_decode_tokens", "Tokens decoded.")
-        self._preemptions = self._counter("pdserve_worker_preemptions", "Requests preempted (recomputed later).")
-        transfers = Counter("pdserve_worker_kv_transfers", "KV transfers ended, by status.", (*LABELS, "status"),
-                            registry=self.registry)
-        self._transfers = {s: transfers.labels(**self.labels, status=s.value) for s in TransferStatus}
-        self._transfer_seconds = self._child(Histogram(
-            "pdserve_worker_kv_transfer_seconds", "A finished KV handoff, start to done.", LABELS,
-            registry=self.registry, buckets=LATENCY_BUCKETS))
-        self._transfer_bytes = self._counter("pdserve_worker_kv_transfer_bytes", "Bytes of finished KV handoffs.")
-        self._mfu = Gauge("pdserve_worker_mfu", "Model FLOPs utilization per GPU over recent steps (sim engines).",
-                          LABELS, registry=self.registry)
-        self._mbu = Gauge("pdserve_worker_mbu", "Model bandwidth utilization per GPU over recent steps (sim engines).",
-                          LABELS, registry=self.registry)
+        self.label_values = (worker_id, role)
+        self._load = load
+        self.step_seconds = Buckets(LATENCY_BUCKETS)
+        self.step_requests = Buckets(BATCH_BUCKETS)
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+        self.preemptions = 0
+        self.transfers = dict.fromkeys(TransferStatus, 0)
+        self.transfer_seconds = Buckets(LATENCY_BUCKETS)
+        self.transfer_bytes = 0
+        self.mfu: float | None = None
+        """None: unknown (a torch engine, or no step yet)."""
+        self.mbu: float | None = None
         self._bound = False
         self._peak: tuple[float, float] | None = None
         """(peak FLOP/s, HBM bytes/s) of one GPU; None: unknown (a torch engine)."""
@@ -90,37 +113,60 @@ class WorkerMetrics:
         self._window: deque[tuple[float, float, float]] = deque(maxlen=window)
         self._sums = [0.0, 0.0, 0.0]
         """flops, bytes, seconds over the window."""
-        self.mfu = 0.0
-        self.mbu = 0.0
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
 
     # ---- on the engine thread --------------------------------------------------------------------------------
     def step(self, engine: Engine, outputs: Sequence[RequestOutput], seconds: float) -> None:
         """After a step that ran: `seconds` is how long `engine.step()` took."""
         if not self._bound:
             self._bind(engine)
-        preempted = engine.preemptions_total - self._preemptions_seen
-        if preempted:
-            self._preemptions_seen += preempted
-            self._preemptions.inc(preempted)
+        if engine.preemptions_total != self._preemptions_seen:
+            self.preemptions += engine.preemptions_total - self._preemptions_seen
+            self._preemptions_seen = engine.preemptions_total
         shape = step_shape(engine, outputs)
         if shape is None:
             return  # nothing was scheduled
         requests, prefill_tokens, decode_tokens = shape
-        self._step_seconds.observe(seconds)
-        self._step_requests.observe(requests)
-        if prefill_tokens:
-            self._prefill_tokens.inc(prefill_tokens)
-        if decode_tokens:
-            self._decode_tokens.inc(decode_tokens)
+        self.step_seconds.observe(seconds)
+        self.step_requests.observe(requests)
+        self.prefill_tokens += prefill_tokens
+        self.decode_tokens += decode_tokens
         if self._peak is not None:
             self._utilization(engine.runner.last_cost)
 
     def transfer(self, result: TransferResult) -> None:
         """A KV transfer's outcome (from `connector.poll()`)."""
-        self._transfers[result.status].inc()
+        self.transfers[result.status] += 1
         if result.status is TransferStatus.DONE and result.bytes:  # a "no KV" answer moves nothing
-            self._transfer_seconds.observe(result.seconds)
-            self._transfer_bytes.inc(result.bytes)
+            self.transfer_seconds.observe(result.seconds)
+            self.transfer_bytes += result.bytes
+
+    # ---- on the scraping thread ------------------------------------------------------------------------------
+    def collect(self) -> Iterator[Metric]:
+        """The metric families now (prometheus_client's Collector protocol)."""
+        labels = self.label_values
+        load = self._load()
+        for name, field, doc in LOAD_GAUGES:
+            yield _gauge(f"pdserve_worker_{name}", doc, labels, 0.0 if load is None else getattr(load, field))
+        yield _histogram("pdserve_worker_step_seconds", "Engine step duration.", labels, self.step_seconds)
+        yield _histogram("pdserve_worker_step_requests", "Requests per engine step.", labels, self.step_requests)
+        yield _counter("pdserve_worker_prefill_tokens", "Prompt tokens computed.", labels, self.prefill_tokens)
+        yield _counter("pdserve_worker_decode_tokens", "Tokens decoded.", labels, self.decode_tokens)
+        yield _counter("pdserve_worker_preemptions", "Requests preempted (recomputed later).", labels,
+                       self.preemptions)
+        transfers = CounterMetricFamily("pdserve_worker_kv_transfers", "KV transfers ended, by status.",
+                                        labels=(*LABELS, "status"))
+        for status, count in list(self.transfers.items()):
+            transfers.add_metric((*labels, status.value), count)
+        yield transfers
+        yield _histogram("pdserve_worker_kv_transfer_seconds", "A KV handoff that moved KV, start to done.", labels,
+                         self.transfer_seconds)
+        yield _counter("pdserve_worker_kv_transfer_bytes", "Bytes of KV handoffs.", labels, self.transfer_bytes)
+        yield _gauge("pdserve_worker_mfu", "Model FLOPs utilization per GPU over recent steps (sim engines only).",
+                     labels, self.mfu)
+        yield _gauge("pdserve_worker_mbu", "Model bandwidth utilization per GPU over recent steps (sim engines only).",
+                     labels, self.mbu)
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _bind(self, engine: Engine) -> None:
@@ -130,13 +176,11 @@ class WorkerMetrics:
         if engine.config.simulated:
             hardware = engine.cost_model.hardware
             self._peak = (hardware.peak_flops, hardware.hbm_bytes_per_s)
-            self._mfu.labels(**self.labels).set_function(lambda: self.mfu)
-            self._mbu.labels(**self.labels).set_function(lambda: self.mbu)
 
     def _utilization(self, cost) -> None:
         """Slide the window by the step's modelled cost (FLOPs and bytes of one GPU, seconds)."""
         if cost is None or cost is self._last_cost:
-            return
+            return  # the runner did not run in this step
         self._last_cost = cost
         sums = self._sums
         if len(self._window) == self._window.maxlen:
@@ -148,19 +192,10 @@ class WorkerMetrics:
         sums[0] += cost.flops
         sums[1] += cost.bytes
         sums[2] += cost.seconds
-        peak_flops, peak_bytes = self._peak
         if sums[2] > 0:
+            peak_flops, peak_bytes = self._peak
             self.mfu = sums[0] / (sums[2] * peak_flops)
             self.mbu = sums[1] / (sums[2] * peak_bytes)
-
-    def _gauge(self, name: str, doc: str):
-        return Gauge(name, doc, LABELS, registry=self.registry).labels(**self.labels)
-
-    def _counter(self, name: str, doc: str):
-        return Counter(name, doc, LABELS, registry=self.registry).labels(**self.labels)
-
-    def _child(self, metric):
-        return metric.labels(**self.labels)
 
 
 def step_shape(engine: Engine, outputs: Sequence[RequestOutput]) -> tuple[int, int, int] | None:
@@ -186,8 +221,21 @@ def step_shape(engine: Engine, outputs: Sequence[RequestOutput]) -> tuple[int, i
     return len(outputs), prefill, decode
 
 
-def _reader(load: Callable[[], EngineLoad | None], field: str) -> Callable[[], float]:
-    def read() -> float:
-        value = load()
-        return 0.0 if value is None else getattr(value, field)
-    return read
+def _gauge(name: str, doc: str, labels: tuple[str, ...], value: float | None) -> GaugeMetricFamily:
+    """A gauge family; no sample when `value` is None (unknown)."""
+    family = GaugeMetricFamily(name, doc, labels=LABELS)
+    if value is not None:
+        family.add_metric(labels, value)
+    return family
+
+
+def _counter(name: str, doc: str, labels: tuple[str, ...], value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=LABELS)
+    family.add_metric(labels, value)
+    return family
+
+
+def _histogram(name: str, doc: str, labels: tuple[str, ...], buckets: Buckets) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=LABELS)
+    family.add_metric(labels, buckets.cumulative(), buckets.sum)
+    return family

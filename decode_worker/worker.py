@@ -27,6 +27,7 @@ from pdserve.cluster.registry import WorkerInfo
 from pdserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import FinishReason, RequestOutput
+from pdserve.engine.step_profile import StepProfile, profile_engine
 from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferResult, TransferStatus
 
 
@@ -94,6 +95,10 @@ class DecodeWorker:
         events, self._events = self._events, []
         self._wakeup.clear()
         return events
+
+    async def profile(self) -> StepProfile:
+        """Time a few synthetic steps on this (idle) engine: the controller's performance model."""
+        return await self.runtime.call(profile_engine)
 
     async def drain(self) -> None:
         """Finish what is here and take nothing new (before a role switch or removal)."""

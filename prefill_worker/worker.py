@@ -27,6 +27,7 @@ from pdserve.cluster.registry import WorkerInfo
 from pdserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import FinishReason, RequestOutput
+from pdserve.engine.step_profile import StepProfile, profile_engine
 from pdserve.kv_transfer.connector import KVConnector, Transfer
 
 NO_KV = "no-kv:"
@@ -68,6 +69,10 @@ class PrefillWorker:
         """Drop the request here. `peer_waiting`: the decode worker still waits for its KV under `tag`, so answer
         it with "no KV" unless this worker already answered."""
         await self.runtime.call(lambda engine: self._abort(engine, request_id, decode_worker, tag, peer_waiting))
+
+    async def profile(self) -> StepProfile:
+        """Time a few synthetic steps on this (idle) engine: the controller's performance model."""
+        return await self.runtime.call(profile_engine)
 
     async def drain(self) -> None:
         """Finish what is here and take nothing new (before a role switch or removal)."""

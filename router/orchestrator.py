@@ -33,6 +33,7 @@ from pdserve.cluster.registry import Registry, Role
 from pdserve.engine.block_manager import blocks_for
 from pdserve.engine.request import FinishReason
 from pdserve.router.membership import Member, Membership
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import pick_decode, pick_prefill
 from pdserve.router.request_builder import InvalidRequest, ValidRequest
 from pdserve.router.timings import RequestClock, Timings
@@ -92,6 +93,9 @@ class Orchestrator:
         self._streams: dict[str, _Stream] = {}
         self._tags = itertools.count(1)
         self._prefill_tokens: dict[str, int] = defaultdict(int)
+        self.metrics = RouterMetrics(in_flight=lambda: len(self._streams))
+        self.accepted_total = 0
+        """Requests accepted since the router started (the controller's arrival rate)."""
 
     async def generate(self, request: ValidRequest) -> AsyncIterator[Piece]:
         if request.request_id in self._streams:
@@ -99,13 +103,16 @@ class Orchestrator:
         clock = RequestClock()
         stream = _Stream("", asyncio.Queue())
         self._streams[request.request_id] = stream
+        self.accepted_total += 1
         route = _Route()
         finished = False
         try:
             pieces = self._colocated(request, clock, stream, route) if self.colocated else self._disaggregated(
                 request, clock, stream, route)
             async for piece in pieces:
-                clock.tokens_sent(len(piece.token_ids))
+                gap = clock.tokens_sent(len(piece.token_ids))
+                if gap is not None:
+                    self.metrics.inter_token.observe(gap)
                 if piece.finish_reason is not None:
                     finished = True
                     timings = clock.timings()
@@ -114,16 +121,26 @@ class Orchestrator:
                 yield piece
                 if finished:
                     return
+        except BaseException as e:
+            if not finished:
+                self.metrics.failed(e)
+            raise
         finally:
             del self._streams[request.request_id]
             if not finished:
                 await asyncio.shield(self._abort(request.request_id, route))
 
+    @property
+    def waiting_count(self) -> int:
+        """Requests accepted and not yet given a worker."""
+        return sum(1 for stream in self._streams.values() if not stream.worker_id)
+
     # ---- the two modes ---------------------------------------------------------------------------------------
     async def _disaggregated(self, request: ValidRequest, clock: RequestClock, stream: _Stream,
                              route: _Route) -> AsyncIterator[Piece]:
         route.tag = next(self._tags) % (1 << 31)
-        decode, prefill = await self._reserve(request, route, stream)
+        with self.metrics.waiting.track_inprogress():
+            decode, prefill = await self._reserve(request, route, stream)
         clock.dispatched = time.monotonic()
         result = await self._prefill(prefill, PrefillTask(request.request_id, request.token_ids, request.sampling,
                                                           decode.info.worker_id, route.tag))
@@ -141,8 +158,9 @@ class Orchestrator:
 
     async def _colocated(self, request: ValidRequest, clock: RequestClock, stream: _Stream,
                          route: _Route) -> AsyncIterator[Piece]:
-        worker = await self._choose(lambda: self._check_fits(request, pick_decode(
-            [m.info for m in self.membership.ready(Role.BOTH)])))
+        with self.metrics.waiting.track_inprogress():
+            worker = await self._choose(lambda: self._check_fits(request, pick_decode(
+                [m.info for m in self.membership.ready(Role.BOTH)])))
         stream.worker_id = worker.info.worker_id
         route.decode = worker
         clock.dispatched = time.monotonic()
@@ -247,6 +265,7 @@ class Orchestrator:
         fields = {"request_id": request.request_id, "prompt_tokens": len(request.token_ids),
                   "completion_tokens": clock.tokens, "finish_reason": finish.value,
                   "workers": route.worker_ids, **timings.as_fields()}
+        self.metrics.finished(timings, finish.value, len(request.token_ids), clock.tokens)
         try:
             self.registry.append_timings(fields)
         except redis.RedisError as e:

@@ -33,6 +33,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             valid = self.builder.build(request)
         except InvalidRequest as e:
+            self.orchestrator.metrics.failed(e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first = True
         try:
@@ -41,7 +42,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                 first = False
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except DuplicateRequest as e:
+        except DuplicateRequest as e:  # raised before the orchestrator counts the request
+            self.orchestrator.metrics.failed(e)
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         except Unavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))

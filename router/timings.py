@@ -32,13 +32,16 @@ class RequestClock:
     last_token: float | None = None
     tokens: int = 0
 
-    def tokens_sent(self, count: int) -> None:
+    def tokens_sent(self, count: int) -> float | None:
+        """Returns the seconds since the previous tokens were sent (None for the first tokens, or for none)."""
         now = time.monotonic()
+        gap = now - self.last_token if count and self.last_token is not None else None
         if count and self.first_token is None:
             self.first_token = now
         if count:
             self.last_token = now
         self.tokens += count
+        return gap
 
     def timings(self) -> Timings:
         end = time.monotonic()

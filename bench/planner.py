@@ -1,0 +1,132 @@
+"""Capacity planning: for a trace and N simulated workers, how every static P:D split and the controller do.
+
+`pdserve plan` runs `bench.simulator.Simulation` (the real engines, routing and controller on a virtual clock) once
+per candidate at the trace's own rate, for attainment and latency percentiles, and then searches the rate for its
+goodput (DistServe: the highest request rate at which >= 90% of requests meet both SLOs). The search replays the same
+requests faster or slower (`scale_rate`), so every candidate is judged on the same prompts; each candidate runs in a
+process of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from pdserve.bench.metrics import SLO, attainment, attainment_series, find_goodput, percentiles
+from pdserve.bench.simulator import PoolSample, SimResult, SimSetup, Simulation
+from pdserve.bench.workloads import TraceEntry, mean_rate, scale_rate
+from pdserve.controller.config import ControllerConfig
+from pdserve.controller.decision import Action
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.cost_model import Link
+
+TARGET_ATTAINMENT = 0.9
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A starting split, static (no controller) or controlled."""
+
+    prefill: int
+    decode: int
+    controlled: bool
+
+    @property
+    def name(self) -> str:
+        return f"controller (from {self.prefill}:{self.decode})" if self.controlled else f"{self.prefill}:{self.decode}"
+
+
+@dataclass(frozen=True)
+class PlanSetup:
+    engine: EngineConfig
+    workers: int
+    slo: SLO
+    controller: ControllerConfig
+    link: Link = Link.NETWORK
+    role_switch_s: float = 5.0
+    search_low: float = 0.5
+    """Goodput search range, as multiples of the trace's own rate."""
+    search_high: float = 3.0
+    search_runs: int = 6
+    search: bool = True
+
+
+@dataclass(frozen=True)
+class CandidateReport:
+    name: str
+    prefill: int
+    decode: int
+    controlled: bool
+    attainment: float
+    """At the trace's own rate."""
+    goodput_rps: float
+    """Highest rate (requests/s) with >= 90% attainment; nan when not searched."""
+    goodput_points: tuple[tuple[float, float], ...]
+    ttft_s: dict[str, float]
+    tpot_s: dict[str, float]
+    moves: int
+    lost: int
+    pool_samples: tuple[PoolSample, ...] = field(default=(), repr=False)
+    attainment_series: tuple[tuple[float, float], ...] = field(default=(), repr=False)
+    """(time, attainment of the requests that arrived in the 10 s before), at the trace's rate."""
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["pool_samples"] = [asdict(s) for s in self.pool_samples]
+        return values
+
+
+def candidates(workers: int) -> list[Candidate]:
+    """Every static split P + D = N (P, D >= 1), then the controller starting from the even split."""
+    static = [Candidate(p, workers - p, False) for p in range(1, workers)]
+    return static + [Candidate(workers // 2, workers - workers // 2, True)]
+
+
+def simulate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]) -> SimResult:
+    sim = SimSetup(engine=setup.engine, prefill=candidate.prefill, decode=candidate.decode, slo=setup.slo,
+                   controller=setup.controller if candidate.controlled else None, link=setup.link,
+                   role_switch_s=setup.role_switch_s)
+    return Simulation(sim, trace).run()
+
+
+def evaluate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]) -> CandidateReport:
+    """One candidate: a run at the trace's rate, then (if asked) the goodput search around it."""
+    result = simulate(setup, candidate, trace)
+    ok = [r for r in result.records if r.ok]
+    points: tuple[tuple[float, float], ...] = ()
+    goodput = math.nan
+    if setup.search:
+        rate = mean_rate(trace)
+
+        def run(scaled_rate: float) -> float:
+            scaled = scale_rate(trace, scaled_rate / rate)
+            return attainment(simulate(setup, candidate, scaled).records, setup.slo)
+
+        search = find_goodput(run, setup.search_low * rate, setup.search_high * rate, tolerance=0.05 * rate,
+                              max_runs=setup.search_runs, target=TARGET_ATTAINMENT)
+        points, goodput = search.points, search.goodput.rate
+    return CandidateReport(
+        name=candidate.name, prefill=candidate.prefill, decode=candidate.decode, controlled=candidate.controlled,
+        attainment=attainment(result.records, setup.slo), goodput_rps=goodput, goodput_points=points,
+        ttft_s=percentiles(r.ttft_s for r in ok), tpot_s=percentiles(r.tpot_s for r in ok),
+        moves=sum(1 for d in result.decisions if d.action is Action.MOVE),
+        lost=sum(1 for r in result.records if not r.ok), pool_samples=result.pool_samples,
+        attainment_series=tuple(attainment_series(result.records, setup.slo)))
+
+
+def plan(setup: PlanSetup, trace: Sequence[TraceEntry], processes: int | None = None) -> list[CandidateReport]:
+    """Every candidate for `setup.workers` workers, in parallel processes; static splits first, controller last."""
+    todo = candidates(setup.workers)
+    processes = processes or min(len(todo), os.cpu_count() or 1)
+    if processes <= 1:
+        return [evaluate(setup, c, trace) for c in todo]
+    with ProcessPoolExecutor(processes) as pool:
+        return list(pool.map(evaluate, [setup] * len(todo), todo, [trace] * len(todo)))
+
+
+def best_static(reports: Sequence[CandidateReport]) -> CandidateReport:
+    static = [r for r in reports if not r.controlled]
+    return max(static, key=lambda r: (r.goodput_rps if math.isfinite(r.goodput_rps) else -1, r.attainment))

@@ -1,0 +1,342 @@
+"""A discrete-event run of a disaggregated cluster: the real engines, routing policy and controller, a virtual clock.
+
+Used by `pdserve plan`. Nothing here is a model of the scheduler: each worker is a real `Engine` with the `sim`
+backend (`realtime=False`), so chunked prefill, continuous batching, block allocation and preemption are the code that
+serves live; only time is virtual. A step's duration is the cost model's, a KV handoff's is its bytes over the link,
+and the clock jumps from event to event, so an hour of traffic runs in minutes on one core.
+
+The life of a request, as the live router drives it (`router/orchestrator.py`):
+
+    arrival -> router queue -> pick a decode worker (most free blocks) and reserve its blocks (no room: wait)
+    -> pick a prefill worker (fewest queued tokens) -> prefilled: first token at the end of that step
+    -> KV handoff (bytes / link) -> the prefill worker frees its blocks, the decode worker commits and decodes
+    -> finished: its record (TTFT, TPOT, ...) goes to the results and the controller's traffic window.
+
+The controller (when set) ticks every `interval_s` of virtual time on an `Observation` built from the engines and
+the finished requests, exactly the pure `tick` the live adapter calls. A MOVE drains the worker (the router stops
+sending it work; its requests finish), then it spends `role_switch_s` restarting in the other role.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pdserve.bench.metrics import SLO, RequestRecord
+from pdserve.bench.workloads import TraceEntry
+from pdserve.cluster.registry import Role, WorkerInfo, WorkerState
+from pdserve.controller.config import ControllerConfig, ControllerState
+from pdserve.controller.controller import tick
+from pdserve.controller.decision import Action, Decision
+from pdserve.controller.observation import Observation, PoolRole, WorkerObservation
+from pdserve.controller.window import Finished, traffic_window
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.cost_model import Link
+from pdserve.engine.engine import Engine
+from pdserve.engine.request import FinishReason
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sim_runner import PLACEHOLDER_TOKEN
+from pdserve.router.policy import pick_decode, pick_prefill
+
+_ROLES = {PoolRole.PREFILL: Role.PREFILL, PoolRole.DECODE: Role.DECODE}
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    """One simulated cluster: its engines, its starting split, its SLOs and (optionally) its controller."""
+
+    engine: EngineConfig
+    prefill: int
+    decode: int
+    slo: SLO
+    controller: ControllerConfig | None = None
+    """None: the split stays as it started (a static split)."""
+    link: Link = Link.NETWORK
+    role_switch_s: float = 5.0
+    """A drained worker's restart in its new role (engine and KV pairs rebuilt; weights stay on the GPU)."""
+    window_s: float = 30.0
+    """The controller's traffic window: requests finished in the last this many seconds."""
+    horizon_s: float = 600.0
+    """After the last arrival, how long unfinished requests may take before they count as lost."""
+
+
+@dataclass(frozen=True)
+class PoolSample:
+    t: float
+    prefill: int
+    decode: int
+
+
+@dataclass(frozen=True)
+class SimResult:
+    records: tuple[RequestRecord, ...]
+    decisions: tuple[Decision, ...]
+    pool_samples: tuple[PoolSample, ...]
+    duration_s: float
+    """Virtual seconds from the first arrival to the last finish."""
+
+
+@dataclass
+class _Worker:
+    worker_id: str
+    role: PoolRole
+    engine: Engine
+    busy: bool = False
+    draining: bool = False
+    available: bool = True
+    """False while restarting in a new role."""
+    in_flight_tokens: int = 0
+    """Prompt tokens the router sent and the worker has not prefilled yet (the policy's fresh view)."""
+
+
+@dataclass
+class _Request:
+    request_id: str
+    entry: TraceEntry
+    prompt: tuple[int, ...]
+    sampling: SamplingParams
+    dispatched: float = math.nan
+    prefill: _Worker | None = None
+    decode: _Worker | None = None
+    first_token: float = math.nan
+    last_token: float = math.nan
+    tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+
+
+class Simulation:
+    def __init__(self, setup: SimSetup, trace: Sequence[TraceEntry], record_itl: bool = False) -> None:
+        self.setup = setup
+        self.trace = sorted(trace, key=lambda e: e.arrival_s)
+        self.record_itl = record_itl
+        self.now = 0.0
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._ids = itertools.count()
+        self.workers: list[_Worker] = [self._new_worker(PoolRole.PREFILL) for _ in range(setup.prefill)]
+        self.workers += [self._new_worker(PoolRole.DECODE) for _ in range(setup.decode)]
+        self.cost_model = self.workers[0].engine.cost_model
+        self._kv_bytes_per_block = self.cost_model.kv_bytes_per_token() * setup.engine.block_size
+        self._queue: deque[_Request] = deque()
+        self._pending: dict[str, _Request] = {}
+        self._records: list[RequestRecord] = []
+        self._arrivals: deque[float] = deque()
+        self._decisions: list[Decision] = []
+        self._samples: list[PoolSample] = []
+        self._state = ControllerState()
+        self._moving: dict[str, PoolRole] = {}
+
+    # ---- running -------------------------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        for i, entry in enumerate(self.trace):
+            self._at(entry.arrival_s, lambda e=entry, n=i: self._arrive(e, n))
+        last_arrival = self.trace[-1].arrival_s if self.trace else 0.0
+        if self.setup.controller is not None:
+            self._at(self.setup.controller.interval_s, self._tick)
+        self._sample()
+        end = last_arrival + self.setup.horizon_s
+        while self._events and len(self._records) < len(self.trace):
+            t, _, action = heapq.heappop(self._events)
+            if t > end:
+                break
+            self.now = t
+            action()
+        self._lose_unfinished()
+        first = self.trace[0].arrival_s if self.trace else 0.0
+        return SimResult(tuple(self._records), tuple(self._decisions), tuple(self._samples), self.now - first)
+
+    def _at(self, t: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), action))
+
+    # ---- the router ------------------------------------------------------------------------------------------
+    def _arrive(self, entry: TraceEntry, index: int) -> None:
+        sampling = SamplingParams(max_tokens=entry.output_tokens, temperature=0.0, ignore_eos=True)
+        request = _Request(f"r{index}", entry, (PLACEHOLDER_TOKEN,) * entry.input_tokens, sampling)
+        self._arrivals.append(self.now)
+        self._queue.append(request)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Send queued requests on, oldest first, while a decode worker has room (as the router's `_reserve`)."""
+        while self._queue:
+            request = self._queue[0]
+            prefill = self._pick_prefill()
+            decode = self._pick_decode(request) if prefill is not None else None  # reserves its blocks
+            if decode is None:
+                return
+            self._queue.popleft()
+            request.decode, request.prefill, request.dispatched = decode, prefill, self.now
+            prefill.in_flight_tokens += request.entry.input_tokens
+            prefill.engine.add_request(request.request_id, request.prompt, request.sampling, prefill_only=True)
+            self._pending[request.request_id] = request
+            self._wake(prefill)
+
+    def _pick_decode(self, request: _Request) -> _Worker | None:
+        ready = self._ready(PoolRole.DECODE)
+        if not ready:
+            return None
+        info = pick_decode([_info(w) for w in ready])
+        worker = next(w for w in ready if w.worker_id == info.worker_id)
+        if worker.engine.reserve_remote(request.request_id, request.prompt, request.sampling) is None:
+            return None  # the freest worker is full: wait for blocks, as the live router does
+        return worker
+
+    def _pick_prefill(self) -> _Worker | None:
+        ready = self._ready(PoolRole.PREFILL)
+        if not ready:
+            return None
+        info = pick_prefill([_info(w) for w in ready], {w.worker_id: w.in_flight_tokens for w in ready})
+        return next(w for w in ready if w.worker_id == info.worker_id)
+
+    def _ready(self, role: PoolRole) -> list[_Worker]:
+        return [w for w in self.workers if w.role is role and w.available and not w.draining]
+
+    # ---- the workers -----------------------------------------------------------------------------------------
+    def _wake(self, worker: _Worker) -> None:
+        if not worker.busy and worker.available:
+            worker.busy = True
+            self._step(worker)
+
+    def _step(self, worker: _Worker) -> None:
+        runner = worker.engine.runner
+        before = runner.busy_s
+        outputs = worker.engine.step()
+        seconds = runner.busy_s - before
+        if seconds == 0.0:
+            worker.busy = False
+            self._maybe_drained(worker)
+            return
+        self._at(self.now + seconds, lambda: self._stepped(worker, outputs))
+
+    def _stepped(self, worker: _Worker, outputs) -> None:
+        for output in outputs:
+            request = self._pending.get(output.request_id)
+            if request is None:
+                continue
+            if worker.role is PoolRole.PREFILL:
+                self._prefilled(worker, request, output.finish_reason)
+            else:
+                self._decoded(request, len(output.new_token_ids), output.finished)
+        self._step(worker)
+        if self._queue:
+            self._dispatch()
+
+    def _prefilled(self, worker: _Worker, request: _Request, reason: FinishReason | None) -> None:
+        worker.in_flight_tokens -= request.entry.input_tokens
+        request.first_token = request.last_token = self.now
+        request.tokens = 1
+        if reason is not FinishReason.PREFILLED:  # one output token: done at the first token
+            request.decode.engine.abort(request.request_id)
+            self._finish(request)
+            return
+        blocks = len(worker.engine.held_block_ids(request.request_id))
+        seconds = self.cost_model.transfer_seconds(blocks * self._kv_bytes_per_block, self.setup.link)
+        self._at(self.now + seconds, lambda: self._handed_off(request))
+
+    def _handed_off(self, request: _Request) -> None:
+        request.prefill.engine.release(request.request_id)
+        self._maybe_drained(request.prefill)
+        self._wake(request.prefill)
+        output = request.decode.engine.commit_remote(request.request_id, PLACEHOLDER_TOKEN)
+        if output.finished:
+            self._finish(request)
+        self._wake(request.decode)
+
+    def _decoded(self, request: _Request, count: int, finished: bool) -> None:
+        if self.record_itl:
+            request.itl.append(self.now - request.last_token)
+        request.tokens += count
+        request.last_token = self.now
+        if finished:
+            self._finish(request)
+
+    def _finish(self, request: _Request) -> None:
+        del self._pending[request.request_id]
+        e = request.entry
+        tpot = (request.last_token - request.first_token) / (request.tokens - 1) if request.tokens > 1 else 0.0
+        self._records.append(RequestRecord(
+            request_id=request.request_id, arrival_s=e.arrival_s, input_tokens=e.input_tokens,
+            output_tokens=request.tokens, queue_s=request.dispatched - e.arrival_s,
+            ttft_s=request.first_token - e.arrival_s, tpot_s=tpot, e2e_s=request.last_token - e.arrival_s,
+            itl_s=tuple(request.itl), ok=True, error=""))
+        self._maybe_drained(request.decode)
+
+    def _lose_unfinished(self) -> None:
+        lost = list(self._pending.values()) + list(self._queue)
+        for request in lost:
+            e = request.entry
+            self._records.append(RequestRecord(
+                request_id=request.request_id, arrival_s=e.arrival_s, input_tokens=e.input_tokens,
+                output_tokens=request.tokens, queue_s=math.nan, ttft_s=math.nan, tpot_s=math.nan, e2e_s=math.nan,
+                itl_s=(), ok=False, error="unfinished at the horizon"))
+
+    # ---- the controller --------------------------------------------------------------------------------------
+    def _tick(self) -> None:
+        config = self.setup.controller
+        decision = tick(config, self.cost_model, self._state, self._observe(config.interval_s))
+        self._state = decision.state
+        self._decisions.append(decision)
+        if decision.action is Action.MOVE:
+            for move in decision.moves:
+                worker = next(w for w in self.workers if w.worker_id == move.worker_id)
+                worker.draining = True
+                self._moving[worker.worker_id] = move.to_role
+                self._maybe_drained(worker)
+        self._sample()
+        if self._records_left():
+            self._at(self.now + config.interval_s, self._tick)
+
+    def _records_left(self) -> bool:
+        return len(self._records) < len(self.trace)
+
+    def _maybe_drained(self, worker: _Worker) -> None:
+        if not worker.draining or worker.busy or worker.engine.num_requests or worker.in_flight_tokens:
+            return
+        worker.draining, worker.available = False, False
+        worker.role = self._moving.pop(worker.worker_id)
+        self._sample()
+        self._at(self.now + self.setup.role_switch_s, lambda: self._switched(worker))
+
+    def _switched(self, worker: _Worker) -> None:
+        worker.available = True
+        self._sample()
+        self._dispatch()
+
+    def _observe(self, interval_s: float) -> Observation:
+        window = self.setup.window_s
+        while self._arrivals and self._arrivals[0] < self.now - window:
+            self._arrivals.popleft()
+        recent = [Finished(r.input_tokens, r.output_tokens, r.ttft_s, r.tpot_s) for r in self._records[-5000:]
+                  if r.ok and r.arrival_s + r.e2e_s >= self.now - window]
+        return Observation(now_s=self.now, workers=tuple(_observe_worker(w) for w in self.workers),
+                           traffic=traffic_window(recent, len(self._arrivals) / window, window, self.setup.slo.ttft_s,
+                                                  self.setup.slo.tpot_s, router_waiting=len(self._queue)))
+
+    def _sample(self) -> None:
+        counts = {role: sum(1 for w in self.workers if w.role is role and w.available) for role in PoolRole}
+        self._samples.append(PoolSample(self.now, counts[PoolRole.PREFILL], counts[PoolRole.DECODE]))
+
+    # ---- construction ----------------------------------------------------------------------------------------
+    def _new_worker(self, role: PoolRole) -> _Worker:
+        return _Worker(f"w{next(self._ids)}", role, Engine(self.setup.engine, realtime=False))
+
+
+def _observe_worker(w: _Worker) -> WorkerObservation:
+    load = w.engine.load()
+    return WorkerObservation(worker_id=w.worker_id, role=w.role, draining=w.draining or not w.available,
+                             running=load.running + load.held, waiting=load.waiting,
+                             queued_prefill_tokens=load.queued_prefill_tokens, kv_blocks_used=load.kv_blocks_used,
+                             kv_blocks_total=load.kv_blocks_total)
+
+
+def _info(w: _Worker) -> WorkerInfo:
+    """What the live router's policy sees of a worker (its heartbeat), built from the engine's load."""
+    load = w.engine.load()
+    return WorkerInfo(worker_id=w.worker_id, role=_ROLES[w.role], actor_name="", pid=0, state=WorkerState.READY,
+                      running=load.running + load.held, waiting=load.waiting,
+                      queued_prefill_tokens=load.queued_prefill_tokens, kv_blocks_used=load.kv_blocks_used,
+                      kv_blocks_total=load.kv_blocks_total)

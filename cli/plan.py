@@ -1,0 +1,126 @@
+"""`pdserve plan`: offline capacity planning. For a trace and N simulated workers, every static prefill:decode split
+and the ratio controller, each run through the real scheduler, routing and controller code on a virtual clock
+(no Ray, no GPU): SLO attainment, goodput and latency percentiles.
+
+    pdserve plan --trace FILE --workers 8 --hardware h100 --model llama-3-8b --slo-ttft 1 --slo-tpot 0.05 [--json]
+    pdserve plan --workload shift --rate 20 --duration-s 600 --workers 8 ...     (a built-in trace instead of a file)
+
+Trace files are JSON lines {"arrival_s": float, "input_tokens": int, "output_tokens": int}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("plan", help="plan capacity offline: every P:D split and the controller, simulated",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", metavar="FILE", help="a JSON-lines trace")
+    source.add_argument("--workload", choices=("chat", "summarization", "code", "shift"), help="a built-in trace")
+    p.add_argument("--rate", type=float, default=20.0, help="requests/s of the built-in trace (default 20)")
+    p.add_argument("--duration-s", type=float, default=600.0, help="length of the built-in trace (default 600)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, required=True, help="workers in the cluster (P + D)")
+    p.add_argument("--hardware", default="h100", help="h100, h200 or a100 (default h100)")
+    p.add_argument("--model", default="llama-3-8b", help="a model shape: llama-3-8b, llama-3-70b, ...")
+    p.add_argument("--tp", type=int, default=1, help="GPUs per worker (tensor parallelism)")
+    p.add_argument("--link", choices=("nvlink", "network"), default="network", help="what KV handoffs cross")
+    p.add_argument("--slo-ttft", type=float, required=True, metavar="SECONDS")
+    p.add_argument("--slo-tpot", type=float, required=True, metavar="SECONDS")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--interval-s", type=float, default=5.0, help="controller tick (default 5)")
+    p.add_argument("--cooldown-s", type=float, default=20.0, help="controller cooldown after a move (default 20)")
+    p.add_argument("--role-switch-s", type=float, default=5.0, help="a moved worker's restart (default 5)")
+    p.add_argument("--no-search", action="store_true", help="skip the goodput search (one run per candidate)")
+    p.add_argument("--search", type=float, nargs=2, default=(0.5, 3.0), metavar=("LOW", "HIGH"),
+                   help="goodput search range, as multiples of the trace's rate (default 0.5 3)")
+    p.add_argument("--search-runs", type=int, default=6, help="simulations per candidate in the search (default 6)")
+    p.add_argument("--processes", type=int, default=None, help="parallel simulations (default: CPU count)")
+    p.add_argument("--out", metavar="DIR", help="write report.json and plots here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdserve.bench.metrics import SLO
+    from pdserve.bench.planner import PlanSetup, best_static, plan
+    from pdserve.bench.workloads import TraceError, mean_rate, named_trace, read_trace
+    from pdserve.controller.config import ControllerConfig, ControllerConfigError
+    from pdserve.engine.config import ConfigError, EngineConfig
+    from pdserve.engine.cost_model import CostModel, Link
+    from pdserve.engine.hardware import hardware
+    from pdserve.engine.shapes import shape
+
+    try:
+        if args.workers < 2:
+            raise ConfigError(f"--workers: need at least 2 (one prefill, one decode), got {args.workers}")
+        trace = read_trace(args.trace) if args.trace else named_trace(args.workload, args.rate, args.duration_s,
+                                                                      seed=args.seed)
+        engine = EngineConfig(backend="sim", model=args.model, hardware=args.hardware, tensor_parallel=args.tp,
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+        cost = CostModel(shape(args.model), hardware(args.hardware), args.tp)
+        slo = SLO(args.slo_ttft, args.slo_tpot)
+        controller = ControllerConfig(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, interval_s=args.interval_s,
+                                      cooldown_s=args.cooldown_s, max_num_seqs=args.max_num_seqs,
+                                      kv_capacity_tokens=cost.kv_capacity_tokens(engine.gpu_memory_fraction))
+    except (OSError, TraceError, ConfigError, ControllerConfigError, ValueError) as e:
+        print(f"pdserve plan: {e}", file=sys.stderr)
+        return 2
+    if not trace:
+        print("pdserve plan: the trace has no requests", file=sys.stderr)
+        return 2
+    setup = PlanSetup(engine=engine, workers=args.workers, slo=slo, controller=controller, link=Link(args.link),
+                      role_switch_s=args.role_switch_s, search=not args.no_search, search_low=args.search[0],
+                      search_high=args.search[1], search_runs=args.search_runs)
+    started = time.monotonic()
+    reports = plan(setup, trace, args.processes)
+    wall = time.monotonic() - started
+    span = trace[-1].arrival_s - trace[0].arrival_s
+    report = {"trace": {"requests": len(trace), "span_s": span, "rate": mean_rate(trace)},
+              "setup": {"workers": args.workers, "hardware": args.hardware, "model": args.model, "tp": args.tp,
+                        "link": args.link, "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot},
+              "wall_s": wall, "candidates": [r.to_dict() for r in reports],
+              "best_static": best_static(reports).name}
+    if args.out:
+        _write(args.out, report, reports, trace, args)
+    if args.json:
+        print(json.dumps({**report, "candidates": [{k: v for k, v in c.items() if k != "pool_samples"}
+                                                   for c in report["candidates"]]}, indent=1))
+    else:
+        _print_table(reports, report, best_static(reports))
+    return 0
+
+
+def _print_table(reports, report, best) -> None:
+    t = report["trace"]
+    print(f"trace: {t['requests']} requests over {t['span_s']:.0f} s ({t['rate']:.2f} req/s); "
+          f"simulated in {report['wall_s']:.0f} s")
+    print(f"{'split':<24}{'attain':>8}{'goodput':>10}{'vs best':>9}{'TTFT p50':>10}{'p90':>8}{'p99':>8}"
+          f"{'TPOT p50':>10}{'p90':>8}{'p99':>8}{'moves':>7}")
+    for r in reports:
+        ratio = r.goodput_rps / best.goodput_rps if best.goodput_rps > 0 else math.nan
+        print(f"{r.name:<24}{r.attainment:>8.3f}{r.goodput_rps:>10.2f}{ratio:>9.2f}"
+              f"{r.ttft_s['p50']:>10.3f}{r.ttft_s['p90']:>8.3f}{r.ttft_s['p99']:>8.3f}"
+              f"{r.tpot_s['p50'] * 1e3:>9.1f}m{r.tpot_s['p90'] * 1e3:>7.1f}m{r.tpot_s['p99'] * 1e3:>7.1f}m{r.moves:>7}")
+    print(f"best static split: {best.name} (goodput {best.goodput_rps:.2f} req/s); TPOT in ms")
+
+
+def _write(out: str, report: dict, reports, trace, args) -> None:
+    from pdserve.bench.plots import plot_timeline
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "plan.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    controlled = [r for r in reports if r.controlled]
+    if controlled:
+        samples = [(s.t, s.prefill, s.decode) for s in controlled[0].pool_samples]
+        plot_timeline([e.arrival_s for e in trace], samples, controlled[0].attainment_series,
+                      os.path.join(out, "plan_pools.png"), title="controller: pool sizes against the load")

@@ -1,0 +1,138 @@
+"""The ratio controller on a live cluster: the adapter around the pure `controller.tick`.
+
+Every `interval_s` (in the supervisor's event loop):
+
+    observe: the workers from the registry (a worker draining, or being moved, counts as in transition), the last
+             `window_s` of the Redis timings stream (what finished: lengths, TTFT/TPOT percentiles, attainment), the
+             router's arrival counter and the requests waiting at it
+    -> tick (pure; the operator's pin from Redis or the config replaces the traffic's target)
+    -> record: the decision as JSON on the `decisions` stream (`pdserve status` shows the last ones) and in the log
+    -> act (unless dry run): a MOVE drains the worker and restarts it in the other role (`WorkerPool.move`), in the
+       background; the controller holds while it is under way.
+
+ADD and REMOVE need a worker budget (`max_workers`/`min_workers` in `ControllerConfig`), which the live config does
+not set yet, so the live controller moves workers between roles only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import ray
+import redis
+
+from pdserve.cluster.registry import Registry, Role, WorkerInfo, WorkerState
+from pdserve.cluster.worker_pool import WorkerPool
+from pdserve.controller.config import ControllerConfig, ControllerState
+from pdserve.controller.controller import tick
+from pdserve.controller.decision import Action, Decision
+from pdserve.controller.observation import Observation, PoolRole, WorkerObservation
+from pdserve.controller.perf_model import PerfModel
+from pdserve.controller.window import Finished, traffic_window
+
+log = logging.getLogger(__name__)
+
+_POOL_ROLES = {Role.PREFILL: PoolRole.PREFILL, Role.DECODE: PoolRole.DECODE}
+_ROLES = {PoolRole.PREFILL: Role.PREFILL, PoolRole.DECODE: Role.DECODE}
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterCounts:
+    accepted_total: int
+    waiting: int
+
+
+class ControllerLoop:
+    def __init__(self, config: ControllerConfig, model: PerfModel, registry: Registry, pool: WorkerPool,
+                 router_counts: Callable[[], RouterCounts], window_s: float, dry_run: bool) -> None:
+        self.config = config
+        self.model = model
+        self.registry = registry
+        self.pool = pool
+        self.router_counts = router_counts
+        self.window_s = window_s
+        self.dry_run = dry_run
+        self.state = ControllerState()
+        self._moving: dict[str, asyncio.Task] = {}
+        self._last_count: tuple[float, int] | None = None
+        self._started = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_s)
+            try:
+                await self.tick_once()
+            except redis.RedisError as e:
+                log.warning("controller: Redis unreadable, skipping this tick: %s", e)
+
+    async def tick_once(self) -> Decision:
+        workers, timings, pin = await asyncio.to_thread(self._read)
+        config = dataclasses.replace(self.config, pin=pin) if pin is not None else self.config
+        observation = self.observe(workers, timings)
+        decision = tick(config, self.model, self.state, observation)
+        self.state = decision.state
+        await asyncio.to_thread(self.registry.append_decision, decision.to_json(), self.dry_run)
+        level = logging.INFO if decision.action is Action.HOLD else logging.WARNING
+        log.log(level, "controller%s: %s", " (dry run)" if self.dry_run else "", decision.reason)
+        if not self.dry_run:
+            self._act(decision)
+        return decision
+
+    def observe(self, workers: list[WorkerInfo], timings: list[dict[str, str]]) -> Observation:
+        now = time.monotonic()
+        seen = [_worker(w, w.worker_id in self._moving) for w in workers if w.role in _POOL_ROLES]
+        present = {w.worker_id for w in seen}
+        # a worker being moved is gone from the registry while it restarts: still count it, in transition
+        seen += [WorkerObservation(worker_id, _POOL_ROLES[self.pool.specs[worker_id].role], draining=True)
+                 for worker_id in self._moving if worker_id not in present and worker_id in self.pool.specs]
+        counts = self.router_counts()
+        rate = 0.0
+        if self._last_count is not None and now > self._last_count[0]:
+            rate = (counts.accepted_total - self._last_count[1]) / (now - self._last_count[0])
+        self._last_count = (now, counts.accepted_total)
+        return Observation(now_s=now - self._started, workers=tuple(seen),
+                           traffic=traffic_window(finished_requests(timings), rate, self.window_s,
+                                                  self.config.slo_ttft_s, self.config.slo_tpot_s, counts.waiting))
+
+    def _read(self) -> tuple[list[WorkerInfo], list[dict[str, str]], tuple[int, int] | None]:
+        return self.registry.workers(), self.registry.timings_since(self.window_s), self.registry.pin()
+
+    def _act(self, decision: Decision) -> None:
+        for move in decision.moves:
+            if move.worker_id in self._moving or move.worker_id not in self.pool.specs:
+                continue
+            task = asyncio.create_task(self._move(move.worker_id, _ROLES[move.to_role]), name=f"move-{move.worker_id}")
+            self._moving[move.worker_id] = task
+        if decision.add or decision.remove:
+            log.warning("controller: %s needs a worker budget, which is not configured; not acting",
+                        decision.action.value)
+
+    async def _move(self, worker_id: str, role: Role) -> None:
+        try:
+            await self.pool.move(worker_id, role)
+        except (ray.exceptions.RayError, TimeoutError, OSError):  # logged; the controller goes on with what is left
+            log.exception("controller: moving %s to %s failed", worker_id, role.value)
+        finally:
+            self._moving.pop(worker_id, None)
+
+    async def close(self) -> None:
+        for task in self._moving.values():
+            task.cancel()
+        await asyncio.gather(*self._moving.values(), return_exceptions=True)
+
+
+def _worker(w: WorkerInfo, moving: bool) -> WorkerObservation:
+    return WorkerObservation(worker_id=w.worker_id, role=_POOL_ROLES[w.role],
+                             draining=moving or w.state is not WorkerState.READY, running=w.running,
+                             waiting=w.waiting, queued_prefill_tokens=w.queued_prefill_tokens,
+                             kv_blocks_used=w.kv_blocks_used, kv_blocks_total=w.kv_blocks_total)
+
+
+def finished_requests(timings: list[dict[str, str]]) -> list[Finished]:
+    """The timings stream entries of requests that completed (not aborted) as the controller's window rows."""
+    return [Finished(int(t["prompt_tokens"]), int(t["completion_tokens"]), float(t["ttft_s"]), float(t["tpot_s"]))
+            for t in timings if t.get("finish_reason") in ("stop", "length")]

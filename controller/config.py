@@ -1,0 +1,140 @@
+"""The ratio controller's knobs (`ControllerConfig`) and what it carries from one tick to the next
+(`ControllerState`). Both are frozen: `tick` returns a new state inside its `Decision`.
+
+A bad value raises `ControllerConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+class ControllerConfigError(ValueError):
+    """A controller setting is wrong; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """How the controller sizes the prefill and decode pools."""
+
+    slo_ttft_s: float
+    """Time-to-first-token target, seconds."""
+    slo_tpot_s: float
+    """Time-per-output-token target, seconds."""
+    interval_s: float = 5.0
+    """How often the adapter ticks."""
+    cooldown_s: float = 30.0
+    """No move, add or remove within this long after the last one started, or after a worker was last seen in
+    transition (so it counts from when the move completed)."""
+    confirm_ticks: int = 2
+    """A new target must be the target this many ticks in a row before the controller acts (hysteresis)."""
+    min_gain: float = 0.05
+    """Move only when the predicted bottleneck load falls by at least this much."""
+    min_prefill: int = 1
+    min_decode: int = 1
+    max_workers: int | None = None
+    """Budget: the controller may add workers up to this many. None: it never adds."""
+    min_workers: int | None = None
+    """The controller may remove workers down to this many. None: it never removes."""
+    pin: tuple[int, int] | None = None
+    """Operator pin (prefill, decode): the target whatever the traffic; the controller only moves towards it."""
+    kv_capacity_tokens: int = 0
+    """KV cache capacity of one decode worker, in tokens; 0 = unlimited."""
+    max_num_seqs: int = 256
+    """Decode batch cap per worker."""
+    prefill_min_utilisation: float = 0.5
+    """Floor of u_p, used when the prompt alone nearly takes the whole TTFT SLO."""
+    prefill_max_utilisation: float = 0.9
+    """Cap of u_p: headroom for bursts even when the SLO is loose."""
+    decode_max_utilisation: float = 0.9
+    """Share of B* a decode worker is planned to carry on average."""
+    kv_high_water: float = 0.9
+    """Share of a decode worker's KV cache the plan fills; above it, KV use itself raises the decode need."""
+    backlog_horizon_s: float | None = None
+    """A queued backlog must be clearable within this long, on top of the arriving load. None: slo_ttft_s."""
+    burst_weight: float = 1.0
+    """Weight of the queue terms (prefill backlog, decode queue, KV use) against the averages; 0 turns them off."""
+    pressure_min_load: float = 0.7
+    """An observed p90 above its SLO raises a pool's need only if the pool's predicted load is at least this."""
+    max_pressure: float = 1.5
+    """The most an observed p90 above its SLO can multiply a pool's need by."""
+    scale_up_load: float = 1.0
+    """Add a worker (within max_workers) when the best split of the current workers still has a pool above this."""
+    scale_down_load: float = 0.7
+    """Remove a worker (within min_workers) when the best split of one worker fewer keeps both pools below this."""
+    correction_min_finished: int = 10
+    """Update the corrections only from windows with at least this many finished requests."""
+    correction_alpha: float = 0.3
+    """EMA weight of the newest observed/predicted ratio."""
+    correction_min: float = 0.5
+    correction_max: float = 4.0
+
+    def __post_init__(self) -> None:
+        positive = ("slo_ttft_s", "slo_tpot_s", "interval_s", "max_pressure", "scale_up_load", "correction_min")
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ControllerConfigError(f"{name}: must be a positive number, got {value!r}")
+        fractions = ("prefill_min_utilisation", "prefill_max_utilisation", "decode_max_utilisation", "kv_high_water",
+                     "correction_alpha")
+        for name in fractions:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise ControllerConfigError(f"{name}: must be in (0, 1], got {value!r}")
+        for name in ("cooldown_s", "min_gain", "burst_weight", "pressure_min_load", "scale_down_load"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ControllerConfigError(f"{name}: must be a number >= 0, got {value!r}")
+        for name in ("confirm_ticks", "min_prefill", "min_decode", "max_num_seqs", "correction_min_finished"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ControllerConfigError(f"{name}: must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.kv_capacity_tokens, int) and self.kv_capacity_tokens >= 0):
+            raise ControllerConfigError(f"kv_capacity_tokens: must be an integer >= 0, got {self.kv_capacity_tokens!r}")
+        if self.prefill_min_utilisation > self.prefill_max_utilisation:
+            raise ControllerConfigError("prefill_min_utilisation: must not exceed prefill_max_utilisation")
+        if self.correction_max < self.correction_min:
+            raise ControllerConfigError("correction_max: must be at least correction_min")
+        if self.scale_down_load >= self.scale_up_load:
+            raise ControllerConfigError("scale_down_load: must be below scale_up_load (or the pool size flaps)")
+        if self.backlog_horizon_s is not None and not self.backlog_horizon_s > 0:
+            raise ControllerConfigError(f"backlog_horizon_s: must be positive, got {self.backlog_horizon_s!r}")
+        smallest = self.min_prefill + self.min_decode
+        for name in ("max_workers", "min_workers"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= smallest):
+                raise ControllerConfigError(f"{name}: must be an integer >= min_prefill + min_decode ({smallest}), "
+                                            f"got {value!r}")
+        if self.max_workers is not None and self.min_workers is not None and self.min_workers > self.max_workers:
+            raise ControllerConfigError("min_workers: must not exceed max_workers")
+        if self.pin is not None:
+            if not (isinstance(self.pin, tuple) and len(self.pin) == 2 and all(isinstance(n, int) for n in self.pin)):
+                raise ControllerConfigError(f"pin: must be a (prefill, decode) pair of integers, got {self.pin!r}")
+            if self.pin[0] < self.min_prefill or self.pin[1] < self.min_decode:
+                raise ControllerConfigError(f"pin: {self.pin} is below (min_prefill, min_decode) = "
+                                            f"({self.min_prefill}, {self.min_decode})")
+
+    @property
+    def horizon_s(self) -> float:
+        """The backlog horizon in effect."""
+        return self.slo_ttft_s if self.backlog_horizon_s is None else self.backlog_horizon_s
+
+    def replace(self, **changes: object) -> ControllerConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """Carried from tick to tick; start with `ControllerState()`."""
+
+    last_move_s: float = -math.inf
+    """When the last move/add/remove was issued, or a worker was last seen in transition."""
+    candidate: tuple[int, int] | None = None
+    """The (prefill, decode) target seen on the last ticks, not yet acted on."""
+    candidate_ticks: int = 0
+    """How many ticks in a row `candidate` has been the target."""
+    ttft_correction: float = 1.0
+    """Observed / predicted TTFT p50, smoothed and clamped: multiplies the predicted prefill time."""
+    tpot_correction: float = 1.0
+    """Observed / predicted TPOT p50, smoothed and clamped: multiplies the predicted decode step time."""

@@ -1,0 +1,227 @@
+"""The prefill:decode ratio controller: `tick(config, model, state, observation) -> Decision`, a pure function.
+
+Reading Redis and moving Ray actors live in adapters around it, so the same `tick` runs live, in a dry run and in the
+simulator. Every decision carries one sentence saying why, and `inputs`, every number it used.
+
+The math, per tick (details in `demand`, `perf_model` and `split`):
+
+    S        = prefill_seconds(ISL) * c_ttft                   u_p = largest rho with S + rho*S/(2(1-rho)) <= T
+    need_p   = max(lambda*S / u_p,  lambda*S + w*backlog_work/H) * pressure_ttft   (w = burst_weight)
+    B*       = largest B <= min(max_num_seqs, kv_tokens/ctx) with decode_step_seconds(B, ctx) * c_tpot <= tau
+    need_d   = max(lambda*(OSL-1) / (B*/step(B*) * u_d),  w*held/(B* u_d),  w*D*kv_used/kv_high_water) * pressure_tpot
+    c_ttft, c_tpot <- EMA toward the factor that makes the predicted p50 equal the observed one, in [0.5, 4]
+    load     = need / workers;  bottleneck(P, D) = max(load_p, load_d)
+    target   = the split of N with the lowest bottleneck          (N = active workers; see budget below)
+    budget   : N+1 when the best split of N is still above scale_up_load and N < max_workers;
+               N-1 when the best split of N-1 stays at or below scale_down_load and N > min_workers
+    act      : only if bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
+               the same target was seen confirm_ticks ticks in a row, and cooldown_s has passed;
+               then one worker per tick: the least loaded (fewest running + waiting, then worker id) of the pool
+               that shrinks; an add goes to the pool that grows.
+
+Before any of that: while a worker is in transition (draining, restarting, starting) the controller holds, and the
+cooldown restarts, so moves happen one at a time; with `pin` set the target is the pin (clamped to the budget) and
+the controller moves one worker per tick toward it without confirmation or cooldown; with no traffic (nothing
+arrived, nothing finished) or no finished request to learn lengths from, it holds.
+
+When even the averages alone overload the best split (its bottleneck > scale_up_load) and no worker can be added,
+the queue terms are left out of the split: the queue then grows in whichever pool is shorter, so following it would
+move a worker there, grow the queue in the other pool, and move it back. The averages alone decide, and the reason
+says "overloaded". A burst is the other case: the averages fit, and the queue says where the extra work sits.
+
+A burst shows in the queue terms (prefill backlog, decode queue, KV use) of the heartbeats, not in the averages: it
+raises the need at once, but the controller moves only if the burst outlasts confirm_ticks ticks, because a move
+takes a drain and a restart, and a queue that clears by itself before that would only be disturbed by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from pdserve.controller.config import ControllerConfig, ControllerState
+from pdserve.controller.decision import Action, Decision, Move
+from pdserve.controller.demand import PoolNeeds, estimate_needs, update_corrections
+from pdserve.controller.observation import Observation, PoolRole
+from pdserve.controller.perf_model import PerfModel
+from pdserve.controller.split import Split, best_split, evaluate, gain, proportional_prefill
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where the traffic says to head, before hysteresis."""
+
+    action: Action
+    target: tuple[int, int]
+    why: str
+
+
+def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs: Observation) -> Decision:
+    """Decide this tick's action from the observation; pass `decision.state` to the next tick."""
+    current = obs.sizes
+    state, inputs = update_corrections(config, model, state, obs)
+    inputs.update({"now_s": obs.now_s, "current_prefill": float(current[0]), "current_decode": float(current[1]),
+                   "ttft_correction": state.ttft_correction, "tpot_correction": state.tpot_correction})
+    needs = None
+    if not obs.traffic.idle and obs.traffic.has_lengths:
+        needs = estimate_needs(config, model, state, obs)
+        now_split = evaluate(needs.prefill, needs.decode, current)
+        inputs.update(needs.inputs)
+        inputs.update({"prefill_load": now_split.prefill_load, "decode_load": now_split.decode_load,
+                       "bottleneck_now": now_split.bottleneck,
+                       "proportional_prefill": proportional_prefill(config, needs.prefill, needs.decode,
+                                                                    sum(current))})
+
+    def hold(why: str, new_state: ControllerState, target: tuple[int, int] = current) -> Decision:
+        return Decision(obs.now_s, Action.HOLD, current, target, reason=why, inputs=inputs, state=new_state)
+
+    reset = dataclasses.replace(state, candidate=None, candidate_ticks=0)
+    if obs.draining:
+        names = ", ".join(sorted(w.worker_id for w in obs.draining))
+        return hold(f"Hold at {current}: {names} in transition; one move at a time, and the "
+                    f"{config.cooldown_s:g}s cooldown restarts.", dataclasses.replace(reset, last_move_s=obs.now_s))
+    if config.pin is not None:
+        return _pinned(config, state, obs, current, needs, inputs)
+    if obs.traffic.idle:
+        return hold(f"Hold at {current}: no traffic in the last {obs.traffic.window_s:g}s.", reset)
+    if needs is None:
+        return hold(f"Hold at {current}: {obs.traffic.arrival_rate:.3g} req/s arrived but none finished in the last "
+                    f"{obs.traffic.window_s:g}s, so the lengths are unknown.", reset)
+
+    plan = _plan(config, needs, current, inputs)
+    if plan.target == current:
+        return hold(plan.why, reset)
+    ticks = state.candidate_ticks + 1 if state.candidate == plan.target else 1
+    state = dataclasses.replace(state, candidate=plan.target, candidate_ticks=ticks)
+    inputs["candidate_ticks"] = float(ticks)
+    if ticks < config.confirm_ticks:
+        return hold(f"{plan.why}; seen {ticks} of {config.confirm_ticks} ticks, holding at {current} for now.", state,
+                    plan.target)
+    since = obs.now_s - state.last_move_s
+    if since < config.cooldown_s:
+        return hold(f"{plan.why}; confirmed, but the last move was {since:.0f}s ago (cooldown "
+                    f"{config.cooldown_s:g}s), holding at {current} for now.", state, plan.target)
+    return _act(plan.action, plan.target, current, obs, needs, plan.why,
+                dataclasses.replace(state, last_move_s=obs.now_s), inputs)
+
+
+def _traffic(needs: PoolNeeds) -> str:
+    i = needs.inputs
+    text = (f"at {i['arrival_rate']:.3g} req/s (ISL {i['isl']:.0f}, OSL {i['osl']:.0f}) the pools need "
+            f"{needs.prefill:.2f} prefill and {needs.decode:.2f} decode workers")
+    queue_terms = []
+    if i["prefill_need_backlog"] > i["prefill_need_steady"]:
+        queue_terms.append(f"{i['prefill_backlog_tokens']:.0f} prompt tokens queued")
+    if max(i["decode_need_queue"], i["decode_need_kv"]) > i["decode_need_steady"]:
+        queue_terms.append(f"{i['decode_held']:.0f} requests held on decode, KV {i['kv_used_fraction']:.0%} used")
+    for name in ("ttft", "tpot"):
+        pressure, p90 = i[f"{name}_pressure"], i[f"{name}_p90_s"]
+        if pressure > 1:
+            queue_terms.append(f"{name.upper()} p90 {p90:.3g}s over its SLO, need x{pressure:.2f}")
+    if queue_terms:
+        text += " (" + "; ".join(queue_terms) + ")"
+    return text + "".join(f"; {note}" for note in needs.notes)
+
+
+def _describe(split: Split) -> str:
+    return f"{split.sizes} (loads {split.prefill_load:.2f}/{split.decode_load:.2f})"
+
+
+def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float]) -> _Plan:
+    """The target before hysteresis: add or remove within the budget, else the best split of the current workers."""
+    total = sum(current)
+    now = evaluate(needs.prefill, needs.decode, current)
+    best = best_split(config, needs.prefill, needs.decode, total, current)
+    traffic = _traffic(needs)
+    if best is not None:
+        inputs.update({"best_prefill": float(best.prefill), "best_decode": float(best.decode),
+                       "bottleneck_best": best.bottleneck})
+
+    if config.max_workers is not None and total < config.max_workers:
+        bigger = best_split(config, needs.prefill, needs.decode, total + 1, current)
+        over = best is None or best.bottleneck > config.scale_up_load
+        if bigger is not None and over and (best is None or gain(best, bigger) >= config.min_gain):
+            inputs["bottleneck_target"] = bigger.bottleneck
+            return _Plan(Action.ADD, bigger.sizes, f"Add a worker: {traffic}; the best split of {total} is still "
+                         f"loaded {best.bottleneck if best else math.inf:.2f} > {config.scale_up_load:g}, "
+                         f"{total + 1} as {_describe(bigger)} (budget {config.max_workers})")
+    if config.min_workers is not None and total > config.min_workers:
+        smaller = best_split(config, needs.prefill, needs.decode, total - 1, current)
+        if smaller is not None and smaller.bottleneck <= config.scale_down_load:
+            inputs["bottleneck_target"] = smaller.bottleneck
+            return _Plan(Action.REMOVE, smaller.sizes, f"Remove a worker: {traffic}; {total - 1} workers as "
+                         f"{_describe(smaller)} stay at or below {config.scale_down_load:g} "
+                         f"(floor {config.min_workers})")
+    if best is None:
+        return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; {total} workers cannot hold "
+                     f"{config.min_prefill} prefill and {config.min_decode} decode")
+    steady = best_split(config, needs.prefill_steady, needs.decode_steady, total, current)
+    inputs["bottleneck_best_steady"] = steady.bottleneck
+    if steady.bottleneck > config.scale_up_load:
+        # Overloaded on average: the queues grow wherever the load lands, so they would only chase each other.
+        # Split by the averages, and say so.
+        traffic = (f"overloaded on average ({total} workers, the best split is loaded {steady.bottleneck:.2f} by the "
+                   f"averages alone: {needs.prefill_steady:.2f} prefill and {needs.decode_steady:.2f} decode), so "
+                   f"split by the averages; {traffic}")
+        best, now = steady, evaluate(needs.prefill_steady, needs.decode_steady, current)
+        inputs.update({"overloaded": 1.0, "best_prefill": float(best.prefill), "best_decode": float(best.decode),
+                       "bottleneck_best": best.bottleneck})
+    inputs["bottleneck_target"] = best.bottleneck
+    if best.sizes == current:
+        return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; this is the best split "
+                     f"(loads {now.prefill_load:.2f}/{now.decode_load:.2f}).")
+    step = gain(now, best)
+    inputs["gain"] = step
+    if step < config.min_gain:
+        return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; the best split {best.sizes} would lower "
+                     f"the bottleneck only from {now.bottleneck:.2f} to {best.bottleneck:.2f} "
+                     f"(< min_gain {config.min_gain:g}).")
+    return _Plan(Action.MOVE, best.sizes, f"Rebalance toward {_describe(best)} from {_describe(now)}: {traffic}")
+
+
+def _pinned(config: ControllerConfig, state: ControllerState, obs: Observation, current: tuple[int, int],
+            needs: PoolNeeds | None, inputs: dict[str, float]) -> Decision:
+    """Head for the operator's pin, one worker per tick, clamped to the budget."""
+    pin_p, pin_d = config.pin
+    total = sum(current)
+    low = config.min_workers if config.min_workers is not None else total
+    high = config.max_workers if config.max_workers is not None else total
+    goal = min(max(pin_p + pin_d, min(low, total)), max(high, total))
+    prefill = min(max(pin_p, config.min_prefill), goal - config.min_decode)
+    target = (prefill, goal - prefill)
+    why = f"Pinned at {config.pin}"
+    if target != config.pin:
+        why += f" (the budget allows {goal} workers, so heading for {target})"
+    state = dataclasses.replace(state, candidate=None, candidate_ticks=0)
+    if target == current:
+        return Decision(obs.now_s, Action.HOLD, current, target, reason=f"{why}: holding at {current}.",
+                        inputs=inputs, state=state)
+    action = Action.ADD if goal > total else Action.REMOVE if goal < total else Action.MOVE
+    return _act(action, target, current, obs, needs, why, dataclasses.replace(state, last_move_s=obs.now_s), inputs)
+
+
+def _act(action: Action, target: tuple[int, int], current: tuple[int, int], obs: Observation,
+         needs: PoolNeeds | None, why: str, state: ControllerState, inputs: dict[str, float]) -> Decision:
+    """One worker's worth of the step from current toward target."""
+    grow_p, grow_d = target[0] - current[0], target[1] - current[1]
+    loads = evaluate(needs.prefill, needs.decode, current) if needs is not None else None
+    prefill_busier = loads is not None and loads.prefill_load >= loads.decode_load
+    if action is Action.ADD:
+        role = PoolRole.PREFILL if grow_p > grow_d or (grow_p == grow_d and prefill_busier) else PoolRole.DECODE
+        return Decision(obs.now_s, action, current, target, add=(role,),
+                        reason=f"{why}; starting a {role.value} worker.", inputs=inputs, state=state)
+    if action is Action.MOVE:
+        source = PoolRole.DECODE if grow_p > 0 else PoolRole.PREFILL
+    else:  # REMOVE: from the pool that shrinks most, else the one with more slack
+        shrink_p, shrink_d = -grow_p, -grow_d
+        pick_prefill = shrink_p > shrink_d or (shrink_p == shrink_d and loads is not None and not prefill_busier)
+        source = PoolRole.PREFILL if pick_prefill else PoolRole.DECODE
+    worker = min(obs.active(source), key=lambda w: (w.load, w.worker_id))
+    if action is Action.MOVE:
+        return Decision(obs.now_s, action, current, target, moves=(Move(worker.worker_id, source.other),),
+                        reason=f"{why}; moving {source.value} worker {worker.worker_id} (holding {worker.load}) "
+                               f"to {source.other.value}.", inputs=inputs, state=state)
+    return Decision(obs.now_s, action, current, target, remove=(worker.worker_id,),
+                    reason=f"{why}; removing {source.value} worker {worker.worker_id} (holding {worker.load}).",
+                    inputs=inputs, state=state)

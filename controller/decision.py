@@ -1,0 +1,109 @@
+"""What one tick decides: hold, move one worker to the other pool, add a worker, or remove one, with the reason.
+
+A `Decision` is what the adapter acts on and what it appends to the Redis stream that `pdserve status` reads, so it
+round-trips through strict JSON: non-finite numbers are written as the strings "nan", "inf" and "-inf".
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from dataclasses import dataclass, field
+
+from pdserve.controller.config import ControllerState
+from pdserve.controller.observation import PoolRole
+
+
+class Action(enum.Enum):
+    HOLD = "hold"
+    MOVE = "move"
+    """Drain one worker and restart it in the other pool."""
+    ADD = "add"
+    """Start one new worker."""
+    REMOVE = "remove"
+    """Drain one worker and stop it."""
+
+
+@dataclass(frozen=True)
+class Move:
+    """Drain `worker_id`, then restart it serving `to_role`."""
+
+    worker_id: str
+    to_role: PoolRole
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One tick's outcome. At most one of `moves`, `add`, `remove` is non-empty, with at most one entry."""
+
+    now_s: float
+    action: Action
+    current: tuple[int, int]
+    """(prefill, decode) workers now, not counting those in transition."""
+    target: tuple[int, int]
+    """(prefill, decode) the controller is heading for."""
+    moves: tuple[Move, ...] = ()
+    add: tuple[PoolRole, ...] = ()
+    remove: tuple[str, ...] = ()
+    reason: str = ""
+    """One readable sentence with the numbers."""
+    inputs: dict[str, float] = field(default_factory=dict)
+    """Every number the decision used (rate, lengths, corrections, needs, loads, queue terms, ...)."""
+    state: ControllerState = ControllerState()
+    """Pass this to the next tick."""
+
+    def to_json(self) -> str:
+        state = self.state
+        return json.dumps({
+            "now_s": _num(self.now_s),
+            "action": self.action.value,
+            "current": list(self.current),
+            "target": list(self.target),
+            "moves": [{"worker_id": m.worker_id, "to_role": m.to_role.value} for m in self.moves],
+            "add": [role.value for role in self.add],
+            "remove": list(self.remove),
+            "reason": self.reason,
+            "inputs": {key: _num(value) for key, value in self.inputs.items()},
+            "state": {
+                "last_move_s": _num(state.last_move_s),
+                "candidate": None if state.candidate is None else list(state.candidate),
+                "candidate_ticks": state.candidate_ticks,
+                "ttft_correction": _num(state.ttft_correction),
+                "tpot_correction": _num(state.tpot_correction),
+            },
+        }, allow_nan=False)
+
+    @staticmethod
+    def from_json(text: str | bytes) -> Decision:
+        values = json.loads(text)
+        state = values["state"]
+        return Decision(
+            now_s=float(values["now_s"]),
+            action=Action(values["action"]),
+            current=_pair(values["current"]),
+            target=_pair(values["target"]),
+            moves=tuple(Move(m["worker_id"], PoolRole(m["to_role"])) for m in values["moves"]),
+            add=tuple(PoolRole(role) for role in values["add"]),
+            remove=tuple(values["remove"]),
+            reason=values["reason"],
+            inputs={key: float(value) for key, value in values["inputs"].items()},
+            state=ControllerState(
+                last_move_s=float(state["last_move_s"]),
+                candidate=None if state["candidate"] is None else _pair(state["candidate"]),
+                candidate_ticks=int(state["candidate_ticks"]),
+                ttft_correction=float(state["ttft_correction"]),
+                tpot_correction=float(state["tpot_correction"]),
+            ),
+        )
+
+
+def _num(value: float) -> float | str:
+    """A float for strict JSON: non-finite values become the strings float() reads back."""
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+def _pair(values: list[int]) -> tuple[int, int]:
+    first, second = values
+    return int(first), int(second)

@@ -1,0 +1,197 @@
+"""How many workers each pool needs for the observed traffic, and how the model is corrected by what was observed.
+
+Notation: lambda = arrival rate (req/s), ISL/OSL = mean input/output tokens of the window's finished requests,
+P/D = active prefill/decode workers now, T = slo_ttft_s, tau = slo_tpot_s, c_ttft/c_tpot = the corrections.
+
+Prefill (see `perf_model` for u_p):
+
+    S               = prefill_seconds(ISL) * c_ttft                 corrected service time of one prompt
+    demand_p        = lambda * S                                     worker-seconds of prefill per second
+    need_p_steady   = demand_p / u_p                                 workers to keep TTFT (mean) under T
+    backlog_tokens  = sum(queued_prefill_tokens) + router_waiting * ISL
+    backlog_work    = backlog_tokens / ISL * S                       worker-seconds already queued
+    need_p_backlog  = demand_p + burst_weight * backlog_work / H      serve arrivals and clear the queue within H
+    need_p          = max(need_p_steady, need_p_backlog) * pressure_ttft
+
+Decode (see `perf_model` for B* and throughput; the first token comes from prefill):
+
+    ctx             = ISL + OSL / 2                                  mean context over a request's decode
+    batch_cap       = min(max_num_seqs, kv_high_water * kv_capacity_tokens / ctx)
+    demand_d        = lambda * (OSL - 1)                             tokens per second
+    need_d_steady   = demand_d / (throughput(B*) * decode_max_utilisation)
+    need_d_queue    = burst_weight * sum(running + waiting) / (B* * decode_max_utilisation)
+    need_d_kv       = burst_weight * D * kv_used_fraction / kv_high_water     (> D only above the high water)
+    need_d          = max(need_d_steady, need_d_queue, need_d_kv) * pressure_tpot
+
+What the averages hide: the backlog, queue and KV terms read the workers' heartbeats, so a burst raises the need
+while it lasts. The pressure terms read the tail: when the observed p90 is above its SLO and the pool is busy
+(need >= pressure_min_load * size), pressure = min(p90 / SLO, max_pressure); otherwise 1.
+
+`need_p_steady` and `need_d_steady` (the averages alone) are kept apart as well: when no split has room, the queues
+are everywhere and the controller splits by these (see `controller`).
+
+Corrections (the model is a profile; the hardware, the KV handoff and the router add their own time). Each is the
+factor on the model's time that makes the predicted p50 match the observed one:
+
+    predicted TTFT p50 = S + W(min(lambda * S / P, 0.95))            S = prefill_seconds(ISL) * c_ttft (as above)
+    predicted TPOT p50 = decode_step_seconds(b, ctx) * c_tpot        b = mean running per decode worker
+    c <- clamp((1 - alpha) * c + alpha * clamp(c * observed / predicted))   clamps: [correction_min, correction_max]
+
+For TPOT, c * observed / predicted is simply observed / model; for TTFT the queueing term makes the prediction grow
+faster than c, and iterating to the fixed point (predicted == observed) keeps that growth from being read as a slower
+prefill (a plain observed/uncorrected ratio would be, and would oversize the pool).
+
+updated only from windows with at least correction_min_finished finished requests; the TTFT one also only while the
+prefill queue is short (queued work per prefill worker <= T), since a growing queue is the backlog term's job and
+would otherwise be counted twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from pdserve.controller.config import ControllerConfig, ControllerState
+from pdserve.controller.observation import Observation, PoolRole
+from pdserve.controller.perf_model import PerfModel, decode_capacity, md1_wait, prefill_max_utilisation
+
+PREDICTION_RHO_CAP = 0.95
+"""Utilisation at which the predicted TTFT's queueing term stops growing (it is infinite at 1)."""
+
+
+@dataclass(frozen=True)
+class PoolNeeds:
+    """Workers each pool needs (fractional), with every number that went into them."""
+
+    prefill: float
+    decode: float
+    prefill_steady: float
+    """The prefill need from the averages alone (no queue or pressure term)."""
+    decode_steady: float
+    inputs: dict[str, float]
+    notes: tuple[str, ...] = ()
+    """Warnings for the reason sentence, e.g. an SLO no split can meet."""
+
+
+def _lengths(obs: Observation) -> tuple[int, int, int]:
+    """(ISL, OSL, ctx) as whole tokens."""
+    isl = max(1, round(obs.traffic.mean_input_tokens))
+    osl = max(1, round(obs.traffic.mean_output_tokens))
+    return isl, osl, max(1, round(isl + osl / 2))
+
+
+def _backlog_tokens(obs: Observation, isl: int) -> int:
+    queued = sum(w.queued_prefill_tokens for w in obs.workers if w.role is PoolRole.PREFILL)
+    return queued + obs.traffic.router_waiting * isl
+
+
+def _ema(config: ControllerConfig, old: float, ratio: float) -> float:
+    ratio = min(max(ratio, config.correction_min), config.correction_max)
+    new = (1 - config.correction_alpha) * old + config.correction_alpha * ratio
+    return min(max(new, config.correction_min), config.correction_max)
+
+
+def update_corrections(config: ControllerConfig, model: PerfModel, state: ControllerState,
+                       obs: Observation) -> tuple[ControllerState, dict[str, float]]:
+    """Move the corrections toward observed / predicted p50, when the window has enough to say."""
+    traffic = obs.traffic
+    inputs = {"predicted_ttft_p50_s": math.nan, "predicted_tpot_p50_s": math.nan,
+              "ttft_correction_updated": 0.0, "tpot_correction_updated": 0.0}
+    prefill, decode = obs.active(PoolRole.PREFILL), obs.active(PoolRole.DECODE)
+    if traffic.finished < config.correction_min_finished or not traffic.has_lengths:
+        return state, inputs
+    isl, _, ctx = _lengths(obs)
+    ttft_c, tpot_c = state.ttft_correction, state.tpot_correction
+
+    if prefill:
+        service = model.prefill_seconds(isl) * ttft_c
+        rho = min(traffic.arrival_rate * service / len(prefill), PREDICTION_RHO_CAP)
+        predicted = service + md1_wait(rho, service)
+        inputs["predicted_ttft_p50_s"] = predicted
+        queued_work_per_worker = _backlog_tokens(obs, isl) / isl * service / len(prefill)
+        observed = traffic.ttft_p50_s
+        if math.isfinite(observed) and observed > 0 and predicted > 0 and queued_work_per_worker <= config.slo_ttft_s:
+            ttft_c = _ema(config, ttft_c, ttft_c * observed / predicted)
+            inputs["ttft_correction_updated"] = 1.0
+
+    if decode:
+        batch = min(max(1, round(sum(w.running for w in decode) / len(decode))), config.max_num_seqs)
+        predicted = model.decode_step_seconds(batch, ctx) * tpot_c
+        inputs["predicted_tpot_p50_s"] = predicted
+        observed = traffic.tpot_p50_s
+        if math.isfinite(observed) and observed > 0 and predicted > 0:
+            tpot_c = _ema(config, tpot_c, tpot_c * observed / predicted)
+            inputs["tpot_correction_updated"] = 1.0
+
+    return dataclasses.replace(state, ttft_correction=ttft_c, tpot_correction=tpot_c), inputs
+
+
+def _pressure(config: ControllerConfig, p90: float, slo: float, need: float, size: int) -> float:
+    if not (math.isfinite(p90) and p90 > slo and need >= config.pressure_min_load * size):
+        return 1.0
+    return min(p90 / slo, config.max_pressure)
+
+
+def estimate_needs(config: ControllerConfig, model: PerfModel, state: ControllerState, obs: Observation) -> PoolNeeds:
+    """The prefill and decode needs in workers. The traffic window must have lengths (`TrafficWindow.has_lengths`)."""
+    traffic = obs.traffic
+    rate = traffic.arrival_rate
+    isl, osl, ctx = _lengths(obs)
+    prefill_size, decode_size = obs.sizes
+    notes: list[str] = []
+
+    # Prefill: the steady M/D/1 need, and the need to clear what is queued within the horizon.
+    service_raw = model.prefill_seconds(isl)
+    service = service_raw * state.ttft_correction
+    u_p, ttft_reachable = prefill_max_utilisation(service, config.slo_ttft_s, config.prefill_min_utilisation,
+                                                  config.prefill_max_utilisation)
+    if not ttft_reachable:
+        notes.append(f"a {isl}-token prompt alone takes {service:.3g}s of the {config.slo_ttft_s:g}s TTFT SLO, "
+                     f"so prefill is planned at utilisation {u_p:.2f}")
+    demand_p = rate * service
+    need_p_steady = demand_p / u_p
+    backlog_tokens = _backlog_tokens(obs, isl)
+    backlog_work = backlog_tokens / isl * service
+    need_p_backlog = demand_p + config.burst_weight * backlog_work / config.horizon_s
+    need_p_base = max(need_p_steady, need_p_backlog)
+    pressure_p = _pressure(config, traffic.ttft_p90_s, config.slo_ttft_s, need_p_base, prefill_size)
+    need_p = need_p_base * pressure_p
+
+    # Decode: the steady need at B*, the requests it holds now, and its KV use.
+    batch_cap = config.max_num_seqs
+    if config.kv_capacity_tokens > 0:
+        batch_cap = min(batch_cap, max(1, math.floor(config.kv_high_water * config.kv_capacity_tokens / ctx)))
+    capacity = decode_capacity(model, ctx, batch_cap, config.slo_tpot_s, state.tpot_correction)
+    if not capacity.slo_reachable:
+        notes.append(f"even one request at context {ctx} takes {capacity.step_s:.3g}s per token, over the "
+                     f"{config.slo_tpot_s:g}s TPOT SLO")
+    demand_d = rate * max(osl - 1, 0)
+    need_d_steady = demand_d / (capacity.tokens_per_s * config.decode_max_utilisation)
+    decode = obs.active(PoolRole.DECODE)
+    held = sum(w.running + w.waiting for w in decode)
+    need_d_queue = config.burst_weight * held / (capacity.batch * config.decode_max_utilisation)
+    kv_used, kv_total = sum(w.kv_blocks_used for w in decode), sum(w.kv_blocks_total for w in decode)
+    kv_fraction = kv_used / kv_total if kv_total > 0 else 0.0
+    need_d_kv = config.burst_weight * decode_size * kv_fraction / config.kv_high_water
+    need_d_base = max(need_d_steady, need_d_queue, need_d_kv)
+    pressure_d = _pressure(config, traffic.tpot_p90_s, config.slo_tpot_s, need_d_base, decode_size)
+    need_d = need_d_base * pressure_d
+
+    inputs = {
+        "arrival_rate": rate, "isl": float(isl), "osl": float(osl), "finished": float(traffic.finished),
+        "router_waiting": float(traffic.router_waiting),
+        "ttft_p50_s": traffic.ttft_p50_s, "ttft_p90_s": traffic.ttft_p90_s,
+        "tpot_p50_s": traffic.tpot_p50_s, "tpot_p90_s": traffic.tpot_p90_s, "attainment": traffic.attainment,
+        "prefill_s": service_raw, "prefill_s_corrected": service, "prefill_max_utilisation": u_p,
+        "prefill_demand": demand_p, "prefill_need_steady": need_p_steady,
+        "prefill_backlog_tokens": float(backlog_tokens), "prefill_backlog_work_s": backlog_work,
+        "prefill_need_backlog": need_p_backlog, "ttft_pressure": pressure_p, "prefill_need": need_p,
+        "decode_ctx": float(ctx), "decode_batch_cap": float(capacity.batch_cap), "decode_batch": float(capacity.batch),
+        "decode_step_s_corrected": capacity.step_s, "decode_tokens_per_s": capacity.tokens_per_s,
+        "decode_demand_tokens_per_s": demand_d, "decode_need_steady": need_d_steady,
+        "decode_held": float(held), "decode_need_queue": need_d_queue,
+        "kv_used_fraction": kv_fraction, "decode_need_kv": need_d_kv, "tpot_pressure": pressure_d,
+        "decode_need": need_d,
+    }
+    return PoolNeeds(need_p, need_d, need_p_steady, need_d_steady, inputs, tuple(notes))

@@ -1,0 +1,437 @@
+"""The ratio controller on synthetic observations: a made-up linear perf model, and a tiny world that turns a
+(prefill, decode) split and a traffic mix into the heartbeats and latencies an adapter would report (M/D/1 queueing
+on prefill, Little's law on decode), optionally jittered by a seeded RNG."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+
+from pdserve.controller import (
+    Action,
+    ControllerConfig,
+    ControllerConfigError,
+    ControllerState,
+    Decision,
+    Move,
+    Observation,
+    PoolRole,
+    TrafficWindow,
+    WorkerObservation,
+    tick,
+)
+from pdserve.controller.perf_model import decode_capacity, md1_wait, prefill_max_utilisation
+from pdserve.controller.split import evaluate
+
+CHAT = (40.0, 200, 400)  # rate, ISL, OSL: short prompts, long answers
+SUMMARY = (10.0, 2000, 50)  # long prompts, short answers
+KV_TOKENS = 20_000
+BLOCK = 16
+
+
+class FakeModel:
+    def prefill_seconds(self, prompt_tokens: int) -> float:
+        return 1e-4 * prompt_tokens + 0.01
+
+    def decode_step_seconds(self, batch: int, context_len: int) -> float:
+        return 0.005 + 1e-5 * batch + 2e-8 * batch * context_len
+
+
+MODEL = FakeModel()
+
+
+def make_config(**changes: object) -> ControllerConfig:
+    values: dict = {"slo_ttft_s": 0.5, "slo_tpot_s": 0.02, "kv_capacity_tokens": KV_TOKENS}
+    values.update(changes)
+    return ControllerConfig(**values)
+
+
+class World:
+    """Workers with roles, steady-state load for the traffic, and moves applied at once (no drain time)."""
+
+    def __init__(self, prefill: int, decode: int, traffic: tuple[float, int, int], *, jitter: float = 0.0,
+                 seed: int = 0, truth: tuple[float, float] = (1.0, 1.0), finished: int = 200) -> None:
+        self.roles = {f"w{i:02d}": PoolRole.PREFILL if i < prefill else PoolRole.DECODE
+                      for i in range(prefill + decode)}
+        self.traffic, self.jitter, self.truth, self.finished = traffic, jitter, truth, finished
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.extra_queue_tokens = 0
+        self.next_id = prefill + decode
+
+    def sizes(self) -> tuple[int, int]:
+        roles = list(self.roles.values())
+        return roles.count(PoolRole.PREFILL), roles.count(PoolRole.DECODE)
+
+    def _noise(self) -> float:
+        return 1.0 + self.rng.uniform(-self.jitter, self.jitter)
+
+    def observe(self) -> Observation:
+        rate, isl, osl = self.traffic
+        prefill, decode = self.sizes()
+        # Prefill: M/D/1 per worker; overloaded, a queue of two seconds of arrivals.
+        service = MODEL.prefill_seconds(isl) * self.truth[0]
+        rho = rate * service / max(prefill, 1)
+        if rho < 1:
+            wait = md1_wait(rho, service)
+            ttft50, ttft90 = service + wait, service + 2.5 * wait
+            queued = rho * rho / (2 * (1 - rho)) * isl
+        else:
+            ttft50, ttft90 = service + 2.0, service + 4.0
+            queued = 2 * rate * isl / max(prefill, 1)
+        # Decode: per-worker batch from Little's law, capped by KV memory.
+        ctx = isl + osl // 2
+        cap = min(256, int(0.9 * KV_TOKENS / ctx))
+        batch = 1.0
+        for _ in range(50):
+            batch = rate / max(decode, 1) * (osl - 1) * MODEL.decode_step_seconds(round(batch), ctx) * self.truth[1]
+        running, waiting = min(round(batch), cap), max(round(batch) - cap, 0)
+        tpot = MODEL.decode_step_seconds(max(running, 1), ctx) * self.truth[1]
+        workers = []
+        for worker_id, role in sorted(self.roles.items()):
+            if role is PoolRole.PREFILL:
+                tokens = round(queued) + self.extra_queue_tokens // max(prefill, 1)
+                workers.append(WorkerObservation(worker_id, role, False, running=1, waiting=round(tokens / isl),
+                                                 queued_prefill_tokens=tokens))
+            else:
+                workers.append(WorkerObservation(worker_id, role, False, running=running, waiting=waiting,
+                                                 kv_blocks_used=running * ctx // BLOCK,
+                                                 kv_blocks_total=KV_TOKENS // BLOCK))
+        n = self._noise
+        window = TrafficWindow(window_s=30.0, arrival_rate=rate * n(), finished=self.finished,
+                               mean_input_tokens=isl, mean_output_tokens=osl,
+                               ttft_p50_s=ttft50 * n(), ttft_p90_s=ttft90 * n(),
+                               tpot_p50_s=tpot * n(), tpot_p90_s=1.2 * tpot * n(), attainment=1.0)
+        return Observation(self.now, tuple(workers), window)
+
+    def apply(self, decision: Decision) -> None:
+        for move in decision.moves:
+            self.roles[move.worker_id] = move.to_role
+        for role in decision.add:
+            self.roles[f"w{self.next_id:02d}"] = role
+            self.next_id += 1
+        for worker_id in decision.remove:
+            del self.roles[worker_id]
+
+    def run(self, config: ControllerConfig, ticks: int, state: ControllerState | None = None
+            ) -> tuple[list[Decision], ControllerState]:
+        decisions, state = [], state or ControllerState()
+        for _ in range(ticks):
+            decision = tick(config, MODEL, state, self.observe())
+            decisions.append(decision)
+            state = decision.state
+            self.apply(decision)
+            self.now += config.interval_s
+        return decisions, state
+
+
+def acted(decisions: list[Decision]) -> list[Decision]:
+    return [d for d in decisions if d.action is not Action.HOLD]
+
+
+def best_sizes(decision: Decision, total: int) -> tuple[int, int]:
+    """The split of `total` with the lowest bottleneck, from the needs the decision reported."""
+    need_p, need_d = decision.inputs["prefill_need"], decision.inputs["decode_need"]
+    return min(((p, total - p) for p in range(1, total)),
+               key=lambda s: evaluate(need_p, need_d, s).bottleneck)
+
+
+# --- the capacity math -------------------------------------------------------------------------------------------
+
+
+def test_prefill_utilisation_meets_the_ttft_slo_exactly_between_floor_and_cap() -> None:
+    service, slo = 0.21, 0.5
+    rho, reachable = prefill_max_utilisation(service, slo, floor=0.1, cap=0.99)
+    assert reachable
+    assert service + md1_wait(rho, service) == pytest.approx(slo)
+    assert prefill_max_utilisation(0.6, slo, floor=0.5, cap=0.9) == (0.5, False)  # prompt alone over the SLO
+    assert prefill_max_utilisation(0.001, slo, floor=0.5, cap=0.9) == (0.9, True)
+
+
+def test_decode_batch_is_the_largest_that_meets_the_tpot_slo() -> None:
+    capacity = decode_capacity(MODEL, context_len=400, batch_cap=10_000, slo_tpot_s=0.01, correction=1.5)
+    assert MODEL.decode_step_seconds(capacity.batch, 400) * 1.5 <= 0.01
+    assert MODEL.decode_step_seconds(capacity.batch + 1, 400) * 1.5 > 0.01
+    assert capacity.tokens_per_s == pytest.approx(capacity.batch / capacity.step_s)
+    assert decode_capacity(MODEL, 400, batch_cap=45, slo_tpot_s=0.02, correction=1.0).batch == 45
+    assert not decode_capacity(MODEL, 400, batch_cap=45, slo_tpot_s=0.001, correction=1.0).slo_reachable
+
+
+# --- steady traffic, shifts, bursts -------------------------------------------------------------------------------
+
+
+def test_steady_noisy_traffic_converges_then_holds_without_flapping() -> None:
+    config = make_config()
+    world = World(4, 2, CHAT, jitter=0.15, seed=7)
+    converge, state = world.run(config, 40)
+    assert world.sizes() == best_sizes(converge[-1], 6) == (2, 4)
+    assert all(len(d.moves) <= 1 for d in converge)
+    settled, _ = world.run(config, 50, state)
+    assert len(acted(settled)) <= 1
+    assert world.sizes() == (2, 4)
+    last = settled[-1]
+    assert last.action is Action.HOLD and last.current == last.target == (2, 4)
+    assert "req/s" in last.reason and "(2, 4)" in last.reason
+
+
+def test_shift_from_chat_to_summarisation_moves_one_at_a_time_toward_more_prefill() -> None:
+    config = make_config(confirm_ticks=2, cooldown_s=30.0, interval_s=5.0)
+    world = World(2, 4, CHAT)
+    before, state = world.run(config, 10)
+    assert not acted(before)
+    world.traffic = SUMMARY
+    shift_at = world.now
+    after, _ = world.run(config, 40, state)
+    moves = acted(after)
+    assert [d.action for d in moves] == [Action.MOVE] * 3
+    assert all(len(d.moves) == 1 and d.moves[0].to_role is PoolRole.PREFILL for d in moves)
+    # confirm_ticks: the first move comes on the second tick that sees the new target, not the first.
+    assert moves[0].now_s == shift_at + config.interval_s
+    assert after[0].action is Action.HOLD and after[0].target != after[0].current
+    assert "seen 1 of 2" in after[0].reason
+    # cooldown between moves, one worker per move.
+    gaps = [b.now_s - a.now_s for a, b in zip(moves, moves[1:])]
+    assert all(gap >= config.cooldown_s for gap in gaps)
+    assert [d.current for d in moves] == [(2, 4), (3, 3), (4, 2)]
+    # converged to the split with the lowest bottleneck, and holds there.
+    assert world.sizes() == (5, 1) == best_sizes(after[-1], 6)
+    assert after[-1].action is Action.HOLD
+    # the least loaded decode worker moved each time (decode workers are equally loaded: lowest id).
+    assert moves[0].moves[0].worker_id == "w02"
+
+
+def test_a_one_tick_burst_does_not_move_but_a_persistent_one_moves_one_worker_to_prefill() -> None:
+    config = make_config()
+    world = World(2, 4, CHAT)
+    calm, state = world.run(config, 10)
+    assert not acted(calm)
+    assert calm[-1].inputs["prefill_need_backlog"] < calm[-1].inputs["prefill_need_steady"]
+
+    # Same average rate, but 60k prompt tokens suddenly queued on the prefill workers (300 prompts).
+    world.extra_queue_tokens = 60_000
+    spike, state = world.run(config, 1, state)
+    assert spike[0].action is Action.HOLD
+    assert spike[0].target[0] > spike[0].current[0]  # the queue term points at prefill...
+    assert spike[0].inputs["prefill_need_backlog"] > spike[0].inputs["prefill_need_steady"]
+    assert "prompt tokens queued" in spike[0].reason
+    world.extra_queue_tokens = 0  # ...but the queue cleared before it was confirmed: no move.
+    cleared, state = world.run(config, 3, state)
+    assert not acted(cleared) and world.sizes() == (2, 4)
+    assert cleared[-1].state.candidate is None
+
+    world.extra_queue_tokens = 60_000  # a burst that lasts: moves on its second tick.
+    burst, state = world.run(config, 2, state)
+    assert [d.action for d in burst] == [Action.HOLD, Action.MOVE]
+    assert burst[1].moves[0].to_role is PoolRole.PREFILL
+    assert world.sizes() == (3, 3)
+    more, _ = world.run(config, 2, state)  # the cooldown stops a second move right away
+    assert not acted(more)
+    assert "cooldown" in more[-1].reason
+
+
+def test_ttft_p90_over_the_slo_with_busy_prefill_raises_the_prefill_need() -> None:
+    config = make_config()
+    obs = World(2, 4, (58.0, 200, 400)).observe()
+    calm = tick(config, MODEL, ControllerState(), obs)
+    late = dataclasses.replace(obs.traffic, ttft_p90_s=0.9)
+    pressed = tick(config, MODEL, ControllerState(), dataclasses.replace(obs, traffic=late))
+    assert calm.inputs["ttft_pressure"] == 1.0
+    assert pressed.inputs["ttft_pressure"] == pytest.approx(min(0.9 / 0.5, config.max_pressure))
+    assert pressed.inputs["prefill_need"] > calm.inputs["prefill_need"]
+    assert pressed.inputs["decode_need"] == pytest.approx(calm.inputs["decode_need"])
+    assert "TTFT p90 0.9s over its SLO" in pressed.reason
+
+
+def test_kv_near_full_and_queued_decode_requests_raise_the_decode_need() -> None:
+    config = make_config()
+    obs = World(2, 4, CHAT).observe()
+    calm = tick(config, MODEL, ControllerState(), obs)
+    full = tuple(dataclasses.replace(w, kv_blocks_used=int(0.99 * w.kv_blocks_total), waiting=30)
+                 if w.role is PoolRole.DECODE else w for w in obs.workers)
+    busy = tick(config, MODEL, ControllerState(), dataclasses.replace(obs, workers=full))
+    assert busy.inputs["decode_need_kv"] > 4 > calm.inputs["decode_need_kv"]
+    assert busy.inputs["decode_need"] > calm.inputs["decode_need"]
+
+
+# --- pin, draining, no traffic ------------------------------------------------------------------------------------
+
+
+def test_pin_is_honoured_one_move_per_tick_without_confirmation_or_cooldown() -> None:
+    config = make_config(pin=(1, 5))
+    world = World(4, 2, SUMMARY)  # the traffic wants prefill; the pin does not
+    decisions, _ = world.run(config, 5)
+    assert [d.action for d in decisions] == [Action.MOVE] * 3 + [Action.HOLD] * 2
+    assert all(d.target == (1, 5) and d.reason.startswith("Pinned") for d in decisions)
+    assert world.sizes() == (1, 5)
+    nan = math.nan
+    idle = dataclasses.replace(world.observe(), traffic=TrafficWindow(30.0, 0.0, 0, nan, nan, nan, nan, nan, nan, nan))
+    toward = tick(make_config(pin=(2, 4)), MODEL, ControllerState(), idle)  # pinned: regardless of traffic
+    assert toward.action is Action.MOVE and toward.moves[0].to_role is PoolRole.PREFILL
+
+
+def test_pin_beyond_a_fixed_size_is_clamped_and_says_so() -> None:
+    decision = tick(make_config(pin=(4, 4)), MODEL, ControllerState(), World(2, 4, CHAT).observe())
+    assert decision.target == (4, 2) and decision.action is Action.MOVE
+    assert "budget allows 6" in decision.reason
+
+
+def test_pin_with_budget_adds_toward_it() -> None:
+    decision = tick(make_config(pin=(3, 4), max_workers=8), MODEL, ControllerState(), World(2, 4, CHAT).observe())
+    assert decision.action is Action.ADD and decision.add == (PoolRole.PREFILL,)
+
+
+def test_draining_worker_holds_and_restarts_the_cooldown() -> None:
+    obs = World(2, 4, SUMMARY).observe()
+    workers = (dataclasses.replace(obs.workers[2], draining=True),) + obs.workers[:2] + obs.workers[3:]
+    state = ControllerState(candidate=(5, 1), candidate_ticks=5)
+    decision = tick(make_config(), MODEL, state, dataclasses.replace(obs, workers=workers, now_s=100.0))
+    assert decision.action is Action.HOLD
+    assert decision.current == (2, 3)  # the draining worker counts in neither pool
+    assert decision.state.last_move_s == 100.0 and decision.state.candidate is None
+    assert "w02 in transition" in decision.reason
+    pinned = tick(make_config(pin=(5, 1)), MODEL, state, dataclasses.replace(obs, workers=workers))
+    assert pinned.action is Action.HOLD
+
+
+def test_no_traffic_holds() -> None:
+    obs = World(2, 4, CHAT).observe()
+    nan = math.nan
+    idle = TrafficWindow(30.0, 0.0, 0, nan, nan, nan, nan, nan, nan, nan)
+    decision = tick(make_config(), MODEL, ControllerState(), dataclasses.replace(obs, traffic=idle))
+    assert decision.action is Action.HOLD and "no traffic" in decision.reason
+    unknown = dataclasses.replace(idle, arrival_rate=3.0)
+    decision = tick(make_config(), MODEL, ControllerState(), dataclasses.replace(obs, traffic=unknown))
+    assert decision.action is Action.HOLD and "lengths are unknown" in decision.reason
+
+
+# --- budget -------------------------------------------------------------------------------------------------------
+
+
+def test_budget_adds_when_no_split_is_enough_and_stops_at_max_workers() -> None:
+    config = make_config(max_workers=8, cooldown_s=10.0)
+    world = World(2, 4, (75.0, 200, 400))  # needs ~2.5 prefill + ~4.3 decode: more than 6
+    decisions, _ = world.run(config, 40)
+    adds = [d for d in decisions if d.action is Action.ADD]
+    assert len(adds) == 2 and all(len(d.add) == 1 for d in adds)
+    assert adds[0].reason.startswith("Add a worker") and "budget 8" in adds[0].reason
+    assert world.sizes() == (3, 5) == best_sizes(decisions[-1], 8)
+    assert not acted(decisions[-20:])
+
+
+def test_overloaded_at_the_budget_splits_by_the_averages_and_does_not_chase_its_queues() -> None:
+    """At 100 req/s 8 workers are not enough whichever way they split. The queue lands in the shorter pool; following
+    it would move a worker there and back every cooldown, so the split follows the averages and holds."""
+    config = make_config(max_workers=8, cooldown_s=10.0)
+    world = World(2, 4, (100.0, 200, 400))  # needs ~3.3 prefill + ~6.0 decode
+    decisions, _ = world.run(config, 60)
+    assert sum(world.sizes()) == 8
+    assert not acted(decisions[-30:])
+    assert decisions[-1].inputs["overloaded"] == 1.0 and "overloaded" in decisions[-1].reason
+    need_p, need_d = decisions[-1].inputs["prefill_need_steady"], decisions[-1].inputs["decode_need_steady"]
+    assert world.sizes() == min(((p, 8 - p) for p in range(1, 8)),
+                                key=lambda s: evaluate(need_p, need_d, s).bottleneck)
+
+
+def test_budget_removes_the_least_loaded_worker_of_the_pool_with_most_slack() -> None:
+    config = make_config(min_workers=3)
+    world = World(2, 4, (10.0, 200, 400))  # needs ~0.3 prefill + ~0.6 decode
+    obs = world.observe()
+    workers = tuple(dataclasses.replace(w, running=w.running + 1) if w.worker_id == "w02" else w
+                    for w in obs.workers)
+    first = tick(config, MODEL, ControllerState(), dataclasses.replace(obs, workers=workers))
+    second = tick(config, MODEL, first.state, dataclasses.replace(obs, workers=workers, now_s=5.0))
+    assert first.action is Action.HOLD and second.action is Action.REMOVE
+    assert second.remove == ("w03",)  # a decode worker (4 of them, little need), not the busier w02
+    decisions, _ = world.run(config, 60)
+    assert sum(world.sizes()) == 3
+
+
+# --- corrections --------------------------------------------------------------------------------------------------
+
+
+def test_corrections_move_toward_observed_over_predicted_and_stay_clamped() -> None:
+    config = make_config(pin=(3, 3))  # pinned, so only the corrections change
+    slow = World(3, 3, CHAT, truth=(2.0, 1.5))
+    decisions, state = slow.run(config, 30)
+    ttft = [d.state.ttft_correction for d in decisions]
+    tpot = [d.state.tpot_correction for d in decisions]
+    assert ttft[0] > 1.0 and tpot[0] > 1.0 and tpot == sorted(tpot)
+    # the fixed point: the factor on the prefill time, not the (larger) ratio of TTFTs that queueing inflates
+    assert ttft[-1] == pytest.approx(2.0, rel=0.02)
+    assert tpot[-1] == pytest.approx(1.5, rel=0.02)
+    assert decisions[-1].inputs["ttft_correction"] == ttft[-1]
+    assert decisions[-1].inputs["predicted_ttft_p50_s"] == pytest.approx(slow.observe().traffic.ttft_p50_s, rel=0.05)
+
+    extreme, _ = World(3, 3, (2.0, 200, 400), truth=(10.0, 0.1)).run(config, 30)
+    assert all(d.state.ttft_correction <= config.correction_max and d.state.tpot_correction >= config.correction_min
+               for d in extreme)
+    assert extreme[-1].state.ttft_correction == pytest.approx(config.correction_max, rel=1e-3)
+    assert extreme[-1].state.tpot_correction == pytest.approx(config.correction_min, rel=1e-3)
+
+
+def test_corrections_ignore_windows_with_few_finished_requests() -> None:
+    _, state = World(3, 3, CHAT, truth=(2.0, 2.0), finished=5).run(make_config(), 5)
+    assert state.ttft_correction == 1.0 and state.tpot_correction == 1.0
+
+
+def test_corrections_steer_the_split() -> None:
+    """The model says chat wants (2, 4); the hardware prefills 1.6x slower, so it settles with more prefill."""
+    world = World(2, 4, CHAT, truth=(1.6, 1.0))
+    decisions, _ = world.run(make_config(), 60)
+    assert world.sizes() == (3, 3) == best_sizes(decisions[-1], 6)
+    assert decisions[-1].state.ttft_correction == pytest.approx(1.6, rel=0.05)
+
+
+# --- the loop -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start", [(5, 1), (1, 5), (3, 3)])
+@pytest.mark.parametrize("traffic, best", [(CHAT, (2, 4)), (SUMMARY, (5, 1))])
+def test_simulated_loop_converges_to_the_best_split_from_anywhere(start: tuple[int, int], traffic: tuple,
+                                                                  best: tuple[int, int]) -> None:
+    world = World(*start, traffic, jitter=0.05, seed=sum(start))
+    decisions, _ = world.run(make_config(), 60)
+    assert world.sizes() == best
+    assert all(d.moves[0].to_role is (PoolRole.PREFILL if best[0] > start[0] else PoolRole.DECODE)
+               for d in acted(decisions))  # never overshoots and comes back
+    assert len(acted(decisions)) == abs(best[0] - start[0])
+
+
+# --- decision and config ------------------------------------------------------------------------------------------
+
+
+def test_decision_json_round_trip() -> None:
+    world = World(2, 4, SUMMARY)
+    decisions, _ = world.run(make_config(), 2)
+    move = decisions[1]
+    assert move.action is Action.MOVE and move.moves == (Move("w02", PoolRole.PREFILL),)
+    again = Decision.from_json(move.to_json())
+    assert again.inputs.keys() == move.inputs.keys()
+    assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(again.inputs.values(),
+                                                                             move.inputs.values()))
+    assert dataclasses.replace(again, inputs={}) == dataclasses.replace(move, inputs={})
+
+    odd = Decision(1.0, Action.ADD, (0, 1), (1, 1), add=(PoolRole.PREFILL,), remove=(), reason="r",
+                   inputs={"inf": math.inf, "nan": math.nan}, state=ControllerState())
+    text = odd.to_json()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+    back = Decision.from_json(text)
+    assert back.state.last_move_s == -math.inf and back.inputs["inf"] == math.inf and math.isnan(back.inputs["nan"])
+    assert back.add == (PoolRole.PREFILL,)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"slo_ttft_s": 0}, "slo_ttft_s"),
+    ({"confirm_ticks": 0}, "confirm_ticks"),
+    ({"prefill_max_utilisation": 1.5}, "prefill_max_utilisation"),
+    ({"pin": (0, 3)}, "pin"),
+    ({"max_workers": 1}, "max_workers"),
+    ({"min_workers": 6, "max_workers": 4}, "min_workers"),
+    ({"scale_down_load": 1.0}, "scale_down_load"),
+])
+def test_bad_config_names_the_field(changes: dict, field: str) -> None:
+    with pytest.raises(ControllerConfigError, match=field):
+        make_config(**changes)
