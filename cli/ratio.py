@@ -1,7 +1,7 @@
 """`pdserve ratio`: the prefill:decode split and the controller's last decisions; pin or unpin the split.
 
     pdserve ratio                  # current split, pin, the last decisions
-    pdserve ratio --pin 3:5        # the controller moves workers (one at a time, draining first) to 3 prefill : 5 decode
+    pdserve ratio --pin 3:5        # move workers (one at a time, draining first) to 3 prefill : 5 decode
     pdserve ratio --unpin          # back to following the traffic
 
 The pin lives in the cluster's Redis, so it holds until unpinned (and applies only when the controller is enabled).
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             for d, dry in shown]}))
         return 0
     print(f"split: {split['prefill']} prefill : {split['decode']} decode; pin: "
-          f"{'%d:%d' % pinned if pinned else 'none'}")
+          f"{f'{pinned[0]}:{pinned[1]}' if pinned else 'none'}")
     for decision, dry in shown:
         print(f"  t={decision.now_s:7.1f}s {decision.action.value:<6}{' (dry run)' if dry else ''} {decision.reason}")
     if not shown:

@@ -1,0 +1,72 @@
+"""The ratio controller on a live cluster (real redis-server, Ray, SmolLM2, gRPC on 127.0.0.1): an operator pin moves
+a worker to the other role while requests stream, and every request completes, token-identical to the local engine.
+"""
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from pdserve.client import Client
+from pdserve.cluster.local_cluster import start_cluster, stop_cluster
+from pdserve.cluster.registry import Registry
+from pdserve.engine import SamplingParams
+
+from .test_smollm2_oracle import PROMPTS
+
+pytestmark = pytest.mark.model
+
+CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
+          "workers": {"prefill": {"count": 1, "resources": {"cpus": 0.5}},
+                      "decode": {"count": 2, "resources": {"cpus": 0.5}}},
+          "controller": {"enabled": True, "interval_s": 1.0, "cooldown_s": 0, "window_s": 10}}
+MOVE_DEADLINE_S = 120
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    running = start_cluster(str(tmp_path_factory.mktemp("controller")), CONFIG)
+    yield running
+    stop_cluster(running)
+
+
+def roles(cluster) -> dict[str, str]:
+    return {worker_id: w["role"] for worker_id, w in cluster.workers().items()}
+
+
+def test_pinned_move_under_load_loses_nothing(cluster, engine):
+    registry = Registry(cluster.state()["redis_url"])
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
+    sampling = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def go():
+        async with Client(cluster.address, timeout_s=600) as client:
+            first = [asyncio.create_task(client.generate(p, sampling)) for p in prompts[:6]]
+            await asyncio.sleep(1.0)  # the first wave is streaming when the pin lands
+            await asyncio.to_thread(registry.set_pin, 2, 1)
+            second = []
+            deadline = time.monotonic() + MOVE_DEADLINE_S
+            while sorted((await asyncio.to_thread(roles, cluster)).values()) != ["decode", "prefill", "prefill"]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no move within {MOVE_DEADLINE_S} s: {roles(cluster)}")
+                if len(second) < 6:  # keep requests arriving while the decode worker drains
+                    second.append(asyncio.create_task(client.generate(prompts[6 + len(second)], sampling)))
+                await asyncio.sleep(0.5)
+            second += [asyncio.create_task(client.generate(p, sampling)) for p in prompts[6 + len(second):]]
+            return await asyncio.gather(*first, *second)
+
+    try:
+        remote = asyncio.run(go())
+    finally:
+        registry.clear_pin()
+    local = engine.generate(prompts, sampling)
+    assert len(remote) == len(prompts)
+    assert sorted(r.request_id for r in remote) == sorted({r.request_id for r in remote})  # none duplicated
+    assert [r.token_ids for r in remote] == [m.token_ids for m in local]
+    workers = cluster.wait_until_idle(timeout_s=30)
+    assert all(w["used"] == 0 for w in workers.values())
+    decisions = [json.loads(text) for text, _ in registry.read_decisions(100_000)]
+    moves = [d for d in decisions if d["action"] == "move"]
+    assert moves and "Pinned at (2, 1)" in moves[0]["reason"]
+    assert sorted(w["role"] for w in workers.values()) == ["decode", "prefill", "prefill"]
