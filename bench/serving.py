@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("which", choices=["overhead", "mixed"])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--rate", type=float, default=0.8, help="mixed: arrivals per second")
+    parser.add_argument("--slo-ttft", type=float, default=10.0, help="mixed: TTFT SLO for attainment (s)")
+    parser.add_argument("--slo-tpot", type=float, default=0.35, help="mixed: the tight TPOT SLO (s)")
     args = parser.parse_args(argv)
     if args.which == "overhead":
         report = {"disaggregated": with_cluster(DISAGGREGATED, overhead_run)}
@@ -157,10 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         print_table("router + Ray overhead (1 prefill + 1 decode, SmolLM2, CPU)", flat)
     else:
         workload = mixed_workload(rate=args.rate)
-        report = {}
+        report, met = {}, {}
         for name, config in (("disaggregated", DISAGGREGATED), ("colocated", COLOCATED)):
-            report[name] = summarise(with_cluster(config, lambda address: mixed_run(address, workload)))
+            samples = with_cluster(config, lambda address: mixed_run(address, workload))
+            report[name] = summarise(samples)
+            met[name] = sum(s.ttft_s <= args.slo_ttft and (s.tokens <= 1 or s.tpot_s <= args.slo_tpot)
+                            for s in samples) / len(samples)
         print_table(f"mixed workload: 36 chats + 4 long prompts, Poisson {args.rate}/s, same total cores", report)
+        for name, share in met.items():
+            print(f"  {name:<16} SLO attainment (TTFT <= {args.slo_ttft} s, TPOT <= {args.slo_tpot} s): {share:.1%}")
+        report["attainment"] = met
     if args.json:
         print(json.dumps(report))
     return 0

@@ -39,9 +39,11 @@ def run(args: argparse.Namespace) -> int:
     workers = [{"worker_id": w.worker_id, "role": w.role, "pid": w.pid, "state": w.state,
                 "running_requests": w.running_requests, "kv_blocks_used": w.kv_blocks_used,
                 "kv_blocks_total": w.kv_blocks_total} for w in status.workers]
+    decisions = [] if args.router else _decisions()
     if args.json:
         print(json.dumps({"router": {"address": status.router_address, "mode": status.mode,
-                                     "healthy": health.healthy, "detail": health.detail}, "workers": workers}))
+                                     "healthy": health.healthy, "detail": health.detail}, "workers": workers,
+                          "controller": decisions}))
         return 0
     print(f"router  {status.router_address}  {status.mode}  {'healthy' if health.healthy else 'UNHEALTHY'}"
           f" ({health.detail})")
@@ -51,4 +53,21 @@ def run(args: argparse.Namespace) -> int:
         blocks = f"{w['kv_blocks_used']}/{w['kv_blocks_total']}"
         print(f"{w['worker_id']:<14}{w['role']:<9}{w['pid']:>8}  {w['state']:<9}{w['running_requests']:>8}  "
               f"{blocks:>13}")
+    for d in decisions:
+        print(f"controller t={d['now_s']:.0f}s {d['action']}{' (dry run)' if d['dry_run'] else ''}: {d['reason']}")
     return 0
+
+
+def _decisions(count: int = 3) -> list[dict]:
+    """The ratio controller's last decisions, from the cluster's Redis (none when it is not enabled)."""
+    import redis
+
+    from pdserve.cli.cluster_state import read_state
+    from pdserve.cluster.registry import Registry
+
+    try:
+        entries = Registry(read_state().redis_url).read_decisions(count)
+    except (NoCluster, redis.RedisError):
+        return []
+    return [{**{k: v for k, v in json.loads(text).items() if k in ("now_s", "action", "target", "reason")},
+             "dry_run": dry} for text, dry in entries]

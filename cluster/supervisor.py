@@ -29,6 +29,7 @@ from pdserve.cluster.worker_pool import WorkerPool
 from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.config import ClusterConfig, Mode, load_config
 from pdserve.controller.config import ControllerConfig
+from pdserve.controller.scaled_model import ScaledModel
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.hardware import hardware
 from pdserve.engine.shapes import shape
@@ -118,8 +119,8 @@ class Supervisor:
         config = self.config
         engine = config.engine
         if engine.simulated:
-            model = CostModel(shape(engine.model.removeprefix("random:")), hardware(engine.hardware),
-                              engine.tensor_parallel)
+            model = ScaledModel(CostModel(shape(engine.model.removeprefix("random:")), hardware(engine.hardware),
+                                          engine.tensor_parallel), engine.sim_time_scale)
         else:
             first = next(iter(self.workers.actors.values()))
             model = await first.profile.remote()

@@ -133,4 +133,5 @@ def sim_wire_seconds(engine: Engine, link: str) -> Callable[[int], float]:
     """How long a sim engine's KV of n blocks would take on the modelled link."""
     per_block = engine.cost_model.kv_bytes_per_token() * engine.config.block_size
     kind = Link[link.upper()]
-    return lambda blocks: engine.cost_model.transfer_seconds(blocks * per_block, kind)
+    scale = engine.config.sim_time_scale
+    return lambda blocks: engine.cost_model.transfer_seconds(blocks * per_block, kind) * scale

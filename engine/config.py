@@ -170,6 +170,9 @@ class EngineConfig:
     """GPUs one sim worker spans (tensor parallelism); its KV capacity and step costs follow."""
     gpu_memory_fraction: float = 0.9
     """Share of the accelerators' memory a sim engine uses for weights + KV cache."""
+    sim_time_scale: float = 1.0
+    """A live sim engine takes this many real seconds per modelled second (steps and KV handoffs). Above 1 a large
+    simulated cluster fits a small machine's router; scale the SLOs by the same factor."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -190,6 +193,8 @@ class EngineConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"engine.backend: {self.backend!r} is not one of {list(BACKENDS)}")
         _positive("tensor_parallel", self.tensor_parallel)
+        if not (self.sim_time_scale > 0 and math.isfinite(self.sim_time_scale)):
+            raise ConfigError(f"engine.sim_time_scale: must be a positive number, got {self.sim_time_scale}")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ConfigError(f"engine.gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
 

@@ -112,7 +112,7 @@ class Engine:
         self.tokenizer = None
         placeholder = dataclasses.replace(self.model_config, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=1)
         self.kv_cache = KVCache(placeholder, num_blocks, config.block_size, torch.float32, "cpu")
-        self.runner = SimRunner(cost_model, realtime)
+        self.runner = SimRunner(cost_model, realtime, config.sim_time_scale)
 
     # ---- requests --------------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:

@@ -22,9 +22,11 @@ PLACEHOLDER_TOKEN = 1000
 
 
 class SimRunner:
-    def __init__(self, cost_model: CostModel, realtime: bool = True) -> None:
+    def __init__(self, cost_model: CostModel, realtime: bool = True, time_scale: float = 1.0) -> None:
         self.cost_model = cost_model
         self.realtime = realtime
+        self.time_scale = time_scale
+        """Real seconds per modelled second when live."""
         self.last_cost: StepCost | None = None
         """The last step's modelled cost (FLOPs, bytes, seconds)."""
         self.busy_s = 0.0
@@ -45,7 +47,7 @@ class SimRunner:
         self.last_cost = cost
         self.busy_s += cost.seconds
         if self.realtime:
-            left = started + cost.seconds - time.monotonic()
+            left = started + cost.seconds * self.time_scale - time.monotonic()
             if left > 0:
                 time.sleep(left)
         return {c.request_id: PLACEHOLDER_TOKEN for c in chunks if c.sample}

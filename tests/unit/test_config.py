@@ -43,7 +43,8 @@ def test_engine_config_rejects_a_non_mapping():
 def test_engine_config_round_trips():
     values = {"model": "random:tiny", "dtype": "bf16", "device": "cuda:1", "block_size": 8, "num_kv_blocks": 100,
               "kv_cache_gib": 2, "max_num_batched_tokens": 256, "max_num_seqs": 4, "max_model_len": None, "seed": 3,
-              "num_threads": 2, "backend": "sim", "hardware": "h200", "tensor_parallel": 2, "gpu_memory_fraction": 0.8}
+              "num_threads": 2, "backend": "sim", "hardware": "h200", "tensor_parallel": 2, "gpu_memory_fraction": 0.8,
+              "sim_time_scale": 10.0}
     config = EngineConfig.from_dict(values)
     assert dataclasses.asdict(config) == values
     assert EngineConfig.from_dict(dataclasses.asdict(config)) == config
