@@ -66,8 +66,8 @@ class WorkerPool:
         spec = self.specs[worker_id]
         await self.drain(worker_id)
         await self.stop(worker_id)
-        new = dataclasses.replace(spec, role=to_role, worker_id=self.next_id(to_role))
-        new = dataclasses.replace(new, actor_name=f"{spec.cluster}-{new.worker_id}")
+        new_id = self.next_id(to_role)
+        new = dataclasses.replace(spec, role=to_role, worker_id=new_id, actor_name=f"{spec.cluster}-{new_id}")
         await self.start([new])
         log.warning("worker %s moved to %s as %s", worker_id, to_role.value, new.worker_id)
         return new.worker_id
