@@ -134,6 +134,8 @@ class Controller:
     """No move within this long of the last one finishing."""
     window_s: float = 30.0
     """The traffic window: requests finished in the last this many seconds (from the Redis timings stream)."""
+    max_moves: int = 1
+    """Most workers one decision moves (they drain in parallel)."""
     pin_prefill: int | None = None
     """With pin_decode: hold the split at this many prefill workers whatever the traffic (`pdserve ratio --pin`
     sets the same at run time)."""
@@ -143,6 +145,7 @@ class Controller:
         _at_least("interval_s", self.interval_s, 0.01)
         _at_least("cooldown_s", self.cooldown_s, 0)
         _at_least("window_s", self.window_s, 0.1)
+        _at_least("max_moves", self.max_moves, 1)
         if (self.pin_prefill is None) != (self.pin_decode is None):
             raise ConfigError("pin_prefill: set pin_prefill and pin_decode together, or neither")
         for name in ("pin_prefill", "pin_decode"):

@@ -2,9 +2,9 @@
 
 `pdserve plan` runs `bench.simulator.Simulation` (the real engines, routing and controller on a virtual clock) once
 per candidate at the trace's own rate, for attainment and latency percentiles, and then searches the rate for its
-goodput (DistServe: the highest request rate at which >= 90% of requests meet both SLOs). The search replays the same
-requests faster or slower (`scale_rate`), so every candidate is judged on the same prompts; each candidate runs in a
-process of its own.
+goodput (DistServe: the highest request rate at which >= 90% of requests meet both SLOs). The search asks the traffic
+(`bench.traffic`) for itself at other rates: a recorded trace replays faster, phases keep their length and get busier.
+Every candidate is judged on the same requests at each rate; each candidate runs in a process of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 from pdserve.bench.metrics import SLO, attainment, attainment_series, find_goodput, percentiles
 from pdserve.bench.simulator import PoolSample, SimResult, SimSetup, Simulation
-from pdserve.bench.workloads import TraceEntry, mean_rate, scale_rate
+from pdserve.bench.traffic import Traffic
+from pdserve.bench.workloads import TraceEntry, mean_rate
 from pdserve.controller.config import ControllerConfig
 from pdserve.controller.decision import Action
 from pdserve.engine.config import EngineConfig
@@ -92,8 +93,9 @@ def simulate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]
     return Simulation(sim, trace).run()
 
 
-def evaluate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]) -> CandidateReport:
-    """One candidate: a run at the trace's rate, then (if asked) the goodput search around it."""
+def evaluate(setup: PlanSetup, candidate: Candidate, traffic: Traffic) -> CandidateReport:
+    """One candidate: a run at the traffic's own rate, then (if asked) the goodput search around it."""
+    trace = traffic.at(1.0)
     result = simulate(setup, candidate, trace)
     ok = [r for r in result.records if r.ok]
     points: tuple[tuple[float, float], ...] = ()
@@ -102,7 +104,7 @@ def evaluate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]
         rate = mean_rate(trace)
 
         def run(scaled_rate: float) -> float:
-            scaled = scale_rate(trace, scaled_rate / rate)
+            scaled = traffic.at(scaled_rate / rate)
             return attainment(simulate(setup, candidate, scaled).records, setup.slo)
 
         search = find_goodput(run, setup.search_low * rate, setup.search_high * rate, tolerance=0.05 * rate,
@@ -117,14 +119,14 @@ def evaluate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]
         attainment_series=tuple(attainment_series(result.records, setup.slo)))
 
 
-def plan(setup: PlanSetup, trace: Sequence[TraceEntry], processes: int | None = None) -> list[CandidateReport]:
+def plan(setup: PlanSetup, traffic: Traffic, processes: int | None = None) -> list[CandidateReport]:
     """Every candidate for `setup.workers` workers, in parallel processes; static splits first, controller last."""
     todo = candidates(setup.workers)
     processes = processes or min(len(todo), os.cpu_count() or 1)
     if processes <= 1:
-        return [evaluate(setup, c, trace) for c in todo]
+        return [evaluate(setup, c, traffic) for c in todo]
     with ProcessPoolExecutor(processes) as pool:
-        return list(pool.map(evaluate, [setup] * len(todo), todo, [trace] * len(todo)))
+        return list(pool.map(evaluate, [setup] * len(todo), todo, [traffic] * len(todo)))
 
 
 def best_static(reports: Sequence[CandidateReport]) -> CandidateReport:

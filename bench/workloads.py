@@ -125,6 +125,30 @@ def phase_trace(phases: Sequence[Phase], seed: int = 0, arrival: str = "poisson"
     return entries
 
 
+def parse_phases(spec: str) -> list[Phase]:
+    """Phases from "workload:duration_s:rate,..." (e.g. "chat:200:10,summarization:200:2,chat:200:10")."""
+    phases = []
+    for i, part in enumerate(p.strip() for p in spec.split(",")):
+        fields = part.split(":")
+        if len(fields) != 3:
+            raise TraceError(f"phases[{i}]: {part!r} is not workload:duration_s:rate")
+        try:
+            duration_s, rate = float(fields[1]), float(fields[2])
+        except ValueError:
+            raise TraceError(f"phases[{i}]: duration_s and rate must be numbers, got {part!r}") from None
+        if not (math.isfinite(duration_s) and duration_s > 0 and math.isfinite(rate) and rate > 0):
+            raise TraceError(f"phases[{i}]: duration_s and rate must be finite and > 0, got {part!r}")
+        phases.append(Phase(get_workload(fields[0]), duration_s, rate))
+    return phases
+
+
+def scale_phases(phases: Sequence[Phase], factor: float) -> list[Phase]:
+    """The same phases, as long as before, with `factor` times the arrival rate."""
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise TraceError(f"factor: must be a finite number > 0, got {factor!r}")
+    return [Phase(p.workload, p.duration_s, p.rate * factor) for p in phases]
+
+
 def shift_phases(rate: float, duration_s: float) -> list[Phase]:
     """The built-in "shift": chat, then summarization, then chat, a third of `duration_s` each, all at `rate`."""
     third = duration_s / 3

@@ -4,8 +4,11 @@ and the ratio controller, each run through the real scheduler, routing and contr
 
     pdserve plan --trace FILE --workers 8 --hardware h100 --model llama-3-8b --slo-ttft 1 --slo-tpot 0.05 [--json]
     pdserve plan --workload shift --rate 20 --duration-s 600 --workers 8 ...     (a built-in trace instead of a file)
+    pdserve plan --phases chat:200:10,summarization:200:2,chat:200:10 --workers 8 ...   (workload:seconds:rate, ...)
 
-Trace files are JSON lines {"arrival_s": float, "input_tokens": int, "output_tokens": int}.
+Trace files are JSON lines {"arrival_s": float, "input_tokens": int, "output_tokens": int}. The goodput search
+replays a trace file faster (its phases get shorter); built-in workloads and --phases keep each phase's length and
+raise its rate, which is what a service whose mix shifts over minutes sees when it gets busier.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", metavar="FILE", help="a JSON-lines trace")
     source.add_argument("--workload", choices=("chat", "summarization", "code", "shift"), help="a built-in trace")
+    source.add_argument("--phases", metavar="SPEC", help="workload:duration_s:rate phases, comma-separated")
     p.add_argument("--rate", type=float, default=20.0, help="requests/s of the built-in trace (default 20)")
     p.add_argument("--duration-s", type=float, default=600.0, help="length of the built-in trace (default 600)")
     p.add_argument("--seed", type=int, default=0)
@@ -38,6 +42,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--interval-s", type=float, default=5.0, help="controller tick (default 5)")
     p.add_argument("--cooldown-s", type=float, default=20.0, help="controller cooldown after a move (default 20)")
+    p.add_argument("--max-moves", type=int, default=1, help="most workers one controller decision moves (default 1)")
     p.add_argument("--role-switch-s", type=float, default=5.0, help="a moved worker's restart (default 5)")
     p.add_argument("--no-search", action="store_true", help="skip the goodput search (one run per candidate)")
     p.add_argument("--search", type=float, nargs=2, default=(0.5, 3.0), metavar=("LOW", "HIGH"),
@@ -52,7 +57,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pdserve.bench.metrics import SLO
     from pdserve.bench.planner import PlanSetup, best_static, plan
-    from pdserve.bench.workloads import TraceError, mean_rate, named_trace, read_trace
+    from pdserve.bench.workloads import TraceError, mean_rate
     from pdserve.controller.config import ControllerConfig, ControllerConfigError
     from pdserve.engine.config import ConfigError, EngineConfig
     from pdserve.engine.cost_model import CostModel, Link
@@ -62,14 +67,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.workers < 2:
             raise ConfigError(f"--workers: need at least 2 (one prefill, one decode), got {args.workers}")
-        trace = read_trace(args.trace) if args.trace else named_trace(args.workload, args.rate, args.duration_s,
-                                                                      seed=args.seed)
+        traffic = _traffic(args)
+        trace = traffic.at(1.0)
         engine = EngineConfig(backend="sim", model=args.model, hardware=args.hardware, tensor_parallel=args.tp,
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
         cost = CostModel(shape(args.model), hardware(args.hardware), args.tp)
         slo = SLO(args.slo_ttft, args.slo_tpot)
         controller = ControllerConfig(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, interval_s=args.interval_s,
-                                      cooldown_s=args.cooldown_s, max_num_seqs=args.max_num_seqs,
+                                      cooldown_s=args.cooldown_s, max_moves=args.max_moves,
+                                      max_num_seqs=args.max_num_seqs,
                                       kv_capacity_tokens=cost.kv_capacity_tokens(engine.gpu_memory_fraction))
     except (OSError, TraceError, ConfigError, ControllerConfigError, ValueError) as e:
         print(f"pdserve plan: {e}", file=sys.stderr)
@@ -81,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
                       role_switch_s=args.role_switch_s, search=not args.no_search, search_low=args.search[0],
                       search_high=args.search[1], search_runs=args.search_runs)
     started = time.monotonic()
-    reports = plan(setup, trace, args.processes)
+    reports = plan(setup, traffic, args.processes)
     wall = time.monotonic() - started
     span = trace[-1].arrival_s - trace[0].arrival_s
-    report = {"trace": {"requests": len(trace), "span_s": span, "rate": mean_rate(trace)},
+    report = {"trace": {"requests": len(trace), "span_s": span, "rate": mean_rate(trace),
+                        "traffic": traffic.describe()},
               "setup": {"workers": args.workers, "hardware": args.hardware, "model": args.model, "tp": args.tp,
                         "link": args.link, "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot},
               "wall_s": wall, "candidates": [r.to_dict() for r in reports],
@@ -99,10 +106,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _traffic(args: argparse.Namespace):
+    """The traffic the flags name: a trace file, --phases, or a built-in workload as phases."""
+    from pdserve.bench.traffic import traffic_of
+    from pdserve.bench.workloads import WORKLOADS, Phase, parse_phases, read_trace, shift_phases
+
+    if args.trace:
+        return traffic_of(entries=read_trace(args.trace))
+    if args.phases:
+        return traffic_of(phases=parse_phases(args.phases), seed=args.seed)
+    if args.workload == "shift":
+        return traffic_of(phases=shift_phases(args.rate, args.duration_s), seed=args.seed)
+    return traffic_of(phases=[Phase(WORKLOADS[args.workload], args.duration_s, args.rate)], seed=args.seed)
+
+
 def _print_table(reports, report, best) -> None:
     t = report["trace"]
     print(f"trace: {t['requests']} requests over {t['span_s']:.0f} s ({t['rate']:.2f} req/s); "
           f"simulated in {report['wall_s']:.0f} s")
+    print(f"traffic: {t['traffic']}")
     print(f"{'split':<24}{'attain':>8}{'goodput':>10}{'vs best':>9}{'TTFT p50':>10}{'p90':>8}{'p99':>8}"
           f"{'TPOT p50':>10}{'p90':>8}{'p99':>8}{'moves':>7}")
     for r in reports:

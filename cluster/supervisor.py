@@ -129,7 +129,8 @@ class Supervisor:
         settings = config.controller
         controller_config = ControllerConfig(
             slo_ttft_s=config.slo.ttft_s, slo_tpot_s=config.slo.tpot_s, interval_s=settings.interval_s,
-            cooldown_s=settings.cooldown_s, pin=settings.pin, max_num_seqs=engine.max_num_seqs,
+            cooldown_s=settings.cooldown_s, max_moves=settings.max_moves, pin=settings.pin,
+            max_num_seqs=engine.max_num_seqs,
             kv_capacity_tokens=info.kv_blocks_total * engine.block_size)
         counts = lambda: RouterCounts(orchestrator.accepted_total, orchestrator.waiting_count)  # noqa: E731
         return ControllerLoop(controller_config, model, registry, self.workers, counts, settings.window_s,

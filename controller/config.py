@@ -28,6 +28,9 @@ class ControllerConfig:
     cooldown_s: float = 30.0
     """No move, add or remove within this long after the last one started, or after a worker was last seen in
     transition (so it counts from when the move completed)."""
+    max_moves: int = 1
+    """Most workers one decision moves; they drain in parallel, and the controller holds until all have switched.
+    More than one lets a large shift in the mix be followed in one step instead of one cooldown per worker."""
     confirm_ticks: int = 2
     """A new target must be the target this many ticks in a row before the controller acts (hysteresis)."""
     min_gain: float = 0.05
@@ -87,7 +90,8 @@ class ControllerConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ControllerConfigError(f"{name}: must be a number >= 0, got {value!r}")
-        for name in ("confirm_ticks", "min_prefill", "min_decode", "max_num_seqs", "correction_min_finished"):
+        counts = ("max_moves", "confirm_ticks", "min_prefill", "min_decode", "max_num_seqs", "correction_min_finished")
+        for name in counts:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ControllerConfigError(f"{name}: must be an integer >= 1, got {getattr(self, name)!r}")
         if not (isinstance(self.kv_capacity_tokens, int) and self.kv_capacity_tokens >= 0):

@@ -16,8 +16,8 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
                N-1 when the best split of N-1 stays at or below scale_down_load and N > min_workers
     act      : only if bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
                the same target was seen confirm_ticks ticks in a row, and cooldown_s has passed;
-               then one worker per tick: the least loaded (fewest running + waiting, then worker id) of the pool
-               that shrinks; an add goes to the pool that grows.
+               then up to max_moves workers at once (default 1): the least loaded (fewest running + waiting,
+               then worker id) of the pool that shrinks; an add goes to the pool that grows.
 
 Before any of that: while a worker is in transition (draining, restarting, starting) the controller holds, and the
 cooldown restarts, so moves happen one at a time; with `pin` set the target is the pin (clamped to the budget) and
@@ -102,7 +102,7 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
     if since < config.cooldown_s:
         return hold(f"{plan.why}; confirmed, but the last move was {since:.0f}s ago (cooldown "
                     f"{config.cooldown_s:g}s), holding at {current} for now.", state, plan.target)
-    return _act(plan.action, plan.target, current, obs, needs, plan.why,
+    return _act(config, plan.action, plan.target, current, obs, needs, plan.why,
                 dataclasses.replace(state, last_move_s=obs.now_s), inputs)
 
 
@@ -198,12 +198,14 @@ def _pinned(config: ControllerConfig, state: ControllerState, obs: Observation, 
         return Decision(obs.now_s, Action.HOLD, current, target, reason=f"{why}: holding at {current}.",
                         inputs=inputs, state=state)
     action = Action.ADD if goal > total else Action.REMOVE if goal < total else Action.MOVE
-    return _act(action, target, current, obs, needs, why, dataclasses.replace(state, last_move_s=obs.now_s), inputs)
+    return _act(config, action, target, current, obs, needs, why, dataclasses.replace(state, last_move_s=obs.now_s),
+                inputs)
 
 
-def _act(action: Action, target: tuple[int, int], current: tuple[int, int], obs: Observation,
-         needs: PoolNeeds | None, why: str, state: ControllerState, inputs: dict[str, float]) -> Decision:
-    """One worker's worth of the step from current toward target."""
+def _act(config: ControllerConfig, action: Action, target: tuple[int, int], current: tuple[int, int],
+         obs: Observation, needs: PoolNeeds | None, why: str, state: ControllerState,
+         inputs: dict[str, float]) -> Decision:
+    """The step from current toward target: one worker added or removed, or up to max_moves moved."""
     grow_p, grow_d = target[0] - current[0], target[1] - current[1]
     loads = evaluate(needs.prefill, needs.decode, current) if needs is not None else None
     prefill_busier = loads is not None and loads.prefill_load >= loads.decode_load
@@ -217,10 +219,14 @@ def _act(action: Action, target: tuple[int, int], current: tuple[int, int], obs:
         shrink_p, shrink_d = -grow_p, -grow_d
         pick_prefill = shrink_p > shrink_d or (shrink_p == shrink_d and loads is not None and not prefill_busier)
         source = PoolRole.PREFILL if pick_prefill else PoolRole.DECODE
-    worker = min(obs.active(source), key=lambda w: (w.load, w.worker_id))
+    by_load = sorted(obs.active(source), key=lambda w: (w.load, w.worker_id))
+    worker = by_load[0]
     if action is Action.MOVE:
-        return Decision(obs.now_s, action, current, target, moves=(Move(worker.worker_id, source.other),),
-                        reason=f"{why}; moving {source.value} worker {worker.worker_id} (holding {worker.load}) "
+        chosen = by_load[:max(1, min(config.max_moves, abs(grow_p)))]
+        names = ", ".join(f"{w.worker_id} (holding {w.load})" for w in chosen)
+        return Decision(obs.now_s, action, current, target,
+                        moves=tuple(Move(w.worker_id, source.other) for w in chosen),
+                        reason=f"{why}; moving {source.value} worker{'s' if len(chosen) > 1 else ''} {names} "
                                f"to {source.other.value}.", inputs=inputs, state=state)
     return Decision(obs.now_s, action, current, target, remove=(worker.worker_id,),
                     reason=f"{why}; removing {source.value} worker {worker.worker_id} (holding {worker.load}).",

@@ -203,6 +203,21 @@ def test_shift_from_chat_to_summarisation_moves_one_at_a_time_toward_more_prefil
     assert moves[0].moves[0].worker_id == "w02"
 
 
+def test_max_moves_follows_a_large_shift_in_one_decision() -> None:
+    config = make_config(confirm_ticks=2, cooldown_s=30.0, interval_s=5.0, max_moves=4)
+    world = World(2, 4, CHAT)
+    _, state = world.run(config, 10)
+    world.traffic = SUMMARY
+    after, _ = world.run(config, 20, state)
+    moves = acted(after)
+    # the whole gap (2:4 -> 5:1) in one decision: three decode workers, least loaded first, all to prefill.
+    assert len(moves) == 1 and moves[0].current == (2, 4) and moves[0].target == (5, 1)
+    assert [m.worker_id for m in moves[0].moves] == ["w02", "w03", "w04"]
+    assert all(m.to_role is PoolRole.PREFILL for m in moves[0].moves)
+    assert "workers w02 (holding" in moves[0].reason
+    assert world.sizes() == (5, 1)
+
+
 def test_a_one_tick_burst_does_not_move_but_a_persistent_one_moves_one_worker_to_prefill() -> None:
     config = make_config()
     world = World(2, 4, CHAT)
@@ -426,6 +441,7 @@ def test_decision_json_round_trip() -> None:
 @pytest.mark.parametrize("changes, field", [
     ({"slo_ttft_s": 0}, "slo_ttft_s"),
     ({"confirm_ticks": 0}, "confirm_ticks"),
+    ({"max_moves": 0}, "max_moves"),
     ({"prefill_max_utilisation": 1.5}, "prefill_max_utilisation"),
     ({"pin": (0, 3)}, "pin"),
     ({"max_workers": 1}, "max_workers"),

@@ -7,6 +7,7 @@ import pytest
 from pdserve.bench.metrics import SLO
 from pdserve.bench.planner import PlanSetup, best_static, candidates, plan
 from pdserve.bench.simulator import SimSetup, Simulation
+from pdserve.bench.traffic import traffic_of
 from pdserve.bench.workloads import WORKLOADS, Phase, TraceEntry, phase_trace
 from pdserve.controller.config import ControllerConfig
 from pdserve.controller.decision import Action
@@ -87,7 +88,7 @@ def test_plan_reports_every_split_and_the_controller():
     setup = PlanSetup(engine=SIM, workers=3, slo=SLO_,
                       controller=ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, interval_s=2, cooldown_s=4),
                       search=True, search_low=0.5, search_high=2.0, search_runs=3)
-    reports = plan(setup, _trace(40, 600, 30, 0.1), processes=1)
+    reports = plan(setup, traffic_of(entries=_trace(40, 600, 30, 0.1)), processes=1)
     assert [r.name for r in reports] == ["1:2", "2:1", "controller (from 1:2)"]
     for r in reports:
         assert 0 <= r.attainment <= 1 and r.lost == 0 and len(r.goodput_points) >= 1

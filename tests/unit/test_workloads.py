@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from pdserve.bench.traffic import traffic_of
 from pdserve.bench.workloads import (
     WORKLOADS,
     Phase,
@@ -12,8 +13,10 @@ from pdserve.bench.workloads import (
     TraceError,
     make_trace,
     named_trace,
+    parse_phases,
     phase_trace,
     read_trace,
+    scale_phases,
     scale_rate,
     write_trace,
 )
@@ -151,3 +154,32 @@ def test_bad_parameters(kwargs, field):
         make_trace("chat", **kwargs)
     with pytest.raises(TraceError, match="workload"):
         make_trace("poetry", 1.0, num_requests=1)
+
+
+def test_phases_parse_and_scale_keeping_their_length():
+    phases = parse_phases("chat:200:10, summarization:100:2")
+    assert [(p.workload.name, p.duration_s, p.rate) for p in phases] == [("chat", 200, 10), ("summarization", 100, 2)]
+    busier = scale_phases(phases, 3)
+    assert [(p.duration_s, p.rate) for p in busier] == [(200, 30), (100, 6)]
+
+
+@pytest.mark.parametrize("spec, words", [("chat:200", "workload:duration_s:rate"), ("chat:x:1", "numbers"),
+                                         ("chat:10:0", "> 0"), ("poetry:10:1", "poetry")])
+def test_bad_phase_spec_names_the_phase(spec, words):
+    with pytest.raises(TraceError, match="phases\\[0\\]|workload") as info:
+        parse_phases(spec)
+    assert words in str(info.value)
+
+
+def test_traffic_at_a_rate_multiple():
+    phases = parse_phases("chat:50:4,summarization:50:2")
+    phased = traffic_of(phases=phases, seed=3)
+    base, busier = phased.at(1.0), phased.at(3.0)
+    assert base == phased.at(1.0)  # regenerated from the same seed
+    assert 2.4 < len(busier) / len(base) < 3.6  # three times the requests ...
+    assert 45 < busier[-1].arrival_s <= 100 and 45 < base[-1].arrival_s <= 100  # ... over the same 100 s
+    recorded = traffic_of(entries=base)
+    assert recorded.at(1.0) == base
+    assert [e.arrival_s for e in recorded.at(2.0)] == pytest.approx([e.arrival_s / 2 for e in base])
+    with pytest.raises(ValueError):
+        traffic_of(entries=base, phases=phases)
