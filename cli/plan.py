@@ -42,6 +42,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--interval-s", type=float, default=5.0, help="controller tick (default 5)")
     p.add_argument("--cooldown-s", type=float, default=20.0, help="controller cooldown after a move (default 20)")
+    p.add_argument("--window-s", type=float, default=30.0, help="controller traffic window (default 30)")
     p.add_argument("--max-moves", type=int, default=1, help="most workers one controller decision moves (default 1)")
     p.add_argument("--role-switch-s", type=float, default=5.0, help="a moved worker's restart (default 5)")
     p.add_argument("--no-search", action="store_true", help="skip the goodput search (one run per candidate)")
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print("pdserve plan: the trace has no requests", file=sys.stderr)
         return 2
     setup = PlanSetup(engine=engine, workers=args.workers, slo=slo, controller=controller, link=Link(args.link),
-                      role_switch_s=args.role_switch_s, search=not args.no_search, search_low=args.search[0],
+                      role_switch_s=args.role_switch_s, window_s=args.window_s, search=not args.no_search,
+                      search_low=args.search[0],
                       search_high=args.search[1], search_runs=args.search_runs)
     started = time.monotonic()
     reports = plan(setup, traffic, args.processes)
