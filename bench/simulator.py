@@ -124,7 +124,8 @@ class Simulation:
         self._queue: deque[_Request] = deque()
         self._pending: dict[str, _Request] = {}
         self._records: list[RequestRecord] = []
-        self._arrivals: deque[float] = deque()
+        self._arrivals: deque[tuple[float, int]] = deque()
+        """(arrival time, prompt tokens) of the requests in the controller's window."""
         self._decisions: list[Decision] = []
         self._samples: list[PoolSample] = []
         self._state = ControllerState()
@@ -156,7 +157,7 @@ class Simulation:
     def _arrive(self, entry: TraceEntry, index: int) -> None:
         sampling = SamplingParams(max_tokens=entry.output_tokens, temperature=0.0, ignore_eos=True)
         request = _Request(f"r{index}", entry, (PLACEHOLDER_TOKEN,) * entry.input_tokens, sampling)
-        self._arrivals.append(self.now)
+        self._arrivals.append((self.now, entry.input_tokens))
         self._queue.append(request)
         self._dispatch()
 
@@ -308,13 +309,16 @@ class Simulation:
 
     def _observe(self, interval_s: float) -> Observation:
         window = self.setup.window_s
-        while self._arrivals and self._arrivals[0] < self.now - window:
+        while self._arrivals and self._arrivals[0][0] < self.now - window:
             self._arrivals.popleft()
+        arrived = len(self._arrivals)
+        arrived_isl = sum(tokens for _, tokens in self._arrivals) / arrived if arrived else math.nan
         recent = [Finished(r.input_tokens, r.output_tokens, r.ttft_s, r.tpot_s) for r in self._records[-5000:]
                   if r.ok and r.arrival_s + r.e2e_s >= self.now - window]
         return Observation(now_s=self.now, workers=tuple(_observe_worker(w) for w in self.workers),
-                           traffic=traffic_window(recent, len(self._arrivals) / window, window, self.setup.slo.ttft_s,
-                                                  self.setup.slo.tpot_s, router_waiting=len(self._queue)))
+                           traffic=traffic_window(recent, arrived / window, window, self.setup.slo.ttft_s,
+                                                  self.setup.slo.tpot_s, router_waiting=len(self._queue),
+                                                  arrived_input_tokens=arrived_isl))
 
     def _sample(self) -> None:
         counts = {role: sum(1 for w in self.workers if w.role is role and w.available) for role in PoolRole}

@@ -4,8 +4,8 @@ Every `interval_s` (in the supervisor's event loop):
 
     observe: the workers from the registry (a worker draining, or being moved, counts as in transition), the last
              `window_s` of the Redis timings stream (what finished: lengths, TTFT/TPOT percentiles, attainment), the
-             arrival rate over the same window (from the router's arrival counter, sampled each tick) and the
-             requests waiting at the router
+             arrival rate and the arrivals' mean prompt length over the same window (from the router's counters,
+             sampled each tick) and the requests waiting at the router
     -> tick (pure; the operator's pin from Redis or the config replaces the traffic's target)
     -> record: the decision as JSON on the `decisions` stream (`pdserve status` shows the last ones) and in the log
     -> act (unless dry run): a MOVE drains the worker and restarts it in the other role (`WorkerPool.move`), in the
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,6 +47,7 @@ _ROLES = {PoolRole.PREFILL: Role.PREFILL, PoolRole.DECODE: Role.DECODE}
 class RouterCounts:
     accepted_total: int
     waiting: int
+    accepted_prompt_tokens: int = 0
 
 
 class ControllerLoop:
@@ -60,8 +62,8 @@ class ControllerLoop:
         self.dry_run = dry_run
         self.state = ControllerState()
         self._moving: dict[str, asyncio.Task] = {}
-        self._counts: deque[tuple[float, int]] = deque()
-        """(time, accepted_total) at each tick within the window, oldest first."""
+        self._counts: deque[tuple[float, RouterCounts]] = deque()
+        """(time, the router's counts) at each tick within the window, oldest first."""
         self._started = time.monotonic()
 
     async def run(self) -> None:
@@ -93,19 +95,24 @@ class ControllerLoop:
         seen += [WorkerObservation(worker_id, _POOL_ROLES[self.pool.specs[worker_id].role], draining=True)
                  for worker_id in self._moving if worker_id not in present and worker_id in self.pool.specs]
         counts = self.router_counts()
-        rate = self._arrival_rate(now, counts.accepted_total)
+        rate, prompt_tokens = self._arrivals(now, counts)
         return Observation(now_s=now - self._started, workers=tuple(seen),
                            traffic=traffic_window(finished_requests(timings), rate, self.window_s,
-                                                  self.config.slo_ttft_s, self.config.slo_tpot_s, counts.waiting))
+                                                  self.config.slo_ttft_s, self.config.slo_tpot_s, counts.waiting,
+                                                  prompt_tokens))
 
-    def _arrival_rate(self, now: float, accepted_total: int) -> float:
-        """Requests/s accepted over the last window_s (as the lengths are), not since the last tick: a rate over a few
-        seconds is noisy and, at a change in the mix, would meet lengths that still describe the old mix."""
-        self._counts.append((now, accepted_total))
+    def _arrivals(self, now: float, counts: RouterCounts) -> tuple[float, float]:
+        """(requests/s, mean prompt tokens) of the requests accepted over the last window_s (as the finished lengths
+        are), not since the last tick: a rate over a few seconds is noisy. The prompt length is NaN when nothing
+        arrived."""
+        self._counts.append((now, counts))
         while len(self._counts) > 2 and self._counts[1][0] <= now - self.window_s:
             self._counts.popleft()
-        first_t, first_count = self._counts[0]
-        return (accepted_total - first_count) / (now - first_t) if now > first_t else 0.0
+        first_t, first = self._counts[0]
+        arrived = counts.accepted_total - first.accepted_total
+        rate = arrived / (now - first_t) if now > first_t else 0.0
+        prompt = (counts.accepted_prompt_tokens - first.accepted_prompt_tokens) / arrived if arrived else math.nan
+        return rate, prompt
 
     def _read(self) -> tuple[list[WorkerInfo], list[dict[str, str]], tuple[int, int] | None]:
         return self.registry.workers(), self.registry.timings_since(self.window_s), self.registry.pin()

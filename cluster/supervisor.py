@@ -132,7 +132,8 @@ class Supervisor:
             cooldown_s=settings.cooldown_s, max_moves=settings.max_moves, pin=settings.pin,
             max_num_seqs=engine.max_num_seqs,
             kv_capacity_tokens=info.kv_blocks_total * engine.block_size)
-        counts = lambda: RouterCounts(orchestrator.accepted_total, orchestrator.waiting_count)  # noqa: E731
+        counts = lambda: RouterCounts(orchestrator.accepted_total, orchestrator.waiting_count,  # noqa: E731
+                                      orchestrator.accepted_prompt_tokens)
         return ControllerLoop(controller_config, model, registry, self.workers, counts, settings.window_s,
                               settings.dry_run)
 

@@ -81,6 +81,16 @@ def _lengths(obs: Observation) -> tuple[int, int, int]:
     return isl, osl, max(1, round(isl + osl / 2))
 
 
+def _demand_lengths(obs: Observation) -> tuple[int, int, int]:
+    """(ISL, OSL, ctx) for sizing the pools: the prompt length of what is arriving when known (it follows a change
+    in the mix at once), else of what finished. Output lengths are only known once requests finish."""
+    isl, osl, _ = _lengths(obs)
+    arrived = obs.traffic.arrived_input_tokens
+    if math.isfinite(arrived) and arrived >= 1:
+        isl = round(arrived)
+    return isl, osl, max(1, round(isl + osl / 2))
+
+
 def _backlog_tokens(obs: Observation, isl: int) -> int:
     queued = sum(w.queued_prefill_tokens for w in obs.workers if w.role is PoolRole.PREFILL)
     return queued + obs.traffic.router_waiting * isl
@@ -137,7 +147,7 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     """The prefill and decode needs in workers. The traffic window must have lengths (`TrafficWindow.has_lengths`)."""
     traffic = obs.traffic
     rate = traffic.arrival_rate
-    isl, osl, ctx = _lengths(obs)
+    isl, osl, ctx = _demand_lengths(obs)
     prefill_size, decode_size = obs.sizes
     notes: list[str] = []
 
@@ -179,7 +189,7 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     need_d = need_d_base * pressure_d
 
     inputs = {
-        "arrival_rate": rate, "isl": float(isl), "osl": float(osl), "finished": float(traffic.finished),
+        "arrival_rate": rate, "isl": float(isl), "finished_isl": traffic.mean_input_tokens, "osl": float(osl), "finished": float(traffic.finished),
         "router_waiting": float(traffic.router_waiting),
         "ttft_p50_s": traffic.ttft_p50_s, "ttft_p90_s": traffic.ttft_p90_s,
         "tpot_p50_s": traffic.tpot_p50_s, "tpot_p90_s": traffic.tpot_p90_s, "attainment": traffic.attainment,

@@ -67,6 +67,10 @@ class TrafficWindow:
     """Share of the finished requests that met both SLOs (NaN when none finished)."""
     router_waiting: int = 0
     """Requests the router accepted and has not yet sent to a prefill worker."""
+    arrived_input_tokens: float = math.nan
+    """Mean prompt length of the requests that arrived in the window (NaN when unknown). The router knows a
+    prompt's length the moment it arrives, so this follows a change in the mix at once, while the finished
+    requests' lengths lag it by a request's lifetime."""
 
     @property
     def idle(self) -> bool:

@@ -20,11 +20,14 @@ class Finished:
 
 
 def traffic_window(finished: Sequence[Finished], arrival_rate: float, window_s: float, slo_ttft_s: float,
-                   slo_tpot_s: float, router_waiting: int = 0) -> TrafficWindow:
-    """Lengths, TTFT/TPOT p50 and p90 and SLO attainment of the window's finished requests."""
+                   slo_tpot_s: float, router_waiting: int = 0,
+                   arrived_input_tokens: float = math.nan) -> TrafficWindow:
+    """Lengths, TTFT/TPOT p50 and p90 and SLO attainment of the window's finished requests, with the arrival rate
+    and the arrivals' mean prompt length passed through."""
     if not finished:
         nan = math.nan
-        return TrafficWindow(window_s, arrival_rate, 0, nan, nan, nan, nan, nan, nan, nan, router_waiting)
+        return TrafficWindow(window_s, arrival_rate, 0, nan, nan, nan, nan, nan, nan, nan, router_waiting,
+                             arrived_input_tokens)
     ttft = sorted(f.ttft_s for f in finished)
     tpot = sorted(f.tpot_s for f in finished)
     met = sum(1 for f in finished if f.ttft_s <= slo_ttft_s and f.tpot_s <= slo_tpot_s)
@@ -34,7 +37,8 @@ def traffic_window(finished: Sequence[Finished], arrival_rate: float, window_s: 
         mean_input_tokens=sum(f.input_tokens for f in finished) / n,
         mean_output_tokens=sum(f.output_tokens for f in finished) / n,
         ttft_p50_s=_quantile(ttft, 0.5), ttft_p90_s=_quantile(ttft, 0.9), tpot_p50_s=_quantile(tpot, 0.5),
-        tpot_p90_s=_quantile(tpot, 0.9), attainment=met / n, router_waiting=router_waiting)
+        tpot_p90_s=_quantile(tpot, 0.9), attainment=met / n, router_waiting=router_waiting,
+        arrived_input_tokens=arrived_input_tokens)
 
 
 def _quantile(ordered: list[float], q: float) -> float:

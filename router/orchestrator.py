@@ -96,6 +96,8 @@ class Orchestrator:
         self.metrics = RouterMetrics(in_flight=lambda: len(self._streams))
         self.accepted_total = 0
         """Requests accepted since the router started (the controller's arrival rate)."""
+        self.accepted_prompt_tokens = 0
+        """Their prompt tokens (the controller's arriving prompt length)."""
 
     async def generate(self, request: ValidRequest) -> AsyncIterator[Piece]:
         if request.request_id in self._streams:
@@ -104,6 +106,7 @@ class Orchestrator:
         stream = _Stream("", asyncio.Queue())
         self._streams[request.request_id] = stream
         self.accepted_total += 1
+        self.accepted_prompt_tokens += len(request.token_ids)
         route = _Route()
         finished = False
         try:

@@ -260,6 +260,20 @@ def test_ttft_p90_over_the_slo_with_busy_prefill_raises_the_prefill_need() -> No
     assert "TTFT p90 0.9s over its SLO" in pressed.reason
 
 
+def test_arriving_prompt_lengths_size_prefill_before_the_finished_requests_catch_up() -> None:
+    # Summaries have begun to arrive; only chat requests have finished so far. The prefill need follows the
+    # arrivals' prompt length at once, and the decode need still uses the finished output lengths.
+    config = make_config()
+    obs = World(3, 3, (10.0, 200, 50)).observe()
+    stale = tick(config, MODEL, ControllerState(), obs)
+    arriving = dataclasses.replace(obs.traffic, arrived_input_tokens=2000.0)
+    fresh = tick(config, MODEL, ControllerState(), dataclasses.replace(obs, traffic=arriving))
+    assert stale.inputs["isl"] == 200 and fresh.inputs["isl"] == 2000 and fresh.inputs["finished_isl"] == 200
+    assert fresh.inputs["prefill_need"] > 5 * stale.inputs["prefill_need"]
+    assert fresh.inputs["osl"] == stale.inputs["osl"] == 50
+    assert fresh.target[0] > stale.target[0]
+
+
 def test_kv_near_full_and_queued_decode_requests_raise_the_decode_need() -> None:
     config = make_config()
     obs = World(2, 4, CHAT).observe()

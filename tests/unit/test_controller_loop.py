@@ -1,4 +1,7 @@
-"""The live controller adapter's arrival rate: over the traffic window, like the lengths it is combined with."""
+"""The live controller adapter's arrivals: rate and prompt length over the traffic window, like the finished
+lengths they are combined with."""
+
+import math
 
 from pdserve.cluster.controller_loop import ControllerLoop, RouterCounts
 from pdserve.controller.config import ControllerConfig
@@ -12,19 +15,22 @@ def _loop(window_s: float) -> ControllerLoop:
 
 def test_arrival_rate_is_averaged_over_the_window_not_the_last_tick():
     loop = _loop(window_s=20.0)
-    assert loop._arrival_rate(0.0, 0) == 0.0  # nothing to compare with yet
+    rate, prompt = loop._arrivals(0.0, RouterCounts(0, 0))
+    assert rate == 0.0 and math.isnan(prompt)  # nothing to compare with yet
     total = 0
     for t in range(3, 31, 3):  # 10 req/s, then a quiet tick at the end
         total += 30 if t < 30 else 0
-        rate = loop._arrival_rate(float(t), total)
+        rate, _ = loop._arrivals(float(t), RouterCounts(total, 0, total * 100))
     # the last 3 s had no arrivals; the 20 s window still says ~9 req/s, where a per-tick rate would say 0
     assert 8.0 < rate < 10.0
 
 
-def test_arrival_rate_forgets_what_left_the_window():
+def test_arrivals_forget_what_left_the_window():
     loop = _loop(window_s=10.0)
-    loop._arrival_rate(0.0, 0)
-    loop._arrival_rate(5.0, 500)  # a burst long ago
+    loop._arrivals(0.0, RouterCounts(0, 0, 0))
+    loop._arrivals(5.0, RouterCounts(500, 0, 500 * 4000))  # a burst of long prompts long ago
     for t in range(10, 41, 5):
-        rate = loop._arrival_rate(float(t), 500 + (t - 5) * 2)  # then 2 req/s
+        total = 500 + (t - 5) * 2  # then 2 req/s of 300-token prompts
+        rate, prompt = loop._arrivals(float(t), RouterCounts(total, 0, 500 * 4000 + (total - 500) * 300))
     assert rate == 2.0
+    assert prompt == 300.0
