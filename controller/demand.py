@@ -189,8 +189,8 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     need_d = need_d_base * pressure_d
 
     inputs = {
-        "arrival_rate": rate, "isl": float(isl), "finished_isl": traffic.mean_input_tokens, "osl": float(osl), "finished": float(traffic.finished),
-        "router_waiting": float(traffic.router_waiting),
+        "arrival_rate": rate, "isl": float(isl), "finished_isl": traffic.mean_input_tokens, "osl": float(osl),
+        "finished": float(traffic.finished), "router_waiting": float(traffic.router_waiting),
         "ttft_p50_s": traffic.ttft_p50_s, "ttft_p90_s": traffic.ttft_p90_s,
         "tpot_p50_s": traffic.tpot_p50_s, "tpot_p90_s": traffic.tpot_p90_s, "attainment": traffic.attainment,
         "prefill_s": service_raw, "prefill_s_corrected": service, "prefill_max_utilisation": u_p,
