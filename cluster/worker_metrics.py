@@ -16,9 +16,9 @@ the next scrape is whole again.
     pdserve_worker_prefill_tokens_total                   counter    prompt tokens computed
     pdserve_worker_decode_tokens_total                    counter    tokens decoded (one per decode step per request)
     pdserve_worker_preemptions_total                      counter    requests preempted (recomputed later)
-    pdserve_worker_kv_transfers_total{status}             counter    KV transfers ended: done, failed (a "no KV"
-                                                                    answer counts here on the decode side),
-                                                                    cancelled, timed_out
+    pdserve_worker_kv_transfers_total{status}             counter    KV transfers ended: done, failed, cancelled
+                                                                    (an aborted request's KV, drained),
+                                                                    timed_out
     pdserve_worker_kv_transfer_seconds                    histogram  a handoff that moved KV, start to done (sends on
                                                                     a prefill worker, receives on a decode worker)
     pdserve_worker_kv_transfer_bytes_total                counter    bytes those handoffs moved
@@ -138,7 +138,7 @@ class WorkerMetrics:
     def transfer(self, result: TransferResult) -> None:
         """A KV transfer's outcome (from `connector.poll()`)."""
         self.transfers[result.status] += 1
-        if result.status is TransferStatus.DONE and result.bytes:  # a "no KV" answer moves nothing
+        if result.status is TransferStatus.DONE and result.bytes:  # an empty transfer moves nothing
             self.transfer_seconds.observe(result.seconds)
             self.transfer_bytes += result.bytes
 

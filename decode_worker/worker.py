@@ -2,14 +2,16 @@
 
 Life of a handed-off request here:
 
-    reserve(task)  -> blocks allocated for the prompt, the KV receive posted   (before the prefill starts)
-    KV arrives     -> the connector reports DONE  \\
-    commit(first)  -> the prefill's first token     +-> decoding, batched with every other running request
+    reserve(task)  -> blocks allocated for the prompt                      (before the prefill starts)
+    commit(first)  -> the prefill's first token; the KV receive posted     (the prefill worker is sending now)
+    KV arrives     -> the connector reports DONE -> decoding, batched with every other running request
     each step      -> a TokenEvent per request, which the router drains with `events`
     finished       -> blocks freed.
 
-A receive that fails or times out frees the blocks and ends the request with an error event. `abort` works at every
-stage (receiving, waiting for the first token, decoding) and frees the blocks.
+The receive is posted only once its send has started, so its timeout bounds the transfer itself, never the wait
+in a prefill queue (and no transfer thread waits for a KV that is still queued). A receive that fails or times out
+frees the blocks and ends the request with an error event. `abort` works at every stage (reserved, receiving,
+decoding) and frees the blocks; told that the KV was already on the wire, it posts the receive that drains it.
 
 Colocated (role both): `generate(task)` queues the whole request here; prefill and decode share this engine, which
 is the baseline the disaggregated mode is measured against. Everything that touches the engine or the connector
@@ -19,6 +21,7 @@ runs on the engine thread; events cross to the asyncio side with `call_soon_thre
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -28,14 +31,19 @@ from pdserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import FinishReason, RequestOutput
 from pdserve.engine.step_profile import StepProfile, profile_engine
-from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferResult, TransferStatus
+from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError, TransferResult, TransferStatus
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Arrival:
-    """A handed-off request between reserve and commit."""
+    """A handed-off request from reserve until its KV has landed."""
 
     task: DecodeTask
+    blocks: tuple[int, ...]
+    posted: bool = False
+    """Its receive is posted (from commit, or to drain an aborted request's KV)."""
     received: TransferResult | None = None
     first_token_id: int | None = None
 
@@ -70,20 +78,22 @@ class DecodeWorker:
         return self.runtime.info()
 
     async def reserve(self, task: DecodeTask) -> Reservation | None:
-        """Allocate blocks and post the KV receive; None when there is no room right now."""
+        """Allocate blocks for the request's KV; None when there is no room right now."""
         return await self.runtime.call(lambda engine: self._reserve(engine, task))
 
     async def commit(self, request_id: str, first_token_id: int) -> None:
+        """The prefill is done and its KV is being sent: receive it, then decode from `first_token_id`."""
         await self.runtime.call(lambda engine: self._commit(engine, request_id, first_token_id))
 
     async def generate(self, task: DecodeTask) -> None:
         """Colocated: prefill and decode the whole request here."""
         await self.runtime.call(lambda engine: self._generate(engine, task))
 
-    async def abort(self, request_id: str) -> bool:
-        """Drop the request here; True if it was still waiting for its KV (the prefill worker must then answer
-        that receive with "no KV", unless it already sent something)."""
-        return await self.runtime.call(lambda engine: self._abort(engine, request_id))
+    async def abort(self, request_id: str, kv_sent: bool = False) -> None:
+        """Drop the request here and free its blocks. `kv_sent`: the prefill worker had started sending its KV, so
+        a receive must drain it (else the send would wait for one until it timed out, and gloo would close the
+        pair)."""
+        await self.runtime.call(lambda engine: self._abort(engine, request_id, kv_sent))
 
     async def events(self, timeout_s: float = 1.0) -> list[TokenEvent]:
         """Every event since the last call; waits up to `timeout_s` for one."""
@@ -122,14 +132,7 @@ class DecodeWorker:
         blocks = engine.reserve_remote(task.request_id, task.token_ids, task.sampling)
         if blocks is None:
             return None
-        transfer = Transfer(task.request_id, task.prefill_worker, blocks, task.tag,
-                            self.runtime.spec.kv_transfer.timeout_s)
-        try:
-            self.runtime.connector.start_recv(transfer)
-        except Exception:
-            engine.release(task.request_id)
-            raise
-        self._arriving[task.request_id] = _Arrival(task)
+        self._arriving[task.request_id] = _Arrival(task, blocks)
         load = engine.load()
         return Reservation(task.request_id, len(blocks), load.kv_blocks_total - load.kv_blocks_used,
                            load.running + load.held)
@@ -137,25 +140,45 @@ class DecodeWorker:
     def _commit(self, engine: Engine, request_id: str, first_token_id: int) -> None:
         arrival = self._arriving.get(request_id)
         if arrival is None:
-            return  # aborted, or its KV failed (the router has the error event)
+            return  # aborted (the router has its event)
         arrival.first_token_id = first_token_id
-        self._start_decoding(engine, request_id)
+        try:
+            self._post_receive(arrival)
+        except TransferError as e:
+            del self._arriving[request_id]
+            engine.release(request_id)
+            self._emit([TokenEvent(request_id, finish_reason=FinishReason.ABORT, error=f"KV receive: {e}")])
+
+    def _post_receive(self, arrival: _Arrival) -> None:
+        task = arrival.task
+        self.runtime.connector.start_recv(Transfer(task.request_id, task.prefill_worker, arrival.blocks, task.tag,
+                                                   self.runtime.spec.kv_transfer.timeout_s))
+        arrival.posted = True
 
     def _generate(self, engine: Engine, task: DecodeTask) -> None:
         engine.add_request(task.request_id, list(task.token_ids), task.sampling)
         self._local[task.request_id] = _Local(time.monotonic())
 
-    def _abort(self, engine: Engine, request_id: str) -> bool:
+    def _abort(self, engine: Engine, request_id: str, kv_sent: bool) -> None:
         self._local.pop(request_id, None)
         arrival = self._arriving.pop(request_id, None)
         if arrival is not None:
+            if kv_sent and not arrival.posted:
+                self._drain(arrival)
             self.runtime.connector.cancel(request_id)  # afterwards no thread touches the blocks
             engine.release(request_id)
             self._emit([TokenEvent(request_id, finish_reason=FinishReason.ABORT)])
-            return arrival.received is None
+            return
         if engine.abort(request_id) is not None:
             self._emit([TokenEvent(request_id, finish_reason=FinishReason.ABORT)])
-        return False
+
+    def _drain(self, arrival: _Arrival) -> None:
+        """Receive a KV nobody wants (cancelled at once, it lands in staging only), so the sender's send completes."""
+        try:
+            self._post_receive(arrival)
+        except TransferError as e:  # no pair with that worker any more: its send cannot complete either
+            log.warning("KV of aborted %s from %s not drained: %s", arrival.task.request_id,
+                        arrival.task.prefill_worker, e)
 
     def _after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -187,19 +210,13 @@ class DecodeWorker:
             engine.release(result.transfer_id)
             return [TokenEvent(result.transfer_id, finish_reason=FinishReason.ABORT,
                                error=f"KV transfer {result.status.value}: {result.error}")]
-        return self._start_decoding(engine, result.transfer_id, emit=False)
+        return self._start_decoding(engine, result.transfer_id)
 
-    def _start_decoding(self, engine: Engine, request_id: str, emit: bool = True) -> list[TokenEvent]:
-        arrival = self._arriving[request_id]
-        if arrival.received is None or arrival.first_token_id is None:
-            return []
-        del self._arriving[request_id]
+    def _start_decoding(self, engine: Engine, request_id: str) -> list[TokenEvent]:
+        arrival = self._arriving.pop(request_id)
         output = engine.commit_remote(request_id, arrival.first_token_id)
         # The first token's text went to the client with the prefill's reply; only the end (if any) is new.
-        events = [TokenEvent(request_id, finish_reason=output.finish_reason, kv_transfer_s=arrival.received.seconds)]
-        if emit:
-            self._emit(events)
-        return events
+        return [TokenEvent(request_id, finish_reason=output.finish_reason, kv_transfer_s=arrival.received.seconds)]
 
     def _emit(self, events: list[TokenEvent]) -> None:
         if events:

@@ -1,7 +1,8 @@
 """The KV connector interface: small and symmetric (the shape of SGLang's base connector).
 
-Push, not pull: the decode worker reserves blocks first (admission happens where the memory is), tells the prefill
-worker its block ids, posts a receive, and the prefill worker sends its blocks as soon as its prefill is done. The
+Push, not pull: the decode worker reserves blocks first (admission happens where the memory is), the prefill worker
+sends its blocks as soon as its prefill is done, and the decode worker posts the receive when it hears that (from
+the router, with the first token). The
 prefill side frees its blocks once the send finishes, so prefill memory is held only for the handoff itself; a
 decode worker that is full refuses before any KV moves, instead of leaving KV stranded under a lease.
 
@@ -10,11 +11,13 @@ outcome -> the caller frees the blocks (on every outcome: done, failed, cancelle
 outlive its deadline: `poll` reports TIMED_OUT when it passes, whatever the peer does. Receives land in a staging
 buffer and are copied into the blocks only on success, so freeing the blocks early is always safe.
 
-Every posted receive is answered by exactly one send with the same tag: the KV, or a send of no blocks, which
-means "the KV will not come" (the request ended or was aborted before its KV was sent) and ends the receive as
-FAILED. Transports like gloo close the whole pair when a receive times out, so a receive must never be left to
-wait for a send that will not happen. For the same reason a send that has started is not cut short: cancelling it
-only lets the caller know its outcome early; it still finishes on the wire, from a staging copy.
+Sends and receives are matched one to one by tag, and a receive is posted only for a send that has started: so a
+receive's timeout bounds the transfer, not a wait in some queue, and no transfer thread waits for KV that is not
+coming. Transports like gloo close the whole pair when a send or receive times out, so neither may be left waiting
+for a partner that will not come: a send that started is not cut short (cancelling it only lets the caller know its
+outcome early; it still finishes on the wire, from a staging copy), and an aborted request whose KV is already on
+the wire still gets a receive, cancelled at once, which drains it. A send of no blocks ends its receive as FAILED
+("the KV will not come"); the workers do not use it, it is there for peers that must answer a posted receive.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A connector for two engines in one process: blocks are copied through a shared exchange.
 
 For tests and the simulator. `Exchange` pairs sends with receives by (sender, receiver, tag); a send whose receive
-has not been posted yet waits in the exchange (as a real transport buffers it). `fail_next(worker)` makes that
+has not been posted yet waits in the exchange (as a real transport buffers it); a cancelled receive still takes its
+send off the wire (as the torch.distributed connector drains it). `fail_next(worker)` makes that
 worker's next transfer fail, to test the failure paths.
 """
 
@@ -29,6 +30,8 @@ class Exchange:
     def __init__(self) -> None:
         self.connectors: dict[str, InProcessConnector] = {}
         self.in_flight: dict[tuple[str, str, int], torch.Tensor] = {}  # (sender, receiver, tag) -> blocks
+        self.draining: set[tuple[str, str, int]] = set()
+        """Cancelled receives whose send has not arrived yet: it is dropped when it does."""
         self.failing: set[str] = set()
 
     def fail_next(self, worker_id: str) -> None:
@@ -52,7 +55,10 @@ class InProcessConnector(KVConnector):
         if self._consume_failure(transfer):
             return
         key = (self.worker_id, transfer.peer, transfer.tag)
-        self.exchange.in_flight[key] = self._cache().read_blocks(transfer.block_ids)
+        if key in self.exchange.draining:
+            self.exchange.draining.discard(key)
+        else:
+            self.exchange.in_flight[key] = self._cache().read_blocks(transfer.block_ids)
         self._finish(transfer.transfer_id, TransferStatus.DONE)
 
     def start_recv(self, transfer: Transfer) -> None:
@@ -80,8 +86,14 @@ class InProcessConnector(KVConnector):
         return results
 
     def cancel(self, transfer_id: str) -> None:
-        if transfer_id in self.pending:
-            self._finish(transfer_id, TransferStatus.CANCELLED)
+        p = self.pending.get(transfer_id)
+        if p is None:
+            return
+        if not p.sending:
+            key = (p.transfer.peer, self.worker_id, p.transfer.tag)
+            if self.exchange.in_flight.pop(key, None) is None:
+                self.exchange.draining.add(key)
+        self._finish(transfer_id, TransferStatus.CANCELLED)
 
     def shutdown(self) -> None:
         self.pending.clear()

@@ -7,10 +7,11 @@ Life of a request here:
       -> the first token goes back to the router at once, while the KV is on the wire
       -> the send's outcome (done, failed, cancelled, timed out) -> blocks released.
 
-If the first token already ends the request (EOS, a stop, max_tokens 1) its blocks are freed at once and a send of no
-blocks tells the decode worker that no KV is coming. `abort` works at every stage: a queued or running prefill is
-dropped (and, if the decode worker is still waiting, answered with "no KV"); a send already on the wire finishes and
-then frees the blocks. Every receive the decode worker posted gets exactly one answer (see kv_transfer.connector).
+The decode worker posts its receive when the router hands it the first token (or, for an aborted request, when the
+abort finds the KV already on the wire), so the send waits for it only that long. If the first token already ends
+the request (EOS, a stop, max_tokens 1) nothing is sent and its blocks are freed at once. `abort` works at every
+stage: a queued or running prefill is dropped; a send already on the wire finishes and then frees the blocks, and
+`abort` says so, so that the router has the decode worker drain it (see kv_transfer.connector).
 Everything that touches the engine or the connector runs on the engine thread.
 """
 
@@ -30,8 +31,7 @@ from pdserve.engine.request import FinishReason, RequestOutput
 from pdserve.engine.step_profile import StepProfile, profile_engine
 from pdserve.kv_transfer.connector import KVConnector, Transfer
 
-NO_KV = "no-kv:"
-ANSWERED_MEMORY = 65536
+SENT_MEMORY = 65536
 
 
 @dataclass
@@ -47,8 +47,9 @@ class PrefillWorker:
         self.runtime = WorkerRuntime(spec, self._after_step, connector)
         self._prefilling: dict[str, _Prefill] = {}
         self._sending: set[str] = set()
-        self._answered: OrderedDict[str, None] = OrderedDict()
-        """Requests whose decode worker got its answer (KV or "no KV"), newest last."""
+        self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        """(request id, tag) of the requests whose KV send has started, newest last (what `abort` answers; the tag
+        tells a client's reused request id from its earlier life)."""
 
     # ---- called by the router (asyncio side) -----------------------------------------------------------------
     async def start(self) -> WorkerInfo:
@@ -65,10 +66,10 @@ class PrefillWorker:
         await self.runtime.call(lambda engine: self._add(engine, task, result))
         return await asyncio.wrap_future(result)
 
-    async def abort(self, request_id: str, decode_worker: str = "", tag: int = 0, peer_waiting: bool = False) -> None:
-        """Drop the request here. `peer_waiting`: the decode worker still waits for its KV under `tag`, so answer
-        it with "no KV" unless this worker already answered."""
-        await self.runtime.call(lambda engine: self._abort(engine, request_id, decode_worker, tag, peer_waiting))
+    async def abort(self, request_id: str, tag: int) -> bool:
+        """Drop the request here. True when its KV send (under `tag`) had already started: the decode worker must
+        then post the receive that drains it (a send on the wire cannot be recalled)."""
+        return await self.runtime.call(lambda engine: self._abort(engine, request_id, tag))
 
     async def profile(self) -> StepProfile:
         """Time a few synthetic steps on this (idle) engine: the controller's performance model."""
@@ -101,8 +102,7 @@ class PrefillWorker:
         for result in self.runtime.connector.poll():
             self.runtime.metrics.transfer(result)
             self._sending.discard(result.transfer_id)
-            if not result.transfer_id.startswith(NO_KV):
-                engine.release(result.transfer_id)  # on every outcome; the decode side frees its own
+            engine.release(result.transfer_id)  # on every outcome; the decode side frees its own
 
     def _first_token(self, engine: Engine, output: RequestOutput, now: float) -> None:
         p = self._prefilling.pop(output.request_id, None)
@@ -110,26 +110,23 @@ class PrefillWorker:
             return
         started = p.started or self.runtime.thread.step_started  # one chunk: it started in this step
         handed_off = output.finish_reason is FinishReason.PREFILLED
-        self._answer(output.request_id, p.task.decode_worker, p.task.tag,
-                     engine.held_block_ids(output.request_id) if handed_off else ())
+        if handed_off:
+            self._send(output.request_id, p.task, engine.held_block_ids(output.request_id))
         p.result.set_result(PrefillResult(
             output.request_id, output.new_token_ids[0], output.text_delta,
             None if handed_off else output.finish_reason, started - p.enqueued, now - started))
 
-    def _abort(self, engine: Engine, request_id: str, decode_worker: str, tag: int, peer_waiting: bool) -> None:
+    def _abort(self, engine: Engine, request_id: str, tag: int) -> bool:
         p = self._prefilling.pop(request_id, None)
         if p is not None:
             engine.abort(request_id)
             p.result.set_result(PrefillResult(request_id, None, "", FinishReason.ABORT, 0.0, 0.0))
-        if peer_waiting and request_id not in self._answered:
-            self._answer(request_id, decode_worker, tag, ())
+        return (request_id, tag) in self._sent
 
-    def _answer(self, request_id: str, decode_worker: str, tag: int, blocks: tuple[int, ...]) -> None:
-        """Send the KV (or, with no blocks, "no KV is coming") for the receive the decode worker posted."""
-        transfer_id = request_id if blocks else f"{NO_KV}{request_id}"
-        self.runtime.connector.start_send(Transfer(transfer_id, decode_worker, blocks, tag,
+    def _send(self, request_id: str, task: PrefillTask, blocks: tuple[int, ...]) -> None:
+        self.runtime.connector.start_send(Transfer(request_id, task.decode_worker, blocks, task.tag,
                                                    self.runtime.spec.kv_transfer.timeout_s))
-        self._sending.add(transfer_id)
-        self._answered[request_id] = None
-        while len(self._answered) > ANSWERED_MEMORY:
-            self._answered.popitem(last=False)
+        self._sending.add(request_id)
+        self._sent[(request_id, task.tag)] = None
+        while len(self._sent) > SENT_MEMORY:
+            self._sent.popitem(last=False)

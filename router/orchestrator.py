@@ -3,15 +3,16 @@
 Disaggregated:
 
     pick a decode worker D (most free blocks) and a prefill worker P paired with it (fewest queued tokens)
-    -> D.reserve: blocks allocated, KV receive posted (no room anywhere: wait and pick again)
-    -> P.prefill: queued, prefilled (batched with other prompts), first token sampled; P pushes the KV to D
-    -> the first token goes to the client now; D.commit(first token)
+    -> D.reserve: blocks allocated (no room anywhere: wait and pick again)
+    -> P.prefill: queued, prefilled (batched with other prompts), first token sampled; P starts pushing the KV to D
+    -> the first token goes to the client now; D.commit(first token) posts the KV receive
     -> D decodes once the KV has landed; its TokenEvents (drained by `Membership`) stream to the client.
 
 Colocated: pick a worker W (most free blocks) -> W.generate -> its TokenEvents stream to the client.
 
 Whatever ends the stream early (the client cancels or disconnects, a worker fails) lands in one `finally` that
-aborts the request on every worker it was sent to, so blocks are freed on both sides. Every finished request appends
+aborts the request on every worker it was sent to (the prefill worker first: if its KV is already on the wire, the
+decode worker drains it), so blocks are freed on both sides. Every finished request appends
 its timings to the registry's stream.
 """
 
@@ -150,7 +151,7 @@ class Orchestrator:
         clock.worker_queue_s, clock.prefill_s = result.queue_s, result.prefill_s
         if result.first_token_id is None:
             raise Unavailable(f"prefill worker {prefill.info.worker_id} dropped the request")
-        if result.finish_reason is not None:  # the first token ended it (and the prefill told D "no KV")
+        if result.finish_reason is not None:  # the first token ended it; no KV was sent
             await _call(decode, decode.handle.abort.remote(request.request_id))
             yield Piece((result.first_token_id,), result.text_delta, result.finish_reason)
             return
@@ -236,19 +237,18 @@ class Orchestrator:
                 return
 
     async def _abort(self, request_id: str, route: _Route) -> None:
-        """Decode first: it says whether it still waits for the KV, which the prefill worker must then answer."""
-        peer_waiting = False
-        if route.decode is not None:
-            try:
-                peer_waiting = bool(await route.decode.handle.abort.remote(request_id))
-            except ray.exceptions.RayError as e:
-                log.warning("abort of %s on %s failed: %s", request_id, route.decode.info.worker_id, e)
+        """Prefill first: it says whether the KV is already on the wire, which the decode worker must then drain."""
+        kv_sent = False
         if route.prefill is not None:
             try:
-                await route.prefill.handle.abort.remote(request_id, route.decode.info.worker_id, route.tag,
-                                                        peer_waiting)
-            except ray.exceptions.RayError as e:
+                kv_sent = bool(await route.prefill.handle.abort.remote(request_id, route.tag))
+            except ray.exceptions.RayError as e:  # a dead sender's send ends with it
                 log.warning("abort of %s on %s failed: %s", request_id, route.prefill.info.worker_id, e)
+        if route.decode is not None:
+            try:
+                await route.decode.handle.abort.remote(request_id, kv_sent)
+            except ray.exceptions.RayError as e:
+                log.warning("abort of %s on %s failed: %s", request_id, route.decode.info.worker_id, e)
 
     # ---- callbacks from Membership ---------------------------------------------------------------------------
     def _on_events(self, events: list[TokenEvent]) -> None:

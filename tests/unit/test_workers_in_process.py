@@ -76,37 +76,58 @@ def test_handoff_matches_one_engine(oracle):
     assert asyncio.run(go()) == expected
 
 
-def test_abort_before_the_prefill_answers_the_waiting_receive_and_frees_both_sides():
+def test_abort_before_the_prefill_frees_both_sides_and_posts_no_receive():
     sampling = SamplingParams(max_tokens=10, temperature=0)
 
     async def go():
         prefill, decode = await started_pair()
         await decode.reserve(DecodeTask("r2", PROMPT, sampling, "prefill-0", tag=2))
         assert decode.runtime.thread.call(lambda e: e.blocks.num_used).result() == 6
-        assert await decode.abort("r2") is True  # it was still waiting for the KV
-        await prefill.abort("r2", "decode-0", 2, peer_waiting=True)  # never saw it: answers "no KV"
+        assert decode.runtime.connector.pending == {}  # nothing is coming yet: no receive waits for it
+        assert await prefill.abort("r2", 2) is False  # never saw it: nothing was sent
+        await decode.abort("r2", kv_sent=False)
         assert await idle(prefill, decode)
         events = await decode.events(0.1)
         await stop(prefill, decode)
-        return events, prefill
+        return events
 
-    events, prefill = asyncio.run(go())
+    events = asyncio.run(go())
     assert [e.finish_reason for e in events] == [FinishReason.ABORT]
-    assert "r2" in prefill._answered
 
 
-def test_a_first_token_that_ends_the_request_tells_the_decode_worker_no_kv_is_coming():
+def test_abort_after_the_kv_left_drains_it_on_the_decode_side():
+    sampling = SamplingParams(max_tokens=10, temperature=0)
+
+    async def go():
+        prefill, decode = await started_pair()
+        await decode.reserve(DecodeTask("r4", PROMPT, sampling, "prefill-0", tag=4))
+        result = await prefill.prefill(PrefillTask("r4", PROMPT, sampling, "decode-0", tag=4))
+        assert result.finish_reason is None  # the KV is on its way
+        sent = await prefill.abort("r4", 4)
+        assert await prefill.abort("r4", 5) is False  # another life of the same id (another tag) sent nothing
+        await decode.abort("r4", kv_sent=sent)
+        assert await idle(prefill, decode)
+        await stop(prefill, decode)
+        return sent, decode.runtime.connector.exchange.in_flight
+
+    sent, in_flight = asyncio.run(go())
+    assert sent is True
+    assert in_flight == {}  # the sent KV was taken off the wire, not left for a receive that never comes
+
+
+def test_a_first_token_that_ends_the_request_sends_no_kv():
     sampling = SamplingParams(max_tokens=1, temperature=0)
 
     async def go():
         prefill, decode = await started_pair()
         await decode.reserve(DecodeTask("r3", PROMPT, sampling, "prefill-0", tag=3))
         result = await prefill.prefill(PrefillTask("r3", PROMPT, sampling, "decode-0", tag=3))
-        events = await events_until_finished(decode, "r3")
+        sent = await prefill.abort("r3", 3)
+        await decode.abort("r3")  # what the router does when the first token ended the request
         assert await idle(prefill, decode)
         await stop(prefill, decode)
-        return result, events
+        return result, sent, prefill.runtime.connector.exchange.in_flight
 
-    result, events = asyncio.run(go())
+    result, sent, in_flight = asyncio.run(go())
     assert result.finish_reason is FinishReason.LENGTH
-    assert events[-1].error.startswith("KV transfer failed: the sender aborted")
+    assert sent is False and in_flight == {}
