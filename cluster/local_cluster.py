@@ -41,7 +41,7 @@ class RunningCluster:
                 return await client.status()
 
         status = asyncio.run(ask())
-        return {w.worker_id: {"role": w.role, "used": w.kv_blocks_used, "running": w.running_requests}
+        return {w.worker_id: {"role": w.role, "used": w.kv_blocks_used, "running": w.running_requests, "pid": w.pid}
                 for w in status.workers}
 
     def wait_until_idle(self, timeout_s: float = 15) -> dict[str, dict]:

@@ -95,7 +95,8 @@ class Supervisor:
         metrics_server = start_router_metrics(orchestrator.metrics, config.router)
         address = f"{config.router.host}:{port}"
         tasks = [asyncio.create_task(orchestrator.membership.run()),
-                 asyncio.create_task(_announce(registry, address))]
+                 asyncio.create_task(_announce(registry, address)),
+                 asyncio.create_task(self.workers.watch())]
         controller = await self._controller(registry, orchestrator) if config.controller.enabled else None
         if controller is not None:
             tasks.append(asyncio.create_task(controller.run()))

@@ -10,6 +10,9 @@ A move (the ratio controller's actuator) never loses a request:
 
 Worker ids are `<role>-<n>` with n counting up per role, so a moved worker gets a new id and routers see one worker
 leave and a new one join (and pair it with every worker of the other role).
+
+`watch` replaces a worker whose actor died (killed, crashed): a new worker in the same role, on the same cores,
+under a new id. The router has already resumed that worker's requests elsewhere (`router.migration`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ WORKER_START_TIMEOUT_S = 600
 ROUTER_GRACE_S = 2.0
 IDLE_STABLE_S = 1.0
 IDLE_POLL_S = 0.25
+WATCH_INTERVAL_S = 1.0
+WATCH_TIMEOUT_S = 10.0
 ROLE_NAMES = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.BOTH: "colocated"}
 
 
@@ -96,8 +101,10 @@ class WorkerPool:
             await asyncio.sleep(IDLE_POLL_S)
 
     async def stop(self, worker_id: str) -> None:
-        actor = self.actors.pop(worker_id)
-        self.specs.pop(worker_id)
+        actor = self.actors.pop(worker_id, None)
+        self.specs.pop(worker_id, None)
+        if actor is None:  # it died and was replaced meanwhile
+            return
         try:
             await actor.stop.remote()
         except ray.exceptions.RayError as e:
@@ -106,6 +113,38 @@ class WorkerPool:
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(worker_id) for worker_id in list(self.actors)))
+
+    async def watch(self) -> None:
+        """Every second, replace the workers whose actors have died."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            for worker_id in await self.dead():
+                try:
+                    await self.replace(worker_id)
+                except (ray.exceptions.RayError, TimeoutError) as e:  # tried again on the next round
+                    log.error("worker %s could not be replaced: %s", worker_id, e)
+
+    async def dead(self) -> list[str]:
+        """The workers whose actors are gone (a live but busy actor still answers: `info` runs off its engine
+        thread)."""
+        ids = list(self.actors)
+        answers = await asyncio.gather(*(asyncio.wait_for(self.actors[i].info.remote(), WATCH_TIMEOUT_S)
+                                         for i in ids), return_exceptions=True)
+        return [i for i, answer in zip(ids, answers) if isinstance(answer, ray.exceptions.RayActorError)]
+
+    async def replace(self, worker_id: str) -> str | None:
+        """Start a worker in a dead one's role and cores; returns its id (None if `worker_id` has left meanwhile)."""
+        spec = self.specs.get(worker_id)
+        actor = self.actors.pop(worker_id, None)
+        if spec is None or actor is None:
+            return None
+        del self.specs[worker_id]
+        ray.kill(actor)
+        new_id = self.next_id(spec.role)
+        new = dataclasses.replace(spec, worker_id=new_id, actor_name=f"{spec.cluster}-{new_id}")
+        log.warning("worker %s died; starting %s in its place", worker_id, new_id)
+        await self.start([new])
+        return new_id
 
     def _create(self, spec: WorkerSpec) -> None:
         cls = PrefillWorker if spec.role is Role.PREFILL else DecodeWorker

@@ -4,8 +4,8 @@ event stream drained from every decode worker.
 `run` refreshes from Redis every half second. A worker that appears gets its actor handle (by name, in the cluster's
 Ray namespace), is paired with every worker of the other role (both sides call `connect` at once; the decode worker
 hosts the pair's TCPStore), and, if it decodes, gets a drain task that long-polls its `events`. A worker whose
-heartbeat expires, or whose actor dies, is dropped and `on_lost` is told, so the requests on it fail instead of
-hanging.
+heartbeat expires, or whose actor dies, is dropped and `on_lost` is told, so the requests on it move on (see
+`router.migration`) instead of hanging; a dead one is never taken back, though its heartbeat lingers a few seconds.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class Membership:
         self._on_lost = on_lost
         self._pairing: dict[tuple[str, str], asyncio.Task] = {}
         self._redis_failing = False
+        self._dead: set[str] = set()
+        """Workers whose actors died: kept out even while their last heartbeat lingers in the registry (worker ids
+        are never reused; a replacement joins under a new one)."""
 
     # ---- queries ---------------------------------------------------------------------------------------------
     def ready(self, role: Role) -> list[Member]:
@@ -80,12 +83,19 @@ class Membership:
             if worker_id not in infos:
                 self.drop(worker_id, "its heartbeat expired")
         for worker_id, info in infos.items():
+            if worker_id in self._dead:
+                continue
             member = self.members.get(worker_id)
             if member is not None:
                 member.info = info
             elif info.state is WorkerState.READY:
                 await self._join(info)
         self._pair_all()
+
+    def dead(self, worker_id: str, reason: str) -> None:
+        """The worker's actor died (a call to it failed so): drop it now and never take it back."""
+        self._dead.add(worker_id)
+        self.drop(worker_id, reason)
 
     def drop(self, worker_id: str, reason: str) -> None:
         member = self.members.pop(worker_id, None)
@@ -142,6 +152,9 @@ class Membership:
         while True:
             try:
                 events = await member.handle.events.remote(DRAIN_WAIT_S)
+            except ray.exceptions.RayActorError as e:
+                self.dead(member.info.worker_id, f"its actor died: {type(e).__name__}")
+                return
             except ray.exceptions.RayError as e:
                 self.drop(member.info.worker_id, f"its actor failed: {type(e).__name__}")
                 return

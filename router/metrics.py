@@ -15,6 +15,7 @@ carrying tokens. Requests in flight are read at scrape time from a callable the 
     pdserve_request_generation_tokens          histogram  output tokens per finished request
     pdserve_requests_total{outcome}            counter    stop | length | abort (finish reasons) or invalid |
                                                           duplicate | unavailable | cancelled | error (ended early)
+    pdserve_request_migrations_total           counter    requests resumed on other workers after a worker failed
     pdserve_requests_in_flight                 gauge      accepted and not yet ended
     pdserve_requests_waiting_for_room          gauge      accepted, not yet sent to a worker (choosing one, or
                                                           waiting for a decode worker with free KV blocks)
@@ -33,6 +34,7 @@ from pdserve.router.timings import Timings
 OUTCOMES = ("stop", "length", "abort", "invalid", "duplicate", "unavailable", "cancelled", "error")
 
 _ERROR_KINDS = {"InvalidRequest": "invalid", "DuplicateRequest": "duplicate", "Unavailable": "unavailable",
+                "WorkerFailed": "unavailable",
                 "CancelledError": "cancelled", "GeneratorExit": "cancelled"}
 """Exception class name -> outcome (by name: the orchestrator's exceptions live in a module that imports this one)."""
 
@@ -64,6 +66,9 @@ class RouterMetrics:
                                 ["outcome"], registry=self.registry)
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)  # every outcome shows, at 0 until it happens
+        self.migrations = Counter("pdserve_request_migrations", "Requests resumed on other workers after a worker "
+                                  "failed (prompt plus the tokens already sent, prefilled again).",
+                                  registry=self.registry)
         self.in_flight = Gauge("pdserve_requests_in_flight", "Requests accepted and not yet ended.",
                                registry=self.registry)
         if in_flight is not None:

@@ -35,6 +35,7 @@ from pdserve.engine.block_manager import blocks_for
 from pdserve.engine.request import FinishReason
 from pdserve.router.membership import Member, Membership
 from pdserve.router.metrics import RouterMetrics
+from pdserve.router.migration import MAX_MIGRATIONS, continuation
 from pdserve.router.policy import pick_decode, pick_prefill
 from pdserve.router.request_builder import InvalidRequest, ValidRequest
 from pdserve.router.timings import RequestClock, Timings
@@ -43,10 +44,22 @@ log = logging.getLogger(__name__)
 
 ROOM_RETRY_S = 0.01
 NO_WORKERS_WAIT_S = 10.0
+MIGRATION_BACKOFF_S = 0.25
+"""Before resuming a request for the n-th time, wait n times this (a failure that repeats at once has a cause
+that a moment may clear: a heartbeat still to expire, a pair still forming)."""
 
 
 class Unavailable(RuntimeError):
     """No worker can take the request, or the one serving it failed."""
+
+
+class WorkerFailed(Unavailable):
+    """A worker serving the request failed (its actor died, its KV never arrived): the request can go on elsewhere."""
+
+    def __init__(self, message: str, dead: str = "") -> None:
+        super().__init__(message)
+        self.dead = dead
+        """The worker whose actor died, if that is what happened."""
 
 
 class DuplicateRequest(ValueError):
@@ -91,7 +104,10 @@ class Orchestrator:
         self.colocated = colocated
         self.block_size = block_size
         self.membership = Membership(registry, namespace, self._on_events, self._on_lost)
+        self._requests: set[str] = set()
+        """The client request ids in flight (a duplicate is refused)."""
         self._streams: dict[str, _Stream] = {}
+        """Per attempt, by the id the workers know it by (the client's id, then `<id>@retry<n>` after a failure)."""
         self._tags = itertools.count(1)
         self._prefill_tokens: dict[str, int] = defaultdict(int)
         self.metrics = RouterMetrics(in_flight=lambda: len(self._streams))
@@ -101,38 +117,67 @@ class Orchestrator:
         """Their prompt tokens (the controller's arriving prompt length)."""
 
     async def generate(self, request: ValidRequest) -> AsyncIterator[Piece]:
-        if request.request_id in self._streams:
+        if request.request_id in self._requests:
             raise DuplicateRequest(f"request_id: {request.request_id!r} is already running")
         clock = RequestClock()
-        stream = _Stream("", asyncio.Queue())
-        self._streams[request.request_id] = stream
+        self._requests.add(request.request_id)
         self.accepted_total += 1
         self.accepted_prompt_tokens += len(request.token_ids)
-        route = _Route()
+        sent: list[int] = []
+        attempt = route = None
         finished = False
         try:
-            pieces = self._colocated(request, clock, stream, route) if self.colocated else self._disaggregated(
-                request, clock, stream, route)
-            async for piece in pieces:
-                gap = clock.tokens_sent(len(piece.token_ids))
-                if gap is not None:
-                    self.metrics.inter_token.observe(gap)
-                if piece.finish_reason is not None:
+            for number in range(MAX_MIGRATIONS + 1):
+                attempt = continuation(request, sent, number)
+                if attempt is None:  # every token was sent before the worker failed; only the end was lost
                     finished = True
-                    timings = clock.timings()
-                    self._record(request, clock, piece.finish_reason, timings, route)
-                    piece = Piece(piece.token_ids, piece.text, piece.finish_reason, timings, clock.tokens)
-                yield piece
-                if finished:
+                    yield self._last(request, clock, Piece((), "", FinishReason.LENGTH), route)
                     return
+                route = _Route()
+                self._streams[attempt.request_id] = _Stream("", asyncio.Queue())
+                try:
+                    stages = clock if number == 0 else RequestClock()  # the timings describe the first attempt
+                    async for piece in self._pieces(attempt, stages, self._streams[attempt.request_id], route):
+                        sent.extend(piece.token_ids)
+                        gap = clock.tokens_sent(len(piece.token_ids))
+                        if gap is not None:
+                            self.metrics.inter_token.observe(gap)
+                        if piece.finish_reason is not None:
+                            finished = True
+                            yield self._last(request, clock, piece, route)
+                            return
+                        yield piece
+                except WorkerFailed as e:
+                    if e.dead:
+                        self.membership.dead(e.dead, str(e))
+                    if number == MAX_MIGRATIONS:
+                        raise
+                    log.warning("request %s: %s; resuming elsewhere after %d tokens", request.request_id, e,
+                                len(sent))
+                    self.metrics.migrations.inc()
+                    await asyncio.shield(self._abort(attempt.request_id, route))
+                    await asyncio.sleep(MIGRATION_BACKOFF_S * number)
+                finally:
+                    del self._streams[attempt.request_id]
         except BaseException as e:
             if not finished:
                 self.metrics.failed(e)
             raise
         finally:
-            del self._streams[request.request_id]
-            if not finished:
-                await asyncio.shield(self._abort(request.request_id, route))
+            self._requests.discard(request.request_id)
+            if not finished and attempt is not None and route is not None:
+                await asyncio.shield(self._abort(attempt.request_id, route))
+
+    def _last(self, request: ValidRequest, clock: RequestClock, piece: Piece, route: _Route | None) -> Piece:
+        timings = clock.timings()
+        self._record(request, clock, piece.finish_reason, timings, route or _Route())
+        return Piece(piece.token_ids, piece.text, piece.finish_reason, timings, clock.tokens)
+
+    def _pieces(self, request: ValidRequest, clock: RequestClock, stream: _Stream,
+                route: _Route) -> AsyncIterator[Piece]:
+        if self.colocated:
+            return self._colocated(request, clock, stream, route)
+        return self._disaggregated(request, clock, stream, route)
 
     @property
     def waiting_count(self) -> int:
@@ -150,7 +195,7 @@ class Orchestrator:
                                                           decode.info.worker_id, route.tag))
         clock.worker_queue_s, clock.prefill_s = result.queue_s, result.prefill_s
         if result.first_token_id is None:
-            raise Unavailable(f"prefill worker {prefill.info.worker_id} dropped the request")
+            raise WorkerFailed(f"prefill worker {prefill.info.worker_id} dropped the request")
         if result.finish_reason is not None:  # the first token ended it; no KV was sent
             await _call(decode, decode.handle.abort.remote(request.request_id))
             yield Piece((result.first_token_id,), result.text_delta, result.finish_reason)
@@ -226,7 +271,7 @@ class Orchestrator:
         while True:
             event: TokenEvent = await stream.events.get()
             if event.error:
-                raise Unavailable(f"worker {stream.worker_id}: {event.error}")
+                raise WorkerFailed(f"worker {stream.worker_id}: {event.error}")
             if event.kv_transfer_s is not None and clock.first_token is not None:
                 clock.kv_transfer_s = time.monotonic() - clock.first_token  # prefill done -> decoding, seen here
             if event.queue_s is not None:
@@ -279,4 +324,5 @@ async def _call(member: Member, ref):
     try:
         return await ref
     except ray.exceptions.RayActorError as e:
-        raise Unavailable(f"worker {member.info.worker_id} failed: {type(e).__name__}") from e
+        raise WorkerFailed(f"worker {member.info.worker_id} failed: {type(e).__name__}",
+                           dead=member.info.worker_id) from e

@@ -1,0 +1,33 @@
+"""Request migration: a request whose worker fails goes on elsewhere, and its client's stream never notices.
+
+As Dynamo does, the router replays the request on other workers with the tokens already sent appended to the
+prompt: the new prefill recomputes their KV, and its first token is the next one the client gets. Greedy output is
+the same as without the failure (the model sees the same tokens). A continuation runs under its own id
+(`<id>@retry<n>`), so a late event from the failed attempt can never reach the new one.
+
+What does not carry over: text that the failed worker was still holding back (the tail of an incomplete UTF-8
+character, or a possible stop string's start) is not re-sent, and a stop string split across the failure point is
+not seen; token ids are exact. Seeded sampling draws from (seed, output position), and positions restart with the
+continuation, so a seeded (non-greedy) request's tokens after a migration differ from a run without the failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from pdserve.router.request_builder import ValidRequest
+
+MAX_MIGRATIONS = 3
+"""How many times one request may be resumed elsewhere before its client gets UNAVAILABLE."""
+
+
+def continuation(request: ValidRequest, sent: Sequence[int], number: int) -> ValidRequest | None:
+    """Attempt `number` (0: the request itself) after `sent` tokens; None when none are left to generate."""
+    if number == 0:
+        return request
+    remaining = request.sampling.max_tokens - len(sent)
+    if remaining <= 0:
+        return None
+    return ValidRequest(f"{request.request_id}@retry{number}", request.token_ids + tuple(sent),
+                        dataclasses.replace(request.sampling, max_tokens=remaining))
