@@ -8,16 +8,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 
+from pdserve.cluster.state import ClusterState
 from pdserve.engine.request import Prompt
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
 
+AUTHORIZATION = "authorization"
 FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
 
 
@@ -48,10 +51,18 @@ def build_request(prompt: Prompt, sampling: SamplingParams, request_id: str = ""
 
 
 class Client:
-    def __init__(self, address: str, timeout_s: float | None = None) -> None:
+    def __init__(self, address: str, timeout_s: float | None = None, token: str | None = None,
+                 tls_root_certs: bytes | None = None) -> None:
+        """`token`: the router's bearer token (default: $PDSERVE_TOKEN, if set). `tls_root_certs`: PEM certificates
+        to trust; given, the channel is TLS."""
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.aio.insecure_channel(address)
+        token = token if token is not None else os.environ.get("PDSERVE_TOKEN") or None
+        self.metadata = ((AUTHORIZATION, f"Bearer {token}"),) if token else None
+        if tls_root_certs is not None:
+            self.channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(tls_root_certs))
+        else:
+            self.channel = grpc.aio.insecure_channel(address)
         self.generation = pb_grpc.GenerationStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
 
@@ -67,7 +78,8 @@ class Client:
     def stream(self, prompt: Prompt, sampling: SamplingParams, request_id: str = "") -> AsyncIterator[
             pb.GenerateResponse]:
         """The response stream; cancel it (or leave the loop) to cancel the request."""
-        return self.generation.Generate(build_request(prompt, sampling, request_id), timeout=self.timeout_s)
+        return self.generation.Generate(build_request(prompt, sampling, request_id), timeout=self.timeout_s,
+                                        metadata=self.metadata)
 
     async def generate(self, prompt: Prompt, sampling: SamplingParams, request_id: str = "") -> Completion:
         ids: list[int] = []
@@ -81,7 +93,22 @@ class Client:
                           FINISH_NAMES.get(last.finish_reason), last.timings)
 
     async def status(self) -> pb.StatusResponse:
-        return await self.admin.Status(pb.StatusRequest(), timeout=self.timeout_s or 10)
+        return await self.admin.Status(pb.StatusRequest(), timeout=self.timeout_s or 10, metadata=self.metadata)
 
     async def health(self) -> pb.HealthResponse:
-        return await self.admin.Health(pb.HealthRequest(), timeout=self.timeout_s or 10)
+        return await self.admin.Health(pb.HealthRequest(), timeout=self.timeout_s or 10, metadata=self.metadata)
+
+
+def client_for(state: ClusterState, timeout_s: float | None = None) -> Client:
+    """A client for the cluster `pdserve up` started: its token and certificate from the files its config named."""
+    token = _first_line(state.token_file) if state.token_file else None
+    certs = None
+    if state.tls_cert_file:
+        with open(state.tls_cert_file, "rb") as f:
+            certs = f.read()
+    return Client(state.router_address, timeout_s, token, certs)
+
+
+def _first_line(path: str) -> str:
+    with open(path) as f:
+        return f.read().splitlines()[0].strip()

@@ -100,12 +100,24 @@ class Router:
     metrics_port: int | None = None
     """Prometheus /metrics of the router, on 127.0.0.1; unset picks a free port (in the state file, `pdserve status`).
     Each worker serves its own on a free port, named in its registry entry (`metrics_port`)."""
+    max_waiting: int = 1024
+    """The admission queue: requests accepted and not yet given a worker (waiting for KV room). Beyond it a new
+    request gets RESOURCE_EXHAUSTED at once. Requests waiting here have no deadline but the client's own."""
+    token_file: str | None = None
+    """A file whose first line is the bearer token every call must carry (`authorization: Bearer <token>`);
+    unset: no token is asked for (fine on 127.0.0.1, not beyond)."""
+    tls_cert_file: str | None = None
+    """PEM certificate chain for the public port; with tls_key_file, the router speaks TLS only."""
+    tls_key_file: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("port", "http_port", "metrics_port"):
             value = getattr(self, name)
             if value is not None and not 0 < value < 65536:
                 raise ConfigError(f"{name}: must be a port number (1-65535), got {value!r}")
+        _at_least("max_waiting", self.max_waiting, 1)
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file, tls_key_file: give both (TLS on) or neither (TLS off)")
 
 
 @dataclass(frozen=True)

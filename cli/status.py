@@ -10,7 +10,7 @@ import sys
 
 import grpc
 
-from pdserve.cli.cluster_state import NoCluster, router_address
+from pdserve.cli.cluster_state import NoCluster, router_address, router_client
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -21,10 +21,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdserve.client import Client
-
     async def ask():
-        async with Client(address, timeout_s=10) as client:
+        async with router_client(args.router, timeout_s=10) as client:
             return await client.status(), await client.health()
 
     try:

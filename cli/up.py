@@ -78,10 +78,10 @@ def _detach(config: str | None, path: str) -> int:
 
 
 def _healthy(path: str) -> bool:
-    from pdserve.client import Client
+    from pdserve.client import client_for
 
     async def check() -> bool:
-        async with Client(ClusterState.read(path).router_address, timeout_s=5) as client:
+        async with client_for(ClusterState.read(path), timeout_s=5) as client:
             return (await client.health()).healthy
 
     try:

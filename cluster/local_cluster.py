@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from pdserve.client import Client
+from pdserve.client import client_for
 from pdserve.cluster.local_redis import free_port
+from pdserve.cluster.state import ClusterState
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class RunningCluster:
 
     def workers(self) -> dict[str, dict]:
         async def ask():
-            async with Client(self.address, timeout_s=10) as client:
+            async with client_for(ClusterState(**self.state()), timeout_s=10) as client:
                 return await client.status()
 
         status = asyncio.run(ask())

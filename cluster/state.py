@@ -18,6 +18,10 @@ class ClusterState:
     mode: str
     metrics_address: str = ""
     """host:port of the router's Prometheus /metrics; empty in state files from before it served one."""
+    token_file: str = ""
+    """The router's bearer token file (the path, never the token), for the CLI's own calls; empty: no token."""
+    tls_cert_file: str = ""
+    """The router's TLS certificate (the CLI trusts it); empty: plain gRPC."""
 
     def write(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

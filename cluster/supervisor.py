@@ -33,6 +33,7 @@ from pdserve.controller.scaled_model import ScaledModel
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.hardware import hardware
 from pdserve.engine.shapes import shape
+from pdserve.router.access import load_access
 from pdserve.router.metrics import start_router_metrics
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.request_builder import RequestBuilder
@@ -80,6 +81,7 @@ class Supervisor:
 
     async def _serve(self, stop: asyncio.Event) -> None:
         config = self.config
+        access = load_access(config.router)  # a bad token or certificate file fails before any worker starts
         if config.redis_url is None:
             self.redis = LocalRedis()
         redis_url = config.redis_url or self.redis.url
@@ -89,8 +91,10 @@ class Supervisor:
         specs = worker_specs(config, redis_url, cores, self.workers)
         await self.workers.start(specs)
         registry = Registry(redis_url, CLUSTER)
-        orchestrator = Orchestrator(registry, NAMESPACE, config.mode is Mode.COLOCATED, config.engine.block_size)
-        server, port = build_server(builder, orchestrator, config.router.host, config.router.port, config.mode.value)
+        orchestrator = Orchestrator(registry, NAMESPACE, config.mode is Mode.COLOCATED, config.engine.block_size,
+                                    config.router.max_waiting)
+        server, port = build_server(builder, orchestrator, config.router.host, config.router.port, config.mode.value,
+                                    access)
         await server.start()
         metrics_server = start_router_metrics(orchestrator.metrics, config.router)
         address = f"{config.router.host}:{port}"
@@ -101,7 +105,8 @@ class Supervisor:
         if controller is not None:
             tasks.append(asyncio.create_task(controller.run()))
         ClusterState(os.getpid(), address, redis_url, self.redis.process.pid if self.redis else None,
-                     config.mode.value, metrics_server.address).write(self.state_path)
+                     config.mode.value, metrics_server.address, _absolute(config.router.token_file),
+                     _absolute(config.router.tls_cert_file)).write(self.state_path)
         log.warning("pdserve router listening on %s (%s, %d workers)", address, config.mode.value, len(specs))
         try:
             await stop.wait()
@@ -182,3 +187,7 @@ def run(config: ClusterConfig, state_path: str) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _absolute(path: str | None) -> str:
+    return os.path.abspath(path) if path else ""

@@ -14,7 +14,8 @@ carrying tokens. Requests in flight are read at scrape time from a callable the 
     pdserve_request_prompt_tokens              histogram  input tokens per finished request
     pdserve_request_generation_tokens          histogram  output tokens per finished request
     pdserve_requests_total{outcome}            counter    stop | length | abort (finish reasons) or invalid |
-                                                          duplicate | unavailable | cancelled | error (ended early)
+                                                          duplicate | overloaded | unavailable | cancelled | error
+                                                          (ended early)
     pdserve_request_migrations_total           counter    requests resumed on other workers after a worker failed
     pdserve_requests_in_flight                 gauge      accepted and not yet ended
     pdserve_requests_waiting_for_room          gauge      accepted, not yet sent to a worker (choosing one, or
@@ -31,10 +32,10 @@ from pdserve.cluster.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, MetricsServe
 from pdserve.config import Router
 from pdserve.router.timings import Timings
 
-OUTCOMES = ("stop", "length", "abort", "invalid", "duplicate", "unavailable", "cancelled", "error")
+OUTCOMES = ("stop", "length", "abort", "invalid", "duplicate", "overloaded", "unavailable", "cancelled", "error")
 
 _ERROR_KINDS = {"InvalidRequest": "invalid", "DuplicateRequest": "duplicate", "Unavailable": "unavailable",
-                "WorkerFailed": "unavailable",
+                "WorkerFailed": "unavailable", "Overloaded": "overloaded",
                 "CancelledError": "cancelled", "GeneratorExit": "cancelled"}
 """Exception class name -> outcome (by name: the orchestrator's exceptions live in a module that imports this one)."""
 

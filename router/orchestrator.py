@@ -42,8 +42,10 @@ from pdserve.router.timings import RequestClock, Timings
 
 log = logging.getLogger(__name__)
 
-ROOM_RETRY_S = 0.01
+ROOM_RETRY_S = 0.5
+"""A request waiting for KV room tries again when another request ends, or after this long (a heartbeat)."""
 NO_WORKERS_WAIT_S = 10.0
+CHOOSE_RETRY_S = 0.1
 MIGRATION_BACKOFF_S = 0.25
 """Before resuming a request for the n-th time, wait n times this (a failure that repeats at once has a cause
 that a moment may clear: a heartbeat still to expire, a pair still forming)."""
@@ -64,6 +66,10 @@ class WorkerFailed(Unavailable):
 
 class DuplicateRequest(ValueError):
     pass
+
+
+class Overloaded(RuntimeError):
+    """The admission queue is full: the request is refused at once (RESOURCE_EXHAUSTED), not failed later."""
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,16 @@ class _Stream:
 
 
 class Orchestrator:
-    def __init__(self, registry: Registry, namespace: str, colocated: bool, block_size: int) -> None:
+    def __init__(self, registry: Registry, namespace: str, colocated: bool, block_size: int,
+                 max_waiting: int = 1024) -> None:
+        """`max_waiting`: the admission queue's bound, requests accepted and not yet given a worker."""
         self.registry = registry
         self.colocated = colocated
         self.block_size = block_size
         self.membership = Membership(registry, namespace, self._on_events, self._on_lost)
+        self.max_waiting = max_waiting
+        self._room = asyncio.Event()
+        """Set (and replaced) when a request ends: blocks may have been freed, so waiters try again."""
         self._requests: set[str] = set()
         """The client request ids in flight (a duplicate is refused)."""
         self._streams: dict[str, _Stream] = {}
@@ -119,6 +130,9 @@ class Orchestrator:
     async def generate(self, request: ValidRequest) -> AsyncIterator[Piece]:
         if request.request_id in self._requests:
             raise DuplicateRequest(f"request_id: {request.request_id!r} is already running")
+        if self.waiting_count >= self.max_waiting:
+            raise Overloaded(f"overloaded: {self.waiting_count} requests are already waiting for a worker "
+                             f"(router.max_waiting); retry later")
         clock = RequestClock()
         self._requests.add(request.request_id)
         self.accepted_total += 1
@@ -167,6 +181,18 @@ class Orchestrator:
             self._requests.discard(request.request_id)
             if not finished and attempt is not None and route is not None:
                 await asyncio.shield(self._abort(attempt.request_id, route))
+            self._room_freed()
+
+    def _room_freed(self) -> None:
+        self._room.set()
+        self._room = asyncio.Event()
+
+    async def _wait_for_room(self) -> None:
+        """Until a request ends somewhere (or a heartbeat may show room: ROOM_RETRY_S at most)."""
+        try:
+            await asyncio.wait_for(self._room.wait(), ROOM_RETRY_S)
+        except TimeoutError:
+            pass
 
     def _last(self, request: ValidRequest, clock: RequestClock, piece: Piece, route: _Route | None) -> Piece:
         timings = clock.timings()
@@ -239,7 +265,7 @@ class Orchestrator:
                                        - reservation.kv_blocks_free, running=reservation.running)
                 return decode, prefill
             self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total)  # full
-            await asyncio.sleep(ROOM_RETRY_S)
+            await self._wait_for_room()
 
     async def _choose(self, pick) -> Member:
         """The member `pick` names; waits a while for one to join when there is none."""
@@ -250,7 +276,7 @@ class Orchestrator:
                 return self.membership.members[info.worker_id]
             if asyncio.get_running_loop().time() > deadline:
                 raise Unavailable("no ready worker for this request (see `pdserve status`)")
-            await asyncio.sleep(ROOM_RETRY_S * 10)
+            await asyncio.sleep(CHOOSE_RETRY_S)
 
     def _check_fits(self, request: ValidRequest, info):
         if info is not None and blocks_for(len(request.token_ids) + request.sampling.max_tokens,

@@ -1,7 +1,9 @@
 """The router's gRPC server (grpc.aio): the public Generation service and the Admin service.
 
 Errors map to gRPC statuses with a message naming what was wrong: a bad request is INVALID_ARGUMENT, a request id
-already running is ALREADY_EXISTS, no worker (or a failed one) is UNAVAILABLE. A client that cancels or disconnects
+already running is ALREADY_EXISTS, a full admission queue (or a message over MAX_MESSAGE_BYTES) is RESOURCE_EXHAUSTED,
+a missing or wrong bearer token is UNAUTHENTICATED (`router.access`), no worker is UNAVAILABLE (a worker that fails
+mid-request is not: the request resumes elsewhere, `router.migration`). A client that cancels or disconnects
 cancels the handler, and the orchestrator aborts the request on its workers.
 """
 
@@ -15,10 +17,15 @@ from pdserve.cluster.registry import Role
 from pdserve.engine.request import FinishReason
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
-from pdserve.router.orchestrator import DuplicateRequest, Orchestrator, Piece, Unavailable
+from pdserve.router.access import NO_ACCESS_CONTROL, Access, BearerToken
+from pdserve.router.orchestrator import DuplicateRequest, Orchestrator, Overloaded, Piece, Unavailable
 from pdserve.router.request_builder import InvalidRequest, RequestBuilder
 
 log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 << 20
+"""A request larger than this gets RESOURCE_EXHAUSTED from gRPC before it is parsed (a context's worth of token ids
+is well under 1 MiB)."""
 
 FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
           FinishReason.ABORT: pb.FINISH_REASON_ABORT}
@@ -45,6 +52,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         except DuplicateRequest as e:  # raised before the orchestrator counts the request
             self.orchestrator.metrics.failed(e)
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except Overloaded as e:  # raised before the orchestrator counts the request
+            self.orchestrator.metrics.failed(e)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Unavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
@@ -91,9 +101,15 @@ def _response(request_id: str, piece: Piece, prompt_tokens: int, first: bool) ->
 
 
 def build_server(builder: RequestBuilder, orchestrator: Orchestrator, host: str, port: int,
-                 mode: str) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
-    bound = server.add_insecure_port(f"{host}:{port}")
+                 mode: str, access: Access = NO_ACCESS_CONTROL) -> tuple[grpc.aio.Server, int]:
+    interceptors = [BearerToken(access.token)] if access.token else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    if access.tls is not None:
+        cert, key = access.tls
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"router.port: cannot listen on {host}:{port} (in use?)")
     pb_grpc.add_GenerationServicer_to_server(GenerationService(builder, orchestrator), server)

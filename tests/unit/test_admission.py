@@ -1,0 +1,43 @@
+"""The router's admission queue: beyond `max_waiting` requests waiting for a worker, a new one is refused at once
+(Overloaded -> RESOURCE_EXHAUSTED), and the waiting ones are not failed for it."""
+
+import asyncio
+
+import pytest
+
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.router.orchestrator import Orchestrator, Overloaded, Unavailable
+from pdserve.router.request_builder import ValidRequest
+
+
+def request(n: int) -> ValidRequest:
+    return ValidRequest(f"r{n}", (1, 2, 3), SamplingParams(max_tokens=4))
+
+
+async def first_piece(orchestrator: Orchestrator, n: int):
+    async for piece in orchestrator.generate(request(n)):
+        return piece
+
+
+def test_a_full_admission_queue_refuses_at_once_and_keeps_the_waiting_requests(monkeypatch):
+    monkeypatch.setattr("pdserve.router.orchestrator.NO_WORKERS_WAIT_S", 1.0)
+
+    async def go():
+        orchestrator = Orchestrator(registry=None, namespace="test", colocated=False, block_size=16, max_waiting=2)
+        waiting = [asyncio.create_task(first_piece(orchestrator, n)) for n in range(2)]
+        await asyncio.sleep(0.05)  # both are waiting for a worker (there is none)
+        assert orchestrator.waiting_count == 2
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(Overloaded, match="router.max_waiting"):
+            await first_piece(orchestrator, 2)
+        refused_after = loop.time() - started
+        assert orchestrator.waiting_count == 2  # the refusal took nothing from the queue
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        return refused_after, outcomes, orchestrator.waiting_count
+
+    refused_after, outcomes, left = asyncio.run(go())
+    assert refused_after < 0.1  # at once, not after a timeout
+    # the waiting requests end only by their own wait for a worker (none ever joined), not by the refusal
+    assert all(isinstance(o, Unavailable) and "no ready worker" in str(o) for o in outcomes)
+    assert left == 0
