@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     return run(config, args.state)
 
 
+def _absolute(path: str | None) -> str:
+    return os.path.abspath(path) if path else ""
+
+
 def run(config: ClusterConfig, state_path: str) -> int:
     async def go() -> None:
         stop = asyncio.Event()
@@ -187,7 +191,3 @@ def run(config: ClusterConfig, state_path: str) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _absolute(path: str | None) -> str:
-    return os.path.abspath(path) if path else ""

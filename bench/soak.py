@@ -1,0 +1,148 @@
+"""A bounded soak on a real local cluster (SmolLM2-135M on CPU): many short requests, some cancelled mid-flight.
+
+    python -m pdserve.bench.soak [--requests 2000] [--concurrency 32] [--cancel 0.2] [--json]
+
+Each request is a short greedy chat (4-16 output tokens). A seeded share of them is cancelled by the client at a
+random point: before its first token, or after a few tokens (the stream is left), which exercises every abort path
+(queued for KV room, queued or running on the prefill worker, KV on the wire, decoding). Every `--sample-every`
+requests it records each worker's resident memory (VmRSS) and KV blocks in use. At the end it waits for the
+cluster to go idle and reports the blocks still in use (a leak if not zero) and how memory moved from the first
+sample after warm-up to the last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import grpc
+
+from pdserve.client import Client
+from pdserve.cluster.local_cluster import RunningCluster, start_cluster, stop_cluster
+from pdserve.engine import Message, Prompt, SamplingParams
+
+CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
+          "workers": {"prefill": {"count": 1, "resources": {"cpus": 1}},
+                      "decode": {"count": 1, "resources": {"cpus": 1}}}}
+TOPICS = ["the sea", "a city at night", "mountains", "a library", "trains", "coffee", "the moon", "a garden"]
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    done: int
+    """Requests ended when it was taken."""
+    rss_mib: dict[str, float]
+    kv_blocks_used: dict[str, int]
+
+
+@dataclass(frozen=True)
+class SoakReport:
+    requests: int
+    completed: int
+    cancelled: int
+    failed: int
+    """Ended with an error status (should be 0)."""
+    seconds: float
+    leaked_blocks: dict[str, int]
+    """KV blocks in use per worker once the cluster is idle (0 = no leak)."""
+    rss_growth_mib: dict[str, float]
+    """Per worker: last sample minus the first sample after warm-up."""
+    samples: tuple[MemorySample, ...]
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def sample(cluster: RunningCluster, done: int) -> MemorySample:
+    workers = cluster.workers()
+    return MemorySample(done, {i: rss_mib(w["pid"]) for i, w in workers.items()},
+                        {i: w["used"] for i, w in workers.items()})
+
+
+async def one(client: Client, rng: random.Random, cancel_share: float) -> str:
+    """'completed', 'cancelled' or 'failed: <status>'."""
+    prompt = Prompt(messages=(Message("user", f"Say something short about {rng.choice(TOPICS)}."),))
+    sampling = SamplingParams(max_tokens=rng.randint(4, 16), temperature=0)
+    cut_after = rng.randint(0, 3) if rng.random() < cancel_share else None  # tokens seen before leaving
+    stream = client.stream(prompt, sampling)
+    seen = 0
+    try:
+        if cut_after == 0:
+            await asyncio.sleep(rng.uniform(0.0, 0.05))  # in the queue, on the prefill worker or in the handoff
+            stream.cancel()
+            return "cancelled"
+        async for response in stream:
+            seen += len(response.token_ids)
+            if cut_after is not None and seen >= cut_after and not response.finish_reason:
+                stream.cancel()
+                return "cancelled"
+        return "completed"
+    except grpc.aio.AioRpcError as e:
+        return "cancelled" if e.code() is grpc.StatusCode.CANCELLED else f"failed: {e.code().name}"
+
+
+async def soak(cluster: RunningCluster, requests: int, concurrency: int, cancel_share: float,
+               sample_every: int, seed: int = 0) -> SoakReport:
+    rng = random.Random(seed)
+    outcomes: list[str] = []
+    samples: list[MemorySample] = []
+    started = time.monotonic()
+    async with Client(cluster.address, timeout_s=300) as client:
+        todo = iter(range(requests))
+
+        async def worker() -> None:
+            for _ in todo:
+                outcomes.append(await one(client, rng, cancel_share))
+                if len(outcomes) % sample_every == 0:
+                    samples.append(await asyncio.to_thread(sample, cluster, len(outcomes)))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.monotonic() - started
+    idle = await asyncio.to_thread(cluster.wait_until_idle, 30)
+    samples.append(await asyncio.to_thread(sample, cluster, len(outcomes)))
+    warm = samples[1] if len(samples) > 2 else samples[0]  # the first sample still includes warm-up
+    return SoakReport(
+        requests=requests, completed=outcomes.count("completed"), cancelled=outcomes.count("cancelled"),
+        failed=sum(1 for o in outcomes if o.startswith("failed")), seconds=seconds,
+        leaked_blocks={i: w["used"] for i, w in idle.items()},
+        rss_growth_mib={i: samples[-1].rss_mib[i] - warm.rss_mib.get(i, samples[-1].rss_mib[i])
+                        for i in samples[-1].rss_mib},
+        samples=tuple(samples))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--cancel", type=float, default=0.2, help="share of requests the client cancels")
+    parser.add_argument("--sample-every", type=int, default=200)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    cluster = start_cluster(tempfile.mkdtemp(prefix="pdserve-soak-"), CONFIG)
+    try:
+        report = asyncio.run(soak(cluster, args.requests, args.concurrency, args.cancel, args.sample_every))
+    finally:
+        stop_cluster(cluster)
+    if args.json:
+        print(json.dumps(asdict(report), indent=1))
+        return
+    print(f"{report.requests} requests in {report.seconds:.0f} s: {report.completed} completed, "
+          f"{report.cancelled} cancelled, {report.failed} failed")
+    print(f"KV blocks in use once idle: {report.leaked_blocks}")
+    for s in report.samples:
+        rss = ", ".join(f"{i} {v:.0f} MiB" for i, v in sorted(s.rss_mib.items()))
+        print(f"  after {s.done:5d}: {rss}; blocks {s.kv_blocks_used}")
+    growth = ", ".join(f"{i} {v:+.1f} MiB" for i, v in sorted(report.rss_growth_mib.items()))
+    print(f"RSS growth after warm-up: {growth}")
+
+
+if __name__ == "__main__":
+    main()
