@@ -34,10 +34,15 @@ class Tokenizer:
         return list(self.hf.encode(text))
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        from jinja2 import TemplateError
+
         if self.hf.chat_template is None:
-            raise ValueError("messages: this model's tokenizer has no chat template; send a text prompt")
-        text = self.hf.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                           add_generation_prompt=True, tokenize=False)
+            raise PromptError("prompt.messages: this model's tokenizer has no chat template; send a text prompt")
+        try:
+            text = self.hf.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                               add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:  # the template refuses this conversation (e.g. the order of roles)
+            raise PromptError(f"prompt.messages: the model's chat template refused them: {e}") from e
         return list(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -66,6 +71,7 @@ def tokenize_prompt(prompt: Prompt, tokenizer: Tokenizer | None, vocab_size: int
         return list(prompt.token_ids)
     if tokenizer is None:
         raise PromptError("prompt: this model has no tokenizer (random weights); send token_ids")
-    if prompt.messages is not None:
-        return tokenizer.encode_chat(prompt.messages)
-    return tokenizer.encode(str(prompt.text))
+    ids = tokenizer.encode_chat(prompt.messages) if prompt.messages is not None else tokenizer.encode(str(prompt.text))
+    if not ids:
+        raise PromptError("prompt.text: tokenizes to no tokens")
+    return ids

@@ -36,6 +36,7 @@ OUTCOMES = ("stop", "length", "abort", "invalid", "duplicate", "overloaded", "un
 
 _ERROR_KINDS = {"InvalidRequest": "invalid", "DuplicateRequest": "duplicate", "Unavailable": "unavailable",
                 "WorkerFailed": "unavailable", "Overloaded": "overloaded",
+                "WorkerError": "error",
                 "CancelledError": "cancelled", "GeneratorExit": "cancelled"}
 """Exception class name -> outcome (by name: the orchestrator's exceptions live in a module that imports this one)."""
 

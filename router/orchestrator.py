@@ -64,6 +64,10 @@ class WorkerFailed(Unavailable):
         """The worker whose actor died, if that is what happened."""
 
 
+class WorkerError(RuntimeError):
+    """A worker raised while serving the request (a bug, not a failure of the worker): INTERNAL, not resumed."""
+
+
 class DuplicateRequest(ValueError):
     pass
 
@@ -352,3 +356,7 @@ async def _call(member: Member, ref):
     except ray.exceptions.RayActorError as e:
         raise WorkerFailed(f"worker {member.info.worker_id} failed: {type(e).__name__}",
                            dead=member.info.worker_id) from e
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if e.cause is not None else e
+        log.error("worker %s raised: %r", member.info.worker_id, cause)
+        raise WorkerError(f"worker {member.info.worker_id}: {type(cause).__name__}: {cause}") from e

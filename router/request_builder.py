@@ -50,6 +50,10 @@ class RequestBuilder:
             sampling = _sampling(request.sampling if request.HasField("sampling") else pb.SamplingParams())
         except (PromptError, SamplingError) as e:
             raise InvalidRequest(str(e)) from e
+        bad_stops = [t for t in sampling.stop_token_ids if t >= self.vocab_size]
+        if bad_stops:
+            raise InvalidRequest(f"sampling.stop_token_ids: {bad_stops[:5]} outside the vocabulary [0, "
+                                 f"{self.vocab_size})")
         total = len(token_ids) + sampling.max_tokens
         if total > self.context_length:
             raise InvalidRequest(f"sampling.max_tokens: prompt ({len(token_ids)} tokens) + max_tokens "

@@ -9,6 +9,7 @@ cancels the handler, and the orchestrator aborts the request on its workers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -18,7 +19,7 @@ from pdserve.engine.request import FinishReason
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
 from pdserve.router.access import NO_ACCESS_CONTROL, Access, BearerToken
-from pdserve.router.orchestrator import DuplicateRequest, Orchestrator, Overloaded, Piece, Unavailable
+from pdserve.router.orchestrator import DuplicateRequest, Orchestrator, Overloaded, Piece, Unavailable, WorkerError
 from pdserve.router.request_builder import InvalidRequest, RequestBuilder
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
-            valid = self.builder.build(request)
+            valid = await asyncio.to_thread(self.builder.build, request)  # a long prompt must not stall the others
         except InvalidRequest as e:
             self.orchestrator.metrics.failed(e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -57,6 +58,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Unavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except WorkerError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
 
 
 class AdminService(pb_grpc.AdminServicer):

@@ -34,6 +34,10 @@ def test_a_request_id_is_made_when_none_is_given(builder):
     ({"token_ids": pb.TokenIds(ids=[1]), "sampling": pb.SamplingParams(max_tokens=128)}, "context length"),
     ({"token_ids": pb.TokenIds(ids=[1]), "sampling": pb.SamplingParams(stop=[""])}, "stop"),
     ({"request_id": "x" * 300, "token_ids": pb.TokenIds(ids=[1])}, "request_id"),
+    ({"token_ids": pb.TokenIds(ids=[1]), "sampling": pb.SamplingParams(stop_token_ids=[49152])},
+     "sampling.stop_token_ids"),
+    ({"token_ids": pb.TokenIds(ids=[1]), "sampling": pb.SamplingParams(temperature=float("nan"))}, "temperature"),
+    ({"token_ids": pb.TokenIds(ids=[1]), "sampling": pb.SamplingParams(top_k=-1)}, "top_k"),
 ])
 def test_bad_requests_name_the_field(builder, request_kwargs, field):
     with pytest.raises(InvalidRequest, match=field):
