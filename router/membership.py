@@ -4,8 +4,9 @@ event stream drained from every decode worker.
 `run` refreshes from Redis every half second. A worker that appears gets its actor handle (by name, in the cluster's
 Ray namespace), is paired with every worker of the other role (both sides call `connect` at once; the decode worker
 hosts the pair's TCPStore), and, if it decodes, gets a drain task that long-polls its `events`. A worker whose
-heartbeat expires, or whose actor dies, is dropped and `on_lost` is told, so the requests on it move on (see
-`router.migration`) instead of hanging; a dead one is never taken back, though its heartbeat lingers a few seconds.
+heartbeat expires and that does not answer, or whose actor dies, is dropped and `on_lost` is told, so the requests
+on it move on (see `router.migration`) instead of hanging; a dead one is never taken back, though its heartbeat
+lingers a few seconds. A worker missing from a restarted (empty) Redis still answers, so it stays.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 REFRESH_S = 0.5
 DRAIN_WAIT_S = 1.0
+ALIVE_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -47,6 +49,8 @@ class Membership:
         self._on_lost = on_lost
         self._pairing: dict[tuple[str, str], asyncio.Task] = {}
         self._redis_failing = False
+        self._checking: dict[str, asyncio.Task] = {}
+        """Workers missing from the registry, being asked whether they are still alive."""
         self._dead: set[str] = set()
         """Workers whose actors died: kept out even while their last heartbeat lingers in the registry (worker ids
         are never reused; a replacement joins under a new one)."""
@@ -80,8 +84,8 @@ class Membership:
             return
         self._redis_failing = False
         for worker_id in list(self.members):
-            if worker_id not in infos:
-                self.drop(worker_id, "its heartbeat expired")
+            if worker_id not in infos and worker_id not in self._checking:
+                self._checking[worker_id] = asyncio.create_task(self._check_gone(worker_id), name=f"check-{worker_id}")
         for worker_id, info in infos.items():
             if worker_id in self._dead:
                 continue
@@ -91,6 +95,19 @@ class Membership:
             elif info.state is WorkerState.READY:
                 await self._join(info)
         self._pair_all()
+
+    async def _check_gone(self, worker_id: str) -> None:
+        """A worker's registry entry is gone: drop it only if its actor does not answer either. A restarted Redis
+        comes back empty, and its workers' next heartbeats (within a second) fill it again: nothing is lost."""
+        member = self.members.get(worker_id)
+        try:
+            if member is not None:
+                await asyncio.wait_for(member.handle.info.remote(), ALIVE_TIMEOUT_S)
+                log.info("worker %s is missing from the registry but alive (Redis restarted?); keeping it", worker_id)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            self.drop(worker_id, f"its heartbeat expired and it does not answer ({type(e).__name__})")
+        finally:
+            self._checking.pop(worker_id, None)
 
     def dead(self, worker_id: str, reason: str) -> None:
         """The worker's actor died (a call to it failed so): drop it now and never take it back."""
@@ -109,7 +126,8 @@ class Membership:
         self._on_lost(worker_id, reason)
 
     async def close(self) -> None:
-        tasks = [m.drain for m in self.members.values() if m.drain is not None] + list(self._pairing.values())
+        tasks = [m.drain for m in self.members.values() if m.drain is not None] + list(self._pairing.values()) + \
+            list(self._checking.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

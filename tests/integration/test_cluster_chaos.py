@@ -1,15 +1,21 @@
-"""Worker failures on a live cluster (real redis-server, Ray, SmolLM2, KV over gloo, gRPC on 127.0.0.1): 200 greedy
-requests stream from 32 concurrent clients while a decode worker and then a prefill worker are killed (SIGKILL).
+"""Faults on a live cluster (real redis-server, Ray, SmolLM2, KV over gloo, gRPC on 127.0.0.1).
 
-Every request finishes, token-identical to the local engine (itself checked against transformers): the router
-resumed the failed workers' requests elsewhere (prompt plus the tokens already sent, prefilled again), the pool
-replaced the dead workers, and afterwards no KV block is in use anywhere.
+Workers: 200 greedy requests stream from 32 concurrent clients while a decode worker and then a prefill worker are
+killed (SIGKILL). Every request finishes, token-identical to the local engine (itself checked against transformers):
+the router resumed the failed workers' requests elsewhere (prompt plus the tokens already sent, prefilled again),
+the pool replaced the dead workers, and afterwards no KV block is in use anywhere.
+
+Redis: killed mid-stream and restarted empty on its port; requests already accepted finish, and the registry fills
+again from the workers' heartbeats.
 """
 
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -31,11 +37,19 @@ SAMPLING = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 RUN_DEADLINE_S = 600
 
 
+STARTED_REDIS: list[subprocess.Popen] = []
+"""redis-servers a test started in place of the cluster's own; stopped after the cluster."""
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     running = start_cluster(str(tmp_path_factory.mktemp("chaos")), CONFIG)
     yield running
-    stop_cluster(running)
+    try:
+        stop_cluster(running)
+    finally:
+        for process in STARTED_REDIS:
+            process.kill()
 
 
 def kill_one(cluster, role: str) -> str:
@@ -89,3 +103,38 @@ def test_killing_a_decode_then_a_prefill_worker_loses_no_request(cluster, engine
         time.sleep(1.0)
     assert not set(killed) & set(workers)
     assert all(w["used"] == 0 and w["running"] == 0 for w in workers.values()), workers
+
+
+def restart_redis_empty(cluster) -> subprocess.Popen:
+    """SIGKILL the cluster's redis-server and start an empty one on its port (the test stops it)."""
+    state = cluster.state()
+    port = urllib.parse.urlparse(state["redis_url"]).port
+    os.kill(state["redis_pid"], signal.SIGKILL)
+    time.sleep(1.0)  # a heartbeat or two fails meanwhile
+    return subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_redis_restart_loses_no_accepted_request(cluster, engine):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(24)]
+    expected = {i: r.token_ids for i, r in enumerate(engine.generate(PROMPTS, SAMPLING))}
+
+    async def go():
+        async with Client(cluster.address, timeout_s=RUN_DEADLINE_S) as c:
+            requests = [asyncio.create_task(c.generate(p, SAMPLING)) for p in prompts]
+            await asyncio.sleep(1.0)
+            STARTED_REDIS.append(await asyncio.to_thread(restart_redis_empty, cluster))
+            return await asyncio.gather(*requests)
+
+    results = asyncio.run(go())
+    assert [r.token_ids for r in results] == [expected[i % len(PROMPTS)] for i in range(len(prompts))]
+    workers = cluster.wait_until_idle(timeout_s=30)  # the registry is back, from heartbeats
+    assert sorted(w["role"] for w in workers.values()) == ["decode", "decode", "prefill", "prefill"]
+    assert all(w["used"] == 0 for w in workers.values())
+    after = asyncio.run(_one(cluster))  # and new requests are served
+    assert after.token_ids == expected[0]
+
+
+async def _one(cluster):
+    async with Client(cluster.address, timeout_s=120) as c:
+        return await c.generate(PROMPTS[0], SAMPLING)
