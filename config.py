@@ -76,6 +76,8 @@ class KVTransfer:
     """Layers sent per message; the next group is gathered while one is on the wire."""
     inject_send_pause_s: float = 0.0
     """Fault injection for tests and drills: every KV send pauses this long after its header. Keep 0."""
+    inject_send_pause_count: int = 0
+    """With inject_send_pause_s: only the first this many sends of each worker pause (0: every send)."""
     sim_link: str = "network"
     """Sim engines only: the link the modelled KV crosses, nvlink (one node) or network (across nodes); each handoff
     then takes the modelled bytes over that link's bandwidth."""
@@ -86,6 +88,7 @@ class KVTransfer:
         _at_least("timeout_s", self.timeout_s, 0.001)
         _at_least("layers_per_message", self.layers_per_message, 1)
         _at_least("inject_send_pause_s", self.inject_send_pause_s, 0)
+        _at_least("inject_send_pause_count", self.inject_send_pause_count, 0)
         if self.sim_link not in ("nvlink", "network"):
             raise ConfigError(f"sim_link: {self.sim_link!r} is not one of ['nvlink', 'network']")
 

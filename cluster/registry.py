@@ -59,6 +59,9 @@ class WorkerInfo:
     metrics_port: int = 0
     """Port of the worker's Prometheus /metrics, on 127.0.0.1 of its machine; 0 while it serves none. Entries written
     before this field existed read as 0."""
+    paired: tuple[str, ...] = ()
+    """The workers it has a working KV pair with. A transfer that fails on the wire breaks its pair (gloo closes it),
+    which then leaves this list, and the routers form it again."""
 
     @property
     def kv_blocks_free(self) -> int:
@@ -73,6 +76,7 @@ class WorkerInfo:
     def from_json(text: str | bytes) -> "WorkerInfo":
         values = json.loads(text)
         values["role"], values["state"] = Role(values["role"]), WorkerState(values["state"])
+        values["paired"] = tuple(values.get("paired", ()))
         return WorkerInfo(**values)
 
 

@@ -57,7 +57,8 @@ class WorkerRuntime:
         kv = spec.kv_transfer
         self.connector = connector or TorchDistConnector(spec.worker_id, kv.backend,
                                                          layers_per_message=kv.layers_per_message,
-                                                         send_pause_s=kv.inject_send_pause_s)
+                                                         send_pause_s=kv.inject_send_pause_s,
+                                                         send_pause_count=kv.inject_send_pause_count)
         self.metrics = WorkerMetrics(spec.worker_id, spec.role.value, lambda: self.thread.load)
         self.metrics_server: MetricsServer | None = None
         self.thread = EngineThread(lambda: Engine(spec.engine), after_step, spec.cores, name=spec.worker_id,
@@ -85,15 +86,16 @@ class WorkerRuntime:
                  self.spec.cores)
         return self.info()
 
-    async def connect(self, peer: str, store_address: str, rank: int) -> None:
-        """Form the KV pair with `peer` (which calls this at the same time with the other rank)."""
+    async def connect(self, peer: str, store_address: str, rank: int, generation: int = 0) -> None:
+        """Form the KV pair with `peer` (which calls this at the same time with the other rank); `generation` counts
+        the times the router formed this pair, so a pair formed again after a failure meets under a new name."""
         if not isinstance(self.connector, TorchDistConnector):
             return  # in-process connectors need no pairing
         store = self.store if self.store is not None and store_address == self.store_address else None
         if store is None:
             host, port = store_address.rsplit(":", 1)
             store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=60))
-        await asyncio.to_thread(self.connector.connect, peer, store, rank)
+        await asyncio.to_thread(self.connector.connect, peer, store, rank, generation=generation)
         log.info("worker %s paired with %s", self.spec.worker_id, peer)
 
     def drain(self) -> None:
@@ -117,7 +119,8 @@ class WorkerRuntime:
             running=load.running + load.held if load else 0, waiting=load.waiting if load else 0,
             queued_prefill_tokens=load.queued_prefill_tokens if load else 0,
             kv_blocks_used=load.kv_blocks_used if load else 0, kv_blocks_total=load.kv_blocks_total if load else 0,
-            metrics_port=self.metrics_server.port if self.metrics_server else 0)
+            metrics_port=self.metrics_server.port if self.metrics_server else 0,
+            paired=tuple(sorted(self.connector.pairs)) if isinstance(self.connector, TorchDistConnector) else ())
 
     def stop(self) -> None:
         self.state = WorkerState.STOPPED

@@ -71,8 +71,8 @@ class DecodeWorker:
         self._wakeup = asyncio.Event()
         return await self.runtime.start()
 
-    async def connect(self, peer: str, store_address: str, rank: int) -> None:
-        await self.runtime.connect(peer, store_address, rank)
+    async def connect(self, peer: str, store_address: str, rank: int, generation: int = 0) -> None:
+        await self.runtime.connect(peer, store_address, rank, generation)
 
     async def info(self) -> WorkerInfo:
         return self.runtime.info()

@@ -2,7 +2,9 @@
 
 Pairs form as workers come and go: each pair of workers gets its own two-rank process group (gloo or NCCL over a
 `PrefixStore` of a shared `TCPStore`), with no global `init_process_group`. Both sides call `connect` with the same
-store and opposite ranks.
+store and opposite ranks. A transport error or timeout closes a gloo pair for good, so a transfer that fails so
+removes its pair (at the next `poll`); the worker's heartbeat then no longer lists the peer, and the router forms
+the pair again under a new generation.
 
 A transfer moves whole blocks, a group of layers per message: a header first (block count and shape; gloo takes a
 message shorter than the receive buffer without complaint, so the receiver checks it), then one message per layer
@@ -113,14 +115,17 @@ class _Pending:
 
 class TorchDistConnector(KVConnector):
     def __init__(self, worker_id: str, backend: str = "gloo", max_concurrent: int = 16,
-                 layers_per_message: int = 5, send_pause_s: float = 0.0) -> None:
-        """`send_pause_s` is fault injection: every send pauses that long after its header, mid-transfer."""
+                 layers_per_message: int = 5, send_pause_s: float = 0.0, send_pause_count: int = 0) -> None:
+        """`send_pause_s` is fault injection: every send (the first `send_pause_count` sends, if not 0) pauses that
+        long after its header, mid-transfer."""
         if backend not in BACKENDS:
             raise TransferError(f"kv_transfer.backend: {backend!r} is not one of {BACKENDS}")
         self.worker_id = worker_id
         self.backend = backend
         self.layers_per_message = layers_per_message
         self.send_pause_s = send_pause_s
+        self._pauses_left = send_pause_count if send_pause_count else None
+        self._pause_lock = threading.Lock()
         self.wire_seconds: Callable[[int], float] | None = None
         """For simulated engines: how long the modelled KV of n blocks takes on the modelled link; each send waits
         that long after its header (the placeholder KV itself is tiny)."""
@@ -128,13 +133,16 @@ class TorchDistConnector(KVConnector):
         self.pairs: dict[str, _Pair] = {}
         self.pending: dict[str, _Pending] = {}
         self._outcomes: queue.SimpleQueue[tuple[str, TransferStatus, str]] = queue.SimpleQueue()
+        self._broken: queue.SimpleQueue[tuple[str, _Pair]] = queue.SimpleQueue()
+        """Pairs whose transport failed under a transfer (gloo closes a pair on any error or timeout)."""
         self._threads = ThreadPoolExecutor(max_concurrent, thread_name_prefix=f"kv-{worker_id}")
         self._staging = StagingPool()
         self._reported: list[TransferResult] = []
 
-    def connect(self, peer: str, store: dist.Store, rank: int, timeout_s: float = 60.0) -> None:
-        """Form the two-rank group with `peer`; the peer calls this too, with the same store and the other rank."""
-        name = "|".join(sorted((self.worker_id, peer)))
+    def connect(self, peer: str, store: dist.Store, rank: int, timeout_s: float = 60.0, generation: int = 0) -> None:
+        """Form the two-rank group with `peer`; the peer calls this too, with the same store, the other rank and the
+        same `generation` (a pair formed again after it broke needs a name of its own in the store)."""
+        name = "|".join(sorted((self.worker_id, peer))) + f"|{generation}"
         self.pairs[peer] = _Pair(make_pair_group(self.backend, store, name, rank, timeout_s), peer_rank=1 - rank)
 
     def register(self, kv_cache: KVCache) -> None:
@@ -147,6 +155,7 @@ class TorchDistConnector(KVConnector):
         self._start(transfer, sending=False, work=self._receive)
 
     def poll(self) -> list[TransferResult]:
+        self._forget_broken_pairs()
         while True:
             try:
                 transfer_id, status, error = self._outcomes.get_nowait()
@@ -158,6 +167,17 @@ class TorchDistConnector(KVConnector):
             self._report(pending, status, error)
         reported, self._reported = self._reported, []
         return reported
+
+    def _forget_broken_pairs(self) -> None:
+        while True:
+            try:
+                peer, pair = self._broken.get_nowait()
+            except queue.Empty:
+                return
+            if self.pairs.get(peer) is pair:  # not one formed again since
+                del self.pairs[peer]
+                log.warning("KV pair %s <-> %s broke; it leaves this worker's heartbeat and is formed again",
+                            self.worker_id, peer)
 
     def cancel(self, transfer_id: str) -> None:
         pending = self.pending.pop(transfer_id, None)
@@ -214,7 +234,8 @@ class TorchDistConnector(KVConnector):
             self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, PEER_ABORTED))
         except _Mismatch as e:
             self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, f"header: {e}"))
-        except RuntimeError as e:
+        except RuntimeError as e:  # the transport failed: the pair is closed, whether the transfer was wanted or not
+            self._broken.put((pending.transfer.peer, pair))
             text = str(e).lower()
             status = TransferStatus.TIMED_OUT if "timed out" in text or "timeout" in text else TransferStatus.FAILED
             self._outcomes.put((pending.transfer.transfer_id, status, str(e).splitlines()[0][:300]))
@@ -228,7 +249,7 @@ class TorchDistConnector(KVConnector):
         if not t.block_ids:  # "no KV is coming": ends the receive posted for this tag
             _wait(works[0], deadline)
             return
-        pause = self.send_pause_s + (self.wire_seconds(len(t.block_ids)) if self.wire_seconds else 0.0)
+        pause = self._injected_pause() + (self.wire_seconds(len(t.block_ids)) if self.wire_seconds else 0.0)
         if pause:
             self._pause(pending, pause)
         for layers, part in zip(self._layer_groups(), pending.staging):
@@ -258,6 +279,15 @@ class TorchDistConnector(KVConnector):
                     self._cache().tensor[:, layers].index_copy_(2, index, part)
         if not pending.live:
             raise _Stopped
+
+    def _injected_pause(self) -> float:
+        with self._pause_lock:  # sends run on several threads
+            if self._pauses_left is None:
+                return self.send_pause_s
+            if self._pauses_left <= 0:
+                return 0.0
+            self._pauses_left -= 1
+            return self.send_pause_s
 
     def _pause(self, pending: _Pending, seconds: float) -> None:
         until = time.monotonic() + seconds

@@ -18,6 +18,7 @@ Everything that touches the engine or the connector runs on the engine thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -29,7 +30,9 @@ from pdserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import FinishReason, RequestOutput
 from pdserve.engine.step_profile import StepProfile, profile_engine
-from pdserve.kv_transfer.connector import KVConnector, Transfer
+from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError
+
+log = logging.getLogger(__name__)
 
 SENT_MEMORY = 65536
 
@@ -55,8 +58,8 @@ class PrefillWorker:
     async def start(self) -> WorkerInfo:
         return await self.runtime.start()
 
-    async def connect(self, peer: str, store_address: str, rank: int) -> None:
-        await self.runtime.connect(peer, store_address, rank)
+    async def connect(self, peer: str, store_address: str, rank: int, generation: int = 0) -> None:
+        await self.runtime.connect(peer, store_address, rank, generation)
 
     async def info(self) -> WorkerInfo:
         return self.runtime.info()
@@ -111,7 +114,13 @@ class PrefillWorker:
         started = p.started or self.runtime.thread.step_started  # one chunk: it started in this step
         handed_off = output.finish_reason is FinishReason.PREFILLED
         if handed_off:
-            self._send(output.request_id, p.task, engine.held_block_ids(output.request_id))
+            try:
+                self._send(output.request_id, p.task, engine.held_block_ids(output.request_id))
+            except TransferError as e:  # no working pair with that decode worker (it broke): the router retries
+                log.warning("KV of %s cannot go to %s: %s", output.request_id, p.task.decode_worker, e)
+                engine.release(output.request_id)
+                p.result.set_result(PrefillResult(output.request_id, None, "", FinishReason.ABORT, 0.0, 0.0))
+                return
         p.result.set_result(PrefillResult(
             output.request_id, output.new_token_ids[0], output.text_delta,
             None if handed_off else output.finish_reason, started - p.enqueued, now - started))

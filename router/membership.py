@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 REFRESH_S = 0.5
 DRAIN_WAIT_S = 1.0
 ALIVE_TIMEOUT_S = 2.0
+PAIR_SETTLE_S = 3.0
+"""A pair younger than this is not judged by heartbeats (one sent before it formed does not list it)."""
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Member:
     handle: ActorHandle
     drain: asyncio.Task | None = None
     paired: set[str] = field(default_factory=set)
+    paired_at: dict[str, float] = field(default_factory=dict)
+    """When each pair was formed (a heartbeat sent before that may not list it yet)."""
 
 
 class Membership:
@@ -48,6 +52,8 @@ class Membership:
         self._on_events = on_events
         self._on_lost = on_lost
         self._pairing: dict[tuple[str, str], asyncio.Task] = {}
+        self._generations: dict[tuple[str, str], int] = {}
+        """How many times each (prefill, decode) pair was formed: a pair formed again meets under a new name."""
         self._redis_failing = False
         self._checking: dict[str, asyncio.Task] = {}
         """Workers missing from the registry, being asked whether they are still alive."""
@@ -92,6 +98,7 @@ class Membership:
             member = self.members.get(worker_id)
             if member is not None:
                 member.info = info
+                self._unpair_broken(member)
             elif info.state is WorkerState.READY:
                 await self._join(info)
         self._pair_all()
@@ -145,6 +152,19 @@ class Membership:
         log.info("worker %s joined (%s)", info.worker_id, info.role.value)
 
     # ---- KV pairs --------------------------------------------------------------------------------------------
+    def _unpair_broken(self, member: Member) -> None:
+        """Pairs the worker's heartbeat no longer lists (a failed transfer broke them) are formed again."""
+        now = asyncio.get_running_loop().time()
+        listed = set(member.info.paired)
+        for peer in list(member.paired):
+            if peer not in listed and now - member.paired_at.get(peer, now) > PAIR_SETTLE_S:
+                log.warning("KV pair %s <-> %s is broken (not in the heartbeat); forming it again",
+                            member.info.worker_id, peer)
+                member.paired.discard(peer)
+                other = self.members.get(peer)
+                if other is not None:
+                    other.paired.discard(member.info.worker_id)
+
     def _pair_all(self) -> None:
         for p in self.ready(Role.PREFILL):
             for d in self.ready(Role.DECODE):
@@ -154,11 +174,14 @@ class Membership:
 
     async def _pair(self, p: Member, d: Member) -> None:
         key = (p.info.worker_id, d.info.worker_id)
+        generation = self._generations[key] = self._generations.get(key, -1) + 1
         try:
-            await asyncio.gather(p.handle.connect.remote(d.info.worker_id, d.info.store_address, 0),
-                                 d.handle.connect.remote(p.info.worker_id, d.info.store_address, 1))
+            await asyncio.gather(p.handle.connect.remote(d.info.worker_id, d.info.store_address, 0, generation),
+                                 d.handle.connect.remote(p.info.worker_id, d.info.store_address, 1, generation))
+            now = asyncio.get_running_loop().time()
             p.paired.add(d.info.worker_id)
             d.paired.add(p.info.worker_id)
+            p.paired_at[d.info.worker_id] = d.paired_at[p.info.worker_id] = now
             log.info("KV pair %s -> %s formed", *key)
         except ray.exceptions.RayError as e:
             log.warning("KV pair %s -> %s failed (will retry): %s", *key, e)

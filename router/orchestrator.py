@@ -46,9 +46,9 @@ ROOM_RETRY_S = 0.5
 """A request waiting for KV room tries again when another request ends, or after this long (a heartbeat)."""
 NO_WORKERS_WAIT_S = 10.0
 CHOOSE_RETRY_S = 0.1
-MIGRATION_BACKOFF_S = 0.25
-"""Before resuming a request for the n-th time, wait n times this (a failure that repeats at once has a cause
-that a moment may clear: a heartbeat still to expire, a pair still forming)."""
+MIGRATION_BACKOFF_S = 1.0
+"""Before resuming a request for the n-th time, wait n - 1 times this (a failure that repeats at once has a cause
+that a moment may clear: a heartbeat still to expire, a broken KV pair to be formed again)."""
 
 
 class Unavailable(RuntimeError):
