@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import yaml
@@ -44,6 +45,12 @@ class RunningCluster:
         status = asyncio.run(ask())
         return {w.worker_id: {"role": w.role, "used": w.kv_blocks_used, "running": w.running_requests, "pid": w.pid}
                 for w in status.workers}
+
+    def router_metric(self, name: str) -> float:
+        """The sum of a router Prometheus metric's samples (every label), read from its /metrics now."""
+        url = f"http://{self.state()['metrics_address']}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
     def wait_until_idle(self, timeout_s: float = 15) -> dict[str, dict]:
         """Every worker reports zero KV blocks in use and nothing running (heartbeats lag by up to a second)."""

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import time
 import urllib.parse
-import urllib.request
 
 import pytest
 
@@ -58,11 +57,6 @@ def kill_one(cluster, role: str) -> str:
     return worker_id
 
 
-def router_counter(cluster, name: str) -> float:
-    text = urllib.request.urlopen(f"http://{cluster.state()['metrics_address']}/metrics", timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
-
 def test_killing_a_decode_then_a_prefill_worker_loses_no_request(cluster, engine):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(REQUESTS)]
     expected = {i: r.token_ids for i, r in enumerate(engine.generate(PROMPTS, SAMPLING))}
@@ -92,7 +86,7 @@ def test_killing_a_decode_then_a_prefill_worker_loses_no_request(cluster, engine
     wrong = [i for i in range(REQUESTS) if done[i].token_ids != expected[i % len(PROMPTS)]]
     assert not wrong, f"{len(wrong)} outputs differ from the fault-free run, e.g. request {wrong[0]}"
     assert len({r.request_id for r in done.values()}) == REQUESTS
-    assert router_counter(cluster, "pdserve_request_migrations_total") >= 1
+    assert cluster.router_metric("pdserve_request_migrations_total") >= 1
 
     deadline = time.monotonic() + 120  # the pool replaces both dead workers
     while True:

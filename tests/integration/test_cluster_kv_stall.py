@@ -7,7 +7,6 @@ no KV block stays in use.
 """
 
 import asyncio
-import urllib.request
 
 import pytest
 
@@ -33,11 +32,6 @@ def cluster(tmp_path_factory):
     stop_cluster(running)
 
 
-def router_counter(cluster, name: str) -> float:
-    text = urllib.request.urlopen(f"http://{cluster.state()['metrics_address']}/metrics", timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
-
 def test_a_stalled_transfer_times_out_and_the_request_resumes(cluster, engine):
     expected = [r.token_ids for r in engine.generate(PROMPTS, SAMPLING)]
 
@@ -49,7 +43,7 @@ def test_a_stalled_transfer_times_out_and_the_request_resumes(cluster, engine):
 
     stalled, after = asyncio.run(go())
     assert stalled.token_ids == expected[0]
-    assert router_counter(cluster, "pdserve_request_migrations_total") >= 1
+    assert cluster.router_metric("pdserve_request_migrations_total") >= 1
     assert [r.token_ids for r in after] == expected
     workers = cluster.wait_until_idle(timeout_s=30)
     assert len(workers) == 2 and all(w["used"] == 0 for w in workers.values()), workers
