@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from pdserve.cluster.registry import Role
 from pdserve.engine.request import FinishReason
@@ -32,12 +34,39 @@ FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINI
           FinishReason.ABORT: pb.FINISH_REASON_ABORT}
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A Generate request that does not parse (e.g. a string field that is not UTF-8): answered INVALID_ARGUMENT by
+    the service, where gRPC itself would say UNKNOWN."""
+
+    error: str
+
+
+def _parse_generate(data: bytes) -> pb.GenerateRequest | Undecodable:
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except DecodeError as e:
+        return Undecodable(f"request: not a valid GenerateRequest ({e}; text, messages, request_id and stop must "
+                           f"be UTF-8)")
+
+
+def _add_generation_service(service: GenerationService, server: grpc.aio.Server) -> None:
+    """As the generated `add_GenerationServicer_to_server`, with a request parser that does not raise."""
+    handler = grpc.unary_stream_rpc_method_handler(service.Generate, request_deserializer=_parse_generate,
+                                                   response_serializer=pb.GenerateResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pdserve.v1.Generation",
+                                                                          {"Generate": handler}),))
+
+
 class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, builder: RequestBuilder, orchestrator: Orchestrator) -> None:
         self.builder = builder
         self.orchestrator = orchestrator
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def Generate(self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext):
+        if isinstance(request, Undecodable):
+            self.orchestrator.metrics.failed(InvalidRequest(request.error))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
         try:
             valid = await asyncio.to_thread(self.builder.build, request)  # a long prompt must not stall the others
         except InvalidRequest as e:
@@ -115,6 +144,6 @@ def build_server(builder: RequestBuilder, orchestrator: Orchestrator, host: str,
         bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"router.port: cannot listen on {host}:{port} (in use?)")
-    pb_grpc.add_GenerationServicer_to_server(GenerationService(builder, orchestrator), server)
+    _add_generation_service(GenerationService(builder, orchestrator), server)
     pb_grpc.add_AdminServicer_to_server(AdminService(orchestrator, f"{host}:{bound}", mode), server)
     return server, bound

@@ -1,0 +1,35 @@
+"""The router's gRPC server on 127.0.0.1 (no workers needed): a request that does not parse is INVALID_ARGUMENT."""
+
+import asyncio
+
+import grpc
+
+from pdserve.proto import generation_pb2 as pb
+from pdserve.router.orchestrator import Orchestrator
+from pdserve.router.server import build_server
+
+
+def test_a_string_field_that_is_not_utf8_is_invalid_argument():
+    good = pb.GenerateRequest(text="ab").SerializeToString()
+    bad = good.replace(b"ab", b"\xff\xfe")  # same length: still a well-formed message, but not UTF-8
+
+    async def go():
+        orchestrator = Orchestrator(registry=None, namespace="test", colocated=False, block_size=16)
+        server, port = build_server(None, orchestrator, "127.0.0.1", 0, "disaggregated")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                generate = channel.unary_stream("/pdserve.v1.Generation/Generate",
+                                                request_serializer=lambda b: b, response_deserializer=lambda b: b)
+                try:
+                    async for _ in generate(bad, timeout=5):
+                        pass
+                except grpc.aio.AioRpcError as e:
+                    return e
+                return None
+        finally:
+            await server.stop(0)
+
+    error = asyncio.run(go())
+    assert error is not None and error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in error.details()
