@@ -1,6 +1,6 @@
 """What every worker has, whatever its role: an engine on its own thread, a KV connector, a heartbeat, its
 Prometheus metrics (served on 127.0.0.1, the port in its registry entry), and (on a worker that receives KV) the
-TCPStore its transfer pairs meet in.
+place its transfer pairs meet (`kv_transfer.rendezvous`).
 
 The prefill and decode workers compose a `WorkerRuntime` and add their request life on top of it.
 """
@@ -12,9 +12,6 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
-
-import torch.distributed as dist
 
 from pdserve.cluster.engine_thread import EngineThread
 from pdserve.cluster.heartbeat import Heartbeat
@@ -27,6 +24,7 @@ from pdserve.engine.cost_model import Link
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import RequestOutput
 from pdserve.kv_transfer.connector import KVConnector
+from pdserve.kv_transfer.rendezvous import Rendezvous
 from pdserve.kv_transfer.torch_dist import TorchDistConnector
 
 log = logging.getLogger(__name__)
@@ -47,7 +45,7 @@ class WorkerSpec:
     cores: tuple[int, ...] = ()
     """CPU cores to pin the engine's threads to; empty leaves them as they are."""
     host: str = "127.0.0.1"
-    """This worker's address for KV pairs (the TCPStore it hosts)."""
+    """This worker's address for KV pairs; loopback keeps them on this machine (`kv_transfer.rendezvous`)."""
 
 
 class WorkerRuntime:
@@ -64,7 +62,9 @@ class WorkerRuntime:
         self.thread = EngineThread(lambda: Engine(spec.engine), after_step, spec.cores, name=spec.worker_id,
                                    on_step=self.metrics.step)
         self.engine: Engine | None = None
-        self.store: dist.TCPStore | None = None
+        self.rendezvous = Rendezvous(spec.host, spec.worker_id)
+        self.store_address = ""
+        """Where KV pairs with this (receiving) worker meet; empty on a sending worker."""
         self.state = WorkerState.STARTING
         self.heartbeat: Heartbeat | None = None
         if spec.redis_url is not None:
@@ -76,8 +76,7 @@ class WorkerRuntime:
         if self.engine.config.simulated and isinstance(self.connector, TorchDistConnector):
             self.connector.wire_seconds = sim_wire_seconds(self.engine, self.spec.kv_transfer.sim_link)
         if self.spec.role is Role.DECODE:
-            self.store = dist.TCPStore(self.spec.host, 0, is_master=True, wait_for_workers=False,
-                                       timeout=timedelta(seconds=60))
+            self.store_address = self.rendezvous.host()
         self.metrics_server = serve_metrics(self.metrics.registry)
         self.state = WorkerState.READY
         if self.heartbeat is not None:
@@ -91,10 +90,7 @@ class WorkerRuntime:
         the times the router formed this pair, so a pair formed again after a failure meets under a new name."""
         if not isinstance(self.connector, TorchDistConnector):
             return  # in-process connectors need no pairing
-        store = self.store if self.store is not None and store_address == self.store_address else None
-        if store is None:
-            host, port = store_address.rsplit(":", 1)
-            store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=60))
+        store = self.rendezvous.store(store_address, self.connector.pair_name(peer, generation))
         await asyncio.to_thread(self.connector.connect, peer, store, rank, generation=generation)
         log.info("worker %s paired with %s", self.spec.worker_id, peer)
 
@@ -106,10 +102,6 @@ class WorkerRuntime:
 
     def call(self, fn: Callable[[Engine], object]) -> asyncio.Future:
         return asyncio.wrap_future(self.thread.call(fn))
-
-    @property
-    def store_address(self) -> str:
-        return f"{self.spec.host}:{self.store.port}" if self.store is not None else ""
 
     def info(self) -> WorkerInfo:
         load = self.thread.load
@@ -128,6 +120,7 @@ class WorkerRuntime:
             self.heartbeat.stop()
         self.thread.stop()
         self.connector.shutdown()
+        self.rendezvous.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
 

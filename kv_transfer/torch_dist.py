@@ -139,11 +139,15 @@ class TorchDistConnector(KVConnector):
         self._staging = StagingPool()
         self._reported: list[TransferResult] = []
 
+    def pair_name(self, peer: str, generation: int = 0) -> str:
+        """The same on both sides: a pair formed again after it broke (a new generation) meets under a new name."""
+        return "|".join(sorted((self.worker_id, peer))) + f"|{generation}"
+
     def connect(self, peer: str, store: dist.Store, rank: int, timeout_s: float = 60.0, generation: int = 0) -> None:
         """Form the two-rank group with `peer`; the peer calls this too, with the same store, the other rank and the
-        same `generation` (a pair formed again after it broke needs a name of its own in the store)."""
-        name = "|".join(sorted((self.worker_id, peer))) + f"|{generation}"
-        self.pairs[peer] = _Pair(make_pair_group(self.backend, store, name, rank, timeout_s), peer_rank=1 - rank)
+        same `generation`."""
+        group = make_pair_group(self.backend, store, self.pair_name(peer, generation), rank, timeout_s)
+        self.pairs[peer] = _Pair(group, peer_rank=1 - rank)
 
     def register(self, kv_cache: KVCache) -> None:
         self.kv_cache = kv_cache

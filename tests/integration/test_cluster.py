@@ -9,7 +9,6 @@ import grpc
 import pytest
 
 from pdserve.client import Client
-from pdserve.cluster.local_cluster import start_cluster, stop_cluster
 from pdserve.cluster.registry import Registry
 from pdserve.engine import Prompt, SamplingParams
 
@@ -18,16 +17,11 @@ from .test_smollm2_oracle import PROMPTS
 pytestmark = pytest.mark.model
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
-CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
-          "workers": {"prefill": {"count": 1, "resources": {"cpus": 1}},
-                      "decode": {"count": 1, "resources": {"cpus": 1}}}}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    running = start_cluster(str(tmp_path_factory.mktemp("cluster")), CONFIG)
-    yield running
-    stop_cluster(running)
+def cluster(basic_cluster):
+    return basic_cluster
 
 
 def generate_all(address: str, prompts, sampling) -> list:

@@ -32,7 +32,7 @@ CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
                       "decode": {"count": 2, "resources": {"cpus": 0.5}}}}
 REQUESTS = 200
 CLIENTS = 32
-SAMPLING = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+SAMPLING = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 RUN_DEADLINE_S = 600
 
 
@@ -110,7 +110,7 @@ def restart_redis_empty(cluster) -> subprocess.Popen:
 
 
 def test_redis_restart_loses_no_accepted_request(cluster, engine):
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(24)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
     expected = {i: r.token_ids for i, r in enumerate(engine.generate(PROMPTS, SAMPLING))}
 
     async def go():

@@ -32,7 +32,6 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from pdserve.client import Client
-from pdserve.cluster.local_cluster import start_cluster, stop_cluster
 from pdserve.engine import Prompt, SamplingParams
 from pdserve.engine.request import ROLES
 from pdserve.proto import generation_pb2 as pb
@@ -41,9 +40,6 @@ from pdserve.router.request_builder import DEFAULT_MAX_TOKENS, MAX_REQUEST_ID_LE
 
 pytestmark = pytest.mark.model
 
-CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
-          "workers": {"prefill": {"count": 1, "resources": {"cpus": 1}},
-                      "decode": {"count": 1, "resources": {"cpus": 1}}}}
 
 VOCAB_SIZE = 49152
 """SmolLM2-135M's vocabulary: token ids must lie in [0, VOCAB_SIZE)."""
@@ -61,10 +57,8 @@ outcomes: Counter = Counter()
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    running = start_cluster(str(tmp_path_factory.mktemp("cluster")), CONFIG)
-    yield running
-    stop_cluster(running)
+def cluster(basic_cluster):
+    return basic_cluster
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +277,7 @@ def check_stream(request: pb.GenerateRequest, responses: list[pb.GenerateRespons
     assert last.HasField("timings") and 0 < last.timings.ttft_s <= last.timings.e2e_s
 
 
-@settings(max_examples=60, deadline=None, database=None,
+@settings(max_examples=40, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=requests)
 def test_random_requests_get_a_valid_stream_or_a_clean_error(stub, request):
