@@ -99,7 +99,10 @@ class Router:
     """The public gRPC port's address; 0.0.0.0 to serve beyond this machine."""
     port: int = 50051
     http_port: int | None = None
-    """OpenAI-compatible HTTP; off when unset."""
+    """OpenAI-compatible HTTP (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) on `host`;
+    off when unset."""
+    served_model_name: str | None = None
+    """The model's name in the HTTP API (/v1/models, the requests' `model`); unset: `engine.model`."""
     metrics_port: int | None = None
     """Prometheus /metrics of the router, on 127.0.0.1; unset picks a free port (in the state file, `pdserve status`).
     Each worker serves its own on a free port, named in its registry entry (`metrics_port`)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -28,12 +29,17 @@ def register(commands: argparse._SubParsersAction) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="cluster YAML (default: deploy/configs/local.yaml)")
     p.add_argument("--detach", action="store_true", help="run in the background; return once healthy")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="join this Ray cluster (`auto`: the one `ray start` runs here) instead of starting one; "
+                        "overrides the config's ray_address")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
+        if args.ray_address:
+            config = dataclasses.replace(config, ray_address=args.ray_address)
     except (ConfigError, OSError) as e:
         print(f"pdserve up: {e}", file=sys.stderr)
         return 2
@@ -50,15 +56,17 @@ def run(args: argparse.Namespace) -> int:
 
         print("pdserve: starting (Ctrl-C stops the cluster)", file=sys.stderr, flush=True)
         return serve(config, path)
-    return _detach(args.config, path)
+    return _detach(args.config, args.ray_address, path)
 
 
-def _detach(config: str | None, path: str) -> int:
+def _detach(config: str | None, ray_address: str | None, path: str) -> int:
     log_path = os.path.join(os.path.dirname(path), "cluster.log")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     command = [sys.executable, "-m", "pdserve.cluster.supervisor", "--state", path]
     if config:
         command += ["--config", os.path.abspath(config)]
+    if ray_address:
+        command += ["--ray-address", ray_address]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
@@ -70,7 +78,8 @@ def _detach(config: str | None, path: str) -> int:
             return 1
         if os.path.exists(path) and _healthy(path):
             state = ClusterState.read(path)
-            print(f"pdserve: router at {state.router_address} ({state.mode}); pid {state.pid}; logs {log_path}")
+            http = f"; OpenAI API at http://{state.http_address}/v1" if state.http_address else ""
+            print(f"pdserve: router at {state.router_address} ({state.mode}){http}; pid {state.pid}; logs {log_path}")
             return 0
         time.sleep(0.5)
     print(f"pdserve up: not healthy after {HEALTHY_TIMEOUT_S} s; see {log_path}", file=sys.stderr)

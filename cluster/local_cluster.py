@@ -1,7 +1,7 @@
 """A whole local cluster from Python, for tests and benchmarks: `pdserve up --detach` in a subprocess (its own
 redis-server, local Ray, the workers, the router on 127.0.0.1) with its own state folder, then `pdserve down`.
 
-    cluster = start_cluster("/tmp/run", {"mode": "colocated"})   # a config as a dict; the router port is picked
+    cluster = start_cluster("/tmp/run", {"mode": "colocated"})   # a config as a dict; the router's ports are picked
     ... Client(cluster.address) ...
     stop_cluster(cluster)
 """
@@ -33,6 +33,11 @@ class RunningCluster:
         return subprocess.run([sys.executable, "-m", "pdserve.cli", *args], capture_output=True, text=True,
                               timeout=timeout_s, env={**os.environ, "PDSERVE_STATE_DIR": self.state_dir})
 
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (http://host:port/v1)."""
+        return f"http://{self.state()['http_address']}/v1"
+
     def state(self) -> dict:
         with open(os.path.join(self.state_dir, "cluster.json")) as f:
             return json.load(f)
@@ -63,7 +68,8 @@ class RunningCluster:
 
 
 def start_cluster(state_dir: str, config: dict) -> RunningCluster:
-    config = {**config, "router": {"host": "127.0.0.1", "port": free_port()}}
+    config = {**config, "router": {**config.get("router", {}), "host": "127.0.0.1", "port": free_port(),
+                                    "http_port": free_port()}}
     path = os.path.join(state_dir, "cluster.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(config, f)

@@ -22,6 +22,8 @@ class ClusterState:
     """The router's bearer token file (the path, never the token), for the CLI's own calls; empty: no token."""
     tls_cert_file: str = ""
     """The router's TLS certificate (the CLI trusts it); empty: plain gRPC."""
+    http_address: str = ""
+    """host:port of the OpenAI-compatible HTTP API; empty when it is off."""
 
     def write(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -23,17 +24,18 @@ import redis
 
 from pdserve.cluster.controller_loop import ControllerLoop, RouterCounts
 from pdserve.cluster.local_redis import LocalRedis
-from pdserve.cluster.registry import HEARTBEAT_S, Registry, Role
+from pdserve.cluster.registry import HEARTBEAT_S, Registry
+from pdserve.cluster.scaler import CLUSTER, Scaler
 from pdserve.cluster.state import ClusterState
 from pdserve.cluster.worker_pool import WorkerPool
-from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.config import ClusterConfig, Mode, load_config
 from pdserve.controller.config import ControllerConfig
 from pdserve.controller.scaled_model import ScaledModel
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.hardware import hardware
 from pdserve.engine.shapes import shape
-from pdserve.router.access import load_access
+from pdserve.router.access import Access, load_access
+from pdserve.router.http_server import OpenAIServer, RunningHttp, start_http
 from pdserve.router.metrics import start_router_metrics
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.request_builder import RequestBuilder
@@ -41,23 +43,7 @@ from pdserve.router.server import build_server
 
 log = logging.getLogger(__name__)
 
-CLUSTER = "default"
 NAMESPACE = "pdserve"
-
-
-def worker_specs(config: ClusterConfig, redis_url: str, cores: list[int], pool: WorkerPool) -> list[WorkerSpec]:
-    """One spec per worker, each pinned to its own cores while there are enough (then they share, in turn)."""
-    roles = [Role.BOTH] if config.mode is Mode.COLOCATED else [Role.PREFILL, Role.DECODE]
-    specs, next_core = [], 0
-    for role in roles:
-        for _ in range(pool.pool(role).count):
-            n = max(1, math.ceil(pool.pool(role).resources.cpus))
-            mine = tuple(sorted({cores[(next_core + k) % len(cores)] for k in range(n)})) if cores else ()
-            next_core += n
-            worker_id = pool.next_id(role)
-            specs.append(WorkerSpec(worker_id, role, config.engine, config.kv_transfer, redis_url, CLUSTER,
-                                    actor_name=f"{CLUSTER}-{worker_id}", cores=mine))
-    return specs
 
 
 class Supervisor:
@@ -88,13 +74,15 @@ class Supervisor:
         builder = RequestBuilder(config.engine)  # resolves (converts) the model once, before the workers load it
         self._start_ray()
         cores = sorted(os.sched_getaffinity(0)) if config.ray_address is None else []
-        specs = worker_specs(config, redis_url, cores, self.workers)
-        await self.workers.start(specs)
         registry = Registry(redis_url, CLUSTER)
         orchestrator = Orchestrator(registry, NAMESPACE, config.mode is Mode.COLOCATED, config.engine.block_size,
                                     config.router.max_waiting)
+        scaler = Scaler(self.workers, config, redis_url, cores, orchestrator.membership.running)
+        specs = scaler.initial_specs()
+        await self.workers.start(specs)
+        http = await self._http(builder, orchestrator, access)
         server, port = build_server(builder, orchestrator, config.router.host, config.router.port, config.mode.value,
-                                    access)
+                                    access, scaler, config.slo, http.address if http else "")
         await server.start()
         metrics_server = start_router_metrics(orchestrator.metrics, config.router)
         address = f"{config.router.host}:{port}"
@@ -106,19 +94,32 @@ class Supervisor:
             tasks.append(asyncio.create_task(controller.run()))
         ClusterState(os.getpid(), address, redis_url, self.redis.process.pid if self.redis else None,
                      config.mode.value, metrics_server.address, _absolute(config.router.token_file),
-                     _absolute(config.router.tls_cert_file)).write(self.state_path)
-        log.warning("pdserve router listening on %s (%s, %d workers)", address, config.mode.value, len(specs))
+                     _absolute(config.router.tls_cert_file), http.address if http else "").write(self.state_path)
+        log.warning("pdserve router listening on %s (gRPC)%s (%s, %d workers)", address,
+                    f" and http://{http.address} (OpenAI API)" if http else "", config.mode.value, len(specs))
         try:
             await stop.wait()
         finally:
             log.warning("pdserve shutting down")
             await server.stop(grace=2)
+            if http is not None:
+                await http.stop()
             metrics_server.stop()
             for task in tasks:
                 task.cancel()
             if controller is not None:
                 await controller.close()
             await orchestrator.membership.close()
+
+    async def _http(self, builder: RequestBuilder, orchestrator: Orchestrator, access: Access) -> RunningHttp | None:
+        """The OpenAI-compatible HTTP API, when router.http_port is set."""
+        router = self.config.router
+        if router.http_port is None:
+            return None
+        name = router.served_model_name or self.config.engine.model
+        app = OpenAIServer(builder, orchestrator, name, access).app()
+        tls = (router.tls_cert_file, router.tls_key_file) if router.tls_cert_file else None
+        return await start_http(app, router.host, router.http_port, tls)
 
     async def _controller(self, registry: Registry, orchestrator: Orchestrator) -> ControllerLoop:
         """The ratio controller, with the cost model of a sim engine or a profile of a real one."""
@@ -167,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pdserve.cluster.supervisor")
     parser.add_argument("--config", default=None)
     parser.add_argument("--state", required=True)
+    parser.add_argument("--ray-address", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config)
+    if args.ray_address:
+        config = dataclasses.replace(config, ray_address=args.ray_address)
     return run(config, args.state)
 
 

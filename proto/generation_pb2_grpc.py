@@ -101,7 +101,7 @@ class Generation:
 
 
 class AdminStub:
-    """Status and health of the cluster, for operators and load balancers.
+    """Status and health of the cluster, for operators and load balancers; scaling and draining workers.
     """
 
     def __init__(self, channel):
@@ -120,10 +120,20 @@ class AdminStub:
                 request_serializer=pdserve_dot_proto_dot_generation__pb2.HealthRequest.SerializeToString,
                 response_deserializer=pdserve_dot_proto_dot_generation__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/pdserve.v1.Admin/Scale',
+                request_serializer=pdserve_dot_proto_dot_generation__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_generation__pb2.ScaleResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pdserve.v1.Admin/Drain',
+                request_serializer=pdserve_dot_proto_dot_generation__pb2.DrainRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_generation__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
-    """Status and health of the cluster, for operators and load balancers.
+    """Status and health of the cluster, for operators and load balancers; scaling and draining workers.
     """
 
     def Status(self, request, context):
@@ -134,6 +144,20 @@ class AdminServicer:
 
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Scale(self, request, context):
+        """Start or stop workers until each named pool has that many (stopped ones drain first); returns when done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Stop sending a worker requests, let its running ones finish, then stop it (and start a fresh one if asked).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -151,6 +175,16 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=pdserve_dot_proto_dot_generation__pb2.HealthRequest.FromString,
                     response_serializer=pdserve_dot_proto_dot_generation__pb2.HealthResponse.SerializeToString,
             ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=pdserve_dot_proto_dot_generation__pb2.ScaleRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_generation__pb2.ScaleResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=pdserve_dot_proto_dot_generation__pb2.DrainRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_generation__pb2.DrainResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'pdserve.v1.Admin', rpc_method_handlers)
@@ -160,7 +194,7 @@ def add_AdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Admin:
-    """Status and health of the cluster, for operators and load balancers.
+    """Status and health of the cluster, for operators and load balancers; scaling and draining workers.
     """
 
     @staticmethod
@@ -207,6 +241,60 @@ class Admin:
             '/pdserve.v1.Admin/Health',
             pdserve_dot_proto_dot_generation__pb2.HealthRequest.SerializeToString,
             pdserve_dot_proto_dot_generation__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/Scale',
+            pdserve_dot_proto_dot_generation__pb2.ScaleRequest.SerializeToString,
+            pdserve_dot_proto_dot_generation__pb2.ScaleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/Drain',
+            pdserve_dot_proto_dot_generation__pb2.DrainRequest.SerializeToString,
+            pdserve_dot_proto_dot_generation__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

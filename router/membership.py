@@ -68,6 +68,11 @@ class Membership:
     def prefill_for(self, decode_id: str) -> list[Member]:
         return [m for m in self.ready(Role.PREFILL) if decode_id in m.paired]
 
+    def running(self, worker_id: str) -> int:
+        """The worker's running plus waiting requests, as its last heartbeat said (0 when it is not a member)."""
+        member = self.members.get(worker_id)
+        return member.info.running + member.info.waiting if member is not None else 0
+
     def update(self, worker_id: str, **changes) -> None:
         """Fresher load figures than the last heartbeat (from a worker's reply)."""
         member = self.members.get(worker_id)

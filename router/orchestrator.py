@@ -125,7 +125,7 @@ class Orchestrator:
         """Per attempt, by the id the workers know it by (the client's id, then `<id>@retry<n>` after a failure)."""
         self._tags = itertools.count(1)
         self._prefill_tokens: dict[str, int] = defaultdict(int)
-        self.metrics = RouterMetrics(in_flight=lambda: len(self._streams))
+        self.metrics = RouterMetrics(in_flight=lambda: self.in_flight_count)
         self.accepted_total = 0
         """Requests accepted since the router started (the controller's arrival rate)."""
         self.accepted_prompt_tokens = 0
@@ -208,6 +208,11 @@ class Orchestrator:
         if self.colocated:
             return self._colocated(request, clock, stream, route)
         return self._disaggregated(request, clock, stream, route)
+
+    @property
+    def in_flight_count(self) -> int:
+        """Requests accepted and not yet ended."""
+        return len(self._streams)
 
     @property
     def waiting_count(self) -> int:

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from pdserve.cluster.registry import Role
+from pdserve.cluster.scaler import Scaler
+from pdserve.config import SLO
 from pdserve.engine.request import FinishReason
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
 from pdserve.router.access import NO_ACCESS_CONTROL, Access, BearerToken
+from pdserve.router.admin import AdminService
 from pdserve.router.orchestrator import DuplicateRequest, Orchestrator, Overloaded, Piece, Unavailable, WorkerError
 from pdserve.router.request_builder import InvalidRequest, RequestBuilder
 
@@ -91,34 +93,6 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
 
 
-class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, orchestrator: Orchestrator, address: str, mode: str) -> None:
-        self.orchestrator = orchestrator
-        self.address = address
-        self.mode = mode
-
-    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
-        workers = [m.info for m in self.orchestrator.membership.members.values()]
-        return pb.StatusResponse(router_address=self.address, mode=self.mode, workers=[
-            pb.WorkerStatus(worker_id=w.worker_id, role=w.role.value, pid=w.pid, state=w.state.value,
-                            running_requests=w.running, kv_blocks_used=w.kv_blocks_used,
-                            kv_blocks_total=w.kv_blocks_total) for w in sorted(workers, key=lambda w: w.worker_id)])
-
-    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
-        detail = self.unhealthy_reason()
-        return pb.HealthResponse(healthy=not detail, detail=detail or "serving")
-
-    def unhealthy_reason(self) -> str:
-        membership = self.orchestrator.membership
-        if self.orchestrator.colocated:
-            return "" if membership.ready(Role.BOTH) else "no colocated worker is ready"
-        decode = membership.ready(Role.DECODE)
-        if not any(membership.prefill_for(d.info.worker_id) for d in decode):
-            ready = {r.value: len(membership.ready(r)) for r in (Role.PREFILL, Role.DECODE)}
-            return f"no paired prefill and decode workers yet (ready: {ready})"
-        return ""
-
-
 def _response(request_id: str, piece: Piece, prompt_tokens: int, first: bool) -> pb.GenerateResponse:
     response = pb.GenerateResponse(request_id=request_id, token_ids=piece.token_ids, text=piece.text)
     if first:
@@ -132,8 +106,10 @@ def _response(request_id: str, piece: Piece, prompt_tokens: int, first: bool) ->
     return response
 
 
-def build_server(builder: RequestBuilder, orchestrator: Orchestrator, host: str, port: int,
-                 mode: str, access: Access = NO_ACCESS_CONTROL) -> tuple[grpc.aio.Server, int]:
+def build_server(builder: RequestBuilder, orchestrator: Orchestrator, host: str, port: int, mode: str,
+                 access: Access = NO_ACCESS_CONTROL, scaler: Scaler | None = None, slo: SLO | None = None,
+                 http_address: str = "") -> tuple[grpc.aio.Server, int]:
+    """The Generation and Admin services on `host:port` (0: a free port); returns the server and its port."""
     interceptors = [BearerToken(access.token)] if access.token else []
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
@@ -145,5 +121,6 @@ def build_server(builder: RequestBuilder, orchestrator: Orchestrator, host: str,
     if bound == 0:
         raise OSError(f"router.port: cannot listen on {host}:{port} (in use?)")
     _add_generation_service(GenerationService(builder, orchestrator), server)
-    pb_grpc.add_AdminServicer_to_server(AdminService(orchestrator, f"{host}:{bound}", mode), server)
+    pb_grpc.add_AdminServicer_to_server(AdminService(orchestrator, f"{host}:{bound}", mode, scaler, slo, http_address),
+                                        server)
     return server, bound

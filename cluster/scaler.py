@@ -1,0 +1,116 @@
+"""How many workers of each role run, and on which cores: the first specs `pdserve up` starts, and the operator's
+changes after (`pdserve scale`, `pdserve drain`; the router's Admin Scale and Drain calls).
+
+    scaler = Scaler(pool, config, redis_url, cores)
+    await pool.start(scaler.initial_specs())
+    started, stopped = await scaler.scale({Role.DECODE: 3})      # starts or drains-then-stops workers
+    stopped, started = await scaler.drain("decode-0", replace=True)
+
+A worker that is stopped is drained first: it takes no new requests, finishes those it runs, then stops, so no
+request is lost. One change runs at a time. A change that would leave a disaggregated cluster without a prefill or
+a decode worker (or a colocated one without any worker) is refused with `ScaleError`, naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable
+
+from pdserve.cluster.registry import Role
+from pdserve.cluster.worker_pool import ROLE_NAMES, WorkerPool
+from pdserve.cluster.worker_runtime import WorkerSpec
+from pdserve.config import ClusterConfig, Mode
+
+log = logging.getLogger(__name__)
+
+CLUSTER = "default"
+MAX_WORKERS_PER_ROLE = 256
+
+
+class ScaleError(ValueError):
+    """The change asked for cannot be made; the message names the field."""
+
+
+class Scaler:
+    def __init__(self, pool: WorkerPool, config: ClusterConfig, redis_url: str, cores: list[int],
+                 running: Callable[[str], int] = lambda worker_id: 0) -> None:
+        """`cores`: this machine's cores to pin workers on (empty on a Ray cluster: Ray places them).
+        `running`: a worker's running requests now; scaling down stops the least busy first."""
+        self.pool = pool
+        self.config = config
+        self.redis_url = redis_url
+        self.cores = cores
+        self.running = running
+        self._lock = asyncio.Lock()
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return (Role.BOTH,) if self.config.mode is Mode.COLOCATED else (Role.PREFILL, Role.DECODE)
+
+    def initial_specs(self) -> list[WorkerSpec]:
+        """One spec per configured worker, each pinned to its own cores while there are enough (then shared)."""
+        return [self.spec(role) for role in self.roles for _ in range(self.pool.pool(role).count)]
+
+    def spec(self, role: Role) -> WorkerSpec:
+        """A new worker of `role`, on the cores the running workers use least."""
+        worker_id = self.pool.next_id(role)
+        return WorkerSpec(worker_id, role, self.config.engine, self.config.kv_transfer, self.redis_url, CLUSTER,
+                          actor_name=f"{CLUSTER}-{worker_id}", cores=self._free_cores(role))
+
+    def _free_cores(self, role: Role) -> tuple[int, ...]:
+        if not self.cores:
+            return ()
+        n = max(1, math.ceil(self.pool.pool(role).resources.cpus))
+        used = Counter(core for spec in self.pool.specs.values() for core in spec.cores)
+        order = sorted(self.cores, key=lambda core: (used[core], self.cores.index(core)))
+        return tuple(sorted(order[:n]))
+
+    async def scale(self, wanted: dict[Role, int]) -> tuple[list[str], list[str]]:
+        """Start or stop workers until each role in `wanted` has that many; returns (started, stopped) ids."""
+        for role, count in wanted.items():
+            self._check(role, count)
+        started: list[str] = []
+        stopped: list[str] = []
+        async with self._lock:
+            for role, count in wanted.items():
+                have = [w for w, spec in self.pool.specs.items() if spec.role is role]
+                if count > len(have):
+                    specs = [self.spec(role) for _ in range(count - len(have))]
+                    await self.pool.start(specs)
+                    started += [s.worker_id for s in specs]
+                elif count < len(have):
+                    chosen = sorted(have, key=self.running)[:len(have) - count]
+                    await asyncio.gather(*(self.pool.remove(w) for w in chosen))
+                    stopped += chosen
+        log.warning("scaled to %s: started %s, stopped %s", {r.value: c for r, c in wanted.items()}, started, stopped)
+        return started, stopped
+
+    async def drain(self, worker_id: str, replace: bool = False) -> tuple[str, str]:
+        """Drain `worker_id` and stop it; with `replace`, start a fresh worker in its role. Returns (stopped, started
+        or "")."""
+        async with self._lock:
+            spec = self.pool.specs.get(worker_id)
+            if spec is None:
+                known = ", ".join(sorted(self.pool.specs)) or "none"
+                raise ScaleError(f"worker_id: no worker {worker_id!r} (workers: {known})")
+            left = sum(1 for s in self.pool.specs.values() if s.role is spec.role) - 1
+            if not replace:
+                self._check(spec.role, left)
+            await self.pool.remove(worker_id)
+            if not replace:
+                return worker_id, ""
+            new = dataclasses.replace(self.spec(spec.role), cores=spec.cores)
+            await self.pool.start([new])
+            return worker_id, new.worker_id
+
+    def _check(self, role: Role, count: int) -> None:
+        name = ROLE_NAMES[role]
+        if role not in self.roles:
+            raise ScaleError(f"{name}: a {self.config.mode.value} cluster has no {name} workers")
+        if not 1 <= count <= MAX_WORKERS_PER_ROLE:
+            raise ScaleError(f"{name}: must be between 1 and {MAX_WORKERS_PER_ROLE} (the cluster needs at least one "
+                             f"{name} worker to serve), got {count}")

@@ -1,0 +1,135 @@
+"""The router's Admin gRPC service: the cluster's status and health, and the operator's scale and drain.
+
+Status reads the workers from the router's membership (their last heartbeats) and the latency of the requests that
+finished in the last STATUS_WINDOW_S from the registry's timings stream (the one the ratio controller reads): p90
+TTFT and TPOT against the SLOs, for the cluster and per worker (TTFT for the worker that prefilled, TPOT for the one
+that decoded). Scale and Drain go to the `Scaler` and answer once the workers have started or drained and stopped;
+a change the cluster cannot take is FAILED_PRECONDITION or INVALID_ARGUMENT with the field named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+
+import grpc
+import redis
+
+from pdserve.cluster.controller_loop import finished_requests
+from pdserve.cluster.registry import Role, WorkerInfo
+from pdserve.cluster.scaler import ScaleError, Scaler
+from pdserve.config import SLO
+from pdserve.controller.window import traffic_window
+from pdserve.proto import generation_pb2 as pb
+from pdserve.proto import generation_pb2_grpc as pb_grpc
+from pdserve.router.orchestrator import Orchestrator
+
+log = logging.getLogger(__name__)
+
+STATUS_WINDOW_S = 60.0
+_ROLE_OF_SCALE_FIELD = {"prefill": Role.PREFILL, "decode": Role.DECODE, "colocated": Role.BOTH}
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, orchestrator: Orchestrator, address: str, mode: str, scaler: Scaler | None = None,
+                 slo: SLO | None = None, http_address: str = "") -> None:
+        """`scaler`: None where the router does not own its workers (Scale and Drain are then UNIMPLEMENTED)."""
+        self.orchestrator = orchestrator
+        self.address = address
+        self.mode = mode
+        self.scaler = scaler
+        self.slo = slo or SLO()
+        self.http_address = http_address
+        """host:port of the OpenAI-compatible HTTP server; empty when it is off."""
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        infos = sorted((m.info for m in self.orchestrator.membership.members.values()), key=lambda w: w.worker_id)
+        try:
+            timings = await asyncio.to_thread(self.orchestrator.registry.timings_since, STATUS_WINDOW_S)
+        except redis.RedisError as e:  # the status still shows the workers
+            log.warning("status: timings unreadable: %s", e)
+            timings = []
+        latency, per_worker = latency_summary(timings, {w.worker_id: w.role for w in infos}, self.slo)
+        return pb.StatusResponse(router_address=self.address, mode=self.mode, http_address=self.http_address,
+                                 latency=latency, requests_in_flight=self.orchestrator.in_flight_count,
+                                 requests_waiting=self.orchestrator.waiting_count,
+                                 workers=[_worker_status(w, per_worker.get(w.worker_id)) for w in infos])
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        detail = unhealthy_reason(self.orchestrator)
+        return pb.HealthResponse(healthy=not detail, detail=detail or "serving")
+
+    async def Scale(self, request: pb.ScaleRequest, context: grpc.aio.ServicerContext) -> pb.ScaleResponse:
+        scaler = await self._scaler(context)
+        wanted = {role: getattr(request, name) for name, role in _ROLE_OF_SCALE_FIELD.items() if request.HasField(name)}
+        if not wanted:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give at least one of prefill, decode, colocated")
+        try:
+            started, stopped = await scaler.scale(wanted)
+        except ScaleError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return pb.ScaleResponse(started=started, stopped=stopped)
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        scaler = await self._scaler(context)
+        try:
+            stopped, started = await scaler.drain(request.worker_id, request.replace)
+        except ScaleError as e:
+            code = grpc.StatusCode.NOT_FOUND if e.args[0].startswith("worker_id") else \
+                grpc.StatusCode.FAILED_PRECONDITION
+            await context.abort(code, str(e))
+        return pb.DrainResponse(stopped=stopped, started=started)
+
+    async def _scaler(self, context: grpc.aio.ServicerContext) -> Scaler:
+        if self.scaler is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this router does not manage its workers")
+        return self.scaler
+
+
+def unhealthy_reason(orchestrator: Orchestrator) -> str:
+    """Why the router cannot serve now ("" when it can): no ready worker, or no paired prefill and decode ones."""
+    membership = orchestrator.membership
+    if orchestrator.colocated:
+        return "" if membership.ready(Role.BOTH) else "no colocated worker is ready"
+    decode = membership.ready(Role.DECODE)
+    if not any(membership.prefill_for(d.info.worker_id) for d in decode):
+        ready = {r.value: len(membership.ready(r)) for r in (Role.PREFILL, Role.DECODE)}
+        return f"no paired prefill and decode workers yet (ready: {ready})"
+    return ""
+
+
+def latency_summary(timings: list[dict[str, str]], roles: dict[str, Role],
+                    slo: SLO) -> tuple[pb.Latency, dict[str, pb.WorkerStatus]]:
+    """The cluster's p90 TTFT/TPOT and SLO attainment over the timings entries, and per worker in `roles` its own
+    (as WorkerStatus fields: ttft_p90_s for a worker that prefills, tpot_p90_s for one that decodes)."""
+    latency = pb.Latency(window_s=STATUS_WINDOW_S, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
+    window = traffic_window(finished_requests(timings), 0.0, STATUS_WINDOW_S, slo.ttft_s, slo.tpot_s)
+    latency.finished = window.finished
+    if window.finished:
+        latency.ttft_p90_s, latency.tpot_p90_s = window.ttft_p90_s, window.tpot_p90_s
+        latency.slo_met_fraction = window.attainment
+    served: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for entry in timings:
+        for worker_id in entry.get("workers", "").split(","):
+            if worker_id in roles:
+                served[worker_id].append(entry)
+    per_worker = {}
+    for worker_id, entries in served.items():
+        mine = traffic_window(finished_requests(entries), 0.0, STATUS_WINDOW_S, slo.ttft_s, slo.tpot_s)
+        fields = pb.WorkerStatus(finished_requests=mine.finished)
+        if mine.finished and roles[worker_id] in (Role.PREFILL, Role.BOTH):
+            fields.ttft_p90_s = mine.ttft_p90_s
+        if mine.finished and roles[worker_id] in (Role.DECODE, Role.BOTH):
+            fields.tpot_p90_s = mine.tpot_p90_s
+        per_worker[worker_id] = fields
+    return latency, per_worker
+
+
+def _worker_status(w: WorkerInfo, latency: pb.WorkerStatus | None) -> pb.WorkerStatus:
+    status = pb.WorkerStatus(worker_id=w.worker_id, role=w.role.value, pid=w.pid, state=w.state.value,
+                             running_requests=w.running, waiting_requests=w.waiting, kv_blocks_used=w.kv_blocks_used,
+                             kv_blocks_total=w.kv_blocks_total)
+    if latency is not None:
+        status.MergeFrom(latency)
+    return status

@@ -1,0 +1,303 @@
+"""The router's OpenAI-compatible HTTP API (FastAPI, served by uvicorn in the router's own event loop).
+
+    POST /v1/completions          text or token-id prompts (a list of them too), n choices each
+    POST /v1/chat/completions     the model's chat template; `stream: true` answers server-sent events,
+                                  `stream_options.include_usage` adds a last chunk with the token counts
+    GET  /v1/models               the served model
+    GET  /health                  200 when the cluster can serve, 503 with the reason otherwise
+    GET  /metrics                 the router's Prometheus metrics (the same as on its metrics port)
+
+Life of a request: the body is parsed (a wrong type is a 400 naming the field) -> OpenAI's fields become one
+`GenerateRequest` per choice (`openai_protocol`) -> each is checked by the `RequestBuilder`, as a gRPC request is ->
+the orchestrator runs the choices side by side -> one JSON body, or SSE chunks as the tokens come. With a bearer
+token configured (`router.token_file`), every /v1 call needs `Authorization: Bearer <token>` (401 otherwise);
+/health and /metrics stay open for probes and scrapers. Errors use OpenAI's shape: 400 bad request, 401, 404
+unknown model, 409 a request id (header X-Request-Id) already running, 429 the admission queue is full, 503 no
+worker, 500 a worker error. An error after the stream has started comes as a `data: {"error": ...}` event. A client
+that disconnects cancels its requests; the workers free their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from pdserve.router import openai_protocol as oa
+from pdserve.router.access import Access
+from pdserve.router.admin import unhealthy_reason
+from pdserve.router.choices import ChoicePiece, merged
+from pdserve.router.orchestrator import DuplicateRequest, Orchestrator, Overloaded, Unavailable, WorkerError
+from pdserve.router.request_builder import MAX_REQUEST_ID_LEN, InvalidRequest, RequestBuilder, ValidRequest
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class OpenAIServer:
+    def __init__(self, builder: RequestBuilder, orchestrator: Orchestrator, model_name: str,
+                 access: Access) -> None:
+        self.builder = builder
+        self.orchestrator = orchestrator
+        self.model_name = model_name
+        self._expected = f"Bearer {access.token}".encode() if access.token else None
+        self.created = int(time.time())
+
+    def app(self) -> FastAPI:
+        app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_exception_handler(oa.OpenAIError, _openai_error)
+        app.add_exception_handler(RequestValidationError, _validation_error)
+        app.add_exception_handler(HTTPException, _http_error)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.get("/v1/models")(self.models)
+        app.get("/health")(self.health)
+        app.get("/metrics")(self.metrics)
+        return app
+
+    async def completions(self, body: oa.CompletionRequest, request: Request) -> Response:
+        return await self._generate(body, request, chat=False)
+
+    async def chat_completions(self, body: oa.ChatCompletionRequest, request: Request) -> Response:
+        return await self._generate(body, request, chat=True)
+
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "pdserve", "max_model_len": self.builder.context_length}]}
+
+    async def health(self) -> JSONResponse:
+        reason = unhealthy_reason(self.orchestrator)
+        return JSONResponse({"status": "unavailable", "detail": reason} if reason else {"status": "ok"},
+                            status_code=503 if reason else 200)
+
+    async def metrics(self) -> Response:
+        return Response(generate_latest(self.orchestrator.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- generation ----------------------------------------------------------------------------------------------
+    async def _generate(self, body: oa.CompletionRequest | oa.ChatCompletionRequest, request: Request,
+                        chat: bool) -> Response:
+        self._authorize(request)
+        if body.model not in (None, self.model_name):
+            raise oa.OpenAIError(404, f"model: {body.model!r} is not served here (served: {self.model_name!r})",
+                                 param="model", code="model_not_found")
+        request_id = request.headers.get(REQUEST_ID_HEADER) or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        valid = await self._build(body, chat, request_id)
+        stream = merged(self.orchestrator, valid)
+        try:
+            first = await anext(stream)  # an error before the first token is an HTTP status, not a stream event
+        except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError) as e:
+            await stream.aclose()
+            self._count_refusal(e)
+            raise _as_openai_error(e) from e
+        headers = {REQUEST_ID_HEADER: request_id}
+        if body.stream:
+            events = _sse(_chunks(first, stream, request_id, self.model_name, chat, valid, body.include_usage))
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return JSONResponse(await _whole(first, stream, request_id, self.model_name, chat, valid), headers=headers)
+
+    async def _build(self, body: oa.CompletionRequest | oa.ChatCompletionRequest, chat: bool,
+                     request_id: str) -> list[ValidRequest]:
+        """Each choice checked by the RequestBuilder (each distinct prompt tokenized once), with its request id."""
+        if len(request_id) + 4 > MAX_REQUEST_ID_LEN:
+            raise oa.OpenAIError(400, f"X-Request-Id: longer than {MAX_REQUEST_ID_LEN - 4} characters",
+                                 param=REQUEST_ID_HEADER)
+        requests = body.generate_requests()
+        open_ended = chat and not body.max_tokens_given  # chat runs to the context's end unless told otherwise
+        built: dict[bytes, ValidRequest] = {}
+        valid = []
+        for index, generate in enumerate(requests):
+            if open_ended:
+                generate.sampling.max_tokens = 1
+            key = generate.SerializeToString(deterministic=True)
+            if key not in built:
+                try:
+                    built[key] = await asyncio.to_thread(self.builder.build, generate)
+                except InvalidRequest as e:
+                    self.orchestrator.metrics.failed(e)
+                    raise _as_openai_error(e) from e
+            one = built[key]
+            if open_ended:
+                room = max(1, self.builder.context_length - len(one.token_ids))
+                one = dataclasses.replace(one, sampling=dataclasses.replace(one.sampling, max_tokens=room))
+            valid.append(dataclasses.replace(one, request_id=request_id if len(requests) == 1 else
+                                             f"{request_id}-{index}"))
+        return valid
+
+    def _authorize(self, request: Request) -> None:
+        if self._expected is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), self._expected):
+            reason = "missing bearer token" if not given else "wrong bearer token"
+            raise oa.OpenAIError(401, f"{reason} (send 'Authorization: Bearer <token>')", kind="authentication_error",
+                                 code="invalid_api_key")
+
+    def _count_refusal(self, error: Exception) -> None:
+        if isinstance(error, (DuplicateRequest, Overloaded)):  # raised before the orchestrator counts the request
+            self.orchestrator.metrics.failed(error)
+
+
+async def _whole(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
+                 valid: list[ValidRequest]) -> dict:
+    texts: list[list[str]] = [[] for _ in valid]
+    finish: list[str | None] = [None] * len(valid)
+    completion_tokens = 0
+    for item in [first] + [item async for item in rest]:
+        texts[item.index].append(item.piece.text)
+        if item.piece.finish_reason is not None:
+            finish[item.index] = item.piece.finish_reason.value
+            completion_tokens += item.piece.completion_tokens
+    body = oa.chat_body if chat else oa.completion_body
+    return body(request_id, model, ["".join(t) for t in texts], finish,
+                oa.usage(sum(len(v.token_ids) for v in valid), completion_tokens))
+
+
+async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
+                  valid: list[ValidRequest], include_usage: bool) -> AsyncIterator[dict]:
+    """The stream's chunks in OpenAI's order: (chat: a role delta per choice,) text deltas as they come, each
+    choice's finish reason, then the usage chunk if asked for."""
+    created = int(time.time())
+    completion_tokens = 0
+    if chat:
+        for index in range(len(valid)):
+            yield oa.chat_chunk(request_id, model, created, index, {"role": "assistant", "content": ""}, None)
+    try:
+        async for item in _prepend(first, rest):
+            piece, finish = item.piece, item.piece.finish_reason
+            reason = finish.value if finish is not None else None
+            if chat:
+                if piece.text:
+                    yield oa.chat_chunk(request_id, model, created, item.index, {"content": piece.text}, None)
+                if finish is not None:
+                    yield oa.chat_chunk(request_id, model, created, item.index, {}, reason)
+            elif piece.text or finish is not None:
+                yield oa.completion_chunk(request_id, model, created, item.index, piece.text, reason)
+            if finish is not None:
+                completion_tokens += piece.completion_tokens
+    except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError) as e:
+        yield _as_openai_error(e).body()
+        return
+    if include_usage:
+        yield oa.usage_chunk(request_id, model, created, chat,
+                             oa.usage(sum(len(v.token_ids) for v in valid), completion_tokens))
+
+
+async def _prepend(first: ChoicePiece, rest: AsyncIterator[ChoicePiece]) -> AsyncIterator[ChoicePiece]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+def _as_openai_error(error: Exception) -> oa.OpenAIError:
+    message = str(error)
+    if isinstance(error, InvalidRequest):  # named as in the gRPC request: sampling.max_tokens is max_tokens here
+        message = message.removeprefix("sampling.")
+        field = message.split(":", 1)[0] if ":" in message else None
+        return oa.OpenAIError(400, message, param=field)
+    if isinstance(error, DuplicateRequest):
+        return oa.OpenAIError(409, message, param=REQUEST_ID_HEADER, code="duplicate_request_id")
+    if isinstance(error, Overloaded):
+        return oa.OpenAIError(429, message, kind="overloaded_error", code="queue_full")
+    if isinstance(error, Unavailable):
+        return oa.OpenAIError(503, message, kind="service_unavailable_error")
+    return oa.OpenAIError(500, message, kind="internal_error")
+
+
+async def _openai_error(request: Request, error: oa.OpenAIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    where = _field_path([part for part in first.get("loc", ()) if part != "body"])
+    message = f"{where}: {first.get('msg', 'invalid')}" if where else f"body: {first.get('msg', 'invalid')}"
+    return JSONResponse(oa.OpenAIError(400, message, param=where or None).body(), status_code=400)
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return JSONResponse(oa.OpenAIError(error.status_code, str(error.detail), kind=kind).body(),
+                        status_code=error.status_code)
+
+
+def _field_path(loc: list) -> str:
+    """("messages", 0, "role") -> "messages[0].role"; the union member's type names pydantic adds are dropped."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in part or part in ("str", "int", "list", "float", "bool"):  # e.g. list[int] in a union
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the supervisor owns SIGTERM and Ctrl-C and stops us."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+@dataclasses.dataclass
+class RunningHttp:
+    server: uvicorn.Server
+    task: asyncio.Task
+    address: str
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await asyncio.wait_for(self.task, 10)
+
+
+async def start_http(app: FastAPI, host: str, port: int, tls_files: tuple[str, str] | None) -> RunningHttp:
+    """Serve `app` on host:port (0: a free port) until `stop`; TLS with (certificate file, key file)."""
+    sock = _listen(host, port)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+                            ssl_certfile=tls_files[0] if tls_files else None,
+                            ssl_keyfile=tls_files[1] if tls_files else None)
+    server = _QuietServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
+    while not server.started:
+        if task.done():
+            task.result()  # raises what stopped it
+        await asyncio.sleep(0.02)
+    return RunningHttp(server, task, f"{host}:{sock.getsockname()[1]}")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket bound here, so a port in use is an error naming the field (uvicorn would exit)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"router.http_port: cannot listen on {host}:{port}: {e.strerror}") from e
+    sock.listen(2048)
+    return sock

@@ -1,0 +1,218 @@
+"""OpenAI's wire format for the HTTP API: the request bodies we accept, how they become our `GenerateRequest`s, and
+the response bodies and stream chunks we send back.
+
+A request is checked in two steps: here for OpenAI's own fields (types by pydantic; features we do not offer, such as
+logprobs, tools or penalties, are refused naming the field rather than silently ignored), then by the router's
+`RequestBuilder` exactly as a gRPC request is (prompt, sampling, context length). Fields OpenAI clients send that do
+not change the output (`user`, `metadata`, `store`, ...) are accepted and ignored. vLLM's extensions `top_k`,
+`ignore_eos` and `stop_token_ids` are honoured.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pdserve.proto import generation_pb2 as pb
+
+MAX_CHOICES = 64
+"""Prompts x n of one request; more is refused (each choice is a request on the cluster)."""
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(extra="allow")  # fields that do not change the output (user, metadata, ...)
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    top_k: int | None = Field(default=None, ge=0)  # vLLM's extension
+    ignore_eos: bool = False  # vLLM's extension
+    stop_token_ids: list[int] | None = None  # vLLM's extension
+
+    def refuse_unsupported(self) -> None:
+        """Features that would change the output and that we do not offer: refused, naming the field."""
+        if self.presence_penalty or self.frequency_penalty:
+            name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            raise unsupported(name, "penalties are not supported; leave it 0")
+        if self.logit_bias:
+            raise unsupported("logit_bias", "not supported")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling(self, max_tokens: int | None) -> pb.SamplingParams:
+        s = pb.SamplingParams(stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or ()),
+                              stop_token_ids=list(self.stop_token_ids or ()), ignore_eos=self.ignore_eos)
+        for name, value in (("max_tokens", max_tokens), ("temperature", self.temperature), ("top_p", self.top_p),
+                            ("top_k", self.top_k), ("seed", self.seed)):
+            if value is not None:
+                setattr(s, name, value)
+        return s
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def generate_requests(self) -> list[pb.GenerateRequest]:
+        """One per prompt and choice (prompt-major, as OpenAI numbers the choices)."""
+        self.refuse_unsupported()
+        for name, bad in (("echo", self.echo), ("logprobs", self.logprobs is not None),
+                          ("best_of", self.best_of not in (None, 1)), ("suffix", bool(self.suffix))):
+            if bad:
+                raise unsupported(name, "not supported")
+        prompts = self._prompts()
+        _check_choices(len(prompts) * self.n)
+        sampling = self.sampling(self.max_tokens)
+        requests = []
+        for prompt in prompts:
+            for _ in range(self.n):
+                request = pb.GenerateRequest(sampling=sampling)
+                if isinstance(prompt, str):
+                    request.text = prompt
+                else:
+                    request.token_ids.ids.extend(prompt)
+                requests.append(request)
+        return requests
+
+    def _prompts(self) -> list[str | list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        if not prompt:
+            raise OpenAIError(400, "prompt: must not be empty", param="prompt")
+        return list(prompt)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self, index: int) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        for part in self.content:
+            if part.type != "text":
+                raise unsupported(f"messages[{index}].content", f"content parts of type {part.type!r} are not "
+                                  "supported (this model reads text)")
+        return "".join(part.text or "" for part in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def generate_requests(self) -> list[pb.GenerateRequest]:
+        self.refuse_unsupported()
+        if self.logprobs or self.top_logprobs:
+            raise unsupported("logprobs", "not supported")
+        if self.tools:
+            raise unsupported("tools", "tool calling is not supported")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise unsupported("response_format", "only {\"type\": \"text\"} is supported")
+        _check_choices(self.n)
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        messages = pb.ChatMessages(messages=[
+            pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text(i))
+            for i, m in enumerate(self.messages)])
+        return [pb.GenerateRequest(messages=messages, sampling=self.sampling(max_tokens)) for _ in range(self.n)]
+
+    @property
+    def max_tokens_given(self) -> bool:
+        return self.max_tokens is not None or self.max_completion_tokens is not None
+
+
+def unsupported(field: str, why: str) -> OpenAIError:
+    return OpenAIError(400, f"{field}: {why}", param=field, code="unsupported_parameter")
+
+
+def _check_choices(count: int) -> None:
+    if count > MAX_CHOICES:
+        raise OpenAIError(400, f"n: prompts x n = {count} choices, more than the {MAX_CHOICES} one request may ask "
+                          "for", param="n")
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(request_id: str, model: str, texts: list[str], finish: list[str | None],
+                    usage_: dict[str, int]) -> dict[str, Any]:
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish[i]}
+                        for i, text in enumerate(texts)], "usage": usage_}
+
+
+def chat_body(request_id: str, model: str, texts: list[str], finish: list[str | None],
+              usage_: dict[str, int]) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish[i]} for i, text in enumerate(texts)], "usage": usage_}
+
+
+def completion_chunk(request_id: str, model: str, created: int, index: int, text: str,
+                     finish: str | None) -> dict[str, Any]:
+    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+def chat_chunk(request_id: str, model: str, created: int, index: int, delta: dict[str, str],
+               finish: str | None) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def usage_chunk(request_id: str, model: str, created: int, chat: bool, usage_: dict[str, int]) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [], "usage": usage_}
