@@ -98,9 +98,9 @@ class Router:
     host: str = "127.0.0.1"
     """The public gRPC port's address; 0.0.0.0 to serve beyond this machine."""
     port: int = 50051
-    http_port: int | None = None
+    http_port: int | None = 8000
     """OpenAI-compatible HTTP (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) on `host`;
-    off when unset."""
+    null turns it off."""
     served_model_name: str | None = None
     """The model's name in the HTTP API (/v1/models, the requests' `model`); unset: `engine.model`."""
     metrics_port: int | None = None

@@ -20,6 +20,8 @@ import math
 from collections import Counter
 from collections.abc import Callable
 
+import ray
+
 from pdserve.cluster.registry import Role
 from pdserve.cluster.worker_pool import ROLE_NAMES, WorkerPool
 from pdserve.cluster.worker_runtime import WorkerSpec
@@ -37,14 +39,17 @@ class ScaleError(ValueError):
 
 class Scaler:
     def __init__(self, pool: WorkerPool, config: ClusterConfig, redis_url: str, cores: list[int],
-                 running: Callable[[str], int] = lambda worker_id: 0) -> None:
+                 running: Callable[[str], int] = lambda worker_id: 0,
+                 free_resources: Callable[[], dict[str, float]] = ray.available_resources) -> None:
         """`cores`: this machine's cores to pin workers on (empty on a Ray cluster: Ray places them).
-        `running`: a worker's running requests now; scaling down stops the least busy first."""
+        `running`: a worker's running requests now; scaling down stops the least busy first.
+        `free_resources`: Ray's unclaimed resources ({"CPU": .., "GPU": ..})."""
         self.pool = pool
         self.config = config
         self.redis_url = redis_url
         self.cores = cores
         self.running = running
+        self.free_resources = free_resources
         self._lock = asyncio.Lock()
 
     @property
@@ -79,6 +84,7 @@ class Scaler:
             for role, count in wanted.items():
                 have = [w for w, spec in self.pool.specs.items() if spec.role is role]
                 if count > len(have):
+                    self._check_room(role, count - len(have))
                     specs = [self.spec(role) for _ in range(count - len(have))]
                     await self.pool.start(specs)
                     started += [s.worker_id for s in specs]
@@ -98,14 +104,24 @@ class Scaler:
                 known = ", ".join(sorted(self.pool.specs)) or "none"
                 raise ScaleError(f"worker_id: no worker {worker_id!r} (workers: {known})")
             left = sum(1 for s in self.pool.specs.values() if s.role is spec.role) - 1
-            if not replace:
-                self._check(spec.role, left)
+            if not replace and left < 1:
+                raise ScaleError(f"worker_id: {worker_id} is the last {ROLE_NAMES[spec.role]} worker; drain it with "
+                                 "replace, or scale up first")
             await self.pool.remove(worker_id)
             if not replace:
                 return worker_id, ""
             new = dataclasses.replace(self.spec(spec.role), cores=spec.cores)
             await self.pool.start([new])
             return worker_id, new.worker_id
+
+    def _check_room(self, role: Role, count: int) -> None:
+        """Refuse at once what Ray could not place (the actors would wait for resources for ever)."""
+        resources = self.pool.pool(role).resources
+        free = self.free_resources()
+        cpus, gpus = resources.cpus * count, resources.gpus * count
+        if cpus > free.get("CPU", 0.0) + 1e-9 or gpus > free.get("GPU", 0.0) + 1e-9:
+            raise ScaleError(f"{ROLE_NAMES[role]}: {count} more worker(s) need {cpus:g} CPUs and {gpus:g} GPUs; the "
+                             f"Ray cluster has {free.get('CPU', 0.0):g} CPUs and {free.get('GPU', 0.0):g} GPUs free")
 
     def _check(self, role: Role, count: int) -> None:
         name = ROLE_NAMES[role]

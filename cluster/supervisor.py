@@ -44,6 +44,9 @@ from pdserve.router.server import build_server
 log = logging.getLogger(__name__)
 
 NAMESPACE = "pdserve"
+LOCAL_CPU_OVERSUBSCRIPTION = 4
+"""A local Ray gets this many times the machine's cores as logical CPUs: workers share cores once there are more
+of them than cores (`pdserve scale` up to 4x)."""
 
 
 class Supervisor:
@@ -151,7 +154,9 @@ class Supervisor:
             return
         pools = self.config.workers
         wanted = sum(p.count * p.resources.cpus for p in (pools.prefill, pools.decode, pools.colocated))
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), include_dashboard=False,
+        # Ray's CPUs only place actors here (the workers pin their own cores), so leave room for `pdserve scale`.
+        cpus = max(os.cpu_count() or 1, math.ceil(wanted)) * LOCAL_CPU_OVERSUBSCRIPTION
+        ray.init(num_cpus=cpus, include_dashboard=False,
                  _node_ip_address="127.0.0.1", namespace=NAMESPACE, logging_level=logging.WARNING)
 
 

@@ -76,8 +76,7 @@ class AdminService(pb_grpc.AdminServicer):
         try:
             stopped, started = await scaler.drain(request.worker_id, request.replace)
         except ScaleError as e:
-            code = grpc.StatusCode.NOT_FOUND if e.args[0].startswith("worker_id") else \
-                grpc.StatusCode.FAILED_PRECONDITION
+            code = grpc.StatusCode.NOT_FOUND if "no worker" in str(e) else grpc.StatusCode.FAILED_PRECONDITION
             await context.abort(code, str(e))
         return pb.DrainResponse(stopped=stopped, started=started)
 
