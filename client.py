@@ -329,14 +329,15 @@ def _completion(responses: list[pb.GenerateResponse]) -> Completion:
                       "".join(r.text for r in responses), FINISH_NAMES.get(last.finish_reason), last.timings)
 
 
-def client_for(state: ClusterState, timeout_s: float | None = None) -> Client:
-    """A client for the cluster `pdserve up` started: its token and certificate from the files its config named."""
+def client_for(state: ClusterState, timeout_s: float | None = None, sync: bool = False) -> Client | SyncClient:
+    """A client for the cluster `pdserve up` started: its token and certificate from the files its config named
+    (a `SyncClient` with `sync`)."""
     token = _first_line(state.token_file) if state.token_file else None
     certs = None
     if state.tls_cert_file:
         with open(state.tls_cert_file, "rb") as f:
             certs = f.read()
-    return Client(state.router_address, timeout_s, token, certs)
+    return (SyncClient if sync else Client)(state.router_address, timeout_s, token, certs)
 
 
 def _first_line(path: str) -> str:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pdserve.cli import bench, down, generate, plan, ratio, status, up
+from pdserve.cli import bench, down, drain, generate, logs, plan, ratio, scale, status, up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(commands)
     plan.register(commands)
     ratio.register(commands)
+    scale.register(commands)
+    drain.register(commands)
+    logs.register(commands)
     return parser
 
 

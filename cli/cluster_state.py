@@ -40,9 +40,11 @@ def router_address(given: str | None) -> str:
     return given or read_state().router_address
 
 
-def router_client(given: str | None, timeout_s: float | None = None):
+def router_client(given: str | None, timeout_s: float | None = None, sync: bool = False):
     """A client for the router at `given` (token from $PDSERVE_TOKEN), or for the cluster `pdserve up` started (its
-    token and certificate files)."""
-    from pdserve.client import Client, client_for
+    token and certificate files); a `SyncClient` with `sync`."""
+    from pdserve.client import Client, SyncClient, client_for
 
-    return Client(given, timeout_s) if given else client_for(read_state(), timeout_s)
+    if given:
+        return (SyncClient if sync else Client)(given, timeout_s)
+    return client_for(read_state(), timeout_s, sync)

@@ -24,6 +24,8 @@ class ClusterState:
     """The router's TLS certificate (the CLI trusts it); empty: plain gRPC."""
     http_address: str = ""
     """host:port of the OpenAI-compatible HTTP API; empty when it is off."""
+    ray_logs_dir: str = ""
+    """The Ray session's log folder on this machine (the workers' output, `pdserve logs --worker`)."""
 
     def write(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

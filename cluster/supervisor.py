@@ -97,7 +97,8 @@ class Supervisor:
             tasks.append(asyncio.create_task(controller.run()))
         ClusterState(os.getpid(), address, redis_url, self.redis.process.pid if self.redis else None,
                      config.mode.value, metrics_server.address, _absolute(config.router.token_file),
-                     _absolute(config.router.tls_cert_file), http.address if http else "").write(self.state_path)
+                     _absolute(config.router.tls_cert_file), http.address if http else "",
+                     _ray_logs_dir()).write(self.state_path)
         log.warning("pdserve router listening on %s (gRPC)%s (%s, %d workers)", address,
                     f" and http://{http.address} (OpenAI API)" if http else "", config.mode.value, len(specs))
         try:
@@ -180,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray_address:
         config = dataclasses.replace(config, ray_address=args.ray_address)
     return run(config, args.state)
+
+
+def _ray_logs_dir() -> str:
+    """This Ray session's log folder (Ray names it only in a private API; empty if that moved)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_logs_dir_path() if node is not None else ""
 
 
 def _absolute(path: str | None) -> str:
