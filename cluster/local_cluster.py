@@ -67,14 +67,15 @@ class RunningCluster:
             time.sleep(0.25)
 
 
-def start_cluster(state_dir: str, config: dict) -> RunningCluster:
+def start_cluster(state_dir: str, config: dict, up_args: tuple[str, ...] = ()) -> RunningCluster:
+    """`pdserve up --detach` with `config` (and `up_args`, e.g. ("--ray-address", ADDRESS))."""
     config = {**config, "router": {**config.get("router", {}), "host": "127.0.0.1", "port": free_port(),
                                     "http_port": free_port()}}
     path = os.path.join(state_dir, "cluster.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     cluster = RunningCluster(f"127.0.0.1:{config['router']['port']}", state_dir)
-    done = cluster.pdserve("up", "--detach", "--config", path, timeout_s=600)
+    done = cluster.pdserve("up", "--detach", "--config", path, *up_args, timeout_s=600)
     if done.returncode != 0:
         raise RuntimeError(f"pdserve up failed ({done.returncode}): {done.stderr[-3000:]}")
     return cluster

@@ -30,6 +30,7 @@ from pdserve.config import ClusterConfig, Mode
 log = logging.getLogger(__name__)
 
 CLUSTER = "default"
+LOOPBACK = "127.0.0.1"
 MAX_WORKERS_PER_ROLE = 256
 
 
@@ -63,8 +64,9 @@ class Scaler:
     def spec(self, role: Role) -> WorkerSpec:
         """A new worker of `role`, on the cores the running workers use least."""
         worker_id = self.pool.next_id(role)
+        host = LOOPBACK if self.config.ray_address is None else ""  # "": the worker's node address, from Ray
         return WorkerSpec(worker_id, role, self.config.engine, self.config.kv_transfer, self.redis_url, CLUSTER,
-                          actor_name=f"{CLUSTER}-{worker_id}", cores=self._free_cores(role))
+                          actor_name=f"{CLUSTER}-{worker_id}", cores=self._free_cores(role), host=host)
 
     def _free_cores(self, role: Role) -> tuple[int, ...]:
         if not self.cores:

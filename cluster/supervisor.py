@@ -72,6 +72,9 @@ class Supervisor:
         config = self.config
         access = load_access(config.router)  # a bad token or certificate file fails before any worker starts
         if config.redis_url is None:
+            if config.ray_address is not None:
+                log.warning("redis_url is unset: starting a redis-server on 127.0.0.1, which workers on other "
+                            "machines of the Ray cluster cannot reach (set redis_url for a multi-node cluster)")
             self.redis = LocalRedis()
         redis_url = config.redis_url or self.redis.url
         builder = RequestBuilder(config.engine)  # resolves (converts) the model once, before the workers load it

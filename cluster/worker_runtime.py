@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import ray
+
 from pdserve.cluster.engine_thread import EngineThread
 from pdserve.cluster.heartbeat import Heartbeat
 from pdserve.cluster.metrics import MetricsServer, serve_metrics
@@ -45,7 +47,8 @@ class WorkerSpec:
     cores: tuple[int, ...] = ()
     """CPU cores to pin the engine's threads to; empty leaves them as they are."""
     host: str = "127.0.0.1"
-    """This worker's address for KV pairs; loopback keeps them on this machine (`kv_transfer.rendezvous`)."""
+    """This worker's address for KV pairs; loopback keeps them on this machine (`kv_transfer.rendezvous`); empty:
+    the address Ray knows its node by (workers on several machines)."""
 
 
 class WorkerRuntime:
@@ -62,7 +65,7 @@ class WorkerRuntime:
         self.thread = EngineThread(lambda: Engine(spec.engine), after_step, spec.cores, name=spec.worker_id,
                                    on_step=self.metrics.step)
         self.engine: Engine | None = None
-        self.rendezvous = Rendezvous(spec.host, spec.worker_id)
+        self.rendezvous = Rendezvous(spec.host or ray.util.get_node_ip_address(), spec.worker_id)
         self.store_address = ""
         """Where KV pairs with this (receiving) worker meet; empty on a sending worker."""
         self.state = WorkerState.STARTING
