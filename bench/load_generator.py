@@ -1,4 +1,5 @@
-"""The load generator: sends a trace to a running router over gRPC and times every token at the client.
+"""The load generator: sends a trace to a running router (gRPC, or the OpenAI HTTP API: `bench.transports`) and
+times every token at the client.
 
 A run's life: connect (fail fast if the router does not answer) -> start the clock -> send requests (open loop: each
 at its trace arrival time, never waiting for earlier ones; closed loop: `concurrency` in flight, the next one sent as
@@ -28,10 +29,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
 from pdserve.bench.metrics import RequestRecord, record_from_stream
+from pdserve.bench.transports import API_CHOICES, GrpcTransport, OpenAITransport, TransportError, transport_for
 from pdserve.bench.workloads import TraceEntry
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class RouterUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class LoadConfig:
     router: str
-    """host:port of the router."""
+    """host:port of the router (its gRPC port, or with api "openai" its HTTP port or base URL)."""
+    api: str = "grpc"
+    """How requests are sent: "grpc" or "openai" (/v1/completions with SSE; `bench.transports`)."""
     concurrency: int | None = None
     """Closed loop with this many requests in flight; None: open loop at the trace's arrival times."""
     timeout_s: float = 120.0
@@ -74,6 +77,8 @@ class LoadConfig:
             raise ValueError(f"send_until_s: must be > 0, got {self.send_until_s!r}")
         if self.max_requests is not None and self.max_requests < 1:
             raise ValueError(f"max_requests: must be >= 1, got {self.max_requests!r}")
+        if self.api not in API_CHOICES:
+            raise ValueError(f"api: one of {', '.join(API_CHOICES)}, got {self.api!r}")
         if self.vocab_size <= FIRST_TOKEN_ID:
             raise ValueError(f"vocab_size: must be > {FIRST_TOKEN_ID}, got {self.vocab_size!r}")
 
@@ -152,18 +157,17 @@ class LoadGenerator:
         return asyncio.run(self.run_async(trace, pool_sampler))
 
     async def run_async(self, trace: Sequence[TraceEntry], pool_sampler: PoolSampler | None = None) -> RunResult:
-        from pdserve.proto import generation_pb2_grpc as pb_grpc
-
         cfg = self.config
         trace = list(trace)
         limit = len(trace) if cfg.max_requests is None else min(len(trace), cfg.max_requests)
-        async with grpc.aio.insecure_channel(cfg.router) as channel:
+        transport = transport_for(cfg.api, cfg.router)
+        try:
             try:
-                await asyncio.wait_for(channel.channel_ready(), cfg.connect_timeout_s)
-            except TimeoutError as e:
+                await asyncio.wait_for(transport.ready(), cfg.connect_timeout_s)
+            except (TimeoutError, OSError, TransportError) as e:
                 raise RouterUnavailable(f"the router at {cfg.router} does not answer "
                                         f"(waited {cfg.connect_timeout_s:g} s)") from e
-            run = _Run(cfg, pb_grpc.GenerationStub(channel), trace[:limit])
+            run = _Run(cfg, transport, trace[:limit])
             sampler = asyncio.create_task(pool_sampler.run(run.start)) if pool_sampler else None
             try:
                 await run.go()
@@ -172,6 +176,8 @@ class LoadGenerator:
                     sampler.cancel()
                     await asyncio.gather(sampler, return_exceptions=True)
                 run.close()
+        finally:
+            await transport.close()
         samples = tuple(pool_sampler.samples) if pool_sampler else ()
         return RunResult(tuple(run.records), samples, run.end - run.start, run.not_sent + len(trace) - limit)
 
@@ -179,11 +185,12 @@ class LoadGenerator:
 class _Run:
     """One run's state: the clock, the records so far, the progress bar."""
 
-    def __init__(self, config: LoadConfig, stub, trace: list[TraceEntry]) -> None:
+    def __init__(self, config: LoadConfig, transport: GrpcTransport | OpenAITransport,
+                 trace: list[TraceEntry]) -> None:
         from tqdm import tqdm
 
         self.config = config
-        self.stub = stub
+        self.transport = transport
         self.trace = trace
         self.records: list[RequestRecord] = []
         self.not_sent = 0
@@ -234,28 +241,21 @@ class _Run:
         self.not_sent = len(self.trace) - len(sent)
 
     async def one(self, index: int, entry: TraceEntry) -> None:
-        from pdserve.client import build_request
-        from pdserve.engine import Prompt, SamplingParams
-
         cfg = self.config
         request_id = f"{self.request_prefix}-{index}"
-        prompt = Prompt(token_ids=make_prompt_ids(cfg.seed, index, entry.input_tokens, cfg.vocab_size))
-        sampling = SamplingParams(max_tokens=entry.output_tokens, temperature=0, ignore_eos=True)
-        request = build_request(prompt, sampling, request_id)
+        prompt = make_prompt_ids(cfg.seed, index, entry.input_tokens, cfg.vocab_size)
         token_times: list[tuple[float, int]] = []
         queue_s, ok, error = math.nan, True, ""
         sent = time.monotonic()
-        call = self.stub.Generate(request, timeout=cfg.timeout_s)
         try:
-            async for response in call:
-                if response.token_ids:
-                    token_times.append((time.monotonic(), len(response.token_ids)))
-                if response.HasField("timings"):
-                    queue_s = response.timings.queue_s
-        except grpc.aio.AioRpcError as e:
-            ok, error = False, f"{e.code().name}: {e.details()}"
-        except asyncio.CancelledError:
-            call.cancel()
+            async for tokens, queue in self.transport.stream(request_id, prompt, entry.output_tokens, cfg.timeout_s):
+                if tokens:
+                    token_times.append((time.monotonic(), tokens))
+                if queue is not None:
+                    queue_s = queue
+        except TransportError as e:
+            ok, error = False, str(e)
+        except asyncio.CancelledError:  # the overall deadline: leaving the stream cancelled the request
             self.finish(record_from_stream(request_id, sent - self.start, entry.input_tokens, sent, token_times,
                                            time.monotonic(), queue_s, False, OVERALL_TIMEOUT))
             raise

@@ -57,7 +57,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--workload", choices=NAMED, help="a built-in workload (default chat)")
     source.add_argument("--trace", metavar="FILE.jsonl", help='{"arrival_s", "input_tokens", "output_tokens"} lines')
-    p.add_argument("--router", metavar="HOST:PORT", help="the router (default: the cluster `pdserve up` started)")
+    p.add_argument("--router", metavar="HOST:PORT", help="the router (default: the cluster `pdserve up` started); "
+                   "with --api openai its HTTP address or base URL")
+    p.add_argument("--api", choices=("grpc", "openai"), default="grpc",
+                   help="send requests over gRPC (default) or the OpenAI-compatible HTTP API (/v1/completions, SSE)")
     p.add_argument("--redis-url", help="where to sample pool sizes (default: the running cluster's Redis)")
     p.add_argument("--rate", type=float, help="requests/s (default 1; with --trace: rescale the file to this rate)")
     p.add_argument("--arrival", choices=ARRIVALS, default="poisson")
@@ -86,12 +89,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pdserve.bench.load_generator import RouterUnavailable
     from pdserve.bench.metrics import SLO
-    from pdserve.cli.cluster_state import NoCluster, router_address
+    from pdserve.cli.cluster_state import NoCluster
 
     try:
         slo = SLO(args.slo_ttft, args.slo_tpot)
         runs = plan_runs(args)
-        address = router_address(args.router)
+        address = _address(args)
         return _bench(args, address, slo, runs)
     except (BenchError, TraceError, NoCluster, RouterUnavailable, OSError, ValueError) as e:
         print(f"pdserve bench: {e}", file=sys.stderr)
@@ -179,7 +182,7 @@ def _bench(args: argparse.Namespace, address: str, slo, runs: list[Run]) -> int:
     source = registry_source(redis_url) if redis_url else None
     parts, points, results = [], [], []
     for number, plan in enumerate(runs, start=1):
-        config = LoadConfig(router=address, concurrency=args.concurrency, timeout_s=args.timeout_s,
+        config = LoadConfig(router=address, api=args.api, concurrency=args.concurrency, timeout_s=args.timeout_s,
                             deadline_s=None if math.isinf(plan.deadline_s) else plan.deadline_s,
                             send_until_s=plan.send_until_s, vocab_size=args.vocab_size, seed=plan.seed,
                             progress=not args.quiet)
@@ -250,11 +253,25 @@ def _redis_url(args: argparse.Namespace) -> str | None:
     return state.redis_url
 
 
+def _address(args: argparse.Namespace) -> str:
+    """--router, else the running cluster's gRPC address (its HTTP one with --api openai)."""
+    from pdserve.cli.cluster_state import read_state
+
+    if args.router:
+        return args.router
+    state = read_state()
+    if args.api == "openai":
+        if not state.http_address:
+            raise BenchError("--api openai: the cluster serves no HTTP API (router.http_port is off)")
+        return state.http_address
+    return state.router_address
+
+
 def _config(args: argparse.Namespace, address: str, redis_url: str | None, slo) -> dict:
     keys = ("workload", "trace", "rate", "arrival", "cv", "duration_s", "num_requests", "max_requests", "concurrency",
             "sweep", "seed", "max_input_tokens", "max_output_tokens", "vocab_size", "timeout_s", "deadline_s")
     config = {k: getattr(args, k) for k in keys}
     if not args.trace:
         config["workload"] = args.workload or "chat"
-    config.update(router=address, redis_url=redis_url, slo={"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s})
+    config.update(router=address, api=args.api, redis_url=redis_url, slo={"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s})
     return config

@@ -59,20 +59,24 @@ class Scaler:
 
     def initial_specs(self) -> list[WorkerSpec]:
         """One spec per configured worker, each pinned to its own cores while there are enough (then shared)."""
-        return [self.spec(role) for role in self.roles for _ in range(self.pool.pool(role).count)]
+        return self._new_specs([role for role in self.roles for _ in range(self.pool.pool(role).count)])
 
-    def spec(self, role: Role) -> WorkerSpec:
-        """A new worker of `role`, on the cores the running workers use least."""
-        worker_id = self.pool.next_id(role)
-        host = LOOPBACK if self.config.ray_address is None else ""  # "": the worker's node address, from Ray
-        return WorkerSpec(worker_id, role, self.config.engine, self.config.kv_transfer, self.redis_url, CLUSTER,
-                          actor_name=f"{CLUSTER}-{worker_id}", cores=self._free_cores(role), host=host)
+    def _new_specs(self, roles: list[Role]) -> list[WorkerSpec]:
+        """A new worker per role in `roles`, each on the cores the running and the earlier new ones use least."""
+        specs: list[WorkerSpec] = []
+        for role in roles:
+            worker_id = self.pool.next_id(role)
+            host = LOOPBACK if self.config.ray_address is None else ""  # "": the worker's node address, from Ray
+            specs.append(WorkerSpec(worker_id, role, self.config.engine, self.config.kv_transfer, self.redis_url,
+                                    CLUSTER, actor_name=f"{CLUSTER}-{worker_id}",
+                                    cores=self._free_cores(role, specs), host=host))
+        return specs
 
-    def _free_cores(self, role: Role) -> tuple[int, ...]:
+    def _free_cores(self, role: Role, planned: list[WorkerSpec]) -> tuple[int, ...]:
         if not self.cores:
             return ()
         n = max(1, math.ceil(self.pool.pool(role).resources.cpus))
-        used = Counter(core for spec in self.pool.specs.values() for core in spec.cores)
+        used = Counter(core for spec in [*self.pool.specs.values(), *planned] for core in spec.cores)
         order = sorted(self.cores, key=lambda core: (used[core], self.cores.index(core)))
         return tuple(sorted(order[:n]))
 
@@ -87,7 +91,7 @@ class Scaler:
                 have = [w for w, spec in self.pool.specs.items() if spec.role is role]
                 if count > len(have):
                     self._check_room(role, count - len(have))
-                    specs = [self.spec(role) for _ in range(count - len(have))]
+                    specs = self._new_specs([role] * (count - len(have)))
                     await self.pool.start(specs)
                     started += [s.worker_id for s in specs]
                 elif count < len(have):
@@ -112,7 +116,7 @@ class Scaler:
             await self.pool.remove(worker_id)
             if not replace:
                 return worker_id, ""
-            new = dataclasses.replace(self.spec(spec.role), cores=spec.cores)
+            new = dataclasses.replace(self._new_specs([spec.role])[0], cores=spec.cores)
             await self.pool.start([new])
             return worker_id, new.worker_id
 

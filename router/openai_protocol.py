@@ -5,7 +5,7 @@ A request is checked in two steps: here for OpenAI's own fields (types by pydant
 logprobs, tools or penalties, are refused naming the field rather than silently ignored), then by the router's
 `RequestBuilder` exactly as a gRPC request is (prompt, sampling, context length). Fields OpenAI clients send that do
 not change the output (`user`, `metadata`, `store`, ...) are accepted and ignored. vLLM's extensions `top_k`,
-`ignore_eos` and `stop_token_ids` are honoured.
+`ignore_eos`, `stop_token_ids` and `return_token_ids` are honoured.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class _Common(BaseModel):
     top_k: int | None = Field(default=None, ge=0)  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension
     stop_token_ids: list[int] | None = None  # vLLM's extension
+    return_token_ids: bool = False  # vLLM's extension: each choice (and stream chunk) carries its token ids
 
     def refuse_unsupported(self) -> None:
         """Features that would change the output and that we do not offer: refused, naming the field."""

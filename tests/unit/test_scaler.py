@@ -1,0 +1,106 @@
+"""The Scaler's choices with a fake worker pool: which workers start and stop, on which cores, and what it
+refuses (no Ray, no model)."""
+
+import asyncio
+import itertools
+
+import pytest
+
+from pdserve.cluster.registry import Role
+from pdserve.cluster.scaler import ScaleError, Scaler
+from pdserve.cluster.worker_pool import ROLE_NAMES
+from pdserve.config import parse_config
+
+
+class FakePool:
+    def __init__(self, config) -> None:
+        self.config = config
+        self.specs = {}
+        self.started: list[str] = []
+        self.removed: list[str] = []
+        self._numbers = {role: itertools.count() for role in Role}
+
+    def pool(self, role):
+        workers = self.config.workers
+        return {Role.PREFILL: workers.prefill, Role.DECODE: workers.decode, Role.BOTH: workers.colocated}[role]
+
+    def next_id(self, role):
+        return f"{ROLE_NAMES[role]}-{next(self._numbers[role])}"
+
+    async def start(self, specs):
+        for spec in specs:
+            self.specs[spec.worker_id] = spec
+            self.started.append(spec.worker_id)
+
+    async def remove(self, worker_id):
+        del self.specs[worker_id]
+        self.removed.append(worker_id)
+
+
+def scaler(config: dict, running=None, free=None) -> tuple[Scaler, FakePool]:
+    cluster = parse_config(config)
+    pool = FakePool(cluster)
+    made = Scaler(pool, cluster, "redis://127.0.0.1:1", cores=[0, 1, 2, 3],
+                  running=running or (lambda worker_id: 0),
+                  free_resources=free or (lambda: {"CPU": 64.0, "GPU": 0.0}))
+    asyncio.run(pool.start(made.initial_specs()))
+    return made, pool
+
+
+def test_initial_specs_spread_over_cores_and_stay_on_loopback():
+    made, pool = scaler({"workers": {"prefill": {"count": 2}, "decode": {"count": 2}}})
+    assert sorted(pool.specs) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
+    assert sorted(s.cores for s in pool.specs.values()) == [(0,), (1,), (2,), (3,)]
+    assert {s.host for s in pool.specs.values()} == {"127.0.0.1"}
+
+
+def test_workers_on_a_joined_ray_cluster_take_their_node_address():
+    made, pool = scaler({"ray_address": "auto", "redis_url": "redis://10.0.0.1:6379"})
+    assert {s.host for s in pool.specs.values()} == {""}
+
+
+def test_scale_up_uses_the_least_used_cores_and_down_stops_the_least_busy():
+    busy = {"decode-0": 5, "decode-1": 0, "decode-2": 2}
+    made, pool = scaler({}, running=lambda worker_id: busy.get(worker_id, 0))
+    started, stopped = asyncio.run(made.scale({Role.DECODE: 3}))
+    assert started == ["decode-1", "decode-2"] and stopped == []
+    assert sorted(pool.specs["decode-1"].cores + pool.specs["decode-2"].cores) == [2, 3]
+    started, stopped = asyncio.run(made.scale({Role.DECODE: 1}))
+    assert started == [] and sorted(stopped) == ["decode-1", "decode-2"]
+    assert sorted(pool.specs) == ["decode-0", "prefill-0"]
+
+
+@pytest.mark.parametrize("wanted, message", [
+    ({Role.PREFILL: 0}, "prefill: must be between 1"),
+    ({Role.BOTH: 2}, "colocated: a disaggregated cluster has no colocated workers"),
+])
+def test_scale_refuses_what_would_break_the_cluster(wanted, message):
+    made, pool = scaler({})
+    with pytest.raises(ScaleError, match=message):
+        asyncio.run(made.scale(wanted))
+    assert pool.removed == [] and len(pool.started) == 2
+
+
+def test_scale_refuses_what_ray_cannot_place():
+    made, pool = scaler({}, free=lambda: {"CPU": 1.0})
+    with pytest.raises(ScaleError, match="decode: 2 more worker.*need 2 CPUs.*has 1 CPUs"):
+        asyncio.run(made.scale({Role.DECODE: 3}))
+    assert len(pool.specs) == 2
+
+
+def test_drain_stops_one_and_replace_starts_one_on_its_cores():
+    made, pool = scaler({"workers": {"decode": {"count": 2}}})
+    cores = pool.specs["decode-0"].cores
+    assert asyncio.run(made.drain("decode-0", replace=True)) == ("decode-0", "decode-2")
+    assert pool.specs["decode-2"].cores == cores
+    assert asyncio.run(made.drain("decode-1")) == ("decode-1", "")
+    assert sorted(pool.specs) == ["decode-2", "prefill-0"]
+
+
+def test_drain_refuses_an_unknown_worker_and_the_last_of_a_role():
+    made, pool = scaler({})
+    with pytest.raises(ScaleError, match="no worker 'decode-9'"):
+        asyncio.run(made.drain("decode-9"))
+    with pytest.raises(ScaleError, match="last prefill worker"):
+        asyncio.run(made.drain("prefill-0"))
+    assert pool.removed == []
