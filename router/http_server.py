@@ -107,9 +107,12 @@ class OpenAIServer:
             raise _as_openai_error(e) from e
         headers = {REQUEST_ID_HEADER: request_id}
         if body.stream:
-            events = _sse(_chunks(first, stream, request_id, self.model_name, chat, valid, body.include_usage))
+            chunks = _chunks(first, stream, request_id, self.model_name, chat, valid, body.include_usage,
+                             body.return_token_ids)
+            events = _sse(chunks)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        return JSONResponse(await _whole(first, stream, request_id, self.model_name, chat, valid), headers=headers)
+        whole = await _whole(first, stream, request_id, self.model_name, chat, valid, body.return_token_ids)
+        return JSONResponse(whole, headers=headers)
 
     async def _build(self, body: oa.CompletionRequest | oa.ChatCompletionRequest, chat: bool,
                      request_id: str) -> list[ValidRequest]:
@@ -154,24 +157,31 @@ class OpenAIServer:
 
 
 async def _whole(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
-                 valid: list[ValidRequest]) -> dict:
+                 valid: list[ValidRequest], with_token_ids: bool) -> dict:
     texts: list[list[str]] = [[] for _ in valid]
+    token_ids: list[list[int]] = [[] for _ in valid]
     finish: list[str | None] = [None] * len(valid)
     completion_tokens = 0
     for item in [first] + [item async for item in rest]:
         texts[item.index].append(item.piece.text)
+        token_ids[item.index].extend(item.piece.token_ids)
         if item.piece.finish_reason is not None:
             finish[item.index] = item.piece.finish_reason.value
             completion_tokens += item.piece.completion_tokens
-    body = oa.chat_body if chat else oa.completion_body
-    return body(request_id, model, ["".join(t) for t in texts], finish,
-                oa.usage(sum(len(v.token_ids) for v in valid), completion_tokens))
+    build = oa.chat_body if chat else oa.completion_body
+    body = build(request_id, model, ["".join(t) for t in texts], finish,
+                 oa.usage(sum(len(v.token_ids) for v in valid), completion_tokens))
+    if with_token_ids:
+        for choice, ids in zip(body["choices"], token_ids):
+            choice["token_ids"] = ids
+    return body
 
 
 async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
-                  valid: list[ValidRequest], include_usage: bool) -> AsyncIterator[dict]:
+                  valid: list[ValidRequest], include_usage: bool, with_token_ids: bool) -> AsyncIterator[dict]:
     """The stream's chunks in OpenAI's order: (chat: a role delta per choice,) text deltas as they come, each
-    choice's finish reason, then the usage chunk if asked for."""
+    choice's finish reason, then the usage chunk if asked for. With `with_token_ids` a piece's token ids ride on
+    its chunk (a piece with tokens and no text yet, e.g. half a character, still sends a chunk)."""
     created = int(time.time())
     completion_tokens = 0
     if chat:
@@ -181,13 +191,16 @@ async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_
         async for item in _prepend(first, rest):
             piece, finish = item.piece, item.piece.finish_reason
             reason = finish.value if finish is not None else None
+            carries = piece.text or (with_token_ids and piece.token_ids)
             if chat:
-                if piece.text:
-                    yield oa.chat_chunk(request_id, model, created, item.index, {"content": piece.text}, None)
+                if carries:
+                    chunk = oa.chat_chunk(request_id, model, created, item.index, {"content": piece.text}, None)
+                    yield _with_ids(chunk, piece.token_ids) if with_token_ids else chunk
                 if finish is not None:
                     yield oa.chat_chunk(request_id, model, created, item.index, {}, reason)
-            elif piece.text or finish is not None:
-                yield oa.completion_chunk(request_id, model, created, item.index, piece.text, reason)
+            elif carries or finish is not None:
+                chunk = oa.completion_chunk(request_id, model, created, item.index, piece.text, reason)
+                yield _with_ids(chunk, piece.token_ids) if with_token_ids else chunk
             if finish is not None:
                 completion_tokens += piece.completion_tokens
     except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError) as e:
@@ -196,6 +209,11 @@ async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_
     if include_usage:
         yield oa.usage_chunk(request_id, model, created, chat,
                              oa.usage(sum(len(v.token_ids) for v in valid), completion_tokens))
+
+
+def _with_ids(chunk: dict, token_ids: tuple[int, ...]) -> dict:
+    chunk["choices"][0]["token_ids"] = list(token_ids)
+    return chunk
 
 
 async def _prepend(first: ChoicePiece, rest: AsyncIterator[ChoicePiece]) -> AsyncIterator[ChoicePiece]:
@@ -231,7 +249,7 @@ async def _openai_error(request: Request, error: oa.OpenAIError) -> JSONResponse
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
-    where = _field_path([part for part in first.get("loc", ()) if part != "body"])
+    where = "" if first.get("type") == "json_invalid" else _field_path([p for p in first.get("loc", ()) if p != "body"])
     message = f"{where}: {first.get('msg', 'invalid')}" if where else f"body: {first.get('msg', 'invalid')}"
     return JSONResponse(oa.OpenAIError(400, message, param=where or None).body(), status_code=400)
 
