@@ -28,7 +28,8 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -47,6 +48,11 @@ from pdserve.router.request_builder import MAX_REQUEST_ID_LEN, InvalidRequest, R
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+DISCONNECT_POLL_S = 0.25
+"""How often a request that streams nothing yet checks that its client is still there."""
+CLIENT_CLOSED = 499
+"""The status logged for a request whose client left (nginx's convention; the client never sees it)."""
+T = TypeVar("T")
 
 
 class OpenAIServer:
@@ -63,6 +69,8 @@ class OpenAIServer:
         app.add_exception_handler(oa.OpenAIError, _openai_error)
         app.add_exception_handler(RequestValidationError, _validation_error)
         app.add_exception_handler(HTTPException, _http_error)
+        if self._expected is not None:  # checked before the body is read: no token, no validation answers
+            app.add_middleware(_BearerToken, expected=self._expected)
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)
@@ -76,8 +84,7 @@ class OpenAIServer:
     async def chat_completions(self, body: oa.ChatCompletionRequest, request: Request) -> Response:
         return await self._generate(body, request, chat=True)
 
-    async def models(self, request: Request) -> dict:
-        self._authorize(request)
+    async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
                                             "owned_by": "pdserve", "max_model_len": self.builder.context_length}]}
 
@@ -92,27 +99,31 @@ class OpenAIServer:
     # ---- generation ----------------------------------------------------------------------------------------------
     async def _generate(self, body: oa.CompletionRequest | oa.ChatCompletionRequest, request: Request,
                         chat: bool) -> Response:
-        self._authorize(request)
         if body.model not in (None, self.model_name):
             raise oa.OpenAIError(404, f"model: {body.model!r} is not served here (served: {self.model_name!r})",
                                  param="model", code="model_not_found")
         request_id = request.headers.get(REQUEST_ID_HEADER) or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         valid = await self._build(body, chat, request_id)
+        prompt_tokens = sum(len(v.token_ids) for v in valid[::body.n])  # each prompt once, as OpenAI counts
         stream = merged(self.orchestrator, valid)
         try:
-            first = await anext(stream)  # an error before the first token is an HTTP status, not a stream event
+            # an error before the first token is an HTTP status, not a stream event
+            first = await _unless_disconnected(request, anext(stream))
+            if body.stream:
+                chunks = _chunks(first, stream, request_id, self.model_name, chat, len(valid), prompt_tokens,
+                                 body.include_usage, body.return_token_ids)
+                return StreamingResponse(_sse(chunks), media_type="text/event-stream",
+                                         headers={REQUEST_ID_HEADER: request_id})
+            whole = await _unless_disconnected(request, _whole(first, stream, request_id, self.model_name, chat,
+                                                               len(valid), prompt_tokens, body.return_token_ids))
         except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError) as e:
             await stream.aclose()
             self._count_refusal(e)
             raise _as_openai_error(e) from e
-        headers = {REQUEST_ID_HEADER: request_id}
-        if body.stream:
-            chunks = _chunks(first, stream, request_id, self.model_name, chat, valid, body.include_usage,
-                             body.return_token_ids)
-            events = _sse(chunks)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        whole = await _whole(first, stream, request_id, self.model_name, chat, valid, body.return_token_ids)
-        return JSONResponse(whole, headers=headers)
+        except ClientGone:
+            await stream.aclose()  # cancels the choices: their workers free the KV blocks
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(whole, headers={REQUEST_ID_HEADER: request_id})
 
     async def _build(self, body: oa.CompletionRequest | oa.ChatCompletionRequest, chat: bool,
                      request_id: str) -> list[ValidRequest]:
@@ -142,25 +153,16 @@ class OpenAIServer:
                                              f"{request_id}-{index}"))
         return valid
 
-    def _authorize(self, request: Request) -> None:
-        if self._expected is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), self._expected):
-            reason = "missing bearer token" if not given else "wrong bearer token"
-            raise oa.OpenAIError(401, f"{reason} (send 'Authorization: Bearer <token>')", kind="authentication_error",
-                                 code="invalid_api_key")
-
     def _count_refusal(self, error: Exception) -> None:
         if isinstance(error, (DuplicateRequest, Overloaded)):  # raised before the orchestrator counts the request
             self.orchestrator.metrics.failed(error)
 
 
 async def _whole(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
-                 valid: list[ValidRequest], with_token_ids: bool) -> dict:
-    texts: list[list[str]] = [[] for _ in valid]
-    token_ids: list[list[int]] = [[] for _ in valid]
-    finish: list[str | None] = [None] * len(valid)
+                 choices: int, prompt_tokens: int, with_token_ids: bool) -> dict:
+    texts: list[list[str]] = [[] for _ in range(choices)]
+    token_ids: list[list[int]] = [[] for _ in range(choices)]
+    finish: list[str | None] = [None] * choices
     completion_tokens = 0
     for item in [first] + [item async for item in rest]:
         texts[item.index].append(item.piece.text)
@@ -169,8 +171,7 @@ async def _whole(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_i
             finish[item.index] = item.piece.finish_reason.value
             completion_tokens += item.piece.completion_tokens
     build = oa.chat_body if chat else oa.completion_body
-    body = build(request_id, model, ["".join(t) for t in texts], finish,
-                 oa.usage(sum(len(v.token_ids) for v in valid), completion_tokens))
+    body = build(request_id, model, ["".join(t) for t in texts], finish, oa.usage(prompt_tokens, completion_tokens))
     if with_token_ids:
         for choice, ids in zip(body["choices"], token_ids):
             choice["token_ids"] = ids
@@ -178,14 +179,14 @@ async def _whole(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_i
 
 
 async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
-                  valid: list[ValidRequest], include_usage: bool, with_token_ids: bool) -> AsyncIterator[dict]:
+                  choices: int, prompt_tokens: int, include_usage: bool, with_token_ids: bool) -> AsyncIterator[dict]:
     """The stream's chunks in OpenAI's order: (chat: a role delta per choice,) text deltas as they come, each
     choice's finish reason, then the usage chunk if asked for. With `with_token_ids` a piece's token ids ride on
     its chunk (a piece with tokens and no text yet, e.g. half a character, still sends a chunk)."""
     created = int(time.time())
     completion_tokens = 0
     if chat:
-        for index in range(len(valid)):
+        for index in range(choices):
             yield oa.chat_chunk(request_id, model, created, index, {"role": "assistant", "content": ""}, None)
     try:
         async for item in _prepend(first, rest):
@@ -207,8 +208,47 @@ async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_
         yield _as_openai_error(e).body()
         return
     if include_usage:
-        yield oa.usage_chunk(request_id, model, created, chat,
-                             oa.usage(sum(len(v.token_ids) for v in valid), completion_tokens))
+        yield oa.usage_chunk(request_id, model, created, chat, oa.usage(prompt_tokens, completion_tokens))
+
+
+class _BearerToken:
+    """ASGI middleware: every /v1 call needs `Authorization: Bearer <token>` (/health and /metrics stay open). Plain
+    ASGI, not BaseHTTPMiddleware, so a client's disconnect still reaches the handler."""
+
+    def __init__(self, app, expected: bytes) -> None:
+        self.app = app
+        self.expected = expected
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                reason = "missing bearer token" if not given else "wrong bearer token"
+                error = oa.OpenAIError(401, f"{reason} (send 'Authorization: Bearer <token>')",
+                                       kind="authentication_error", code="invalid_api_key")
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected while its (non-streamed, or not yet started) request ran."""
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or ClientGone (with `work` cancelled) as soon as the client has disconnected."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def _with_ids(chunk: dict, token_ids: tuple[int, ...]) -> dict:
