@@ -5,8 +5,13 @@ client leaving a stream cancels every choice it started."""
 
 import asyncio
 import json
+import shutil
+import ssl
+import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -617,3 +622,33 @@ def test_choices_that_finish_end_the_merged_stream_in_order_per_choice():
         assert "".join(p.text for p in mine) == expected_text(4)
         assert [p.finish_reason for p in mine] == [None, None, None, FinishReason.LENGTH]
     assert orchestrator.ended == {"r-0": "finished", "r-1": "finished"}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls_files_make_the_http_port_speak_https_only(tmp_path):
+    """As router.tls_cert_file/tls_key_file do for gRPC: the HTTP API on uvicorn answers HTTPS, not plain HTTP."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    trusted = ssl.create_default_context(cafile=str(cert))
+
+    async def go() -> tuple[int, str]:
+        app = OpenAIServer(FakeBuilder(), FakeOrchestrator(), MODEL, Access()).app()
+        http = await start_http(app, "127.0.0.1", 0, (str(cert), str(key)))
+        try:
+            def fetch() -> tuple[int, str]:
+                over_tls = urllib.request.urlopen(f"https://{http.address}/health", context=trusted, timeout=5)
+                try:
+                    urllib.request.urlopen(f"http://{http.address}/health", timeout=5)
+                    plain = "answered"
+                except (urllib.error.URLError, ConnectionError) as e:
+                    plain = type(e).__name__
+                return over_tls.status, plain
+            return await asyncio.to_thread(fetch)
+        finally:
+            await http.stop()
+
+    status, plain = asyncio.run(go())
+    assert status == 200
+    assert plain != "answered"
