@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
+from prometheus_client.metrics_core import Metric
 
 from pdserve.cluster.engine_thread import EngineThread
 from pdserve.cluster.heartbeat import Heartbeat
@@ -105,6 +106,11 @@ class WorkerRuntime:
 
     def call(self, fn: Callable[[Engine], object]) -> asyncio.Future:
         return asyncio.wrap_future(self.thread.call(fn))
+
+    def metric_families(self) -> list[Metric]:
+        """This worker's Prometheus metrics now, for the router to serve (`router.worker_scrape`): on a multi-node
+        cluster the worker's own port is on its node's loopback only."""
+        return list(self.metrics.registry.collect())
 
     def info(self) -> WorkerInfo:
         load = self.thread.load

@@ -106,6 +106,10 @@ class DecodeWorker:
         self._wakeup.clear()
         return events
 
+    async def metrics(self) -> list:
+        """This worker's Prometheus metric families (served by the router at /metrics/workers)."""
+        return self.runtime.metric_families()
+
     async def profile(self) -> StepProfile:
         """Time a few synthetic steps on this (idle) engine: the controller's performance model."""
         return await self.runtime.call(profile_engine)

@@ -74,6 +74,10 @@ class PrefillWorker:
         then post the receive that drains it (a send on the wire cannot be recalled)."""
         return await self.runtime.call(lambda engine: self._abort(engine, request_id, tag))
 
+    async def metrics(self) -> list:
+        """This worker's Prometheus metric families (served by the router at /metrics/workers)."""
+        return self.runtime.metric_families()
+
     async def profile(self) -> StepProfile:
         """Time a few synthetic steps on this (idle) engine: the controller's performance model."""
         return await self.runtime.call(profile_engine)

@@ -6,6 +6,7 @@
     GET  /v1/models               the served model
     GET  /health                  200 when the cluster can serve, 503 with the reason otherwise
     GET  /metrics                 the router's Prometheus metrics (the same as on its metrics port)
+    GET  /metrics/workers         every worker's metrics, gathered over Ray (`worker_scrape`)
 
 Life of a request: the body is parsed (a wrong type is a 400 naming the field) -> OpenAI's fields become one
 `GenerateRequest` per choice (`openai_protocol`) -> each is checked by the `RequestBuilder`, as a gRPC request is ->
@@ -44,6 +45,7 @@ from pdserve.router.admin import unhealthy_reason
 from pdserve.router.choices import ChoicePiece, merged
 from pdserve.router.orchestrator import DuplicateRequest, Orchestrator, Overloaded, Unavailable, WorkerError
 from pdserve.router.request_builder import MAX_REQUEST_ID_LEN, InvalidRequest, RequestBuilder, ValidRequest
+from pdserve.router.worker_scrape import scrape_workers
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class OpenAIServer:
         app.get("/v1/models")(self.models)
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics)
+        app.get("/metrics/workers")(self.worker_metrics)
         return app
 
     async def completions(self, body: oa.CompletionRequest, request: Request) -> Response:
@@ -95,6 +98,10 @@ class OpenAIServer:
 
     async def metrics(self) -> Response:
         return Response(generate_latest(self.orchestrator.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def worker_metrics(self) -> Response:
+        handles = {worker_id: m.handle for worker_id, m in self.orchestrator.membership.members.items()}
+        return Response(await scrape_workers(handles), media_type=CONTENT_TYPE_LATEST)
 
     # ---- generation ----------------------------------------------------------------------------------------------
     async def _generate(self, body: oa.CompletionRequest | oa.ChatCompletionRequest, request: Request,

@@ -10,6 +10,7 @@ import urllib.request
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.engine import EngineConfig, Message, Prompt, SamplingParams
 
@@ -163,3 +164,14 @@ def test_health_and_metrics_are_served_on_the_http_port(cluster):
         text = metrics.read().decode()
     assert metrics.status == 200 and "pdserve_requests_total" in text
     assert 'pdserve_requests_total{outcome="length"}' in text
+
+
+def test_every_workers_metrics_through_the_router(cluster):
+    """/metrics/workers gathers each worker's metrics over Ray: one scrape target on any topology."""
+    root = cluster.http_url.removesuffix("/v1")
+    with urllib.request.urlopen(f"{root}/metrics/workers", timeout=30) as response:
+        text = response.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    steps = {s.labels["worker_id"] for s in families["pdserve_worker_step_seconds"].samples}
+    assert steps == set(cluster.workers())
+    assert families["pdserve_worker_scrape_failures"].samples[0].value == 0
