@@ -115,7 +115,8 @@ class Membership:
         try:
             if member is not None:
                 await asyncio.wait_for(member.handle.info.remote(), ALIVE_TIMEOUT_S)
-                log.info("worker %s is missing from the registry but alive (Redis restarted?); keeping it", worker_id)
+                log.info("worker %s is missing from the registry but answers (stopping, or Redis restarted); "
+                         "keeping it until it stops answering", worker_id)
         except (ray.exceptions.RayError, TimeoutError) as e:
             self.drop(worker_id, f"its heartbeat expired and it does not answer ({type(e).__name__})")
         finally:
