@@ -88,7 +88,7 @@ class Scaler:
         stopped: list[str] = []
         async with self._lock:
             for role, count in wanted.items():
-                have = [w for w, spec in self.pool.specs.items() if spec.role is role]
+                have = [w for w, spec in self.pool.specs.items() if spec.role is role and w not in self.pool.moving]
                 if count > len(have):
                     self._check_room(role, count - len(have))
                     specs = self._new_specs([role] * (count - len(have)))
@@ -109,6 +109,9 @@ class Scaler:
             if spec is None:
                 known = ", ".join(sorted(self.pool.specs)) or "none"
                 raise ScaleError(f"worker_id: no worker {worker_id!r} (workers: {known})")
+            if worker_id in self.pool.moving:
+                raise ScaleError(f"worker_id: {worker_id} is being moved to the other role by the ratio controller; "
+                                 "drain it once the move is done (`pdserve status`)")
             left = sum(1 for s in self.pool.specs.values() if s.role is spec.role) - 1
             if not replace and left < 1:
                 raise ScaleError(f"worker_id: {worker_id} is the last {ROLE_NAMES[spec.role]} worker; drain it with "

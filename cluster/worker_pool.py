@@ -47,6 +47,8 @@ class WorkerPool:
         self.namespace = namespace
         self.specs: dict[str, WorkerSpec] = {}
         self.actors: dict[str, ray.actor.ActorHandle] = {}
+        self.moving: set[str] = set()
+        """Workers the ratio controller is moving to the other role (the Scaler leaves them alone)."""
         self._numbers = {role: itertools.count() for role in Role}
 
     def pool(self, role: Role) -> Pool:
@@ -69,8 +71,12 @@ class WorkerPool:
     async def move(self, worker_id: str, to_role: Role) -> str:
         """Drain `worker_id`, stop it, and start a worker in `to_role` on its cores; returns the new worker's id."""
         spec = self.specs[worker_id]
-        await self.drain(worker_id)
-        await self.stop(worker_id)
+        self.moving.add(worker_id)
+        try:
+            await self.drain(worker_id)
+            await self.stop(worker_id)
+        finally:
+            self.moving.discard(worker_id)
         new_id = self.next_id(to_role)
         new = dataclasses.replace(spec, role=to_role, worker_id=new_id, actor_name=f"{spec.cluster}-{new_id}")
         await self.start([new])

@@ -16,6 +16,7 @@ class FakePool:
     def __init__(self, config) -> None:
         self.config = config
         self.specs = {}
+        self.moving: set[str] = set()
         self.started: list[str] = []
         self.removed: list[str] = []
         self._numbers = {role: itertools.count() for role in Role}
@@ -104,3 +105,14 @@ def test_drain_refuses_an_unknown_worker_and_the_last_of_a_role():
     with pytest.raises(ScaleError, match="last prefill worker"):
         asyncio.run(made.drain("prefill-0"))
     assert pool.removed == []
+
+
+def test_workers_the_controller_is_moving_are_left_alone():
+    made, pool = scaler({"workers": {"decode": {"count": 2}}}, running=lambda worker_id: 0)
+    pool.moving.add("decode-0")
+    with pytest.raises(ScaleError, match="being moved"):
+        asyncio.run(made.drain("decode-0"))
+    started, stopped = asyncio.run(made.scale({Role.DECODE: 1}))  # decode-1 is the one not moving
+    assert stopped == [] and started == []
+    started, stopped = asyncio.run(made.scale({Role.DECODE: 2}))
+    assert started == ["decode-2"] and "decode-0" in pool.specs
