@@ -36,10 +36,6 @@ def read_state() -> ClusterState:
     return state
 
 
-def router_address(given: str | None) -> str:
-    return given or read_state().router_address
-
-
 def router_client(given: str | None, timeout_s: float | None = None, sync: bool = False):
     """A client for the router at `given` (token from $PDSERVE_TOKEN), or for the cluster `pdserve up` started (its
     token and certificate files); a `SyncClient` with `sync`."""
