@@ -50,6 +50,8 @@ class PlanSetup:
     role_switch_s: float = 5.0
     window_s: float = 30.0
     """The controller's traffic window."""
+    hand_on_after_s: float | None = None
+    """A leaving decode worker hands on what it still runs this long into its drain (None: waits for it)."""
     search_low: float = 0.5
     """Goodput search range, as multiples of the trace's own rate."""
     search_high: float = 3.0
@@ -91,7 +93,8 @@ def candidates(workers: int) -> list[Candidate]:
 def simulate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]) -> SimResult:
     sim = SimSetup(engine=setup.engine, prefill=candidate.prefill, decode=candidate.decode, slo=setup.slo,
                    controller=setup.controller if candidate.controlled else None, link=setup.link,
-                   role_switch_s=setup.role_switch_s, window_s=setup.window_s)
+                   role_switch_s=setup.role_switch_s, window_s=setup.window_s,
+                   hand_on_after_s=setup.hand_on_after_s)
     return Simulation(sim, trace).run()
 
 

@@ -14,7 +14,10 @@ The life of a request, as the live router drives it (`router/orchestrator.py`):
 
 The controller (when set) ticks every `interval_s` of virtual time on an `Observation` built from the engines and
 the finished requests, exactly the pure `tick` the live adapter calls. A MOVE drains the worker (the router stops
-sending it work; its requests finish), then it spends `role_switch_s` restarting in the other role.
+sending it work; its requests finish), then it spends `role_switch_s` restarting in the other role. A decode worker
+that still decodes `hand_on_after_s` into its drain hands its requests on, as the live one does
+(`cluster/worker_pool.py`): each is resumed through the router's migration path, its prompt and tokens so far
+prefilled again and decoded elsewhere, under a new attempt id.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class SimSetup:
     """A drained worker's restart in its new role (engine and KV pairs rebuilt; weights stay on the GPU)."""
     window_s: float = 30.0
     """The controller's traffic window: requests finished in the last this many seconds."""
+    hand_on_after_s: float | None = None
+    """A leaving decode worker hands on what it still runs this long into its drain; None: waits for it to finish."""
     horizon_s: float = 600.0
     """After the last arrival, how long unfinished requests may take before they count as lost."""
 
@@ -96,6 +101,7 @@ class _Worker:
 @dataclass
 class _Request:
     request_id: str
+    """The attempt's id, as the engines know it (`r<n>`, then `r<n>@retry<k>` once handed on)."""
     entry: TraceEntry
     prompt: tuple[int, ...]
     sampling: SamplingParams
@@ -106,6 +112,9 @@ class _Request:
     last_token: float = math.nan
     tokens: int = 0
     itl: list[float] = field(default_factory=list)
+    attempts: int = 1
+    decoding: bool = False
+    """Its KV is on the decode worker and it decodes there (a hand-on can take it)."""
 
 
 class Simulation:
@@ -171,7 +180,7 @@ class Simulation:
                 return
             self._queue.popleft()
             request.decode, request.prefill, request.dispatched = decode, prefill, self.now
-            prefill.in_flight_tokens += request.entry.input_tokens
+            prefill.in_flight_tokens += len(request.prompt)
             prefill.engine.add_request(request.request_id, request.prompt, request.sampling, prefill_only=True)
             self._pending[request.request_id] = request
             self._wake(prefill)
@@ -227,9 +236,13 @@ class Simulation:
             self._dispatch()
 
     def _prefilled(self, worker: _Worker, request: _Request, reason: FinishReason | None) -> None:
-        worker.in_flight_tokens -= request.entry.input_tokens
-        request.first_token = request.last_token = self.now
-        request.tokens = 1
+        worker.in_flight_tokens -= len(request.prompt)
+        if request.tokens == 0:
+            request.first_token = self.now
+        elif self.record_itl:
+            request.itl.append(self.now - request.last_token)
+        request.last_token = self.now
+        request.tokens += 1
         if reason is not FinishReason.PREFILLED:  # one output token: done at the first token
             request.decode.engine.abort(request.request_id)
             self._finish(request)
@@ -243,6 +256,7 @@ class Simulation:
         self._maybe_drained(request.prefill)
         self._wake(request.prefill)
         output = request.decode.engine.commit_remote(request.request_id, PLACEHOLDER_TOKEN)
+        request.decoding = True
         if output.finished:
             self._finish(request)
         self._wake(request.decode)
@@ -260,7 +274,7 @@ class Simulation:
         e = request.entry
         tpot = (request.last_token - request.first_token) / (request.tokens - 1) if request.tokens > 1 else 0.0
         self._records.append(RequestRecord(
-            request_id=request.request_id, arrival_s=e.arrival_s, input_tokens=e.input_tokens,
+            request_id=request.request_id.split("@")[0], arrival_s=e.arrival_s, input_tokens=e.input_tokens,
             output_tokens=request.tokens, queue_s=request.dispatched - e.arrival_s,
             ttft_s=request.first_token - e.arrival_s, tpot_s=tpot, e2e_s=request.last_token - e.arrival_s,
             itl_s=tuple(request.itl), ok=True, error=""))
@@ -286,6 +300,8 @@ class Simulation:
                 worker = next(w for w in self.workers if w.worker_id == move.worker_id)
                 worker.draining = True
                 self._moving[worker.worker_id] = move.to_role
+                if worker.role is PoolRole.DECODE and self.setup.hand_on_after_s is not None:
+                    self._at(self.now + self.setup.hand_on_after_s, lambda w=worker: self._hand_on(w))
                 self._maybe_drained(worker)
         self._sample()
         if self._records_left():
@@ -301,6 +317,33 @@ class Simulation:
         worker.role = self._moving.pop(worker.worker_id)
         self._sample()
         self._at(self.now + self.setup.role_switch_s, lambda: self._switched(worker))
+
+    def _hand_on(self, worker: _Worker) -> None:
+        """Resume elsewhere what a leaving decode worker still decodes; those whose KV is still arriving follow at
+        the next check, a second later."""
+        if not worker.draining:
+            return
+        for request in [r for r in self._pending.values() if r.decode is worker and r.decoding]:
+            worker.engine.abort(request.request_id)
+            del self._pending[request.request_id]
+            self._queue.appendleft(self._continuation(request))
+        if worker.engine.num_requests:
+            self._at(self.now + 1.0, lambda: self._hand_on(worker))
+        self._maybe_drained(worker)
+        self._dispatch()
+
+    @staticmethod
+    def _continuation(request: _Request) -> _Request:
+        """The router's `migration.continuation`: the tokens so far join the prompt, max_tokens shrinks by them."""
+        base = request.request_id.split("@")[0]
+        request.request_id = f"{base}@retry{request.attempts}"
+        request.attempts += 1
+        request.prompt = (PLACEHOLDER_TOKEN,) * (request.entry.input_tokens + request.tokens)
+        request.sampling = SamplingParams(max_tokens=request.entry.output_tokens - request.tokens, temperature=0.0,
+                                          ignore_eos=True)
+        request.prefill = request.decode = None
+        request.decoding = False
+        return request
 
     def _switched(self, worker: _Worker) -> None:
         worker.available = True

@@ -35,6 +35,10 @@ class ControllerConfig:
     """A new target must be the target this many ticks in a row before the controller acts (hysteresis)."""
     min_gain: float = 0.05
     """Move only when the predicted bottleneck load falls by at least this much."""
+    shift_ratio: float = 1.5
+    """A shift in the mix skips confirm_ticks and the cooldown: when the averages alone (no queue term) overload the
+    current split and the best split carries them with a bottleneck at least this many times lower. A burst shows
+    in the queue terms only, so it still waits. math.inf: never skip."""
     min_prefill: int = 1
     min_decode: int = 1
     max_workers: int | None = None
@@ -76,6 +80,8 @@ class ControllerConfig:
 
     def __post_init__(self) -> None:
         positive = ("slo_ttft_s", "slo_tpot_s", "interval_s", "max_pressure", "scale_up_load", "correction_min")
+        if not (isinstance(self.shift_ratio, (int, float)) and self.shift_ratio >= 1):
+            raise ControllerConfigError(f"shift_ratio: must be a number >= 1 (inf: never), got {self.shift_ratio!r}")
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -142,3 +148,5 @@ class ControllerState:
     """Observed / predicted TTFT p50, smoothed and clamped: multiplies the predicted prefill time."""
     tpot_correction: float = 1.0
     """Observed / predicted TPOT p50, smoothed and clamped: multiplies the predicted decode step time."""
+    backlog_seen_s: float = -math.inf
+    """When the prefill queue was last seen long (over the TTFT SLO's worth of work per worker)."""

@@ -95,15 +95,33 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
     ticks = state.candidate_ticks + 1 if state.candidate == plan.target else 1
     state = dataclasses.replace(state, candidate=plan.target, candidate_ticks=ticks)
     inputs["candidate_ticks"] = float(ticks)
-    if ticks < config.confirm_ticks:
+    shift = plan.action is Action.MOVE and _mix_shifted(config, needs, current, inputs)
+    if shift:
+        plan = dataclasses.replace(plan, why=f"{plan.why}; the mix has shifted (the averages alone load {current} "
+                                              f"{inputs['shift_ratio']:.2f}x its best split), so no confirmation "
+                                              f"or cooldown")
+    elif ticks < config.confirm_ticks:
         return hold(f"{plan.why}; seen {ticks} of {config.confirm_ticks} ticks, holding at {current} for now.", state,
                     plan.target)
     since = obs.now_s - state.last_move_s
-    if since < config.cooldown_s:
+    if since < config.cooldown_s and not shift:
         return hold(f"{plan.why}; confirmed, but the last move was {since:.0f}s ago (cooldown "
                     f"{config.cooldown_s:g}s), holding at {current} for now.", state, plan.target)
     return _act(config, plan.action, plan.target, current, obs, needs, plan.why,
                 dataclasses.replace(state, last_move_s=obs.now_s), inputs)
+
+
+def _mix_shifted(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int],
+                 inputs: dict[str, float]) -> bool:
+    """The averages alone overload the current split and the best split carries them `shift_ratio` times better:
+    the mix has changed (a phase shift), which waiting only makes worse. A burst raises only the queue terms."""
+    now = evaluate(needs.prefill_steady, needs.decode_steady, current)
+    best = best_split(config, needs.prefill_steady, needs.decode_steady, sum(current), current)
+    if best is None or not now.bottleneck > config.scale_up_load:
+        return False
+    ratio = now.bottleneck / best.bottleneck if best.bottleneck > 0 else math.inf
+    inputs["shift_ratio"] = ratio
+    return ratio >= config.shift_ratio
 
 
 def _traffic(needs: PoolNeeds) -> str:

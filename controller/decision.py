@@ -71,6 +71,7 @@ class Decision:
                 "candidate_ticks": state.candidate_ticks,
                 "ttft_correction": _num(state.ttft_correction),
                 "tpot_correction": _num(state.tpot_correction),
+                "backlog_seen_s": _num(state.backlog_seen_s),
             },
         }, allow_nan=False)
 
@@ -94,6 +95,7 @@ class Decision:
                 candidate_ticks=int(state["candidate_ticks"]),
                 ttft_correction=float(state["ttft_correction"]),
                 tpot_correction=float(state["tpot_correction"]),
+                backlog_seen_s=float(state.get("backlog_seen_s", "-inf")),
             ),
         )
 

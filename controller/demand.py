@@ -41,9 +41,13 @@ For TPOT, c * observed / predicted is simply observed / model; for TTFT the queu
 faster than c, and iterating to the fixed point (predicted == observed) keeps that growth from being read as a slower
 prefill (a plain observed/uncorrected ratio would be, and would oversize the pool).
 
-updated only from windows with at least correction_min_finished finished requests; the TTFT one also only while the
-prefill queue is short (queued work per prefill worker <= T), since a growing queue is the backlog term's job and
-would otherwise be counted twice.
+updated only from windows with at least correction_min_finished finished requests, and only from windows that
+describe the pools as they are: a window's requests ran under the split and the queues of up to a window (and their
+own latency) ago, so after a move, or after the prefill queue was last long (queued work per prefill worker > T),
+the corrections wait one window (TTFT: two, since a request that queued finishes well after it arrived). Without
+that, the TTFTs of a backlog that has just cleared, or the TPOTs of a batch that a move has just halved, would be
+read as a slower model and oversize one pool for minutes after (seen in `pdserve plan` at phase changes). A queue
+that is long now is the backlog term's job, not the correction's.
 """
 
 from __future__ import annotations
@@ -113,19 +117,22 @@ def update_corrections(config: ControllerConfig, model: PerfModel, state: Contro
         return state, inputs
     isl, _, ctx = _lengths(obs)
     ttft_c, tpot_c = state.ttft_correction, state.tpot_correction
+    settled = obs.now_s - state.last_move_s >= traffic.window_s
 
     if prefill:
         service = model.prefill_seconds(isl) * ttft_c
         rho = min(traffic.arrival_rate * service / len(prefill), PREDICTION_RHO_CAP)
         predicted = service + md1_wait(rho, service)
         inputs["predicted_ttft_p50_s"] = predicted
-        queued_work_per_worker = _backlog_tokens(obs, isl) / isl * service / len(prefill)
+        if _backlog_tokens(obs, isl) / isl * service / len(prefill) > config.slo_ttft_s:
+            state = dataclasses.replace(state, backlog_seen_s=obs.now_s)
+        drained = obs.now_s - state.backlog_seen_s >= 2 * traffic.window_s
         observed = traffic.ttft_p50_s
-        if math.isfinite(observed) and observed > 0 and predicted > 0 and queued_work_per_worker <= config.slo_ttft_s:
+        if math.isfinite(observed) and observed > 0 and predicted > 0 and settled and drained:
             ttft_c = _ema(config, ttft_c, ttft_c * observed / predicted)
             inputs["ttft_correction_updated"] = 1.0
 
-    if decode:
+    if decode and settled:
         batch = min(max(1, round(sum(w.running for w in decode) / len(decode))), config.max_num_seqs)
         predicted = model.decode_step_seconds(batch, ctx) * tpot_c
         inputs["predicted_tpot_p50_s"] = predicted

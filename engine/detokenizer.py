@@ -46,6 +46,8 @@ class Detokenizer:
         if token_id in self.stop_ids:
             return self.flush(), Finish(FinishReason.STOP, token_id)
         self.tokens.append(token_id)
+        if self.tokenizer is None:
+            return "", None  # token ids only (a sim engine): no text, so no stop string can end it
         new = self._decode_new()
         stop = self._find_stop(len(new))
         if stop is not None:

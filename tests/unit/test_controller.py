@@ -178,7 +178,7 @@ def test_steady_noisy_traffic_converges_then_holds_without_flapping() -> None:
 
 
 def test_shift_from_chat_to_summarisation_moves_one_at_a_time_toward_more_prefill() -> None:
-    config = make_config(confirm_ticks=2, cooldown_s=30.0, interval_s=5.0)
+    config = make_config(confirm_ticks=2, cooldown_s=30.0, interval_s=5.0, shift_ratio=math.inf)
     world = World(2, 4, CHAT)
     before, state = world.run(config, 10)
     assert not acted(before)
@@ -216,6 +216,28 @@ def test_max_moves_follows_a_large_shift_in_one_decision() -> None:
     assert all(m.to_role is PoolRole.PREFILL for m in moves[0].moves)
     assert "workers w02 (holding" in moves[0].reason
     assert world.sizes() == (5, 1)
+
+
+def test_a_shift_in_the_mix_moves_at_once_without_confirmation_or_cooldown() -> None:
+    """The averages alone overload (2, 4) under summaries by far more than shift_ratio: no reason to wait."""
+    config = make_config(confirm_ticks=2, cooldown_s=30.0, interval_s=5.0)
+    world = World(2, 4, CHAT)
+    before, state = world.run(config, 10)
+    assert not acted(before)
+    world.traffic = SUMMARY
+    shift_at = world.now
+    after, _ = world.run(config, 40, state)
+    moves = acted(after)
+    assert moves[0].now_s == shift_at and "the mix has shifted" in moves[0].reason
+    assert moves[0].inputs["shift_ratio"] >= config.shift_ratio
+    assert world.sizes() == (5, 1) == best_sizes(after[-1], 6)
+    assert after[-1].action is Action.HOLD
+
+    patient = World(2, 4, CHAT)  # the same shift with the rule off: confirmation and cooldown before every move
+    _, state = patient.run(dataclasses.replace(config, shift_ratio=math.inf), 10)
+    patient.traffic = SUMMARY
+    slow, _ = patient.run(dataclasses.replace(config, shift_ratio=math.inf), 40, state)
+    assert acted(slow)[0].now_s > moves[0].now_s and acted(slow)[-1].now_s > moves[-1].now_s
 
 
 def test_a_one_tick_burst_does_not_move_but_a_persistent_one_moves_one_worker_to_prefill() -> None:
@@ -434,7 +456,7 @@ def test_simulated_loop_converges_to_the_best_split_from_anywhere(start: tuple[i
 
 def test_decision_json_round_trip() -> None:
     world = World(2, 4, SUMMARY)
-    decisions, _ = world.run(make_config(), 2)
+    decisions, _ = world.run(make_config(shift_ratio=math.inf), 2)
     move = decisions[1]
     assert move.action is Action.MOVE and move.moves == (Move("w02", PoolRole.PREFILL),)
     again = Decision.from_json(move.to_json())
