@@ -154,6 +154,10 @@ class Controller:
     """The traffic window: requests finished in the last this many seconds (from the Redis timings stream)."""
     max_moves: int = 1
     """Most workers one decision moves (they drain in parallel)."""
+    hand_on_after_s: float | None = 5.0
+    """A decode worker leaving its pool (moved, removed, drained) hands on the requests it still decodes this long
+    after its drain began: each resumes on another decode worker, its prompt and tokens so far prefilled again,
+    instead of holding the move up for minutes of long answers. None: wait for them to finish."""
     pin_prefill: int | None = None
     """With pin_decode: hold the split at this many prefill workers whatever the traffic (`pdserve ratio --pin`
     sets the same at run time)."""
@@ -164,6 +168,8 @@ class Controller:
         _at_least("cooldown_s", self.cooldown_s, 0)
         _at_least("window_s", self.window_s, 0.1)
         _at_least("max_moves", self.max_moves, 1)
+        if self.hand_on_after_s is not None:
+            _at_least("hand_on_after_s", self.hand_on_after_s, 0)
         if (self.pin_prefill is None) != (self.pin_decode is None):
             raise ConfigError("pin_prefill: set pin_prefill and pin_decode together, or neither")
         for name in ("pin_prefill", "pin_decode"):

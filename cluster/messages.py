@@ -65,6 +65,9 @@ class TokenEvent:
     """Set when the request failed on the worker (its KV never arrived, ...); finish_reason is ABORT then."""
     kv_transfer_s: float | None = None
     """On the event that starts decoding a handed-off request: the receive's duration."""
+    handed_on: bool = False
+    """The worker is leaving its pool and gave the request back (finish_reason ABORT): the router resumes it on
+    another worker, as after a failure."""
     queue_s: float | None = None
     """Colocated, on the first token: queued at the worker until its first chunk ran."""
     prefill_s: float | None = None

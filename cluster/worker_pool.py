@@ -3,7 +3,9 @@
 A move (the ratio controller's actuator) never loses a request:
 
     drain(worker): its registry state turns DRAINING at once; routers stop picking it within one refresh (0.5 s),
-                   and what it already has (queued prefills, KV handoffs, decoding requests) runs to the end
+                   and what it already has (queued prefills, KV handoffs, decoding requests) runs to the end; a
+                   decode worker still decoding `controller.hand_on_after_s` later hands those requests on (the
+                   router resumes each elsewhere, its tokens so far prefilled again: `router.migration`)
     -> wait until it has been idle for `IDLE_STABLE_S`, and at least `ROUTER_GRACE_S` after the drain began (so a
        request a router picked just before it saw DRAINING has arrived and finished too)
     -> stop the actor (it leaves the registry) -> start a new actor in the other role on the same cores.
@@ -95,6 +97,9 @@ class WorkerPool:
         await actor.drain.remote()
         loop = asyncio.get_running_loop()
         began = loop.time()
+        hand_on_after = self.config.controller.hand_on_after_s
+        if self.specs[worker_id].role is not Role.DECODE:
+            hand_on_after = None
         idle_since = None
         while True:
             now = loop.time()
@@ -104,6 +109,10 @@ class WorkerPool:
                     return
             else:
                 idle_since = None
+                if hand_on_after is not None and now - began >= hand_on_after:
+                    handed = await actor.hand_on.remote()
+                    if handed:
+                        log.info("worker %s handed on %d requests", worker_id, handed)
             await asyncio.sleep(IDLE_POLL_S)
 
     async def stop(self, worker_id: str) -> None:

@@ -7,6 +7,8 @@ Life of a handed-off request here:
     KV arrives     -> the connector reports DONE -> decoding, batched with every other running request
     each step      -> a TokenEvent per request, which the router drains with `events`
     finished       -> blocks freed.
+    (or hand_on)   -> the worker is leaving its pool: the request ends here with a handed-on event, and the router
+                      resumes it on another decode worker.
 
 The receive is posted only once its send has started, so its timeout bounds the transfer itself, never the wait
 in a prefill queue (and no transfer thread waits for a KV that is still queued). A receive that fails or times out
@@ -118,6 +120,12 @@ class DecodeWorker:
         """Finish what is here and take nothing new (before a role switch or removal)."""
         self.runtime.drain()
 
+    async def hand_on(self) -> int:
+        """Leaving the pool (drained, for a move or a removal): give back every request decoding here. The router
+        resumes each on another decode worker (its prompt and tokens so far prefilled again), as after a failure.
+        Requests whose KV is still arriving stay, and are handed on by a later call. Returns how many."""
+        return await self.runtime.call(self._hand_on)
+
     async def idle(self) -> bool:
         """No request reserved, arriving, decoding, or with events the router has not collected."""
         quiet = await self.runtime.call(
@@ -175,6 +183,13 @@ class DecodeWorker:
             return
         if engine.abort(request_id) is not None:
             self._emit([TokenEvent(request_id, finish_reason=FinishReason.ABORT)])
+
+    def _hand_on(self, engine: Engine) -> int:
+        decoding = [i for i in engine.request_ids if i not in self._arriving and i not in self._local]
+        events = [TokenEvent(i, finish_reason=FinishReason.ABORT, handed_on=True) for i in decoding
+                  if engine.abort(i) is not None]
+        self._emit(events)
+        return len(events)
 
     def _drain(self, arrival: _Arrival) -> None:
         """Receive a KV nobody wants (cancelled at once, it lands in staging only), so the sender's send completes."""

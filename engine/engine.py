@@ -154,6 +154,11 @@ class Engine:
     def num_requests(self) -> int:
         return len(self._requests)
 
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        """Every request here: waiting, running, or held."""
+        return tuple(self._requests)
+
     # ---- the step --------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()

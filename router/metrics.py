@@ -17,6 +17,7 @@ carrying tokens. Requests in flight are read at scrape time from a callable the 
                                                           duplicate | overloaded | unavailable | cancelled | error
                                                           (ended early)
     pdserve_request_migrations_total           counter    requests resumed on other workers after a worker failed
+    pdserve_request_hand_ons_total             counter    requests a decode worker leaving its pool handed on
     pdserve_requests_in_flight                 gauge      accepted and not yet ended
     pdserve_requests_waiting_for_room          gauge      accepted, not yet sent to a worker (choosing one, or
                                                           waiting for a decode worker with free KV blocks)
@@ -71,6 +72,8 @@ class RouterMetrics:
         self.migrations = Counter("pdserve_request_migrations", "Requests resumed on other workers after a worker "
                                   "failed (prompt plus the tokens already sent, prefilled again).",
                                   registry=self.registry)
+        self.hand_ons = Counter("pdserve_request_hand_ons", "Requests a decode worker leaving its pool (a move or a "
+                                "removal) handed on, resumed on other workers the same way.", registry=self.registry)
         self.in_flight = Gauge("pdserve_requests_in_flight", "Requests accepted and not yet ended.",
                                registry=self.registry)
         if in_flight is not None:

@@ -64,6 +64,10 @@ class WorkerFailed(Unavailable):
         """The worker whose actor died, if that is what happened."""
 
 
+class HandedOn(WorkerFailed):
+    """The decode worker is leaving its pool (a move or a removal) and gave the request back: resumed at once."""
+
+
 class WorkerError(RuntimeError):
     """A worker raised while serving the request (a bug, not a failure of the worker): INTERNAL, not resumed."""
 
@@ -170,11 +174,13 @@ class Orchestrator:
                         self.membership.dead(e.dead, str(e))
                     if number == MAX_MIGRATIONS:
                         raise
-                    log.warning("request %s: %s; resuming elsewhere after %d tokens", request.request_id, e,
-                                len(sent))
-                    self.metrics.migrations.inc()
+                    handed_on = isinstance(e, HandedOn)
+                    log.log(logging.INFO if handed_on else logging.WARNING,
+                            "request %s: %s; resuming elsewhere after %d tokens", request.request_id, e, len(sent))
+                    (self.metrics.hand_ons if handed_on else self.metrics.migrations).inc()
                     await asyncio.shield(self._abort(attempt.request_id, route))
-                    await asyncio.sleep(MIGRATION_BACKOFF_S * number)
+                    if not handed_on:
+                        await asyncio.sleep(MIGRATION_BACKOFF_S * number)
                 finally:
                     del self._streams[attempt.request_id]
         except BaseException as e:
@@ -305,6 +311,8 @@ class Orchestrator:
     async def _events(self, stream: _Stream, clock: RequestClock) -> AsyncIterator[Piece]:
         while True:
             event: TokenEvent = await stream.events.get()
+            if event.handed_on:
+                raise HandedOn(f"worker {stream.worker_id} is leaving its pool and handed the request on")
             if event.error:
                 raise WorkerFailed(f"worker {stream.worker_id}: {event.error}")
             if event.kv_transfer_s is not None and clock.first_token is not None:

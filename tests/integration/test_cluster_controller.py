@@ -1,5 +1,7 @@
 """The ratio controller on a live cluster (real redis-server, Ray, SmolLM2, gRPC on 127.0.0.1): an operator pin moves
 a worker to the other role while requests stream, and every request completes, token-identical to the local engine.
+The moving decode worker hands on what it still decodes half a second into its drain, so the move also runs the
+hand-on path: those requests resume on the other decode worker, their tokens so far prefilled again.
 """
 
 import asyncio
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.model
 CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
           "workers": {"prefill": {"count": 1, "resources": {"cpus": 0.5}},
                       "decode": {"count": 2, "resources": {"cpus": 0.5}}},
-          "controller": {"enabled": True, "interval_s": 1.0, "cooldown_s": 0, "window_s": 10}}
+          "controller": {"enabled": True, "interval_s": 1.0, "cooldown_s": 0, "window_s": 10, "hand_on_after_s": 0.5}}
 MOVE_DEADLINE_S = 120
 
 
@@ -38,7 +40,7 @@ def roles(cluster) -> dict[str, str]:
 def test_pinned_move_under_load_loses_nothing(cluster, engine):
     registry = Registry(cluster.state()["redis_url"])
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
-    sampling = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    sampling = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
 
     async def go():
         async with Client(cluster.address, timeout_s=600) as client:
@@ -70,3 +72,5 @@ def test_pinned_move_under_load_loses_nothing(cluster, engine):
     moves = [d for d in decisions if d["action"] == "move"]
     assert moves and "Pinned at (2, 1)" in moves[0]["reason"]
     assert sorted(w["role"] for w in workers.values()) == ["decode", "prefill", "prefill"]
+    assert cluster.router_metric("pdserve_request_hand_ons_total") >= 1  # the drain handed requests on
+    assert cluster.router_metric("pdserve_request_migrations_total") == 0  # and nothing failed

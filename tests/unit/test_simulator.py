@@ -94,3 +94,27 @@ def test_plan_reports_every_split_and_the_controller():
         assert 0 <= r.attainment <= 1 and r.lost == 0 and len(r.goodput_points) >= 1
         assert math.isnan(r.goodput_rps) or r.goodput_rps >= 0
     assert best_static(reports).name in ("1:2", "2:1")
+
+
+def test_a_leaving_decode_worker_hands_on_what_it_still_decodes():
+    """Long answers on the moving decode worker: with hand-on they resume elsewhere (no request lost, every token
+    counted once) and the worker switches long before its answers would have finished."""
+    config = ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, interval_s=2, cooldown_s=4, confirm_ticks=1,
+                              pin=(2, 1))
+    trace = _trace(24, 200, 1500, 0.05)  # 1,500-token answers: ~10 s of decoding each
+
+    def run(hand_on_after_s):
+        setup = SimSetup(SIM, prefill=1, decode=2, slo=SLO_, controller=config, role_switch_s=1.0,
+                         hand_on_after_s=hand_on_after_s)
+        sim = Simulation(setup, trace)
+        return sim, sim.run()
+
+    _, waited = run(None)
+    sim, handed = run(0.5)
+    for result in (waited, handed):
+        assert len(result.records) == len(trace) and all(r.ok for r in result.records)
+        assert sorted(r.request_id for r in result.records) == [f"r{i}" for i in sorted(range(24), key=str)]
+        assert all(r.output_tokens == 1500 for r in result.records)
+    drained = [next(s.t for s in r.pool_samples if s.decode == 1) for r in (waited, handed)]
+    assert drained[1] < 4.0 < 8.0 < drained[0]  # handed on half a second in, versus waiting for the answers
+    assert all(w.engine.num_requests == 0 for w in sim.workers)  # no blocks left held anywhere

@@ -131,3 +131,31 @@ def test_a_first_token_that_ends_the_request_sends_no_kv():
     result, sent, in_flight = asyncio.run(go())
     assert result.finish_reason is FinishReason.LENGTH
     assert sent is False and in_flight == {}
+
+
+def test_hand_on_gives_back_decoding_requests_and_frees_their_blocks(oracle):
+    """A decode worker leaving its pool: each decoding request ends with a handed-on event (the router resumes it
+    elsewhere), its blocks are freed, and nothing more comes for it."""
+    sampling = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def go():
+        prefill, decode = await started_pair()
+        await decode.reserve(DecodeTask("r5", PROMPT, sampling, "prefill-0", tag=5))
+        result = await prefill.prefill(PrefillTask("r5", PROMPT, sampling, "decode-0", tag=5))
+        await decode.commit("r5", result.first_token_id)
+        events = []
+        while not any(e.token_ids for e in events):  # decoding here
+            events += await decode.events(0.5)
+        handed = await decode.hand_on()
+        events += await decode.events(0.5)
+        assert await idle(prefill, decode)
+        events += await decode.events(0.2)
+        await stop(prefill, decode)
+        return handed, events
+
+    handed, events = asyncio.run(go())
+    assert handed == 1
+    last = events[-1]
+    assert last.handed_on and last.finish_reason is FinishReason.ABORT
+    assert sum(1 for e in events if e.handed_on) == 1
+    assert sum(len(e.token_ids) for e in events) < 39  # it stopped before the end
