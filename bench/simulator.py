@@ -36,6 +36,7 @@ from pdserve.controller.config import ControllerConfig, ControllerState
 from pdserve.controller.controller import tick
 from pdserve.controller.decision import Action, Decision
 from pdserve.controller.observation import Observation, PoolRole, WorkerObservation
+from pdserve.controller.output_lengths import class_counts
 from pdserve.controller.window import Finished, traffic_window
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.cost_model import Link
@@ -356,12 +357,14 @@ class Simulation:
             self._arrivals.popleft()
         arrived = len(self._arrivals)
         arrived_isl = sum(tokens for _, tokens in self._arrivals) / arrived if arrived else math.nan
+        arrived_classes = class_counts(tokens for _, tokens in self._arrivals)
         recent = [Finished(r.input_tokens, r.output_tokens, r.ttft_s, r.tpot_s) for r in self._records[-5000:]
                   if r.ok and r.arrival_s + r.e2e_s >= self.now - window]
         return Observation(now_s=self.now, workers=tuple(_observe_worker(w) for w in self.workers),
                            traffic=traffic_window(recent, arrived / window, window, self.setup.slo.ttft_s,
                                                   self.setup.slo.tpot_s, router_waiting=len(self._queue),
-                                                  arrived_input_tokens=arrived_isl))
+                                                  arrived_input_tokens=arrived_isl,
+                                                  arrived_by_class=arrived_classes))
 
     def _sample(self) -> None:
         counts = {role: sum(1 for w in self.workers if w.role is role and w.available) for role in PoolRole}

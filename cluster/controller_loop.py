@@ -48,6 +48,7 @@ class RouterCounts:
     accepted_total: int
     waiting: int
     accepted_prompt_tokens: int = 0
+    accepted_by_class: tuple[int, ...] = ()
 
 
 class ControllerLoop:
@@ -95,16 +96,16 @@ class ControllerLoop:
         seen += [WorkerObservation(worker_id, _POOL_ROLES[self.pool.specs[worker_id].role], draining=True)
                  for worker_id in self._moving if worker_id not in present and worker_id in self.pool.specs]
         counts = self.router_counts()
-        rate, prompt_tokens = self._arrivals(now, counts)
+        rate, prompt_tokens, classes = self._arrivals(now, counts)
         return Observation(now_s=now - self._started, workers=tuple(seen),
                            traffic=traffic_window(finished_requests(timings), rate, self.window_s,
                                                   self.config.slo_ttft_s, self.config.slo_tpot_s, counts.waiting,
-                                                  prompt_tokens))
+                                                  prompt_tokens, classes))
 
-    def _arrivals(self, now: float, counts: RouterCounts) -> tuple[float, float]:
-        """(requests/s, mean prompt tokens) of the requests accepted over the last window_s (as the finished lengths
-        are), not since the last tick: a rate over a few seconds is noisy. The prompt length is NaN when nothing
-        arrived."""
+    def _arrivals(self, now: float, counts: RouterCounts) -> tuple[float, float, tuple[int, ...]]:
+        """(requests/s, mean prompt tokens, count per prompt-length class) of the requests accepted over the last
+        window_s (as the finished lengths are), not since the last tick: a rate over a few seconds is noisy. The
+        prompt length is NaN when nothing arrived."""
         self._counts.append((now, counts))
         while len(self._counts) > 2 and self._counts[1][0] <= now - self.window_s:
             self._counts.popleft()
@@ -112,7 +113,9 @@ class ControllerLoop:
         arrived = counts.accepted_total - first.accepted_total
         rate = arrived / (now - first_t) if now > first_t else 0.0
         prompt = (counts.accepted_prompt_tokens - first.accepted_prompt_tokens) / arrived if arrived else math.nan
-        return rate, prompt
+        classes = tuple(a - b for a, b in zip(counts.accepted_by_class, first.accepted_by_class)) \
+            if len(first.accepted_by_class) == len(counts.accepted_by_class) else ()
+        return rate, prompt, classes
 
     def _read(self) -> tuple[list[WorkerInfo], list[dict[str, str]], tuple[int, int] | None]:
         return self.registry.workers(), self.registry.timings_since(self.window_s), self.registry.pin()

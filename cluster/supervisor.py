@@ -147,7 +147,7 @@ class Supervisor:
             max_num_seqs=engine.max_num_seqs,
             kv_capacity_tokens=info.kv_blocks_total * engine.block_size)
         counts = lambda: RouterCounts(orchestrator.accepted_total, orchestrator.waiting_count,  # noqa: E731
-                                      orchestrator.accepted_prompt_tokens)
+                                      orchestrator.accepted_prompt_tokens, tuple(orchestrator.accepted_by_class))
         return ControllerLoop(controller_config, model, registry, self.workers, counts, settings.window_s,
                               settings.dry_run)
 

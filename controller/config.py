@@ -150,3 +150,5 @@ class ControllerState:
     """Observed / predicted TPOT p50, smoothed and clamped: multiplies the predicted decode step time."""
     backlog_seen_s: float = -math.inf
     """When the prefill queue was last seen long (over the TTFT SLO's worth of work per worker)."""
+    output_by_class: tuple[float, ...] = ()
+    """Learned mean output tokens per prompt-length class (0: not seen yet); see `output_lengths`."""

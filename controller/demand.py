@@ -1,6 +1,8 @@
 """How many workers each pool needs for the observed traffic, and how the model is corrected by what was observed.
 
-Notation: lambda = arrival rate (req/s), ISL/OSL = mean input/output tokens of the window's finished requests,
+Notation: lambda = arrival rate (req/s), ISL/OSL = mean input/output tokens of the window's arrivals (the prompt's
+known on arrival, the output's predicted from the prompt's length class: `output_lengths`), falling back to those
+of the window's finished requests,
 P/D = active prefill/decode workers now, T = slo_ttft_s, tau = slo_tpot_s, c_ttft/c_tpot = the corrections.
 
 Prefill (see `perf_model` for u_p):
@@ -58,6 +60,7 @@ from dataclasses import dataclass
 
 from pdserve.controller.config import ControllerConfig, ControllerState
 from pdserve.controller.observation import Observation, PoolRole
+from pdserve.controller.output_lengths import expected_output, learn
 from pdserve.controller.perf_model import PerfModel, decode_capacity, md1_wait, prefill_max_utilisation
 
 PREDICTION_RHO_CAP = 0.95
@@ -85,13 +88,17 @@ def _lengths(obs: Observation) -> tuple[int, int, int]:
     return isl, osl, max(1, round(isl + osl / 2))
 
 
-def _demand_lengths(obs: Observation) -> tuple[int, int, int]:
-    """(ISL, OSL, ctx) for sizing the pools: the prompt length of what is arriving when known (it follows a change
-    in the mix at once), else of what finished. Output lengths are only known once requests finish."""
+def _demand_lengths(obs: Observation, state: ControllerState) -> tuple[int, int, int]:
+    """(ISL, OSL, ctx) for sizing the pools: the lengths of what is arriving when known (both follow a change in the
+    mix at once: the prompt's is known on arrival, the output's is predicted from the prompt's length class), else
+    of what finished."""
     isl, osl, _ = _lengths(obs)
     arrived = obs.traffic.arrived_input_tokens
     if math.isfinite(arrived) and arrived >= 1:
         isl = round(arrived)
+    predicted = expected_output(state.output_by_class, obs.traffic.arrived_by_class)
+    if math.isfinite(predicted) and predicted >= 1:
+        osl = round(predicted)
     return isl, osl, max(1, round(isl + osl / 2))
 
 
@@ -113,6 +120,8 @@ def update_corrections(config: ControllerConfig, model: PerfModel, state: Contro
     inputs = {"predicted_ttft_p50_s": math.nan, "predicted_tpot_p50_s": math.nan,
               "ttft_correction_updated": 0.0, "tpot_correction_updated": 0.0}
     prefill, decode = obs.active(PoolRole.PREFILL), obs.active(PoolRole.DECODE)
+    if traffic.finished_by_class:
+        state = dataclasses.replace(state, output_by_class=learn(state.output_by_class, traffic.finished_by_class))
     if traffic.finished < config.correction_min_finished or not traffic.has_lengths:
         return state, inputs
     isl, _, ctx = _lengths(obs)
@@ -154,7 +163,7 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     """The prefill and decode needs in workers. The traffic window must have lengths (`TrafficWindow.has_lengths`)."""
     traffic = obs.traffic
     rate = traffic.arrival_rate
-    isl, osl, ctx = _demand_lengths(obs)
+    isl, osl, ctx = _demand_lengths(obs, state)
     prefill_size, decode_size = obs.sizes
     notes: list[str] = []
 
@@ -197,6 +206,7 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
 
     inputs = {
         "arrival_rate": rate, "isl": float(isl), "finished_isl": traffic.mean_input_tokens, "osl": float(osl),
+        "finished_osl": traffic.mean_output_tokens,
         "finished": float(traffic.finished), "router_waiting": float(traffic.router_waiting),
         "ttft_p50_s": traffic.ttft_p50_s, "ttft_p90_s": traffic.ttft_p90_s,
         "tpot_p50_s": traffic.tpot_p50_s, "tpot_p90_s": traffic.tpot_p90_s, "attainment": traffic.attainment,

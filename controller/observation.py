@@ -71,6 +71,10 @@ class TrafficWindow:
     """Mean prompt length of the requests that arrived in the window (NaN when unknown). The router knows a
     prompt's length the moment it arrives, so this follows a change in the mix at once, while the finished
     requests' lengths lag it by a request's lifetime."""
+    arrived_by_class: tuple[int, ...] = ()
+    """The window's arrivals per prompt-length class (`output_lengths.prompt_class`); empty when unknown."""
+    finished_by_class: tuple[tuple[int, float], ...] = ()
+    """(count, mean output tokens) of the window's finished requests per prompt-length class."""
 
     @property
     def idle(self) -> bool:

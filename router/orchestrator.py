@@ -31,6 +31,7 @@ import redis
 
 from pdserve.cluster.messages import DecodeTask, PrefillTask, TokenEvent
 from pdserve.cluster.registry import Registry, Role
+from pdserve.controller.output_lengths import NUM_CLASSES, prompt_class
 from pdserve.engine.block_manager import blocks_for
 from pdserve.engine.request import FinishReason
 from pdserve.router.membership import Member, Membership
@@ -134,6 +135,8 @@ class Orchestrator:
         """Requests accepted since the router started (the controller's arrival rate)."""
         self.accepted_prompt_tokens = 0
         """Their prompt tokens (the controller's arriving prompt length)."""
+        self.accepted_by_class = [0] * NUM_CLASSES
+        """Their count per prompt-length class (the controller's predicted output length)."""
 
     async def generate(self, request: ValidRequest) -> AsyncIterator[Piece]:
         if request.request_id in self._requests:
@@ -145,6 +148,7 @@ class Orchestrator:
         self._requests.add(request.request_id)
         self.accepted_total += 1
         self.accepted_prompt_tokens += len(request.token_ids)
+        self.accepted_by_class[prompt_class(len(request.token_ids))] += 1
         sent: list[int] = []
         attempt = route = None
         finished = False

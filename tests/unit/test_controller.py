@@ -23,6 +23,7 @@ from pdserve.controller import (
     WorkerObservation,
     tick,
 )
+from pdserve.controller.output_lengths import NUM_CLASSES, class_counts, prompt_class
 from pdserve.controller.perf_model import decode_capacity, md1_wait, prefill_max_utilisation
 from pdserve.controller.split import evaluate
 
@@ -104,7 +105,9 @@ class World:
         window = TrafficWindow(window_s=30.0, arrival_rate=rate * n(), finished=self.finished,
                                mean_input_tokens=isl, mean_output_tokens=osl,
                                ttft_p50_s=ttft50 * n(), ttft_p90_s=ttft90 * n(),
-                               tpot_p50_s=tpot * n(), tpot_p90_s=1.2 * tpot * n(), attainment=1.0)
+                               tpot_p50_s=tpot * n(), tpot_p90_s=1.2 * tpot * n(), attainment=1.0,
+                               finished_by_class=tuple((self.finished, float(osl)) if c == prompt_class(isl)
+                                                       else (0, math.nan) for c in range(NUM_CLASSES)))
         return Observation(self.now, tuple(workers), window)
 
     def apply(self, decision: Decision) -> None:
@@ -487,3 +490,24 @@ def test_decision_json_round_trip() -> None:
 def test_bad_config_names_the_field(changes: dict, field: str) -> None:
     with pytest.raises(ControllerConfigError, match=field):
         make_config(**changes)
+
+
+def test_decode_is_sized_for_the_arrivals_output_length_before_any_of_them_finish() -> None:
+    """Summaries give way to chat: the window's finished requests are still summaries (50-token outputs), but the
+    arrivals' prompts are chat-length, and the controller learned chat's output length before."""
+    config = make_config()
+    world = World(5, 1, CHAT)
+    _, state = world.run(config, 3)  # learns chat: 200-token prompts, 400-token outputs
+    world.traffic = SUMMARY
+    _, state = world.run(config, 3, state)  # and summaries: 2000-token prompts, 50-token outputs
+    assert state.output_by_class[prompt_class(200)] == 400 and state.output_by_class[prompt_class(2000)] == 50
+
+    summaries = world.observe()
+    chat_arriving = dataclasses.replace(summaries, traffic=dataclasses.replace(
+        summaries.traffic, arrival_rate=CHAT[0], arrived_input_tokens=200.0,
+        arrived_by_class=class_counts([200] * 1000)))
+    blind = tick(config, MODEL, dataclasses.replace(state, output_by_class=()), chat_arriving)
+    seeing = tick(config, MODEL, state, chat_arriving)
+    assert blind.inputs["osl"] == 50 and seeing.inputs["osl"] == 400 and seeing.inputs["finished_osl"] == 50
+    assert seeing.inputs["decode_need_steady"] > 5 * blind.inputs["decode_need_steady"]
+    assert seeing.target[1] > blind.target[1]

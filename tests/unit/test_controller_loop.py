@@ -15,12 +15,12 @@ def _loop(window_s: float) -> ControllerLoop:
 
 def test_arrival_rate_is_averaged_over_the_window_not_the_last_tick():
     loop = _loop(window_s=20.0)
-    rate, prompt = loop._arrivals(0.0, RouterCounts(0, 0))
+    rate, prompt, _ = loop._arrivals(0.0, RouterCounts(0, 0))
     assert rate == 0.0 and math.isnan(prompt)  # nothing to compare with yet
     total = 0
     for t in range(3, 31, 3):  # 10 req/s, then a quiet tick at the end
         total += 30 if t < 30 else 0
-        rate, _ = loop._arrivals(float(t), RouterCounts(total, 0, total * 100))
+        rate, _, _ = loop._arrivals(float(t), RouterCounts(total, 0, total * 100))
     # the last 3 s had no arrivals; the 20 s window still says ~9 req/s, where a per-tick rate would say 0
     assert 8.0 < rate < 10.0
 
@@ -31,6 +31,6 @@ def test_arrivals_forget_what_left_the_window():
     loop._arrivals(5.0, RouterCounts(500, 0, 500 * 4000))  # a burst of long prompts long ago
     for t in range(10, 41, 5):
         total = 500 + (t - 5) * 2  # then 2 req/s of 300-token prompts
-        rate, prompt = loop._arrivals(float(t), RouterCounts(total, 0, 500 * 4000 + (total - 500) * 300))
+        rate, prompt, _ = loop._arrivals(float(t), RouterCounts(total, 0, 500 * 4000 + (total - 500) * 300))
     assert rate == 2.0
     assert prompt == 300.0
