@@ -57,6 +57,8 @@ class PlanSetup:
     search_high: float = 3.0
     search_runs: int = 6
     search: bool = True
+    prefill_counts: tuple[int, ...] | None = None
+    """Only the static splits with these prefill counts (None: all of them)."""
 
 
 @dataclass(frozen=True)
@@ -84,9 +86,13 @@ class CandidateReport:
         return values
 
 
-def candidates(workers: int) -> list[Candidate]:
-    """Every static split P + D = N (P, D >= 1), then the controller starting from the even split."""
-    static = [Candidate(p, workers - p, False) for p in range(1, workers)]
+def candidates(workers: int, prefill_counts: Sequence[int] | None = None) -> list[Candidate]:
+    """Every static split P + D = N (P, D >= 1), or those with the given P, then the controller starting from the
+    even split."""
+    counts = range(1, workers) if prefill_counts is None else sorted(set(prefill_counts))
+    if any(not 1 <= p < workers for p in counts):
+        raise ValueError(f"--splits: each split needs 1 <= prefill < {workers}, got {list(counts)}")
+    static = [Candidate(p, workers - p, False) for p in counts]
     return static + [Candidate(workers // 2, workers - workers // 2, True)]
 
 
@@ -126,7 +132,7 @@ def evaluate(setup: PlanSetup, candidate: Candidate, traffic: Traffic) -> Candid
 
 def plan(setup: PlanSetup, traffic: Traffic, processes: int | None = None) -> list[CandidateReport]:
     """Every candidate for `setup.workers` workers, in parallel processes; static splits first, controller last."""
-    todo = candidates(setup.workers)
+    todo = candidates(setup.workers, setup.prefill_counts)
     processes = processes or min(len(todo), os.cpu_count() or 1)
     if processes <= 1:
         return [evaluate(setup, c, traffic) for c in todo]

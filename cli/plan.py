@@ -45,6 +45,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--window-s", type=float, default=30.0, help="controller traffic window (default 30)")
     p.add_argument("--max-moves", type=int, default=1, help="most workers one controller decision moves (default 1)")
     p.add_argument("--role-switch-s", type=float, default=5.0, help="a moved worker's restart (default 5)")
+    p.add_argument("--hand-on-after-s", type=float, default=None, metavar="SECONDS",
+                   help="a decode worker leaving its pool hands on what it still decodes this long into its drain "
+                        "(controller.hand_on_after_s; default: waits for it to finish)")
+    p.add_argument("--splits", metavar="P:D,...", help="only these static splits (default: every P:D)")
     p.add_argument("--no-search", action="store_true", help="skip the goodput search (one run per candidate)")
     p.add_argument("--search", type=float, nargs=2, default=(0.5, 3.0), metavar=("LOW", "HIGH"),
                    help="goodput search range, as multiples of the trace's rate (default 0.5 3)")
@@ -74,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
         cost = CostModel(shape(args.model), hardware(args.hardware), args.tp)
         slo = SLO(args.slo_ttft, args.slo_tpot)
+        prefill_counts = _splits(args.splits, args.workers)
         controller = ControllerConfig(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, interval_s=args.interval_s,
                                       cooldown_s=args.cooldown_s, max_moves=args.max_moves,
                                       max_num_seqs=args.max_num_seqs,
@@ -86,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     setup = PlanSetup(engine=engine, workers=args.workers, slo=slo, controller=controller, link=Link(args.link),
                       role_switch_s=args.role_switch_s, window_s=args.window_s, search=not args.no_search,
+                      hand_on_after_s=args.hand_on_after_s, prefill_counts=prefill_counts,
                       search_low=args.search[0],
                       search_high=args.search[1], search_runs=args.search_runs)
     started = time.monotonic()
@@ -106,6 +112,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(reports, report, best_static(reports))
     return 0
+
+
+def _splits(text: str | None, workers: int) -> tuple[int, ...] | None:
+    """The prefill counts of `--splits 3:5,4:4`; each split must add up to --workers."""
+    if text is None:
+        return None
+    counts = []
+    for item in text.split(","):
+        prefill, _, decode = item.partition(":")
+        if not (prefill.strip().isdigit() and decode.strip().isdigit()) or int(prefill) + int(decode) != workers:
+            raise ValueError(f"--splits: {item!r} is not P:D with P + D = --workers ({workers})")
+        counts.append(int(prefill))
+    return tuple(counts)
 
 
 def _traffic(args: argparse.Namespace):

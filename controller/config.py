@@ -35,6 +35,9 @@ class ControllerConfig:
     """A new target must be the target this many ticks in a row before the controller acts (hysteresis)."""
     min_gain: float = 0.05
     """Move only when the predicted bottleneck load falls by at least this much."""
+    warmup_s: float = 60.0
+    """No move in the first this many seconds of traffic (after a start or an idle spell): the first requests to
+    finish are the short ones, so the lengths learned then are biased short."""
     shift_ratio: float = 1.5
     """A shift in the mix skips confirm_ticks and the cooldown: when the averages alone (no queue term) overload the
     current split and the best split carries them with a bottleneck at least this many times lower. A burst shows
@@ -92,7 +95,7 @@ class ControllerConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ControllerConfigError(f"{name}: must be in (0, 1], got {value!r}")
-        for name in ("cooldown_s", "min_gain", "burst_weight", "pressure_min_load", "scale_down_load"):
+        for name in ("cooldown_s", "warmup_s", "min_gain", "burst_weight", "pressure_min_load", "scale_down_load"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ControllerConfigError(f"{name}: must be a number >= 0, got {value!r}")
@@ -150,5 +153,7 @@ class ControllerState:
     """Observed / predicted TPOT p50, smoothed and clamped: multiplies the predicted decode step time."""
     backlog_seen_s: float = -math.inf
     """When the prefill queue was last seen long (over the TTFT SLO's worth of work per worker)."""
+    traffic_since_s: float = math.inf
+    """When traffic began (after the cluster started or after an idle window); inf while idle."""
     output_by_class: tuple[float, ...] = ()
     """Learned mean output tokens per prompt-length class (0: not seen yet); see `output_lengths`."""

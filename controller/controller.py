@@ -84,7 +84,14 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
     if config.pin is not None:
         return _pinned(config, state, obs, current, needs, inputs)
     if obs.traffic.idle:
-        return hold(f"Hold at {current}: no traffic in the last {obs.traffic.window_s:g}s.", reset)
+        return hold(f"Hold at {current}: no traffic in the last {obs.traffic.window_s:g}s.",
+                    dataclasses.replace(reset, traffic_since_s=math.inf))
+    if math.isinf(state.traffic_since_s):
+        state = reset = dataclasses.replace(state, traffic_since_s=obs.now_s)
+    if obs.now_s - state.traffic_since_s < config.warmup_s:
+        return hold(f"Hold at {current}: warming up ({obs.now_s - state.traffic_since_s:.0f}s of "
+                    f"{config.warmup_s:g}s since traffic began: the first requests to finish are the short ones, "
+                    f"so the lengths seen so far are too short).", reset)
     if needs is None:
         return hold(f"Hold at {current}: {obs.traffic.arrival_rate:.3g} req/s arrived but none finished in the last "
                     f"{obs.traffic.window_s:g}s, so the lengths are unknown.", reset)

@@ -72,6 +72,7 @@ class Decision:
                 "ttft_correction": _num(state.ttft_correction),
                 "tpot_correction": _num(state.tpot_correction),
                 "backlog_seen_s": _num(state.backlog_seen_s),
+                "traffic_since_s": _num(state.traffic_since_s),
                 "output_by_class": [_num(v) for v in state.output_by_class],
             },
         }, allow_nan=False)
@@ -97,6 +98,7 @@ class Decision:
                 ttft_correction=float(state["ttft_correction"]),
                 tpot_correction=float(state["tpot_correction"]),
                 backlog_seen_s=float(state.get("backlog_seen_s", "-inf")),
+                traffic_since_s=float(state.get("traffic_since_s", "inf")),
                 output_by_class=tuple(float(v) for v in state.get("output_by_class", ())),
             ),
         )

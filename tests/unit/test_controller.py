@@ -45,7 +45,8 @@ MODEL = FakeModel()
 
 
 def make_config(**changes: object) -> ControllerConfig:
-    values: dict = {"slo_ttft_s": 0.5, "slo_tpot_s": 0.02, "kv_capacity_tokens": KV_TOKENS}
+    values: dict = {"slo_ttft_s": 0.5, "slo_tpot_s": 0.02, "kv_capacity_tokens": KV_TOKENS,
+                    "warmup_s": 0.0}  # the fake world is steady from its first tick
     values.update(changes)
     return ControllerConfig(**values)
 
@@ -511,3 +512,17 @@ def test_decode_is_sized_for_the_arrivals_output_length_before_any_of_them_finis
     assert blind.inputs["osl"] == 50 and seeing.inputs["osl"] == 400 and seeing.inputs["finished_osl"] == 50
     assert seeing.inputs["decode_need_steady"] > 5 * blind.inputs["decode_need_steady"]
     assert seeing.target[1] > blind.target[1]
+
+
+def test_no_move_while_warming_up_and_again_after_an_idle_spell() -> None:
+    config = make_config(warmup_s=20.0, interval_s=5.0)
+    world = World(5, 1, CHAT)  # far from chat's best split
+    first, state = world.run(config, 4)
+    assert not acted(first) and "warming up" in first[-1].reason
+    later, state = world.run(config, 2, state)
+    assert acted(later)  # 20 s of traffic seen
+    idle = dataclasses.replace(world.observe(), traffic=dataclasses.replace(
+        world.observe().traffic, arrival_rate=0.0, finished=0))
+    assert "no traffic" in tick(config, MODEL, state, idle).reason
+    again = tick(config, MODEL, tick(config, MODEL, state, idle).state, world.observe())
+    assert "warming up" in again.reason
