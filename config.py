@@ -154,7 +154,7 @@ class Controller:
     """The traffic window: requests finished in the last this many seconds (from the Redis timings stream)."""
     max_moves: int = 1
     """Most workers one decision moves (they drain in parallel)."""
-    hand_on_after_s: float | None = 5.0
+    hand_on_after_s: float | None = None
     """A decode worker leaving its pool (moved, removed, drained) hands on the requests it still decodes this long
     after its drain began: each resumes on another decode worker, its prompt and tokens so far prefilled again,
     instead of holding the move up for minutes of long answers. None: wait for them to finish."""
