@@ -9,20 +9,24 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
     need_p   = max(lambda*S / u_p,  lambda*S + w*backlog_work/H) * pressure_ttft   (w = burst_weight)
     B*       = largest B <= min(max_num_seqs, kv_tokens/ctx) with decode_step_seconds(B, ctx) * c_tpot <= tau
     need_d   = max(lambda*(OSL-1) / (B*/step(B*) * u_d),  w*held/(B* u_d),  w*D*kv_used/kv_high_water) * pressure_tpot
-    c_ttft, c_tpot <- EMA toward the factor that makes the predicted p50 equal the observed one, in [0.5, 4]
+    ISL, OSL = the arrivals' (prompt lengths as they arrive; outputs predicted from their length class)
+    c_ttft, c_tpot <- EMA toward the factor that makes the predicted p50 equal the observed one, in [0.5, 4],
+                      from settled windows only (no move, no long prefill queue within the last window or two)
     load     = need / workers;  bottleneck(P, D) = max(load_p, load_d)
     target   = the split of N with the lowest bottleneck          (N = active workers; see budget below)
     budget   : N+1 when the best split of N is still above scale_up_load and N < max_workers;
                N-1 when the best split of N-1 stays at or below scale_down_load and N > min_workers
     act      : only if bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
-               the same target was seen confirm_ticks ticks in a row, and cooldown_s has passed;
+               the same target was seen confirm_ticks ticks in a row, and cooldown_s has passed (both skipped
+               when the mix has shifted: the averages alone load the current split shift_ratio times its best);
                then up to max_moves workers at once (default 1): the least loaded (fewest running + waiting,
                then worker id) of the pool that shrinks; an add goes to the pool that grows.
 
 Before any of that: while a worker is in transition (draining, restarting, starting) the controller holds, and the
 cooldown restarts, so moves happen one at a time; with `pin` set the target is the pin (clamped to the budget) and
 the controller moves one worker per tick toward it without confirmation or cooldown; with no traffic (nothing
-arrived, nothing finished) or no finished request to learn lengths from, it holds.
+arrived, nothing finished), in the first warmup_s of traffic (the first requests to finish are the short ones, so
+lengths learned then are too short), or with no finished request to learn lengths from, it holds.
 
 When even the averages alone overload the best split (its bottleneck > scale_up_load) and no worker can be added,
 the queue terms are left out of the split: the queue then grows in whichever pool is shorter, so following it would
@@ -31,7 +35,10 @@ says "overloaded". A burst is the other case: the averages fit, and the queue sa
 
 A burst shows in the queue terms (prefill backlog, decode queue, KV use) of the heartbeats, not in the averages: it
 raises the need at once, but the controller moves only if the burst outlasts confirm_ticks ticks, because a move
-takes a drain and a restart, and a queue that clears by itself before that would only be disturbed by it.
+takes a drain and a restart, and a queue that clears by itself before that would only be disturbed by it. A shift in
+the mix (chat giving way to long documents) is the opposite: it shows in the averages at once (the arrivals' lengths)
+and waiting only lets a backlog build that takes minutes to clear, so a shift by more than shift_ratio acts on the
+tick that sees it.
 """
 
 from __future__ import annotations

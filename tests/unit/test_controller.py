@@ -181,15 +181,20 @@ def test_steady_noisy_traffic_converges_then_holds_without_flapping() -> None:
     assert "req/s" in last.reason and "(2, 4)" in last.reason
 
 
-def test_shift_from_chat_to_summarisation_moves_one_at_a_time_toward_more_prefill() -> None:
-    config = make_config(confirm_ticks=2, cooldown_s=30.0, interval_s=5.0, shift_ratio=math.inf)
+def shift_to_summaries(config: ControllerConfig) -> tuple[World, float, list[Decision], list[Decision]]:
+    """50 s of chat at (2, 4), then summaries for 200 s: (world, when the shift came, decisions after it, moves)."""
     world = World(2, 4, CHAT)
     before, state = world.run(config, 10)
     assert not acted(before)
     world.traffic = SUMMARY
     shift_at = world.now
     after, _ = world.run(config, 40, state)
-    moves = acted(after)
+    return world, shift_at, after, acted(after)
+
+
+def test_shift_from_chat_to_summarisation_moves_one_at_a_time_toward_more_prefill() -> None:
+    config = make_config(confirm_ticks=2, cooldown_s=30.0, interval_s=5.0, shift_ratio=math.inf)
+    world, shift_at, after, moves = shift_to_summaries(config)
     assert [d.action for d in moves] == [Action.MOVE] * 3
     assert all(len(d.moves) == 1 and d.moves[0].to_role is PoolRole.PREFILL for d in moves)
     # confirm_ticks: the first move comes on the second tick that sees the new target, not the first.
@@ -225,23 +230,15 @@ def test_max_moves_follows_a_large_shift_in_one_decision() -> None:
 def test_a_shift_in_the_mix_moves_at_once_without_confirmation_or_cooldown() -> None:
     """The averages alone overload (2, 4) under summaries by far more than shift_ratio: no reason to wait."""
     config = make_config(confirm_ticks=2, cooldown_s=30.0, interval_s=5.0)
-    world = World(2, 4, CHAT)
-    before, state = world.run(config, 10)
-    assert not acted(before)
-    world.traffic = SUMMARY
-    shift_at = world.now
-    after, _ = world.run(config, 40, state)
-    moves = acted(after)
+    world, shift_at, after, moves = shift_to_summaries(config)
     assert moves[0].now_s == shift_at and "the mix has shifted" in moves[0].reason
     assert moves[0].inputs["shift_ratio"] >= config.shift_ratio
     assert world.sizes() == (5, 1) == best_sizes(after[-1], 6)
     assert after[-1].action is Action.HOLD
 
-    patient = World(2, 4, CHAT)  # the same shift with the rule off: confirmation and cooldown before every move
-    _, state = patient.run(dataclasses.replace(config, shift_ratio=math.inf), 10)
-    patient.traffic = SUMMARY
-    slow, _ = patient.run(dataclasses.replace(config, shift_ratio=math.inf), 40, state)
-    assert acted(slow)[0].now_s > moves[0].now_s and acted(slow)[-1].now_s > moves[-1].now_s
+    # the same shift with the rule off: confirmation and cooldown before every move
+    _, _, _, slow = shift_to_summaries(dataclasses.replace(config, shift_ratio=math.inf))
+    assert slow[0].now_s > moves[0].now_s and slow[-1].now_s > moves[-1].now_s
 
 
 def test_a_one_tick_burst_does_not_move_but_a_persistent_one_moves_one_worker_to_prefill() -> None:
