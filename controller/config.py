@@ -36,8 +36,8 @@ class ControllerConfig:
     min_gain: float = 0.05
     """Move only when the predicted bottleneck load falls by at least this much."""
     warmup_s: float = 60.0
-    """No move in the first this many seconds of traffic (after a start or an idle spell): the first requests to
-    finish are the short ones, so the lengths learned then are biased short."""
+    """In the first this many seconds of traffic (after a start or an idle spell) move only for a shift in the mix
+    (see shift_ratio): the first requests to finish are the short ones, so the lengths learned then are biased."""
     shift_ratio: float = 1.5
     """A shift in the mix skips confirm_ticks and the cooldown: when the averages alone (no queue term) overload the
     current split and the best split carries them with a bottleneck at least this many times lower. A burst shows

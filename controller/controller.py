@@ -25,8 +25,9 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
 Before any of that: while a worker is in transition (draining, restarting, starting) the controller holds, and the
 cooldown restarts, so moves happen one at a time; with `pin` set the target is the pin (clamped to the budget) and
 the controller moves one worker per tick toward it without confirmation or cooldown; with no traffic (nothing
-arrived, nothing finished), in the first warmup_s of traffic (the first requests to finish are the short ones, so
-lengths learned then are too short), or with no finished request to learn lengths from, it holds.
+arrived, nothing finished), or with no finished request to learn lengths from, it holds; in the first warmup_s of
+traffic (the first requests to finish are the short ones, so lengths learned then are too short) it moves only for a
+shift in the mix (below).
 
 When even the averages alone overload the best split (its bottleneck > scale_up_load) and no worker can be added,
 the queue terms are left out of the split: the queue then grows in whichever pool is shorter, so following it would
@@ -95,10 +96,6 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
                     dataclasses.replace(reset, traffic_since_s=math.inf))
     if math.isinf(state.traffic_since_s):
         state = reset = dataclasses.replace(state, traffic_since_s=obs.now_s)
-    if obs.now_s - state.traffic_since_s < config.warmup_s:
-        return hold(f"Hold at {current}: warming up ({obs.now_s - state.traffic_since_s:.0f}s of "
-                    f"{config.warmup_s:g}s since traffic began: the first requests to finish are the short ones, "
-                    f"so the lengths seen so far are too short).", reset)
     if needs is None:
         return hold(f"Hold at {current}: {obs.traffic.arrival_rate:.3g} req/s arrived but none finished in the last "
                     f"{obs.traffic.window_s:g}s, so the lengths are unknown.", reset)
@@ -110,6 +107,11 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
     state = dataclasses.replace(state, candidate=plan.target, candidate_ticks=ticks)
     inputs["candidate_ticks"] = float(ticks)
     shift = plan.action is Action.MOVE and _mix_shifted(config, needs, current, inputs)
+    warming = obs.now_s - state.traffic_since_s
+    if warming < config.warmup_s and not shift:
+        return hold(f"{plan.why}; warming up ({warming:.0f}s of {config.warmup_s:g}s since traffic began: the first "
+                    f"requests to finish are the short ones, so the lengths seen so far are too short), holding at "
+                    f"{current} unless the mix is plainly wrong for it.", reset, plan.target)
     if shift:
         plan = dataclasses.replace(plan, why=f"{plan.why}; the mix has shifted (the averages alone load {current} "
                                               f"{inputs['shift_ratio']:.2f}x its best split), so no confirmation "
