@@ -59,6 +59,8 @@ class PlanSetup:
     search: bool = True
     prefill_counts: tuple[int, ...] | None = None
     """Only the static splits with these prefill counts (None: all of them)."""
+    controller_prefill: int | None = None
+    """The controller's starting prefill count (None: half the workers)."""
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,16 @@ class CandidateReport:
         return values
 
 
-def candidates(workers: int, prefill_counts: Sequence[int] | None = None) -> list[Candidate]:
+def candidates(workers: int, prefill_counts: Sequence[int] | None = None,
+               controller_prefill: int | None = None) -> list[Candidate]:
     """Every static split P + D = N (P, D >= 1), or those with the given P, then the controller starting from the
-    even split."""
+    even split (or from `controller_prefill` prefill workers)."""
     counts = range(1, workers) if prefill_counts is None else sorted(set(prefill_counts))
-    if any(not 1 <= p < workers for p in counts):
-        raise ValueError(f"--splits: each split needs 1 <= prefill < {workers}, got {list(counts)}")
+    start = workers // 2 if controller_prefill is None else controller_prefill
+    if any(not 1 <= p < workers for p in [*counts, start]):
+        raise ValueError(f"--splits: each split needs 1 <= prefill < {workers}, got {[*counts, start]}")
     static = [Candidate(p, workers - p, False) for p in counts]
-    return static + [Candidate(workers // 2, workers - workers // 2, True)]
+    return static + [Candidate(start, workers - start, True)]
 
 
 def simulate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]) -> SimResult:
@@ -132,7 +136,7 @@ def evaluate(setup: PlanSetup, candidate: Candidate, traffic: Traffic) -> Candid
 
 def plan(setup: PlanSetup, traffic: Traffic, processes: int | None = None) -> list[CandidateReport]:
     """Every candidate for `setup.workers` workers, in parallel processes; static splits first, controller last."""
-    todo = candidates(setup.workers, setup.prefill_counts)
+    todo = candidates(setup.workers, setup.prefill_counts, setup.controller_prefill)
     processes = processes or min(len(todo), os.cpu_count() or 1)
     if processes <= 1:
         return [evaluate(setup, c, traffic) for c in todo]

@@ -49,6 +49,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="a decode worker leaving its pool hands on what it still decodes this long into its drain "
                         "(controller.hand_on_after_s; default: waits for it to finish)")
     p.add_argument("--splits", metavar="P:D,...", help="only these static splits (default: every P:D)")
+    p.add_argument("--controller-from", metavar="P:D", help="the controller's starting split (default: even)")
     p.add_argument("--no-search", action="store_true", help="skip the goodput search (one run per candidate)")
     p.add_argument("--search", type=float, nargs=2, default=(0.5, 3.0), metavar=("LOW", "HIGH"),
                    help="goodput search range, as multiples of the trace's rate (default 0.5 3)")
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         cost = CostModel(shape(args.model), hardware(args.hardware), args.tp)
         slo = SLO(args.slo_ttft, args.slo_tpot)
         prefill_counts = _splits(args.splits, args.workers)
+        start = _splits(args.controller_from, args.workers)
         controller = ControllerConfig(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, interval_s=args.interval_s,
                                       cooldown_s=args.cooldown_s, max_moves=args.max_moves,
                                       max_num_seqs=args.max_num_seqs,
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     setup = PlanSetup(engine=engine, workers=args.workers, slo=slo, controller=controller, link=Link(args.link),
                       role_switch_s=args.role_switch_s, window_s=args.window_s, search=not args.no_search,
                       hand_on_after_s=args.hand_on_after_s, prefill_counts=prefill_counts,
+                      controller_prefill=start[0] if start else None,
                       search_low=args.search[0],
                       search_high=args.search[1], search_runs=args.search_runs)
     started = time.monotonic()
@@ -115,14 +118,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _splits(text: str | None, workers: int) -> tuple[int, ...] | None:
-    """The prefill counts of `--splits 3:5,4:4`; each split must add up to --workers."""
+    """The prefill counts of `--splits 3:5,4:4` (or `--controller-from`); each split must add up to --workers."""
     if text is None:
         return None
     counts = []
     for item in text.split(","):
         prefill, _, decode = item.partition(":")
         if not (prefill.strip().isdigit() and decode.strip().isdigit()) or int(prefill) + int(decode) != workers:
-            raise ValueError(f"--splits: {item!r} is not P:D with P + D = --workers ({workers})")
+            raise ValueError(f"--splits/--controller-from: {item!r} is not P:D with P + D = --workers ({workers})")
         counts.append(int(prefill))
     return tuple(counts)
 

@@ -118,3 +118,9 @@ def test_a_leaving_decode_worker_hands_on_what_it_still_decodes():
     drained = [next(s.t for s in r.pool_samples if s.decode == 1) for r in (waited, handed)]
     assert drained[1] < 4.0 < 8.0 < drained[0]  # handed on half a second in, versus waiting for the answers
     assert all(w.engine.num_requests == 0 for w in sim.workers)  # no blocks left held anywhere
+
+
+def test_plan_candidates_can_be_limited_and_the_controller_started_elsewhere():
+    assert [c.name for c in candidates(8, [3, 5], controller_prefill=7)] == ["3:5", "5:3", "controller (from 7:1)"]
+    with pytest.raises(ValueError, match="--splits"):
+        candidates(8, [8])
