@@ -117,6 +117,11 @@ class _Request:
     decoding: bool = False
     """Its KV is on the decode worker and it decodes there (a hand-on can take it)."""
 
+    @property
+    def client_id(self) -> str:
+        """The id its client knows, whatever attempt it is on."""
+        return self.request_id.split("@")[0]
+
 
 class Simulation:
     def __init__(self, setup: SimSetup, trace: Sequence[TraceEntry], record_itl: bool = False) -> None:
@@ -275,7 +280,7 @@ class Simulation:
         e = request.entry
         tpot = (request.last_token - request.first_token) / (request.tokens - 1) if request.tokens > 1 else 0.0
         self._records.append(RequestRecord(
-            request_id=request.request_id.split("@")[0], arrival_s=e.arrival_s, input_tokens=e.input_tokens,
+            request_id=request.client_id, arrival_s=e.arrival_s, input_tokens=e.input_tokens,
             output_tokens=request.tokens, queue_s=request.dispatched - e.arrival_s,
             ttft_s=request.first_token - e.arrival_s, tpot_s=tpot, e2e_s=request.last_token - e.arrival_s,
             itl_s=tuple(request.itl), ok=True, error=""))
@@ -336,8 +341,7 @@ class Simulation:
     @staticmethod
     def _continuation(request: _Request) -> _Request:
         """The router's `migration.continuation`: the tokens so far join the prompt, max_tokens shrinks by them."""
-        base = request.request_id.split("@")[0]
-        request.request_id = f"{base}@retry{request.attempts}"
+        request.request_id = f"{request.client_id}@retry{request.attempts}"
         request.attempts += 1
         request.prompt = (PLACEHOLDER_TOKEN,) * (request.entry.input_tokens + request.tokens)
         request.sampling = SamplingParams(max_tokens=request.entry.output_tokens - request.tokens, temperature=0.0,
