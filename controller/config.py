@@ -35,6 +35,10 @@ class ControllerConfig:
     """A new target must be the target this many ticks in a row before the controller acts (hysteresis)."""
     min_gain: float = 0.05
     """Move only when the predicted bottleneck load falls by at least this much."""
+    rebalance_load: float = 1.0
+    """Move workers between pools only when the current split's bottleneck load is above this. Below it the split
+    carries the traffic; a move would cost a drain and a restart for a predicted gain smaller than the model's error
+    (seen in `pdserve plan`: 7:1 -> 6:2 on summaries at loads 0.71/0.90, and the 6 prefill workers fell behind)."""
     warmup_s: float = 60.0
     """In the first this many seconds of traffic (after a start or an idle spell) move only for a shift in the mix
     (see shift_ratio): the first requests to finish are the short ones, so the lengths learned then are biased."""
@@ -95,7 +99,8 @@ class ControllerConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ControllerConfigError(f"{name}: must be in (0, 1], got {value!r}")
-        for name in ("cooldown_s", "warmup_s", "min_gain", "burst_weight", "pressure_min_load", "scale_down_load"):
+        for name in ("cooldown_s", "warmup_s", "min_gain", "rebalance_load", "burst_weight", "pressure_min_load",
+                     "scale_down_load"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ControllerConfigError(f"{name}: must be a number >= 0, got {value!r}")
@@ -157,3 +162,6 @@ class ControllerState:
     """When traffic began (after the cluster started or after an idle window); inf while idle."""
     output_by_class: tuple[float, ...] = ()
     """Learned mean output tokens per prompt-length class (0: not seen yet); see `output_lengths`."""
+    fitted_input_tokens: float = 0.0
+    """The arrivals' mean prompt when the split was last fitted to the traffic (a move, or a hold that found the
+    split good enough); a shift in the mix is measured from it. 0: not yet (or the arrivals' prompts unknown)."""

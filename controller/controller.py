@@ -16,9 +16,15 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
     target   = the split of N with the lowest bottleneck          (N = active workers; see budget below)
     budget   : N+1 when the best split of N is still above scale_up_load and N < max_workers;
                N-1 when the best split of N-1 stays at or below scale_down_load and N > min_workers
-    act      : only if bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
+    act      : only if bottleneck(current) > rebalance_load (moves: a split that carries the traffic is left alone),
+               and (unless the mix has shifted or the cluster is overloaded on average) the target is cut back so
+               the pool giving workers stays at or below scale_up_load: taking from a pool that then overloads
+               only moves the queue there,
+               and bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
                the same target was seen confirm_ticks ticks in a row, and cooldown_s has passed (both skipped
-               when the mix has shifted: the averages alone load the current split shift_ratio times its best);
+               when the mix has shifted: the arriving prompts' mean is shift_ratio times the finished ones' or
+               less than 1/shift_ratio of it, and the averages alone load the current split shift_ratio times its
+               best);
                then up to max_moves workers at once (default 1): the least loaded (fewest running + waiting,
                then worker id) of the pool that shrinks; an add goes to the pool that grows.
 
@@ -100,14 +106,17 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
         return hold(f"Hold at {current}: {obs.traffic.arrival_rate:.3g} req/s arrived but none finished in the last "
                     f"{obs.traffic.window_s:g}s, so the lengths are unknown.", reset)
 
-    plan = _plan(config, needs, current, inputs)
+    warming = obs.now_s - state.traffic_since_s
+    shifted = _mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
+    plan = _plan(config, needs, current, inputs, shifted)
+    arrived = obs.traffic.arrived_input_tokens
+    fitted = dataclasses.replace(state, fitted_input_tokens=arrived if math.isfinite(arrived) else 0.0)
     if plan.target == current:
-        return hold(plan.why, reset)
-    ticks = state.candidate_ticks + 1 if state.candidate == plan.target else 1
+        return hold(plan.why, dataclasses.replace(fitted, candidate=None, candidate_ticks=0))
+    ticks = state.candidate_ticks + 1 if _same_way(state.candidate, plan.target, current) else 1
     state = dataclasses.replace(state, candidate=plan.target, candidate_ticks=ticks)
     inputs["candidate_ticks"] = float(ticks)
-    shift = plan.action is Action.MOVE and _mix_shifted(config, needs, current, inputs)
-    warming = obs.now_s - state.traffic_since_s
+    shift = plan.action is Action.MOVE and shifted
     if warming < config.warmup_s and not shift:
         return hold(f"{plan.why}; warming up ({warming:.0f}s of {config.warmup_s:g}s since traffic began: the first "
                     f"requests to finish are the short ones, so the lengths seen so far are too short), holding at "
@@ -124,13 +133,33 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
         return hold(f"{plan.why}; confirmed, but the last move was {since:.0f}s ago (cooldown "
                     f"{config.cooldown_s:g}s), holding at {current} for now.", state, plan.target)
     return _act(config, plan.action, plan.target, current, obs, needs, plan.why,
-                dataclasses.replace(state, last_move_s=obs.now_s), inputs)
+                dataclasses.replace(state, last_move_s=obs.now_s, fitted_input_tokens=fitted.fitted_input_tokens),
+                inputs)
 
 
-def _mix_shifted(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int],
-                 inputs: dict[str, float]) -> bool:
-    """The averages alone overload the current split and the best split carries them `shift_ratio` times better:
-    the mix has changed (a phase shift), which waiting only makes worse. A burst raises only the queue terms."""
+def _same_way(candidate: tuple[int, int] | None, target: tuple[int, int], current: tuple[int, int]) -> bool:
+    """The target heads the same way from current as the last tick's candidate: as many workers in all, and
+    prefill growing (or shrinking) in both. How far it goes may vary from tick to tick with the queues."""
+    if candidate is None or sum(candidate) != sum(target):
+        return False
+    return (candidate[0] > current[0]) == (target[0] > current[0]) and (candidate[0] == current[0]) == (
+        target[0] == current[0])
+
+
+def _mix_shifted(config: ControllerConfig, needs: PoolNeeds, state: ControllerState, obs: Observation,
+                 current: tuple[int, int], inputs: dict[str, float], warming: bool) -> bool:
+    """The mix has changed (a phase shift), which waiting only makes worse: the averages alone overload the current
+    split, the best split carries them `shift_ratio` times better, and either the arrivals' mean prompt differs
+    by at least `shift_ratio` either way from when the split was last fitted (`fitted_input_tokens`; the finished
+    requests' before that), or traffic has only just begun. A burst raises only the queue terms; a correction grown
+    from an overload (a pool observed slower than modelled) changes the needs but not the mix, and must not flip
+    the split."""
+    arrived = obs.traffic.arrived_input_tokens
+    fitted = state.fitted_input_tokens if state.fitted_input_tokens > 0 else obs.traffic.mean_input_tokens
+    if math.isfinite(arrived) and arrived > 0 and fitted > 0:
+        inputs["prompt_shift"] = max(arrived / fitted, fitted / arrived)
+    if not warming and inputs.get("prompt_shift", 1.0) < config.shift_ratio:
+        return False
     now = evaluate(needs.prefill_steady, needs.decode_steady, current)
     best = best_split(config, needs.prefill_steady, needs.decode_steady, sum(current), current)
     if best is None or not now.bottleneck > config.scale_up_load:
@@ -162,8 +191,10 @@ def _describe(split: Split) -> str:
     return f"{split.sizes} (loads {split.prefill_load:.2f}/{split.decode_load:.2f})"
 
 
-def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float]) -> _Plan:
-    """The target before hysteresis: add or remove within the budget, else the best split of the current workers."""
+def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float],
+          shifted: bool) -> _Plan:
+    """The target before hysteresis: add or remove within the budget, else the best split of the current workers
+    (short of any split that would overload the pool giving the workers, unless the mix has shifted)."""
     total = sum(current)
     now = evaluate(needs.prefill, needs.decode, current)
     best = best_split(config, needs.prefill, needs.decode, total, current)
@@ -205,13 +236,44 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
     if best.sizes == current:
         return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; this is the best split "
                      f"(loads {now.prefill_load:.2f}/{now.decode_load:.2f}).")
+    if "overloaded" not in inputs and not shifted:
+        spared = _spare_the_giver(config, needs, current, best)
+        if spared is None:
+            giver = "decode" if best.prefill > current[0] else "prefill"
+            return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; the best split {_describe(best)} "
+                         f"would overload the {giver} pool that gives the workers (its load now "
+                         f"{now.decode_load if giver == 'decode' else now.prefill_load:.2f}): that only moves the "
+                         f"queue there.")
+        best = spared
+        inputs.update({"best_prefill": float(best.prefill), "best_decode": float(best.decode),
+                       "bottleneck_target": best.bottleneck})
     step = gain(now, best)
     inputs["gain"] = step
+    if now.bottleneck <= config.rebalance_load:
+        return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; it carries that (loads "
+                     f"{now.prefill_load:.2f}/{now.decode_load:.2f} <= rebalance_load {config.rebalance_load:g}), "
+                     f"though {best.sizes} would be loaded {best.bottleneck:.2f}.")
     if step < config.min_gain:
         return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; the best split {best.sizes} would lower "
                      f"the bottleneck only from {now.bottleneck:.2f} to {best.bottleneck:.2f} "
                      f"(< min_gain {config.min_gain:g}).")
     return _Plan(Action.MOVE, best.sizes, f"Rebalance toward {_describe(best)} from {_describe(now)}: {traffic}")
+
+
+def _spare_the_giver(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int],
+                     best: Split) -> Split | None:
+    """The split nearest `best`, on the way from `current`, that keeps the pool giving workers at or below
+    scale_up_load; None when even one move would overload it. Seen in `pdserve plan`: a prefill backlog's term
+    (sized to clear within the TTFT SLO) asked for a decode pool's last spare worker, and the one decode worker
+    left then failed TPOT for every request while the backlog cleared."""
+    step = 1 if best.prefill > current[0] else -1
+    spared = None
+    for prefill in range(current[0] + step, best.prefill + step, step):
+        split = evaluate(needs.prefill, needs.decode, (prefill, sum(current) - prefill))
+        if (split.decode_load if step > 0 else split.prefill_load) > config.scale_up_load:
+            break
+        spared = split
+    return spared
 
 
 def _pinned(config: ControllerConfig, state: ControllerState, obs: Observation, current: tuple[int, int],

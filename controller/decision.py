@@ -74,6 +74,7 @@ class Decision:
                 "backlog_seen_s": _num(state.backlog_seen_s),
                 "traffic_since_s": _num(state.traffic_since_s),
                 "output_by_class": [_num(v) for v in state.output_by_class],
+                "fitted_input_tokens": _num(state.fitted_input_tokens),
             },
         }, allow_nan=False)
 
@@ -100,6 +101,7 @@ class Decision:
                 backlog_seen_s=float(state.get("backlog_seen_s", "-inf")),
                 traffic_since_s=float(state.get("traffic_since_s", "inf")),
                 output_by_class=tuple(float(v) for v in state.get("output_by_class", ())),
+                fitted_input_tokens=float(state.get("fitted_input_tokens", 0.0)),
             ),
         )
 

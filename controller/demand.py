@@ -22,7 +22,9 @@ Decode (see `perf_model` for B* and throughput; the first token comes from prefi
     demand_d        = lambda * (OSL - 1)                             tokens per second
     need_d_steady   = demand_d / (throughput(B*) * decode_max_utilisation)
     need_d_queue    = burst_weight * sum(running + waiting) / (B* * decode_max_utilisation)
-    need_d_kv       = burst_weight * D * kv_used_fraction / kv_high_water     (> D only above the high water)
+    need_d_kv       = burst_weight * D * kv_used_fraction / kv_high_water     (> D only above the high water;
+                      0 unless a decode worker has requests waiting: a full cache that admits every arrival is
+                      the plan working, not a shortage)
     need_d          = max(need_d_steady, need_d_queue, need_d_kv) * pressure_tpot
 
 What the averages hide: the backlog, queue and KV terms read the workers' heartbeats, so a burst raises the need
@@ -199,7 +201,8 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     need_d_queue = config.burst_weight * held / (capacity.batch * config.decode_max_utilisation)
     kv_used, kv_total = sum(w.kv_blocks_used for w in decode), sum(w.kv_blocks_total for w in decode)
     kv_fraction = kv_used / kv_total if kv_total > 0 else 0.0
-    need_d_kv = config.burst_weight * decode_size * kv_fraction / config.kv_high_water
+    kv_short = any(w.waiting > 0 for w in decode)
+    need_d_kv = config.burst_weight * decode_size * kv_fraction / config.kv_high_water if kv_short else 0.0
     need_d_base = max(need_d_steady, need_d_queue, need_d_kv)
     pressure_d = _pressure(config, traffic.tpot_p90_s, config.slo_tpot_s, need_d_base, decode_size)
     need_d = need_d_base * pressure_d
@@ -218,7 +221,8 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
         "decode_step_s_corrected": capacity.step_s, "decode_tokens_per_s": capacity.tokens_per_s,
         "decode_demand_tokens_per_s": demand_d, "decode_need_steady": need_d_steady,
         "decode_held": float(held), "decode_need_queue": need_d_queue,
-        "kv_used_fraction": kv_fraction, "decode_need_kv": need_d_kv, "tpot_pressure": pressure_d,
+        "kv_used_fraction": kv_fraction, "kv_short": float(kv_short), "decode_need_kv": need_d_kv,
+        "tpot_pressure": pressure_d,
         "decode_need": need_d,
     }
     return PoolNeeds(need_p, need_d, need_p_steady, need_d_steady, inputs, tuple(notes))

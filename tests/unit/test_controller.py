@@ -23,6 +23,7 @@ from pdserve.controller import (
     WorkerObservation,
     tick,
 )
+from pdserve.controller.controller import _same_way
 from pdserve.controller.output_lengths import NUM_CLASSES, class_counts, prompt_class
 from pdserve.controller.perf_model import decode_capacity, md1_wait, prefill_max_utilisation
 from pdserve.controller.split import evaluate
@@ -45,8 +46,10 @@ MODEL = FakeModel()
 
 
 def make_config(**changes: object) -> ControllerConfig:
+    # warmup_s: the fake world is steady from its first tick; rebalance_load: these tests follow the split with the
+    # lowest bottleneck all the way (test_a_split_that_carries_the_traffic_is_left_alone checks the default).
     values: dict = {"slo_ttft_s": 0.5, "slo_tpot_s": 0.02, "kv_capacity_tokens": KV_TOKENS,
-                    "warmup_s": 0.0}  # the fake world is steady from its first tick
+                    "warmup_s": 0.0, "rebalance_load": 0.0}
     values.update(changes)
     return ControllerConfig(**values)
 
@@ -63,6 +66,7 @@ class World:
         self.now = 0.0
         self.extra_queue_tokens = 0
         self.next_id = prefill + decode
+        self.finished_isl = traffic[1]  # the finished requests' mean prompt: the arrivals' of one tick ago
 
     def sizes(self) -> tuple[int, int]:
         roles = list(self.roles.values())
@@ -103,8 +107,9 @@ class World:
                                                  kv_blocks_used=running * ctx // BLOCK,
                                                  kv_blocks_total=KV_TOKENS // BLOCK))
         n = self._noise
+        finished_isl, self.finished_isl = self.finished_isl, isl
         window = TrafficWindow(window_s=30.0, arrival_rate=rate * n(), finished=self.finished,
-                               mean_input_tokens=isl, mean_output_tokens=osl,
+                               mean_input_tokens=finished_isl, mean_output_tokens=osl, arrived_input_tokens=isl,
                                ttft_p50_s=ttft50 * n(), ttft_p90_s=ttft90 * n(),
                                tpot_p50_s=tpot * n(), tpot_p90_s=1.2 * tpot * n(), attainment=1.0,
                                finished_by_class=tuple((self.finished, float(osl)) if c == prompt_class(isl)
@@ -179,6 +184,38 @@ def test_steady_noisy_traffic_converges_then_holds_without_flapping() -> None:
     last = settled[-1]
     assert last.action is Action.HOLD and last.current == last.target == (2, 4)
     assert "req/s" in last.reason and "(2, 4)" in last.reason
+
+
+def test_a_split_that_carries_the_traffic_is_left_alone() -> None:
+    # From 4:2 under chat the decode pool is overloaded: the controller moves until the split carries the traffic
+    # (bottleneck <= rebalance_load), then stays, though the split with the lowest bottleneck is one move further.
+    config = make_config(rebalance_load=1.0)
+    world = World(4, 2, CHAT)
+    decisions, _ = world.run(config, 30)
+    moves = acted(decisions)
+    assert moves and moves[0].inputs["bottleneck_now"] > 1.0
+    last = decisions[-1]
+    assert last.action is Action.HOLD and last.inputs["bottleneck_now"] <= 1.0
+    assert world.sizes() != best_sizes(last, 6) and "rebalance_load" in last.reason
+    # the same traffic with rebalance_load 0 goes all the way to the best split
+    eager = World(4, 2, CHAT)
+    eager_decisions, _ = eager.run(make_config(), 30)
+    assert eager.sizes() == best_sizes(eager_decisions[-1], 6) and len(acted(eager_decisions)) > len(moves)
+
+
+def test_a_worker_is_not_taken_from_a_pool_that_is_itself_overloaded() -> None:
+    # 4:2 under chat overloads decode; a huge prompt backlog overloads prefill too, and its term (sized to clear
+    # within the TTFT SLO) makes more prefill the lower bottleneck. Taking a decode worker would only move the queue.
+    config = make_config(confirm_ticks=1, cooldown_s=0.0)
+    world = World(4, 2, CHAT)
+    world.extra_queue_tokens = 2_000_000
+    both = tick(config, MODEL, ControllerState(), world.observe())
+    assert both.inputs["prefill_load"] > 1 and both.inputs["decode_load"] > 1
+    assert both.inputs["best_prefill"] > 4
+    assert both.action is Action.HOLD and "would overload the decode pool that gives the workers" in both.reason
+    world.extra_queue_tokens = 0  # prefill has room again: decode, the overloaded pool, gets a worker
+    relieved = tick(config, MODEL, ControllerState(), world.observe())
+    assert relieved.action is Action.MOVE and relieved.moves[0].to_role is PoolRole.DECODE
 
 
 def shift_to_summaries(config: ControllerConfig) -> tuple[World, float, list[Decision], list[Decision]]:
@@ -265,9 +302,9 @@ def test_a_one_tick_burst_does_not_move_but_a_persistent_one_moves_one_worker_to
     assert [d.action for d in burst] == [Action.HOLD, Action.MOVE]
     assert burst[1].moves[0].to_role is PoolRole.PREFILL
     assert world.sizes() == (3, 3)
-    more, _ = world.run(config, 2, state)  # the cooldown stops a second move right away
-    assert not acted(more)
-    assert "cooldown" in more[-1].reason
+    more, _ = world.run(config, 2, state)  # a second move would overload decode, the pool it comes from
+    assert not acted(more) and more[-1].target == more[-1].current == (3, 3)
+    assert "would overload the decode pool" in more[-1].reason
 
 
 def test_ttft_p90_over_the_slo_with_busy_prefill_raises_the_prefill_need() -> None:
@@ -306,6 +343,19 @@ def test_kv_near_full_and_queued_decode_requests_raise_the_decode_need() -> None
     busy = tick(config, MODEL, ControllerState(), dataclasses.replace(obs, workers=full))
     assert busy.inputs["decode_need_kv"] > 4 > calm.inputs["decode_need_kv"]
     assert busy.inputs["decode_need"] > calm.inputs["decode_need"]
+
+
+def test_a_full_kv_cache_that_admits_every_request_does_not_raise_the_decode_need() -> None:
+    # Long prompts fill the one decode worker's cache past the high water, but nothing waits for it: the plan is
+    # working (a 7:1 split for summaries lives there), so KV use alone moves no worker.
+    config = make_config()
+    obs = World(2, 4, CHAT).observe()
+    full = tuple(dataclasses.replace(w, kv_blocks_used=int(0.99 * w.kv_blocks_total), waiting=0)
+                 if w.role is PoolRole.DECODE else w for w in obs.workers)
+    decision = tick(config, MODEL, ControllerState(), dataclasses.replace(obs, workers=full))
+    assert decision.inputs["kv_used_fraction"] > 0.9
+    assert decision.inputs["kv_short"] == 0.0 and decision.inputs["decode_need_kv"] == 0.0
+    assert decision.inputs["decode_need"] == decision.inputs["decode_need_steady"]
 
 
 # --- pin, draining, no traffic ------------------------------------------------------------------------------------
@@ -465,6 +515,7 @@ def test_decision_json_round_trip() -> None:
     assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(again.inputs.values(),
                                                                              move.inputs.values()))
     assert dataclasses.replace(again, inputs={}) == dataclasses.replace(move, inputs={})
+    assert again.state.fitted_input_tokens == 2000  # the prompts the move fitted the split to
 
     odd = Decision(1.0, Action.ADD, (0, 1), (1, 1), add=(PoolRole.PREFILL,), remove=(), reason="r",
                    inputs={"inf": math.inf, "nan": math.nan}, state=ControllerState())
@@ -523,6 +574,26 @@ def test_no_move_while_warming_up_and_again_after_an_idle_spell() -> None:
     assert "no traffic" in tick(config, MODEL, state, idle).reason
     again = tick(config, MODEL, tick(config, MODEL, state, idle).state, world.observe())
     assert "warming up" in again.reason
+
+
+def test_a_mismatch_the_prompts_do_not_explain_waits_for_confirmation() -> None:
+    """After the warm-up, the split fitting the averages badly is a shift only if the arriving prompts differ from
+    the finished ones: otherwise (a correction grown from an overload, say) it is confirmed like any move."""
+    world = World(2, 4, SUMMARY)
+    decisions, _ = world.run(make_config(confirm_ticks=2), 2)
+    assert decisions[0].inputs["prompt_shift"] == 1.0
+    assert decisions[0].action is Action.HOLD and "seen 1 of 2" in decisions[0].reason
+    assert decisions[1].action is Action.MOVE and "the mix has shifted" not in decisions[1].reason
+
+
+def test_confirmation_counts_ticks_that_head_the_same_way_however_far() -> None:
+    # A prefill queue that grows tick by tick points at (5, 1), then (4, 2): the same way from (2, 4), so the
+    # second tick confirms; a target the other way, or a different number of workers, starts the count again.
+    assert _same_way((5, 1), (4, 2), (2, 4))
+    assert not _same_way((5, 1), (1, 5), (2, 4))
+    assert not _same_way((5, 2), (4, 2), (2, 4))
+    assert not _same_way(None, (4, 2), (2, 4))
+    assert _same_way((2, 5), (2, 5), (2, 4)) and not _same_way((3, 4), (2, 5), (2, 4))
 
 
 def test_a_plain_mismatch_moves_even_while_warming_up() -> None:

@@ -69,7 +69,7 @@ def test_overload_shows_as_missed_slos_not_lost_requests():
 
 def shift_trace():
     chat, summary = WORKLOADS["chat"], WORKLOADS["summarization"]
-    return phase_trace([Phase(chat, 40, 25), Phase(summary, 60, 6)], seed=3)
+    return phase_trace([Phase(chat, 40, 25), Phase(summary, 60, 10)], seed=3)
 
 
 def test_controller_moves_workers_toward_prefill_when_prompts_get_long():
