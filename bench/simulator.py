@@ -364,7 +364,8 @@ class Simulation:
         arrived_classes = class_counts(tokens for _, tokens in self._arrivals)
         recent = [Finished(r.input_tokens, r.output_tokens, r.ttft_s, r.tpot_s) for r in self._records[-5000:]
                   if r.ok and r.arrival_s + r.e2e_s >= self.now - window]
-        return Observation(now_s=self.now, workers=tuple(_observe_worker(w) for w in self.workers),
+        workers = tuple(_observe_worker(w, self._moving.get(w.worker_id)) for w in self.workers)
+        return Observation(now_s=self.now, workers=workers,
                            traffic=traffic_window(recent, arrived / window, window, self.setup.slo.ttft_s,
                                                   self.setup.slo.tpot_s, router_waiting=len(self._queue),
                                                   arrived_input_tokens=arrived_isl,
@@ -379,9 +380,12 @@ class Simulation:
         return _Worker(f"w{next(self._ids)}", role, Engine(self.setup.engine, realtime=False))
 
 
-def _observe_worker(w: _Worker) -> WorkerObservation:
+def _observe_worker(w: _Worker, joining: PoolRole | None) -> WorkerObservation:
+    """`joining`: the pool a worker being moved will serve (a restarting worker's role is already its new one)."""
     load = w.engine.load()
-    return WorkerObservation(worker_id=w.worker_id, role=w.role, draining=w.draining or not w.available,
+    in_transition = w.draining or not w.available
+    return WorkerObservation(worker_id=w.worker_id, role=w.role, draining=in_transition,
+                             joining=(joining or w.role) if in_transition else None,
                              running=load.running + load.held, waiting=load.waiting,
                              queued_prefill_tokens=load.queued_prefill_tokens, kv_blocks_used=load.kv_blocks_used,
                              kv_blocks_total=load.kv_blocks_total)

@@ -63,6 +63,8 @@ class ControllerLoop:
         self.dry_run = dry_run
         self.state = ControllerState()
         self._moving: dict[str, asyncio.Task] = {}
+        self._joining: dict[str, PoolRole] = {}
+        """The pool each worker being moved will serve."""
         self._counts: deque[tuple[float, RouterCounts]] = deque()
         """(time, the router's counts) at each tick within the window, oldest first."""
         self._started = time.monotonic()
@@ -90,10 +92,11 @@ class ControllerLoop:
 
     def observe(self, workers: list[WorkerInfo], timings: list[dict[str, str]]) -> Observation:
         now = time.monotonic()
-        seen = [_worker(w, w.worker_id in self._moving) for w in workers if w.role in _POOL_ROLES]
+        seen = [_worker(w, self._joining.get(w.worker_id)) for w in workers if w.role in _POOL_ROLES]
         present = {w.worker_id for w in seen}
         # a worker being moved is gone from the registry while it restarts: still count it, in transition
-        seen += [WorkerObservation(worker_id, _POOL_ROLES[self.pool.specs[worker_id].role], draining=True)
+        seen += [WorkerObservation(worker_id, _POOL_ROLES[self.pool.specs[worker_id].role], draining=True,
+                                   joining=self._joining.get(worker_id))
                  for worker_id in self._moving if worker_id not in present and worker_id in self.pool.specs]
         counts = self.router_counts()
         rate, prompt_tokens, classes = self._arrivals(now, counts)
@@ -126,6 +129,7 @@ class ControllerLoop:
                 continue
             task = asyncio.create_task(self._move(move.worker_id, _ROLES[move.to_role]), name=f"move-{move.worker_id}")
             self._moving[move.worker_id] = task
+            self._joining[move.worker_id] = move.to_role
         if decision.add or decision.remove:
             log.warning("controller: %s needs a worker budget, which is not configured; not acting",
                         decision.action.value)
@@ -137,6 +141,7 @@ class ControllerLoop:
             log.exception("controller: moving %s to %s failed", worker_id, role.value)
         finally:
             self._moving.pop(worker_id, None)
+            self._joining.pop(worker_id, None)
 
     async def close(self) -> None:
         for task in self._moving.values():
@@ -144,9 +149,15 @@ class ControllerLoop:
         await asyncio.gather(*self._moving.values(), return_exceptions=True)
 
 
-def _worker(w: WorkerInfo, moving: bool) -> WorkerObservation:
+def _worker(w: WorkerInfo, joining: PoolRole | None) -> WorkerObservation:
+    """`joining`: the pool it is being moved to (None: not being moved). A worker still starting will serve the
+    pool it registered in; one draining for any other reason (`pdserve drain`) is leaving, for no known pool."""
+    moving = joining is not None
+    if not moving and w.state is WorkerState.STARTING:
+        joining = _POOL_ROLES[w.role]
     return WorkerObservation(worker_id=w.worker_id, role=_POOL_ROLES[w.role],
-                             draining=moving or w.state is not WorkerState.READY, running=w.running,
+                             draining=moving or w.state is not WorkerState.READY, joining=joining,
+                             running=w.running,
                              waiting=w.waiting, queued_prefill_tokens=w.queued_prefill_tokens,
                              kv_blocks_used=w.kv_blocks_used, kv_blocks_total=w.kv_blocks_total)
 

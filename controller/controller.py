@@ -9,6 +9,7 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
     need_p   = max(lambda*S / u_p,  lambda*S + w*backlog_work/H) * pressure_ttft   (w = burst_weight)
     B*       = largest B <= min(max_num_seqs, kv_tokens/ctx) with decode_step_seconds(B, ctx) * c_tpot <= tau
     need_d   = max(lambda*(OSL-1) / (B*/step(B*) * u_d),  w*held/(B* u_d),  w*D*kv_used/kv_high_water) * pressure_tpot
+    (a move is judged by each need capped at N: a backlog no split could clear must not outweigh everything else)
     ISL, OSL = the arrivals' (prompt lengths as they arrive; outputs predicted from their length class)
     c_ttft, c_tpot <- EMA toward the factor that makes the predicted p50 equal the observed one, in [0.5, 4],
                       from settled windows only (no move, no long prefill queue within the last window or two)
@@ -17,20 +18,19 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
     budget   : N+1 when the best split of N is still above scale_up_load and N < max_workers;
                N-1 when the best split of N-1 stays at or below scale_down_load and N > min_workers
     act      : only if bottleneck(current) > rebalance_load (moves: a split that carries the traffic is left alone),
-               and (unless the mix has shifted or the cluster is overloaded on average) the target is cut back so
-               the pool giving workers stays at or below scale_up_load: taking from a pool that then overloads
-               only moves the queue there,
                and bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
-               the same target was seen confirm_ticks ticks in a row, and cooldown_s has passed (both skipped
-               when the mix has shifted: the arriving prompts' mean is shift_ratio times the finished ones' or
-               less than 1/shift_ratio of it, and the averages alone load the current split shift_ratio times its
-               best);
+               the target was seen confirm_ticks ticks in a row (heading the same way; how far may vary), and
+               cooldown_s has passed (both skipped when the mix has shifted: the arriving prompts' mean differs
+               shift_ratio times either way from the one the split was last fitted to, and the averages alone load
+               the current split shift_ratio times its best);
                then up to max_moves workers at once (default 1): the least loaded (fewest running + waiting,
                then worker id) of the pool that shrinks; an add goes to the pool that grows.
 
 Before any of that: while a worker is in transition (draining, restarting, starting) the controller holds, and the
-cooldown restarts, so moves happen one at a time; with `pin` set the target is the pin (clamped to the budget) and
-the controller moves one worker per tick toward it without confirmation or cooldown; with no traffic (nothing
+cooldown restarts, so moves happen one at a time (except that a shift in the mix may send more workers the way the
+ones in transition are going, planned from the split they are heading to); with `pin` set the target is the pin
+(clamped to the budget) and the controller moves one worker per tick toward it without confirmation or cooldown;
+with no traffic (nothing
 arrived, nothing finished), or with no finished request to learn lengths from, it holds; in the first warmup_s of
 traffic (the first requests to finish are the short ones, so lengths learned then are too short) it moves only for a
 shift in the mix (below).
@@ -93,6 +93,9 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
     reset = dataclasses.replace(state, candidate=None, candidate_ticks=0)
     if obs.draining:
         names = ", ".join(sorted(w.worker_id for w in obs.draining))
+        follow = _follow_shift(config, state, obs, needs, inputs, names)
+        if follow is not None:
+            return follow
         return hold(f"Hold at {current}: {names} in transition; one move at a time, and the "
                     f"{config.cooldown_s:g}s cooldown restarts.", dataclasses.replace(reset, last_move_s=obs.now_s))
     if config.pin is not None:
@@ -108,7 +111,7 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
 
     warming = obs.now_s - state.traffic_since_s
     shifted = _mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
-    plan = _plan(config, needs, current, inputs, shifted)
+    plan = _plan(config, needs, current, inputs)
     arrived = obs.traffic.arrived_input_tokens
     fitted = dataclasses.replace(state, fitted_input_tokens=arrived if math.isfinite(arrived) else 0.0)
     if plan.target == current:
@@ -135,6 +138,32 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
     return _act(config, plan.action, plan.target, current, obs, needs, plan.why,
                 dataclasses.replace(state, last_move_s=obs.now_s, fitted_input_tokens=fitted.fitted_input_tokens),
                 inputs)
+
+
+def _follow_shift(config: ControllerConfig, state: ControllerState, obs: Observation, needs: PoolNeeds | None,
+                  inputs: dict[str, float], names: str) -> Decision | None:
+    """While workers are in transition the controller holds, except for a shift in the mix that calls for more
+    workers the same way: then those move at once, planned from the split the pools are heading to. A shift
+    seen on a window half old mix, half new, would otherwise wait out the first moves' drain and restart while the
+    new mix's queue grows (seen in `pdserve plan`: chat -> summaries lost 25 s that way). None: hold as usual."""
+    heading = obs.heading
+    if config.pin is not None or needs is None or heading is None or obs.traffic.idle:
+        return None
+    joining = {w.joining for w in obs.draining}
+    warming = obs.now_s - state.traffic_since_s < config.warmup_s
+    if len(joining) != 1 or not _mix_shifted(config, needs, state, obs, heading, inputs, warming):
+        return None
+    plan = _plan(config, needs, heading, inputs)
+    grows = PoolRole.PREFILL if plan.target[0] > heading[0] else PoolRole.DECODE
+    if plan.action is not Action.MOVE or joining != {grows}:
+        return None
+    arrived = obs.traffic.arrived_input_tokens
+    state = dataclasses.replace(state, last_move_s=obs.now_s, candidate=None, candidate_ticks=0,
+                                fitted_input_tokens=arrived if math.isfinite(arrived) else 0.0)
+    return _act(config, Action.MOVE, plan.target, heading, obs, needs,
+                f"{plan.why}; the mix has shifted (the averages alone load {heading}, where the pools are heading "
+                f"with {names} in transition, {inputs['shift_ratio']:.2f}x its best split), so more go the same way "
+                f"now", state, inputs)
 
 
 def _same_way(candidate: tuple[int, int] | None, target: tuple[int, int], current: tuple[int, int]) -> bool:
@@ -191,10 +220,8 @@ def _describe(split: Split) -> str:
     return f"{split.sizes} (loads {split.prefill_load:.2f}/{split.decode_load:.2f})"
 
 
-def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float],
-          shifted: bool) -> _Plan:
-    """The target before hysteresis: add or remove within the budget, else the best split of the current workers
-    (short of any split that would overload the pool giving the workers, unless the mix has shifted)."""
+def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float]) -> _Plan:
+    """The target before hysteresis: add or remove within the budget, else the best split of the current workers."""
     total = sum(current)
     now = evaluate(needs.prefill, needs.decode, current)
     best = best_split(config, needs.prefill, needs.decode, total, current)
@@ -221,6 +248,14 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
     if best is None:
         return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; {total} workers cannot hold "
                      f"{config.min_prefill} prefill and {config.min_decode} decode")
+    # A move is judged by needs capped at the cluster: a backlog no split could clear within the horizon would
+    # otherwise need dozens of workers, outweigh any load on the other pool and take its last spare worker (seen
+    # in `pdserve plan` at chat -> summaries: the one decode worker left failed TPOT for every request while the
+    # prompt backlog cleared).
+    need_p, need_d = min(needs.prefill, total), min(needs.decode, total)
+    now, best = evaluate(need_p, need_d, current), best_split(config, need_p, need_d, total, current)
+    inputs.update({"best_prefill": float(best.prefill), "best_decode": float(best.decode),
+                   "bottleneck_best": best.bottleneck})
     steady = best_split(config, needs.prefill_steady, needs.decode_steady, total, current)
     inputs["bottleneck_best_steady"] = steady.bottleneck
     if steady.bottleneck > config.scale_up_load:
@@ -236,17 +271,6 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
     if best.sizes == current:
         return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; this is the best split "
                      f"(loads {now.prefill_load:.2f}/{now.decode_load:.2f}).")
-    if "overloaded" not in inputs and not shifted:
-        spared = _spare_the_giver(config, needs, current, best)
-        if spared is None:
-            giver = "decode" if best.prefill > current[0] else "prefill"
-            return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; the best split {_describe(best)} "
-                         f"would overload the {giver} pool that gives the workers (its load now "
-                         f"{now.decode_load if giver == 'decode' else now.prefill_load:.2f}): that only moves the "
-                         f"queue there.")
-        best = spared
-        inputs.update({"best_prefill": float(best.prefill), "best_decode": float(best.decode),
-                       "bottleneck_target": best.bottleneck})
     step = gain(now, best)
     inputs["gain"] = step
     if now.bottleneck <= config.rebalance_load:
@@ -258,22 +282,6 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
                      f"the bottleneck only from {now.bottleneck:.2f} to {best.bottleneck:.2f} "
                      f"(< min_gain {config.min_gain:g}).")
     return _Plan(Action.MOVE, best.sizes, f"Rebalance toward {_describe(best)} from {_describe(now)}: {traffic}")
-
-
-def _spare_the_giver(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int],
-                     best: Split) -> Split | None:
-    """The split nearest `best`, on the way from `current`, that keeps the pool giving workers at or below
-    scale_up_load; None when even one move would overload it. Seen in `pdserve plan`: a prefill backlog's term
-    (sized to clear within the TTFT SLO) asked for a decode pool's last spare worker, and the one decode worker
-    left then failed TPOT for every request while the backlog cleared."""
-    step = 1 if best.prefill > current[0] else -1
-    spared = None
-    for prefill in range(current[0] + step, best.prefill + step, step):
-        split = evaluate(needs.prefill, needs.decode, (prefill, sum(current) - prefill))
-        if (split.decode_load if step > 0 else split.prefill_load) > config.scale_up_load:
-            break
-        spared = split
-    return spared
 
 
 def _pinned(config: ControllerConfig, state: ControllerState, obs: Observation, current: tuple[int, int],

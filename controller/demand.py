@@ -21,15 +21,17 @@ Decode (see `perf_model` for B* and throughput; the first token comes from prefi
     batch_cap       = min(max_num_seqs, kv_high_water * kv_capacity_tokens / ctx)
     demand_d        = lambda * (OSL - 1)                             tokens per second
     need_d_steady   = demand_d / (throughput(B*) * decode_max_utilisation)
-    need_d_queue    = burst_weight * sum(running + waiting) / (B* * decode_max_utilisation)
+    need_d_queue    = burst_weight * held / (B*_held * decode_max_utilisation)
+                      held = sum(running + waiting); B*_held = B* at the held requests' own mean context
+                      (their KV tokens / held) when the KV use is known, else B*
     need_d_kv       = burst_weight * D * kv_used_fraction / kv_high_water     (> D only above the high water;
                       0 unless a decode worker has requests waiting: a full cache that admits every arrival is
                       the plan working, not a shortage)
     need_d          = max(need_d_steady, need_d_queue, need_d_kv) * pressure_tpot
-
 What the averages hide: the backlog, queue and KV terms read the workers' heartbeats, so a burst raises the need
 while it lasts. The pressure terms read the tail: when the observed p90 is above its SLO and the pool is busy
-(need >= pressure_min_load * size), pressure = min(p90 / SLO, max_pressure); otherwise 1.
+(need >= pressure_min_load * size), pressure = min(p90 / SLO, max_pressure); otherwise 1, and 1 within a window of
+the last move (the window's tail is then the old split's).
 
 `need_p_steady` and `need_d_steady` (the averages alone) are kept apart as well: when no split has room, the queues
 are everywhere and the controller splits by these (see `controller`).
@@ -155,6 +157,18 @@ def update_corrections(config: ControllerConfig, model: PerfModel, state: Contro
     return dataclasses.replace(state, ttft_correction=ttft_c, tpot_correction=tpot_c), inputs
 
 
+def _held_batch(config: ControllerConfig, model: PerfModel, state: ControllerState, held: int, held_tokens: float,
+                arriving_batch: int) -> int:
+    """B* for the requests decode holds now, at their own mean context (from the KV they use) when known, else
+    the arrivals' B*. After chat gives way to long documents, the chat answers still decoding are short-context
+    requests: counted at the documents' B*, they looked like two decode workers' worth of queue for a minute."""
+    if held <= 0 or held_tokens <= 0:
+        return arriving_batch
+    context = max(1, round(held_tokens / held))
+    cap = min(config.max_num_seqs, max(1, math.floor(config.kv_high_water * config.kv_capacity_tokens / context)))
+    return decode_capacity(model, context, cap, config.slo_tpot_s, state.tpot_correction).batch
+
+
 def _pressure(config: ControllerConfig, p90: float, slo: float, need: float, size: int) -> float:
     if not (math.isfinite(p90) and p90 > slo and need >= config.pressure_min_load * size):
         return 1.0
@@ -183,7 +197,11 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     backlog_work = backlog_tokens / isl * service
     need_p_backlog = demand_p + config.burst_weight * backlog_work / config.horizon_s
     need_p_base = max(need_p_steady, need_p_backlog)
-    pressure_p = _pressure(config, traffic.ttft_p90_s, config.slo_ttft_s, need_p_base, prefill_size)
+    # A tail over the SLO says the pool is short only once the window holds the split as it is: right after a move
+    # its p90 is the old split's, and reading it there sent chat's decode workers back and forth after a shift.
+    settled = obs.now_s - state.last_move_s >= traffic.window_s
+    ttft_p90 = traffic.ttft_p90_s if settled else math.nan
+    pressure_p = _pressure(config, ttft_p90, config.slo_ttft_s, need_p_base, prefill_size)
     need_p = need_p_base * pressure_p
 
     # Decode: the steady need at B*, the requests it holds now, and its KV use.
@@ -198,13 +216,16 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     need_d_steady = demand_d / (capacity.tokens_per_s * config.decode_max_utilisation)
     decode = obs.active(PoolRole.DECODE)
     held = sum(w.running + w.waiting for w in decode)
-    need_d_queue = config.burst_weight * held / (capacity.batch * config.decode_max_utilisation)
     kv_used, kv_total = sum(w.kv_blocks_used for w in decode), sum(w.kv_blocks_total for w in decode)
     kv_fraction = kv_used / kv_total if kv_total > 0 else 0.0
+    held_batch = _held_batch(config, model, state, held, kv_fraction * config.kv_capacity_tokens * decode_size,
+                             capacity.batch)
+    need_d_queue = config.burst_weight * held / (held_batch * config.decode_max_utilisation)
     kv_short = any(w.waiting > 0 for w in decode)
     need_d_kv = config.burst_weight * decode_size * kv_fraction / config.kv_high_water if kv_short else 0.0
     need_d_base = max(need_d_steady, need_d_queue, need_d_kv)
-    pressure_d = _pressure(config, traffic.tpot_p90_s, config.slo_tpot_s, need_d_base, decode_size)
+    pressure_d = _pressure(config, traffic.tpot_p90_s if settled else math.nan, config.slo_tpot_s, need_d_base,
+                           decode_size)
     need_d = need_d_base * pressure_d
 
     inputs = {
@@ -220,7 +241,7 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
         "decode_ctx": float(ctx), "decode_batch_cap": float(capacity.batch_cap), "decode_batch": float(capacity.batch),
         "decode_step_s_corrected": capacity.step_s, "decode_tokens_per_s": capacity.tokens_per_s,
         "decode_demand_tokens_per_s": demand_d, "decode_need_steady": need_d_steady,
-        "decode_held": float(held), "decode_need_queue": need_d_queue,
+        "decode_held": float(held), "decode_held_batch": float(held_batch), "decode_need_queue": need_d_queue,
         "kv_used_fraction": kv_fraction, "kv_short": float(kv_short), "decode_need_kv": need_d_kv,
         "tpot_pressure": pressure_d,
         "decode_need": need_d,

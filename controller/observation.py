@@ -35,6 +35,8 @@ class WorkerObservation:
     transition counts in neither pool, and while any worker is in transition the controller holds."""
     running: int = 0
     """Requests decoding on it (decode) or being prefilled / held for KV pickup (prefill)."""
+    joining: PoolRole | None = None
+    """While in transition, the pool it will serve once ready (None: not in transition, or not known)."""
     waiting: int = 0
     """Requests queued on it and not yet running."""
     queued_prefill_tokens: int = 0
@@ -109,3 +111,12 @@ class Observation:
     @property
     def draining(self) -> tuple[WorkerObservation, ...]:
         return tuple(w for w in self.workers if w.draining)
+
+    @property
+    def heading(self) -> tuple[int, int] | None:
+        """(prefill, decode) once every worker in transition has joined its pool; None if any has no known pool."""
+        if any(w.joining is None for w in self.draining):
+            return None
+        prefill, decode = self.sizes
+        joining_prefill = sum(w.joining is PoolRole.PREFILL for w in self.draining)
+        return prefill + joining_prefill, decode + len(self.draining) - joining_prefill
