@@ -1,10 +1,12 @@
-"""The live controller adapter's arrivals: rate and prompt length over the traffic window, like the finished
-lengths they are combined with."""
+"""The live controller adapter: arrivals (rate and prompt length over the traffic window, like the finished
+lengths they are combined with) and how it reports workers in transition."""
 
 import math
 
-from pdserve.cluster.controller_loop import ControllerLoop, RouterCounts
+from pdserve.cluster.controller_loop import ControllerLoop, RouterCounts, _worker
+from pdserve.cluster.registry import Role, WorkerInfo, WorkerState
 from pdserve.controller.config import ControllerConfig
+from pdserve.controller.observation import PoolRole
 
 
 def _loop(window_s: float) -> ControllerLoop:
@@ -34,3 +36,19 @@ def test_arrivals_forget_what_left_the_window():
         rate, prompt, _ = loop._arrivals(float(t), RouterCounts(total, 0, 500 * 4000 + (total - 500) * 300))
     assert rate == 2.0
     assert prompt == 300.0
+
+
+def test_workers_in_transition_say_which_pool_they_are_joining():
+    # moved by the controller: the pool it was sent to; still starting: the pool it registered in; drained by an
+    # operator (`pdserve drain`): leaving, for no known pool; ready: not in transition at all.
+    def info(worker_id: str, role: Role, state: WorkerState) -> WorkerInfo:
+        return WorkerInfo(worker_id, role, actor_name=worker_id, pid=1, state=state)
+
+    moved = _worker(info("w0", Role.DECODE, WorkerState.DRAINING), PoolRole.PREFILL)
+    starting = _worker(info("w1", Role.PREFILL, WorkerState.STARTING), None)
+    drained = _worker(info("w2", Role.DECODE, WorkerState.DRAINING), None)
+    ready = _worker(info("w3", Role.DECODE, WorkerState.READY), None)
+    assert (moved.draining, moved.joining) == (True, PoolRole.PREFILL)
+    assert (starting.draining, starting.joining) == (True, PoolRole.PREFILL)
+    assert (drained.draining, drained.joining) == (True, None)
+    assert (ready.draining, ready.joining) == (False, None)
