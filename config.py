@@ -154,6 +154,15 @@ class Controller:
     """The traffic window: requests finished in the last this many seconds (from the Redis timings stream)."""
     max_moves: int = 1
     """Most workers one decision moves (they drain in parallel)."""
+    confirm_ticks: int = 2
+    """Ticks in a row a new target must be seen before a move (hysteresis)."""
+    rebalance_load: float = 1.0
+    """Move workers only when the busier pool's predicted load is above this (1.0: at its SLO-safe load)."""
+    shift_ratio: float = 1.5
+    """A change in the arriving prompts' length by this factor (and a split that fits it this much worse) is a shift
+    in the mix: move at once, without confirmation or cooldown. .inf: never."""
+    warmup_s: float = 60.0
+    """After traffic begins, move only for a shift for this long (the first requests to finish are the short ones)."""
     hand_on_after_s: float | None = None
     """A decode worker leaving its pool (moved, removed, drained) hands on the requests it still decodes this long
     after its drain began: each resumes on another decode worker, its prompt and tokens so far prefilled again,
@@ -168,6 +177,11 @@ class Controller:
         _at_least("cooldown_s", self.cooldown_s, 0)
         _at_least("window_s", self.window_s, 0.1)
         _at_least("max_moves", self.max_moves, 1)
+        _at_least("confirm_ticks", self.confirm_ticks, 1)
+        _at_least("rebalance_load", self.rebalance_load, 0)
+        _at_least("warmup_s", self.warmup_s, 0)
+        if not (isinstance(self.shift_ratio, (int, float)) and self.shift_ratio >= 1):
+            raise ConfigError(f"shift_ratio: must be >= 1 (.inf: never), got {self.shift_ratio!r}")
         if self.hand_on_after_s is not None:
             _at_least("hand_on_after_s", self.hand_on_after_s, 0)
         if (self.pin_prefill is None) != (self.pin_decode is None):

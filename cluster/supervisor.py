@@ -144,6 +144,8 @@ class Supervisor:
         controller_config = ControllerConfig(
             slo_ttft_s=config.slo.ttft_s, slo_tpot_s=config.slo.tpot_s, interval_s=settings.interval_s,
             cooldown_s=settings.cooldown_s, max_moves=settings.max_moves, pin=settings.pin,
+            confirm_ticks=settings.confirm_ticks, rebalance_load=settings.rebalance_load,
+            shift_ratio=settings.shift_ratio, warmup_s=settings.warmup_s,
             max_num_seqs=engine.max_num_seqs,
             kv_capacity_tokens=info.kv_blocks_total * engine.block_size)
         counts = lambda: RouterCounts(orchestrator.accepted_total, orchestrator.waiting_count,  # noqa: E731

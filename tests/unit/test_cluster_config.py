@@ -28,6 +28,9 @@ def test_default_file_loads_as_the_documented_cluster():
     ({"slo": 5}, "slo"),
     ({"mode": "colocated"}, "workers.colocated.count"),
     ({"kv_transfer": {"backend": "nccl"}}, "kv_transfer.backend"),
+    ({"controller": {"shift_ratio": 0.5}}, "controller.shift_ratio"),
+    ({"controller": {"rebalance_load": -1}}, "controller.rebalance_load"),
+    ({"controller": {"confirm_ticks": 0}}, "controller.confirm_ticks"),
 ])
 def test_mistakes_name_the_field(values, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
