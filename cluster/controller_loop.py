@@ -94,9 +94,9 @@ class ControllerLoop:
         now = time.monotonic()
         seen = [_worker(w, self._joining.get(w.worker_id)) for w in workers if w.role in _POOL_ROLES]
         present = {w.worker_id for w in seen}
-        # a worker being moved is gone from the registry while it restarts: still count it, in transition
-        seen += [WorkerObservation(worker_id, _POOL_ROLES[self.pool.specs[worker_id].role], draining=True,
-                                   joining=self._joining.get(worker_id))
+        # a worker being moved is gone from the registry while it restarts: still count it, in transition, joining
+        # no known pool (its successor registers under a new id, which would count it twice in `heading`)
+        seen += [WorkerObservation(worker_id, _POOL_ROLES[self.pool.specs[worker_id].role], draining=True)
                  for worker_id in self._moving if worker_id not in present and worker_id in self.pool.specs]
         counts = self.router_counts()
         rate, prompt_tokens, classes = self._arrivals(now, counts)
