@@ -8,7 +8,9 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
     S        = prefill_seconds(ISL) * c_ttft                   u_p = largest rho with S + rho*S/(2(1-rho)) <= T
     need_p   = max(lambda*S / u_p,  lambda*S + w*backlog_work/H) * pressure_ttft   (w = burst_weight)
     B*       = largest B <= min(max_num_seqs, kv_tokens/ctx) with decode_step_seconds(B, ctx) * c_tpot <= tau
-    need_d   = max(lambda*(OSL-1) / (B*/step(B*) * u_d),  w*held/(B* u_d),  w*D*kv_used/kv_high_water) * pressure_tpot
+    need_d   = max(lambda*(OSL-1) / (B*/step(B*) * u_d),  w*held/(B*_held u_d),  w*D*kv_used/kv_high_water) * p_tpot
+               (B*_held: B* at the held requests' own context; the KV term only while a decode worker has a queue;
+               the pressures only from a window with no move in it)
     (a move is judged by each need capped at N: a backlog no split could clear must not outweigh everything else)
     ISL, OSL = the arrivals' (prompt lengths as they arrive; outputs predicted from their length class)
     c_ttft, c_tpot <- EMA toward the factor that makes the predicted p50 equal the observed one, in [0.5, 4],
@@ -30,10 +32,9 @@ Before any of that: while a worker is in transition (draining, restarting, start
 cooldown restarts, so moves happen one at a time (except that a shift in the mix may send more workers the way the
 ones in transition are going, planned from the split they are heading to); with `pin` set the target is the pin
 (clamped to the budget) and the controller moves one worker per tick toward it without confirmation or cooldown;
-with no traffic (nothing
-arrived, nothing finished), or with no finished request to learn lengths from, it holds; in the first warmup_s of
-traffic (the first requests to finish are the short ones, so lengths learned then are too short) it moves only for a
-shift in the mix (below).
+with no traffic (nothing arrived, nothing finished), or with no finished request to learn lengths from, it holds; in
+the first warmup_s of traffic (the first requests to finish are the short ones, so lengths learned then are too
+short) it moves only for a shift in the mix (below).
 
 When even the averages alone overload the best split (its bottleneck > scale_up_load) and no worker can be added,
 the queue terms are left out of the split: the queue then grows in whichever pool is shorter, so following it would
