@@ -113,10 +113,8 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
     warming = obs.now_s - state.traffic_since_s
     shifted = _mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
     plan = _plan(config, needs, current, inputs)
-    arrived = obs.traffic.arrived_input_tokens
-    fitted = dataclasses.replace(state, fitted_input_tokens=arrived if math.isfinite(arrived) else 0.0)
     if plan.target == current:
-        return hold(plan.why, dataclasses.replace(fitted, candidate=None, candidate_ticks=0))
+        return hold(plan.why, _fitted(dataclasses.replace(state, candidate=None, candidate_ticks=0), obs))
     ticks = state.candidate_ticks + 1 if _same_way(state.candidate, plan.target, current) else 1
     state = dataclasses.replace(state, candidate=plan.target, candidate_ticks=ticks)
     inputs["candidate_ticks"] = float(ticks)
@@ -137,8 +135,7 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
         return hold(f"{plan.why}; confirmed, but the last move was {since:.0f}s ago (cooldown "
                     f"{config.cooldown_s:g}s), holding at {current} for now.", state, plan.target)
     return _act(config, plan.action, plan.target, current, obs, needs, plan.why,
-                dataclasses.replace(state, last_move_s=obs.now_s, fitted_input_tokens=fitted.fitted_input_tokens),
-                inputs)
+                _fitted(dataclasses.replace(state, last_move_s=obs.now_s), obs), inputs)
 
 
 def _follow_shift(config: ControllerConfig, state: ControllerState, obs: Observation, needs: PoolNeeds | None,
@@ -158,13 +155,17 @@ def _follow_shift(config: ControllerConfig, state: ControllerState, obs: Observa
     grows = PoolRole.PREFILL if plan.target[0] > heading[0] else PoolRole.DECODE
     if plan.action is not Action.MOVE or joining != {grows}:
         return None
-    arrived = obs.traffic.arrived_input_tokens
-    state = dataclasses.replace(state, last_move_s=obs.now_s, candidate=None, candidate_ticks=0,
-                                fitted_input_tokens=arrived if math.isfinite(arrived) else 0.0)
+    state = _fitted(dataclasses.replace(state, last_move_s=obs.now_s, candidate=None, candidate_ticks=0), obs)
     return _act(config, Action.MOVE, plan.target, heading, obs, needs,
                 f"{plan.why}; the mix has shifted (the averages alone load {heading}, where the pools are heading "
                 f"with {names} in transition, {inputs['shift_ratio']:.2f}x its best split), so more go the same way "
                 f"now", state, inputs)
+
+
+def _fitted(state: ControllerState, obs: Observation) -> ControllerState:
+    """The state with the split now fitted to the arrivals' prompt length (0 when that is unknown)."""
+    arrived = obs.traffic.arrived_input_tokens
+    return dataclasses.replace(state, fitted_input_tokens=arrived if math.isfinite(arrived) else 0.0)
 
 
 def _same_way(candidate: tuple[int, int] | None, target: tuple[int, int], current: tuple[int, int]) -> bool:
