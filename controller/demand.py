@@ -28,6 +28,7 @@ Decode (see `perf_model` for B* and throughput; the first token comes from prefi
                       0 unless a decode worker has requests waiting: a full cache that admits every arrival is
                       the plan working, not a shortage)
     need_d          = max(need_d_steady, need_d_queue, need_d_kv) * pressure_tpot
+
 What the averages hide: the backlog, queue and KV terms read the workers' heartbeats, so a burst raises the need
 while it lasts. The pressure terms read the tail: when the observed p90 is above its SLO and the pool is busy
 (need >= pressure_min_load * size), pressure = min(p90 / SLO, max_pressure); otherwise 1, and 1 within a window of
@@ -111,6 +112,11 @@ def _backlog_tokens(obs: Observation, isl: int) -> int:
     return queued + obs.traffic.router_waiting * isl
 
 
+def _settled(state: ControllerState, obs: Observation) -> bool:
+    """No move within the traffic window: its requests ran under the split as it is now."""
+    return obs.now_s - state.last_move_s >= obs.traffic.window_s
+
+
 def _ema(config: ControllerConfig, old: float, ratio: float) -> float:
     ratio = min(max(ratio, config.correction_min), config.correction_max)
     new = (1 - config.correction_alpha) * old + config.correction_alpha * ratio
@@ -130,7 +136,7 @@ def update_corrections(config: ControllerConfig, model: PerfModel, state: Contro
         return state, inputs
     isl, _, ctx = _lengths(obs)
     ttft_c, tpot_c = state.ttft_correction, state.tpot_correction
-    settled = obs.now_s - state.last_move_s >= traffic.window_s
+    settled = _settled(state, obs)
 
     if prefill:
         service = model.prefill_seconds(isl) * ttft_c
@@ -199,7 +205,7 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     need_p_base = max(need_p_steady, need_p_backlog)
     # A tail over the SLO says the pool is short only once the window holds the split as it is: right after a move
     # its p90 is the old split's, and reading it there sent chat's decode workers back and forth after a shift.
-    settled = obs.now_s - state.last_move_s >= traffic.window_s
+    settled = _settled(state, obs)
     ttft_p90 = traffic.ttft_p90_s if settled else math.nan
     pressure_p = _pressure(config, ttft_p90, config.slo_ttft_s, need_p_base, prefill_size)
     need_p = need_p_base * pressure_p

@@ -32,11 +32,12 @@ class WorkerObservation:
     """The pool it serves, or, while it restarts after a move, the pool it is joining."""
     draining: bool
     """In transition: draining before a move, restarting in its new role, or starting after an add. A worker in
-    transition counts in neither pool, and while any worker is in transition the controller holds."""
-    running: int = 0
-    """Requests decoding on it (decode) or being prefilled / held for KV pickup (prefill)."""
+    transition counts in neither pool, and while any worker is in transition the controller holds (unless a shift in
+    the mix sends more workers the way they are going: `joining`)."""
     joining: PoolRole | None = None
     """While in transition, the pool it will serve once ready (None: not in transition, or not known)."""
+    running: int = 0
+    """Requests decoding on it (decode) or being prefilled / held for KV pickup (prefill)."""
     waiting: int = 0
     """Requests queued on it and not yet running."""
     queued_prefill_tokens: int = 0
