@@ -51,9 +51,18 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> Future[Engine]:
-        """Builds the engine on the thread; the future resolves when it is ready (or with the build's error)."""
-        self._thread.start()
+        """Builds the engine on the thread; the future resolves when it is ready (or with the build's error). On a
+        thread already started, the same future (a worker switching roles keeps its engine)."""
+        if not self._thread.is_alive() and not self._ready.done():
+            self._thread.start()
         return self._ready
+
+    def attach(self, after_step: Callable[[Engine, list[RequestOutput]], None],
+               on_step: Callable[[Engine, list[RequestOutput], float], None] | None) -> Future[None]:
+        """Hand the steps to another role's callbacks (a role switch in place); takes effect between two steps."""
+        def swap(_: Engine) -> None:
+            self._after_step, self._on_step = after_step, on_step
+        return self.call(swap)
 
     def call(self, fn: Callable[[Engine], T]) -> Future[T]:
         future: Future[T] = Future()

@@ -8,7 +8,8 @@ A move (the ratio controller's actuator) never loses a request:
                    router resumes each elsewhere, its tokens so far prefilled again: `router.migration`)
     -> wait until it has been idle for `IDLE_STABLE_S`, and at least `ROUTER_GRACE_S` after the drain began (so a
        request a router picked just before it saw DRAINING has arrived and finished too)
-    -> stop the actor (it leaves the registry) -> start a new actor in the other role on the same cores.
+    -> switch its role in place (`cluster.worker`: same actor, engine and cores; a new worker id) when both roles
+       ask for the same resources; else stop the actor and start a new one in the other role on the same cores.
 
 Worker ids are `<role>-<n>` with n counting up per role, so a moved worker gets a new id and routers see one worker
 leave and a new one join (and pair it with every worker of the other role).
@@ -27,10 +28,9 @@ import logging
 import ray
 
 from pdserve.cluster.registry import Role
+from pdserve.cluster.worker import Worker
 from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.config import ClusterConfig, Pool
-from pdserve.decode_worker.worker import DecodeWorker
-from pdserve.prefill_worker.worker import PrefillWorker
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +71,36 @@ class WorkerPool:
                                WORKER_START_TIMEOUT_S)
 
     async def move(self, worker_id: str, to_role: Role) -> str:
-        """Drain `worker_id`, stop it, and start a worker in `to_role` on its cores; returns the new worker's id."""
+        """Drain `worker_id` and make it a worker in `to_role` on the same cores (in place when it can: see the
+        module docstring); returns the new worker's id."""
         spec = self.specs[worker_id]
+        in_place = self.pool(spec.role).resources == self.pool(to_role).resources
         self.moving.add(worker_id)
         try:
             await self.drain(worker_id)
+            if in_place and (switched := await self._switch(worker_id, to_role)) is not None:
+                return switched
             await self.stop(worker_id)
         finally:
             self.moving.discard(worker_id)
         new_id = self.next_id(to_role)
         new = dataclasses.replace(spec, role=to_role, worker_id=new_id, actor_name=f"{spec.cluster}-{new_id}")
         await self.start([new])
-        log.warning("worker %s moved to %s as %s", worker_id, to_role.value, new.worker_id)
+        log.warning("worker %s moved to %s as %s (restarted)", worker_id, to_role.value, new.worker_id)
+        return new.worker_id
+
+    async def _switch(self, worker_id: str, to_role: Role) -> str | None:
+        """The drained actor serves in `to_role` under a new id (its actor name, how routers find it, stays);
+        None if it could not (the caller restarts it instead)."""
+        new = dataclasses.replace(self.specs[worker_id], role=to_role, worker_id=self.next_id(to_role))
+        try:
+            await asyncio.wait_for(self.actors[worker_id].switch_role.remote(new), WORKER_START_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            log.error("worker %s could not switch to %s in place; restarting it: %s", worker_id, to_role.value, e)
+            return None
+        del self.specs[worker_id]
+        self.specs[new.worker_id], self.actors[new.worker_id] = new, self.actors.pop(worker_id)
+        log.warning("worker %s moved to %s as %s (in place)", worker_id, to_role.value, new.worker_id)
         return new.worker_id
 
     async def add(self, spec: WorkerSpec) -> None:
@@ -162,9 +180,8 @@ class WorkerPool:
         return new_id
 
     def _create(self, spec: WorkerSpec) -> None:
-        cls = PrefillWorker if spec.role is Role.PREFILL else DecodeWorker
         resources = self.pool(spec.role).resources
-        actor = ray.remote(cls).options(name=spec.actor_name, namespace=self.namespace, num_cpus=resources.cpus,
+        actor = ray.remote(Worker).options(name=spec.actor_name, namespace=self.namespace, num_cpus=resources.cpus,
                                         num_gpus=resources.gpus, max_concurrency=1000)
         self.specs[spec.worker_id] = spec
         self.actors[spec.worker_id] = actor.remote(spec)

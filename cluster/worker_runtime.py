@@ -54,7 +54,9 @@ class WorkerSpec:
 
 class WorkerRuntime:
     def __init__(self, spec: WorkerSpec, after_step: Callable[[Engine, list[RequestOutput]], None],
-                 connector: KVConnector | None = None) -> None:
+                 connector: KVConnector | None = None, thread: EngineThread | None = None) -> None:
+        """`thread`: the engine thread of the worker this one was until a role switch in place (its engine, weights
+        and KV pool are kept; `leave` let it go); None builds a new engine."""
         self.spec = spec
         kv = spec.kv_transfer
         self.connector = connector or TorchDistConnector(spec.worker_id, kv.backend,
@@ -63,8 +65,12 @@ class WorkerRuntime:
                                                          send_pause_count=kv.inject_send_pause_count)
         self.metrics = WorkerMetrics(spec.worker_id, spec.role.value, lambda: self.thread.load)
         self.metrics_server: MetricsServer | None = None
-        self.thread = EngineThread(lambda: Engine(spec.engine), after_step, spec.cores, name=spec.worker_id,
-                                   on_step=self.metrics.step)
+        if thread is None:
+            thread = EngineThread(lambda: Engine(spec.engine), after_step, spec.cores, name=spec.worker_id,
+                                  on_step=self.metrics.step)
+        else:
+            thread.attach(after_step, self.metrics.step)
+        self.thread = thread
         self.engine: Engine | None = None
         self.rendezvous = Rendezvous(spec.host or ray.util.get_node_ip_address(), spec.worker_id)
         self.store_address = ""
@@ -124,10 +130,23 @@ class WorkerRuntime:
             paired=tuple(sorted(self.connector.pairs)) if isinstance(self.connector, TorchDistConnector) else ())
 
     def stop(self) -> None:
+        self._unregister()
+        self.thread.stop()
+        self._close()
+
+    async def leave(self) -> EngineThread:
+        """Leave the cluster under this identity (registry entry, KV pairs, metrics port) but keep the engine
+        thread and its engine, for a role switch in place; returns the thread."""
+        self._unregister()
+        await self.call(lambda _: self._close())  # between two steps: nothing polls the connector meanwhile
+        return self.thread
+
+    def _unregister(self) -> None:
         self.state = WorkerState.STOPPED
         if self.heartbeat is not None:
             self.heartbeat.stop()
-        self.thread.stop()
+
+    def _close(self) -> None:
         self.connector.shutdown()
         self.rendezvous.close()
         if self.metrics_server is not None:

@@ -27,6 +27,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from pdserve.cluster.engine_thread import EngineThread
 from pdserve.cluster.messages import DecodeTask, Reservation, TokenEvent
 from pdserve.cluster.registry import WorkerInfo
 from pdserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec
@@ -59,8 +60,9 @@ class _Local:
 
 
 class DecodeWorker:
-    def __init__(self, spec: WorkerSpec, connector: KVConnector | None = None) -> None:
-        self.runtime = WorkerRuntime(spec, self._after_step, connector)
+    def __init__(self, spec: WorkerSpec, connector: KVConnector | None = None,
+                 thread: EngineThread | None = None) -> None:
+        self.runtime = WorkerRuntime(spec, self._after_step, connector, thread)
         self._arriving: dict[str, _Arrival] = {}
         self._local: dict[str, _Local] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from pdserve.cluster.engine_thread import EngineThread
 from pdserve.cluster.messages import PrefillResult, PrefillTask
 from pdserve.cluster.registry import WorkerInfo
 from pdserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec
@@ -46,8 +47,9 @@ class _Prefill:
 
 
 class PrefillWorker:
-    def __init__(self, spec: WorkerSpec, connector: KVConnector | None = None) -> None:
-        self.runtime = WorkerRuntime(spec, self._after_step, connector)
+    def __init__(self, spec: WorkerSpec, connector: KVConnector | None = None,
+                 thread: EngineThread | None = None) -> None:
+        self.runtime = WorkerRuntime(spec, self._after_step, connector, thread)
         self._prefilling: dict[str, _Prefill] = {}
         self._sending: set[str] = set()
         self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()

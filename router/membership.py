@@ -6,7 +6,8 @@ Ray namespace), is paired with every worker of the other role (both sides call `
 hosts the pair's TCPStore), and, if it decodes, gets a drain task that long-polls its `events`. A worker whose
 heartbeat expires and that does not answer, or whose actor dies, is dropped and `on_lost` is told, so the requests
 on it move on (see `router.migration`) instead of hanging; a dead one is never taken back, though its heartbeat
-lingers a few seconds. A worker missing from a restarted (empty) Redis still answers, so it stays.
+lingers a few seconds. A worker missing from a restarted (empty) Redis still answers, so it stays; one whose actor
+answers under another id has switched roles in place (`cluster.worker`) and is dropped (it was drained first).
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ class Membership:
         member = self.members.get(worker_id)
         try:
             if member is not None:
-                await asyncio.wait_for(member.handle.info.remote(), ALIVE_TIMEOUT_S)
+                answer = await asyncio.wait_for(member.handle.info.remote(), ALIVE_TIMEOUT_S)
+                if answer.worker_id != worker_id:
+                    self.drop(worker_id, f"its actor switched roles and serves as {answer.worker_id} now")
+                    return
                 log.info("worker %s is missing from the registry but answers (stopping, or Redis restarted); "
                          "keeping it until it stops answering", worker_id)
         except (ray.exceptions.RayError, TimeoutError) as e:

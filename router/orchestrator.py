@@ -242,7 +242,7 @@ class Orchestrator:
         if result.first_token_id is None:
             raise WorkerFailed(f"prefill worker {prefill.info.worker_id} dropped the request")
         if result.finish_reason is not None:  # the first token ended it; no KV was sent
-            await _call(decode, decode.handle.abort.remote(request.request_id))
+            await _call(decode, decode.handle.abort.remote(request.request_id, kv_sent=False))
             yield Piece((result.first_token_id,), result.text_delta, result.finish_reason)
             return
         yield Piece((result.first_token_id,), result.text_delta)
@@ -333,12 +333,12 @@ class Orchestrator:
         kv_sent = False
         if route.prefill is not None:
             try:
-                kv_sent = bool(await route.prefill.handle.abort.remote(request_id, route.tag))
+                kv_sent = bool(await route.prefill.handle.abort.remote(request_id, tag=route.tag))
             except ray.exceptions.RayError as e:  # a dead sender's send ends with it
                 log.warning("abort of %s on %s failed: %s", request_id, route.prefill.info.worker_id, e)
         if route.decode is not None:
             try:
-                await route.decode.handle.abort.remote(request_id, kv_sent)
+                await route.decode.handle.abort.remote(request_id, kv_sent=kv_sent)
             except ray.exceptions.RayError as e:
                 log.warning("abort of %s on %s failed: %s", request_id, route.decode.info.worker_id, e)
 

@@ -1,0 +1,126 @@
+"""The Ray actor behind every worker: a prefill or a decode (or colocated) worker now, and able to switch roles in
+place, keeping its engine (weights loaded, KV pool allocated, threads pinned) instead of restarting.
+
+The request life is the role's own (`prefill_worker.worker`, `decode_worker.worker`); this class only passes each
+call to the role it has now. A role switch (`cluster.worker_pool.WorkerPool.move`):
+
+    drain -> idle (nothing queued, decoding, on the wire, or with events uncollected)
+    -> switch_role(spec): the old identity leaves (registry entry, KV pairs, metrics port), the engine thread stays
+    -> a worker of the other role starts on it under a new id (same actor name); routers see one worker leave and a
+       new one join, and pair it with every worker of the other role.
+
+A call that only the other role answers (a late `events` poll or `abort` addressed to the identity this actor had
+before a switch) finds nothing here: `events` waits and returns none, `abort` reports that nothing was sent. A call
+that would give it work of the wrong role (`prefill` on a decode worker) is refused with `WrongRole`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pdserve.cluster.engine_thread import EngineThread
+from pdserve.cluster.messages import DecodeTask, PrefillResult, PrefillTask, Reservation, TokenEvent
+from pdserve.cluster.registry import Role, WorkerInfo, WorkerState
+from pdserve.cluster.worker_runtime import WorkerSpec
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.step_profile import StepProfile
+from pdserve.prefill_worker.worker import PrefillWorker
+
+
+class WrongRole(RuntimeError):
+    """A call for the other role (the router's view of this worker is out of date)."""
+
+
+class RoleSwitchError(RuntimeError):
+    """A role switch asked of a worker that is not drained and idle."""
+
+
+def role_front(spec: WorkerSpec, thread: EngineThread | None = None) -> PrefillWorker | DecodeWorker:
+    """The worker object for `spec`'s role, on `thread`'s engine when given."""
+    if spec.role is Role.PREFILL:
+        return PrefillWorker(spec, thread=thread)
+    return DecodeWorker(spec, thread=thread)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.front = role_front(spec)
+
+    # ---- every role ------------------------------------------------------------------------------------------
+    async def start(self) -> WorkerInfo:
+        return await self.front.start()
+
+    async def connect(self, peer: str, store_address: str, rank: int, generation: int = 0) -> None:
+        await self.front.connect(peer, store_address, rank, generation)
+
+    async def info(self) -> WorkerInfo:
+        return await self.front.info()
+
+    async def metrics(self) -> list:
+        return await self.front.metrics()
+
+    async def profile(self) -> StepProfile:
+        return await self.front.profile()
+
+    async def drain(self) -> None:
+        await self.front.drain()
+
+    async def idle(self) -> bool:
+        return await self.front.idle()
+
+    async def stop(self) -> None:
+        await self.front.stop()
+
+    async def switch_role(self, spec: WorkerSpec) -> WorkerInfo:
+        """Serve as `spec` (the other role, a new worker id) on this actor's engine; returns the new identity's
+        info once it is registered. Only a drained, idle worker switches (else `RoleSwitchError`)."""
+        runtime = self.front.runtime
+        idle = await self.front.idle()
+        if runtime.state is not WorkerState.DRAINING or not idle:
+            raise RoleSwitchError(f"worker {runtime.spec.worker_id} is {runtime.state.value} and "
+                                  f"{'idle' if idle else 'busy'}: drain it until idle first")
+        thread = await runtime.leave()
+        self.front = role_front(spec, thread)
+        return await self.front.start()
+
+    # ---- prefill ---------------------------------------------------------------------------------------------
+    async def prefill(self, task: PrefillTask) -> PrefillResult:
+        return await self._prefill_front("prefill").prefill(task)
+
+    async def abort(self, request_id: str, tag: int | None = None, kv_sent: bool = False) -> bool:
+        """With `tag`: abort a prefill (True when its KV send had started). Without: abort on decode, `kv_sent`
+        saying whether a send must be drained. An abort for the role this actor no longer has finds nothing."""
+        if tag is not None:
+            return isinstance(self.front, PrefillWorker) and await self.front.abort(request_id, tag)
+        if isinstance(self.front, DecodeWorker):
+            await self.front.abort(request_id, kv_sent)
+        return False
+
+    # ---- decode ----------------------------------------------------------------------------------------------
+    async def reserve(self, task: DecodeTask) -> Reservation | None:
+        return await self._decode_front("reserve").reserve(task)
+
+    async def commit(self, request_id: str, first_token_id: int) -> None:
+        await self._decode_front("commit").commit(request_id, first_token_id)
+
+    async def generate(self, task: DecodeTask) -> None:
+        await self._decode_front("generate").generate(task)
+
+    async def hand_on(self) -> int:
+        return await self._decode_front("hand_on").hand_on()
+
+    async def events(self, timeout_s: float = 1.0) -> list[TokenEvent]:
+        if isinstance(self.front, DecodeWorker):
+            return await self.front.events(timeout_s)
+        await asyncio.sleep(timeout_s)  # a poll for the decode worker this actor was before a switch
+        return []
+
+    def _prefill_front(self, call: str) -> PrefillWorker:
+        if not isinstance(self.front, PrefillWorker):
+            raise WrongRole(f"{call}: worker {self.front.runtime.spec.worker_id} is not a prefill worker")
+        return self.front
+
+    def _decode_front(self, call: str) -> DecodeWorker:
+        if not isinstance(self.front, DecodeWorker):
+            raise WrongRole(f"{call}: worker {self.front.runtime.spec.worker_id} is not a decode worker")
+        return self.front
