@@ -75,10 +75,14 @@ class WorkerPool:
         module docstring); returns the new worker's id."""
         spec = self.specs[worker_id]
         in_place = self.pool(spec.role).resources == self.pool(to_role).resources
+        clock = asyncio.get_running_loop().time
+        began = clock()
         self.moving.add(worker_id)
         try:
             await self.drain(worker_id)
+            drained = clock()
             if in_place and (switched := await self._switch(worker_id, to_role)) is not None:
+                _log_move(worker_id, to_role, switched, "switched in place", drained - began, clock() - drained)
                 return switched
             await self.stop(worker_id)
         finally:
@@ -86,8 +90,8 @@ class WorkerPool:
         new_id = self.next_id(to_role)
         new = dataclasses.replace(spec, role=to_role, worker_id=new_id, actor_name=f"{spec.cluster}-{new_id}")
         await self.start([new])
-        log.warning("worker %s moved to %s as %s (restarted)", worker_id, to_role.value, new.worker_id)
-        return new.worker_id
+        _log_move(worker_id, to_role, new_id, "restarted", drained - began, clock() - drained)
+        return new_id
 
     async def _switch(self, worker_id: str, to_role: Role) -> str | None:
         """The drained actor serves in `to_role` under a new id (its actor name, how routers find it, stays);
@@ -100,7 +104,6 @@ class WorkerPool:
             return None
         del self.specs[worker_id]
         self.specs[new.worker_id], self.actors[new.worker_id] = new, self.actors.pop(worker_id)
-        log.warning("worker %s moved to %s as %s (in place)", worker_id, to_role.value, new.worker_id)
         return new.worker_id
 
     async def add(self, spec: WorkerSpec) -> None:
@@ -185,3 +188,8 @@ class WorkerPool:
                                         num_gpus=resources.gpus, max_concurrency=1000)
         self.specs[spec.worker_id] = spec
         self.actors[spec.worker_id] = actor.remote(spec)
+
+
+def _log_move(worker_id: str, to_role: Role, new_id: str, how: str, drain_s: float, switch_s: float) -> None:
+    log.warning("worker %s moved to %s as %s: drained in %.2f s, %s in %.2f s", worker_id, to_role.value, new_id,
+                drain_s, how, switch_s)

@@ -65,12 +65,10 @@ class WorkerRuntime:
                                                          send_pause_count=kv.inject_send_pause_count)
         self.metrics = WorkerMetrics(spec.worker_id, spec.role.value, lambda: self.thread.load)
         self.metrics_server: MetricsServer | None = None
-        if thread is None:
-            thread = EngineThread(lambda: Engine(spec.engine), after_step, spec.cores, name=spec.worker_id,
-                                  on_step=self.metrics.step)
-        else:
-            thread.attach(after_step, self.metrics.step)
-        self.thread = thread
+        self._after_step = after_step
+        self._adopted = thread is not None
+        self.thread = thread or EngineThread(lambda: Engine(spec.engine), after_step, spec.cores,
+                                             name=spec.worker_id, on_step=self.metrics.step)
         self.engine: Engine | None = None
         self.rendezvous = Rendezvous(spec.host or ray.util.get_node_ip_address(), spec.worker_id)
         self.store_address = ""
@@ -81,6 +79,8 @@ class WorkerRuntime:
             self.heartbeat = Heartbeat(Registry(spec.redis_url, spec.cluster), self.info)
 
     async def start(self) -> WorkerInfo:
+        if self._adopted:  # from here on the steps are this role's (its object is whole by now)
+            await asyncio.wrap_future(self.thread.attach(self._after_step, self.metrics.step))
         self.engine = await asyncio.wrap_future(self.thread.start())
         self.connector.register(self.engine.kv_cache)
         if self.engine.config.simulated and isinstance(self.connector, TorchDistConnector):

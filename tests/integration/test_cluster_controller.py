@@ -1,5 +1,6 @@
 """The ratio controller on a live cluster (real redis-server, Ray, SmolLM2, gRPC on 127.0.0.1): an operator pin moves
 a worker to the other role while requests stream, and every request completes, token-identical to the local engine.
+Both pools ask for the same resources, so the worker switches roles in place (same actor process, same engine).
 The moving decode worker hands on what it still decodes half a second into its drain, so the move also runs the
 hand-on path: those requests resume on the other decode worker, their tokens so far prefilled again.
 """
@@ -39,6 +40,7 @@ def roles(cluster) -> dict[str, str]:
 
 def test_pinned_move_under_load_loses_nothing(cluster, engine):
     registry = Registry(cluster.state()["redis_url"])
+    before = cluster.workers()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
     sampling = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
 
@@ -72,5 +74,9 @@ def test_pinned_move_under_load_loses_nothing(cluster, engine):
     moves = [d for d in decisions if d["action"] == "move"]
     assert moves and "Pinned at (2, 1)" in moves[0]["reason"]
     assert sorted(w["role"] for w in workers.values()) == ["decode", "prefill", "prefill"]
+    (left,) = set(before) - set(workers)
+    (joined,) = set(workers) - set(before)
+    assert before[left]["role"] == "decode" and workers[joined]["role"] == "prefill"
+    assert workers[joined]["pid"] == before[left]["pid"]  # switched in place: the same actor process and engine
     assert cluster.router_metric("pdserve_request_hand_ons_total") >= 1  # the drain handed requests on
     assert cluster.router_metric("pdserve_request_migrations_total") == 0  # and nothing failed

@@ -15,7 +15,7 @@ from pdserve.engine import SamplingParams
 from pdserve.kv_transfer.in_process import Exchange, InProcessConnector
 from pdserve.prefill_worker.worker import PrefillWorker
 
-from .test_workers_in_process import CONFIG, PROMPT, events_until_finished, idle, oracle  # noqa: F401
+from .test_workers_in_process import CONFIG, PROMPT, events_until_finished, idle, oracle, started_pair  # noqa: F401
 
 SAMPLING = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
@@ -44,10 +44,8 @@ def test_both_workers_swap_roles_in_place_and_stay_token_identical(oracle):  # n
     expected = oracle.generate([list(PROMPT)], SAMPLING)[0].token_ids
 
     async def go():
-        exchange = Exchange()
-        prefill = PrefillWorker(WorkerSpec("prefill-0", Role.PREFILL, CONFIG), InProcessConnector("prefill-0", exchange))
-        decode = DecodeWorker(WorkerSpec("decode-0", Role.DECODE, CONFIG), InProcessConnector("decode-0", exchange))
-        await asyncio.gather(prefill.start(), decode.start())
+        prefill, decode = await started_pair()
+        exchange = prefill.runtime.connector.exchange
         before = await handoff(prefill, decode, "r1")
         engines = prefill.runtime.engine, decode.runtime.engine
         new_decode = await switched(prefill, "decode-1", Role.DECODE, exchange)
