@@ -44,7 +44,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--cooldown-s", type=float, default=20.0, help="controller cooldown after a move (default 20)")
     p.add_argument("--window-s", type=float, default=30.0, help="controller traffic window (default 30)")
     p.add_argument("--max-moves", type=int, default=1, help="most workers one controller decision moves (default 1)")
-    p.add_argument("--role-switch-s", type=float, default=5.0, help="a moved worker's restart (default 5)")
+    p.add_argument("--role-switch-s", type=float, default=5.0,
+                   help="seconds from a moved worker's drain to serving in its new role (default 5; live ~2 for "
+                        "a switch in place, a model load more for a restart)")
     p.add_argument("--hand-on-after-s", type=float, default=None, metavar="SECONDS",
                    help="a decode worker leaving its pool hands on what it still decodes this long into its drain "
                         "(controller.hand_on_after_s; default: waits for it to finish)")
