@@ -48,6 +48,8 @@ class EngineThread:
         """The engine's load after the latest step; read from any thread."""
         self.step_started = 0.0
         """time.monotonic() when the latest step began (for `after_step` to time what ran in it)."""
+        self.failure: Exception | None = None
+        """What ended the thread when a step or `after_step` raised (the worker must then be replaced)."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> Future[Engine]:
@@ -66,8 +68,8 @@ class EngineThread:
 
     def call(self, fn: Callable[[Engine], T]) -> Future[T]:
         future: Future[T] = Future()
-        if self._stopping.is_set():
-            future.set_exception(RuntimeError("the engine thread has stopped"))
+        if self._stopping.is_set() or self.failure is not None:
+            future.set_exception(self._stopped())
         else:
             self._inbox.put((fn, future))
         return future
@@ -85,17 +87,24 @@ class EngineThread:
             self._ready.set_exception(e)
             return
         self._ready.set_result(engine)
-        while not self._stopping.is_set():
-            # Nothing to compute: wait for a command up to IDLE_WAIT_S (transfers in flight are polled that often).
-            self._run_commands(engine, wait=not engine.has_unfinished())
-            self.step_started = time.monotonic()
-            stepped = engine.has_unfinished()
-            outputs = engine.step() if stepped else []
-            if stepped and self._on_step is not None:
-                self._on_step(engine, outputs, time.monotonic() - self.step_started)
-            self._after_step(engine, outputs)
-            self.load = engine.load()
+        try:
+            while not self._stopping.is_set():
+                self._cycle(engine)
+        except Exception as e:  # a bug in a step or a role's callback: this engine's state can no longer be trusted
+            log.critical("engine thread %s died", self._thread.name, exc_info=True)
+            self.failure = e
         self._fail_pending()
+
+    def _cycle(self, engine: Engine) -> None:
+        # Nothing to compute: wait for a command up to IDLE_WAIT_S (transfers in flight are polled that often).
+        self._run_commands(engine, wait=not engine.has_unfinished())
+        self.step_started = time.monotonic()
+        stepped = engine.has_unfinished()
+        outputs = engine.step() if stepped else []
+        if stepped and self._on_step is not None:
+            self._on_step(engine, outputs, time.monotonic() - self.step_started)
+        self._after_step(engine, outputs)
+        self.load = engine.load()
 
     def _start_engine(self) -> Engine:
         if self._cores:
@@ -129,4 +138,9 @@ class EngineThread:
             except queue.Empty:
                 return
             if future.set_running_or_notify_cancel():
-                future.set_exception(RuntimeError("the engine thread has stopped"))
+                future.set_exception(self._stopped())
+
+    def _stopped(self) -> RuntimeError:
+        if self.failure is not None:
+            return RuntimeError(f"the engine thread died: {type(self.failure).__name__}: {self.failure}")
+        return RuntimeError("the engine thread has stopped")

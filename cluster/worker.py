@@ -12,11 +12,17 @@ call to the role it has now. A role switch (`cluster.worker_pool.WorkerPool.move
 A call that only the other role answers (a late `events` poll or `abort` addressed to the identity this actor had
 before a switch) finds nothing here: `events` waits and returns none, `abort` reports that nothing was sent. A call
 that would give it work of the wrong role (`prefill` on a decode worker) is refused with `WrongRole`.
+
+An actor whose engine thread died (a bug in a step) exits at the next `info` or `events` call, so that it is
+treated as a crashed worker (replaced; its requests resumed elsewhere) instead of answering while serving nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import ray
 
 from pdserve.cluster.engine_thread import EngineThread
 from pdserve.cluster.messages import DecodeTask, PrefillResult, PrefillTask, Reservation, TokenEvent
@@ -25,6 +31,8 @@ from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.step_profile import StepProfile
 from pdserve.prefill_worker.worker import PrefillWorker
+
+log = logging.getLogger(__name__)
 
 
 class WrongRole(RuntimeError):
@@ -54,6 +62,9 @@ class Worker:
         await self.front.connect(peer, store_address, rank, generation)
 
     async def info(self) -> WorkerInfo:
+        """This worker's state. An actor whose engine thread died exits here instead (the pool's watch asks every
+        second): the pool starts a worker in its place and routers resume its requests elsewhere, as after a crash."""
+        self._exit_if_engine_died()
         return await self.front.info()
 
     async def metrics(self) -> list:
@@ -110,10 +121,18 @@ class Worker:
         return await self._decode_front("hand_on").hand_on()
 
     async def events(self, timeout_s: float = 1.0) -> list[TokenEvent]:
+        self._exit_if_engine_died()  # routers poll this without pause: they learn of it at once
         if isinstance(self.front, DecodeWorker):
             return await self.front.events(timeout_s)
         await asyncio.sleep(timeout_s)  # a poll for the decode worker this actor was before a switch
         return []
+
+    def _exit_if_engine_died(self) -> None:
+        failure = self.front.runtime.thread.failure
+        if failure is not None:
+            log.critical("worker %s exits: its engine thread died (%s: %s)", self.front.runtime.spec.worker_id,
+                         type(failure).__name__, failure)
+            ray.actor.exit_actor()
 
     def _prefill_front(self, call: str) -> PrefillWorker:
         if not isinstance(self.front, PrefillWorker):
