@@ -4,13 +4,15 @@
 
 Every problem raises `ConfigError` with the field's dotted path and what was wrong ("workers.prefill.count: must
 be >= 0, got -1"). Unknown keys are errors too, so a typo never silently falls back to a default. The `engine:`
-section is `engine.config.EngineConfig`, shared by every worker.
+section is `engine.config.EngineConfig`, shared by every worker; each pool can change its scheduler and KV cache
+(`workers.prefill.engine`, `workers.decode.engine`), so that each phase is tuned for itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -49,13 +51,47 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class EngineOverrides:
+    """One pool's changes to the shared `engine:` section. Only what may differ between the two ends of a KV
+    handoff is here: the model, dtype and block size must match (KV moves in whole blocks of one layout)."""
+
+    max_num_batched_tokens: int | None = None
+    """A prefill pool wants a large step budget (long chunks); a decode pool a small one."""
+    max_num_seqs: int | None = None
+    """A decode pool batches many requests; a prefill pool few."""
+    num_kv_blocks: int | None = None
+    kv_cache_gib: float | None = None
+    """Set alone, it replaces the shared num_kv_blocks too (the cache is then sized in GiB)."""
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "num_kv_blocks", "num_threads"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        if self.kv_cache_gib is not None and not (math.isfinite(self.kv_cache_gib) and self.kv_cache_gib > 0):
+            raise ConfigError(f"kv_cache_gib: must be a positive number, got {self.kv_cache_gib!r}")
+
+    def apply(self, engine: EngineConfig) -> EngineConfig:
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        if "kv_cache_gib" in changes and "num_kv_blocks" not in changes:
+            changes["num_kv_blocks"] = None
+        return dataclasses.replace(engine, **changes)
+
+
+@dataclass(frozen=True)
 class Pool:
     count: int = 1
     """How many workers of this role to start."""
     resources: Resources = field(default_factory=Resources)
+    engine: EngineOverrides = field(default_factory=EngineOverrides)
+    """This pool's changes to the shared `engine:` section (unset fields keep it)."""
 
     def __post_init__(self) -> None:
         _at_least("count", self.count, 0)
+
+    def engine_config(self, shared: EngineConfig) -> EngineConfig:
+        """The engine this pool's workers run."""
+        return self.engine.apply(shared)
 
 
 @dataclass(frozen=True)
@@ -74,23 +110,26 @@ class KVTransfer:
     """A handoff that takes longer fails; the blocks are freed on both sides."""
     layers_per_message: int = 5
     """Layers sent per message; the next group is gathered while one is on the wire."""
-    inject_send_pause_s: float = 0.0
-    """Fault injection for tests and drills: every KV send pauses this long after its header. Keep 0."""
-    inject_send_pause_count: int = 0
-    """With inject_send_pause_s: only the first this many sends of each worker pause (0: every send)."""
-    sim_link: str = "network"
-    """Sim engines only: the link the modelled KV crosses, nvlink (one node) or network (across nodes); each handoff
-    then takes the modelled bytes over that link's bandwidth."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("gloo", "nccl"):
             raise ConfigError(f"backend: {self.backend!r} is not one of ['gloo', 'nccl']")
         _at_least("timeout_s", self.timeout_s, 0.001)
         _at_least("layers_per_message", self.layers_per_message, 1)
-        _at_least("inject_send_pause_s", self.inject_send_pause_s, 0)
-        _at_least("inject_send_pause_count", self.inject_send_pause_count, 0)
-        if self.sim_link not in ("nvlink", "network"):
-            raise ConfigError(f"sim_link: {self.sim_link!r} is not one of ['nvlink', 'network']")
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults injected on purpose, for tests and drills; all off by default. Never set on a serving cluster."""
+
+    kv_send_pause_s: float = 0.0
+    """Every KV send pauses this long after its header, mid-transfer (a stalled transfer)."""
+    kv_send_pause_count: int = 0
+    """With kv_send_pause_s: only the first this many sends of each worker pause (0: every send)."""
+
+    def __post_init__(self) -> None:
+        _at_least("kv_send_pause_s", self.kv_send_pause_s, 0)
+        _at_least("kv_send_pause_count", self.kv_send_pause_count, 0)
 
 
 @dataclass(frozen=True)
@@ -109,6 +148,10 @@ class Router:
     max_waiting: int = 1024
     """The admission queue: requests accepted and not yet given a worker (waiting for KV room). Beyond it a new
     request gets RESOURCE_EXHAUSTED at once. Requests waiting here have no deadline but the client's own."""
+    lease_s: float = 30.0
+    """How long a decode worker keeps the requests of a router that stopped collecting their tokens (killed, hung,
+    cut off) before it aborts them and frees their KV blocks. Within it a client that reconnects (to the restarted
+    router, or another one) takes its request over where it left off."""
     token_file: str | None = None
     """A file whose first line is the bearer token every call must carry (`authorization: Bearer <token>`);
     unset: no token is asked for (fine on 127.0.0.1, not beyond)."""
@@ -122,6 +165,7 @@ class Router:
             if value is not None and not 0 < value < 65536:
                 raise ConfigError(f"{name}: must be a port number (1-65535), got {value!r}")
         _at_least("max_waiting", self.max_waiting, 1)
+        _at_least("lease_s", self.lease_s, 1)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("tls_cert_file, tls_key_file: give both (TLS on) or neither (TLS off)")
 
@@ -143,7 +187,8 @@ class Controller:
     """The prefill:decode ratio controller (disaggregated mode; see controller/ for the math)."""
 
     enabled: bool = False
-    """Tick the controller in the supervisor; every decision goes to the log and Redis (`pdserve status` shows them)."""
+    """Tick the controller in the control plane; every decision goes to the log and Redis (`pdserve status` shows
+    them)."""
     dry_run: bool = False
     """Decide and record, but move no worker."""
     interval_s: float = 5.0
@@ -208,6 +253,7 @@ class ClusterConfig:
     """An existing Ray cluster ("auto" or host:port); unset starts a local Ray."""
     slo: SLO = field(default_factory=SLO)
     controller: Controller = field(default_factory=Controller)
+    faults: Faults = field(default_factory=Faults)
 
     def __post_init__(self) -> None:
         pools = {"prefill": self.workers.prefill.count, "decode": self.workers.decode.count,
@@ -220,6 +266,27 @@ class ClusterConfig:
             raise ConfigError("controller.enabled: the ratio controller needs mode disaggregated")
         if self.kv_transfer.backend == "nccl" and self.engine.device == "cpu":
             raise ConfigError("kv_transfer.backend: nccl moves CUDA tensors; with engine.device cpu use gloo")
+        for name in ("prefill", "decode", "colocated"):
+            getattr(self.workers, name).engine_config(self.engine)  # an override the engine refuses names its pool
+
+
+def config_to_json(config: ClusterConfig) -> str:
+    """The config as JSON that `config_from_json` (and `parse_config`) read back to an equal config."""
+    return json.dumps(_plain(config))
+
+
+def config_from_json(text: str) -> ClusterConfig:
+    return parse_config(json.loads(text))
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def load_config(path: str | None = None) -> ClusterConfig:

@@ -124,7 +124,7 @@ def count_pools(workers: Sequence) -> tuple[int, int, int, int]:
 
 def registry_source(redis_url: str, cluster: str = "default") -> Callable[[], list]:
     """What `PoolSampler` reads: the cluster's registered workers (`Registry.workers`)."""
-    from pdserve.cluster.registry import Registry
+    from pdserve.registry.registry import Registry
 
     return Registry(redis_url, cluster).workers
 

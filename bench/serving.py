@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pdserve.cli.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
-from pdserve.cluster.local_cluster import start_cluster, stop_cluster
 from pdserve.engine import Message, Prompt, SamplingParams
 
 ENGINE = {"num_kv_blocks": 2048, "max_num_batched_tokens": 256}

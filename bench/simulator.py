@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 
 from pdserve.bench.metrics import SLO, RequestRecord
 from pdserve.bench.workloads import TraceEntry
-from pdserve.cluster.registry import Role, WorkerInfo, WorkerState
 from pdserve.controller.config import ControllerConfig, ControllerState
 from pdserve.controller.controller import tick
 from pdserve.controller.decision import Action, Decision
@@ -45,6 +44,7 @@ from pdserve.engine.engine import Engine
 from pdserve.engine.request import FinishReason
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sim_runner import PLACEHOLDER_TOKEN
+from pdserve.registry.entries import Role, WorkerInfo, WorkerState
 from pdserve.router.policy import pick_decode, pick_prefill
 
 _ROLES = {PoolRole.PREFILL: Role.PREFILL, PoolRole.DECODE: Role.DECODE}

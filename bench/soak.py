@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
+from pdserve.cli.local_cluster import RunningCluster, start_cluster, stop_cluster
 from pdserve.client import Client
-from pdserve.cluster.local_cluster import RunningCluster, start_cluster, stop_cluster
 from pdserve.engine import Message, Prompt, SamplingParams
 
 CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pdserve.cli import bench, down, drain, generate, logs, plan, ratio, scale, status, up
+from pdserve.cli import bench, down, drain, generate, logs, plan, ratio, router, scale, status, up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up.register(commands)
+    router.register(commands)
     down.register(commands)
     status.register(commands)
     generate.register(commands)

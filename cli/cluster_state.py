@@ -1,10 +1,11 @@
-"""Where `pdserve up` leaves its state file, and how the other commands find the cluster."""
+"""Where `pdserve up` leaves its state file, and how the other commands find the cluster and talk to it."""
 
 from __future__ import annotations
 
 import os
 
-from pdserve.cluster.state import ClusterState
+from pdserve.control_plane.processes import alive
+from pdserve.control_plane.state_file import ClusterState
 
 
 class NoCluster(RuntimeError):
@@ -16,31 +17,50 @@ def state_path() -> str:
     return os.path.join(base, "cluster.json")
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def log_path() -> str:
+    """The cluster's log, beside its state file (`pdserve up --detach` appends to it)."""
+    return os.path.join(os.path.dirname(state_path()), "cluster.log")
+
+
+def pid_alive(pid: int | None) -> bool:
+    return alive(pid, "pdserve")  # a control plane (`pdserve up`) or a router
 
 
 def read_state() -> ClusterState:
+    """The state of the cluster `pdserve up` started. Its routers serve even while its control plane is down, so
+    a state file whose control plane died still names a cluster (NoCluster only when nothing of it runs)."""
     path = state_path()
     if not os.path.exists(path):
         raise NoCluster(f"no cluster is up (no {path}); start one with `pdserve up`")
     state = ClusterState.read(path)
-    if not pid_alive(state.pid):
+    if not (pid_alive(state.pid) or any(pid_alive(p) for p in state.router_pids)):
         raise NoCluster(f"the cluster in {path} is gone (pid {state.pid} is not running); `pdserve down` cleans up")
     return state
 
 
+def client_for(state: ClusterState, timeout_s: float | None = None, sync: bool = False):
+    """A client for the cluster `pdserve up` started: its token and certificate from the files its config named
+    (a `SyncClient` with `sync`)."""
+    from pdserve.client import Client, SyncClient
+
+    token = _first_line(state.token_file) if state.token_file else None
+    certs = None
+    if state.tls_cert_file:
+        with open(state.tls_cert_file, "rb") as f:
+            certs = f.read()
+    return (SyncClient if sync else Client)(state.router_address, timeout_s, token, certs)
+
+
 def router_client(given: str | None, timeout_s: float | None = None, sync: bool = False):
-    """A client for the router at `given` (token from $PDSERVE_TOKEN), or for the cluster `pdserve up` started (its
-    token and certificate files); a `SyncClient` with `sync`."""
-    from pdserve.client import Client, SyncClient, client_for
+    """A client for the routers at `given` ("host:port", or several comma-separated; token from $PDSERVE_TOKEN),
+    or for the cluster `pdserve up` started (its token and certificate files); a `SyncClient` with `sync`."""
+    from pdserve.client import Client, SyncClient
 
     if given:
         return (SyncClient if sync else Client)(given, timeout_s)
     return client_for(read_state(), timeout_s, sync)
+
+
+def _first_line(path: str) -> str:
+    with open(path) as f:
+        return f.read().splitlines()[0].strip()

@@ -1,4 +1,9 @@
-"""`pdserve down`: stop the cluster `pdserve up` started (router, workers, Ray, and its own redis-server)."""
+"""`pdserve down`: stop the cluster `pdserve up` started: its routers, workers, Ray head and redis-server.
+
+Its control plane stops them all, in order. If the control plane was killed, this stops what it left running
+itself: the routers (the ones `pdserve router` started too, told through the registry), the Ray head with every
+process under it (the workers), and the redis-server. Nothing of the cluster is left running either way.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,13 @@ import signal
 import sys
 import time
 
+import redis
+
 from pdserve.cli.cluster_state import pid_alive, state_path
-from pdserve.cluster.state import ClusterState
+from pdserve.control_plane import local_redis, ray_head, router_pool
+from pdserve.control_plane.processes import end_tree
+from pdserve.control_plane.state_file import ClusterState
+from pdserve.registry.registry import Registry
 
 STOP_TIMEOUT_S = 60
 
@@ -25,9 +35,15 @@ def run(args: argparse.Namespace) -> int:
         print("pdserve down: no cluster is up", file=sys.stderr)
         return 0
     state = ClusterState.read(path)
-    _stop(state.pid, "cluster")
-    if state.redis_pid is not None:
-        _stop(state.redis_pid, "redis-server")  # already gone after a clean stop
+    if pid_alive(state.pid):
+        _stop(state.pid, "control plane")
+    _ask_routers_to_stop(state.redis_url)
+    for pid in state.router_pids:  # all gone after a clean stop; left running if the control plane was killed
+        end_tree(pid, router_pool.MARK, grace_s=10, what="router")
+    end_tree(state.ray_head_pid, ray_head.MARK, grace_s=5, what="Ray head")
+    if state.ray_token_file and os.path.exists(state.ray_token_file):
+        os.remove(state.ray_token_file)
+    end_tree(state.redis_pid, local_redis.MARK, grace_s=10, what="redis-server")
     if os.path.exists(path):
         os.remove(path)
     print("pdserve: cluster stopped")
@@ -35,8 +51,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stop(pid: int, what: str) -> None:
-    if not pid_alive(pid):
-        return
     os.kill(pid, signal.SIGINT)  # SIGTERM works too, but Ray logs a crash trace for it
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while pid_alive(pid) and time.monotonic() < deadline:
@@ -44,3 +58,11 @@ def _stop(pid: int, what: str) -> None:
     if pid_alive(pid):
         print(f"pdserve down: the {what} (pid {pid}) did not stop in {STOP_TIMEOUT_S} s; killing it", file=sys.stderr)
         os.kill(pid, signal.SIGKILL)
+
+
+def _ask_routers_to_stop(redis_url: str) -> None:
+    """Routers this machine's state file does not list (`pdserve router`) stop on the registry's flag."""
+    try:
+        Registry(redis_url).request_stop()
+    except redis.RedisError:  # Redis is gone: so is what would read the flag
+        pass

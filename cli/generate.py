@@ -2,7 +2,7 @@
 
     pdserve generate "some prompt"                                   # prints the reply (chat; --raw: completion)
     pdserve generate --engine local --input FILE.jsonl --max-tokens N --temperature 0 [--seed S] [--json]
-    pdserve generate --router HOST:PORT --input FILE.jsonl --concurrency N ...   # through a running cluster
+    pdserve generate --router HOST:PORT[,HOST:PORT] --input FILE.jsonl --concurrency N ...   # through a cluster
 
 Each input line is {"prompt": "..."}, {"messages": [{"role", "content"}, ...]} or {"token_ids": [...]}, with an
 optional "request_id". All lines are submitted at once so they batch together. With --json each output line is
@@ -39,7 +39,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", help="a single prompt, sent as a chat user message (instead of --input)")
     p.add_argument("--raw", action="store_true", help="send PROMPT as plain completion text, not as a chat message")
     p.add_argument("--engine", choices=["local"], default="local", help="where to run: local = in this process")
-    p.add_argument("--router", metavar="HOST:PORT", help="send the prompts to a running cluster's router instead")
+    p.add_argument("--router", metavar="HOST:PORT[,HOST:PORT]",
+                   help="send the prompts to a running cluster's router instead (several: the next one takes over "
+                        "when one fails)")
     p.add_argument("--concurrency", type=int, default=16, help="with --router: requests in flight at once")
     p.add_argument("--input", metavar="FILE.jsonl", help="prompts, one JSON object a line ('-' for stdin)")
     p.add_argument("--json", action="store_true", help="print one JSON object per request")

@@ -1,4 +1,4 @@
-"""`pdserve logs [-n N] [-f] [--worker ID]`: the cluster's log (router, supervisor, controller), or one worker's.
+"""`pdserve logs [-n N] [-f] [--worker ID]`: the cluster's log (control plane, routers, controller), or one worker's.
 
 The cluster's log is the file `pdserve up --detach` writes next to its state file (a foreground `pdserve up` logs
 to its terminal instead). A worker's output is in the Ray session's log folder on this machine, found by the
@@ -15,7 +15,7 @@ import sys
 import time
 from collections import deque
 
-from pdserve.cli.cluster_state import NoCluster, read_state, state_path
+from pdserve.cli.cluster_state import NoCluster, log_path, read_state
 from pdserve.cli.router_call import Failed, call_router
 
 FOLLOW_POLL_S = 0.5
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _cluster_log() -> list[str] | Failed:
-    path = os.path.join(os.path.dirname(state_path()), "cluster.log")
+    path = log_path()
     if not os.path.exists(path):
         print(f"pdserve logs: no {path}: start the cluster with `pdserve up --detach` (a foreground `pdserve up` "
               "logs to its terminal)", file=sys.stderr)

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.bench.planner import PlanSetup, best_static, plan
     from pdserve.bench.workloads import TraceError, mean_rate
     from pdserve.controller.config import ControllerConfig, ControllerConfigError
-    from pdserve.engine.config import ConfigError, EngineConfig
+    from pdserve.engine.config import ConfigError, EngineConfig, SimSettings
     from pdserve.engine.cost_model import CostModel, Link
     from pdserve.engine.hardware import hardware
     from pdserve.engine.shapes import shape
@@ -77,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--workers: need at least 2 (one prefill, one decode), got {args.workers}")
         traffic = _traffic(args)
         trace = traffic.at(1.0)
-        engine = EngineConfig(backend="sim", model=args.model, hardware=args.hardware, tensor_parallel=args.tp,
-                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+        engine = EngineConfig(backend="sim", model=args.model, max_num_seqs=args.max_num_seqs,
+                              sim=SimSettings(hardware=args.hardware, tensor_parallel=args.tp),
+                              max_num_batched_tokens=args.max_num_batched_tokens)
         cost = CostModel(shape(args.model), hardware(args.hardware), args.tp)
         slo = SLO(args.slo_ttft, args.slo_tpot)
         prefill_counts = _splits(args.splits, args.workers)
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         controller = ControllerConfig(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, interval_s=args.interval_s,
                                       cooldown_s=args.cooldown_s, max_moves=args.max_moves,
                                       max_num_seqs=args.max_num_seqs,
-                                      kv_capacity_tokens=cost.kv_capacity_tokens(engine.gpu_memory_fraction))
+                                      kv_capacity_tokens=cost.kv_capacity_tokens(engine.sim.gpu_memory_fraction))
     except (OSError, TraceError, ConfigError, ControllerConfigError, ValueError) as e:
         print(f"pdserve plan: {e}", file=sys.stderr)
         return 2

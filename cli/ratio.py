@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     import redis
 
     from pdserve.cli.cluster_state import NoCluster, read_state
-    from pdserve.cluster.registry import Registry, Role
     from pdserve.controller.decision import Decision
+    from pdserve.registry.entries import Role
+    from pdserve.registry.registry import Registry
 
     try:
         pin = parse_pin(args.pin) if args.pin else None

@@ -1,8 +1,9 @@
 """`pdserve status [--json] [--router HOST:PORT]`: the cluster at a glance.
 
-The router (gRPC and HTTP addresses, mode, health), the requests in flight and waiting, the last minute's p90 TTFT
-and TPOT against the SLOs, every worker (role, state, running and waiting requests, KV blocks used, its own p90 TTFT
-or TPOT), and the ratio controller's last decisions. Exit code 0 when the cluster serves, 3 when it is up but
+The router that answers (gRPC and HTTP addresses, mode, health), every router of the cluster (requests in flight
+and waiting at each) and whether the control plane runs, the last minute's p90 TTFT and TPOT against the SLOs, every
+worker (role, state, running and waiting requests, KV blocks used, its own p90 TTFT or TPOT), and the ratio
+controller's last decisions. Exit code 0 when the cluster serves, 3 when it is up but
 cannot serve (the reason is shown), 1 when no cluster is up or the router does not answer.
 """
 
@@ -53,8 +54,13 @@ def run(args: argparse.Namespace) -> int:
 def as_json(status: pb.StatusResponse, health: pb.HealthResponse, decisions: list[dict]) -> dict:
     latency = status.latency
     return {
-        "router": {"address": status.router_address, "http_address": status.http_address or None,
-                   "mode": status.mode, "healthy": health.healthy, "detail": health.detail},
+        "router": {"router_id": status.router_id, "address": status.router_address,
+                   "http_address": status.http_address or None, "mode": status.mode, "healthy": health.healthy,
+                   "detail": health.detail},
+        "routers": [{"router_id": r.router_id, "address": r.address, "http_address": r.http_address or None,
+                     "pid": r.pid, "requests_in_flight": r.requests_in_flight, "requests_waiting": r.requests_waiting,
+                     "started_at": r.started_at} for r in status.routers],
+        "control_plane": {"address": status.control_address or None, "up": bool(status.control_address)},
         "requests": {"in_flight": status.requests_in_flight, "waiting": status.requests_waiting},
         "latency": {"window_s": latency.window_s, "finished": latency.finished,
                     "ttft_p90_s": _opt(latency, "ttft_p90_s"), "tpot_p90_s": _opt(latency, "tpot_p90_s"),
@@ -95,7 +101,11 @@ def render(status: pb.StatusResponse, health: pb.HealthResponse, decisions: list
                       f"{w.kv_blocks_used}/{w.kv_blocks_total}", _bar(w.kv_blocks_used, w.kv_blocks_total),
                       _against(_opt(w, "ttft_p90_s"), latency.slo_ttft_s),
                       _against(_opt(w, "tpot_p90_s"), latency.slo_tpot_s))
-    shown = [header, requests, table]
+    routers = Text.assemble("routers: ", ", ".join(f"{r.router_id} {r.address} ({r.requests_in_flight} in flight)"
+                                                   for r in sorted(status.routers, key=lambda r: r.address))
+                            or "none registered", "; control plane ",
+                            ("up", "green") if status.control_address else ("down (serving goes on)", "bold red"))
+    shown = [header, routers, requests, table]
     for d in decisions:
         shown.append(Text(f"controller t={d['now_s']:.0f}s {d['action']}{' (dry run)' if d['dry_run'] else ''}: "
                           f"{d['reason']}", style="dim"))
@@ -129,7 +139,7 @@ def _decisions(count: int) -> list[dict]:
     import redis
 
     from pdserve.cli.cluster_state import NoCluster, read_state
-    from pdserve.cluster.registry import Registry
+    from pdserve.registry.registry import Registry
 
     try:
         entries = Registry(read_state().redis_url).read_decisions(count)

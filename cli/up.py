@@ -1,7 +1,9 @@
-"""`pdserve up [--config FILE] [--detach]`: start a cluster (redis, Ray, workers, router) and print its address.
+"""`pdserve up [--config FILE] [--detach]`: start a cluster (redis, Ray, workers, routers) and print its address.
 
-In the foreground it serves until Ctrl-C and then stops everything it started. With --detach it starts the cluster
-in the background, returns once the router reports healthy, and `pdserve down` stops it.
+In the foreground it serves until Ctrl-C and then stops everything it started. With --detach it starts the control
+plane in the background, returns once the router reports healthy, and `pdserve down` stops it all. If a cluster's
+control plane was killed while its workers and routers serve on, `pdserve up` starts a control plane again, which
+adopts them (no worker restarts); its log goes on in the same file.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import time
 
 import grpc
 
-from pdserve.cli.cluster_state import pid_alive, state_path
-from pdserve.cluster.state import ClusterState
+from pdserve.cli.cluster_state import client_for, log_path, pid_alive, state_path
 from pdserve.config import load_config
+from pdserve.control_plane import local_redis, ray_head, router_pool
+from pdserve.control_plane.processes import alive
+from pdserve.control_plane.state_file import ClusterState
 from pdserve.engine.config import ConfigError
 
 HEALTHY_TIMEOUT_S = 900
@@ -50,47 +54,60 @@ def run(args: argparse.Namespace) -> int:
             print(f"pdserve up: a cluster is already up (router {state.router_address}, pid {state.pid}); "
                   "`pdserve down` first", file=sys.stderr)
             return 1
-        os.remove(path)
+        if _leftovers(state):
+            print(f"pdserve: the control plane of the cluster at {state.router_address} is gone but its cluster "
+                  "runs; starting a control plane that adopts it", file=sys.stderr)
     if not args.detach:
-        from pdserve.cluster.supervisor import run as serve
+        from pdserve.control_plane.main import run as serve
 
         print("pdserve: starting (Ctrl-C stops the cluster)", file=sys.stderr, flush=True)
         return serve(config, path)
     return _detach(args.config, args.ray_address, path)
 
 
+def _leftovers(state: ClusterState) -> bool:
+    """Something the cluster started still runs (its Redis, Ray head or a router)."""
+    return (alive(state.redis_pid, local_redis.MARK) or alive(state.ray_head_pid, ray_head.MARK)
+            or any(alive(p, router_pool.MARK) for p in state.router_pids))
+
+
 def _detach(config: str | None, ray_address: str | None, path: str) -> int:
-    log_path = os.path.join(os.path.dirname(path), "cluster.log")
+    log = log_path()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    command = [sys.executable, "-m", "pdserve.cluster.supervisor", "--state", path]
+    command = [sys.executable, "-m", "pdserve.control_plane.main", "--state", path]
     if config:
         command += ["--config", os.path.abspath(config)]
     if ray_address:
         command += ["--ray-address", ray_address]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    with open(log, "a") as out:  # a cluster's earlier log (a crash's record) is kept
+        out.write(f"==== pdserve up at {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n")
+        out.flush()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
     deadline = time.monotonic() + HEALTHY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            print(f"pdserve up: the cluster exited with code {process.returncode}; last lines of {log_path}:\n"
-                  + _tail(log_path), file=sys.stderr)
+            print(f"pdserve up: the cluster exited with code {process.returncode}; last lines of {log}:\n"
+                  + _tail(log), file=sys.stderr)
             return 1
-        if os.path.exists(path) and _healthy(path):
+        if os.path.exists(path) and _healthy(path, process.pid):
             state = ClusterState.read(path)
             http = f"; OpenAI API at http://{state.http_address}/v1" if state.http_address else ""
-            print(f"pdserve: router at {state.router_address} ({state.mode}){http}; pid {state.pid}; logs {log_path}")
+            print(f"pdserve: router at {state.router_address} ({state.mode}){http}; pid {state.pid}; logs {log}")
             return 0
         time.sleep(0.5)
-    print(f"pdserve up: not healthy after {HEALTHY_TIMEOUT_S} s; see {log_path}", file=sys.stderr)
+    print(f"pdserve up: not healthy after {HEALTHY_TIMEOUT_S} s; see {log}", file=sys.stderr)
     return 1
 
 
-def _healthy(path: str) -> bool:
-    from pdserve.client import client_for
+def _healthy(path: str, pid: int) -> bool:
+    """The state file is this control plane's, and its router says it can serve."""
+    state = ClusterState.read(path)
+    if state.pid != pid:
+        return False  # the state a killed control plane left, not rewritten yet
 
     async def check() -> bool:
-        async with client_for(ClusterState.read(path), timeout_s=5) as client:
+        async with client_for(state, timeout_s=5) as client:
             return (await client.health()).healthy
 
     try:

@@ -11,7 +11,7 @@ from pdserve.controller.perf_model import PerfModel
 class ScaledModel:
     model: PerfModel
     scale: float
-    """Real seconds per modelled second (`engine.sim_time_scale`)."""
+    """Real seconds per modelled second (`engine.sim.time_scale`)."""
 
     def prefill_seconds(self, prompt_tokens: int) -> float:
         return self.model.prefill_seconds(prompt_tokens) * self.scale

@@ -45,3 +45,9 @@ def traffic_window(finished: Sequence[Finished], arrival_rate: float, window_s: 
 
 def _quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def finished_requests(timings: list[dict[str, str]]) -> list[Finished]:
+    """The registry's timings stream entries of requests that completed (not aborted) as window rows."""
+    return [Finished(int(t["prompt_tokens"]), int(t["completion_tokens"]), float(t["ttft_s"]), float(t["tpot_s"]))
+            for t in timings if t.get("finish_reason") in ("stop", "length")]

@@ -2,18 +2,22 @@
 
 Life of a handed-off request here:
 
-    reserve(task)  -> blocks allocated for the prompt                      (before the prefill starts)
-    commit(first)  -> the prefill's first token; the KV receive posted     (the prefill worker is sending now)
-    KV arrives     -> the connector reports DONE -> decoding, batched with every other running request
-    each step      -> a TokenEvent per request, which the router drains with `events`
-    finished       -> blocks freed.
-    (or hand_on)   -> the worker is leaving its pool: the request ends here with a handed-on event, and the router
-                      resumes it on another decode worker.
+    reserve(task)   -> blocks allocated for the prompt and a transfer tag chosen; the task's router owns the request
+    announce(kv)    -> from the prefill worker, as its send starts: the KV receive posted (first token with it)
+    KV arrives      -> the connector reports DONE -> decoding, batched with every other running request
+    each step       -> a TokenEvent per request, into its journal and its router's outbox (`owners`)
+    events(router)  -> the router collects its outbox, which renews its lease on its requests here
+    finished        -> blocks freed; the journal goes once the router says it is done with the request
+    (or hand_on)    -> the worker is leaving its pool: the request ends here with a handed-on event, and the router
+                       resumes it on another decode worker
+    (or adopt)      -> its client reconnected to another router, which owns it from then on
+    (or reaped)     -> its router stopped collecting for `lease_s`: aborted, blocks freed
 
 The receive is posted only once its send has started, so its timeout bounds the transfer itself, never the wait
-in a prefill queue (and no transfer thread waits for a KV that is still queued). A receive that fails or times out
-frees the blocks and ends the request with an error event. `abort` works at every stage (reserved, receiving,
-decoding) and frees the blocks; told that the KV was already on the wire, it posts the receive that drains it.
+in a prefill queue. A receive that fails or times out frees the blocks and ends the request with an error event.
+`abort` works at every stage (reserved, receiving, decoding) and frees the blocks; KV announced for a request that
+is no longer here (aborted, reaped) is received and dropped, so the sender's send completes and the pair stays in
+step.
 
 Colocated (role both): `generate(task)` queues the whole request here; prefill and decode share this engine, which
 is the baseline the disaggregated mode is measured against. Everything that touches the engine or the connector
@@ -23,20 +27,26 @@ runs on the engine thread; events cross to the asyncio side with `call_soon_thre
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pdserve.cluster.engine_thread import EngineThread
-from pdserve.cluster.messages import DecodeTask, Reservation, TokenEvent
-from pdserve.cluster.registry import WorkerInfo
-from pdserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec
+from pdserve.decode_worker.owners import Owners
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import FinishReason, RequestOutput
 from pdserve.engine.step_profile import StepProfile, profile_engine
 from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError, TransferResult, TransferStatus
+from pdserve.registry.entries import WorkerInfo
+from pdserve.worker.engine_thread import EngineThread
+from pdserve.worker.messages import Adoption, DecodeTask, KVAnnouncement, Reservation, TokenEvent
+from pdserve.worker.runtime import WorkerRuntime, WorkerSpec
 
 log = logging.getLogger(__name__)
+
+REAP_INTERVAL_S = 1.0
+TAG_LIMIT = 1 << 31
 
 
 @dataclass
@@ -45,8 +55,9 @@ class _Arrival:
 
     task: DecodeTask
     blocks: tuple[int, ...]
+    tag: int
     posted: bool = False
-    """Its receive is posted (from commit, or to drain an aborted request's KV)."""
+    """Its receive is posted (the prefill worker announced the send)."""
     received: TransferResult | None = None
     first_token_id: int | None = None
 
@@ -63,17 +74,19 @@ class DecodeWorker:
     def __init__(self, spec: WorkerSpec, connector: KVConnector | None = None,
                  thread: EngineThread | None = None) -> None:
         self.runtime = WorkerRuntime(spec, self._after_step, connector, thread)
+        self.owners = Owners(spec.lease_s)
         self._arriving: dict[str, _Arrival] = {}
         self._local: dict[str, _Local] = {}
+        self._tags = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._events: list[TokenEvent] = []
-        self._wakeup: asyncio.Event | None = None
+        self._reaper: asyncio.Task | None = None
 
-    # ---- called by the router (asyncio side) -----------------------------------------------------------------
+    # ---- called by routers and prefill workers (asyncio side) ------------------------------------------------
     async def start(self) -> WorkerInfo:
         self._loop = asyncio.get_running_loop()
-        self._wakeup = asyncio.Event()
-        return await self.runtime.start()
+        info = await self.runtime.start()
+        self._reaper = asyncio.create_task(self._reap(), name=f"reap-{self.runtime.spec.worker_id}")
+        return info
 
     async def connect(self, peer: str, store_address: str, rank: int, generation: int = 0) -> None:
         await self.runtime.connect(peer, store_address, rank, generation)
@@ -82,33 +95,41 @@ class DecodeWorker:
         return self.runtime.info()
 
     async def reserve(self, task: DecodeTask) -> Reservation | None:
-        """Allocate blocks for the request's KV; None when there is no room right now."""
-        return await self.runtime.call(lambda engine: self._reserve(engine, task))
+        """Allocate blocks for the request's KV and choose its transfer tag; None when there is no room now."""
+        self.owners.add(task.request_id, task.owner, task.prefill_worker)  # before any event of it can exist
+        tag = next(self._tags) % TAG_LIMIT
+        reservation = await self.runtime.call(lambda engine: self._reserve(engine, task, tag))
+        if reservation is None:
+            self.owners.forget(task.request_id)
+        return reservation
 
-    async def commit(self, request_id: str, first_token_id: int) -> None:
-        """The prefill is done and its KV is being sent: receive it, then decode from `first_token_id`."""
-        await self.runtime.call(lambda engine: self._commit(engine, request_id, first_token_id))
+    async def announce(self, announcement: KVAnnouncement) -> None:
+        """From the prefill worker: its send of the request's KV has started; receive it."""
+        await self.runtime.call(lambda engine: self._announced(engine, announcement))
 
     async def generate(self, task: DecodeTask) -> None:
         """Colocated: prefill and decode the whole request here."""
+        self.owners.add(task.request_id, task.owner)
         await self.runtime.call(lambda engine: self._generate(engine, task))
 
-    async def abort(self, request_id: str, kv_sent: bool = False) -> None:
-        """Drop the request here and free its blocks. `kv_sent`: the prefill worker had started sending its KV, so
-        a receive must drain it (else the send would wait for one until it timed out, and gloo would close the
-        pair)."""
-        await self.runtime.call(lambda engine: self._abort(engine, request_id, kv_sent))
+    async def abort(self, request_id: str, router_id: str) -> None:
+        """Drop the request here and free its blocks, if `router_id` still owns it (a request another router has
+        adopted is not its to abort)."""
+        owner = self.owners.owner(request_id)
+        if owner is not None and owner.router_id != router_id:
+            return
+        self.owners.forget(request_id)
+        await self.runtime.call(lambda engine: self._abort(engine, request_id))
 
-    async def events(self, timeout_s: float = 1.0) -> list[TokenEvent]:
-        """Every event since the last call; waits up to `timeout_s` for one."""
-        if not self._events:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
-            except TimeoutError:
-                return []
-        events, self._events = self._events, []
-        self._wakeup.clear()
-        return events
+    async def events(self, router_id: str, timeout_s: float = 1.0, done: Iterable[str] = ()) -> list[TokenEvent]:
+        """The router's events since its last call (waits up to `timeout_s` for one); renews its lease here.
+        `done`: its requests it wants nothing more of."""
+        return await self.owners.take(router_id, timeout_s, done)
+
+    async def adopt(self, client_request_id: str, router_id: str, client_has: int) -> Adoption | None:
+        """Hand the request its client knows as `client_request_id` to `router_id` (its client reconnected there
+        holding `client_has` tokens); None if no request here can go on from there."""
+        return self.owners.adopt(client_request_id, router_id, client_has)
 
     async def metrics(self) -> list:
         """This worker's Prometheus metric families (served by the router at /metrics/workers)."""
@@ -123,68 +144,99 @@ class DecodeWorker:
         self.runtime.drain()
 
     async def hand_on(self) -> int:
-        """Leaving the pool (drained, for a move or a removal): give back every request decoding here. The router
+        """Leaving the pool (drained, for a move or a removal): give back every request decoding here. Its router
         resumes each on another decode worker (its prompt and tokens so far prefilled again), as after a failure.
         Requests whose KV is still arriving stay, and are handed on by a later call. Returns how many."""
         return await self.runtime.call(self._hand_on)
 
     async def idle(self) -> bool:
-        """No request reserved, arriving, decoding, or with events the router has not collected."""
+        """No request reserved, arriving, decoding, or with events its router has not collected."""
         quiet = await self.runtime.call(
             lambda engine: not engine.num_requests and not self._arriving and not self._local)
-        return quiet and not self._events
+        return quiet and not self.owners.undelivered()
 
     async def stop(self) -> None:
+        self._stop_reaping()
         self.runtime.stop()
 
+    async def leave(self) -> EngineThread:
+        """Leave the cluster under this identity for a role switch in place (see `WorkerRuntime.leave`)."""
+        self._stop_reaping()
+        return await self.runtime.leave()
+
+    def _stop_reaping(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+    async def _reap(self) -> None:
+        """Abort the requests of routers whose lease lapsed (killed, hung, cut off), so no block stays held."""
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            for request_id in self.owners.expired():
+                try:
+                    await self.runtime.call(lambda engine, r=request_id: self._abort(engine, r))
+                except RuntimeError as e:  # the engine thread died; the worker is replaced
+                    log.error("reaping %s failed: %s", request_id, e)
+                    return
+                self.runtime.metrics.reaped += 1
+
     def _deliver(self, events: list[TokenEvent]) -> None:
-        self._events.extend(events)
-        self._wakeup.set()
+        self.owners.record(events)
 
     # ---- on the engine thread --------------------------------------------------------------------------------
-    def _reserve(self, engine: Engine, task: DecodeTask) -> Reservation | None:
+    def _reserve(self, engine: Engine, task: DecodeTask, tag: int) -> Reservation | None:
         blocks = engine.reserve_remote(task.request_id, task.token_ids, task.sampling)
         if blocks is None:
             return None
-        self._arriving[task.request_id] = _Arrival(task, blocks)
+        self._arriving[task.request_id] = _Arrival(task, blocks, tag)
         load = engine.load()
-        return Reservation(task.request_id, len(blocks), load.kv_blocks_total - load.kv_blocks_used,
+        return Reservation(task.request_id, tag, len(blocks), load.kv_blocks_total - load.kv_blocks_used,
                            load.running + load.held)
 
-    def _commit(self, engine: Engine, request_id: str, first_token_id: int) -> None:
-        arrival = self._arriving.get(request_id)
-        if arrival is None:
-            return  # aborted (the router has its event)
-        arrival.first_token_id = first_token_id
+    def _announced(self, engine: Engine, announcement: KVAnnouncement) -> None:
+        arrival = self._arriving.get(announcement.request_id)
+        if arrival is None or arrival.tag != announcement.tag or arrival.posted:
+            self._discard(announcement)
+            return
+        arrival.first_token_id = announcement.first_token_id
         try:
             self._post_receive(arrival)
-        except TransferError as e:
-            del self._arriving[request_id]
-            engine.release(request_id)
-            self._emit([TokenEvent(request_id, finish_reason=FinishReason.ABORT, error=f"KV receive: {e}")])
+        except TransferError as e:  # no pair with that worker any more: its send cannot complete either
+            del self._arriving[announcement.request_id]
+            engine.release(announcement.request_id)
+            self._emit([TokenEvent(announcement.request_id, finish_reason=FinishReason.ABORT,
+                                   error=f"KV receive: {e}")])
 
     def _post_receive(self, arrival: _Arrival) -> None:
         task = arrival.task
-        self.runtime.connector.start_recv(Transfer(task.request_id, task.prefill_worker, arrival.blocks, task.tag,
+        self.runtime.connector.start_recv(Transfer(task.request_id, task.prefill_worker, arrival.blocks, arrival.tag,
                                                    self.runtime.spec.kv_transfer.timeout_s))
         arrival.posted = True
+
+    def _discard(self, announcement: KVAnnouncement) -> None:
+        """Receive KV nobody here wants (cancelled at once, it lands in staging only), so its send completes."""
+        transfer_id = f"{announcement.request_id}#discard{announcement.tag}"
+        blocks = (0,) * announcement.num_blocks  # never written: the receive is cancelled before any copy
+        try:
+            self.runtime.connector.start_recv(Transfer(transfer_id, announcement.prefill_worker, blocks,
+                                                       announcement.tag, self.runtime.spec.kv_transfer.timeout_s))
+        except TransferError as e:  # no pair with that worker any more: its send cannot complete either
+            log.warning("KV of %s from %s not drained: %s", announcement.request_id, announcement.prefill_worker, e)
+            return
+        self.runtime.connector.cancel(transfer_id)
 
     def _generate(self, engine: Engine, task: DecodeTask) -> None:
         engine.add_request(task.request_id, list(task.token_ids), task.sampling)
         self._local[task.request_id] = _Local(time.monotonic())
 
-    def _abort(self, engine: Engine, request_id: str, kv_sent: bool) -> None:
+    def _abort(self, engine: Engine, request_id: str) -> None:
         self._local.pop(request_id, None)
         arrival = self._arriving.pop(request_id, None)
         if arrival is not None:
-            if kv_sent and not arrival.posted:
-                self._drain(arrival)
-            self.runtime.connector.cancel(request_id)  # afterwards no thread touches the blocks
+            self.runtime.connector.cancel(request_id)  # a posted receive still drains the wire; no copy after this
             engine.release(request_id)
-            self._emit([TokenEvent(request_id, finish_reason=FinishReason.ABORT)])
             return
-        if engine.abort(request_id) is not None:
-            self._emit([TokenEvent(request_id, finish_reason=FinishReason.ABORT)])
+        engine.abort(request_id)
 
     def _hand_on(self, engine: Engine) -> int:
         decoding = [i for i in engine.request_ids if i not in self._arriving and i not in self._local]
@@ -192,14 +244,6 @@ class DecodeWorker:
                   if engine.abort(i) is not None]
         self._emit(events)
         return len(events)
-
-    def _drain(self, arrival: _Arrival) -> None:
-        """Receive a KV nobody wants (cancelled at once, it lands in staging only), so the sender's send completes."""
-        try:
-            self._post_receive(arrival)
-        except TransferError as e:  # no pair with that worker any more: its send cannot complete either
-            log.warning("KV of aborted %s from %s not drained: %s", arrival.task.request_id,
-                        arrival.task.prefill_worker, e)
 
     def _after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -218,26 +262,28 @@ class DecodeWorker:
         if local is not None:  # a colocated request's first token
             started = local.started or self.runtime.thread.step_started  # one chunk: it started in this step
             queue_s, prefill_s = started - local.enqueued, now - started
-        return TokenEvent(output.request_id, output.new_token_ids, output.text_delta, output.finish_reason,
-                          queue_s=queue_s, prefill_s=prefill_s)
+        return TokenEvent(output.request_id, len(output.token_ids) - len(output.new_token_ids), output.new_token_ids,
+                          output.text_delta, output.finish_reason, queue_s=queue_s, prefill_s=prefill_s)
 
     def _received(self, engine: Engine, result: TransferResult) -> list[TokenEvent]:
         arrival = self._arriving.get(result.transfer_id)
         if arrival is None:
-            return []  # aborted; its blocks were freed then
+            return []  # aborted or discarded; its blocks (if any) were freed then
         arrival.received = result
         if result.status is not TransferStatus.DONE:
             del self._arriving[result.transfer_id]
             engine.release(result.transfer_id)
             return [TokenEvent(result.transfer_id, finish_reason=FinishReason.ABORT,
                                error=f"KV transfer {result.status.value}: {result.error}")]
-        return self._start_decoding(engine, result.transfer_id)
+        return [self._start_decoding(engine, result.transfer_id)]
 
-    def _start_decoding(self, engine: Engine, request_id: str) -> list[TokenEvent]:
+    def _start_decoding(self, engine: Engine, request_id: str) -> TokenEvent:
+        """The first token (the prefill worker sampled it; its router may have sent it on already) starts the
+        request's journal here, so a router that takes the request over later can send it too."""
         arrival = self._arriving.pop(request_id)
         output = engine.commit_remote(request_id, arrival.first_token_id)
-        # The first token's text went to the client with the prefill's reply; only the end (if any) is new.
-        return [TokenEvent(request_id, finish_reason=output.finish_reason, kv_transfer_s=arrival.received.seconds)]
+        return TokenEvent(request_id, 0, output.new_token_ids, output.text_delta, output.finish_reason,
+                          kv_transfer_s=arrival.received.seconds)
 
     def _emit(self, events: list[TokenEvent]) -> None:
         if events:

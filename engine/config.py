@@ -135,6 +135,41 @@ def _rope_scaling_from_hf(rope: Mapping[str, Any]) -> RopeScaling | None:
 
 
 @dataclass(frozen=True)
+class SimSettings:
+    """A simulated engine (`engine.backend: sim`): the accelerator it models and how its time relates to ours."""
+
+    hardware: str = "h100"
+    """The accelerator modelled (engine.hardware: h100, h200, a100)."""
+    tensor_parallel: int = 1
+    """GPUs one worker spans (tensor parallelism); its KV capacity and step costs follow."""
+    gpu_memory_fraction: float = 0.9
+    """Share of the accelerators' memory used for weights + KV cache."""
+    time_scale: float = 1.0
+    """A live sim engine takes this many real seconds per modelled second (steps and KV handoffs). Above 1 a large
+    simulated cluster fits a small machine's router; scale the SLOs by the same factor."""
+    kv_link: str = "network"
+    """The link the modelled KV crosses between workers, nvlink (one node) or network (across nodes): each handoff
+    takes the modelled bytes over that link's bandwidth."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel <= 0:
+            raise ConfigError(f"engine.sim.tensor_parallel: must be > 0, got {self.tensor_parallel}")
+        if not (self.time_scale > 0 and math.isfinite(self.time_scale)):
+            raise ConfigError(f"engine.sim.time_scale: must be a positive number, got {self.time_scale}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ConfigError(f"engine.sim.gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.kv_link not in ("nvlink", "network"):
+            raise ConfigError(f"engine.sim.kv_link: {self.kv_link!r} is not one of ['nvlink', 'network']")
+
+    @staticmethod
+    def from_dict(values: Mapping[str, Any]) -> "SimSettings":
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"engine.sim: must be a mapping, got {type(values).__name__}")
+        _check_fields("engine.sim", SimSettings, values)
+        return SimSettings(**values)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """What a user sets for one engine (one worker's model, KV cache and scheduler)."""
 
@@ -163,16 +198,9 @@ class EngineConfig:
     """torch CPU threads for this engine; unset leaves torch's default."""
     backend: str = "torch"
     """"torch" runs the model; "sim" runs the real scheduler and block manager with each step's duration taken from
-    a roofline cost model of `hardware` (output tokens are placeholders; see engine.sim_runner)."""
-    hardware: str = "h100"
-    """The accelerator a sim engine models (engine.hardware: h100, h200, a100)."""
-    tensor_parallel: int = 1
-    """GPUs one sim worker spans (tensor parallelism); its KV capacity and step costs follow."""
-    gpu_memory_fraction: float = 0.9
-    """Share of the accelerators' memory a sim engine uses for weights + KV cache."""
-    sim_time_scale: float = 1.0
-    """A live sim engine takes this many real seconds per modelled second (steps and KV handoffs). Above 1 a large
-    simulated cluster fits a small machine's router; scale the SLOs by the same factor."""
+    a roofline cost model (output tokens are placeholders; see engine.sim_runner), as `sim` describes."""
+    sim: SimSettings = dataclasses.field(default_factory=SimSettings)
+    """What only a simulated engine reads (the hardware it models, ...); ignored by the torch backend."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -192,11 +220,6 @@ class EngineConfig:
             _positive("num_threads", self.num_threads)
         if self.backend not in BACKENDS:
             raise ConfigError(f"engine.backend: {self.backend!r} is not one of {list(BACKENDS)}")
-        _positive("tensor_parallel", self.tensor_parallel)
-        if not (self.sim_time_scale > 0 and math.isfinite(self.sim_time_scale)):
-            raise ConfigError(f"engine.sim_time_scale: must be a positive number, got {self.sim_time_scale}")
-        if not 0 < self.gpu_memory_fraction <= 1:
-            raise ConfigError(f"engine.gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
 
     @property
     def simulated(self) -> bool:
@@ -211,11 +234,10 @@ class EngineConfig:
         """Validate a mapping (a YAML `engine:` section); unknown keys and wrong types name the field."""
         if not isinstance(values, Mapping):
             raise ConfigError(f"engine: must be a mapping, got {type(values).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
-        for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(f"engine.{key}: unknown field (known: {', '.join(sorted(fields))})")
-            _check_type(key, value, fields[key].type)
+        values = dict(values)
+        if "sim" in values:
+            values["sim"] = SimSettings.from_dict(values["sim"])
+        _check_fields("engine", EngineConfig, values, skip=("sim",))
         return EngineConfig(**values)
 
 
@@ -227,6 +249,16 @@ def _positive(name: str, value: int) -> None:
 _TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float)}
 
 
+def _check_fields(path: str, cls: type, values: Mapping[str, Any], skip: tuple[str, ...] = ()) -> None:
+    """Unknown keys and wrong types name the field (`path.key`)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{path}.{key}: unknown field (known: {', '.join(sorted(fields))})")
+        if key not in skip:
+            _check_type(f"{path}.{key}", value, fields[key].type)
+
+
 def _check_type(name: str, value: Any, annotation: str) -> None:
     optional = annotation.endswith("| None")
     base = annotation.split("|")[0].strip()
@@ -234,4 +266,4 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         return
     allowed = _TYPES[base]
     if isinstance(value, bool) or not isinstance(value, allowed):
-        raise ConfigError(f"engine.{name}: expected {base}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{name}: expected {base}, got {type(value).__name__} {value!r}")

@@ -127,11 +127,11 @@ class CostModel:
     def __init__(self, model: ModelConfig, hardware: Hardware, tensor_parallel: int = 1, dtype_bytes: int = 2) -> None:
         tp = tensor_parallel
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ConfigError(f"engine.tensor_parallel: must be an integer >= 1, got {tp!r}")
+            raise ConfigError(f"engine.sim.tensor_parallel: must be an integer >= 1, got {tp!r}")
         if model.num_heads % tp:
-            raise ConfigError(f"engine.tensor_parallel: {tp} does not divide the model's {model.num_heads} heads")
+            raise ConfigError(f"engine.sim.tensor_parallel: {tp} does not divide the model's {model.num_heads} heads")
         if model.num_kv_heads % tp and tp % model.num_kv_heads:
-            raise ConfigError(f"engine.tensor_parallel: {tp} neither divides nor is a multiple of the model's "
+            raise ConfigError(f"engine.sim.tensor_parallel: {tp} neither divides nor is a multiple of the model's "
                               f"{model.num_kv_heads} KV heads")
         if dtype_bytes not in (1, 2, 4):
             raise ValueError(f"dtype_bytes must be 1, 2 or 4, got {dtype_bytes}")
@@ -185,8 +185,8 @@ class CostModel:
         free = budget - self.weight_bytes()
         if free <= 0:
             raise ConfigError(
-                f"engine.tensor_parallel: {self.tensor_parallel} GPU(s) of {self.hardware.name} leave no room for KV: "
-                f"weights take {self.weight_bytes() / 2**30:.1f} GiB per GPU of {budget / 2**30:.1f} GiB usable "
+                f"engine.sim.tensor_parallel: {self.tensor_parallel} GPU(s) of {self.hardware.name} leave no room for "
+                f"KV: weights take {self.weight_bytes() / 2**30:.1f} GiB per GPU of {budget / 2**30:.1f} GiB usable "
                 f"({memory_fraction:.0%} of {self.hardware.memory_bytes / 2**30:.0f} GiB); use more GPUs")
         return int(free // self._kv_bytes_per_token_rank)
 

@@ -57,6 +57,16 @@ class EngineLoad:
     kv_blocks_total: int
 
 
+RETUNABLE = ("max_num_batched_tokens", "max_num_seqs")
+"""What a running engine can change (`Engine.retune`)."""
+
+
+def retunable(built: EngineConfig, wanted: EngineConfig) -> bool:
+    """Whether an engine built with `built` can serve as `wanted` by `retune`."""
+    return all(getattr(built, f.name) == getattr(wanted, f.name) for f in dataclasses.fields(EngineConfig)
+               if f.name not in RETUNABLE)
+
+
 def context_length(config: EngineConfig, model_config: ModelConfig) -> int:
     """The longest prompt + output an engine with this config serves."""
     length = config.max_model_len or min(model_config.max_position, MAX_DEFAULT_LEN)
@@ -104,15 +114,16 @@ class Engine:
         """No weights and no tokenizer; a KV tensor of one float per token slot, so KV connectors still move blocks
         (and keep their protocol) while the cost model says how long the real bytes would take."""
         config = self.config
-        cost_model = CostModel(self.model_config, hardware(config.hardware), config.tensor_parallel)
+        sim = config.sim
+        cost_model = CostModel(self.model_config, hardware(sim.hardware), sim.tensor_parallel)
         self.cost_model = cost_model
         num_blocks = config.num_kv_blocks or max(
-            1, cost_model.kv_capacity_tokens(config.gpu_memory_fraction) // config.block_size)
+            1, cost_model.kv_capacity_tokens(sim.gpu_memory_fraction) // config.block_size)
         self.model = None
         self.tokenizer = None
         placeholder = dataclasses.replace(self.model_config, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=1)
         self.kv_cache = KVCache(placeholder, num_blocks, config.block_size, torch.float32, "cpu")
-        self.runner = SimRunner(cost_model, realtime, config.sim_time_scale)
+        self.runner = SimRunner(cost_model, realtime, sim.time_scale)
 
     # ---- requests --------------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -193,6 +204,15 @@ class Engine:
                 if output.finished:
                     final[output.request_id] = output
         return [final[i] for i in ids]
+
+    def retune(self, config: EngineConfig) -> None:
+        """Take another pool's scheduler limits: a worker that switches roles in place keeps its weights and KV
+        cache, so only `RETUNABLE` fields may differ from the config this engine was built with."""
+        if not retunable(self.config, config):
+            raise ConfigError(f"engine: only {', '.join(RETUNABLE)} change in place; the rest differs")
+        self.config = config
+        self.scheduler.max_num_batched_tokens = config.max_num_batched_tokens
+        self.scheduler.max_num_seqs = config.max_num_seqs
 
     # ---- disaggregation hooks --------------------------------------------------------------------------------
     def held_block_ids(self, request_id: str) -> tuple[int, ...]:

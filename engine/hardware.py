@@ -58,7 +58,7 @@ HARDWARE: dict[str, Hardware] = {
 
 
 def hardware(name: str) -> Hardware:
-    """The named accelerator, or a ConfigError naming `engine.hardware` and listing the known ones."""
+    """The named accelerator, or a ConfigError naming `engine.sim.hardware` and listing the known ones."""
     if name not in HARDWARE:
-        raise ConfigError(f"engine.hardware: unknown hardware {name!r} (known: {', '.join(sorted(HARDWARE))})")
+        raise ConfigError(f"engine.sim.hardware: unknown hardware {name!r} (known: {', '.join(sorted(HARDWARE))})")
     return HARDWARE[name]

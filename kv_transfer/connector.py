@@ -1,10 +1,10 @@
 """The KV connector interface: small and symmetric (the shape of SGLang's base connector).
 
 Push, not pull: the decode worker reserves blocks first (admission happens where the memory is), the prefill worker
-sends its blocks as soon as its prefill is done, and the decode worker posts the receive when it hears that (from
-the router, with the first token). The
-prefill side frees its blocks once the send finishes, so prefill memory is held only for the handoff itself; a
-decode worker that is full refuses before any KV moves, instead of leaving KV stranded under a lease.
+sends its blocks as soon as its prefill is done, and the decode worker posts the receive when it hears that (the
+prefill worker announces each send to it directly, with the first token). The prefill side frees its blocks once
+the send finishes, so prefill memory is held only for the handoff itself; a decode worker that is full refuses
+before any KV moves, instead of leaving KV stranded.
 
 The life of a transfer on either side: `start_send` / `start_recv` -> `poll` until it reports the transfer's
 outcome -> the caller frees the blocks (on every outcome: done, failed, cancelled, timed out). No transfer can
@@ -15,9 +15,10 @@ Sends and receives are matched one to one by tag, and a receive is posted only f
 receive's timeout bounds the transfer, not a wait in some queue, and no transfer thread waits for KV that is not
 coming. Transports like gloo close the whole pair when a send or receive times out, so neither may be left waiting
 for a partner that will not come: a send that started is not cut short (cancelling it only lets the caller know its
-outcome early; it still finishes on the wire, from a staging copy), and an aborted request whose KV is already on
-the wire still gets a receive, cancelled at once, which drains it. A send of no blocks ends its receive as FAILED
-("the KV will not come"); the workers do not use it, it is there for peers that must answer a posted receive.
+outcome early; it still finishes on the wire, from a staging copy), and KV that nobody wants any more (its request
+was aborted, or reaped) still gets a receive, cancelled at once, which drains it. A send of no blocks ends its
+receive as FAILED ("the KV will not come"); the workers do not use it, it is there for peers that must answer a
+posted receive.
 """
 
 from __future__ import annotations

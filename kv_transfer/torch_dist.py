@@ -27,7 +27,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -37,6 +36,7 @@ import torch.distributed as dist
 
 from pdserve.engine.kv_cache import KVCache
 from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError, TransferResult, TransferStatus
+from pdserve.kv_transfer.send_delay import SendDelay
 
 log = logging.getLogger(__name__)
 
@@ -115,20 +115,15 @@ class _Pending:
 
 class TorchDistConnector(KVConnector):
     def __init__(self, worker_id: str, backend: str = "gloo", max_concurrent: int = 16,
-                 layers_per_message: int = 5, send_pause_s: float = 0.0, send_pause_count: int = 0) -> None:
-        """`send_pause_s` is fault injection: every send (the first `send_pause_count` sends, if not 0) pauses that
-        long after its header, mid-transfer."""
+                 layers_per_message: int = 5, send_delay: SendDelay | None = None) -> None:
+        """`send_delay`: seconds every send waits after its header, by block count. Only simulation and fault
+        injection set one (`kv_transfer.send_delay`); a real serving path has none."""
         if backend not in BACKENDS:
             raise TransferError(f"kv_transfer.backend: {backend!r} is not one of {BACKENDS}")
         self.worker_id = worker_id
         self.backend = backend
         self.layers_per_message = layers_per_message
-        self.send_pause_s = send_pause_s
-        self._pauses_left = send_pause_count if send_pause_count else None
-        self._pause_lock = threading.Lock()
-        self.wire_seconds: Callable[[int], float] | None = None
-        """For simulated engines: how long the modelled KV of n blocks takes on the modelled link; each send waits
-        that long after its header (the placeholder KV itself is tiny)."""
+        self.send_delay = send_delay
         self.kv_cache: KVCache | None = None
         self.pairs: dict[str, _Pair] = {}
         self.pending: dict[str, _Pending] = {}
@@ -253,9 +248,8 @@ class TorchDistConnector(KVConnector):
         if not t.block_ids:  # "no KV is coming": ends the receive posted for this tag
             _wait(works[0], deadline)
             return
-        pause = self._injected_pause() + (self.wire_seconds(len(t.block_ids)) if self.wire_seconds else 0.0)
-        if pause:
-            self._pause(pending, pause)
+        if self.send_delay is not None:
+            self._pause(pending, self.send_delay(len(t.block_ids)))
         for layers, part in zip(self._layer_groups(), pending.staging):
             with pending.lock:  # cancelled: still send (stale staging) so the receiver's posted recvs complete
                 if pending.live:
@@ -283,15 +277,6 @@ class TorchDistConnector(KVConnector):
                     self._cache().tensor[:, layers].index_copy_(2, index, part)
         if not pending.live:
             raise _Stopped
-
-    def _injected_pause(self) -> float:
-        with self._pause_lock:  # sends run on several threads
-            if self._pauses_left is None:
-                return self.send_pause_s
-            if self._pauses_left <= 0:
-                return 0.0
-            self._pauses_left -= 1
-            return self.send_pause_s
 
     def _pause(self, pending: _Pending, seconds: float) -> None:
         until = time.monotonic() + seconds

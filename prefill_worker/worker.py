@@ -3,16 +3,19 @@
 Life of a request here:
 
     prefill(task) -> the engine's queue (prefill-only; batched with other prompts, chunked when long)
-      -> first token sampled, blocks held -> start_send(blocks -> the decode worker's reserved blocks)
+      -> first token sampled, blocks held -> start_send(blocks -> the decode worker's reserved blocks, under the
+         tag that worker chose) -> announced to the decode worker, which posts the receive
       -> the first token goes back to the router at once, while the KV is on the wire
       -> the send's outcome (done, failed, cancelled, timed out) -> blocks released.
 
-The decode worker posts its receive when the router hands it the first token (or, for an aborted request, when the
-abort finds the KV already on the wire), so the send waits for it only that long. If the first token already ends
-the request (EOS, a stop, max_tokens 1) nothing is sent and its blocks are freed at once. `abort` works at every
-stage: a queued or running prefill is dropped; a send already on the wire finishes and then frees the blocks, and
-`abort` says so, so that the router has the decode worker drain it (see kv_transfer.connector).
-Everything that touches the engine or the connector runs on the engine thread.
+The handoff runs between the two workers alone: once a prefill has started, it ends the same way whether its
+router is still there or not (a router that died leaves the decode worker to reap the request). If the first token
+already ends the request (EOS, a stop, max_tokens 1) nothing is sent and its blocks are freed at once. `abort`
+drops a queued or running prefill; a send already on the wire finishes (the decode worker receives and drops what
+it no longer wants) and then frees the blocks.
+
+The worker keeps its KV pairs with the decode workers itself (`worker.kv_pairs`). Everything that touches the engine
+or the connector runs on the engine thread.
 """
 
 from __future__ import annotations
@@ -20,22 +23,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Protocol
 
-from pdserve.cluster.engine_thread import EngineThread
-from pdserve.cluster.messages import PrefillResult, PrefillTask
-from pdserve.cluster.registry import WorkerInfo
-from pdserve.cluster.worker_runtime import WorkerRuntime, WorkerSpec
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import FinishReason, RequestOutput
 from pdserve.engine.step_profile import StepProfile, profile_engine
 from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError
+from pdserve.registry.entries import WorkerInfo
+from pdserve.registry.registry import Registry
+from pdserve.worker.engine_thread import EngineThread
+from pdserve.worker.kv_pairs import PairKeeper
+from pdserve.worker.messages import KVAnnouncement, PrefillResult, PrefillTask
+from pdserve.worker.runtime import WorkerRuntime, WorkerSpec
 
 log = logging.getLogger(__name__)
 
-SENT_MEMORY = 65536
+
+class DecodePeers(Protocol):
+    """Where this worker's KV goes: tells a decode worker that a send to it started (on the event loop)."""
+
+    def announce(self, decode_worker: str, announcement: KVAnnouncement) -> None: ...
 
 
 @dataclass
@@ -48,17 +57,26 @@ class _Prefill:
 
 class PrefillWorker:
     def __init__(self, spec: WorkerSpec, connector: KVConnector | None = None,
-                 thread: EngineThread | None = None) -> None:
+                 thread: EngineThread | None = None, peers: DecodePeers | None = None) -> None:
+        """`peers`: the decode workers (a test's own); by default the KV pairs this worker keeps from the
+        registry."""
         self.runtime = WorkerRuntime(spec, self._after_step, connector, thread)
+        self.pairs: PairKeeper | None = None
+        if peers is None and spec.redis_url is not None:
+            peers = self.pairs = PairKeeper(self.runtime, Registry(spec.redis_url, spec.cluster))
+        self.peers = peers
         self._prefilling: dict[str, _Prefill] = {}
         self._sending: set[str] = set()
-        self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()
-        """(request id, tag) of the requests whose KV send has started, newest last (what `abort` answers; the tag
-        tells a client's reused request id from its earlier life)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pairing: asyncio.Task | None = None
 
-    # ---- called by the router (asyncio side) -----------------------------------------------------------------
+    # ---- called by routers (asyncio side) --------------------------------------------------------------------
     async def start(self) -> WorkerInfo:
-        return await self.runtime.start()
+        self._loop = asyncio.get_running_loop()
+        info = await self.runtime.start()
+        if self.pairs is not None:
+            self._pairing = asyncio.create_task(self.pairs.run(), name=f"pairs-{self.runtime.spec.worker_id}")
+        return info
 
     async def connect(self, peer: str, store_address: str, rank: int, generation: int = 0) -> None:
         await self.runtime.connect(peer, store_address, rank, generation)
@@ -71,10 +89,9 @@ class PrefillWorker:
         await self.runtime.call(lambda engine: self._add(engine, task, result))
         return await asyncio.wrap_future(result)
 
-    async def abort(self, request_id: str, tag: int) -> bool:
-        """Drop the request here. True when its KV send (under `tag`) had already started: the decode worker must
-        then post the receive that drains it (a send on the wire cannot be recalled)."""
-        return await self.runtime.call(lambda engine: self._abort(engine, request_id, tag))
+    async def abort(self, request_id: str) -> None:
+        """Drop the request here if its prefill has not finished (a send already on the wire finishes)."""
+        await self.runtime.call(lambda engine: self._abort(engine, request_id))
 
     async def metrics(self) -> list:
         """This worker's Prometheus metric families (served by the router at /metrics/workers)."""
@@ -94,7 +111,20 @@ class PrefillWorker:
             lambda engine: not engine.num_requests and not self._prefilling and not self._sending)
 
     async def stop(self) -> None:
+        await self._stop_pairing()
         self.runtime.stop()
+
+    async def leave(self) -> EngineThread:
+        """Leave the cluster under this identity for a role switch in place (see `WorkerRuntime.leave`)."""
+        await self._stop_pairing()
+        return await self.runtime.leave()
+
+    async def _stop_pairing(self) -> None:
+        if self._pairing is not None:
+            self._pairing.cancel()
+            await asyncio.gather(self._pairing, return_exceptions=True)
+        if self.pairs is not None:
+            await self.pairs.close()
 
     # ---- on the engine thread --------------------------------------------------------------------------------
     def _add(self, engine: Engine, task: PrefillTask, result: Future) -> None:
@@ -121,7 +151,7 @@ class PrefillWorker:
         handed_off = output.finish_reason is FinishReason.PREFILLED
         if handed_off:
             try:
-                self._send(output.request_id, p.task, engine.held_block_ids(output.request_id))
+                self._send(output, p.task, engine.held_block_ids(output.request_id))
             except TransferError as e:  # no working pair with that decode worker (it broke): the router retries
                 log.warning("KV of %s cannot go to %s: %s", output.request_id, p.task.decode_worker, e)
                 engine.release(output.request_id)
@@ -131,17 +161,16 @@ class PrefillWorker:
             output.request_id, output.new_token_ids[0], output.text_delta,
             None if handed_off else output.finish_reason, started - p.enqueued, now - started))
 
-    def _abort(self, engine: Engine, request_id: str, tag: int) -> bool:
+    def _abort(self, engine: Engine, request_id: str) -> None:
         p = self._prefilling.pop(request_id, None)
         if p is not None:
             engine.abort(request_id)
             p.result.set_result(PrefillResult(request_id, None, "", FinishReason.ABORT, 0.0, 0.0))
-        return (request_id, tag) in self._sent
 
-    def _send(self, request_id: str, task: PrefillTask, blocks: tuple[int, ...]) -> None:
-        self.runtime.connector.start_send(Transfer(request_id, task.decode_worker, blocks, task.tag,
+    def _send(self, output: RequestOutput, task: PrefillTask, blocks: tuple[int, ...]) -> None:
+        self.runtime.connector.start_send(Transfer(output.request_id, task.decode_worker, blocks, task.tag,
                                                    self.runtime.spec.kv_transfer.timeout_s))
-        self._sending.add(request_id)
-        self._sent[(request_id, task.tag)] = None
-        while len(self._sent) > SENT_MEMORY:
-            self._sent.popitem(last=False)
+        self._sending.add(output.request_id)
+        announcement = KVAnnouncement(output.request_id, task.tag, self.runtime.spec.worker_id,
+                                      output.new_token_ids[0], len(blocks))
+        self._loop.call_soon_threadsafe(self.peers.announce, task.decode_worker, announcement)

@@ -304,3 +304,121 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ControlStub:
+    """Internal: what the control plane serves its routers (they pass the operator's Admin Scale and Drain on to it).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Scale = channel.unary_unary(
+                '/pdserve.v1.Control/Scale',
+                request_serializer=pdserve_dot_proto_dot_generation__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_generation__pb2.ScaleResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pdserve.v1.Control/Drain',
+                request_serializer=pdserve_dot_proto_dot_generation__pb2.DrainRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_generation__pb2.DrainResponse.FromString,
+                _registered_method=True)
+
+
+class ControlServicer:
+    """Internal: what the control plane serves its routers (they pass the operator's Admin Scale and Drain on to it).
+    """
+
+    def Scale(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ControlServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=pdserve_dot_proto_dot_generation__pb2.ScaleRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_generation__pb2.ScaleResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=pdserve_dot_proto_dot_generation__pb2.DrainRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_generation__pb2.DrainResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pdserve.v1.Control', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pdserve.v1.Control', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Control:
+    """Internal: what the control plane serves its routers (they pass the operator's Admin Scale and Drain on to it).
+    """
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Control/Scale',
+            pdserve_dot_proto_dot_generation__pb2.ScaleRequest.SerializeToString,
+            pdserve_dot_proto_dot_generation__pb2.ScaleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Control/Drain',
+            pdserve_dot_proto_dot_generation__pb2.DrainRequest.SerializeToString,
+            pdserve_dot_proto_dot_generation__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,10 +1,12 @@
 """The router's Admin gRPC service: the cluster's status and health, and the operator's scale and drain.
 
-Status reads the workers from the router's membership (their last heartbeats) and the latency of the requests that
-finished in the last STATUS_WINDOW_S from the registry's timings stream (the one the ratio controller reads): p90
-TTFT and TPOT against the SLOs, for the cluster and per worker (TTFT for the worker that prefilled, TPOT for the one
-that decoded). Scale and Drain go to the `Scaler` and answer once the workers have started or drained and stopped;
-a change the cluster cannot take is FAILED_PRECONDITION or INVALID_ARGUMENT with the field named.
+Status reads the workers from the router's membership (their last heartbeats), every router and the control plane
+from the registry, and the latency of the requests that finished in the last STATUS_WINDOW_S from the registry's
+timings stream (the one the ratio controller reads): p90 TTFT and TPOT against the SLOs, for the cluster and per
+worker (TTFT for the worker that prefilled, TPOT for the one that decoded). Scale and Drain go on to the control
+plane, which owns the workers, and answer once the workers have started or drained and stopped; a change the
+cluster cannot take is FAILED_PRECONDITION, NOT_FOUND or INVALID_ARGUMENT with the field named, and UNAVAILABLE
+while the control plane is down.
 """
 
 from __future__ import annotations
@@ -16,74 +18,75 @@ from collections import defaultdict
 import grpc
 import redis
 
-from pdserve.cluster.controller_loop import finished_requests
-from pdserve.cluster.registry import Role, WorkerInfo
-from pdserve.cluster.scaler import ScaleError, Scaler
 from pdserve.config import SLO
-from pdserve.controller.window import traffic_window
+from pdserve.controller.window import finished_requests, traffic_window
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
+from pdserve.registry.entries import Role, RouterInfo, WorkerInfo
+from pdserve.router.control_client import ControlClient, ControlPlaneDown
 from pdserve.router.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
 
 STATUS_WINDOW_S = 60.0
-_ROLE_OF_SCALE_FIELD = {"prefill": Role.PREFILL, "decode": Role.DECODE, "colocated": Role.BOTH}
+SCALE_FIELDS = ("prefill", "decode", "colocated")
 
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, orchestrator: Orchestrator, address: str, mode: str, scaler: Scaler | None = None,
+    def __init__(self, orchestrator: Orchestrator, address: str, mode: str, control: ControlClient | None = None,
                  slo: SLO | None = None, http_address: str = "") -> None:
-        """`scaler`: None where the router does not own its workers (Scale and Drain are then UNIMPLEMENTED)."""
+        """`control`: the way to the control plane (None: Scale and Drain are UNAVAILABLE)."""
         self.orchestrator = orchestrator
         self.address = address
         self.mode = mode
-        self.scaler = scaler
+        self.control = control or ControlClient(None)
         self.slo = slo or SLO()
         self.http_address = http_address
         """host:port of the OpenAI-compatible HTTP server; empty when it is off."""
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         infos = sorted((m.info for m in self.orchestrator.membership.members.values()), key=lambda w: w.worker_id)
-        try:
-            timings = await asyncio.to_thread(self.orchestrator.registry.timings_since, STATUS_WINDOW_S)
-        except redis.RedisError as e:  # the status still shows the workers
-            log.warning("status: timings unreadable: %s", e)
-            timings = []
+        timings, routers, control = await self._cluster()
         latency, per_worker = latency_summary(timings, {w.worker_id: w.role for w in infos}, self.slo)
         return pb.StatusResponse(router_address=self.address, mode=self.mode, http_address=self.http_address,
                                  latency=latency, requests_in_flight=self.orchestrator.in_flight_count,
                                  requests_waiting=self.orchestrator.waiting_count,
-                                 workers=[_worker_status(w, per_worker.get(w.worker_id)) for w in infos])
+                                 workers=[_worker_status(w, per_worker.get(w.worker_id)) for w in infos],
+                                 routers=[_router_status(r) for r in routers], router_id=self.orchestrator.router_id,
+                                 control_address=control or "")
+
+    async def _cluster(self) -> tuple[list[dict[str, str]], list[RouterInfo], str | None]:
+        """The registry's timings window, routers and control plane (what it can read: Redis may be away)."""
+        registry = self.orchestrator.registry
+        if registry is None:
+            return [], [], None
+        try:
+            return await asyncio.to_thread(lambda: (registry.timings_since(STATUS_WINDOW_S), registry.routers(),
+                                                    registry.control()))
+        except redis.RedisError as e:  # the status still shows the workers
+            log.warning("status: the registry is unreadable: %s", e)
+            return [], [], None
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         detail = unhealthy_reason(self.orchestrator)
         return pb.HealthResponse(healthy=not detail, detail=detail or "serving")
 
     async def Scale(self, request: pb.ScaleRequest, context: grpc.aio.ServicerContext) -> pb.ScaleResponse:
-        scaler = await self._scaler(context)
-        wanted = {role: getattr(request, name) for name, role in _ROLE_OF_SCALE_FIELD.items() if request.HasField(name)}
-        if not wanted:
+        if not any(request.HasField(name) for name in SCALE_FIELDS):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give at least one of prefill, decode, colocated")
-        try:
-            started, stopped = await scaler.scale(wanted)
-        except ScaleError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        return pb.ScaleResponse(started=started, stopped=stopped)
+        return await self._forward(self.control.scale, request, context)
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
-        scaler = await self._scaler(context)
-        try:
-            stopped, started = await scaler.drain(request.worker_id, request.replace)
-        except ScaleError as e:
-            code = grpc.StatusCode.NOT_FOUND if "no worker" in str(e) else grpc.StatusCode.FAILED_PRECONDITION
-            await context.abort(code, str(e))
-        return pb.DrainResponse(stopped=stopped, started=started)
+        return await self._forward(self.control.drain, request, context)
 
-    async def _scaler(self, context: grpc.aio.ServicerContext) -> Scaler:
-        if self.scaler is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this router does not manage its workers")
-        return self.scaler
+    async def _forward(self, call, request, context: grpc.aio.ServicerContext):
+        """The control plane's answer, or its error with the same status and message."""
+        try:
+            return await call(request, context.time_remaining())
+        except ControlPlaneDown as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), e.details())
 
 
 def unhealthy_reason(orchestrator: Orchestrator) -> str:
@@ -123,6 +126,12 @@ def latency_summary(timings: list[dict[str, str]], roles: dict[str, Role],
             fields.tpot_p90_s = mine.tpot_p90_s
         per_worker[worker_id] = fields
     return latency, per_worker
+
+
+def _router_status(r: RouterInfo) -> pb.RouterStatus:
+    return pb.RouterStatus(router_id=r.router_id, address=r.address, http_address=r.http_address, pid=r.pid,
+                           requests_in_flight=r.requests_in_flight, requests_waiting=r.requests_waiting,
+                           started_at=r.started_at)
 
 
 def _worker_status(w: WorkerInfo, latency: pb.WorkerStatus | None) -> pb.WorkerStatus:

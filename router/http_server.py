@@ -39,11 +39,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
+from pdserve.access import Access
 from pdserve.router import openai_protocol as oa
-from pdserve.router.access import Access
 from pdserve.router.admin import unhealthy_reason
 from pdserve.router.choices import ChoicePiece, merged
-from pdserve.router.orchestrator import DuplicateRequest, Orchestrator, Overloaded, Unavailable, WorkerError
+from pdserve.router.errors import DuplicateRequest, Overloaded, TakenOver, Unavailable, WorkerError
+from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.request_builder import MAX_REQUEST_ID_LEN, InvalidRequest, RequestBuilder, ValidRequest
 from pdserve.router.worker_scrape import scrape_workers
 
@@ -123,7 +124,7 @@ class OpenAIServer:
                                          headers={REQUEST_ID_HEADER: request_id})
             whole = await _unless_disconnected(request, _whole(first, stream, request_id, self.model_name, chat,
                                                                len(valid), prompt_tokens, body.return_token_ids))
-        except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError) as e:
+        except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError, TakenOver) as e:
             await stream.aclose()
             self._count_refusal(e)
             raise _as_openai_error(e) from e
@@ -211,7 +212,7 @@ async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_
                 yield _with_ids(chunk, piece.token_ids) if with_token_ids else chunk
             if finish is not None:
                 completion_tokens += piece.completion_tokens
-    except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError) as e:
+    except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError, TakenOver) as e:
         yield _as_openai_error(e).body()
         return
     if include_usage:
@@ -287,6 +288,8 @@ def _as_openai_error(error: Exception) -> oa.OpenAIError:
         return oa.OpenAIError(429, message, kind="overloaded_error", code="queue_full")
     if isinstance(error, Unavailable):
         return oa.OpenAIError(503, message, kind="service_unavailable_error")
+    if isinstance(error, TakenOver):
+        return oa.OpenAIError(409, message, kind="conflict_error", code="taken_over")
     return oa.OpenAIError(500, message, kind="internal_error")
 
 
@@ -321,7 +324,7 @@ def _field_path(loc: list) -> str:
 
 
 class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the supervisor owns SIGTERM and Ctrl-C and stops us."""
+    """uvicorn without its own signal handlers: the router process owns SIGTERM and Ctrl-C and stops us."""
 
     @contextlib.contextmanager
     def capture_signals(self):

@@ -1,13 +1,16 @@
-"""The router's view of the workers: who is in the registry, their Ray handles, which KV pairs are formed, and the
-event stream drained from every decode worker.
+"""The router's view of the workers: who is in the registry, their Ray handles, and the events this router collects
+from every decode (or colocated) worker.
 
-`run` refreshes from Redis every half second. A worker that appears gets its actor handle (by name, in the cluster's
-Ray namespace), is paired with every worker of the other role (both sides call `connect` at once; the decode worker
-hosts the pair's TCPStore), and, if it decodes, gets a drain task that long-polls its `events`. A worker whose
+`run` refreshes from Redis every half second. A worker that appears gets its actor handle (by name, in the
+cluster's Ray namespace) and, if it decodes, a collector task that long-polls its `events` for this router. Each
+poll renews this router's lease on its requests there and acknowledges the ones it is done with. A worker whose
 heartbeat expires and that does not answer, or whose actor dies, is dropped and `on_lost` is told, so the requests
 on it move on (see `router.migration`) instead of hanging; a dead one is never taken back, though its heartbeat
 lingers a few seconds. A worker missing from a restarted (empty) Redis still answers, so it stays; one whose actor
-answers under another id has switched roles in place (`cluster.worker`) and is dropped (it was drained first).
+answers under another id has switched roles in place (`worker_actor`) and is dropped (it was drained first).
+
+KV pairs are the prefill workers' own (`worker.kv_pairs`): a decode worker is usable with a prefill worker when
+both heartbeats list their pair.
 """
 
 from __future__ import annotations
@@ -17,44 +20,41 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 import redis
-from ray.actor import ActorHandle
 
-from pdserve.cluster.messages import TokenEvent
-from pdserve.cluster.registry import Registry, Role, WorkerInfo, WorkerState
+from pdserve.registry.entries import Role, WorkerInfo, WorkerState
+from pdserve.registry.registry import Registry
+from pdserve.worker.messages import TokenEvent
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 0.5
-DRAIN_WAIT_S = 1.0
+COLLECT_WAIT_S = 1.0
 ALIVE_TIMEOUT_S = 2.0
-PAIR_SETTLE_S = 3.0
-"""A pair younger than this is not judged by heartbeats (one sent before it formed does not list it)."""
 
 
 @dataclass
 class Member:
     info: WorkerInfo
-    handle: ActorHandle
-    drain: asyncio.Task | None = None
-    paired: set[str] = field(default_factory=set)
-    paired_at: dict[str, float] = field(default_factory=dict)
-    """When each pair was formed (a heartbeat sent before that may not list it yet)."""
+    handle: Any
+    collector: asyncio.Task | None = None
+    done: list[str] = field(default_factory=list)
+    """This router's requests on it that ended: acknowledged with the next poll, so it drops their journals."""
 
 
 class Membership:
-    def __init__(self, registry: Registry, namespace: str, on_events: Callable[[list[TokenEvent]], None],
-                 on_lost: Callable[[str, str], None]) -> None:
+    def __init__(self, registry: Registry, namespace: str, router_id: str,
+                 on_events: Callable[[list[TokenEvent]], None], on_lost: Callable[[str, str], None],
+                 find_actor: Callable[[str], Any] | None = None) -> None:
         self.registry = registry
-        self.namespace = namespace
+        self.router_id = router_id
         self.members: dict[str, Member] = {}
         self._on_events = on_events
         self._on_lost = on_lost
-        self._pairing: dict[tuple[str, str], asyncio.Task] = {}
-        self._generations: dict[tuple[str, str], int] = {}
-        """How many times each (prefill, decode) pair was formed: a pair formed again meets under a new name."""
+        self._find_actor = find_actor or (lambda name: ray.get_actor(name, namespace=namespace))
         self._redis_failing = False
         self._checking: dict[str, asyncio.Task] = {}
         """Workers missing from the registry, being asked whether they are still alive."""
@@ -67,7 +67,12 @@ class Membership:
         return [m for m in self.members.values() if m.info.role is role and m.info.state is WorkerState.READY]
 
     def prefill_for(self, decode_id: str) -> list[Member]:
-        return [m for m in self.ready(Role.PREFILL) if decode_id in m.paired]
+        """Ready prefill workers with a working KV pair to `decode_id` (both heartbeats list it)."""
+        decode = self.members.get(decode_id)
+        if decode is None:
+            return []
+        return [m for m in self.ready(Role.PREFILL)
+                if decode_id in m.info.paired and m.info.worker_id in decode.info.paired]
 
     def running(self, worker_id: str) -> int:
         """The worker's running plus waiting requests, as its last heartbeat said (0 when it is not a member)."""
@@ -79,6 +84,12 @@ class Membership:
         member = self.members.get(worker_id)
         if member is not None:
             member.info = dataclasses.replace(member.info, **changes)
+
+    def acknowledge(self, worker_id: str, request_id: str) -> None:
+        """This router is done with `request_id` on `worker_id` (told with the next poll)."""
+        member = self.members.get(worker_id)
+        if member is not None:
+            member.done.append(request_id)
 
     # ---- refresh ---------------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -104,10 +115,8 @@ class Membership:
             member = self.members.get(worker_id)
             if member is not None:
                 member.info = info
-                self._unpair_broken(member)
             elif info.state is WorkerState.READY:
                 await self._join(info)
-        self._pair_all()
 
     async def _check_gone(self, worker_id: str) -> None:
         """A worker's registry entry is gone: drop it only if its actor does not answer either. A restarted Redis
@@ -136,73 +145,34 @@ class Membership:
         if member is None:
             return
         log.warning("worker %s left the cluster: %s", worker_id, reason)
-        if member.drain is not None:
-            member.drain.cancel()
-        for other in self.members.values():
-            other.paired.discard(worker_id)
+        if member.collector is not None:
+            member.collector.cancel()
         self._on_lost(worker_id, reason)
 
     async def close(self) -> None:
-        tasks = [m.drain for m in self.members.values() if m.drain is not None] + list(self._pairing.values()) + \
-            list(self._checking.values())
+        tasks = [m.collector for m in self.members.values() if m.collector is not None] + list(self._checking.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _join(self, info: WorkerInfo) -> None:
         try:
-            handle = await asyncio.to_thread(ray.get_actor, info.actor_name, self.namespace)
+            handle = await asyncio.to_thread(self._find_actor, info.actor_name)
         except ValueError:
             log.warning("worker %s is registered but its actor %r is not found", info.worker_id, info.actor_name)
             return
         member = Member(info, handle)
         if info.role in (Role.DECODE, Role.BOTH):
-            member.drain = asyncio.create_task(self._drain(member), name=f"drain-{info.worker_id}")
+            member.collector = asyncio.create_task(self._collect(member), name=f"collect-{info.worker_id}")
         self.members[info.worker_id] = member
         log.info("worker %s joined (%s)", info.worker_id, info.role.value)
 
-    # ---- KV pairs --------------------------------------------------------------------------------------------
-    def _unpair_broken(self, member: Member) -> None:
-        """Pairs the worker's heartbeat no longer lists (a failed transfer broke them) are formed again."""
-        now = asyncio.get_running_loop().time()
-        listed = set(member.info.paired)
-        for peer in list(member.paired):
-            if peer not in listed and now - member.paired_at.get(peer, now) > PAIR_SETTLE_S:
-                log.warning("KV pair %s <-> %s is broken (not in the heartbeat); forming it again",
-                            member.info.worker_id, peer)
-                member.paired.discard(peer)
-                other = self.members.get(peer)
-                if other is not None:
-                    other.paired.discard(member.info.worker_id)
-
-    def _pair_all(self) -> None:
-        for p in self.ready(Role.PREFILL):
-            for d in self.ready(Role.DECODE):
-                key = (p.info.worker_id, d.info.worker_id)
-                if d.info.worker_id not in p.paired and key not in self._pairing:
-                    self._pairing[key] = asyncio.create_task(self._pair(p, d), name=f"pair-{key}")
-
-    async def _pair(self, p: Member, d: Member) -> None:
-        key = (p.info.worker_id, d.info.worker_id)
-        generation = self._generations[key] = self._generations.get(key, -1) + 1
-        try:
-            await asyncio.gather(p.handle.connect.remote(d.info.worker_id, d.info.store_address, 0, generation),
-                                 d.handle.connect.remote(p.info.worker_id, d.info.store_address, 1, generation))
-            now = asyncio.get_running_loop().time()
-            p.paired.add(d.info.worker_id)
-            d.paired.add(p.info.worker_id)
-            p.paired_at[d.info.worker_id] = d.paired_at[p.info.worker_id] = now
-            log.info("KV pair %s -> %s formed", *key)
-        except ray.exceptions.RayError as e:
-            log.warning("KV pair %s -> %s failed (will retry): %s", *key, e)
-        finally:
-            self._pairing.pop(key, None)
-
     # ---- events ----------------------------------------------------------------------------------------------
-    async def _drain(self, member: Member) -> None:
+    async def _collect(self, member: Member) -> None:
         while True:
+            done, member.done = member.done, []
             try:
-                events = await member.handle.events.remote(DRAIN_WAIT_S)
+                events = await member.handle.events.remote(self.router_id, COLLECT_WAIT_S, done)
             except ray.exceptions.RayActorError as e:
                 self.dead(member.info.worker_id, f"its actor died: {type(e).__name__}")
                 return

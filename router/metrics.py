@@ -1,6 +1,6 @@
 """The router's Prometheus metrics: every request's latencies and sizes as the client saw them, and how it ended.
 
-Fed by the orchestrator: `finished` with a finished request's `Timings` (from `_record`, the same figures that go to
+Fed by the orchestrator: `finished` with a finished request's `Timings` (from `records`, the same figures that go to
 the registry's timings stream), `failed` when a request ends without a finish reason, `inter_token` per response
 carrying tokens. Requests in flight are read at scrape time from a callable the orchestrator passes in.
 
@@ -14,8 +14,9 @@ carrying tokens. Requests in flight are read at scrape time from a callable the 
     pdserve_request_prompt_tokens              histogram  input tokens per finished request
     pdserve_request_generation_tokens          histogram  output tokens per finished request
     pdserve_requests_total{outcome}            counter    stop | length | abort (finish reasons) or invalid |
-                                                          duplicate | overloaded | unavailable | cancelled | error
-                                                          (ended early)
+                                                          duplicate | overloaded | unavailable | cancelled | error |
+                                                          taken_over (ended early; taken_over: its client
+                                                          reconnected to another router, which went on with it)
     pdserve_request_migrations_total           counter    requests resumed on other workers after a worker failed
     pdserve_request_hand_ons_total             counter    requests a decode worker leaving its pool handed on
     pdserve_requests_in_flight                 gauge      accepted and not yet ended
@@ -25,21 +26,23 @@ carrying tokens. Requests in flight are read at scrape time from a callable the 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pdserve.cluster.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, MetricsServer, serve_metrics
-from pdserve.config import Router
+from pdserve.router.errors import DuplicateRequest, Overloaded, TakenOver, Unavailable, WorkerError
+from pdserve.router.request_builder import InvalidRequest
 from pdserve.router.timings import Timings
+from pdserve.worker.metrics_server import LATENCY_BUCKETS, TOKEN_BUCKETS, MetricsServer, serve_metrics
 
-OUTCOMES = ("stop", "length", "abort", "invalid", "duplicate", "overloaded", "unavailable", "cancelled", "error")
+OUTCOMES = ("stop", "length", "abort", "invalid", "duplicate", "overloaded", "unavailable", "cancelled", "error",
+            "taken_over")
 
-_ERROR_KINDS = {"InvalidRequest": "invalid", "DuplicateRequest": "duplicate", "Unavailable": "unavailable",
-                "WorkerFailed": "unavailable", "Overloaded": "overloaded",
-                "WorkerError": "error",
-                "CancelledError": "cancelled", "GeneratorExit": "cancelled"}
-"""Exception class name -> outcome (by name: the orchestrator's exceptions live in a module that imports this one)."""
+_ERROR_KINDS = {InvalidRequest: "invalid", DuplicateRequest: "duplicate", Unavailable: "unavailable",
+                Overloaded: "overloaded", WorkerError: "error", TakenOver: "taken_over",
+                asyncio.CancelledError: "cancelled", GeneratorExit: "cancelled"}
+"""Exception class -> outcome (anything else: error)."""
 
 
 class RouterMetrics:
@@ -99,12 +102,12 @@ class RouterMetrics:
 
     def failed(self, error: BaseException) -> None:
         """A request ended without a finish reason, by `error` (a client that went away counts as cancelled)."""
-        self.requests.labels(outcome=_ERROR_KINDS.get(type(error).__name__, "error")).inc()
+        outcome = next((kind for cls, kind in _ERROR_KINDS.items() if isinstance(error, cls)), "error")
+        self.requests.labels(outcome=outcome).inc()
 
 
-def start_router_metrics(metrics: RouterMetrics, router: Router) -> MetricsServer:
-    """Serve the router's metrics on 127.0.0.1:`router.metrics_port` (a free port when unset)."""
-    port = router.metrics_port or 0
+def start_router_metrics(metrics: RouterMetrics, port: int) -> MetricsServer:
+    """Serve the router's metrics on 127.0.0.1:`port` (0: a free port)."""
     try:
         return serve_metrics(metrics.registry, port)
     except OSError as e:

@@ -2,8 +2,9 @@
 
 As Dynamo does, the router replays the request on other workers with the tokens already sent appended to the
 prompt: the new prefill recomputes their KV, and its first token is the next one the client gets. Greedy output is
-the same as without the failure (the model sees the same tokens). A continuation runs under its own id
-(`<id>@retry<n>`), so a late event from the failed attempt can never reach the new one.
+the same as without the failure (the model sees the same tokens). A continuation runs under its own key
+(`attempt.request_key`), so a late event from the failed attempt can never reach the new one. A request resumed at
+another router (its client reconnected with the tokens it has) that no worker holds any more goes on the same way.
 
 What does not carry over: text that the failed worker was still holding back (the tail of an incomplete UTF-8
 character, or a possible stop string's start) is not re-sent, and a stop string split across the failure point is
@@ -22,12 +23,13 @@ MAX_MIGRATIONS = 3
 """How many times one request may be resumed elsewhere before its client gets UNAVAILABLE."""
 
 
-def continuation(request: ValidRequest, sent: Sequence[int], number: int) -> ValidRequest | None:
-    """Attempt `number` (0: the request itself) after `sent` tokens; None when none are left to generate."""
-    if number == 0:
+def continuation(request: ValidRequest, sent: Sequence[int]) -> ValidRequest | None:
+    """The request to run after the client got `sent` tokens (none: the request itself); None when no token is left
+    to generate."""
+    if not sent:
         return request
     remaining = request.sampling.max_tokens - len(sent)
     if remaining <= 0:
         return None
-    return ValidRequest(f"{request.request_id}@retry{number}", request.token_ids + tuple(sent),
-                        dataclasses.replace(request.sampling, max_tokens=remaining))
+    return dataclasses.replace(request, token_ids=request.token_ids + tuple(sent),
+                               sampling=dataclasses.replace(request.sampling, max_tokens=remaining), resume=None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from pdserve.cluster.registry import WorkerInfo
+from pdserve.registry.entries import WorkerInfo
 
 
 def pick_decode(candidates: Sequence[WorkerInfo]) -> WorkerInfo | None:

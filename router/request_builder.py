@@ -27,10 +27,18 @@ class InvalidRequest(ValueError):
 
 
 @dataclass(frozen=True)
+class Resume:
+    """The client reconnected holding these tokens of the request's output."""
+
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ValidRequest:
     request_id: str
     token_ids: tuple[int, ...]
     sampling: SamplingParams
+    resume: Resume | None = None
 
 
 class RequestBuilder:
@@ -58,7 +66,22 @@ class RequestBuilder:
         if total > self.context_length:
             raise InvalidRequest(f"sampling.max_tokens: prompt ({len(token_ids)} tokens) + max_tokens "
                                  f"({sampling.max_tokens}) = {total} exceeds the context length {self.context_length}")
-        return ValidRequest(request_id, tuple(token_ids), sampling)
+        resume = self._resume(request.resume, sampling) if request.HasField("resume") else None
+        if resume is not None and not request.request_id:
+            raise InvalidRequest("request_id: a resumed request must carry the id it was first sent with")
+        return ValidRequest(request_id, tuple(token_ids), sampling, resume)
+
+    def _resume(self, resume: pb.Resume, sampling: SamplingParams) -> Resume:
+        ids = tuple(resume.token_ids)
+        if len(ids) != resume.tokens_received:
+            raise InvalidRequest(f"resume.token_ids: {len(ids)} tokens given, but tokens_received is "
+                                 f"{resume.tokens_received}")
+        if len(ids) > sampling.max_tokens:
+            raise InvalidRequest(f"resume.tokens_received: {len(ids)} is more than max_tokens ({sampling.max_tokens})")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"resume.token_ids: {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        return Resume(ids)
 
 
 def _prompt(request: pb.GenerateRequest) -> Prompt:

@@ -2,9 +2,13 @@
 
 Errors map to gRPC statuses with a message naming what was wrong: a bad request is INVALID_ARGUMENT, a request id
 already running is ALREADY_EXISTS, a full admission queue (or a message over MAX_MESSAGE_BYTES) is RESOURCE_EXHAUSTED,
-a missing or wrong bearer token is UNAUTHENTICATED (`router.access`), no worker is UNAVAILABLE (a worker that fails
-mid-request is not: the request resumes elsewhere, `router.migration`). A client that cancels or disconnects
-cancels the handler, and the orchestrator aborts the request on its workers.
+a missing or wrong bearer token is UNAUTHENTICATED (`access`), no worker is UNAVAILABLE (a worker that fails
+mid-request is not: the request resumes elsewhere, `router.migration`), a request its client took to another
+router is ABORTED. A client that cancels or disconnects cancels the handler, and the orchestrator aborts the
+request on its workers.
+
+Once a request is admitted, its stream's initial metadata carries ACCEPTED (this router's id): a client whose
+stream breaks after that knows the request may be running and reconnects with `resume` (`pdserve.client`).
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from pdserve.cluster.scaler import Scaler
+from pdserve.access import NO_ACCESS_CONTROL, Access, BearerToken
 from pdserve.config import SLO
 from pdserve.engine.request import FinishReason
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
-from pdserve.router.access import NO_ACCESS_CONTROL, Access, BearerToken
 from pdserve.router.admin import AdminService
-from pdserve.router.orchestrator import DuplicateRequest, Orchestrator, Overloaded, Piece, Unavailable, WorkerError
+from pdserve.router.control_client import ControlClient
+from pdserve.router.errors import DuplicateRequest, Overloaded, TakenOver, Unavailable, WorkerError
+from pdserve.router.orchestrator import Orchestrator, Piece
 from pdserve.router.request_builder import InvalidRequest, RequestBuilder
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,9 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 4 << 20
 """A request larger than this gets RESOURCE_EXHAUSTED from gRPC before it is parsed (a context's worth of token ids
 is well under 1 MiB)."""
+
+ACCEPTED = "pdserve-accepted"
+"""Initial metadata key: the request was admitted (its value is the router's id)."""
 
 FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
           FinishReason.ABORT: pb.FINISH_REASON_ABORT}
@@ -75,8 +83,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             self.orchestrator.metrics.failed(e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         first = True
+        accepted = ((ACCEPTED, self.orchestrator.router_id),)
         try:
-            async for piece in self.orchestrator.generate(valid):
+            async for piece in self.orchestrator.generate(valid, lambda: context.send_initial_metadata(accepted)):
                 yield _response(valid.request_id, piece, len(valid.token_ids), first)
                 first = False
         except InvalidRequest as e:
@@ -89,6 +98,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Unavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except TakenOver as e:
+            await context.abort(grpc.StatusCode.ABORTED, str(e))
         except WorkerError as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
 
@@ -107,12 +118,13 @@ def _response(request_id: str, piece: Piece, prompt_tokens: int, first: bool) ->
 
 
 def build_server(builder: RequestBuilder, orchestrator: Orchestrator, host: str, port: int, mode: str,
-                 access: Access = NO_ACCESS_CONTROL, scaler: Scaler | None = None, slo: SLO | None = None,
+                 access: Access = NO_ACCESS_CONTROL, control: ControlClient | None = None, slo: SLO | None = None,
                  http_address: str = "") -> tuple[grpc.aio.Server, int]:
-    """The Generation and Admin services on `host:port` (0: a free port); returns the server and its port."""
+    """The Generation and Admin services on `host:port` (0: a free port); returns the server and its port. The port
+    is this server's alone (no SO_REUSEPORT): a second router on it fails to start instead of sharing it."""
     interceptors = [BearerToken(access.token)] if access.token else []
     server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)])
     if access.tls is not None:
         cert, key = access.tls
         bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert)]))
@@ -121,6 +133,6 @@ def build_server(builder: RequestBuilder, orchestrator: Orchestrator, host: str,
     if bound == 0:
         raise OSError(f"router.port: cannot listen on {host}:{port} (in use?)")
     _add_generation_service(GenerationService(builder, orchestrator), server)
-    pb_grpc.add_AdminServicer_to_server(AdminService(orchestrator, f"{host}:{bound}", mode, scaler, slo, http_address),
-                                        server)
+    pb_grpc.add_AdminServicer_to_server(AdminService(orchestrator, f"{host}:{bound}", mode, control, slo,
+                                                     http_address), server)
     return server, bound

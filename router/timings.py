@@ -31,6 +31,8 @@ class RequestClock:
     first_token: float | None = None
     last_token: float | None = None
     tokens: int = 0
+    finished: bool = False
+    """The request ended with a finish reason (its last piece is built)."""
 
     def tokens_sent(self, count: int) -> float | None:
         """Returns the seconds since the previous tokens were sent (None for the first tokens, or for none)."""

@@ -4,7 +4,7 @@
 
 The JSON is what Grafana imports; this script is its source, so that panels stay uniform and every PromQL query is
 in one readable place. tests/unit/test_deploy.py checks that the JSON is this script's output and that every query
-names only metrics that router/metrics.py and cluster/worker_metrics.py define.
+names only metrics that router/metrics.py and worker/metrics.py define.
 """
 
 import json
@@ -248,7 +248,7 @@ dashboard = {
     "title": "pdserve",
     "uid": "pdserve-overview",
     "description": "pdserve: latency against the SLOs, traffic, and the prefill/decode workers. Metric names: "
-                   "router/metrics.py and cluster/worker_metrics.py.",
+                   "router/metrics.py and worker/metrics.py.",
     "tags": ["pdserve", "llm-serving"],
     "editable": True,
     "graphTooltip": 1,

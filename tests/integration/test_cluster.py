@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from pdserve.client import Client
-from pdserve.cluster.registry import Registry
 from pdserve.engine import Prompt, SamplingParams
+from pdserve.registry.registry import Registry
 
 from .test_smollm2_oracle import PROMPTS
 

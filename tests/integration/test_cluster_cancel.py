@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from pdserve.cli.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
-from pdserve.cluster.local_cluster import start_cluster, stop_cluster
 from pdserve.engine import Prompt, SamplingParams
 
 pytestmark = pytest.mark.model

@@ -19,8 +19,8 @@ import urllib.parse
 
 import pytest
 
+from pdserve.cli.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
-from pdserve.cluster.local_cluster import start_cluster, stop_cluster
 from pdserve.engine import SamplingParams
 
 from .test_smollm2_oracle import PROMPTS as ALL_PROMPTS

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
+from pdserve.cli.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
-from pdserve.cluster.local_cluster import start_cluster, stop_cluster
-from pdserve.cluster.registry import Registry
 from pdserve.engine import SamplingParams
+from pdserve.registry.registry import Registry
 
 from .test_smollm2_oracle import PROMPTS
 

@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
+from pdserve.cli.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
-from pdserve.cluster.local_cluster import start_cluster, stop_cluster
 from pdserve.engine import SamplingParams
 
 from .test_smollm2_oracle import PROMPTS

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from pdserve.cluster.local_cluster import start_cluster, stop_cluster
-from pdserve.cluster.local_redis import free_port
+from pdserve.cli.local_cluster import start_cluster, stop_cluster
+from pdserve.control_plane.local_redis import free_port
 
 pytestmark = pytest.mark.model
 

@@ -7,10 +7,10 @@ import time
 import pytest
 import ray
 
-from pdserve.cluster.registry import Role
-from pdserve.cluster.worker import Worker
-from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.engine import EngineConfig
+from pdserve.registry.entries import Role
+from pdserve.worker.runtime import WorkerSpec
+from pdserve.worker_actor import Worker
 
 CONFIG = EngineConfig(backend="sim", model="llama-3-8b", hardware="h100", num_kv_blocks=64, num_threads=1)
 START_TIMEOUT_S = 180

@@ -8,10 +8,10 @@ import subprocess
 import grpc
 import pytest
 
+from pdserve.access import Access, load_access
 from pdserve.client import Client
 from pdserve.config import ConfigError, Router
 from pdserve.engine import Prompt, SamplingParams
-from pdserve.router.access import Access, load_access
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.server import build_server
 

@@ -6,7 +6,8 @@ import asyncio
 import pytest
 
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.router.orchestrator import Orchestrator, Overloaded, Unavailable
+from pdserve.router.errors import Overloaded, Unavailable
+from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.request_builder import ValidRequest
 
 
@@ -20,7 +21,7 @@ async def first_piece(orchestrator: Orchestrator, n: int):
 
 
 def test_a_full_admission_queue_refuses_at_once_and_keeps_the_waiting_requests(monkeypatch):
-    monkeypatch.setattr("pdserve.router.orchestrator.NO_WORKERS_WAIT_S", 1.0)
+    monkeypatch.setattr("pdserve.router.placement.NO_WORKERS_WAIT_S", 1.0)
 
     async def go():
         orchestrator = Orchestrator(registry=None, namespace="test", colocated=False, block_size=16, max_waiting=2)

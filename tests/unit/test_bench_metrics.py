@@ -36,9 +36,9 @@ from pdserve.bench.plots import plot_attainment_vs_rate, plot_latency_cdfs, plot
 from pdserve.bench.report import format_summary, strict_json
 from pdserve.bench.workloads import TraceEntry
 from pdserve.cli import bench as bench_cli
-from pdserve.cluster.registry import Role, WorkerInfo, WorkerState
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
+from pdserve.registry.entries import Role, WorkerInfo, WorkerState
 
 REJECTED_PROMPT_LEN = 7
 PAIRED_PROMPT_LEN = 9  # the fake sends two tokens a message

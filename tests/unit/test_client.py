@@ -1,6 +1,7 @@
-"""pdserve.client against a fake router over real gRPC on 127.0.0.1: the sync and async clients collect a stream,
-retry UNAVAILABLE with the same request id (only before the first response), keep their deadline, send the bearer
-token, and fill the admin requests."""
+"""pdserve.client against fake routers over real gRPC on 127.0.0.1: the sync and async clients collect a stream,
+retry UNAVAILABLE with the same request id, resume a stream that broke after its router took it (with the tokens
+received, each token once), move on to the next router given, keep their deadline, send the bearer token, and fill
+the admin requests."""
 
 import asyncio
 import threading
@@ -20,12 +21,14 @@ UNAVAILABLE, INVALID = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGU
 
 
 class FakeGeneration(pb_grpc.GenerationServicer):
-    """Fails its first `fail_first` calls with `code`, then streams three tokens; `break_after_first` aborts with
-    UNAVAILABLE after one message; `sleep_s` holds each call that long first."""
+    """Fails its first `fail_first` calls with `code`, then streams three tokens (from where a resumed request's
+    client left off); `break_after_first` aborts its first call with UNAVAILABLE after one message; `accept` sends the
+    initial metadata of a router that took the request first; `sleep_s` holds each call that long first."""
 
     def __init__(self, fail_first: int = 0, code: grpc.StatusCode = UNAVAILABLE, break_after_first: bool = False,
-                 sleep_s: float = 0.0) -> None:
+                 sleep_s: float = 0.0, accept: bool = False) -> None:
         self.fail_first, self.code, self.break_after_first, self.sleep_s = fail_first, code, break_after_first, sleep_s
+        self.accept = accept
         self.requests: list[pb.GenerateRequest] = []
         self.metadata: list[dict] = []
         self.lock = threading.Lock()
@@ -42,16 +45,18 @@ class FakeGeneration(pb_grpc.GenerationServicer):
         end = time.monotonic() + self.sleep_s
         while context.is_active() and time.monotonic() < end:
             time.sleep(0.01)
+        if self.accept:
+            context.send_initial_metadata((("pdserve-accepted", "router-fake"),))
         if n <= self.fail_first:
             context.abort(self.code, f"call {n} refused")
-        for i in range(3):
+        for i in range(request.resume.tokens_received, 3):
             last = i == 2
             yield pb.GenerateResponse(request_id=request.request_id, token_ids=[10 + i], text=f"t{i} ",
                                       prompt_tokens=5 if i in (0, 2) else 0, completion_tokens=3 if last else 0,
                                       finish_reason=pb.FINISH_REASON_LENGTH if last else 0,
                                       timings=pb.Timings(e2e_s=1.5) if last else None)
-            if self.break_after_first:
-                context.abort(UNAVAILABLE, "decode worker lost")
+            if self.break_after_first and n == 1:
+                context.abort(UNAVAILABLE, "router going away")
 
 
 class FakeAdmin(pb_grpc.AdminServicer):
@@ -174,26 +179,60 @@ def test_retries_stop_after_the_budget_with_unavailable(serve):
         assert len(fake.requests) == 3  # the first call and two retries
 
 
-def test_no_retry_once_a_response_arrived(serve):
+def test_a_stream_that_breaks_after_a_token_resumes_with_what_it_has(serve):
     sync_fake, async_fake = FakeGeneration(break_after_first=True), FakeGeneration(break_after_first=True)
-    with SyncClient(serve(sync_fake), timeout_s=10, **FAST) as client:
+    with SyncClient(serve(sync_fake), timeout_s=10, retries=0, **FAST) as client:
+        sync_texts = [r.text for r in client.stream("Hello")]
+    async_completion = run_async(lambda c: c.generate("Hello"), serve(async_fake), retries=0, **FAST)
+    assert sync_texts == ["t0 ", "t1 ", "t2 "]
+    assert_full(async_completion, async_fake.request_ids[0])  # every token once
+    for fake in (sync_fake, async_fake):
+        first, again = fake.requests
+        assert again.request_id == first.request_id and not first.HasField("resume")
+        assert again.resume.tokens_received == 1 and list(again.resume.token_ids) == [10]
+        assert again.text == first.text and again.sampling == first.sampling
+
+
+def test_a_request_its_router_took_resumes_even_before_its_first_token(serve):
+    """The router's initial metadata said it took the request; the stream broke before any token: the client
+    reconnects (whatever `retries` says) and resumes from nothing."""
+    fake = FakeGeneration(fail_first=1, accept=True)
+    with SyncClient(serve(fake), timeout_s=10, retries=0, **FAST) as client:
+        completion = client.generate("Hello")
+    assert_full(completion, fake.request_ids[0])
+    assert [r.HasField("resume") for r in fake.requests] == [False, True]
+    assert fake.requests[1].resume.tokens_received == 0
+
+
+def test_calls_and_resumes_move_on_to_the_next_router_given(serve):
+    down, up = FakeGeneration(fail_first=100), FakeGeneration()
+    with SyncClient(f"{serve(down)}, {serve(up)}", timeout_s=10, **FAST) as client:
+        assert_full(client.generate("Hello"), up.request_ids[0])
+    assert len(down.requests) == 1 and len(up.requests) == 1
+
+    breaks, takes_over = FakeGeneration(break_after_first=True), FakeGeneration()
+    completion = run_async(lambda c: c.generate("Hello"), [serve(breaks), serve(takes_over)], **FAST)
+    assert_full(completion, breaks.request_ids[0])
+    assert takes_over.requests[0].resume.tokens_received == 1 and takes_over.request_ids == breaks.request_ids
+
+
+def test_reconnecting_gives_up_after_reconnect_s(serve):
+    class BreaksThenDown(FakeGeneration):
+        def Generate(self, request, context):
+            if request.HasField("resume"):
+                self.requests.append(request)
+                context.abort(UNAVAILABLE, "router down")
+            yield from super().Generate(request, context)
+
+    fake = BreaksThenDown(break_after_first=True)
+    started = time.monotonic()
+    with SyncClient(serve(fake), timeout_s=30, backoff_s=0.05, reconnect_s=0.6) as client:
         stream = client.stream("Hello")
         assert next(stream).text == "t0 "
-        with pytest.raises(grpc.RpcError) as sync_error:
-            next(stream)
-
-    async def go(client):
-        received = []
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            async for response in client.stream("Hello"):
-                received.append(response.text)
-        return received, error.value
-
-    received, async_error = run_async(go, serve(async_fake), **FAST)
-    assert received == ["t0 "]
-    for fake, error in ((sync_fake, sync_error.value), (async_fake, async_error)):
-        assert error.code() is UNAVAILABLE and "decode worker lost" in error.details()
-        assert len(fake.requests) == 1
+        with pytest.raises(grpc.RpcError) as error:
+            list(stream)
+    assert error.value.code() is UNAVAILABLE and 0.3 < time.monotonic() - started < 5  # no backoff past the window
+    assert len(fake.requests) > 2 and stream.token_ids == [10]
 
 
 @pytest.mark.parametrize("code", [INVALID, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ALREADY_EXISTS])

@@ -29,6 +29,12 @@ from pdserve.engine.sampling_params import SamplingError, SamplingParams
     ({"device": "tpu"}, "engine.device"),
     ({"max_model_len": -1}, "engine.max_model_len"),
     ({"num_threads": 0}, "engine.num_threads"),
+    ({"hardware": "h100"}, "engine.hardware: unknown field"),  # the sim's fields live under engine.sim
+    ({"sim": {"time_scale": 0}}, "engine.sim.time_scale"),
+    ({"sim": {"tensor_parallel": "2"}}, "engine.sim.tensor_parallel"),
+    ({"sim": {"kv_link": "pcie"}}, "engine.sim.kv_link"),
+    ({"sim": {"hardwar": "h100"}}, "engine.sim.hardwar"),
+    ({"sim": [1]}, "engine.sim: must be a mapping"),
 ])
 def test_engine_config_errors_name_the_field(values, field):
     with pytest.raises(ConfigError, match=field):
@@ -43,8 +49,9 @@ def test_engine_config_rejects_a_non_mapping():
 def test_engine_config_round_trips():
     values = {"model": "random:tiny", "dtype": "bf16", "device": "cuda:1", "block_size": 8, "num_kv_blocks": 100,
               "kv_cache_gib": 2, "max_num_batched_tokens": 256, "max_num_seqs": 4, "max_model_len": None, "seed": 3,
-              "num_threads": 2, "backend": "sim", "hardware": "h200", "tensor_parallel": 2, "gpu_memory_fraction": 0.8,
-              "sim_time_scale": 10.0}
+              "num_threads": 2, "backend": "sim",
+              "sim": {"hardware": "h200", "tensor_parallel": 2, "gpu_memory_fraction": 0.8, "time_scale": 10.0,
+                      "kv_link": "nvlink"}}
     config = EngineConfig.from_dict(values)
     assert dataclasses.asdict(config) == values
     assert EngineConfig.from_dict(dataclasses.asdict(config)) == config

@@ -1,41 +1,64 @@
 """The live controller adapter: arrivals (rate and prompt length over the traffic window, like the finished
-lengths they are combined with) and how it reports workers in transition."""
+lengths they are combined with, summed over every router's counters) and how it reports workers in transition."""
 
 import math
 
-from pdserve.cluster.controller_loop import ControllerLoop, RouterCounts, _worker
-from pdserve.cluster.registry import Role, WorkerInfo, WorkerState
+from pdserve.control_plane.controller_loop import ControllerLoop, _worker
 from pdserve.controller.config import ControllerConfig
 from pdserve.controller.observation import PoolRole
+from pdserve.registry.entries import Role, RouterInfo, WorkerInfo, WorkerState
 
 
 def _loop(window_s: float) -> ControllerLoop:
     config = ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05)
-    return ControllerLoop(config, model=None, registry=None, pool=None, router_counts=lambda: RouterCounts(0, 0),
-                          window_s=window_s, dry_run=True)
+    return ControllerLoop(config, model=None, registry=None, pool=None, window_s=window_s, dry_run=True)
+
+
+def counts(total: int, prompt_tokens: int = 0, router_id: str = "router-a",
+           by_class: tuple[int, ...] = ()) -> dict[str, RouterInfo]:
+    """One router's entry in the registry with these counters (what `_arrivals` reads each tick)."""
+    return {router_id: RouterInfo(router_id, "127.0.0.1:1", 1, accepted_total=total,
+                                  accepted_prompt_tokens=prompt_tokens, accepted_by_class=by_class)}
 
 
 def test_arrival_rate_is_averaged_over_the_window_not_the_last_tick():
     loop = _loop(window_s=20.0)
-    rate, prompt, _ = loop._arrivals(0.0, RouterCounts(0, 0))
+    rate, prompt, _ = loop._arrivals(0.0, counts(0))
     assert rate == 0.0 and math.isnan(prompt)  # nothing to compare with yet
     total = 0
     for t in range(3, 31, 3):  # 10 req/s, then a quiet tick at the end
         total += 30 if t < 30 else 0
-        rate, _, _ = loop._arrivals(float(t), RouterCounts(total, 0, total * 100))
+        rate, _, _ = loop._arrivals(float(t), counts(total, total * 100))
     # the last 3 s had no arrivals; the 20 s window still says ~9 req/s, where a per-tick rate would say 0
     assert 8.0 < rate < 10.0
 
 
 def test_arrivals_forget_what_left_the_window():
     loop = _loop(window_s=10.0)
-    loop._arrivals(0.0, RouterCounts(0, 0, 0))
-    loop._arrivals(5.0, RouterCounts(500, 0, 500 * 4000))  # a burst of long prompts long ago
+    loop._arrivals(0.0, counts(0))
+    loop._arrivals(5.0, counts(500, 500 * 4000))  # a burst of long prompts long ago
     for t in range(10, 41, 5):
         total = 500 + (t - 5) * 2  # then 2 req/s of 300-token prompts
-        rate, prompt, _ = loop._arrivals(float(t), RouterCounts(total, 0, 500 * 4000 + (total - 500) * 300))
+        rate, prompt, _ = loop._arrivals(float(t), counts(total, 500 * 4000 + (total - 500) * 300))
     assert rate == 2.0
     assert prompt == 300.0
+
+
+def test_arrivals_add_up_over_routers_and_a_restarted_router_counts_from_zero():
+    """Router a serves 2 req/s throughout; router b (1 req/s) is killed at t=10 and comes back as router c, whose
+    counters start again from 0: the rate over the window stays 3 req/s, never negative, never double."""
+    loop = _loop(window_s=10.0)
+    rates = []
+    for t in range(0, 21):
+        routers = counts(2 * t, 2 * t * 100, "router-a", (2 * t, 0))
+        if t < 10:
+            routers |= counts(t, t * 300, "router-b", (0, t))
+        elif t > 10:
+            routers |= counts(t - 10, (t - 10) * 300, "router-c", (0, t - 10))
+        rate, prompt, classes = loop._arrivals(float(t), routers)
+        rates.append(rate)
+    assert all(r >= 0 for r in rates) and 2.8 < rates[-1] <= 3.0
+    assert classes == (20, 10) and 150 < prompt < 200  # the last 10 s: 20 from a, 10 from c since its start
 
 
 def test_workers_in_transition_say_which_pool_they_are_joining():

@@ -33,7 +33,7 @@ def test_hardware_table_has_the_datasheet_figures():
 
 
 def test_unknown_hardware_names_the_field_and_the_known_ones():
-    with pytest.raises(ConfigError, match=r"engine\.hardware.*'tpu-v9'.*a100.*h100.*h200"):
+    with pytest.raises(ConfigError, match=r"engine\.sim\.hardware.*'tpu-v9'.*a100.*h100.*h200"):
         hardware("tpu-v9")
 
 
@@ -62,13 +62,13 @@ def test_kv_capacity():
 
 
 def test_70b_does_not_fit_on_one_h100():
-    with pytest.raises(ConfigError, match=r"engine\.tensor_parallel"):
+    with pytest.raises(ConfigError, match=r"engine\.sim\.tensor_parallel"):
         model("llama-3-70b").kv_capacity_tokens()
 
 
 @pytest.mark.parametrize("tp", [0, -1, 3, 64])
 def test_bad_tensor_parallel_names_the_field(tp):
-    with pytest.raises(ConfigError, match=r"engine\.tensor_parallel"):
+    with pytest.raises(ConfigError, match=r"engine\.sim\.tensor_parallel"):
         model(tp=tp)
 
 

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from prometheus_client.utils import floatToGoString
 
-from pdserve.cluster.metrics import LATENCY_BUCKETS
 from pdserve.config import ClusterConfig, Mode, load_config
+from pdserve.worker.metrics_server import LATENCY_BUCKETS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -371,7 +371,7 @@ def test_head_entrypoint_is_valid_bash() -> None:
 
 # ---- the dashboard -----------------------------------------------------------------------------------------------
 
-METRIC_SOURCES = (ROOT / "router" / "metrics.py", ROOT / "cluster" / "worker_metrics.py")
+METRIC_SOURCES = (ROOT / "router" / "metrics.py", ROOT / "worker" / "metrics.py")
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 PROMQL_WORDS = {
     "sum", "avg", "min", "max", "count", "topk", "bottomk", "rate", "irate", "increase", "delta", "histogram_quantile",
@@ -434,8 +434,8 @@ def _names(arg: ast.expr, loop: ast.For | None, tables: dict) -> list[str]:
 
 def test_metric_names_parsed_from_source_match_what_the_registries_expose() -> None:
     """The parser above against the real thing: both metric objects' registries, collected."""
-    from pdserve.cluster.worker_metrics import WorkerMetrics
     from pdserve.router.metrics import RouterMetrics
+    from pdserve.worker.metrics import WorkerMetrics
 
     exposed = set()
     for registry in (RouterMetrics().registry, WorkerMetrics("w0", "prefill", lambda: None).registry):
@@ -490,7 +490,7 @@ def test_dashboard_queries_only_metrics_the_code_defines() -> None:
             tokens = metric_tokens(t["expr"])
             unknown = tokens - known
             assert not unknown, f"panel {p['title']!r}: {sorted(unknown)} not in router/metrics.py or " \
-                                f"cluster/worker_metrics.py (expr: {t['expr']})"
+                                f"worker/metrics.py (expr: {t['expr']})"
             used |= tokens
         assert used, f"panel {p['title']!r} queries no pdserve metric"
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pdserve.cluster.engine_thread import EngineThread
+from pdserve.worker.engine_thread import EngineThread
 
 DEADLINE_S = 10
 

@@ -18,16 +18,17 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from pdserve.cluster.registry import Role
+from pdserve.access import Access
 from pdserve.engine.request import FinishReason
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto import generation_pb2 as pb
-from pdserve.router.access import Access
+from pdserve.registry.entries import Role
 from pdserve.router.choices import merged
+from pdserve.router.errors import DuplicateRequest, Overloaded, Unavailable, WorkerError
 from pdserve.router.http_server import OpenAIServer, start_http
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.openai_protocol import MAX_CHOICES
-from pdserve.router.orchestrator import DuplicateRequest, Overloaded, Piece, Unavailable, WorkerError
+from pdserve.router.orchestrator import Piece
 from pdserve.router.request_builder import InvalidRequest, ValidRequest
 
 MODEL = "fake-model"

@@ -11,12 +11,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.cluster.messages import DecodeTask, PrefillTask
-from pdserve.cluster.registry import Role, WorkerInfo, WorkerState
-from pdserve.cluster.state import ClusterState
-from pdserve.cluster.worker_metrics import WorkerMetrics
-from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.config import Router, parse_config
+from pdserve.control_plane.state_file import ClusterState
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine import EngineConfig, SamplingParams
 from pdserve.engine.config import ConfigError
@@ -28,9 +24,15 @@ from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from pdserve.kv_transfer.connector import TransferResult, TransferStatus
 from pdserve.kv_transfer.in_process import Exchange, InProcessConnector
 from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.registry.entries import Role, WorkerInfo, WorkerState
+from pdserve.router.errors import DuplicateRequest, Unavailable
 from pdserve.router.metrics import RouterMetrics, start_router_metrics
-from pdserve.router.orchestrator import DuplicateRequest, Unavailable
 from pdserve.router.timings import RequestClock, Timings
+from pdserve.worker.messages import DecodeTask, Owner, PrefillTask
+from pdserve.worker.metrics import WorkerMetrics
+from pdserve.worker.runtime import WorkerSpec
+
+from .test_workers_in_process import LocalPeers
 
 
 def text(registry) -> str:
@@ -227,14 +229,14 @@ def scrape(address: str) -> str:
 def test_http_server_on_localhost_serves_metrics():
     metrics = RouterMetrics()
     metrics.failed(Unavailable("x"))
-    server = start_router_metrics(metrics, Router())
+    server = start_router_metrics(metrics, 0)
     try:
         assert server.host == "127.0.0.1" and server.port > 0
         body = scrape(server.address)
         assert 'pdserve_requests_total{outcome="unavailable"} 1.0' in body
         assert "pdserve_time_to_first_token_seconds_bucket" in body
         with pytest.raises(OSError, match="router.metrics_port"):
-            start_router_metrics(RouterMetrics(), Router(metrics_port=server.port))  # taken
+            start_router_metrics(RouterMetrics(), server.port)  # taken
     finally:
         server.stop()
 
@@ -244,20 +246,20 @@ def test_workers_serve_their_metrics_and_advertise_the_port():
     config = EngineConfig(model="random:smollm2-135m", backend="sim", num_kv_blocks=64, max_num_batched_tokens=64)
 
     async def run() -> tuple[str, str, WorkerInfo, WorkerInfo]:
-        exchange = Exchange()
+        exchange, peers = Exchange(), LocalPeers()
         prefill = PrefillWorker(WorkerSpec("prefill-0", Role.PREFILL, config),
-                                InProcessConnector("prefill-0", exchange))
-        decode = DecodeWorker(WorkerSpec("decode-0", Role.DECODE, config), InProcessConnector("decode-0", exchange))
+                                InProcessConnector("prefill-0", exchange), peers=peers)
+        decode = peers.workers["decode-0"] = DecodeWorker(WorkerSpec("decode-0", Role.DECODE, config),
+                                                          InProcessConnector("decode-0", exchange))
         p_info, d_info = await asyncio.gather(prefill.start(), decode.start())
         try:
             sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
             prompt = tuple(range(100, 190))  # 90 tokens: two prefill chunks
-            assert await decode.reserve(DecodeTask("r1", prompt, sampling, "prefill-0", 1)) is not None
-            result = await prefill.prefill(PrefillTask("r1", prompt, sampling, "decode-0", 1))
-            await decode.commit("r1", result.first_token_id)
+            reservation = await decode.reserve(DecodeTask("r1", prompt, sampling, Owner("router", "r1"), "prefill-0"))
+            await prefill.prefill(PrefillTask("r1", prompt, sampling, "decode-0", reservation.tag))
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                if any(e.finish_reason is not None for e in await decode.events(0.5)):
+                if any(e.finish_reason is not None for e in await decode.events("router", 0.5)):
                     break
             while time.monotonic() < deadline:  # the prefill side polls its send's outcome on its next loop
                 p_body = await asyncio.to_thread(scrape, f"127.0.0.1:{p_info.metrics_port}")

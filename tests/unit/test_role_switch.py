@@ -1,4 +1,4 @@
-"""A worker switching roles in place (`cluster.worker`): the same engine serves the other role under a new id, and
+"""A worker switching roles in place (`worker_actor`): the same engine serves the other role under a new id, and
 requests through it stay token-identical to one engine. Without Ray: workers in this process, KV over the
 in-process connector, random SmolLM2-shaped weights."""
 
@@ -6,36 +6,46 @@ import asyncio
 
 import pytest
 
-from pdserve.cluster.messages import DecodeTask, PrefillTask
-from pdserve.cluster.registry import Role, WorkerState
-from pdserve.cluster.worker import RoleSwitchError, Worker, WrongRole
-from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine import SamplingParams
 from pdserve.kv_transfer.in_process import Exchange, InProcessConnector
 from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.registry.entries import Role, WorkerState
+from pdserve.worker.messages import DecodeTask, Owner, PrefillTask
+from pdserve.worker.runtime import WorkerSpec
+from pdserve.worker_actor import RoleSwitchError, Worker, WrongRole
 
-from .test_workers_in_process import CONFIG, PROMPT, events_until_finished, idle, oracle, started_pair  # noqa: F401
+from .test_workers_in_process import (  # noqa: F401
+    CONFIG,
+    PROMPT,
+    LocalPeers,
+    events_until_finished,
+    handed_off,
+    idle,
+    oracle,
+    started_pair,
+)
 
 SAMPLING = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 
 async def handoff(prefill: PrefillWorker, decode: DecodeWorker, request_id: str) -> tuple[int, ...]:
-    decode_id, prefill_id = decode.runtime.spec.worker_id, prefill.runtime.spec.worker_id
-    assert await decode.reserve(DecodeTask(request_id, PROMPT, SAMPLING, prefill_id, tag=1))
-    result = await prefill.prefill(PrefillTask(request_id, PROMPT, SAMPLING, decode_id, tag=1))
-    await decode.commit(request_id, result.first_token_id)
+    await handed_off(prefill, decode, request_id, SAMPLING)
     events = await events_until_finished(decode, request_id)
-    return (result.first_token_id,) + tuple(t for e in events for t in e.token_ids)
+    return tuple(t for e in events for t in e.token_ids)
 
 
-async def switched(worker: PrefillWorker | DecodeWorker, worker_id: str, role: Role, exchange: Exchange):
+async def switched(worker: PrefillWorker | DecodeWorker, worker_id: str, role: Role, exchange: Exchange,
+                   peers: LocalPeers):
     """What `Worker.switch_role` does, with an in-process connector for the new identity."""
     await worker.drain()
     assert await worker.idle()
-    thread = await worker.runtime.leave()
-    cls = PrefillWorker if role is Role.PREFILL else DecodeWorker
-    new = cls(WorkerSpec(worker_id, role, CONFIG), InProcessConnector(worker_id, exchange), thread=thread)
+    thread = await worker.leave()
+    connector = InProcessConnector(worker_id, exchange)
+    if role is Role.PREFILL:
+        new = PrefillWorker(WorkerSpec(worker_id, role, CONFIG), connector, thread=thread, peers=peers)
+    else:
+        new = peers.workers[worker_id] = DecodeWorker(WorkerSpec(worker_id, role, CONFIG), connector, thread=thread)
     await new.start()
     return new
 
@@ -45,11 +55,11 @@ def test_both_workers_swap_roles_in_place_and_stay_token_identical(oracle):  # n
 
     async def go():
         prefill, decode = await started_pair()
-        exchange = prefill.runtime.connector.exchange
+        exchange, peers = prefill.runtime.connector.exchange, prefill.peers
         before = await handoff(prefill, decode, "r1")
         engines = prefill.runtime.engine, decode.runtime.engine
-        new_decode = await switched(prefill, "decode-1", Role.DECODE, exchange)
-        new_prefill = await switched(decode, "prefill-1", Role.PREFILL, exchange)
+        new_decode = await switched(prefill, "decode-1", Role.DECODE, exchange, peers)
+        new_prefill = await switched(decode, "prefill-1", Role.PREFILL, exchange, peers)
         assert (new_prefill.runtime.engine, new_decode.runtime.engine) == engines[::-1]  # no engine was rebuilt
         assert prefill.runtime.state is WorkerState.STOPPED and new_decode.runtime.state is WorkerState.READY
         after = await handoff(new_prefill, new_decode, "r2")
@@ -67,7 +77,7 @@ def test_the_actor_switches_only_when_drained_and_refuses_the_other_roles_work()
         worker = Worker(WorkerSpec("decode-0", Role.DECODE, CONFIG))
         await worker.start()
         engine = worker.front.runtime.engine
-        task = PrefillTask("r1", PROMPT, SAMPLING, "decode-0", tag=1)
+        task = PrefillTask("r1", PROMPT, SAMPLING, "decode-0", 1)
         try:
             with pytest.raises(RoleSwitchError, match="decode-0 is ready"):
                 await worker.switch_role(WorkerSpec("prefill-0", Role.PREFILL, CONFIG))
@@ -79,11 +89,12 @@ def test_the_actor_switches_only_when_drained_and_refuses_the_other_roles_work()
             assert worker.front.runtime.engine is engine
             assert (await worker.info()).worker_id == "prefill-0"
             with pytest.raises(WrongRole, match="reserve: worker prefill-0 is not a decode worker"):
-                await worker.reserve(DecodeTask("r1", PROMPT, SAMPLING, "prefill-9", tag=1))
+                await worker.reserve(DecodeTask("r1", PROMPT, SAMPLING, Owner("router-a", "r1"), "prefill-9"))
             # What a router may still send to the decode worker this actor was: nothing there, and no error.
-            assert await worker.events(0.01) == []
-            assert await worker.abort("r1", kv_sent=True) is False
-            assert await worker.abort("r1", tag=1) is False  # a prefill abort: nothing sent under that tag
+            assert await worker.events("router-a", 0.01) == []
+            await worker.abort_decode("r1", "router-a")
+            assert await worker.adopt("r1", "router-a", 0) is None
+            await worker.abort_prefill("r1")
         finally:
             await worker.stop()
 

@@ -1,6 +1,6 @@
 """Routing choices: decode by free blocks then running requests; prefill by queued prompt tokens."""
 
-from pdserve.cluster.registry import Role, WorkerInfo, WorkerState
+from pdserve.registry.entries import Role, WorkerInfo, WorkerState
 from pdserve.router.policy import pick_decode, pick_prefill
 
 

@@ -2,31 +2,22 @@
 refuses (no Ray, no model)."""
 
 import asyncio
-import itertools
 
 import pytest
 
-from pdserve.cluster.registry import Role
-from pdserve.cluster.scaler import ScaleError, Scaler
-from pdserve.cluster.worker_pool import ROLE_NAMES
 from pdserve.config import parse_config
+from pdserve.control_plane.scaler import ScaleError, Scaler
+from pdserve.control_plane.worker_pool import WorkerPool
+from pdserve.registry.entries import Role
 
 
-class FakePool:
+class FakePool(WorkerPool):
+    """The real pool's ids, engines and names, with workers that start and stop in an instant (no Ray)."""
+
     def __init__(self, config) -> None:
-        self.config = config
-        self.specs = {}
-        self.moving: set[str] = set()
+        super().__init__(config, "test")
         self.started: list[str] = []
         self.removed: list[str] = []
-        self._numbers = {role: itertools.count() for role in Role}
-
-    def pool(self, role):
-        workers = self.config.workers
-        return {Role.PREFILL: workers.prefill, Role.DECODE: workers.decode, Role.BOTH: workers.colocated}[role]
-
-    def next_id(self, role):
-        return f"{ROLE_NAMES[role]}-{next(self._numbers[role])}"
 
     async def start(self, specs):
         for spec in specs:
@@ -53,6 +44,20 @@ def test_initial_specs_spread_over_cores_and_stay_on_loopback():
     assert sorted(pool.specs) == ["decode-0", "decode-1", "prefill-0", "prefill-1"]
     assert sorted(s.cores for s in pool.specs.values()) == [(0,), (1,), (2,), (3,)]
     assert {s.host for s in pool.specs.values()} == {"127.0.0.1"}
+
+
+def test_each_pool_runs_its_own_engine_overrides_on_the_shared_engine():
+    made, pool = scaler({"engine": {"num_kv_blocks": 256, "max_num_seqs": 64, "max_num_batched_tokens": 512},
+                         "router": {"lease_s": 12},
+                         "workers": {"prefill": {"engine": {"max_num_batched_tokens": 2048, "max_num_seqs": 4}},
+                                     "decode": {"engine": {"kv_cache_gib": 0.5, "max_num_seqs": 128}}}})
+    prefill, decode = pool.specs["prefill-0"], pool.specs["decode-0"]
+    assert (prefill.engine.max_num_batched_tokens, prefill.engine.max_num_seqs, prefill.engine.num_kv_blocks) == \
+        (2048, 4, 256)
+    assert (decode.engine.max_num_batched_tokens, decode.engine.max_num_seqs) == (512, 128)
+    assert (decode.engine.num_kv_blocks, decode.engine.kv_cache_gib) == (None, 0.5)  # sized in GiB now
+    assert prefill.engine.block_size == decode.engine.block_size and prefill.engine.model == decode.engine.model
+    assert prefill.lease_s == decode.lease_s == 12 and prefill.actor_name == "default-prefill-0"
 
 
 def test_workers_on_a_joined_ray_cluster_take_their_node_address():

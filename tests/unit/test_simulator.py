@@ -12,12 +12,13 @@ from pdserve.bench.workloads import WORKLOADS, Phase, TraceEntry, phase_trace
 from pdserve.controller.config import ControllerConfig
 from pdserve.controller.decision import Action
 from pdserve.engine import Engine, EngineConfig, SamplingParams
+from pdserve.engine.config import SimSettings
 from pdserve.engine.cost_model import ChunkShape, CostModel
 from pdserve.engine.hardware import hardware
 from pdserve.engine.shapes import shape
 from pdserve.engine.sim_runner import PLACEHOLDER_TOKEN
 
-SIM = EngineConfig(backend="sim", model="llama-3-8b", hardware="h100", max_num_seqs=128,
+SIM = EngineConfig(backend="sim", model="llama-3-8b", sim=SimSettings(hardware="h100"), max_num_seqs=128,
                    max_num_batched_tokens=4096)
 SLO_ = SLO(ttft_s=1.0, tpot_s=0.05)
 
@@ -34,12 +35,12 @@ def test_sim_engine_steps_cost_what_the_cost_model_says():
     while engine.has_unfinished():
         outputs += engine.step()
     assert engine.blocks.num_used == 0 and engine.num_requests == 0
-    assert engine.kv_cache.num_blocks == cost.kv_capacity_tokens(SIM.gpu_memory_fraction) // SIM.block_size
+    assert engine.kv_cache.num_blocks == cost.kv_capacity_tokens(SIM.sim.gpu_memory_fraction) // SIM.block_size
 
 
 def test_sim_engine_needs_a_known_shape_and_hardware():
-    with pytest.raises(ValueError, match="engine.hardware"):
-        Engine(EngineConfig(backend="sim", model="llama-3-8b", hardware="tpu-v9"), realtime=False)
+    with pytest.raises(ValueError, match="engine.sim.hardware"):
+        Engine(EngineConfig(backend="sim", model="llama-3-8b", sim=SimSettings(hardware="tpu-v9")), realtime=False)
     with pytest.raises(ValueError, match="engine.model"):
         Engine(EngineConfig(backend="sim", model="gpt-17"), realtime=False)
 

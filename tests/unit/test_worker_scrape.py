@@ -5,7 +5,7 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.cluster.worker_metrics import WorkerMetrics
+from pdserve.worker.metrics import WorkerMetrics
 
 
 class Handle:

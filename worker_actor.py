@@ -1,17 +1,22 @@
 """The Ray actor behind every worker: a prefill or a decode (or colocated) worker now, and able to switch roles in
 place, keeping its engine (weights loaded, KV pool allocated, threads pinned) instead of restarting.
 
-The request life is the role's own (`prefill_worker.worker`, `decode_worker.worker`); this class only passes each
-call to the role it has now. A role switch (`cluster.worker_pool.WorkerPool.move`):
+It sits above the two role packages: the request life is the role's own (`prefill_worker.worker`,
+`decode_worker.worker`); this class only passes each call to the role it has now. The control plane creates it
+detached, so it outlives the process that created it (a control plane or a router may die; the workers serve on),
+and routers find it by name.
+
+A role switch (`control_plane.worker_pool.WorkerPool.move`):
 
     drain -> idle (nothing queued, decoding, on the wire, or with events uncollected)
     -> switch_role(spec): the old identity leaves (registry entry, KV pairs, metrics port), the engine thread stays
+       (and takes the new pool's scheduler limits)
     -> a worker of the other role starts on it under a new id (same actor name); routers see one worker leave and a
-       new one join, and pair it with every worker of the other role.
+       new one join, and the KV pairs form again around it.
 
 A call that only the other role answers (a late `events` poll or `abort` addressed to the identity this actor had
-before a switch) finds nothing here: `events` waits and returns none, `abort` reports that nothing was sent. A call
-that would give it work of the wrong role (`prefill` on a decode worker) is refused with `WrongRole`.
+before a switch) finds nothing here: `events` waits and returns none, an abort does nothing. A call that would give
+it work of the wrong role (`prefill` on a decode worker) is refused with `WrongRole`.
 
 An actor whose engine thread died (a bug in a step) exits at the next `info` or `events` call, so that it is
 treated as a crashed worker (replaced; its requests resumed elsewhere) instead of answering while serving nothing.
@@ -21,16 +26,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 import ray
 
-from pdserve.cluster.engine_thread import EngineThread
-from pdserve.cluster.messages import DecodeTask, PrefillResult, PrefillTask, Reservation, TokenEvent
-from pdserve.cluster.registry import Role, WorkerInfo, WorkerState
-from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.step_profile import StepProfile
 from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.registry.entries import Role, WorkerInfo, WorkerState
+from pdserve.worker.engine_thread import EngineThread
+from pdserve.worker.messages import (
+    Adoption,
+    DecodeTask,
+    KVAnnouncement,
+    PrefillResult,
+    PrefillTask,
+    Reservation,
+    TokenEvent,
+)
+from pdserve.worker.runtime import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +71,10 @@ class Worker:
     # ---- every role ------------------------------------------------------------------------------------------
     async def start(self) -> WorkerInfo:
         return await self.front.start()
+
+    async def spec(self) -> WorkerSpec:
+        """Who this actor is now (a control plane that adopts running workers asks)."""
+        return self.front.runtime.spec
 
     async def connect(self, peer: str, store_address: str, rank: int, generation: int = 0) -> None:
         await self.front.connect(peer, store_address, rank, generation)
@@ -90,7 +108,8 @@ class Worker:
         if runtime.state is not WorkerState.DRAINING or not idle:
             raise RoleSwitchError(f"worker {runtime.spec.worker_id} is {runtime.state.value} and "
                                   f"{'idle' if idle else 'busy'}: drain it until idle first")
-        thread = await runtime.leave()
+        thread = await self.front.leave()
+        await asyncio.wrap_future(thread.call(lambda engine: engine.retune(spec.engine)))
         self.front = role_front(spec, thread)
         return await self.front.start()
 
@@ -98,32 +117,37 @@ class Worker:
     async def prefill(self, task: PrefillTask) -> PrefillResult:
         return await self._prefill_front("prefill").prefill(task)
 
-    async def abort(self, request_id: str, tag: int | None = None, kv_sent: bool = False) -> bool:
-        """With `tag`: abort a prefill (True when its KV send had started). Without: abort on decode, `kv_sent`
-        saying whether a send must be drained. An abort for the role this actor no longer has finds nothing."""
-        if tag is not None:
-            return isinstance(self.front, PrefillWorker) and await self.front.abort(request_id, tag)
-        if isinstance(self.front, DecodeWorker):
-            await self.front.abort(request_id, kv_sent)
-        return False
+    async def abort_prefill(self, request_id: str) -> None:
+        """An abort for the role this actor no longer has finds nothing."""
+        if isinstance(self.front, PrefillWorker):
+            await self.front.abort(request_id)
 
     # ---- decode ----------------------------------------------------------------------------------------------
     async def reserve(self, task: DecodeTask) -> Reservation | None:
         return await self._decode_front("reserve").reserve(task)
 
-    async def commit(self, request_id: str, first_token_id: int) -> None:
-        await self._decode_front("commit").commit(request_id, first_token_id)
+    async def announce(self, announcement: KVAnnouncement) -> None:
+        await self._decode_front("announce").announce(announcement)
 
     async def generate(self, task: DecodeTask) -> None:
         await self._decode_front("generate").generate(task)
 
+    async def abort_decode(self, request_id: str, router_id: str) -> None:
+        if isinstance(self.front, DecodeWorker):
+            await self.front.abort(request_id, router_id)
+
+    async def adopt(self, client_request_id: str, router_id: str, client_has: int) -> Adoption | None:
+        if isinstance(self.front, DecodeWorker):
+            return await self.front.adopt(client_request_id, router_id, client_has)
+        return None
+
     async def hand_on(self) -> int:
         return await self._decode_front("hand_on").hand_on()
 
-    async def events(self, timeout_s: float = 1.0) -> list[TokenEvent]:
+    async def events(self, router_id: str, timeout_s: float = 1.0, done: Iterable[str] = ()) -> list[TokenEvent]:
         self._exit_if_engine_died()  # routers poll this without pause: they learn of it at once
         if isinstance(self.front, DecodeWorker):
-            return await self.front.events(timeout_s)
+            return await self.front.events(router_id, timeout_s, done)
         await asyncio.sleep(timeout_s)  # a poll for the decode worker this actor was before a switch
         return []
 

@@ -1,4 +1,5 @@
-"""Who may call the router: a bearer token checked on every RPC, and TLS on the public port.
+"""Who may call a router (and, through it, the control plane): a bearer token checked on every RPC, and TLS on the
+router's public port.
 
     router:
       token_file: /etc/pdserve/token        # its first line is the token; clients send "authorization: Bearer <it>"
@@ -6,7 +7,8 @@
       tls_key_file: /etc/pdserve/tls.key
 
 A call without the right token gets UNAUTHENTICATED before it reaches a service (the token is compared in constant
-time). Nothing else listens beyond loopback by default: workers, Redis, Ray and the metrics ports bind 127.0.0.1.
+time); the control plane's Control service asks for the same token. Nothing else listens beyond loopback by
+default: workers, Redis, the control plane and the metrics ports bind 127.0.0.1.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """The ratio controller on a live cluster: the adapter around the pure `controller.tick`.
 
-Every `interval_s` (in the supervisor's event loop):
+Every `interval_s` (in the control plane's event loop):
 
     observe: the workers from the registry (a worker draining, or being moved, counts as in transition), the last
              `window_s` of the Redis timings stream (what finished: lengths, TTFT/TPOT percentiles, attainment), the
-             arrival rate and the arrivals' mean prompt length over the same window (from the router's counters,
-             sampled each tick) and the requests waiting at the router
+             arrival rate and the arrivals' mean prompt length over the same window (from every router's counters
+             in the registry, sampled each tick and taken per router, so a router that starts again from zero
+             counts right) and the requests waiting at the routers
     -> tick (pure; the operator's pin from Redis or the config replaces the traffic's target)
     -> record: the decision as JSON on the `decisions` stream (`pdserve status` shows the last ones) and in the log
     -> act (unless dry run): a MOVE drains the worker and restarts it in the other role (`WorkerPool.move`), in the
@@ -23,19 +24,19 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
 
 import ray
 import redis
 
-from pdserve.cluster.registry import Registry, Role, WorkerInfo, WorkerState
-from pdserve.cluster.worker_pool import WorkerPool
+from pdserve.control_plane.worker_pool import WorkerPool
 from pdserve.controller.config import ControllerConfig, ControllerState
 from pdserve.controller.controller import tick
 from pdserve.controller.decision import Action, Decision
 from pdserve.controller.observation import Observation, PoolRole, WorkerObservation
 from pdserve.controller.perf_model import PerfModel
-from pdserve.controller.window import Finished, traffic_window
+from pdserve.controller.window import finished_requests, traffic_window
+from pdserve.registry.entries import Role, RouterInfo, WorkerInfo, WorkerState
+from pdserve.registry.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -43,30 +44,21 @@ _POOL_ROLES = {Role.PREFILL: PoolRole.PREFILL, Role.DECODE: PoolRole.DECODE}
 _ROLES = {PoolRole.PREFILL: Role.PREFILL, PoolRole.DECODE: Role.DECODE}
 
 
-@dataclasses.dataclass(frozen=True)
-class RouterCounts:
-    accepted_total: int
-    waiting: int
-    accepted_prompt_tokens: int = 0
-    accepted_by_class: tuple[int, ...] = ()
-
-
 class ControllerLoop:
     def __init__(self, config: ControllerConfig, model: PerfModel, registry: Registry, pool: WorkerPool,
-                 router_counts: Callable[[], RouterCounts], window_s: float, dry_run: bool) -> None:
+                 window_s: float, dry_run: bool) -> None:
         self.config = config
         self.model = model
         self.registry = registry
         self.pool = pool
-        self.router_counts = router_counts
         self.window_s = window_s
         self.dry_run = dry_run
         self.state = ControllerState()
         self._moving: dict[str, asyncio.Task] = {}
         self._joining: dict[str, PoolRole] = {}
         """The pool each worker being moved will serve."""
-        self._counts: deque[tuple[float, RouterCounts]] = deque()
-        """(time, the router's counts) at each tick within the window, oldest first."""
+        self._counts: deque[tuple[float, dict[str, RouterInfo]]] = deque()
+        """(time, every router's counters by its id) at each tick within the window, oldest first."""
         self._started = time.monotonic()
 
     async def run(self) -> None:
@@ -78,9 +70,9 @@ class ControllerLoop:
                 log.warning("controller: Redis unreadable, skipping this tick: %s", e)
 
     async def tick_once(self) -> Decision:
-        workers, timings, pin = await asyncio.to_thread(self._read)
+        workers, timings, pin, routers = await asyncio.to_thread(self._read)
         config = dataclasses.replace(self.config, pin=pin) if pin is not None else self.config
-        observation = self.observe(workers, timings)
+        observation = self.observe(workers, timings, routers)
         decision = tick(config, self.model, self.state, observation)
         self.state = decision.state
         await asyncio.to_thread(self.registry.append_decision, decision.to_json(), self.dry_run)
@@ -90,7 +82,8 @@ class ControllerLoop:
             self._act(decision)
         return decision
 
-    def observe(self, workers: list[WorkerInfo], timings: list[dict[str, str]]) -> Observation:
+    def observe(self, workers: list[WorkerInfo], timings: list[dict[str, str]],
+                routers: list[RouterInfo]) -> Observation:
         now = time.monotonic()
         seen = [_worker(w, self._joining.get(w.worker_id)) for w in workers if w.role in _POOL_ROLES]
         present = {w.worker_id for w in seen}
@@ -98,30 +91,35 @@ class ControllerLoop:
         # no known pool (its successor registers under a new id, which would count it twice in `heading`)
         seen += [WorkerObservation(worker_id, _POOL_ROLES[self.pool.specs[worker_id].role], draining=True)
                  for worker_id in self._moving if worker_id not in present and worker_id in self.pool.specs]
-        counts = self.router_counts()
-        rate, prompt_tokens, classes = self._arrivals(now, counts)
+        rate, prompt_tokens, classes = self._arrivals(now, {r.router_id: r for r in routers})
         return Observation(now_s=now - self._started, workers=tuple(seen),
                            traffic=traffic_window(finished_requests(timings), rate, self.window_s,
-                                                  self.config.slo_ttft_s, self.config.slo_tpot_s, counts.waiting,
-                                                  prompt_tokens, classes))
+                                                  self.config.slo_ttft_s, self.config.slo_tpot_s,
+                                                  sum(r.requests_waiting for r in routers), prompt_tokens, classes))
 
-    def _arrivals(self, now: float, counts: RouterCounts) -> tuple[float, float, tuple[int, ...]]:
+    def _arrivals(self, now: float, routers: dict[str, RouterInfo]) -> tuple[float, float, tuple[int, ...]]:
         """(requests/s, mean prompt tokens, count per prompt-length class) of the requests accepted over the last
-        window_s (as the finished lengths are), not since the last tick: a rate over a few seconds is noisy. The
-        prompt length is NaN when nothing arrived."""
-        self._counts.append((now, counts))
+        window_s (as the finished lengths are), not since the last tick: a rate over a few seconds is noisy. Each
+        router counts from its own first sighting in the window (a new router, from zero). The prompt length is NaN
+        when nothing arrived."""
+        self._counts.append((now, routers))
         while len(self._counts) > 2 and self._counts[1][0] <= now - self.window_s:
             self._counts.popleft()
         first_t, first = self._counts[0]
-        arrived = counts.accepted_total - first.accepted_total
+        arrived = prompt_tokens = 0
+        classes = [0] * max((len(r.accepted_by_class) for r in routers.values()), default=0)
+        for router_id, now_counts in routers.items():
+            then = first.get(router_id)
+            arrived += now_counts.accepted_total - (then.accepted_total if then else 0)
+            prompt_tokens += now_counts.accepted_prompt_tokens - (then.accepted_prompt_tokens if then else 0)
+            for i, count in enumerate(now_counts.accepted_by_class[:len(classes)]):
+                classes[i] += count - (then.accepted_by_class[i] if then and i < len(then.accepted_by_class) else 0)
         rate = arrived / (now - first_t) if now > first_t else 0.0
-        prompt = (counts.accepted_prompt_tokens - first.accepted_prompt_tokens) / arrived if arrived else math.nan
-        classes = tuple(a - b for a, b in zip(counts.accepted_by_class, first.accepted_by_class)) \
-            if len(first.accepted_by_class) == len(counts.accepted_by_class) else ()
-        return rate, prompt, classes
+        return rate, prompt_tokens / arrived if arrived else math.nan, tuple(classes)
 
-    def _read(self) -> tuple[list[WorkerInfo], list[dict[str, str]], tuple[int, int] | None]:
-        return self.registry.workers(), self.registry.timings_since(self.window_s), self.registry.pin()
+    def _read(self) -> tuple[list[WorkerInfo], list[dict[str, str]], tuple[int, int] | None, list[RouterInfo]]:
+        registry = self.registry
+        return registry.workers(), registry.timings_since(self.window_s), registry.pin(), registry.routers()
 
     def _act(self, decision: Decision) -> None:
         for move in decision.moves:
@@ -161,8 +159,3 @@ def _worker(w: WorkerInfo, joining: PoolRole | None) -> WorkerObservation:
                              waiting=w.waiting, queued_prefill_tokens=w.queued_prefill_tokens,
                              kv_blocks_used=w.kv_blocks_used, kv_blocks_total=w.kv_blocks_total)
 
-
-def finished_requests(timings: list[dict[str, str]]) -> list[Finished]:
-    """The timings stream entries of requests that completed (not aborted) as the controller's window rows."""
-    return [Finished(int(t["prompt_tokens"]), int(t["completion_tokens"]), float(t["ttft_s"]), float(t["tpot_s"]))
-            for t in timings if t.get("finish_reason") in ("stop", "length")]

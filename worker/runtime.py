@@ -1,6 +1,6 @@
 """What every worker has, whatever its role: an engine on its own thread, a KV connector, a heartbeat, its
-Prometheus metrics (served on 127.0.0.1, the port in its registry entry), and (on a worker that receives KV) the
-place its transfer pairs meet (`kv_transfer.rendezvous`).
+Prometheus metrics (served on 127.0.0.1, the port in its registry entry), and the place its KV pairs meet
+(`kv_transfer.rendezvous`; a decode worker hosts it, `worker.kv_pairs` forms the pairs).
 
 The prefill and decode workers compose a `WorkerRuntime` and add their request life on top of it.
 """
@@ -16,40 +16,48 @@ from dataclasses import dataclass, field
 import ray
 from prometheus_client.metrics_core import Metric
 
-from pdserve.cluster.engine_thread import EngineThread
-from pdserve.cluster.heartbeat import Heartbeat
-from pdserve.cluster.metrics import MetricsServer, serve_metrics
-from pdserve.cluster.registry import Registry, Role, WorkerInfo, WorkerState
-from pdserve.cluster.worker_metrics import WorkerMetrics
-from pdserve.config import KVTransfer
+from pdserve.config import Faults, KVTransfer
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.cost_model import Link
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import RequestOutput
 from pdserve.kv_transfer.connector import KVConnector
 from pdserve.kv_transfer.rendezvous import Rendezvous
+from pdserve.kv_transfer.send_delay import InjectedPause, SendDelay, combined, simulated_wire
 from pdserve.kv_transfer.torch_dist import TorchDistConnector
+from pdserve.registry.entries import Role, WorkerInfo, WorkerState
+from pdserve.registry.registry import Registry
+from pdserve.worker.engine_thread import EngineThread
+from pdserve.worker.heartbeat import Heartbeat
+from pdserve.worker.metrics import WorkerMetrics
+from pdserve.worker.metrics_server import MetricsServer, serve_metrics
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs to start; built by the supervisor, passed to the actor."""
+    """Everything a worker needs to start; built by the control plane, passed to the actor."""
 
     worker_id: str
     role: Role
     engine: EngineConfig
+    """Its pool's engine: the shared `engine:` section with the pool's overrides."""
     kv_transfer: KVTransfer = field(default_factory=KVTransfer)
     redis_url: str | None = None
-    """None: no heartbeat (a worker in a unit test)."""
+    """None: no heartbeat and no KV pairing from the registry (a worker in a unit test)."""
     cluster: str = "default"
+    namespace: str = "pdserve"
+    """The Ray namespace of the cluster's actors (a prefill worker finds its decode peers there)."""
     actor_name: str = ""
     cores: tuple[int, ...] = ()
     """CPU cores to pin the engine's threads to; empty leaves them as they are."""
     host: str = "127.0.0.1"
     """This worker's address for KV pairs; loopback keeps them on this machine (`kv_transfer.rendezvous`); empty:
     the address Ray knows its node by (workers on several machines)."""
+    lease_s: float = 30.0
+    """A decode worker aborts the requests of a router that has not collected their tokens for this long
+    (`router.lease_s`)."""
+    faults: Faults = field(default_factory=Faults)
 
 
 class WorkerRuntime:
@@ -60,9 +68,7 @@ class WorkerRuntime:
         self.spec = spec
         kv = spec.kv_transfer
         self.connector = connector or TorchDistConnector(spec.worker_id, kv.backend,
-                                                         layers_per_message=kv.layers_per_message,
-                                                         send_pause_s=kv.inject_send_pause_s,
-                                                         send_pause_count=kv.inject_send_pause_count)
+                                                         layers_per_message=kv.layers_per_message)
         self.metrics = WorkerMetrics(spec.worker_id, spec.role.value, lambda: self.thread.load)
         self.metrics_server: MetricsServer | None = None
         self._after_step = after_step
@@ -83,8 +89,8 @@ class WorkerRuntime:
             await asyncio.wrap_future(self.thread.attach(self._after_step, self.metrics.step))
         self.engine = await asyncio.wrap_future(self.thread.start())
         self.connector.register(self.engine.kv_cache)
-        if self.engine.config.simulated and isinstance(self.connector, TorchDistConnector):
-            self.connector.wire_seconds = sim_wire_seconds(self.engine, self.spec.kv_transfer.sim_link)
+        if isinstance(self.connector, TorchDistConnector):
+            self.connector.send_delay = self._send_delay()
         if self.spec.role is Role.DECODE:
             self.store_address = self.rendezvous.host()
         self.metrics_server = serve_metrics(self.metrics.registry)
@@ -96,13 +102,24 @@ class WorkerRuntime:
         return self.info()
 
     async def connect(self, peer: str, store_address: str, rank: int, generation: int = 0) -> None:
-        """Form the KV pair with `peer` (which calls this at the same time with the other rank); `generation` counts
-        the times the router formed this pair, so a pair formed again after a failure meets under a new name."""
+        """Form the KV pair with `peer` (which calls this at the same time with the other rank) at `store_address`
+        (the decode worker's rendezvous); `generation` counts the times this pair was formed, so a pair formed again
+        after it broke meets under a new name (`worker.kv_pairs` decides when)."""
         if not isinstance(self.connector, TorchDistConnector):
             return  # in-process connectors need no pairing
         store = self.rendezvous.store(store_address, self.connector.pair_name(peer, generation))
         await asyncio.to_thread(self.connector.connect, peer, store, rank, generation=generation)
-        log.info("worker %s paired with %s", self.spec.worker_id, peer)
+        log.info("worker %s paired with %s (generation %d)", self.spec.worker_id, peer, generation)
+
+    def paired(self) -> set[str]:
+        """The workers this one has a working KV pair with now."""
+        return set(self.connector.pairs) if isinstance(self.connector, TorchDistConnector) else set()
+
+    async def disconnect(self, peer: str) -> None:
+        """Let go of the KV pair with `peer` (it left, or its side of the pair broke); between two steps, as the
+        engine thread is the one that starts transfers on it."""
+        if isinstance(self.connector, TorchDistConnector):
+            await self.call(lambda _: self.connector.pairs.pop(peer, None))
 
     def drain(self) -> None:
         """Stop taking new work: the registry says DRAINING at once, and routers stop picking this worker."""
@@ -127,7 +144,7 @@ class WorkerRuntime:
             queued_prefill_tokens=load.queued_prefill_tokens if load else 0,
             kv_blocks_used=load.kv_blocks_used if load else 0, kv_blocks_total=load.kv_blocks_total if load else 0,
             metrics_port=self.metrics_server.port if self.metrics_server else 0,
-            paired=tuple(sorted(self.connector.pairs)) if isinstance(self.connector, TorchDistConnector) else ())
+            paired=tuple(sorted(self.paired())))
 
     def stop(self) -> None:
         self._unregister()
@@ -146,16 +163,15 @@ class WorkerRuntime:
         if self.heartbeat is not None:
             self.heartbeat.stop()
 
+    def _send_delay(self) -> SendDelay | None:
+        """Sends slowed on purpose: a sim engine's modelled wire, an injected pause (`faults`); None otherwise."""
+        faults = self.spec.faults
+        pause = InjectedPause(faults.kv_send_pause_s, faults.kv_send_pause_count) if faults.kv_send_pause_s else None
+        return combined(simulated_wire(self.engine) if self.engine.config.simulated else None, pause)
+
     def _close(self) -> None:
         self.connector.shutdown()
         self.rendezvous.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
 
-
-def sim_wire_seconds(engine: Engine, link: str) -> Callable[[int], float]:
-    """How long a sim engine's KV of n blocks would take on the modelled link."""
-    per_block = engine.cost_model.kv_bytes_per_token() * engine.config.block_size
-    kind = Link[link.upper()]
-    scale = engine.config.sim_time_scale
-    return lambda blocks: engine.cost_model.transfer_seconds(blocks * per_block, kind) * scale

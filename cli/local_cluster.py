@@ -1,5 +1,5 @@
 """A whole local cluster from Python, for tests and benchmarks: `pdserve up --detach` in a subprocess (its own
-redis-server, local Ray, the workers, the router on 127.0.0.1) with its own state folder, then `pdserve down`.
+redis-server, Ray head, the workers, the router on 127.0.0.1) with its own state folder, then `pdserve down`.
 
     cluster = start_cluster("/tmp/run", {"mode": "colocated"})   # a config as a dict; the router's ports are picked
     ... Client(cluster.address) ...
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from pdserve.client import client_for
-from pdserve.cluster.local_redis import free_port
-from pdserve.cluster.state import ClusterState
+from pdserve.cli.cluster_state import client_for
+from pdserve.control_plane.local_redis import free_port
+from pdserve.control_plane.state_file import ClusterState
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,17 @@ class RunningCluster:
         """The OpenAI-compatible API's base URL (http://host:port/v1)."""
         return f"http://{self.state()['http_address']}/v1"
 
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.state_dir, "cluster.json")
+
     def state(self) -> dict:
-        with open(os.path.join(self.state_dir, "cluster.json")) as f:
+        with open(self.state_file) as f:
             return json.load(f)
 
     def workers(self) -> dict[str, dict]:
         async def ask():
-            async with client_for(ClusterState(**self.state()), timeout_s=10) as client:
+            async with client_for(ClusterState.read(self.state_file), timeout_s=10) as client:
                 return await client.status()
 
         status = asyncio.run(ask())

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import redis
 
-from pdserve.cluster.registry import HEARTBEAT_S, Registry, WorkerInfo
+from pdserve.registry.entries import WorkerInfo
+from pdserve.registry.registry import HEARTBEAT_S, Registry
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ the next scrape is whole again.
     pdserve_worker_prefill_tokens_total                   counter    prompt tokens computed
     pdserve_worker_decode_tokens_total                    counter    tokens decoded (one per decode step per request)
     pdserve_worker_preemptions_total                      counter    requests preempted (recomputed later)
+    pdserve_worker_requests_reaped_total                  counter    requests aborted because their router stopped
+                                                                    collecting their tokens (its lease lapsed)
     pdserve_worker_kv_transfers_total{status}             counter    KV transfers ended: done, failed, cancelled
                                                                     (an aborted request's KV, drained),
                                                                     timed_out
@@ -47,10 +49,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from pdserve.cluster.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from pdserve.engine.engine import Engine, EngineLoad
 from pdserve.engine.request import RequestOutput
 from pdserve.kv_transfer.connector import TransferResult, TransferStatus
+from pdserve.worker.metrics_server import BATCH_BUCKETS, LATENCY_BUCKETS
 
 LABELS = ("worker_id", "role")
 MFU_WINDOW_STEPS = 32
@@ -99,6 +101,8 @@ class WorkerMetrics:
         self.prefill_tokens = 0
         self.decode_tokens = 0
         self.preemptions = 0
+        self.reaped = 0
+        """Requests aborted because their router's lease lapsed (bumped on the worker's event loop)."""
         self.transfers = dict.fromkeys(TransferStatus, 0)
         self.transfer_seconds = Buckets(LATENCY_BUCKETS)
         self.transfer_bytes = 0
@@ -155,6 +159,8 @@ class WorkerMetrics:
         yield _counter("pdserve_worker_decode_tokens", "Tokens decoded.", labels, self.decode_tokens)
         yield _counter("pdserve_worker_preemptions", "Requests preempted (recomputed later).", labels,
                        self.preemptions)
+        yield _counter("pdserve_worker_requests_reaped", "Requests aborted because their router stopped collecting "
+                       "their tokens (its lease lapsed).", labels, self.reaped)
         transfers = CounterMetricFamily("pdserve_worker_kv_transfers", "KV transfers ended, by status.",
                                         labels=(*LABELS, "status"))
         for status, count in list(self.transfers.items()):

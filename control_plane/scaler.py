@@ -1,5 +1,6 @@
 """How many workers of each role run, and on which cores: the first specs `pdserve up` starts, and the operator's
-changes after (`pdserve scale`, `pdserve drain`; the router's Admin Scale and Drain calls).
+changes after (`pdserve scale`, `pdserve drain`: a router's Admin Scale and Drain, passed on to the control plane's
+Control service).
 
     scaler = Scaler(pool, config, redis_url, cores)
     await pool.start(scaler.initial_specs())
@@ -8,7 +9,8 @@ changes after (`pdserve scale`, `pdserve drain`; the router's Admin Scale and Dr
 
 A worker that is stopped is drained first: it takes no new requests, finishes those it runs, then stops, so no
 request is lost. One change runs at a time. A change that would leave a disaggregated cluster without a prefill or
-a decode worker (or a colocated one without any worker) is refused with `ScaleError`, naming the field.
+a decode worker (or a colocated one without any worker) is refused with `ScaleError`, naming the field; a worker id
+that is not in the pool with `UnknownWorker`.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ from collections.abc import Callable
 
 import ray
 
-from pdserve.cluster.registry import Role
-from pdserve.cluster.worker_pool import ROLE_NAMES, WorkerPool
-from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.config import ClusterConfig, Mode
+from pdserve.control_plane.worker_pool import ROLE_NAMES, WorkerPool
+from pdserve.registry.entries import Role
+from pdserve.worker.runtime import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-CLUSTER = "default"
 LOOPBACK = "127.0.0.1"
 MAX_WORKERS_PER_ROLE = 256
 
@@ -38,9 +39,13 @@ class ScaleError(ValueError):
     """The change asked for cannot be made; the message names the field."""
 
 
+class UnknownWorker(ScaleError):
+    """No worker has the id given."""
+
+
 class Scaler:
     def __init__(self, pool: WorkerPool, config: ClusterConfig, redis_url: str, cores: list[int],
-                 running: Callable[[str], int] = lambda worker_id: 0,
+                 running: Callable[[str], int] | None = None,
                  free_resources: Callable[[], dict[str, float]] = ray.available_resources) -> None:
         """`cores`: this machine's cores to pin workers on (empty on a Ray cluster: Ray places them).
         `running`: a worker's running requests now; scaling down stops the least busy first.
@@ -49,7 +54,7 @@ class Scaler:
         self.config = config
         self.redis_url = redis_url
         self.cores = cores
-        self.running = running
+        self.running = running or (lambda worker_id: 0)
         self.free_resources = free_resources
         self._lock = asyncio.Lock()
 
@@ -67,9 +72,10 @@ class Scaler:
         for role in roles:
             worker_id = self.pool.next_id(role)
             host = LOOPBACK if self.config.ray_address is None else ""  # "": the worker's node address, from Ray
-            specs.append(WorkerSpec(worker_id, role, self.config.engine, self.config.kv_transfer, self.redis_url,
-                                    CLUSTER, actor_name=f"{CLUSTER}-{worker_id}",
-                                    cores=self._free_cores(role, specs), host=host))
+            specs.append(WorkerSpec(worker_id, role, self.pool.engine(role), self.config.kv_transfer, self.redis_url,
+                                    self.pool.cluster, self.pool.namespace, self.pool.actor_name(worker_id),
+                                    cores=self._free_cores(role, specs), host=host,
+                                    lease_s=self.config.router.lease_s, faults=self.config.faults))
         return specs
 
     def _free_cores(self, role: Role, planned: list[WorkerSpec]) -> tuple[int, ...]:
@@ -108,7 +114,7 @@ class Scaler:
             spec = self.pool.specs.get(worker_id)
             if spec is None:
                 known = ", ".join(sorted(self.pool.specs)) or "none"
-                raise ScaleError(f"worker_id: no worker {worker_id!r} (workers: {known})")
+                raise UnknownWorker(f"worker_id: no worker {worker_id!r} (workers: {known})")
             if worker_id in self.pool.moving:
                 raise ScaleError(f"worker_id: {worker_id} is being moved to the other role by the ratio controller; "
                                  "drain it once the move is done (`pdserve status`)")

@@ -1,4 +1,8 @@
-"""The worker actors one supervisor owns: start them, stop them, move one to the other role, add or remove one.
+"""The worker actors of a cluster: start them, stop them, move one to the other role, add or remove one, replace
+one that died, and adopt those a previous control plane left running.
+
+Workers are detached Ray actors named `<cluster>-<worker id>`: they outlive the control plane (and the routers), so
+a control plane that is killed leaves the cluster serving, and the next one adopts every live worker (`adopt`).
 
 A move (the ratio controller's actuator) never loses a request:
 
@@ -8,11 +12,13 @@ A move (the ratio controller's actuator) never loses a request:
                    router resumes each elsewhere, its tokens so far prefilled again: `router.migration`)
     -> wait until it has been idle for `IDLE_STABLE_S`, and at least `ROUTER_GRACE_S` after the drain began (so a
        request a router picked just before it saw DRAINING has arrived and finished too)
-    -> switch its role in place (`cluster.worker`: same actor, engine and cores; a new worker id) when both roles
-       ask for the same resources; else stop the actor and start a new one in the other role on the same cores.
+    -> switch its role in place (`worker_actor`: same actor, engine and cores; a new worker id) when both pools
+       ask for the same resources and their engines differ only in scheduler limits (`engine.retunable`); else
+       stop the actor and start a new one in the other role on the same cores.
 
-Worker ids are `<role>-<n>` with n counting up per role, so a moved worker gets a new id and routers see one worker
-leave and a new one join (and pair it with every worker of the other role).
+Worker ids are `<pool>-<n>` with n counting up per pool in the registry (never reused, across control planes too),
+so a moved worker gets a new id and routers see one worker leave and a new one join (and the KV pairs form around
+it).
 
 `watch` replaces a worker whose actor died (killed, crashed): a new worker in the same role, on the same cores,
 under a new id. The router has already resumed that worker's requests elsewhere (`router.migration`).
@@ -22,15 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
+import re
 
 import ray
+import redis
 
-from pdserve.cluster.registry import Role
-from pdserve.cluster.worker import Worker
-from pdserve.cluster.worker_runtime import WorkerSpec
 from pdserve.config import ClusterConfig, Pool
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import retunable
+from pdserve.registry.entries import Role
+from pdserve.registry.registry import Registry
+from pdserve.worker.runtime import WorkerSpec
+from pdserve.worker_actor import Worker
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +54,65 @@ ROLE_NAMES = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.BOTH: "coloca
 
 
 class WorkerPool:
-    def __init__(self, config: ClusterConfig, namespace: str) -> None:
+    def __init__(self, config: ClusterConfig, namespace: str, cluster: str = "default",
+                 registry: Registry | None = None) -> None:
+        """`registry`: where worker numbers are counted (None: in this process only)."""
         self.config = config
         self.namespace = namespace
+        self.cluster = cluster
+        self.registry = registry
         self.specs: dict[str, WorkerSpec] = {}
         self.actors: dict[str, ray.actor.ActorHandle] = {}
         self.moving: set[str] = set()
         """Workers the ratio controller is moving to the other role (the Scaler leaves them alone)."""
-        self._numbers = {role: itertools.count() for role in Role}
+        self._next = dict.fromkeys(Role, 0)
 
     def pool(self, role: Role) -> Pool:
         workers = self.config.workers
         return {Role.PREFILL: workers.prefill, Role.DECODE: workers.decode, Role.BOTH: workers.colocated}[role]
 
+    def engine(self, role: Role) -> EngineConfig:
+        """The engine the role's workers run: the shared section with the pool's overrides."""
+        return self.pool(role).engine_config(self.config.engine)
+
     def next_id(self, role: Role) -> str:
-        return f"{ROLE_NAMES[role]}-{next(self._numbers[role])}"
+        number = self._next[role]
+        if self.registry is not None:
+            try:
+                number = max(number, self.registry.next_worker_number(ROLE_NAMES[role]))
+            except redis.RedisError as e:  # counted here alone until Redis answers again
+                log.warning("worker numbers: Redis does not answer (%s); counting locally", e)
+        self._next[role] = number + 1
+        return f"{ROLE_NAMES[role]}-{number}"
+
+    def actor_name(self, worker_id: str) -> str:
+        return f"{self.cluster}-{worker_id}"
+
+    async def adopt(self) -> list[str]:
+        """Take over the live worker actors a previous control plane left (found by name in the namespace);
+        returns their ids. An actor that does not answer is killed."""
+        names = [n for n in await asyncio.to_thread(ray.util.list_named_actors)
+                 if n.startswith(f"{self.cluster}-")]
+        handles = await asyncio.gather(*(asyncio.to_thread(ray.get_actor, n, self.namespace) for n in names),
+                                       return_exceptions=True)
+        live = [(n, h) for n, h in zip(names, handles) if not isinstance(h, BaseException)]
+        specs = await asyncio.gather(*(asyncio.wait_for(h.spec.remote(), WATCH_TIMEOUT_S) for _, h in live),
+                                     return_exceptions=True)
+        for (name, handle), spec in zip(live, specs):
+            if isinstance(spec, WorkerSpec):
+                self.specs[spec.worker_id], self.actors[spec.worker_id] = spec, handle
+                self._count_past(spec)
+            else:
+                log.warning("worker actor %s does not answer (%s); killing it", name, type(spec).__name__)
+                ray.kill(handle)
+        log.warning("adopted %d running workers: %s", len(self.specs), sorted(self.specs))
+        return sorted(self.specs)
+
+    def _count_past(self, spec: WorkerSpec) -> None:
+        """Never give an adopted worker's number again."""
+        match = re.fullmatch(r".*-(\d+)", spec.worker_id)
+        if match:
+            self._next[spec.role] = max(self._next[spec.role], int(match.group(1)) + 1)
 
     def counts(self) -> dict[Role, int]:
         return {role: sum(1 for s in self.specs.values() if s.role is role) for role in Role}
@@ -74,7 +128,8 @@ class WorkerPool:
         """Drain `worker_id` and make it a worker in `to_role` on the same cores (in place when it can: see the
         module docstring); returns the new worker's id."""
         spec = self.specs[worker_id]
-        in_place = self.pool(spec.role).resources == self.pool(to_role).resources
+        in_place = (self.pool(spec.role).resources == self.pool(to_role).resources
+                    and retunable(spec.engine, self.engine(to_role)))
         clock = asyncio.get_running_loop().time
         began = clock()
         self.moving.add(worker_id)
@@ -88,7 +143,8 @@ class WorkerPool:
         finally:
             self.moving.discard(worker_id)
         new_id = self.next_id(to_role)
-        new = dataclasses.replace(spec, role=to_role, worker_id=new_id, actor_name=f"{spec.cluster}-{new_id}")
+        new = dataclasses.replace(spec, role=to_role, worker_id=new_id, actor_name=self.actor_name(new_id),
+                                  engine=self.engine(to_role))
         await self.start([new])
         _log_move(worker_id, to_role, new_id, "restarted", drained - began, clock() - drained)
         return new_id
@@ -96,7 +152,8 @@ class WorkerPool:
     async def _switch(self, worker_id: str, to_role: Role) -> str | None:
         """The drained actor serves in `to_role` under a new id (its actor name, how routers find it, stays);
         None if it could not (the caller restarts it instead)."""
-        new = dataclasses.replace(self.specs[worker_id], role=to_role, worker_id=self.next_id(to_role))
+        new = dataclasses.replace(self.specs[worker_id], role=to_role, worker_id=self.next_id(to_role),
+                                  engine=self.engine(to_role))
         try:
             await asyncio.wait_for(self.actors[worker_id].switch_role.remote(new), WORKER_START_TIMEOUT_S)
         except (ray.exceptions.RayError, TimeoutError) as e:
@@ -177,7 +234,7 @@ class WorkerPool:
         del self.specs[worker_id]
         ray.kill(actor)
         new_id = self.next_id(spec.role)
-        new = dataclasses.replace(spec, worker_id=new_id, actor_name=f"{spec.cluster}-{new_id}")
+        new = dataclasses.replace(spec, worker_id=new_id, actor_name=self.actor_name(new_id))
         log.warning("worker %s died; starting %s in its place", worker_id, new_id)
         await self.start([new])
         return new_id
@@ -185,7 +242,7 @@ class WorkerPool:
     def _create(self, spec: WorkerSpec) -> None:
         resources = self.pool(spec.role).resources
         actor = ray.remote(Worker).options(name=spec.actor_name, namespace=self.namespace, num_cpus=resources.cpus,
-                                        num_gpus=resources.gpus, max_concurrency=1000)
+                                           num_gpus=resources.gpus, max_concurrency=1000, lifetime="detached")
         self.specs[spec.worker_id] = spec
         self.actors[spec.worker_id] = actor.remote(spec)
 

@@ -1,0 +1,269 @@
+"""`pdserve up`'s process: it starts a cluster, or adopts the one a previous control plane left running, and keeps
+it whole until told to stop.
+
+Start order: config -> redis-server (local unless redis_url is set; adopted if the last one still runs) -> a Ray head
+of its own (unless ray_address is set; adopted likewise), joined as a driver -> the settings routers start from, in
+the registry -> the model resolved once (a GGUF is converted into the cache here, not by every worker) -> the worker
+actors (detached; adopted if any run) -> the routers (processes; adopted likewise) -> its Control service for the
+routers -> the ratio controller, if enabled -> the state file (`pdserve status`, `pdserve down`).
+
+While it runs it replaces workers that die (`WorkerPool.watch`) and starts again routers that exit
+(`RouterPool.watch`). Killed, it leaves the cluster serving: workers, routers, Redis and Ray run on, and `pdserve up`
+again adopts them. Stopped (SIGTERM, SIGINT), it stops everything it started, in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import ray
+import redis
+
+from pdserve.access import load_access
+from pdserve.config import ClusterConfig, config_to_json
+from pdserve.control_plane.control_service import start_control_service
+from pdserve.control_plane.controller_loop import ControllerLoop
+from pdserve.control_plane.local_redis import LocalRedis, free_port
+from pdserve.control_plane.ray_head import RayHead
+from pdserve.control_plane.router_pool import RouterPool, RouterSlot
+from pdserve.control_plane.scaler import Scaler
+from pdserve.control_plane.state_file import ClusterState
+from pdserve.control_plane.worker_pool import WorkerPool
+from pdserve.controller.config import ControllerConfig
+from pdserve.controller.scaled_model import ScaledModel
+from pdserve.engine.cost_model import CostModel
+from pdserve.engine.hardware import hardware
+from pdserve.engine.model_source import resolve_engine_model
+from pdserve.engine.shapes import shape
+from pdserve.registry.entries import ClusterSettings, Role
+from pdserve.registry.registry import CLUSTER, HEARTBEAT_S, Registry
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "pdserve"
+LOCAL_CPU_OVERSUBSCRIPTION = 4
+"""A local Ray gets this many times the machine's cores as logical CPUs: workers share cores once there are more
+of them than cores (`pdserve scale` up to 4x)."""
+
+
+@dataclass
+class _Started:
+    """What this control plane started (it stops these, and only these)."""
+
+    redis: LocalRedis | None = None
+    ray_head: RayHead | None = None
+
+
+class ControlPlane:
+    def __init__(self, config: ClusterConfig, state_path: str, ray_token_file: str = "") -> None:
+        """`ray_token_file`: the token a Ray head of the cluster's own asks for (`ray_head.token_for`); this
+        process's environment must name it already (`ray_head.auth_env`), as Ray reads it on import."""
+        self.config = config
+        self.state_path = state_path
+        self.ray_token_file = ray_token_file
+        self.previous = ClusterState.read(state_path) if os.path.exists(state_path) else None
+        """The state a previous control plane left: what may still run, to adopt."""
+        self.started = _Started()
+        self.workers: WorkerPool | None = None
+        self.routers: RouterPool | None = None
+        self.state: ClusterState | None = None
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        try:
+            await self._serve(stop)
+        finally:
+            await self._stop_all()
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        config = self.config
+        access = load_access(config.router)  # a bad token or certificate file fails before anything starts
+        redis_url, redis_pid = self._redis()
+        ray_address, ray_head_pid = await asyncio.to_thread(self._ray)
+        registry = Registry(redis_url, CLUSTER)
+        resolve_engine_model(config.engine)  # converts a GGUF once, before the workers (and routers) load it
+        await asyncio.to_thread(self._publish, registry, ray_address)
+        self.workers = WorkerPool(config, NAMESPACE, CLUSTER, registry)
+        scaler = Scaler(self.workers, config, redis_url, self._cores())
+        adopted = await self.workers.adopt()
+        self.routers = RouterPool(redis_url, self._slots())
+        self.routers.start(await asyncio.to_thread(registry.routers))
+        self._write_state(redis_url, redis_pid, ray_address, ray_head_pid)
+        if not adopted:
+            await self.workers.start(scaler.initial_specs())
+        control, control_address = await start_control_service(scaler, "127.0.0.1", access.token)
+        tasks = [asyncio.create_task(self.workers.watch(), name="workers"),
+                 asyncio.create_task(self.routers.watch(self._rewrite_state), name="routers"),
+                 asyncio.create_task(_announce(registry, control_address), name="announce")]
+        controller = await self._controller(registry) if config.controller.enabled else None
+        if controller is not None:
+            tasks.append(asyncio.create_task(controller.run(), name="controller"))
+        log.warning("pdserve control plane up (%s): %d workers%s, routers on %s, control service on %s",
+                    config.mode.value, len(self.workers.specs), " adopted" if adopted else "",
+                    ", ".join(s.address for s in self.routers.slots), control_address)
+        try:
+            await stop.wait()
+        finally:
+            log.warning("pdserve shutting down")
+            for task in tasks:
+                task.cancel()
+            if controller is not None:
+                await controller.close()
+            await control.stop(grace=1)
+            await asyncio.to_thread(_withdraw, registry)
+
+    # ---- what it starts or adopts ----------------------------------------------------------------------------
+    def _redis(self) -> tuple[str, int | None]:
+        """The cluster's Redis: the configured one, the local one a previous control plane left, or a new one."""
+        if self.config.redis_url is not None:
+            return self.config.redis_url, None
+        previous = self.previous
+        if previous is not None and previous.redis_pid is not None:
+            adopted = LocalRedis.adopt(previous.redis_url, previous.redis_pid)
+            if adopted is not None:
+                log.warning("adopted the running redis-server at %s (pid %d)", adopted.url, adopted.pid)
+                self.started.redis = adopted
+                return adopted.url, adopted.pid
+        if self.config.ray_address is not None:
+            log.warning("redis_url is unset: starting a redis-server on 127.0.0.1, which workers on other "
+                        "machines of the Ray cluster cannot reach (set redis_url for a multi-node cluster)")
+        self.started.redis = LocalRedis.start()
+        return self.started.redis.url, self.started.redis.pid
+
+    def _ray(self) -> tuple[str, int | None]:
+        """Join the configured Ray cluster, the head a previous control plane left, or a new head of our own."""
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if self.config.ray_address is not None:
+            ray.init(address=self.config.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING)
+            return self.config.ray_address, None
+        previous = self.previous
+        head = None
+        if previous is not None and previous.ray_head_pid is not None:
+            head = RayHead.adopt(previous.ray_address, previous.ray_head_pid, previous.ray_token_file)
+            if head is not None:
+                log.warning("adopted the running Ray head at %s (pid %d)", head.address, head.pid)
+        if head is None:
+            head = RayHead.start(self._ray_cpus(), self.ray_token_file)
+        self.started.ray_head = head
+        ray.init(address=head.address, namespace=NAMESPACE, logging_level=logging.WARNING)
+        return head.address, head.pid
+
+    def _ray_cpus(self) -> int:
+        pools = self.config.workers
+        wanted = sum(p.count * p.resources.cpus for p in (pools.prefill, pools.decode, pools.colocated))
+        # Ray's CPUs only place actors here (the workers pin their own cores), so leave room for `pdserve scale`.
+        return max(os.cpu_count() or 1, math.ceil(wanted)) * LOCAL_CPU_OVERSUBSCRIPTION
+
+    def _publish(self, registry: Registry, ray_address: str) -> None:
+        registry.clear_stop()
+        registry.publish_settings(ClusterSettings(config_to_json(self.config), ray_address, NAMESPACE))
+
+    def _cores(self) -> list[int]:
+        """This machine's cores to pin workers to (none on a joined Ray cluster: Ray places them)."""
+        return sorted(os.sched_getaffinity(0)) if self.config.ray_address is None else []
+
+    def _slots(self) -> list[RouterSlot]:
+        """The router this control plane keeps running, on the same ports as the last one's."""
+        router = self.config.router
+        previous_metrics = self.previous.metrics_address.rsplit(":", 1)[-1] if self.previous else ""
+        metrics_port = router.metrics_port or (int(previous_metrics) if previous_metrics else free_port())
+        return [RouterSlot(router.host, router.port, router.http_port, metrics_port)]
+
+    async def _controller(self, registry: Registry) -> ControllerLoop:
+        """The ratio controller, with the cost model of a sim engine or a profile of a real one."""
+        config = self.config
+        decode = self.workers.engine(Role.DECODE)
+        if decode.simulated:
+            sim = decode.sim
+            model = ScaledModel(CostModel(shape(decode.model.removeprefix("random:")), hardware(sim.hardware),
+                                          sim.tensor_parallel), sim.time_scale)
+        else:
+            first_id, first = next(iter(self.workers.actors.items()))
+            model = await first.profile.remote()
+            log.warning("controller: profiled %s: %s", first_id, model)
+        info = next(w for w in await asyncio.to_thread(registry.workers) if w.role is Role.DECODE)
+        settings = config.controller
+        controller_config = ControllerConfig(
+            slo_ttft_s=config.slo.ttft_s, slo_tpot_s=config.slo.tpot_s, interval_s=settings.interval_s,
+            cooldown_s=settings.cooldown_s, max_moves=settings.max_moves, pin=settings.pin,
+            confirm_ticks=settings.confirm_ticks, rebalance_load=settings.rebalance_load,
+            shift_ratio=settings.shift_ratio, warmup_s=settings.warmup_s, max_num_seqs=decode.max_num_seqs,
+            kv_capacity_tokens=info.kv_blocks_total * decode.block_size)
+        return ControllerLoop(controller_config, model, registry, self.workers, settings.window_s, settings.dry_run)
+
+    # ---- the state file --------------------------------------------------------------------------------------
+    def _write_state(self, redis_url: str, redis_pid: int | None, ray_address: str, ray_head_pid: int | None) -> None:
+        router = self.config.router
+        slot = self.routers.slots[0]
+        self.state = ClusterState(
+            os.getpid(), slot.address, redis_url, redis_pid, self.config.mode.value, f"127.0.0.1:{slot.metrics_port}",
+            _absolute(router.token_file), _absolute(router.tls_cert_file), slot.http_address, _ray_logs_dir(),
+            ray_address, ray_head_pid, self.started.ray_head.token_file if self.started.ray_head else "",
+            self.routers.pids)
+        self.state.write(self.state_path)
+
+    def _rewrite_state(self) -> None:
+        """The routers' pids changed (one was started again)."""
+        if self.state is not None:
+            self.state = ClusterState(**{**self.state.__dict__, "router_pids": self.routers.pids})
+            self.state.write(self.state_path)
+
+    async def _stop_all(self) -> None:
+        """Stop what runs, in reverse order: routers, workers, Ray, Redis; then the state file goes."""
+        registry = Registry(self.state.redis_url, CLUSTER) if self.state is not None else None
+        if registry is not None:
+            await asyncio.to_thread(_ask_routers_to_stop, registry)
+        if self.routers is not None:
+            await self.routers.stop()
+        if self.workers is not None:
+            await self.workers.stop_all()
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.started.ray_head is not None:
+            await asyncio.to_thread(self.started.ray_head.stop)
+        if self.started.redis is not None:
+            await asyncio.to_thread(self.started.redis.stop)
+        if os.path.exists(self.state_path):
+            os.remove(self.state_path)
+
+
+async def _announce(registry: Registry, address: str) -> None:
+    """The Control service's address in the registry every second (with a TTL: it goes when this process does)."""
+    failing = False
+    while True:
+        try:
+            await asyncio.to_thread(registry.announce_control, address)
+            failing = False
+        except redis.RedisError as e:
+            if not failing:
+                log.warning("control plane: registry unreachable: %s", e)
+            failing = True
+        await asyncio.sleep(HEARTBEAT_S)
+
+
+def _withdraw(registry: Registry) -> None:
+    try:
+        registry.withdraw_control()
+    except redis.RedisError as e:
+        log.warning("control plane: could not leave the registry: %s", e)
+
+
+def _ask_routers_to_stop(registry: Registry) -> None:
+    """Every router of the cluster (those `pdserve router` started too) stops on seeing the flag."""
+    try:
+        registry.request_stop()
+    except redis.RedisError as e:
+        log.warning("could not ask the routers to stop through the registry: %s", e)
+
+
+def _ray_logs_dir() -> str:
+    """This Ray session's log folder (Ray names it only in a private API; empty if that moved)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_logs_dir_path() if node is not None else ""
+
+
+def _absolute(path: str | None) -> str:
+    return os.path.abspath(path) if path else ""

@@ -1,0 +1,64 @@
+"""Processes the control plane starts and must be able to end whole: a process and everything it started.
+
+    alive(pid, "redis-server")           # is it running (not a zombie), and is it what we started?
+    end_tree(pid, "ray", grace_s=5)      # SIGTERM to it and its descendants, SIGKILL what is left after grace_s
+
+A pid from a state file may have been given to another process since: every check names a word of the command line
+the process was started with, and a process without it is left alone.
+
+A Ray head's workers are children of its raylet but in process groups of their own, so ending a process group is not
+enough: the tree is walked (psutil) before anything is signalled.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+def alive(pid: int | None, expect: str = "") -> bool:
+    """`pid` runs (not a zombie) and its command line contains `expect`."""
+    return _process(pid, expect) is not None
+
+
+def end_tree(pid: int | None, expect: str, grace_s: float = 5.0, what: str = "process") -> None:
+    """End `pid` (if it runs `expect`) and all its descendants: SIGTERM, then SIGKILL for whatever still runs after
+    `grace_s`."""
+    root = _process(pid, expect)
+    if root is None:
+        return
+    try:
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    _signal(tree, signal.SIGTERM)
+    _, left = psutil.wait_procs(tree, timeout=grace_s)
+    if left:
+        log.warning("%s (pid %d): %d processes still up %.0f s after SIGTERM; killing them", what, pid, len(left),
+                    grace_s)
+        _signal(left, signal.SIGKILL)
+        psutil.wait_procs(left, timeout=grace_s)
+
+
+def _process(pid: int | None, expect: str) -> psutil.Process | None:
+    if not pid:
+        return None
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE or expect not in " ".join(process.cmdline()):
+            return None
+        return process
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _signal(processes: list[psutil.Process], sig: signal.Signals) -> None:
+    for process in processes:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass

@@ -1,0 +1,118 @@
+"""The cluster's own Ray head on this machine, when no `ray_address` is given: `ray start --head --block` in a
+session of its own, so that Ray (and with it the worker actors) outlives the control plane that started it. A
+control plane started later adopts it (`adopt`); `pdserve down` ends its whole process tree.
+
+Every port it opens is picked free here (two clusters on one machine never collide), and it names this machine
+127.0.0.1. Ray's own processes still listen on every interface (RELIABILITY.md, Access), so the head asks every
+client for a token (Ray's token authentication): a random one of the cluster's own, in a file only its user can
+read (`token_for`), which the control plane, the routers and the workers take from their environment (`auth_env`).
+Ray reads that environment when it is imported: set it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from pdserve.control_plane.local_redis import free_port
+from pdserve.control_plane.processes import alive, end_tree
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 120.0
+MARK = "ray.scripts.scripts"
+"""A word of the head's command line: a pid from a state file that lacks it is another process now."""
+PORT_FLAGS = ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+              "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port")
+
+
+class RayHeadError(RuntimeError):
+    """The Ray head did not start."""
+
+
+def auth_env(token_file: str) -> dict[str, str]:
+    """The environment a process needs to join a head that asks for the token in `token_file`."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_file}
+
+
+def token_for(state_path: str, head_pid: int | None) -> str:
+    """The token file of the cluster whose state file is `state_path`: kept while its head (`head_pid`, from that
+    state file) still runs, else a new random token. Readable by this user only; returns its path."""
+    path = os.path.join(os.path.dirname(os.path.abspath(state_path)), "ray_token")
+    if os.path.exists(path) and alive(head_pid, MARK):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str
+    """The GCS address (host:port) drivers join."""
+    pid: int
+    """The `ray start --block` process, the root of the head's process tree."""
+    token_file: str
+    """The token it asks every client for."""
+
+    @staticmethod
+    def start(num_cpus: int, token_file: str) -> RayHead:
+        """A new head asking for the token in `token_file`. Its own output goes nowhere: Ray logs to its session
+        folder (`ray_logs_dir` in the state file)."""
+        port = free_port()
+        command = [sys.executable, "-m", MARK, "start", "--head", "--block",
+                   "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", str(num_cpus),
+                   "--include-dashboard", "false", "--disable-usage-stats"]
+        for flag in PORT_FLAGS:
+            command += [flag, str(free_port())]
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **auth_env(token_file)}
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        head = RayHead(f"127.0.0.1:{port}", process.pid, token_file)
+        head._wait_ready(process)
+        log.info("Ray head at %s (pid %d)", head.address, head.pid)
+        return head
+
+    @staticmethod
+    def adopt(address: str, pid: int, token_file: str) -> RayHead | None:
+        """The head a previous control plane started, if it still runs and answers."""
+        head = RayHead(address, pid, token_file)
+        return head if alive(pid, MARK) and os.path.exists(token_file) and head.healthy() else None
+
+    def healthy(self) -> bool:
+        done = subprocess.run([sys.executable, "-m", MARK, "health-check", "--address", self.address],
+                              capture_output=True, timeout=60, env={**os.environ, **auth_env(self.token_file)})
+        return done.returncode == 0
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """End the head and everything it runs (its workers included); its token goes with it."""
+        end_tree(self.pid, MARK, grace_s, what="Ray head")
+        if os.path.exists(self.token_file):
+            os.remove(self.token_file)
+
+    def _wait_ready(self, process: subprocess.Popen) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (self._listening() and self.healthy()):
+            if process.poll() is not None:
+                raise RayHeadError(f"ray start exited with code {process.returncode} (see the cluster log)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RayHeadError(f"the Ray head at {self.address} did not answer in {START_TIMEOUT_S:.0f} s")
+            time.sleep(0.5)
+
+    def _listening(self) -> bool:
+        """Its GCS port takes connections (cheap; `healthy` then asks Ray itself)."""
+        host, port = self.address.rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                return True
+        except OSError:
+            return False

@@ -1,0 +1,115 @@
+"""Which workers a request goes to, and waiting until some can take it.
+
+    decode, prefill, reservation = await placement.reserve(request, key, owner, on_choice)   # disaggregated
+    worker = await placement.colocated(request)
+    found = await placement.adopt(client_request_id, client_has)   # a resumed request: which worker holds it
+
+Disaggregated: the decode worker with the most free KV blocks among those with a working KV pair to some prefill
+worker reserves the request's blocks (no room on any: wait until a request ends at this router, ROOM_RETRY_S at
+most, and pick again); then the prefill worker paired with it with the fewest queued prompt tokens (counting what
+this router has sent it and not yet seen back). Colocated: the worker with the most free blocks. No ready worker
+at all: wait up to NO_WORKERS_WAIT_S for one to join, then `Unavailable`. Ray errors of the calls made here
+(`reserve`, `adopt`) are the caller's to handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable
+
+import ray
+
+from pdserve.engine.block_manager import blocks_for
+from pdserve.registry.entries import Role, WorkerInfo
+from pdserve.router.errors import Unavailable
+from pdserve.router.membership import Member, Membership
+from pdserve.router.policy import pick_decode, pick_prefill
+from pdserve.router.request_builder import InvalidRequest, ValidRequest
+from pdserve.worker.messages import Adoption, DecodeTask, Owner, Reservation
+
+ROOM_RETRY_S = 0.5
+"""A request waiting for KV room tries again when another request ends, or after this long (a heartbeat)."""
+NO_WORKERS_WAIT_S = 10.0
+CHOOSE_RETRY_S = 0.1
+ADOPT_TIMEOUT_S = 5.0
+
+
+class Placement:
+    def __init__(self, membership: Membership, block_size: int) -> None:
+        self.membership = membership
+        self.block_size = block_size
+        self.prefill_tokens: dict[str, int] = defaultdict(int)
+        """Prompt tokens this router has sent each prefill worker and not yet seen back."""
+        self._room = asyncio.Event()
+        """Set (and replaced) when a request ends: blocks may have been freed, so waiters try again."""
+
+    async def reserve(self, request: ValidRequest, key: str, owner: Owner,
+                      on_choice: Callable[[Member, Member], None]) -> tuple[Member, Member, Reservation]:
+        """A decode worker with room that reserved the request (under `key`, for `owner`), and a prefill worker
+        paired with it; waits while every decode worker is full. `on_choice(decode, prefill)` runs before each
+        reservation is asked for (so an abort reaches a worker that may know the request)."""
+        while True:
+            decode = await self._choose(lambda: self._fitting(request, pick_decode(
+                [m.info for m in self.membership.ready(Role.DECODE) if self.membership.prefill_for(m.info.worker_id)])))
+            prefill_info = pick_prefill([m.info for m in self.membership.prefill_for(decode.info.worker_id)],
+                                        self.prefill_tokens)
+            prefill = self.membership.members.get(prefill_info.worker_id) if prefill_info else None
+            if prefill is None:
+                continue
+            on_choice(decode, prefill)
+            reservation = await decode.handle.reserve.remote(
+                DecodeTask(key, request.token_ids, request.sampling, owner, prefill.info.worker_id))
+            if reservation is not None:
+                self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total
+                                       - reservation.kv_blocks_free, running=reservation.running)
+                return decode, prefill, reservation
+            self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total)  # full
+            await self._wait_for_room()
+
+    async def colocated(self, request: ValidRequest) -> Member:
+        return await self._choose(lambda: self._fitting(request, pick_decode(
+            [m.info for m in self.membership.ready(Role.BOTH)])))
+
+    async def adopt(self, client_request_id: str, client_has: int) -> tuple[Member, Adoption] | None:
+        """Ask every decode (or colocated) worker to hand this router the request; the one that holds it answers
+        with what its client lacks. None when no worker holds it (or none answers in time)."""
+        members = [m for m in self.membership.members.values() if m.info.role in (Role.DECODE, Role.BOTH)]
+        answers = await asyncio.gather(*(asyncio.wait_for(m.handle.adopt.remote(
+            client_request_id, self.membership.router_id, client_has), ADOPT_TIMEOUT_S) for m in members),
+            return_exceptions=True)
+        for member, answer in zip(members, answers):
+            if isinstance(answer, Adoption):
+                return member, answer
+            if isinstance(answer, BaseException) and not isinstance(answer, (ray.exceptions.RayError, TimeoutError)):
+                raise answer
+        return None
+
+    def room_freed(self) -> None:
+        self._room.set()
+        self._room = asyncio.Event()
+
+    async def _wait_for_room(self) -> None:
+        """Until a request ends somewhere (or a heartbeat may show room: ROOM_RETRY_S at most)."""
+        try:
+            await asyncio.wait_for(self._room.wait(), ROOM_RETRY_S)
+        except TimeoutError:
+            pass
+
+    async def _choose(self, pick: Callable[[], WorkerInfo | None]) -> Member:
+        """The member `pick` names; waits a while for one to join when there is none."""
+        deadline = asyncio.get_running_loop().time() + NO_WORKERS_WAIT_S
+        while True:
+            info = pick()
+            if info is not None and info.worker_id in self.membership.members:
+                return self.membership.members[info.worker_id]
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable("no ready worker for this request (see `pdserve status`)")
+            await asyncio.sleep(CHOOSE_RETRY_S)
+
+    def _fitting(self, request: ValidRequest, info: WorkerInfo | None) -> WorkerInfo | None:
+        if info is not None and blocks_for(len(request.token_ids) + request.sampling.max_tokens,
+                                           self.block_size) > info.kv_blocks_total:
+            raise InvalidRequest(f"sampling.max_tokens: prompt + max_tokens needs more KV blocks than a worker has "
+                                 f"({info.kv_blocks_total} of {self.block_size} tokens)")
+        return info

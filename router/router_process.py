@@ -1,0 +1,156 @@
+"""A router process: the gRPC and HTTP servers and a Prometheus port over one orchestrator, joined to a running
+cluster through its registry. Any number of them serve the same workers at once; a router owns nothing that
+outlives it but its requests' leases on the decode workers.
+
+Its life:
+
+    the cluster's settings from the registry (the config and the Ray address the control plane published)
+    -> Ray, as a driver in the workers' namespace -> the request builder (tokenizer, context length)
+    -> membership: it finds every worker in the registry and starts collecting their events for this router
+    -> the servers (their ports are this router's alone) -> its `RouterInfo` in the registry every second (with a
+       TTL, and the arrival counters the ratio controller sums); it stops when the cluster's stop flag is set
+    -> on stop (SIGTERM, SIGINT, the flag): no new calls, running streams get a grace period, it leaves the registry.
+
+Its id is new with every process (`router-<hex>`), so a restarted router never takes the leases of the one before:
+its clients reconnect and their requests are taken over (`router.orchestrator`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+
+import ray
+import redis
+
+from pdserve.access import load_access
+from pdserve.config import ClusterConfig, Mode, config_from_json
+from pdserve.registry.entries import ClusterSettings, RouterInfo
+from pdserve.registry.registry import CLUSTER, HEARTBEAT_S, Registry
+from pdserve.router.control_client import ControlClient
+from pdserve.router.http_server import OpenAIServer, RunningHttp, start_http
+from pdserve.router.main import Listen
+from pdserve.router.metrics import start_router_metrics
+from pdserve.router.orchestrator import Orchestrator
+from pdserve.router.request_builder import RequestBuilder
+from pdserve.router.server import build_server
+
+log = logging.getLogger(__name__)
+
+SETTINGS_WAIT_S = 30.0
+STOP_GRACE_S = 2.0
+
+
+class NoCluster(RuntimeError):
+    """The registry has no cluster settings: no control plane has started a cluster on this Redis."""
+
+
+def new_router_id() -> str:
+    return f"router-{uuid.uuid4().hex[:8]}"
+
+
+async def settings_of(registry: Registry, wait_s: float = SETTINGS_WAIT_S) -> ClusterSettings:
+    """The cluster's settings, waiting up to `wait_s` for a control plane that is starting to publish them."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        settings = await asyncio.to_thread(registry.settings)
+        if settings is not None:
+            return settings
+        if time.monotonic() > deadline:
+            raise NoCluster("no cluster in this Redis (start one with `pdserve up`)")
+        await asyncio.sleep(0.2)
+
+
+class RouterProcess:
+    def __init__(self, redis_url: str, listen: Listen | None = None, router_id: str | None = None) -> None:
+        self.redis_url = redis_url
+        self.listen = listen or Listen()
+        self.router_id = router_id or new_router_id()
+        self.registry = Registry(redis_url, CLUSTER)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        settings = await settings_of(self.registry)
+        config = config_from_json(settings.config)
+        access = load_access(config.router)
+        if not ray.is_initialized():
+            ray.init(address=settings.ray_address, namespace=settings.namespace, logging_level=logging.WARNING)
+        builder = RequestBuilder(config.engine)
+        orchestrator = Orchestrator(self.registry, settings.namespace, config.mode is Mode.COLOCATED,
+                                    config.engine.block_size, config.router.max_waiting, self.router_id)
+        host = self.listen.host or config.router.host
+        membership = asyncio.create_task(orchestrator.membership.run(), name="membership")
+        http = await self._http(config, host, builder, orchestrator, access)
+        server, port = build_server(builder, orchestrator, host, _port(self.listen.port, config.router.port),
+                                    config.mode.value, access, ControlClient(self.registry, access.token),
+                                    config.slo, http.address if http else "")
+        await server.start()
+        metrics = start_router_metrics(orchestrator.metrics, _port(self.listen.metrics_port,
+                                                                   config.router.metrics_port) or 0)
+        info = RouterInfo(self.router_id, f"{host}:{port}", os.getpid(), http.address if http else "",
+                          metrics.address, time.time())
+        announce = asyncio.create_task(self._announce(info, orchestrator, stop), name="announce")
+        log.warning("router %s serving on %s (gRPC)%s, metrics on %s", self.router_id, info.address,
+                    f" and http://{http.address} (OpenAI API)" if http else "", metrics.address)
+        try:
+            await stop.wait()
+        finally:
+            log.warning("router %s stopping", self.router_id)
+            announce.cancel()
+            await server.stop(grace=STOP_GRACE_S)
+            if http is not None:
+                await http.stop()
+            metrics.stop()
+            membership.cancel()
+            await orchestrator.membership.close()
+            await asyncio.to_thread(self._leave)
+
+    async def _http(self, config: ClusterConfig, host: str, builder: RequestBuilder, orchestrator: Orchestrator,
+                    access) -> RunningHttp | None:
+        """The OpenAI-compatible HTTP API, unless its port is off (router.http_port null)."""
+        port = _port(self.listen.http_port, config.router.http_port)
+        if port is None:
+            return None
+        router = config.router
+        app = OpenAIServer(builder, orchestrator, router.served_model_name or config.engine.model, access).app()
+        tls = (router.tls_cert_file, router.tls_key_file) if router.tls_cert_file else None
+        return await start_http(app, host, port, tls)
+
+    async def _announce(self, info: RouterInfo, orchestrator: Orchestrator, stop: asyncio.Event) -> None:
+        """This router's entry in the registry every second, until the cluster asks its routers to stop."""
+        failing = False
+        admission = orchestrator.admission
+        while True:
+            now = RouterInfo(info.router_id, info.address, info.pid, info.http_address, info.metrics_address,
+                             info.started_at, admission.in_flight_count, admission.waiting_count,
+                             admission.accepted_total, admission.accepted_prompt_tokens,
+                             tuple(admission.accepted_by_class))
+            try:
+                stopping = await asyncio.to_thread(self._beat, now)
+                failing = False
+            except redis.RedisError as e:  # serving goes on; the entry comes back with Redis
+                if not failing:
+                    log.warning("router %s: registry unreachable: %s", self.router_id, e)
+                failing = True
+                stopping = False
+            if stopping:
+                log.warning("router %s: the cluster is stopping", self.router_id)
+                stop.set()
+                return
+            await asyncio.sleep(HEARTBEAT_S)
+
+    def _beat(self, info: RouterInfo) -> bool:
+        self.registry.announce_router(info)
+        return self.registry.stop_requested()
+
+    def _leave(self) -> None:
+        try:
+            self.registry.remove_router(self.router_id)
+        except redis.RedisError as e:
+            log.warning("router %s could not leave the registry: %s", self.router_id, e)
+
+
+def _port(given: int | None, configured: int | None) -> int | None:
+    return configured if given is None else given
