@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from pdserve.cli.local_cluster import RunningCluster, start_cluster, stop_cluster
+from pdserve.bench.local_cluster import RunningCluster, start_cluster, stop_cluster
 
 ENGINE = {"num_kv_blocks": 1024, "max_num_batched_tokens": 256}
 CONTROLLER = {"enabled": True, "interval_s": 1.0, "cooldown_s": 0, "window_s": 10}

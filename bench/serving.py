@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdserve.cli.local_cluster import start_cluster, stop_cluster
+from pdserve.bench.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
 from pdserve.engine import Message, Prompt, SamplingParams
 

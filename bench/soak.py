@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from pdserve.cli.local_cluster import RunningCluster, start_cluster, stop_cluster
+from pdserve.bench.local_cluster import RunningCluster, start_cluster, stop_cluster
 from pdserve.client import Client
 from pdserve.engine import Message, Prompt, SamplingParams
 

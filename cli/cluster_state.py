@@ -38,19 +38,6 @@ def read_state() -> ClusterState:
     return state
 
 
-def client_for(state: ClusterState, timeout_s: float | None = None, sync: bool = False):
-    """A client for the cluster `pdserve up` started: its token and certificate from the files its config named
-    (a `SyncClient` with `sync`)."""
-    from pdserve.client import Client, SyncClient
-
-    token = _first_line(state.token_file) if state.token_file else None
-    certs = None
-    if state.tls_cert_file:
-        with open(state.tls_cert_file, "rb") as f:
-            certs = f.read()
-    return (SyncClient if sync else Client)(state.router_address, timeout_s, token, certs)
-
-
 def router_client(given: str | None, timeout_s: float | None = None, sync: bool = False):
     """A client for the routers at `given` ("host:port", or several comma-separated; token from $PDSERVE_TOKEN),
     or for the cluster `pdserve up` started (its token and certificate files); a `SyncClient` with `sync`."""
@@ -58,9 +45,4 @@ def router_client(given: str | None, timeout_s: float | None = None, sync: bool 
 
     if given:
         return (SyncClient if sync else Client)(given, timeout_s)
-    return client_for(read_state(), timeout_s, sync)
-
-
-def _first_line(path: str) -> str:
-    with open(path) as f:
-        return f.read().splitlines()[0].strip()
+    return read_state().client(timeout_s, sync)

@@ -18,7 +18,7 @@ import time
 
 import grpc
 
-from pdserve.cli.cluster_state import client_for, log_path, pid_alive, state_path
+from pdserve.cli.cluster_state import log_path, pid_alive, state_path
 from pdserve.config import load_config
 from pdserve.control_plane import local_redis, ray_head, router_pool
 from pdserve.control_plane.processes import alive
@@ -107,7 +107,7 @@ def _healthy(path: str, pid: int) -> bool:
         return False  # the state a killed control plane left, not rewritten yet
 
     async def check() -> bool:
-        async with client_for(state, timeout_s=5) as client:
+        async with state.client(timeout_s=5) as client:
             return (await client.health()).healthy
 
     try:

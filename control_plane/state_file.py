@@ -40,6 +40,18 @@ class ClusterState:
     router_pids: tuple[int, ...] = ()
     """The router processes the control plane runs (as of its last write)."""
 
+    def client(self, timeout_s: float | None = None, sync: bool = False):
+        """A client for the cluster's first router, with the token and certificate of the files its config named
+        (a `SyncClient` with `sync`, else the asyncio `Client`)."""
+        from pdserve.client import Client, SyncClient
+
+        token = _first_line(self.token_file) if self.token_file else None
+        certs = None
+        if self.tls_cert_file:
+            with open(self.tls_cert_file, "rb") as f:
+                certs = f.read()
+        return (SyncClient if sync else Client)(self.router_address, timeout_s, token, certs)
+
     def write(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp"
@@ -53,3 +65,8 @@ class ClusterState:
             values = json.load(f)
         values["router_pids"] = tuple(values.get("router_pids", ()))
         return ClusterState(**values)
+
+
+def _first_line(path: str) -> str:
+    with open(path) as f:
+        return f.read().splitlines()[0].strip()

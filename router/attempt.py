@@ -39,10 +39,11 @@ from pdserve.worker.messages import Adoption, DecodeTask, Owner, PrefillTask, To
 log = logging.getLogger(__name__)
 
 
-def request_key(request_id: str, router_id: str, number: int) -> str:
+def request_key(request_id: str, router_id: str, serial: int) -> str:
     """The id the workers know an attempt by: unique in the cluster (two routers never collide, even on one client
-    id), and new for every attempt (a late event of a failed attempt never reaches the next)."""
-    return f"{request_id}@{router_id}#{number}"
+    id) and never used twice by a router (`serial` counts its attempts), so a late event or acknowledgement of an
+    earlier attempt never touches another, even of a request id a client sends again."""
+    return f"{request_id}@{router_id}#{serial}"
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,10 @@ class Membership:
         except ValueError:
             log.warning("worker %s is registered but its actor %r is not found", info.worker_id, info.actor_name)
             return
+        self.join(info, handle)
+
+    def join(self, info: WorkerInfo, handle: Any) -> None:
+        """`info`'s worker is a member from now on, reached through `handle` (its actor's)."""
         member = Member(info, handle)
         if info.role in (Role.DECODE, Role.BOTH):
             member.collector = asyncio.create_task(self._collect(member), name=f"collect-{info.worker_id}")

@@ -18,6 +18,7 @@ aborts the request on every worker it reached, so blocks are freed on both sides
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ class Orchestrator:
         self.parts = RouterParts(router_id, self.membership, self.placement, self.streams, colocated)
         self.metrics = RouterMetrics(in_flight=lambda: self.in_flight_count)
         self.records = TimingRecords(registry, self.metrics)
+        self._serials = itertools.count()
+        """Numbers this router's attempts (`attempt.request_key`)."""
 
     @property
     def in_flight_count(self) -> int:
@@ -108,8 +111,8 @@ class Orchestrator:
                 yield self._last(request, clock, Output(len(sent), (), "", FinishReason.LENGTH), sent, "")
                 return
             ticket.waiting()
-            attempt = Attempt(self.parts, attempt_request, request_key(request.request_id, self.router_id, number),
-                              len(sent), clock, ticket.dispatched, adoption)
+            key = request_key(request.request_id, self.router_id, next(self._serials))
+            attempt = Attempt(self.parts, attempt_request, key, len(sent), clock, ticket.dispatched, adoption)
             adoption = None
             end, finished = None, False
             try:

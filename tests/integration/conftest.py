@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from pdserve.cli.local_cluster import RunningCluster, start_cluster, stop_cluster
+from pdserve.bench.local_cluster import RunningCluster, start_cluster, stop_cluster
 from pdserve.engine import Engine, EngineConfig
 from pdserve.engine.model_source import default_gguf_path
 

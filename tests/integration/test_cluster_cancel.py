@@ -1,5 +1,5 @@
 """Cancelling a request frees its KV blocks on both workers, whether it is in its prefill, in its KV transfer or in
-its decode. The cluster pauses every KV send mid-transfer (kv_transfer.inject_send_pause_s) so a cancel can land
+its decode. The cluster pauses every KV send mid-transfer (faults.kv_send_pause_s) so a cancel can land
 there; everything else is the real cluster."""
 
 import asyncio
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pdserve.cli.local_cluster import start_cluster, stop_cluster
+from pdserve.bench.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
 from pdserve.engine import Prompt, SamplingParams
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.model
 
 PAUSE_S = 4.0
 CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
-          "kv_transfer": {"inject_send_pause_s": PAUSE_S, "timeout_s": 30}}
+          "kv_transfer": {"timeout_s": 30}, "faults": {"kv_send_pause_s": PAUSE_S}}
 LONG_PROMPT = Prompt(token_ids=tuple(range(1000, 4000)))  # 3000 tokens: seconds of prefill on one core
 
 

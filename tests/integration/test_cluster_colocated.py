@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from pdserve.cli.local_cluster import start_cluster, stop_cluster
+from pdserve.bench.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
 from pdserve.engine import Prompt, SamplingParams
 

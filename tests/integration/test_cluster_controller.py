@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pdserve.cli.local_cluster import start_cluster, stop_cluster
+from pdserve.bench.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
 from pdserve.engine import SamplingParams
 from pdserve.registry.registry import Registry

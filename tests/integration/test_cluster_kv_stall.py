@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from pdserve.cli.local_cluster import start_cluster, stop_cluster
+from pdserve.bench.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
 from pdserve.engine import SamplingParams
 
@@ -19,7 +19,7 @@ from .test_smollm2_oracle import PROMPTS
 pytestmark = pytest.mark.model
 
 CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
-          "kv_transfer": {"timeout_s": 2.0, "inject_send_pause_s": 4.0, "inject_send_pause_count": 1},
+          "kv_transfer": {"timeout_s": 2.0}, "faults": {"kv_send_pause_s": 4.0, "kv_send_pause_count": 1},
           "workers": {"prefill": {"count": 1, "resources": {"cpus": 1}},
                       "decode": {"count": 1, "resources": {"cpus": 1}}}}
 SAMPLING = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from pdserve.cli.local_cluster import start_cluster, stop_cluster
+from pdserve.bench.local_cluster import start_cluster, stop_cluster
 from pdserve.control_plane.local_redis import free_port
 
 pytestmark = pytest.mark.model

@@ -12,7 +12,7 @@ from pdserve.registry.entries import Role
 from pdserve.worker.runtime import WorkerSpec
 from pdserve.worker_actor import Worker
 
-CONFIG = EngineConfig(backend="sim", model="llama-3-8b", hardware="h100", num_kv_blocks=64, num_threads=1)
+CONFIG = EngineConfig(backend="sim", model="llama-3-8b", num_kv_blocks=64, num_threads=1)
 START_TIMEOUT_S = 180
 EXIT_TIMEOUT_S = 30
 
@@ -43,4 +43,4 @@ def test_an_actor_whose_engine_thread_died_exits(local_ray):
             ray.get(actor.info.remote(), timeout=EXIT_TIMEOUT_S)
             time.sleep(0.1)
     with pytest.raises(ray.exceptions.RayActorError):  # and it stays gone
-        ray.get(actor.events.remote(0.1), timeout=EXIT_TIMEOUT_S)
+        ray.get(actor.events.remote("router-a", 0.1), timeout=EXIT_TIMEOUT_S)

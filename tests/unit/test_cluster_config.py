@@ -2,7 +2,7 @@
 
 import pytest
 
-from pdserve.config import ClusterConfig, Mode, load_config, parse_config
+from pdserve.config import ClusterConfig, Mode, config_from_json, config_to_json, load_config, parse_config
 from pdserve.engine.config import ConfigError
 
 
@@ -31,6 +31,12 @@ def test_default_file_loads_as_the_documented_cluster():
     ({"controller": {"shift_ratio": 0.5}}, "controller.shift_ratio"),
     ({"controller": {"rebalance_load": -1}}, "controller.rebalance_load"),
     ({"controller": {"confirm_ticks": 0}}, "controller.confirm_ticks"),
+    ({"workers": {"prefill": {"engine": {"block_size": 32}}}}, "workers.prefill.engine.block_size: unknown field"),
+    ({"workers": {"decode": {"engine": {"max_num_seqs": 0}}}}, "workers.decode.engine.max_num_seqs"),
+    ({"workers": {"decode": {"engine": {"kv_cache_gib": "lots"}}}}, "workers.decode.engine.kv_cache_gib"),
+    ({"router": {"lease_s": 0}}, "router.lease_s"),
+    ({"faults": {"kv_send_pause_s": -1}}, "faults.kv_send_pause_s"),
+    ({"kv_transfer": {"inject_send_pause_s": 4}}, "kv_transfer.inject_send_pause_s: unknown field"),
 ])
 def test_mistakes_name_the_field(values, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
@@ -49,3 +55,22 @@ def test_bad_yaml_and_missing_file_name_the_file(tmp_path):
 def test_colocated_mode():
     cfg = parse_config({"mode": "colocated", "workers": {"colocated": {"count": 2}}})
     assert isinstance(cfg, ClusterConfig) and cfg.workers.colocated.count == 2
+
+
+def test_a_pools_engine_overrides_the_shared_one_and_the_rest_is_shared():
+    cfg = parse_config({"engine": {"num_kv_blocks": 128, "max_num_seqs": 32},
+                        "workers": {"prefill": {"engine": {"max_num_batched_tokens": 4096, "max_num_seqs": 2}},
+                                    "decode": {"engine": {"kv_cache_gib": 2}}}})
+    prefill = cfg.workers.prefill.engine_config(cfg.engine)
+    decode = cfg.workers.decode.engine_config(cfg.engine)
+    assert (prefill.max_num_batched_tokens, prefill.max_num_seqs, prefill.num_kv_blocks) == (4096, 2, 128)
+    assert (decode.max_num_seqs, decode.num_kv_blocks, decode.kv_cache_gib) == (32, None, 2.0)
+    assert cfg.workers.colocated.engine_config(cfg.engine) == cfg.engine
+
+
+def test_the_config_travels_to_routers_as_json_and_back_unchanged():
+    cfg = parse_config({"engine": {"backend": "sim", "model": "llama-3-8b", "sim": {"time_scale": 20}},
+                        "workers": {"decode": {"count": 2, "engine": {"max_num_seqs": 8}}},
+                        "router": {"lease_s": 12, "token_file": "/etc/token"},
+                        "controller": {"enabled": True, "shift_ratio": float("inf")}, "faults": {"kv_send_pause_s": 1}})
+    assert config_from_json(config_to_json(cfg)) == cfg

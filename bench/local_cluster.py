@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import yaml
 
-from pdserve.cli.cluster_state import client_for
 from pdserve.control_plane.local_redis import free_port
 from pdserve.control_plane.state_file import ClusterState
 
@@ -48,7 +47,7 @@ class RunningCluster:
 
     def workers(self) -> dict[str, dict]:
         async def ask():
-            async with client_for(ClusterState.read(self.state_file), timeout_s=10) as client:
+            async with ClusterState.read(self.state_file).client(timeout_s=10) as client:
                 return await client.status()
 
         status = asyncio.run(ask())
