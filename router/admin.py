@@ -23,7 +23,7 @@ from pdserve.controller.window import finished_requests, traffic_window
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
 from pdserve.registry.entries import Role, RouterInfo, WorkerInfo
-from pdserve.router.control_client import ControlClient, ControlPlaneDown
+from pdserve.router.control_client import CONTROL_DOWN, ControlClient, ControlPlaneDown
 from pdserve.router.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class AdminService(pb_grpc.AdminServicer):
         except ControlPlaneDown as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except grpc.aio.AioRpcError as e:
+            if e.code() is grpc.StatusCode.UNAVAILABLE:  # its service never says so itself: it is not there
+                await context.abort(e.code(), f"{CONTROL_DOWN} ({e.details()})")
             await context.abort(e.code(), e.details())
 
 

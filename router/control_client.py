@@ -14,6 +14,10 @@ from pdserve.registry.registry import Registry
 AUTHORIZATION = "authorization"
 
 
+CONTROL_DOWN = ("the control plane is not running, so workers cannot be started or stopped now (serving goes on; "
+                "`pdserve up` starts it again and it adopts the cluster)")
+
+
 class ControlPlaneDown(RuntimeError):
     """No control plane is registered (it is not running)."""
 
@@ -26,8 +30,7 @@ class ControlClient:
     async def address(self) -> str:
         address = await asyncio.to_thread(self.registry.control) if self.registry is not None else None
         if address is None:
-            raise ControlPlaneDown("the control plane is not running, so workers cannot be started or stopped now "
-                                   "(serving goes on; `pdserve up` starts it again and it adopts the cluster)")
+            raise ControlPlaneDown(CONTROL_DOWN)
         return address
 
     async def scale(self, request: pb.ScaleRequest, timeout_s: float | None) -> pb.ScaleResponse:

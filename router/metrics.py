@@ -19,6 +19,9 @@ carrying tokens. Requests in flight are read at scrape time from a callable the 
                                                           reconnected to another router, which went on with it)
     pdserve_request_migrations_total           counter    requests resumed on other workers after a worker failed
     pdserve_request_hand_ons_total             counter    requests a decode worker leaving its pool handed on
+    pdserve_request_resumes_total{how}         counter    requests a client reconnected with (after its stream
+                                                          broke): taken_over from the worker still running them,
+                                                          or rerun from the tokens the client had
     pdserve_requests_in_flight                 gauge      accepted and not yet ended
     pdserve_requests_waiting_for_room          gauge      accepted, not yet sent to a worker (choosing one, or
                                                           waiting for a decode worker with free KV blocks)
@@ -36,6 +39,7 @@ from pdserve.router.request_builder import InvalidRequest
 from pdserve.router.timings import Timings
 from pdserve.worker.metrics_server import LATENCY_BUCKETS, TOKEN_BUCKETS, MetricsServer, serve_metrics
 
+RESUMES = ("taken_over", "rerun")
 OUTCOMES = ("stop", "length", "abort", "invalid", "duplicate", "overloaded", "unavailable", "cancelled", "error",
             "taken_over")
 
@@ -77,6 +81,11 @@ class RouterMetrics:
                                   registry=self.registry)
         self.hand_ons = Counter("pdserve_request_hand_ons", "Requests a decode worker leaving its pool (a move or a "
                                 "removal) handed on, resumed on other workers the same way.", registry=self.registry)
+        self.resumes = Counter("pdserve_request_resumes", "Requests a client reconnected with after its stream "
+                               "broke: taken over from the worker still running them, or run again from the tokens "
+                               "the client had.", ["how"], registry=self.registry)
+        for how in RESUMES:
+            self.resumes.labels(how=how)
         self.in_flight = Gauge("pdserve_requests_in_flight", "Requests accepted and not yet ended.",
                                registry=self.registry)
         if in_flight is not None:

@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from pdserve.engine.request import FinishReason
@@ -93,8 +94,9 @@ class Orchestrator:
             with ticket:
                 if admitted is not None:
                     await admitted()
-                async for piece in self._life(request, ticket, sent, clock):
-                    yield piece
+                async with aclosing(self._life(request, ticket, sent, clock)) as life:  # closed with this one
+                    async for piece in life:
+                        yield piece
         except BaseException as e:
             if not clock.finished:
                 self.metrics.failed(e)
@@ -104,7 +106,10 @@ class Orchestrator:
 
     async def _life(self, request: ValidRequest, ticket: Ticket, sent: list[int],
                     clock: RequestClock) -> AsyncIterator[Piece]:
-        adoption = await self.placement.adopt(request.request_id, len(sent)) if request.resume else None
+        adoption = None
+        if request.resume is not None:
+            adoption = await self.placement.adopt(request.request_id, len(sent))
+            self.metrics.resumes.labels(how="taken_over" if adoption else "rerun").inc()
         for number in range(MAX_MIGRATIONS + 1):
             attempt_request = continuation(request, sent)
             if attempt_request is None:  # every token was sent before the worker failed; only the end was lost
@@ -114,12 +119,30 @@ class Orchestrator:
             key = request_key(request.request_id, self.router_id, next(self._serials))
             attempt = Attempt(self.parts, attempt_request, key, len(sent), clock, ticket.dispatched, adoption)
             adoption = None
-            end, finished = None, False
-            try:
-                async for item in attempt.run():
+            end = None
+            async with aclosing(self._through(attempt, request, sent, clock)) as items:
+                async for item in items:
                     if isinstance(item, AttemptEnd):
                         end = item
-                        break
+                    else:
+                        yield item
+            if end is None:
+                return  # the request ended: its last piece is sent
+            await self._interrupted(request, end, number, len(sent))
+        raise Unavailable(f"request {request.request_id}: resumed {MAX_MIGRATIONS} times, failed each time")
+
+    async def _through(self, attempt: Attempt, request: ValidRequest, sent: list[int],
+                       clock: RequestClock) -> AsyncIterator[Piece | AttemptEnd]:
+        """One attempt: the pieces its client lacks, up to the last one (with the finish reason and timings), or
+        up to the `AttemptEnd` that stopped it short. However it ends, the attempt is released (aborted on its
+        workers unless it finished)."""
+        finished = False
+        try:
+            async with aclosing(attempt.run()) as items:
+                async for item in items:
+                    if isinstance(item, AttemptEnd):
+                        yield item
+                        return
                     piece = self._unseen(item, sent, clock)
                     if item.finish_reason is not None:
                         finished = True
@@ -127,12 +150,9 @@ class Orchestrator:
                         return
                     if piece is not None:
                         yield piece
-            finally:
-                await asyncio.shield(attempt.release(finished))
-            if end is None:
-                raise Unavailable(f"request {request.request_id}: its attempt ended without an end")
-            await self._interrupted(request, end, number, len(sent))
-        raise Unavailable(f"request {request.request_id}: resumed {MAX_MIGRATIONS} times, failed each time")
+            yield AttemptEnd(EndKind.WORKER_LOST, "its stream ended before the request did")
+        finally:
+            await asyncio.shield(attempt.release(finished))
 
     def _unseen(self, output: Output, sent: list[int], clock: RequestClock) -> Piece | None:
         """The part of `output` the client lacks (its tokens and their text), recorded as sent; None if nothing."""

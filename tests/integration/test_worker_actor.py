@@ -19,7 +19,8 @@ EXIT_TIMEOUT_S = 30
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # a local Ray of its own ("local"), even while a cluster of another test runs its head on this machine
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 

@@ -125,6 +125,7 @@ def test_a_client_that_reconnects_to_another_router_gets_every_token_once(oracle
         assert await idle(prefill, decode)
         outcomes = {o: b.metrics.requests.labels(outcome=o)._value.get() for o in ("length", "taken_over")}
         outcomes["a_taken_over"] = a.metrics.requests.labels(outcome="taken_over")._value.get()
+        outcomes |= {how: b.metrics.resumes.labels(how=how)._value.get() for how in ("taken_over", "rerun")}
         await shut(prefill, decode, [a, b])
         return has, rest, ended, outcomes
 
@@ -132,5 +133,6 @@ def test_a_client_that_reconnects_to_another_router_gets_every_token_once(oracle
     assert tuple(has + [t for p in rest for t in p.token_ids]) == expected
     assert rest[-1].finish_reason is FinishReason.LENGTH and rest[-1].completion_tokens == 24
     assert outcomes["length"] == 1
+    assert (outcomes["taken_over"], outcomes["rerun"]) == ((1, 0) if still_running else (0, 1))
     if still_running:
         assert isinstance(ended, TakenOver) and "router-b" in str(ended) and outcomes["a_taken_over"] == 1
