@@ -160,11 +160,14 @@ def kill_second_router(cluster: RunningCluster, expected: dict[str, tuple[int, .
     first, a = _background(run_streams, both, prompts[:half], sampling, "ab", started)
     rest, b = _background(run_streams, other, prompts[half:], sampling, "ba", started)
     started.wait(STREAM_TIMEOUT_S)
+    before = resumes(cluster)
     kill(second.pid)
     first.join(STREAM_TIMEOUT_S)
     rest.join(STREAM_TIMEOUT_S)
+    after = resumes(cluster)
     report = _report("one of two routers SIGKILLed (not restarted; its clients move to the other)", a[0] + b[0],
-                     expected, cluster, None, workers_restarted=_restarted(pids, worker_pids(cluster)))
+                     expected, cluster, None, after["taken_over"] - before["taken_over"],
+                     after["rerun"] - before["rerun"], _restarted(pids, worker_pids(cluster)))
     return report, routers
 
 

@@ -172,13 +172,13 @@ class DecodeWorker:
         """Abort the requests of routers whose lease lapsed (killed, hung, cut off), so no block stays held."""
         while True:
             await asyncio.sleep(REAP_INTERVAL_S)
-            for request_id in self.owners.expired():
+            for request_id in self.owners.expired():  # finished ones only lose their journal
                 try:
-                    await self.runtime.call(lambda engine, r=request_id: self._abort(engine, r))
+                    aborted = await self.runtime.call(lambda engine, r=request_id: self._abort(engine, r))
                 except RuntimeError as e:  # the engine thread died; the worker is replaced
                     log.error("reaping %s failed: %s", request_id, e)
                     return
-                self.runtime.metrics.reaped += 1
+                self.runtime.metrics.reaped += int(aborted)
 
     def _deliver(self, events: list[TokenEvent]) -> None:
         self.owners.record(events)
@@ -229,14 +229,15 @@ class DecodeWorker:
         engine.add_request(task.request_id, list(task.token_ids), task.sampling)
         self._local[task.request_id] = _Local(time.monotonic())
 
-    def _abort(self, engine: Engine, request_id: str) -> None:
+    def _abort(self, engine: Engine, request_id: str) -> bool:
+        """True if the request was here (reserved, arriving or running) and is gone now, its blocks freed."""
         self._local.pop(request_id, None)
         arrival = self._arriving.pop(request_id, None)
         if arrival is not None:
             self.runtime.connector.cancel(request_id)  # a posted receive still drains the wire; no copy after this
             engine.release(request_id)
-            return
-        engine.abort(request_id)
+            return True
+        return engine.abort(request_id) is not None
 
     def _hand_on(self, engine: Engine) -> int:
         decoding = [i for i in engine.request_ids if i not in self._arriving and i not in self._local]
