@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Ray head pod's one process under KubeRay: Ray's head node, then the pdserve router as a Ray driver on it.
+# The Ray head pod's one process under KubeRay: Ray's head node, then pdserve's control plane (and its router) on it.
 #
 #   pdserve-ray-head /etc/pdserve/cluster.yaml     # the container args in deploy/k8s/base/raycluster.yaml
 #
