@@ -2,11 +2,13 @@
 session of its own, so that Ray (and with it the worker actors) outlives the control plane that started it. A
 control plane started later adopts it (`adopt`); `pdserve down` ends its whole process tree.
 
-Every port it opens is picked free here (two clusters on one machine never collide), and it names this machine
-127.0.0.1. Ray's own processes still listen on every interface (RELIABILITY.md, Access), so the head asks every
-client for a token (Ray's token authentication): a random one of the cluster's own, in a file only its user can
-read (`token_for`), which the control plane, the routers and the workers take from their environment (`auth_env`).
-Ray reads that environment when it is imported: set it first.
+Every port it opens is picked free here (two clusters on one machine never collide), it names this machine
+127.0.0.1, and it keeps its session (sockets, logs, and the "current cluster" file a plain `ray.init()` would join)
+in a folder of its own, so other Ray programs on the machine neither join it nor trip over it once it is gone.
+Ray's own processes still listen on every interface (RELIABILITY.md, Access), so the head asks every client for a
+token (Ray's token authentication): a random one of the cluster's own, in a file only its user can read
+(`token_for`), which the control plane, the routers and the workers take from their environment (`auth_env`). Ray
+reads that environment when it is imported: set it first.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -68,9 +71,10 @@ class RayHead:
         """A new head asking for the token in `token_file`. Its own output goes nowhere: Ray logs to its session
         folder (`ray_logs_dir` in the state file)."""
         port = free_port()
+        temp_dir = tempfile.mkdtemp(prefix="pdserve-ray-")  # short: Ray's socket paths must fit in 107 characters
         command = [sys.executable, "-m", MARK, "start", "--head", "--block",
                    "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", str(num_cpus),
-                   "--include-dashboard", "false", "--disable-usage-stats"]
+                   "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir]
         for flag in PORT_FLAGS:
             command += [flag, str(free_port())]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **auth_env(token_file)}
