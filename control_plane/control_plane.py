@@ -87,7 +87,7 @@ class ControlPlane:
         resolve_engine_model(config.engine)  # converts a GGUF once, before the workers (and routers) load it
         await asyncio.to_thread(self._publish, registry, ray_address)
         self.workers = WorkerPool(config, NAMESPACE, CLUSTER, registry)
-        scaler = Scaler(self.workers, config, redis_url, self._cores())
+        scaler = Scaler(self.workers, config, redis_url, self._cores(), self.workers.running)
         adopted = await self.workers.adopt()
         self.routers = RouterPool(redis_url, self._slots())
         self.routers.start(await asyncio.to_thread(registry.routers))
@@ -184,7 +184,8 @@ class ControlPlane:
             first_id, first = next(iter(self.workers.actors.items()))
             model = await first.profile.remote()
             log.warning("controller: profiled %s: %s", first_id, model)
-        info = next(w for w in await asyncio.to_thread(registry.workers) if w.role is Role.DECODE)
+        decode_actor = next(self.workers.actors[i] for i, s in self.workers.specs.items() if s.role is Role.DECODE)
+        info = await decode_actor.info.remote()  # its KV capacity, as its engine sized it
         settings = config.controller
         controller_config = ControllerConfig(
             slo_ttft_s=config.slo.ttft_s, slo_tpot_s=config.slo.tpot_s, interval_s=settings.interval_s,

@@ -37,7 +37,7 @@ import redis
 from pdserve.config import ClusterConfig, Pool
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import retunable
-from pdserve.registry.entries import Role
+from pdserve.registry.entries import Role, WorkerInfo
 from pdserve.registry.registry import Registry
 from pdserve.worker.runtime import WorkerSpec
 from pdserve.worker_actor import Worker
@@ -66,6 +66,8 @@ class WorkerPool:
         self.moving: set[str] = set()
         """Workers the ratio controller is moving to the other role (the Scaler leaves them alone)."""
         self._next = dict.fromkeys(Role, 0)
+        self.infos: dict[str, WorkerInfo] = {}
+        """Each worker's own answer to the last watch (every second)."""
 
     def pool(self, role: Role) -> Pool:
         workers = self.config.workers
@@ -223,7 +225,13 @@ class WorkerPool:
         ids = list(self.actors)
         answers = await asyncio.gather(*(asyncio.wait_for(self.actors[i].info.remote(), WATCH_TIMEOUT_S)
                                          for i in ids), return_exceptions=True)
+        self.infos = {i: answer for i, answer in zip(ids, answers) if isinstance(answer, WorkerInfo)}
         return [i for i, answer in zip(ids, answers) if isinstance(answer, ray.exceptions.RayActorError)]
+
+    def running(self, worker_id: str) -> int:
+        """The worker's running plus waiting requests, as it said in the last watch (0 when unknown)."""
+        info = self.infos.get(worker_id)
+        return info.running + info.waiting if info is not None else 0
 
     async def replace(self, worker_id: str) -> str | None:
         """Start a worker in a dead one's role and cores; returns its id (None if `worker_id` has left meanwhile)."""
