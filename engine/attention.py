@@ -3,8 +3,8 @@
 New keys and values are written into their slots first; then each query reads its request's blocks. Decoding
 requests (one query each) are batched: their blocks are gathered into `[B, KVH, S, D]` and masked to each context
 length. A prefill chunk attends causally to its own fresh keys, or, when earlier chunks exist, to its gathered
-blocks with an offset causal mask. The gather is the CPU path; a paged kernel (FlashAttention/FlashInfer) can
-replace `decode_attention` and `prefill_attention` on GPU without touching the callers.
+blocks with an offset causal mask. The gather is the CPU path; when the step's metadata carries a `PagedBatch`, the
+Triton kernels of `engine.triton_attention` (CUDA) read the block tables directly instead.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] (already rotated); returns [T, H, D]."""
+    if meta.paged is not None:
+        from pdserve.engine import triton_attention  # imports triton, which only the paged path needs
+
+        triton_attention.store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        return triton_attention.paged_attention(q, k_cache, v_cache, meta.paged)
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     if meta.decode is not None and not meta.prefills:
         return decode_attention(q, k_cache, v_cache, meta.decode)

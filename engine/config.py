@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 BACKENDS = ("torch", "sim")
+QUANTIZATIONS = ("none", "int8", "int4")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -201,6 +203,21 @@ class EngineConfig:
     a roofline cost model (output tokens are placeholders; see engine.sim_runner), as `sim` describes."""
     sim: SimSettings = dataclasses.field(default_factory=SimSettings)
     """What only a simulated engine reads (the hardware it models, ...); ignored by the torch backend."""
+    quantization: str = "none"
+    """Weight-only quantisation of the linear layers: none, int8 (per channel) or int4 (groups of 32); see
+    engine.quantization. Changes numerics: greedy output is then close to, not identical with, transformers'."""
+    attention: str = "auto"
+    """Attention kernels: "torch" (gathers each request's blocks, then SDPA: the CPU path), "triton" (paged kernels
+    that read the block table directly; CUDA, or CPU under TRITON_INTERPRET=1 for tests), "auto" (triton on CUDA
+    when it imports, else torch)."""
+    cuda_graphs: bool = True
+    """Replay captured CUDA graphs for decode-only steps (batch-size buckets); CUDA with triton attention only."""
+    compile: bool = False
+    """torch.compile each decoder layer's dense parts (norms, projections, MLP); attention stays eager. Costs a
+    one-off compile at start (BENCHMARKS.md); keeps greedy output identical."""
+    gpu_memory_utilization: float = 0.9
+    """On CUDA with num_kv_blocks unset, the share of the GPU's memory that weights + KV cache may fill; the KV
+    cache takes what the weights leave (kv_cache_gib is then ignored)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -220,6 +237,12 @@ class EngineConfig:
             _positive("num_threads", self.num_threads)
         if self.backend not in BACKENDS:
             raise ConfigError(f"engine.backend: {self.backend!r} is not one of {list(BACKENDS)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"engine.quantization: {self.quantization!r} is not one of {list(QUANTIZATIONS)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"engine.attention: {self.attention!r} is not one of {list(ATTENTION_BACKENDS)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"engine.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
 
     @property
     def simulated(self) -> bool:
@@ -246,7 +269,7 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"engine.{name}: must be > 0, got {value}")
 
 
-_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float)}
+_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
 
 
 def _check_fields(path: str, cls: type, values: Mapping[str, Any], skip: tuple[str, ...] = ()) -> None:
@@ -265,5 +288,5 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
     if value is None and optional:
         return
     allowed = _TYPES[base]
-    if isinstance(value, bool) or not isinstance(value, allowed):
+    if (isinstance(value, bool) and base != "bool") or not isinstance(value, allowed):
         raise ConfigError(f"{name}: expected {base}, got {type(value).__name__} {value!r}")

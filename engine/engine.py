@@ -20,14 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.acceleration import compile_layers, kv_blocks_from_free_memory, uses_paged_attention
 from pdserve.engine.block_manager import BlockManager, blocks_for
 from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
 from pdserve.engine.cost_model import CostModel
+from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.detokenizer import Detokenizer, Finish
 from pdserve.engine.hardware import hardware
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_engine_model
+from pdserve.engine.quantization import Quantization, quantize_model
 from pdserve.engine.request import FinishReason, Prompt, Request, RequestOutput, RequestStatus
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
@@ -102,13 +105,19 @@ class Engine:
         config = self.config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
+        paged = uses_paged_attention(config)
         self.model = load_model(source, self.model_config, config.torch_dtype, config.device, self.max_model_len,
                                 config.seed)
+        quantize_model(self.model, Quantization(config.quantization))
+        if config.compile:
+            compile_layers(self.model)
         self.tokenizer: Tokenizer | None = load_tokenizer(source)
         self.kv_cache = KVCache(self.model_config, self._num_blocks(), config.block_size, config.torch_dtype,
                                 config.device)
-        self.runner: ModelRunner | SimRunner = ModelRunner(self.model, self.kv_cache, Sampler(config.seed,
-                                                                                              config.device))
+        runner = ModelRunner(self.model, self.kv_cache, Sampler(config.seed, config.device), paged=paged)
+        if paged and config.cuda_graphs and self.kv_cache.tensor.is_cuda:
+            runner.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, self.max_model_len)
+        self.runner: ModelRunner | SimRunner = runner
 
     def _build_sim(self, realtime: bool) -> None:
         """No weights and no tokenizer; a KV tensor of one float per token slot, so KV connectors still move blocks
@@ -313,6 +322,8 @@ class Engine:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, self.config.torch_dtype)
+        if self.config.device.startswith("cuda"):
+            return kv_blocks_from_free_memory(self.config, per_block)
         return max(1, int(self.config.kv_cache_gib * 2**30 // per_block))
 
     def _eos_ids(self) -> tuple[int, ...]:

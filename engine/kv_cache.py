@@ -71,8 +71,29 @@ class PrefillSegment:
 
 
 @dataclass(frozen=True)
+class PagedBatch:
+    """Every chunk of the step for the paged kernels (engine.triton_attention), which read the block tables directly.
+
+    Chunk s owns query rows [query_starts[s], query_starts[s + 1]); its queries are the last tokens of its
+    context_lens[s] tokens of context."""
+
+    query_starts: torch.Tensor
+    """[S + 1] int32 row offsets."""
+    context_lens: torch.Tensor
+    """[S] int32 tokens of context, this chunk's own included."""
+    block_tables: torch.Tensor
+    """[S, W] int32 block ids (padded with 0)."""
+    max_query_len: int
+    """The longest chunk (sizes the kernel's grid)."""
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor
-    """[T] where each new token's k and v are written."""
-    decode: DecodeGroup | None
-    prefills: tuple[PrefillSegment, ...]
+    """[T] where each new token's k and v are written (the paged kernels skip a negative slot)."""
+    decode: DecodeGroup | None = None
+    """The torch path's decoding requests."""
+    prefills: tuple[PrefillSegment, ...] = ()
+    """The torch path's prefill chunks."""
+    paged: PagedBatch | None = None
+    """Set instead of decode/prefills when the paged kernels run the step."""

@@ -52,15 +52,15 @@ class Attention(nn.Module):
         self.qkv = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o = Linear(cfg.q_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, hidden] -> q [T, H, D], k and v [T, KVH, D], q and k rotated."""
         cfg, tokens = self.cfg, x.shape[0]
         qkv = self.qkv(x)  # [T, (H + 2 KVH) * D]
         qk = qkv[:, :cfg.q_size + cfg.kv_size].view(tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(qk, cos, sin).split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # [T, H, D], [T, KVH, D]
         v = qkv[:, cfg.q_size + cfg.kv_size:].view(tokens, cfg.num_kv_heads, cfg.head_dim)
-        out = paged_attention(q, k, v, kv[0], kv[1], meta)  # [T, H, D]
-        return self.o(out.reshape(tokens, cfg.q_size))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -75,6 +75,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Dense work before attention (`before_attention`) and after it (`after_attention`) are methods of their own,
+    so that `engine.acceleration.compile_layers` can compile them while the paged attention between stays eager."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -84,7 +87,17 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h), cos, sin, kv, meta)
+        q, k, v = self.before_attention(h, cos, sin)
+        out = paged_attention(q, k, v, kv[0], kv[1], meta)  # [T, H, D]
+        return self.after_attention(h, out)
+
+    def before_attention(self, h: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.attn.project(self.attn_norm(h), cos, sin)
+
+    def after_attention(self, h: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
+        """h: [T, hidden] the layer's input; attention_out: [T, H, D] -> the layer's output [T, hidden]."""
+        h = h + self.attn.o(attention_out.flatten(1))
         return h + self.mlp(self.mlp_norm(h))
 
 

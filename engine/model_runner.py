@@ -1,7 +1,10 @@
 """Execute one scheduled step: build the flat token batch and attention metadata, run the model, sample.
 
-Chunks of one token (decoding requests) go first and share one batched attention call; longer chunks (prefills)
-follow, one attention call each. Only the rows that sample a token go through the final norm and the LM head.
+Chunks of one token (decoding requests) go first, longer chunks (prefills) follow. With torch attention the
+decoding requests share one batched attention call and each prefill has its own; with the paged kernels one call
+serves them all. Only the rows that sample a token go through the final norm and the LM head. Step inputs are
+built per chunk, never per token, and moved to the device in one copy each; the one host sync of a step is the
+sampled tokens coming back. A decode-only step on CUDA replays a captured graph when `graphs` is set.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.kv_cache import AttentionMetadata, DecodeGroup, KVCache, PrefillSegment
+from pdserve.engine.kv_cache import AttentionMetadata, DecodeGroup, KVCache, PagedBatch, PrefillSegment
 from pdserve.engine.model import LlamaModel
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import ScheduledChunk
@@ -26,57 +29,89 @@ class StepInput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler, paged: bool = False) -> None:
+        """`paged`: build `PagedBatch` metadata for the Triton kernels instead of the torch path's gathers."""
         self.model = model
         self.kv_cache = kv_cache
         self.sampler = sampler
+        self.paged = paged
         self.device = kv_cache.tensor.device
+        self.graphs = None
+        """An `engine.cuda_graphs.DecodeGraphs`, set by the engine when it captures decode steps."""
 
     @torch.inference_mode()
     def run(self, chunks: tuple[ScheduledChunk, ...]) -> dict[str, int]:
         """Compute the chunks; return the sampled token of each chunk that samples."""
-        step = self.prepare(chunks)
-        hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.meta)  # [T, hidden]
-        if not step.sample_chunks:
-            return {}
-        logits = self.model.logits(hidden[step.sample_rows])  # [N, V]
-        tokens = self.sampler.sample(logits, [c.sampling for c in step.sample_chunks],
-                                     [c.output_index for c in step.sample_chunks])
-        return {c.request_id: t for c, t in zip(step.sample_chunks, tokens)}
+        if self.graphs is not None and self.graphs.serves(chunks):
+            logits = self.graphs.run(chunks)  # [B, V], every chunk samples
+            sample_chunks = chunks
+        else:
+            step = self.prepare(chunks)
+            hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.meta)  # [T, hidden]
+            if not step.sample_chunks:
+                return {}
+            logits = self.model.logits(hidden[step.sample_rows])  # [N, V]
+            sample_chunks = step.sample_chunks
+        tokens = self.sampler.sample(logits, [c.sampling for c in sample_chunks],
+                                     [c.output_index for c in sample_chunks])
+        return {c.request_id: t for c, t in zip(sample_chunks, tokens)}
 
     def prepare(self, chunks: tuple[ScheduledChunk, ...]) -> StepInput:
         decodes = [c for c in chunks if len(c.token_ids) == 1]
         prefills = [c for c in chunks if len(c.token_ids) > 1]
         ordered = decodes + prefills
-        block_size = self.kv_cache.block_size
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
         sample_rows: list[int] = []
         for chunk in ordered:
             ids.extend(chunk.token_ids)
-            for pos in range(chunk.start_pos, chunk.context_len):
-                positions.append(pos)
-                slots.append(chunk.block_ids[pos // block_size] * block_size + pos % block_size)
+            positions.extend(range(chunk.start_pos, chunk.context_len))
             if chunk.sample:
                 sample_rows.append(len(ids) - 1)
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            decode=self._decode_group(decodes) if decodes else None,
-            prefills=self._prefill_segments(prefills, len(decodes)),
-        )
-        return StepInput(self._tensor(ids), self._tensor(positions), meta, self._tensor(sample_rows),
+        position_tensor = self._tensor(positions)
+        slots = self._slots(ordered, position_tensor)
+        if self.paged:
+            meta = AttentionMetadata(slot_mapping=slots, paged=self._paged_batch(ordered))
+        else:
+            meta = AttentionMetadata(slot_mapping=slots,
+                                     decode=self._decode_group(decodes) if decodes else None,
+                                     prefills=self._prefill_segments(prefills, len(decodes)))
+        return StepInput(self._tensor(ids), position_tensor, meta, self._tensor(sample_rows),
                          tuple(c for c in ordered if c.sample))
+
+    def _slots(self, ordered: list[ScheduledChunk], positions: torch.Tensor) -> torch.Tensor:
+        """[T] each token's slot, block_table[pos // BS] * BS + pos % BS, computed on the device."""
+        block_size = self.kv_cache.block_size
+        lengths = [c.context_len - c.start_pos for c in ordered]
+        tables = self._padded_tables(ordered)  # [C, W]
+        chunk_of_token = torch.repeat_interleave(torch.arange(len(ordered), device=self.device),
+                                                 self._tensor(lengths))  # [T]
+        blocks = tables[chunk_of_token, positions // block_size]
+        return blocks * block_size + positions % block_size
+
+    def _paged_batch(self, ordered: list[ScheduledChunk]) -> PagedBatch:
+        lengths = [c.context_len - c.start_pos for c in ordered]
+        starts = [0]
+        for length in lengths:
+            starts.append(starts[-1] + length)
+        return PagedBatch(query_starts=self._tensor(starts, torch.int32),
+                          context_lens=self._tensor([c.context_len for c in ordered], torch.int32),
+                          block_tables=self._padded_tables(ordered).to(torch.int32),
+                          max_query_len=max(lengths))
+
+    def _padded_tables(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """[C, W] each chunk's block ids, padded with 0 to the longest."""
+        width = max(len(c.block_ids) for c in chunks)
+        return self._tensor([list(c.block_ids) + [0] * (width - len(c.block_ids)) for c in chunks])
 
     def _decode_group(self, decodes: list[ScheduledChunk]) -> DecodeGroup:
         block_size = self.kv_cache.block_size
-        width = max(len(c.block_ids) for c in decodes)
-        tables = [list(c.block_ids) + [0] * (width - len(c.block_ids)) for c in decodes]
+        tables = self._padded_tables(decodes)
         lengths = self._tensor([c.context_len for c in decodes])
-        padding = torch.arange(width * block_size, device=self.device)[None, :] >= lengths[:, None]  # [B, S]
-        key_mask = torch.zeros(padding.shape, dtype=self.kv_cache.tensor.dtype, device=self.device)
+        padding = torch.arange(tables.shape[1] * block_size, device=self.device)[None, :] >= lengths[:, None]
+        key_mask = torch.zeros(padding.shape, dtype=self.kv_cache.tensor.dtype, device=self.device)  # [B, S]
         key_mask.masked_fill_(padding, float("-inf"))
-        return DecodeGroup(size=len(decodes), block_tables=self._tensor(tables), key_mask=key_mask[:, None, None, :])
+        return DecodeGroup(size=len(decodes), block_tables=tables, key_mask=key_mask[:, None, None, :])
 
     def _prefill_segments(self, prefills: list[ScheduledChunk], first_row: int) -> tuple[PrefillSegment, ...]:
         segments = []
@@ -94,5 +129,8 @@ class ModelRunner:
             row += length
         return tuple(segments)
 
-    def _tensor(self, values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _tensor(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """A host list on the device: through pinned memory on CUDA, so the copy does not block the host."""
+        if self.device.type == "cpu":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)

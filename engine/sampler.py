@@ -1,8 +1,8 @@
 """Pick each request's next token from its logits: greedy, or temperature with top-k and top-p.
 
-Greedy rows take the argmax together. A sampled row draws with its own generator: for a request with a seed that
-generator is seeded from (seed, output position), so the draw does not depend on the batch, the worker, or how many
-times the request was preempted; otherwise the engine's shared generator is used.
+Greedy rows take the argmax together; sampled rows are filtered together and draw together from the engine's shared
+generator, except a request with a seed: it draws from its own generator, seeded from (seed, output position), so the
+draw does not depend on the batch, the worker, or how many times the request was preempted. One host sync a step.
 """
 
 from __future__ import annotations
@@ -22,20 +22,33 @@ def seeded_generator(seed: int, position: int, device: torch.device) -> torch.Ge
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits: [V] fp32 -> temperature-scaled logits with tokens outside top-k / top-p set to -inf.
+    """logits: [V] fp32 -> the row as `filter_rows` leaves it."""
+    return filter_rows(logits[None], [params])[0]
 
-    top-p keeps the smallest set of most likely tokens whose probability mass reaches p."""
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+
+def filter_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """logits: [R, V] fp32, one SamplingParams per row -> temperature-scaled logits with tokens outside each row's
+    top-k / top-p set to -inf, for all rows at once (one sort, no host sync).
+
+    top-k keeps every token at least as likely as the k-th; top-p then keeps the smallest set of most likely tokens
+    whose probability mass reaches p."""
+    rows, vocab = logits.shape
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    logits = logits / temperature[:, None]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [R, V]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if min(top_k) < vocab:
+        kth_index = torch.tensor(top_k, device=device)[:, None] - 1  # [R, 1]
+        kth = sorted_logits.gather(1, kth_index)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    top_p = [p.top_p for p in params]
+    if min(top_p) < 1.0:
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= params.top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-    return logits
+        limit = torch.tensor(top_p, dtype=probs.dtype, device=device)[:, None]  # [R, 1]
+        sorted_logits = sorted_logits.masked_fill(mass_before >= limit, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
 class Sampler:
@@ -45,12 +58,25 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                output_positions: Sequence[int]) -> list[int]:
-        """logits: [N, V] fp32; one SamplingParams and output position per row -> N token ids."""
-        tokens = logits.argmax(dim=-1).tolist()
-        for row, (p, position) in enumerate(zip(params, output_positions)):
-            if p.greedy:
-                continue
-            generator = self.generator if p.seed is None else seeded_generator(p.seed, position, self.device)
-            probs = torch.softmax(filter_logits(logits[row], p), dim=-1)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=generator).item())
-        return tokens
+        """logits: [N, V] fp32; one SamplingParams and output position per row -> N token ids (one host sync)."""
+        tokens = logits.argmax(dim=-1)  # [N]
+        rows = [row for row, p in enumerate(params) if not p.greedy]
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            probs = torch.softmax(filter_rows(logits[index], [params[r] for r in rows]), dim=-1)  # [R, V]
+            tokens[index] = self._draw(probs, [params[r] for r in rows], [output_positions[r] for r in rows])
+        return tokens.tolist()
+
+    def _draw(self, probs: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]) -> torch.Tensor:
+        """probs: [R, V] -> [R] draws: rows without a seed together from the shared generator, each seeded row
+        from its own (seed, position) generator."""
+        drawn = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+        shared = [i for i, p in enumerate(params) if p.seed is None]
+        if shared:
+            index = torch.tensor(shared, device=probs.device)
+            drawn[index] = torch.multinomial(probs[index], 1, generator=self.generator)[:, 0]
+        for i, (p, position) in enumerate(zip(params, positions)):
+            if p.seed is not None:
+                generator = seeded_generator(p.seed, position, self.device)
+                drawn[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
+        return drawn

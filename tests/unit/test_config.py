@@ -46,12 +46,24 @@ def test_engine_config_rejects_a_non_mapping():
         EngineConfig.from_dict([("block_size", 16)])
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("quantization", "int3", "engine.quantization"), ("attention", "flash", "engine.attention"),
+    ("cuda_graphs", "yes", "engine.cuda_graphs"), ("compile", 1, "engine.compile"),
+    ("gpu_memory_utilization", 1.5, "engine.gpu_memory_utilization"),
+])
+def test_engine_acceleration_fields_are_checked(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig.from_dict({field: value})
+
+
 def test_engine_config_round_trips():
     values = {"model": "random:tiny", "dtype": "bf16", "device": "cuda:1", "block_size": 8, "num_kv_blocks": 100,
               "kv_cache_gib": 2, "max_num_batched_tokens": 256, "max_num_seqs": 4, "max_model_len": None, "seed": 3,
               "num_threads": 2, "backend": "sim",
               "sim": {"hardware": "h200", "tensor_parallel": 2, "gpu_memory_fraction": 0.8, "time_scale": 10.0,
-                      "kv_link": "nvlink"}}
+                      "kv_link": "nvlink"},
+              "quantization": "int4", "attention": "triton", "cuda_graphs": False, "compile": True,
+              "gpu_memory_utilization": 0.5}
     config = EngineConfig.from_dict(values)
     assert dataclasses.asdict(config) == values
     assert EngineConfig.from_dict(dataclasses.asdict(config)) == config

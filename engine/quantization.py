@@ -1,0 +1,112 @@
+"""Weight-only int8 and int4 quantisation of the model's linear layers, on torch's own packed matmul ops.
+
+`engine.quantization: int8` stores each linear weight as int8 with one fp32 scale per output channel
+(`aten._weight_int8pack_mm`); `int4` stores 4-bit values in groups of `INT4_GROUP` input channels, each group with
+its own scale and zero point (`aten._weight_int4pack_mm_for_cpu` on CPU, `aten._weight_int4pack_mm` on CUDA). The
+LM head gets int8 in both modes, as llama.cpp keeps its output matrix at higher precision than its Q4 layers.
+
+Activations enter these ops in bf16 and leave in the model's dtype: on CPU the packed kernels are fast for bf16
+inputs only (fp32 inputs take a path 4-50x slower on dev-cpu, BENCHMARKS.md), and on CUDA they take bf16 only.
+Embeddings and norms stay in the model's dtype. Quantisation changes numerics: greedy output is no longer identical
+to transformers; `bench/quantization_quality.py` measures the agreement and perplexity.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import nn
+
+from pdserve.engine.config import ConfigError
+
+INT4_GROUP = 32
+"""Input channels sharing one int4 scale and zero point (llama.cpp's Q4_0/Q4_1 use 32 too)."""
+INT4_INNER_K_TILES = 8
+"""The CUDA int4 layout's tiling of the input dimension (8 suits K a multiple of 1024; 2 and 4 also exist)."""
+
+
+class Quantization(Enum):
+    NONE = "none"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class Int8Linear(nn.Module):
+    """y = x @ W.T with W int8 [out, in] and one scale per output channel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """weight: [in, out] float (our Linear's layout)."""
+        super().__init__()
+        w = weight.t().float().contiguous()  # [out, in]
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T with W in asymmetric 4-bit groups of INT4_GROUP input channels, packed for the device's kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """weight: [in, out] float; `in` must be a multiple of INT4_GROUP."""
+        super().__init__()
+        w = weight.t().float().contiguous()  # [out, in]
+        out_features, in_features = w.shape
+        if in_features % INT4_GROUP:
+            raise ConfigError(f"engine.quantization: int4 needs input sizes divisible by {INT4_GROUP}, "
+                              f"got {in_features}")
+        groups = w.view(out_features, in_features // INT4_GROUP, INT4_GROUP)  # [N, K/G, G]
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, K/G]
+        scale = (high - low).clamp(min=1e-8) / 15.0
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        q = q.view(out_features, in_features)  # [N, K] values 0..15
+        # The kernels compute (q - 8) * scale + zero, so zero = low + 8 * scale. [K/G, N, 2]
+        self.register_buffer("scales_and_zeros", torch.stack([scale, low + 8 * scale], dim=-1)
+                             .transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.register_buffer("qweight", _pack_int4(q))
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x16 = x.to(torch.bfloat16)
+        if self.qweight.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x16, self.qweight, INT4_GROUP, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, self.qweight, INT4_GROUP, self.scales_and_zeros)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q: [N, K] int32 values 0..15 -> the packed layout of the device's int4 matmul."""
+    if q.is_cuda:
+        pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K/2], even column in the high nibble
+        return torch.ops.aten._convert_weight_to_int4pack(pairs, INT4_INNER_K_TILES)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+def quantize_model(model: nn.Module, method: Quantization) -> None:
+    """Replace the model's linear layers in place (decoder layers by `method`, the LM head by int8)."""
+    if method is Quantization.NONE:
+        return
+    layer_kind = Int8Linear if method is Quantization.INT8 else Int4Linear
+    for layer in model.layers:
+        for parent, name in ((layer.attn, "qkv"), (layer.attn, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down")):
+            _replace(parent, name, layer_kind)
+    _replace(model, "lm_head", Int8Linear)
+
+
+def _replace(parent: nn.Module, name: str, kind: type[nn.Module]) -> None:
+    linear = getattr(parent, name)
+    setattr(parent, name, kind(linear.weight.data, linear.bias))
+    del linear  # the float weight is freed once the model holds only the quantised one
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (what a decode step reads, with the embedding table counted once)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
