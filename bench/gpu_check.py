@@ -1,0 +1,269 @@
+"""One GPU check for any issue lent an H100/H200: correctness on CUDA, decode MBU and prefill MFU, in one table.
+
+    bash scripts/gpu_check.sh [OUT_DIR]                       # what to run on a GPU machine (under 8 minutes)
+    python -m pdserve.bench.gpu_check --device cpu --quick    # the same code on CPU, tiny, as CI checks it
+
+No Ray, Redis, downloads or model files: random weights of real shapes. Writes `gpu_check.json` and
+`gpu_check.md` (the table for BENCHMARKS.md) into the output folder.
+
+- correctness: a small random Llama in transformers and in our engine (same weights, through a Hugging Face
+  folder), greedy tokens compared, fp32 and bf16, paged kernels with CUDA graphs and the torch attention path;
+- decode tok/s and MBU (bytes a step must read: weights + each request's KV, over the step time, against the
+  device's peak bandwidth) at batch 1, 8 and 64 for llama-3-8b bf16: CUDA graphs on and off, int8, int4;
+- prefill MFU (model FLOPs over the time to the first token, against the peak bf16 dense rate) at 512, 2k and 8k.
+A row that fails records its error and the rest go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.engine import Engine, EngineConfig, SamplingParams
+from pdserve.engine.quantization import weight_bytes
+from pdserve.engine.shapes import shape
+
+# Published peaks (dense bf16 FLOP/s, HBM bytes/s) of the SXM parts; CPUs get no MBU/MFU.
+PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
+
+
+@dataclass
+class Check:
+    section: str
+    name: str
+    value: str = ""
+    detail: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    shape: str
+    batches: tuple[int, ...]
+    prompt_lengths: tuple[int, ...]
+    decode_tokens: int
+    variants: tuple[tuple[str, dict], ...]
+    dtype: str = "bf16"
+    """Of the decode and prefill engines (fp32 on CPU, where bf16 arithmetic is emulated and slow)."""
+
+
+FULL_VARIANTS = (("bf16, CUDA graphs", {}), ("bf16, eager", {"cuda_graphs": False}),
+                 ("int8, CUDA graphs", {"quantization": "int8"}), ("int4, CUDA graphs", {"quantization": "int4"}))
+
+
+def plan_for(args: argparse.Namespace) -> Plan:
+    if args.quick:
+        return Plan(args.device, "smollm2-135m", (1, 4), (64,), 16,
+                    (("fp32", {}), ("int8", {"quantization": "int8"})), dtype="fp32")
+    return Plan(args.device, args.shape, (1, 8, 64), (512, 2048, 8192), 64, FULL_VARIANTS)
+
+
+def peaks(device: str) -> tuple[float, float] | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((p for key, p in PEAKS.items() if key in name), None)
+
+
+def attempt(checks: list[Check], section: str, name: str, fn: Callable[[Check], None]) -> None:
+    check = Check(section, name)
+    try:
+        fn(check)
+    except Exception as exc:  # noqa: BLE001 - a failed row is reported as such; the others still run
+        check.error = f"{type(exc).__name__}: {exc}"
+        check.detail["traceback"] = traceback.format_exc(limit=6)
+    checks.append(check)
+    print(f"[{section}] {name}: {check.error or check.value}", flush=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- correctness ----------------------------------------------------------------------------------------------
+def small_llama_folder(folder: str) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # larger weights than the default init, so logits are far from uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def agreement(device: str, folder: str, dtype: str, overrides: dict) -> tuple[float, int]:
+    """Greedy tokens of our engine vs transformers on the same device and dtype: (share of tokens equal up to the
+    first difference, tokens compared)."""
+    from transformers import LlamaForCausalLM
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
+    engine = Engine(EngineConfig(model=folder, device=device, dtype=dtype, num_kv_blocks=256,
+                                 max_num_batched_tokens=256, **overrides))
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (7, 90, 300, 1)]
+    tokens = 24
+    ours = engine.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+    same = 0
+    for prompt, output in zip(prompts, ours):
+        with torch.inference_mode():
+            out = reference.generate(torch.tensor([prompt], device=device), max_new_tokens=tokens,
+                                     min_new_tokens=tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+        theirs = out[0, len(prompt):].tolist()
+        same += next((i for i, (a, b) in enumerate(zip(output.token_ids, theirs)) if a != b), tokens)
+    return same / (tokens * len(prompts)), tokens * len(prompts)
+
+
+def correctness(checks: list[Check], plan: Plan) -> None:
+    folder = tempfile.mkdtemp(prefix="pdserve-gpu-check-")
+    small_llama_folder(folder)
+    paths = [("torch attention", {"attention": "torch"})]
+    if plan.device.startswith("cuda"):
+        paths.insert(0, ("paged kernels + CUDA graphs", {"attention": "triton"}))
+    for dtype in ("fp32", "bf16"):
+        for label, overrides in paths:
+            def run(check: Check, dtype=dtype, overrides=overrides) -> None:
+                share, count = agreement(plan.device, folder, dtype, overrides)
+                check.value = f"{share:.1%} of {count} tokens"
+                check.detail = {"agreement": share, "tokens": count}
+            attempt(checks, "correctness", f"{dtype}, {label}", run)
+
+
+# ---- decode and prefill ---------------------------------------------------------------------------------------
+def engine_for(plan: Plan, overrides: dict, max_tokens_per_step: int) -> Engine:
+    return Engine(EngineConfig(model=f"random:{plan.shape}", device=plan.device, dtype=plan.dtype,
+                               num_kv_blocks=4096 if plan.device.startswith("cuda") else 256,
+                               max_num_seqs=max(plan.batches), max_num_batched_tokens=max_tokens_per_step,
+                               max_model_len=16384 if plan.device.startswith("cuda") else 2048, **overrides))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def decode(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) -> None:
+    cfg = shape(plan.shape)
+    kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (2 if plan.dtype == "bf16" else 4)
+    prompt_len, tokens = 128, plan.decode_tokens
+    for label, overrides in plan.variants:
+        engine = None
+
+        def build(check: Check, overrides=overrides) -> None:
+            nonlocal engine
+            engine = engine_for(plan, overrides, 4096)
+            check.value = f"{weight_bytes(engine.model) / 2**30:.2f} GiB of weights"
+
+        attempt(checks, "decode", f"{label}: load", build)
+        if engine is None:
+            continue
+        gen = torch.Generator().manual_seed(2)
+        for batch in plan.batches:
+            def run(check: Check, batch=batch, engine=engine, gen=gen) -> None:
+                prompts = [torch.randint(10, cfg.vocab_size, (prompt_len,), generator=gen).tolist()
+                           for _ in range(batch)]
+                greedy = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+                engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm up
+                first = min(timed(lambda: engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0)))
+                            for _ in range(2))
+                full = min(timed(lambda: engine.generate(prompts, greedy)) for _ in range(2))
+                step = (full - first) / (tokens - 1)
+                read = (weight_bytes(engine.model) - engine.model.embed.numel() * engine.model.embed.element_size()
+                        + batch * (prompt_len + tokens / 2) * kv_bytes_per_token)
+                check.detail = {"tok_s": batch / step, "step_ms": step * 1e3, "bytes_per_step": read}
+                check.value = f"{batch / step:.1f} tok/s, {step * 1e3:.2f} ms/step"
+                if peak is not None:
+                    check.detail["mbu"] = read / step / peak[1]
+                    check.value += f", MBU {check.detail['mbu']:.1%}"
+            attempt(checks, "decode", f"{label}: batch {batch}", run)
+        del engine
+
+
+def prefill(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) -> None:
+    cfg = shape(plan.shape)
+    dense = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size  # the embedding table is a lookup
+    engine = None
+
+    def build(check: Check) -> None:
+        nonlocal engine
+        engine = engine_for(plan, {}, max(plan.prompt_lengths))
+        check.value = "ok"
+
+    attempt(checks, "prefill", f"{plan.dtype}: load", build)
+    if engine is None:
+        return
+    gen = torch.Generator().manual_seed(3)
+    for length in plan.prompt_lengths:
+        def run(check: Check, length=length) -> None:
+            prompt = torch.randint(10, cfg.vocab_size, (length,), generator=gen).tolist()
+            once = SamplingParams(max_tokens=1, temperature=0)
+            engine.generate([prompt], once)  # warm up
+            seconds = min(timed(lambda: engine.generate([prompt], once)) for _ in range(3))
+            attention = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * length * length  # causal QK^T and PV
+            flops = 2 * dense * length + attention
+            check.detail = {"tok_s": length / seconds, "ms": seconds * 1e3, "flops": flops}
+            check.value = f"{length / seconds:.0f} tok/s, {seconds * 1e3:.1f} ms"
+            if peak is not None:
+                check.detail["mfu"] = flops / seconds / peak[0]
+                check.value += f", MFU {check.detail['mfu']:.1%}"
+        attempt(checks, "prefill", f"{plan.dtype}: {length} tokens", run)
+
+
+def markdown(checks: list[Check], header: str) -> str:
+    lines = [header, "", "| section | check | result |", "|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c.section} | {c.name} | {('**failed**: ' + c.error) if c.error else c.value} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shape", default="llama-3-8b")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smollm2-135m shape), for CI on CPU")
+    parser.add_argument("--out-dir", default=os.environ.get("OUT") or "gpu_check_out")
+    parser.add_argument("--skip", nargs="*", default=(), choices=("correctness", "decode", "prefill"))
+    args = parser.parse_args()
+    plan = plan_for(args)
+    peak = peaks(plan.device)
+    name = torch.cuda.get_device_name(torch.device(plan.device)) if plan.device.startswith("cuda") else "cpu"
+    header = (f"gpu_check {time.strftime('%Y-%m-%d')}: {name}, torch {torch.__version__}, shape {plan.shape}"
+              + (f", peaks {peak[0] / 1e12:.0f} TFLOP/s bf16, {peak[1] / 1e12:.2f} TB/s" if peak else ""))
+    print(header, flush=True)
+    checks: list[Check] = []
+    started = time.perf_counter()
+    for section, fn in (("correctness", lambda: correctness(checks, plan)),
+                        ("decode", lambda: decode(checks, plan, peak)),
+                        ("prefill", lambda: prefill(checks, plan, peak))):
+        if section not in args.skip:
+            fn()
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "gpu_check.json"), "w") as f:
+        json.dump({"header": header, "seconds": time.perf_counter() - started,
+                   "checks": [c.__dict__ for c in checks]}, f, indent=1)
+    table = markdown(checks, header)
+    with open(os.path.join(args.out_dir, "gpu_check.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""`bench/gpu_check.py` (what scripts/gpu_check.sh runs on a GPU) at its CPU size, so the script cannot rot where
+CI has no GPU: every row runs without error, fp32 greedy tokens equal transformers', and it writes both files."""
+
+import json
+import subprocess
+import sys
+
+
+def test_gpu_check_quick_on_cpu(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pdserve.bench.gpu_check", "--device", "cpu", "--quick",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    failed = [(c["name"], c["error"]) for c in report["checks"] if c["error"]]
+    assert not failed, failed
+    by_name = {(c["section"], c["name"]): c["detail"] for c in report["checks"]}
+    assert by_name[("correctness", "fp32, torch attention")]["agreement"] == 1.0
+    assert all(d["tok_s"] > 0 for (section, name), d in by_name.items() if section == "decode" and "batch" in name)
+    assert "| decode | int8: batch 4 |" in (tmp_path / "gpu_check.md").read_text()
