@@ -1,6 +1,7 @@
 """Benchmark: our engine vs transformers `generate`, side by side in one run, same model file, same threads.
 
     python -m pdserve.bench.engine_vs_transformers [--model smollm2-135m-instruct] [--tokens 64] [--repeats 3]
+        [--quantization none int8 int4]
 
 Measures, with ours and transformers alternating and the median of each reported (a noisy neighbour hits both):
 - decode tokens/s at 1 and 16 concurrent requests: equal-length prompts, every request forced to `tokens` tokens
@@ -9,7 +10,8 @@ Measures, with ours and transformers alternating and the median of each reported
 - chat throughput: 16 different chat requests at once, greedy, each ending at its own EOS (or 128 tokens); useful
   output tokens/s. transformers pads the batch and runs until the longest finishes (static batching); we batch
   continuously.
-Prints a table with the ratios and writes JSON with --out.
+Each measure runs transformers (fp32) once and our engine once per `--quantization` method, all against the same
+transformers figure. Prints a table with the ratios and writes JSON with --out.
 """
 
 from __future__ import annotations
@@ -128,23 +130,30 @@ def prefill_rate(system, prompt: list[int], repeats: int) -> float:
 
 def run(args: argparse.Namespace) -> list[Row]:
     torch.set_num_threads(args.threads)
-    engine = Engine(EngineConfig(model=args.model, max_num_batched_tokens=args.chunk, num_kv_blocks=1024))
-    ours, theirs = Ours(engine), Transformers(default_gguf_path())
+    engines = {q: Engine(EngineConfig(model=args.model, max_num_batched_tokens=args.chunk, num_kv_blocks=1024,
+                                      quantization=q)) for q in args.quantization}
+    engine = next(iter(engines.values()))
+    ours, theirs = {q: Ours(e) for q, e in engines.items()}, Transformers(default_gguf_path())
     prompts = make_prompts(engine, 16, 32)
     long_prompt = make_prompts(engine, 1, 1024)[0]
-    for system in (ours, theirs):  # warm up both
+    for system in (*ours.values(), theirs):  # warm up all
         system.generate(prompts[:2], 4)
-    rows = []
+    rows: list[Row] = []
+
+    def measure(name: str, rate: Callable[[object], float]) -> None:
+        baseline = rate(theirs)
+        for q, system in ours.items():
+            rows.append(Row(f"{name} [{q}]", rate(system), baseline))
+            print(f"  {rows[-1].name}: ours {rows[-1].ours:.1f}, transformers {baseline:.1f}", flush=True)
+
     for batch in (1, 16):
-        rates = [decode_rate(s, prompts[:batch], args.tokens, args.repeats) for s in (ours, theirs)]
-        rows.append(Row(f"decode tok/s, {batch} concurrent", *rates))
-        print(f"  {rows[-1].name}: ours {rates[0]:.1f}, transformers {rates[1]:.1f}", flush=True)
-    rates = [prefill_rate(s, long_prompt, args.repeats) for s in (ours, theirs)]
-    rows.append(Row("prefill tok/s, 1024-token prompt", *rates))
+        measure(f"decode tok/s, {batch} concurrent", lambda s, b=batch: decode_rate(s, prompts[:b], args.tokens,
+                                                                                   args.repeats))
+    measure("prefill tok/s, 1024-token prompt", lambda s: prefill_rate(s, long_prompt, args.repeats))
     chats, eos = chat_prompts(engine), engine.eos_token_ids[0]
-    rates = [chat_rate(lambda: our_chat(engine, chats, 128), args.repeats),
-             chat_rate(lambda: theirs.chat(chats, 128, eos), args.repeats)]
-    rows.append(Row("chat tok/s, 16 concurrent, own EOS", *rates))
+    measure("chat tok/s, 16 concurrent, own EOS",
+            lambda s: chat_rate(lambda: theirs.chat(chats, 128, eos) if s is theirs else our_chat(s.engine, chats, 128),
+                                args.repeats))
     return rows
 
 
@@ -155,14 +164,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--chunk", type=int, default=512, help="our max_num_batched_tokens")
+    parser.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8", "int4"],
+                        help="our engine's weight quantisation(s); transformers stays fp32")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     rows = run(args)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"{args.threads} torch threads, torch {torch.__version__}, fp32, {args.model}")
-    print(f"{'measure':36s} {'ours':>10s} {'transformers':>13s} {'ratio':>7s}")
+    print(f"{'measure':44s} {'ours':>10s} {'transformers':>13s} {'ratio':>7s}")
     for row in rows:
-        print(f"{row.name:36s} {row.ours:10.1f} {row.transformers:13.1f} {row.ratio:6.2f}x")
+        print(f"{row.name:44s} {row.ours:10.1f} {row.transformers:13.1f} {row.ratio:6.2f}x")
     if args.out:
         with open(args.out, "w") as f:
             json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], f, indent=1)

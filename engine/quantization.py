@@ -7,6 +7,8 @@ LM head gets int8 in both modes, as llama.cpp keeps its output matrix at higher 
 
 Activations enter these ops in bf16 and leave in the model's dtype: on CPU the packed kernels are fast for bf16
 inputs only (fp32 inputs take a path 4-50x slower on dev-cpu, BENCHMARKS.md), and on CUDA they take bf16 only.
+On CPU the packed kernels are matrix-vector kernels: for a step of `DEQUANTIZE_ROWS` rows or more (a prefill) the
+layer instead dequantises its weight and runs a dense GEMM, where the weight read is small next to the arithmetic.
 Embeddings and norms stay in the model's dtype. Quantisation changes numerics: greedy output is no longer identical
 to transformers; `bench/quantization_quality.py` measures the agreement and perplexity.
 """
@@ -16,12 +18,15 @@ from __future__ import annotations
 from enum import Enum
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pdserve.engine.config import ConfigError
 
 INT4_GROUP = 32
 """Input channels sharing one int4 scale and zero point (llama.cpp's Q4_0/Q4_1 use 32 too)."""
+DEQUANTIZE_ROWS = 64
+"""On CPU, steps of at least this many rows run dense on the dequantised weight."""
 INT4_INNER_K_TILES = 8
 """The CUDA int4 layout's tiling of the input dimension (8 suits K a multiple of 1024; 2 and 4 also exist)."""
 
@@ -45,6 +50,8 @@ class Int8Linear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= DEQUANTIZE_ROWS and not x.is_cuda:
+            return F.linear(x, self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None], self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -72,6 +79,8 @@ class Int4Linear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= DEQUANTIZE_ROWS and not x.is_cuda and self.qweight.shape[0] % 64 == 0:
+            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
         x16 = x.to(torch.bfloat16)
         if self.qweight.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x16, self.qweight, INT4_GROUP, self.scales_and_zeros)
@@ -79,6 +88,24 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, self.qweight, INT4_GROUP, self.scales_and_zeros)
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+    def dequantize(self) -> torch.Tensor:
+        """The CPU-packed weight as float [out, in] (out a multiple of 64)."""
+        q = _unpack_cpu_int4(self.qweight)  # [N, K] 0..15
+        scale, zero = self.scales_and_zeros.float().unbind(-1)  # each [K/G, N]
+        groups = q.view(q.shape[0], -1, INT4_GROUP).float() - 8  # [N, K/G, G]
+        return (groups * scale.t()[..., None] + zero.t()[..., None]).flatten(1)
+
+
+def _unpack_cpu_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_convert_weight_to_int4pack_for_cpu(q, 1)` for N a multiple of 64: [N, K/2] uint8 -> q
+    [N, K] uint8. Each block of 64 rows is stored k-major: for every k, 32 bytes, byte i holding row i in its low
+    nibble and row i + 32 in its high nibble (read off torch 2.13; tests/unit/test_quantization.py checks it)."""
+    rows, half = packed.shape
+    blocks = packed.view(rows // 64, half * 2, 32)  # [N/64, K, 32]
+    by_k = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # [N/64, K, 64]
+    return by_k.transpose(1, 2).reshape(rows, half * 2)  # [N, K]
 
 
 def _pack_int4(q: torch.Tensor) -> torch.Tensor:

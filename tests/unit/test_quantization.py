@@ -5,7 +5,16 @@ import torch
 
 from pdserve.engine import Engine, EngineConfig, SamplingParams
 from pdserve.engine.model import Linear
-from pdserve.engine.quantization import INT4_GROUP, Int4Linear, Int8Linear, Quantization, quantize_model, weight_bytes
+from pdserve.engine.quantization import (
+    DEQUANTIZE_ROWS,
+    INT4_GROUP,
+    Int4Linear,
+    Int8Linear,
+    Quantization,
+    _unpack_cpu_int4,
+    quantize_model,
+    weight_bytes,
+)
 
 from .test_model_vs_transformers import CASES, _reference
 
@@ -88,3 +97,21 @@ def _one_chunk(engine: Engine, prompt: list[int]):
     engine.add_request("probe", prompt, SamplingParams(max_tokens=1))
     [chunk] = engine.scheduler.schedule().chunks
     return (chunk,)
+
+
+@pytest.mark.parametrize("rows", [64, 576, 960])
+def test_cpu_int4_layout_unpacks_to_the_values_packed(rows):
+    q = torch.randint(0, 16, (rows, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(rows))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(_unpack_cpu_int4(packed).int(), q)
+
+
+@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
+def test_long_steps_dequantise_and_agree_with_the_packed_kernel(kind):
+    """Prefill-sized inputs take the dense path on the dequantised weight; it matches row-by-row packed results
+    (up to the packed kernels' bf16 activations)."""
+    layer = kind(linear(256, 192).weight.data, None)
+    x = torch.randn(DEQUANTIZE_ROWS + 16, 256, generator=torch.Generator().manual_seed(5))
+    dense = layer(x)
+    packed = torch.cat([layer(x[i:i + 16]) for i in range(0, x.shape[0], 16)])
+    assert relative_error(dense, packed) < 0.01
