@@ -150,6 +150,19 @@ def engine_for(plan: Plan, overrides: dict, max_tokens_per_step: int) -> Engine:
                                max_model_len=16384 if plan.device.startswith("cuda") else 2048, **overrides))
 
 
+def loaded_engine(checks: list[Check], section: str, label: str, plan: Plan, overrides: dict,
+                  max_tokens_per_step: int) -> Engine | None:
+    """The engine for a section's rows, its load recorded as a row of its own; None if it failed."""
+    engines: list[Engine] = []
+
+    def build(check: Check) -> None:
+        engines.append(engine_for(plan, overrides, max_tokens_per_step))
+        check.value = f"{weight_bytes(engines[0].model) / 2**30:.2f} GiB of weights"
+
+    attempt(checks, section, f"{label}: load", build)
+    return engines[0] if engines else None
+
+
 def timed(fn: Callable[[], object]) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -165,14 +178,7 @@ def decode(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) ->
     kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (2 if plan.dtype == "bf16" else 4)
     prompt_len, tokens = 128, plan.decode_tokens
     for label, overrides in plan.variants:
-        engine = None
-
-        def build(check: Check, overrides=overrides) -> None:
-            nonlocal engine
-            engine = engine_for(plan, overrides, 4096)
-            check.value = f"{weight_bytes(engine.model) / 2**30:.2f} GiB of weights"
-
-        attempt(checks, "decode", f"{label}: load", build)
+        engine = loaded_engine(checks, "decode", label, plan, overrides, 4096)
         if engine is None:
             continue
         gen = torch.Generator().manual_seed(2)
@@ -200,14 +206,7 @@ def decode(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) ->
 def prefill(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) -> None:
     cfg = shape(plan.shape)
     dense = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size  # the embedding table is a lookup
-    engine = None
-
-    def build(check: Check) -> None:
-        nonlocal engine
-        engine = engine_for(plan, {}, max(plan.prompt_lengths))
-        check.value = "ok"
-
-    attempt(checks, "prefill", f"{plan.dtype}: load", build)
+    engine = loaded_engine(checks, "prefill", plan.dtype, plan, {}, max(plan.prompt_lengths))
     if engine is None:
         return
     gen = torch.Generator().manual_seed(3)
