@@ -5,13 +5,10 @@ of 1, 3 and 4, block tables in scrambled order; `store_kv` skipping padding slot
 paged kernels giving transformers' greedy tokens.
 """
 
-import os
-
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: its jit reads this at decoration time
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # tests/conftest.py sets TRITON_INTERPRET=1 before anything imports it
 
 from pdserve.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from pdserve.engine.kv_cache import PagedBatch  # noqa: E402
