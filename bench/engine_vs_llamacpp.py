@@ -72,7 +72,7 @@ def main() -> None:
     print(f"\n{args.threads} threads, torch {torch.__version__}, {DEFAULT_MODEL} ({default_gguf_path()})")
     print(f"{'measure':40s} {'ours':>8s} {'llama.cpp':>10s} {'ratio':>7s}")
     for row in rows:
-        print(f"{row.name:40s} {row.ours:8.1f} {row.transformers:10.1f} {row.ratio:6.2f}x")
+        print(f"{row.name:40s} {row.ours:8.1f} {row.baseline:10.1f} {row.ratio:6.2f}x")
 
 
 if __name__ == "__main__":

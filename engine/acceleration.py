@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import time
 
 import torch
 
@@ -49,8 +48,7 @@ def kv_blocks_from_free_memory(config: EngineConfig, bytes_per_block: int) -> in
 def compile_layers(model: LlamaModel) -> None:
     """torch.compile each layer's dense parts; every layer runs the same code, so they share one compiled graph
     (per shape class: token counts are dynamic)."""
-    start = time.perf_counter()
     for layer in model.layers:
         layer.before_attention = torch.compile(layer.before_attention, dynamic=True)
         layer.after_attention = torch.compile(layer.after_attention, dynamic=True)
-    log.info("decoder layers set to compile (%.1f s; the first steps compile)", time.perf_counter() - start)
+    log.info("decoder layers set to compile: the first steps of each shape class compile them")

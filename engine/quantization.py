@@ -129,8 +129,7 @@ def quantize_model(model: nn.Module, method: Quantization) -> None:
 
 def _replace(parent: nn.Module, name: str, kind: type[nn.Module]) -> None:
     linear = getattr(parent, name)
-    setattr(parent, name, kind(linear.weight.data, linear.bias))
-    del linear  # the float weight is freed once the model holds only the quantised one
+    setattr(parent, name, kind(linear.weight.data, linear.bias))  # the float weight goes with the old module
 
 
 def weight_bytes(model: nn.Module) -> int:
