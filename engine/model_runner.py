@@ -69,44 +69,45 @@ class ModelRunner:
             if chunk.sample:
                 sample_rows.append(len(ids) - 1)
         position_tensor = self._tensor(positions)
-        slots = self._slots(ordered, position_tensor)
+        lengths = [len(c.token_ids) for c in ordered]
+        tables = self._padded_tables(ordered)  # [C, W]
+        slots = self._slots(tables, lengths, position_tensor)
         if self.paged:
-            meta = AttentionMetadata(slot_mapping=slots, paged=self._paged_batch(ordered))
+            meta = AttentionMetadata(slot_mapping=slots, paged=self._paged_batch(ordered, tables, lengths))
         else:
             meta = AttentionMetadata(slot_mapping=slots,
-                                     decode=self._decode_group(decodes) if decodes else None,
+                                     decode=self._decode_group(decodes, tables[:len(decodes)]) if decodes else None,
                                      prefills=self._prefill_segments(prefills, len(decodes)))
         return StepInput(self._tensor(ids), position_tensor, meta, self._tensor(sample_rows),
                          tuple(c for c in ordered if c.sample))
 
-    def _slots(self, ordered: list[ScheduledChunk], positions: torch.Tensor) -> torch.Tensor:
-        """[T] each token's slot, block_table[pos // BS] * BS + pos % BS, computed on the device."""
+    def _slots(self, tables: torch.Tensor, lengths: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """[T] each token's slot, block_table[pos // BS] * BS + pos % BS, computed on the device.
+
+        tables: [C, W] each chunk's blocks; lengths: each chunk's token count; positions: [T]."""
         block_size = self.kv_cache.block_size
-        lengths = [c.context_len - c.start_pos for c in ordered]
-        tables = self._padded_tables(ordered)  # [C, W]
-        chunk_of_token = torch.repeat_interleave(torch.arange(len(ordered), device=self.device),
+        chunk_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=self.device),
                                                  self._tensor(lengths))  # [T]
         blocks = tables[chunk_of_token, positions // block_size]
         return blocks * block_size + positions % block_size
 
-    def _paged_batch(self, ordered: list[ScheduledChunk]) -> PagedBatch:
-        lengths = [c.context_len - c.start_pos for c in ordered]
+    def _paged_batch(self, ordered: list[ScheduledChunk], tables: torch.Tensor, lengths: list[int]) -> PagedBatch:
         starts = [0]
         for length in lengths:
             starts.append(starts[-1] + length)
         return PagedBatch(query_starts=self._tensor(starts, torch.int32),
                           context_lens=self._tensor([c.context_len for c in ordered], torch.int32),
-                          block_tables=self._padded_tables(ordered).to(torch.int32),
-                          max_query_len=max(lengths))
+                          block_tables=tables.to(torch.int32), max_query_len=max(lengths))
 
     def _padded_tables(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """[C, W] each chunk's block ids, padded with 0 to the longest."""
         width = max(len(c.block_ids) for c in chunks)
         return self._tensor([list(c.block_ids) + [0] * (width - len(c.block_ids)) for c in chunks])
 
-    def _decode_group(self, decodes: list[ScheduledChunk]) -> DecodeGroup:
+    def _decode_group(self, decodes: list[ScheduledChunk], tables: torch.Tensor) -> DecodeGroup:
+        """tables: [B, W'] the decoding chunks' rows of the step's block tables (padded maybe wider than theirs)."""
         block_size = self.kv_cache.block_size
-        tables = self._padded_tables(decodes)
+        tables = tables[:, :max(len(c.block_ids) for c in decodes)]  # [B, W]
         lengths = self._tensor([c.context_len for c in decodes])
         padding = torch.arange(tables.shape[1] * block_size, device=self.device)[None, :] >= lengths[:, None]
         key_mask = torch.zeros(padding.shape, dtype=self.kv_cache.tensor.dtype, device=self.device)  # [B, S]
