@@ -2,7 +2,7 @@
 
 import torch
 
-from pdserve.engine.sampler import Sampler, filter_logits
+from pdserve.engine.sampler import Sampler, filter_logits, filter_rows
 from pdserve.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -124,3 +124,13 @@ def test_top_p_at_exact_boundary_keeps_only_the_smallest_set():
 def test_tiny_temperature_does_not_crash():
     logits = torch.tensor([[1.0, 5.0, 2.0]])
     assert Sampler(0, "cpu").sample(logits, [SamplingParams(temperature=1e-39)], [0]) == [1]
+
+
+def test_rows_filtered_together_equal_each_row_filtered_alone():
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(6))
+    params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.5),
+              SamplingParams(temperature=2.0, top_k=3, top_p=0.9), SamplingParams()]
+    together = filter_rows(logits, params)
+    for row, p in enumerate(params):
+        assert torch.equal(together[row], filter_rows(logits[row:row + 1], [p])[0])
+    assert int(torch.isfinite(together[0]).sum()) == 5 and torch.isfinite(together[3]).all()
