@@ -33,11 +33,10 @@ import numpy as np
 
 from pdserve.bench.metrics import RequestRecord, record_from_stream
 from pdserve.bench.transports import API_CHOICES, GrpcTransport, OpenAITransport, TransportError, transport_for
-from pdserve.bench.workloads import TraceEntry
+from pdserve.bench.workloads import FIRST_TOKEN_ID, TraceEntry, make_prompt_ids
 
 log = logging.getLogger(__name__)
 
-FIRST_TOKEN_ID = 1000
 OVERALL_TIMEOUT = "timeout: cancelled at the overall deadline"
 
 
@@ -103,11 +102,6 @@ class RunResult:
     """From the start of the run to the last request's end."""
     not_sent: int
     """Trace entries dropped at the overall deadline or by max_requests."""
-
-
-def make_prompt_ids(seed: int, index: int, length: int, vocab_size: int) -> tuple[int, ...]:
-    rng = np.random.default_rng([seed, index])
-    return tuple(rng.integers(FIRST_TOKEN_ID, vocab_size, size=length).tolist())
 
 
 def count_pools(workers: Sequence) -> tuple[int, int, int, int]:
@@ -243,7 +237,7 @@ class _Run:
     async def one(self, index: int, entry: TraceEntry) -> None:
         cfg = self.config
         request_id = f"{self.request_prefix}-{index}"
-        prompt = make_prompt_ids(cfg.seed, index, entry.input_tokens, cfg.vocab_size)
+        prompt = make_prompt_ids(cfg.seed, index, entry, cfg.vocab_size)
         token_times: list[tuple[float, int]] = []
         queue_s, ok, error = math.nan, True, ""
         sent = time.monotonic()

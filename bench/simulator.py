@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pdserve.bench.metrics import SLO, RequestRecord
-from pdserve.bench.workloads import TraceEntry
+from pdserve.bench.workloads import TraceEntry, make_prompt_ids
 from pdserve.controller.config import ControllerConfig, ControllerState
 from pdserve.controller.controller import tick
 from pdserve.controller.decision import Action, Decision
@@ -172,7 +172,8 @@ class Simulation:
     # ---- the router ------------------------------------------------------------------------------------------
     def _arrive(self, entry: TraceEntry, index: int) -> None:
         sampling = SamplingParams(max_tokens=entry.output_tokens, temperature=0.0, ignore_eos=True)
-        request = _Request(f"r{index}", entry, (PLACEHOLDER_TOKEN,) * entry.input_tokens, sampling)
+        prompt = make_prompt_ids(0, index, entry, self.workers[0].engine.model_config.vocab_size)
+        request = _Request(f"r{index}", entry, prompt, sampling)
         self._arrivals.append((self.now, entry.input_tokens))
         self._queue.append(request)
         self._dispatch()
@@ -344,7 +345,7 @@ class Simulation:
         """The router's `migration.continuation`: the tokens so far join the prompt, max_tokens shrinks by them."""
         request.request_id = f"{request.client_id}@retry{request.attempts}"
         request.attempts += 1
-        request.prompt = (PLACEHOLDER_TOKEN,) * (request.entry.input_tokens + request.tokens)
+        request.prompt = request.prompt[:request.entry.input_tokens] + (PLACEHOLDER_TOKEN,) * request.tokens
         request.sampling = SamplingParams(max_tokens=request.entry.output_tokens - request.tokens, temperature=0.0,
                                           ignore_eos=True)
         request.prefill = request.decode = None

@@ -1,7 +1,9 @@
 """Benchmark workloads: request length distributions, arrival processes, and traces (what `pdserve bench` sends).
 
 A trace is a list of `TraceEntry` (arrival offset in seconds, prompt length, output length), sorted by arrival. On disk
-it is JSON lines, one `{"arrival_s": float, "input_tokens": int, "output_tokens": int}` a line.
+it is JSON lines, one `{"arrival_s": float, "input_tokens": int, "output_tokens": int}` a line, optionally with
+`"prefix_id": int, "prefix_tokens": int`: requests with the same prefix_id share their first prefix_tokens tokens (a
+system prompt, a document, earlier turns), which is what prefix caching reuses.
 
 Built-in workloads. Every length is a lognormal with the given mean (mu = ln(mean) - sigma^2 / 2), rounded and clipped
 to the range; "mean (clipped)" is what 2M samples give after clipping. The shapes are chosen to resemble the public
@@ -28,6 +30,7 @@ exactly `scale_rate(trace at rate 1, r)`; lengths come from their own streams, s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -36,6 +39,10 @@ from dataclasses import dataclass
 import numpy as np
 
 ARRIVALS = ("poisson", "gamma")
+FIRST_TOKEN_ID = 1000
+"""Synthetic prompts use token ids from here up (clear of special tokens)."""
+PREFIX_STREAM = 1 << 40
+"""Seeds the random stream of a shared prefix apart from every entry's own."""
 
 
 class TraceError(ValueError):
@@ -48,6 +55,10 @@ class TraceEntry:
     """Seconds from the start of the run."""
     input_tokens: int
     output_tokens: int
+    prefix_id: int | None = None
+    """Requests with the same prefix_id share their first `prefix_tokens` prompt tokens."""
+    prefix_tokens: int = 0
+
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,7 @@ def phase_trace(phases: Sequence[Phase], seed: int = 0, arrival: str = "poisson"
         part = make_trace(phase.workload, phase.rate, duration_s=phase.duration_s, arrival=arrival, cv=cv,
                           seed=_phase_seed(seed, i), max_input_tokens=max_input_tokens,
                           max_output_tokens=max_output_tokens)
-        entries.extend(TraceEntry(start + e.arrival_s, e.input_tokens, e.output_tokens) for e in part)
+        entries.extend(dataclasses.replace(e, arrival_s=start + e.arrival_s) for e in part)
         start += phase.duration_s
     return entries
 
@@ -177,7 +188,7 @@ def named_trace(name: str, rate: float, duration_s: float | None = None, num_req
             part = make_trace(phase.workload, rate, num_requests=count, arrival=arrival, cv=cv,
                               seed=_phase_seed(seed, i), max_input_tokens=max_input_tokens,
                               max_output_tokens=max_output_tokens)
-            entries.extend(TraceEntry(start + e.arrival_s, e.input_tokens, e.output_tokens) for e in part)
+            entries.extend(dataclasses.replace(e, arrival_s=start + e.arrival_s) for e in part)
             start += part[-1].arrival_s
     return entries
 
@@ -194,7 +205,7 @@ def scale_rate(entries: Iterable[TraceEntry], factor: float) -> list[TraceEntry]
     """The same requests arriving `factor` times as fast (arrival times divided by `factor`)."""
     if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
         raise TraceError(f"factor: must be a finite number > 0, got {factor!r}")
-    return [TraceEntry(e.arrival_s / factor, e.input_tokens, e.output_tokens) for e in entries]
+    return [dataclasses.replace(e, arrival_s=e.arrival_s / factor) for e in entries]
 
 
 def mean_rate(entries: Sequence[TraceEntry]) -> float:
@@ -235,11 +246,32 @@ def read_trace(path: str) -> list[TraceEntry]:
     return sorted(entries, key=lambda e: e.arrival_s)
 
 
+def cap_lengths(entry: TraceEntry, max_input: int | None, max_output: int | None) -> TraceEntry:
+    """The entry with its lengths capped (a shared prefix shrinks with its prompt)."""
+    inputs = min(entry.input_tokens, max_input or entry.input_tokens)
+    return dataclasses.replace(entry, input_tokens=inputs, output_tokens=min(entry.output_tokens,
+                                                                              max_output or entry.output_tokens),
+                               prefix_tokens=min(entry.prefix_tokens, inputs))
+
+
+def make_prompt_ids(seed: int, index: int, entry: TraceEntry, vocab_size: int) -> tuple[int, ...]:
+    """Random token ids for trace entry `index`: its shared prefix (the same for every entry with its prefix_id),
+    then tokens of its own."""
+    shared: list[int] = []
+    if entry.prefix_id is not None and entry.prefix_tokens:
+        rng = np.random.default_rng([seed, PREFIX_STREAM, entry.prefix_id])
+        shared = rng.integers(FIRST_TOKEN_ID, vocab_size, size=entry.prefix_tokens).tolist()
+    rng = np.random.default_rng([seed, index])
+    return tuple(shared + rng.integers(FIRST_TOKEN_ID, vocab_size, size=entry.input_tokens - len(shared)).tolist())
+
+
 def write_trace(path: str, entries: Iterable[TraceEntry]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for e in entries:
-            f.write(json.dumps({"arrival_s": e.arrival_s, "input_tokens": e.input_tokens,
-                                "output_tokens": e.output_tokens}) + "\n")
+            line = {"arrival_s": e.arrival_s, "input_tokens": e.input_tokens, "output_tokens": e.output_tokens}
+            if e.prefix_id is not None:
+                line.update(prefix_id=e.prefix_id, prefix_tokens=e.prefix_tokens)
+            f.write(json.dumps(line) + "\n")
 
 
 def _parse_line(raw: str, where: str) -> TraceEntry:
@@ -260,7 +292,21 @@ def _parse_line(raw: str, where: str) -> TraceEntry:
         tokens = value[field]
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             raise TraceError(f"{where}: {field}: must be an integer >= 1, got {tokens!r}")
-    return TraceEntry(float(arrival), value["input_tokens"], value["output_tokens"])
+    return TraceEntry(float(arrival), value["input_tokens"], value["output_tokens"], *_parse_prefix(value, where))
+
+
+def _parse_prefix(value: dict, where: str) -> tuple[int | None, int]:
+    """(prefix_id, prefix_tokens) of a trace line; both or neither, prefix_tokens <= input_tokens."""
+    if "prefix_id" not in value and "prefix_tokens" not in value:
+        return None, 0
+    for field in ("prefix_id", "prefix_tokens"):
+        number = value.get(field)
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise TraceError(f"{where}: {field}: must be an integer >= 0 (given with the other), got {number!r}")
+    if value["prefix_tokens"] > value["input_tokens"]:
+        raise TraceError(f"{where}: prefix_tokens: {value['prefix_tokens']} is more than input_tokens "
+                         f"{value['input_tokens']}")
+    return value["prefix_id"], value["prefix_tokens"]
 
 
 def _arrivals(rng: np.random.Generator, rate: float, duration_s: float | None, num_requests: int | None,

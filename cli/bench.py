@@ -27,7 +27,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from pdserve.bench.workloads import ARRIVALS, NAMED, TraceEntry, TraceError
+from pdserve.bench.workloads import ARRIVALS, NAMED, TraceEntry, TraceError, cap_lengths
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,7 @@ def plan_runs(args: argparse.Namespace) -> list[Run]:
         if not trace:
             raise BenchError("the trace is empty (raise --duration-s or --rate)")
         if args.trace and (args.max_input_tokens or args.max_output_tokens):
-            trace = [TraceEntry(e.arrival_s, min(e.input_tokens, args.max_input_tokens or e.input_tokens),
-                                min(e.output_tokens, args.max_output_tokens or e.output_tokens)) for e in trace]
+            trace = [cap_lengths(e, args.max_input_tokens, args.max_output_tokens) for e in trace]
         send_until = duration if closed else None
         span = send_until if closed and send_until is not None else trace[-1].arrival_s
         deadline = args.deadline_s or span + args.timeout_s + DEADLINE_GRACE_S

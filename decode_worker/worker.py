@@ -2,7 +2,9 @@
 
 Life of a handed-off request here:
 
-    reserve(task)   -> blocks allocated for the prompt and a transfer tag chosen; the task's router owns the request
+    reserve(task)   -> blocks allocated for the prompt and a transfer tag chosen; the task's router owns the request;
+                       a prefix of the prompt found in this worker's prefix cache is shared, and only the blocks
+                       after it are to be received (`Reservation.cached_blocks`)
     announce(kv)    -> from the prefill worker, as its send starts: the KV receive posted (first token with it)
     KV arrives      -> the connector reports DONE -> decoding, batched with every other running request
     each step       -> a TokenEvent per request, into its journal and its router's outbox (`owners`)
@@ -55,6 +57,7 @@ class _Arrival:
 
     task: DecodeTask
     blocks: tuple[int, ...]
+    """The reserved blocks the KV is received into (after those of a cached prefix)."""
     tag: int
     posted: bool = False
     """Its receive is posted (the prefill worker announced the send)."""
@@ -188,10 +191,11 @@ class DecodeWorker:
         blocks = engine.reserve_remote(task.request_id, task.token_ids, task.sampling)
         if blocks is None:
             return None
-        self._arriving[task.request_id] = _Arrival(task, blocks, tag)
+        cached = engine.cached_tokens(task.request_id) // engine.config.block_size
+        self._arriving[task.request_id] = _Arrival(task, blocks[cached:], tag)
         load = engine.load()
         return Reservation(task.request_id, tag, len(blocks), load.kv_blocks_total - load.kv_blocks_used,
-                           load.running + load.held)
+                           load.running + load.held, cached)
 
     def _announced(self, engine: Engine, announcement: KVAnnouncement) -> None:
         arrival = self._arriving.get(announcement.request_id)
@@ -264,7 +268,8 @@ class DecodeWorker:
             started = local.started or self.runtime.thread.step_started  # one chunk: it started in this step
             queue_s, prefill_s = started - local.enqueued, now - started
         return TokenEvent(output.request_id, len(output.token_ids) - len(output.new_token_ids), output.new_token_ids,
-                          output.text_delta, output.finish_reason, queue_s=queue_s, prefill_s=prefill_s)
+                          output.text_delta, output.finish_reason, queue_s=queue_s, prefill_s=prefill_s,
+                          cached_tokens=output.num_cached_tokens if local is not None else 0)
 
     def _received(self, engine: Engine, result: TransferResult) -> list[TokenEvent]:
         arrival = self._arriving.get(result.transfer_id)

@@ -215,6 +215,10 @@ class EngineConfig:
     compile: bool = False
     """torch.compile each decoder layer's dense parts (norms, projections, MLP); attention stays eager. Costs a
     one-off compile at start (BENCHMARKS.md); keeps greedy output identical."""
+    prefix_caching: bool = True
+    """Keep the KV blocks of finished requests, named by a hash of their whole prefix, and let later requests with
+    the same prefix take them instead of computing (or receiving) them again; least recently used are evicted first
+    (see engine.block_manager). Greedy output is the same either way."""
     gpu_memory_utilization: float = 0.9
     """On CUDA with num_kv_blocks unset, the share of the GPU's memory that weights + KV cache may fill; the KV
     cache takes what the weights leave (kv_cache_gib is then ignored)."""

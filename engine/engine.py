@@ -8,6 +8,10 @@ Disaggregation hooks (used by the prefill and decode workers):
   request keeps its blocks (`held_block_ids`) until `release`.
 - decode side: `reserve_remote` allocates blocks for a prompt whose KV is written from elsewhere into `kv_cache`;
   `commit_remote` with the first token makes it decode like any other request.
+
+Prefix caching (`engine.prefix_caching`, see the scheduler and block manager) applies on both sides: a prefill
+starts at its first uncached token, and a reservation shares the cached blocks of its prompt's prefix, so only the
+blocks after them need to be sent.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.acceleration import compile_layers, kv_blocks_from_free_memory, uses_paged_attention
-from pdserve.engine.block_manager import BlockManager, blocks_for
+from pdserve.engine.block_manager import BlockManager, CacheEvents, blocks_for
 from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.cuda_graphs import DecodeGraphs
@@ -34,7 +38,7 @@ from pdserve.engine.quantization import Quantization, quantize_model
 from pdserve.engine.request import FinishReason, Prompt, Request, RequestOutput, RequestStatus
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sim_runner import SimRunner
 from pdserve.engine.tokenizer import Tokenizer, load_tokenizer, tokenize_prompt
 from pdserve.engine.weights import load_model, read_model_config
@@ -89,14 +93,20 @@ class Engine:
             self._build_sim(realtime)
         else:
             self._build_torch(source)
-        self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size)
+        self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.eos_token_ids = self._eos_ids()
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self._order = itertools.count()
+        self.last_schedule: SchedulerOutput | None = None
+        """The latest step's schedule (which chunks ran), for the worker's metrics."""
         self.preemptions_total = 0
         """Requests preempted (blocks freed, recomputed later) since the engine started."""
+        self.prompt_tokens_total = 0
+        """Prompt tokens of requests that got their first token here (computed, received or cached)."""
+        self.cached_tokens_total = 0
+        """Of those, tokens whose KV came from the prefix cache."""
         log.info("engine ready: %s (%s), %d layers, %d KV blocks of %d tokens, max_model_len %d", config.model,
                  config.backend, self.model_config.num_layers, self.kv_cache.num_blocks, config.block_size,
                  self.max_model_len)
@@ -161,6 +171,15 @@ class Engine:
         request = self._requests.get(request_id)
         return None if request is None else request.num_computed_tokens
 
+    def cached_tokens(self, request_id: str) -> int:
+        """Prompt tokens of a request whose KV came from the prefix cache (0 if the engine does not know it)."""
+        request = self._requests.get(request_id)
+        return 0 if request is None else request.num_cached_tokens
+
+    def take_cache_events(self) -> CacheEvents:
+        """Block hashes cached and evicted since the last call (for KV-aware routing)."""
+        return self.blocks.take_events()
+
     def load(self) -> EngineLoad:
         """How busy the engine is, for routing and the registry."""
         s = self.scheduler
@@ -182,6 +201,7 @@ class Engine:
     # ---- the step --------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.last_schedule = out
         self.preemptions_total += len(out.preempted)
         if not out.chunks:
             return []
@@ -236,7 +256,8 @@ class Engine:
 
     def reserve_remote(self, request_id: str, prompt_token_ids: Sequence[int],
                        sampling: SamplingParams) -> tuple[int, ...] | None:
-        """Allocate blocks for a prompt prefilled elsewhere; None when too few blocks are free right now."""
+        """Allocate blocks for a prompt prefilled elsewhere; None when too few blocks are free right now. The first
+        `cached_tokens(request_id) // block_size` blocks hold a cached prefix already: only the rest need KV."""
         request = self._new_request(request_id, list(prompt_token_ids), sampling, prefill_only=False)
         if not self.scheduler.reserve(request):
             self._forget(request)
@@ -277,6 +298,9 @@ class Engine:
     def _append_token(self, request: Request, token_id: int) -> RequestOutput:
         detok = self._detokenizers[request.request_id]
         delta, finish = detok.add(token_id)
+        if not request.output_token_ids:
+            self.prompt_tokens_total += len(request.prompt_token_ids)
+            self.cached_tokens_total += request.num_cached_tokens
         request.output_token_ids.append(token_id)  # stop tokens too, as transformers and vLLM report them
         if finish is None and (len(request.output_token_ids) >= request.sampling.max_tokens
                                or request.num_tokens >= self.max_model_len):
@@ -306,6 +330,7 @@ class Engine:
             text_delta=delta,
             finish_reason=None if finish is None else finish.reason,
             stop_reason=None if finish is None else finish.stop_reason,
+            num_cached_tokens=request.num_cached_tokens,
         )
 
     def _forget(self, request: Request) -> None:

@@ -24,6 +24,11 @@ class KVCache:
         self.tensor = torch.zeros(2, model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
                                   dtype=dtype, device=device)
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block (all layers, K and V): what a transfer of it moves."""
+        return self.tensor[:, :, 0].numel() * self.tensor.element_size()
+
     @staticmethod
     def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()

@@ -112,6 +112,12 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache instead of being computed (or received)."""
+    block_hashes: list[int] = field(default_factory=list)
+    """Hashes of the request's full blocks as far as they were needed (`engine.prefix_hash`)."""
+    num_registered_blocks: int = 0
+    """Leading blocks registered in the prefix cache (or taken from it)."""
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -153,6 +159,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended the request, if any."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache."""
 
     @property
     def finished(self) -> bool:

@@ -11,9 +11,14 @@ A request gets the blocks for its new tokens before it is scheduled. When none a
 is preempted: its blocks are freed and it goes to the front of the waiting queue, to be recomputed from its prompt
 plus the tokens it already produced. Nothing is dropped.
 
+Prefix caching: a request admitted from the queue (or reserved) first takes the cached blocks of its longest cached
+prefix (`BlockManager.cached_prefix`) and starts computing at the first uncached token; each block it fills is
+registered under its hash as soon as its KV is computed (or received), so later requests can share it. At least the
+prompt's last token is always computed (`prefix_hash.shareable_blocks`).
+
 Disaggregation hooks: `hold` parks a request (prefill done) with its blocks, outside the running set, until
-`finish` frees them; `reserve` allocates blocks for a request whose KV will be written from elsewhere, and
-`commit` starts decoding it.
+`finish` frees them; `reserve` allocates blocks for a request whose KV will be written from elsewhere (sharing the
+blocks of a cached prefix, whose KV need not be sent), and `commit` starts decoding it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from pdserve.engine.block_manager import BlockManager, blocks_for
+from pdserve.engine.prefix_hash import ROOT, block_hashes, shareable_blocks
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -89,16 +95,20 @@ class Scheduler:
         """Allocate blocks for a request's prompt, whose KV will be written from elsewhere.
 
         False when too few blocks are free or max_num_seqs requests are already running or reserved."""
-        needed = blocks_for(request.num_tokens, self.blocks.block_size)
-        if len(self.running) + len(self.held) >= self.max_num_seqs or not self.blocks.can_allocate(needed):
+        cached = self._cached_prefix(request)
+        needed = blocks_for(request.num_tokens, self.blocks.block_size) - len(cached)
+        if len(self.running) + len(self.held) >= self.max_num_seqs or not self.blocks.can_allocate(
+                needed + self.blocks.evictable_among(cached)):
             return False
-        request.block_ids = self.blocks.allocate(needed)
+        self._take_cached(request, cached)
+        request.block_ids += self.blocks.allocate(needed)
         request.status = RequestStatus.HELD
         self.held[request.request_id] = request
         return True
 
     def commit(self, request: Request) -> None:
         """A held request whose KV covers all but its last token starts decoding."""
+        self._register_computed(request)
         self.held.pop(request.request_id)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
@@ -128,16 +138,20 @@ class Scheduler:
     def advance(self, chunk: ScheduledChunk, request: Request) -> None:
         """The runner computed the chunk's tokens."""
         request.num_computed_tokens = chunk.context_len
+        self._register_computed(request)
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _admit(self, step: _Step) -> None:
         while self.waiting and step.left > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            count = min(request.num_uncomputed, step.left)
-            extra = self.blocks.blocks_to_grow(len(request.block_ids), request.num_computed_tokens + count)
-            if not self.blocks.can_allocate(extra):
+            cached = self._cached_prefix(request)
+            start = max(request.num_computed_tokens, len(cached) * self.blocks.block_size)
+            count = min(request.num_tokens - start, step.left)
+            extra = self.blocks.blocks_to_grow(max(len(request.block_ids), len(cached)), start + count)
+            if not self.blocks.can_allocate(extra + self.blocks.evictable_among(cached)):
                 break
             self.waiting.popleft()
+            self._take_cached(request, cached)
             request.block_ids += self.blocks.allocate(extra)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -167,8 +181,49 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _free_blocks(self, request: Request) -> None:
-        self.blocks.free(request.block_ids)
+        self.blocks.free(reversed(request.block_ids))  # a prefix's tail is evicted before its head
         request.block_ids = []
+        request.num_registered_blocks = 0
+
+    # ---- prefix caching --------------------------------------------------------------------------------------
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """Cached blocks a request without blocks could start from (no reference taken yet)."""
+        if request.block_ids or not self.blocks.caching:
+            return []
+        shareable = shareable_blocks(request.num_tokens, self.blocks.block_size)
+        return self.blocks.cached_prefix(self._hashes(request, shareable)[:shareable])
+
+    def _take_cached(self, request: Request, cached: list[int]) -> None:
+        if not cached:
+            return
+        self.blocks.share(cached)
+        request.block_ids = list(cached)
+        request.num_registered_blocks = len(cached)
+        request.num_computed_tokens = len(cached) * self.blocks.block_size
+        if not request.output_token_ids:  # the prompt's own hit (a preempted request re-taking its blocks is not)
+            request.num_cached_tokens = request.num_computed_tokens
+
+    def _register_computed(self, request: Request) -> None:
+        """Name every block whose KV is now complete, so later requests can share it."""
+        if not self.blocks.caching:
+            return
+        full = min(request.num_computed_tokens // self.blocks.block_size, len(request.block_ids))
+        if full <= request.num_registered_blocks:
+            return
+        hashes = self._hashes(request, full)
+        for i in range(request.num_registered_blocks, full):
+            self.blocks.register(request.block_ids[i], hashes[i])
+        request.num_registered_blocks = full
+
+    def _hashes(self, request: Request, count: int) -> list[int]:
+        """The hashes of a request's first `count` full blocks (computed once, extended as it grows)."""
+        known = request.block_hashes
+        if len(known) < count:
+            parent = known[-1] if known else ROOT
+            tokens = request.token_slice(len(known) * self.blocks.block_size,
+                                         (count - len(known)) * self.blocks.block_size)
+            known += block_hashes(tokens, self.blocks.block_size, parent=parent)
+        return known
 
     @staticmethod
     def _chunk(request: Request, count: int) -> ScheduledChunk:

@@ -3,8 +3,10 @@
 Life of a request here:
 
     prefill(task) -> the engine's queue (prefill-only; batched with other prompts, chunked when long)
+      (a cached prefix of the prompt is taken from this worker's prefix cache, not computed)
       -> first token sampled, blocks held -> start_send(blocks -> the decode worker's reserved blocks, under the
-         tag that worker chose) -> announced to the decode worker, which posts the receive
+         tag that worker chose; the leading blocks that worker holds already are not sent)
+      -> announced to the decode worker, which posts the receive
       -> the first token goes back to the router at once, while the KV is on the wire
       -> the send's outcome (done, failed, cancelled, timed out) -> blocks released.
 
@@ -151,7 +153,8 @@ class PrefillWorker:
         handed_off = output.finish_reason is FinishReason.PREFILLED
         if handed_off:
             try:
-                self._send(output, p.task, engine.held_block_ids(output.request_id))
+                self._send(output, p.task, engine.held_block_ids(output.request_id)[p.task.skip_blocks:])
+                self.runtime.metrics.kv_bytes_not_sent += p.task.skip_blocks * engine.kv_cache.block_bytes
             except TransferError as e:  # no working pair with that decode worker (it broke): the router retries
                 log.warning("KV of %s cannot go to %s: %s", output.request_id, p.task.decode_worker, e)
                 engine.release(output.request_id)
@@ -159,7 +162,8 @@ class PrefillWorker:
                 return
         p.result.set_result(PrefillResult(
             output.request_id, output.new_token_ids[0], output.text_delta,
-            None if handed_off else output.finish_reason, started - p.enqueued, now - started))
+            None if handed_off else output.finish_reason, started - p.enqueued, now - started,
+            output.num_cached_tokens))
 
     def _abort(self, engine: Engine, request_id: str) -> None:
         p = self._prefilling.pop(request_id, None)
@@ -168,6 +172,7 @@ class PrefillWorker:
             p.result.set_result(PrefillResult(request_id, None, "", FinishReason.ABORT, 0.0, 0.0))
 
     def _send(self, output: RequestOutput, task: PrefillTask, blocks: tuple[int, ...]) -> None:
+        """Send the blocks after those the decode worker holds already (`task.skip_blocks`)."""
         self.runtime.connector.start_send(Transfer(output.request_id, task.decode_worker, blocks, task.tag,
                                                    self.runtime.spec.kv_transfer.timeout_s))
         self._sending.add(output.request_id)

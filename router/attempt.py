@@ -151,8 +151,9 @@ class Attempt:
             raise _failure(self.decode, e) from e
         self._dispatched(decode)
         result = await self._prefill(PrefillTask(self.key, request.token_ids, request.sampling,
-                                                 decode.info.worker_id, reservation.tag))
+                                                 decode.info.worker_id, reservation.tag, reservation.cached_blocks))
         self.clock.worker_queue_s, self.clock.prefill_s = result.queue_s, result.prefill_s
+        self.clock.cached_tokens = result.cached_tokens
         if result.first_token_id is None:
             return AttemptEnd(EndKind.WORKER_LOST, f"prefill worker {prefill.info.worker_id} dropped the request")
         return Output(self.owner.position, (result.first_token_id,), result.text_delta, result.finish_reason)
@@ -215,6 +216,7 @@ class Attempt:
             clock.kv_transfer_s = time.monotonic() - clock.first_token  # prefill done -> decoding, seen here
         if event.queue_s is not None:
             clock.worker_queue_s, clock.prefill_s = event.queue_s, event.prefill_s or 0.0
+            clock.cached_tokens = event.cached_tokens
 
 
 async def _call(member: Member, ref):

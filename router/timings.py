@@ -15,6 +15,8 @@ class Timings:
     ttft_s: float
     tpot_s: float
     e2e_s: float
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefill worker's prefix cache (not computed)."""
 
     def as_fields(self) -> dict[str, float]:
         return {k: round(v, 6) for k, v in asdict(self).items()}
@@ -28,6 +30,7 @@ class RequestClock:
     worker_queue_s: float = 0.0
     prefill_s: float = 0.0
     kv_transfer_s: float = 0.0
+    cached_tokens: int = 0
     first_token: float | None = None
     last_token: float | None = None
     tokens: int = 0
@@ -52,4 +55,4 @@ class RequestClock:
         tpot = (self.last_token - first) / (self.tokens - 1) if self.tokens > 1 and self.last_token else 0.0
         return Timings(queue_s=dispatched - self.accepted + self.worker_queue_s, prefill_s=self.prefill_s,
                        kv_transfer_s=self.kv_transfer_s, ttft_s=first - self.accepted, tpot_s=tpot,
-                       e2e_s=end - self.accepted)
+                       e2e_s=end - self.accepted, cached_tokens=self.cached_tokens)

@@ -45,6 +45,8 @@ class Reservation:
     num_blocks: int
     kv_blocks_free: int
     running: int
+    cached_blocks: int = 0
+    """Leading blocks of the prompt this worker holds already (its prefix cache): their KV is not sent."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class PrefillTask:
     decode_worker: str
     """Where the KV goes; that worker has reserved blocks for it under `tag`."""
     tag: int
+    skip_blocks: int = 0
+    """Leading blocks the decode worker holds already (`Reservation.cached_blocks`): computed here if missing, but
+    not sent."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ class PrefillResult:
     """Queued at the prefill worker until its first chunk ran."""
     prefill_s: float
     """First chunk -> first token."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV this worker took from its prefix cache instead of computing it."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,8 @@ class TokenEvent:
     """Colocated, on the first token: queued at the worker until its first chunk ran."""
     prefill_s: float | None = None
     """Colocated, on the first token: first chunk -> first token."""
+    cached_tokens: int = 0
+    """Colocated, on the first token: prompt tokens whose KV came from the prefix cache."""
 
     @property
     def end(self) -> int:

@@ -24,6 +24,12 @@ the next scrape is whole again.
     pdserve_worker_kv_transfer_seconds                    histogram  a handoff that moved KV, start to done (sends on
                                                                     a prefill worker, receives on a decode worker)
     pdserve_worker_kv_transfer_bytes_total                counter    bytes those handoffs moved
+    pdserve_worker_kv_bytes_not_sent_total                counter    KV bytes a prefill worker did not send because
+                                                                    the decode worker held them (prefix cache)
+    pdserve_worker_prefix_cache_queried_tokens_total      counter    prompt tokens of requests started here
+    pdserve_worker_prefix_cache_hit_tokens_total          counter    of those, tokens whose KV came from the prefix
+                                                                    cache (hit rate: hit / queried)
+    pdserve_worker_prefix_cache_evictions_total           counter    cached blocks evicted for other KV
     pdserve_worker_mfu / pdserve_worker_mbu               gauge      model FLOPs / bandwidth utilization per GPU
 
 Step shape: when the engine keeps the step's `SchedulerOutput` as `engine.last_schedule`, requests and tokens are
@@ -106,6 +112,11 @@ class WorkerMetrics:
         self.transfers = dict.fromkeys(TransferStatus, 0)
         self.transfer_seconds = Buckets(LATENCY_BUCKETS)
         self.transfer_bytes = 0
+        self.kv_bytes_not_sent = 0
+        """KV bytes not sent because the decode worker held them (bumped by the prefill worker)."""
+        self.cache_queried_tokens = 0
+        self.cache_hit_tokens = 0
+        self.cache_evictions = 0
         self.mfu: float | None = None
         """None: unknown (a torch engine, or no step yet)."""
         self.mbu: float | None = None
@@ -125,6 +136,9 @@ class WorkerMetrics:
         """After a step that ran: `seconds` is how long `engine.step()` took."""
         if not self._bound:
             self._bind(engine)
+        self.cache_queried_tokens = engine.prompt_tokens_total
+        self.cache_hit_tokens = engine.cached_tokens_total
+        self.cache_evictions = engine.blocks.evictions
         if engine.preemptions_total != self._preemptions_seen:
             self.preemptions += engine.preemptions_total - self._preemptions_seen
             self._preemptions_seen = engine.preemptions_total
@@ -169,6 +183,14 @@ class WorkerMetrics:
         yield _histogram("pdserve_worker_kv_transfer_seconds", "A KV handoff that moved KV, start to done.", labels,
                          self.transfer_seconds)
         yield _counter("pdserve_worker_kv_transfer_bytes", "Bytes of KV handoffs.", labels, self.transfer_bytes)
+        yield _counter("pdserve_worker_kv_bytes_not_sent", "KV bytes not sent: the decode worker held them.", labels,
+                       self.kv_bytes_not_sent)
+        yield _counter("pdserve_worker_prefix_cache_queried_tokens", "Prompt tokens of requests started here.",
+                       labels, self.cache_queried_tokens)
+        yield _counter("pdserve_worker_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache.",
+                       labels, self.cache_hit_tokens)
+        yield _counter("pdserve_worker_prefix_cache_evictions", "Cached KV blocks evicted for other KV.", labels,
+                       self.cache_evictions)
         yield _gauge("pdserve_worker_mfu", "Model FLOPs utilization per GPU over recent steps (sim engines only).",
                      labels, self.mfu)
         yield _gauge("pdserve_worker_mbu", "Model bandwidth utilization per GPU over recent steps (sim engines only).",

@@ -63,7 +63,7 @@ def test_engine_config_round_trips():
               "sim": {"hardware": "h200", "tensor_parallel": 2, "gpu_memory_fraction": 0.8, "time_scale": 10.0,
                       "kv_link": "nvlink"},
               "quantization": "int4", "attention": "triton", "cuda_graphs": False, "compile": True,
-              "gpu_memory_utilization": 0.5}
+              "gpu_memory_utilization": 0.5, "prefix_caching": False}
     config = EngineConfig.from_dict(values)
     assert dataclasses.asdict(config) == values
     assert EngineConfig.from_dict(dataclasses.asdict(config)) == config

@@ -8,8 +8,10 @@ from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 BS = 4  # tokens per block
 
 
-def make(num_blocks: int = 12, budget: int = 64, max_seqs: int = 8) -> tuple[BlockManager, Scheduler]:
-    blocks = BlockManager(num_blocks, BS)
+def make(num_blocks: int = 12, budget: int = 64, max_seqs: int = 8,
+         caching: bool = False) -> tuple[BlockManager, Scheduler]:
+    """Prefix caching off by default: these tests follow blocks without it (test_prefix_caching has it on)."""
+    blocks = BlockManager(num_blocks, BS, caching)
     return blocks, Scheduler(blocks, max_num_batched_tokens=budget, max_num_seqs=max_seqs)
 
 

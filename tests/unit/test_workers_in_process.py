@@ -55,7 +55,8 @@ async def handed_off(prefill: PrefillWorker, decode: DecodeWorker, key: str, sam
     decode_id, prefill_id = decode.runtime.spec.worker_id, prefill.runtime.spec.worker_id
     reservation = await decode.reserve(DecodeTask(key, PROMPT, sampling, owner, prefill_id))
     assert reservation is not None
-    return await prefill.prefill(PrefillTask(key, PROMPT, sampling, decode_id, reservation.tag))
+    return await prefill.prefill(PrefillTask(key, PROMPT, sampling, decode_id, reservation.tag,
+                                             reservation.cached_blocks))
 
 
 async def events_until_finished(decode: DecodeWorker, request_id: str, router_id: str = ROUTER):
