@@ -23,6 +23,7 @@ import yaml
 
 from pdserve.engine.config import ConfigError, EngineConfig
 
+ROUTINGS = ("load", "kv_aware")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deploy", "configs", "local.yaml")
 
 
@@ -158,8 +159,22 @@ class Router:
     tls_cert_file: str | None = None
     """PEM certificate chain for the public port; with tls_key_file, the router speaks TLS only."""
     tls_key_file: str | None = None
+    routing: str = "kv_aware"
+    """How a request's workers are chosen. "load": the decode worker with the most free KV blocks, then the paired
+    prefill worker with the fewest queued prompt tokens. "kv_aware" (with engine.prefix_caching): the same, weighed
+    against the leading blocks of the prompt each worker holds in its prefix cache, as the workers' cache events
+    tell (router/policy.py has the cost). A prompt no worker holds any of is routed as with "load"."""
+    cache_weight: float = 1.0
+    """KV-aware routing's weight of cache misses against load. Prefill cost: queued prompt tokens + cache_weight x
+    the prompt tokens that worker would compute. Decode cost: the share of its KV blocks in use + cache_weight x the
+    share of the prompt's blocks it would receive. 0 routes by load alone; larger follows the cache further into
+    load."""
 
     def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"router.routing: {self.routing!r} is not one of {list(ROUTINGS)}")
+        if not (self.cache_weight >= 0 and math.isfinite(self.cache_weight)):
+            raise ConfigError(f"router.cache_weight: must be a finite number >= 0, got {self.cache_weight!r}")
         for name in ("port", "http_port", "metrics_port"):
             value = getattr(self, name)
             if value is not None and not 0 < value < 65536:

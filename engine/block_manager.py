@@ -8,7 +8,8 @@ Prefix caching: a full block whose KV is computed can be `register`ed under its 
 are reference counted; a registered block whose last user frees it stays cached (evictable) instead of free, and a
 later request with the same prefix takes it back with `share` (`cached_prefix` finds them). When no plain free block
 is left, `allocate` evicts cached blocks, least recently freed first, and forgets their hashes, so an evicted block
-is never found (nor read) again. Every registration and eviction is recorded for KV-aware routing (`take_events`).
+is never found (nor read) again. With `record_events` on, every registration and eviction is kept for KV-aware
+routing (`take_events`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class BlockManager:
         """Cached blocks nobody holds, least recently freed first."""
         self._block_of: dict[int, int] = {}
         self._hash_of: dict[int, int] = {}
+        self.record_events = False
+        """Keep what was cached and evicted for `take_events` (a worker that publishes them turns this on)."""
         self._stored: list[int] = []
         self._evicted: list[int] = []
         self.evictions = 0
@@ -137,7 +140,12 @@ class BlockManager:
             raise BlockError(f"block {block_id} registered but not in use")
         self._block_of[block_hash] = block_id
         self._hash_of[block_id] = block_hash
-        self._stored.append(block_hash)
+        if self.record_events:
+            self._stored.append(block_hash)
+
+    def cached_hashes(self) -> list[int]:
+        """Every hash cached now, held or not."""
+        return list(self._block_of)
 
     def take_events(self) -> CacheEvents:
         events = CacheEvents(tuple(self._stored), tuple(self._evicted))
@@ -149,6 +157,7 @@ class BlockManager:
         block_id, _ = self._evictable.popitem(last=False)
         block_hash = self._hash_of.pop(block_id)
         del self._block_of[block_hash]
-        self._evicted.append(block_hash)
+        if self.record_events:
+            self._evicted.append(block_hash)
         self.evictions += 1
         return block_id

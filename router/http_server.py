@@ -112,18 +112,18 @@ class OpenAIServer:
                                  param="model", code="model_not_found")
         request_id = request.headers.get(REQUEST_ID_HEADER) or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         valid = await self._build(body, chat, request_id)
-        prompt_tokens = sum(len(v.token_ids) for v in valid[::body.n])  # each prompt once, as OpenAI counts
+        usage = oa.UsageCount(sum(len(v.token_ids) for v in valid[::body.n]), body.n)  # each prompt once
         stream = merged(self.orchestrator, valid)
         try:
             # an error before the first token is an HTTP status, not a stream event
             first = await _unless_disconnected(request, anext(stream))
             if body.stream:
-                chunks = _chunks(first, stream, request_id, self.model_name, chat, len(valid), prompt_tokens,
+                chunks = _chunks(first, stream, request_id, self.model_name, chat, len(valid), usage,
                                  body.include_usage, body.return_token_ids)
                 return StreamingResponse(_sse(chunks), media_type="text/event-stream",
                                          headers={REQUEST_ID_HEADER: request_id})
             whole = await _unless_disconnected(request, _whole(first, stream, request_id, self.model_name, chat,
-                                                               len(valid), prompt_tokens, body.return_token_ids))
+                                                               len(valid), usage, body.return_token_ids))
         except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError, TakenOver) as e:
             await stream.aclose()
             self._count_refusal(e)
@@ -167,19 +167,18 @@ class OpenAIServer:
 
 
 async def _whole(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
-                 choices: int, prompt_tokens: int, with_token_ids: bool) -> dict:
+                 choices: int, usage: oa.UsageCount, with_token_ids: bool) -> dict:
     texts: list[list[str]] = [[] for _ in range(choices)]
     token_ids: list[list[int]] = [[] for _ in range(choices)]
     finish: list[str | None] = [None] * choices
-    completion_tokens = 0
     for item in [first] + [item async for item in rest]:
         texts[item.index].append(item.piece.text)
         token_ids[item.index].extend(item.piece.token_ids)
         if item.piece.finish_reason is not None:
             finish[item.index] = item.piece.finish_reason.value
-            completion_tokens += item.piece.completion_tokens
+            _count(usage, item)
     build = oa.chat_body if chat else oa.completion_body
-    body = build(request_id, model, ["".join(t) for t in texts], finish, oa.usage(prompt_tokens, completion_tokens))
+    body = build(request_id, model, ["".join(t) for t in texts], finish, usage.body())
     if with_token_ids:
         for choice, ids in zip(body["choices"], token_ids):
             choice["token_ids"] = ids
@@ -187,12 +186,12 @@ async def _whole(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_i
 
 
 async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
-                  choices: int, prompt_tokens: int, include_usage: bool, with_token_ids: bool) -> AsyncIterator[dict]:
+                  choices: int, usage: oa.UsageCount, include_usage: bool,
+                  with_token_ids: bool) -> AsyncIterator[dict]:
     """The stream's chunks in OpenAI's order: (chat: a role delta per choice,) text deltas as they come, each
     choice's finish reason, then the usage chunk if asked for. With `with_token_ids` a piece's token ids ride on
     its chunk (a piece with tokens and no text yet, e.g. half a character, still sends a chunk)."""
     created = int(time.time())
-    completion_tokens = 0
     if chat:
         for index in range(choices):
             yield oa.chat_chunk(request_id, model, created, index, {"role": "assistant", "content": ""}, None)
@@ -211,12 +210,18 @@ async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_
                 chunk = oa.completion_chunk(request_id, model, created, item.index, piece.text, reason)
                 yield _with_ids(chunk, piece.token_ids) if with_token_ids else chunk
             if finish is not None:
-                completion_tokens += piece.completion_tokens
+                _count(usage, item)
     except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError, TakenOver) as e:
         yield _as_openai_error(e).body()
         return
     if include_usage:
-        yield oa.usage_chunk(request_id, model, created, chat, oa.usage(prompt_tokens, completion_tokens))
+        yield oa.usage_chunk(request_id, model, created, chat, usage.body())
+
+
+def _count(usage: oa.UsageCount, item: ChoicePiece) -> None:
+    """A choice's last piece: its tokens (and its prompt's cached ones) join the usage."""
+    timings = item.piece.timings
+    usage.finished(item.index, item.piece.completion_tokens, timings.cached_tokens if timings is not None else 0)
 
 
 class _BearerToken:

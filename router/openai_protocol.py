@@ -11,6 +11,7 @@ not change the output (`user`, `metadata`, `store`, ...) are accepted and ignore
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -183,20 +184,37 @@ def _check_choices(count: int) -> None:
                           "for", param="n")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+@dataclass
+class UsageCount:
+    """A response's token counts as OpenAI reports them: each prompt once (n choices share it), every choice's
+    completion, and the prompt tokens served from a prefix cache (`prompt_tokens_details.cached_tokens`)."""
+
+    prompt_tokens: int
+    choices_per_prompt: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def finished(self, index: int, completion_tokens: int, cached_tokens: int) -> None:
+        """Choice `index` ended with these counts."""
+        self.completion_tokens += completion_tokens
+        if index % self.choices_per_prompt == 0:
+            self.cached_tokens += cached_tokens
+
+    def body(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 def completion_body(request_id: str, model: str, texts: list[str], finish: list[str | None],
-                    usage_: dict[str, int]) -> dict[str, Any]:
+                    usage_: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish[i]}
                         for i, text in enumerate(texts)], "usage": usage_}
 
 
 def chat_body(request_id: str, model: str, texts: list[str], finish: list[str | None],
-              usage_: dict[str, int]) -> dict[str, Any]:
+              usage_: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                          "finish_reason": finish[i]} for i, text in enumerate(texts)], "usage": usage_}
@@ -214,6 +232,6 @@ def chat_chunk(request_id: str, model: str, created: int, index: int, delta: dic
             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
 
-def usage_chunk(request_id: str, model: str, created: int, chat: bool, usage_: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(request_id: str, model: str, created: int, chat: bool, usage_: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": model, "choices": [], "usage": usage_}

@@ -36,6 +36,7 @@ from pdserve.router.migration import MAX_MIGRATIONS, continuation
 from pdserve.router.placement import Placement
 from pdserve.router.records import TimingRecords
 from pdserve.router.request_builder import ValidRequest
+from pdserve.router.kv_index import KVIndex
 from pdserve.router.timings import RequestClock, Timings
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,17 @@ class Piece:
 
 class Orchestrator:
     def __init__(self, registry: Registry | None, namespace: str, colocated: bool, block_size: int,
-                 max_waiting: int = 1024, router_id: str = "router") -> None:
-        """`registry`: where finished requests' timings go (None: nowhere, as in unit tests)."""
+                 max_waiting: int = 1024, router_id: str = "router", kv_index: KVIndex | None = None,
+                 cache_weight: float = 1.0) -> None:
+        """`registry`: where finished requests' timings go (None: nowhere, as in unit tests). `kv_index`: routes
+        by what workers cache too (`router.policy`), with `cache_weight`."""
         self.router_id = router_id
         self.registry = registry
         self.colocated = colocated
         self.admission = Admission(max_waiting)
         self.streams = EventStreams()
         self.membership = Membership(registry, namespace, router_id, self.streams.deliver, self.streams.lost)
-        self.placement = Placement(self.membership, block_size)
+        self.placement = Placement(self.membership, block_size, kv_index, cache_weight)
         self.parts = RouterParts(router_id, self.membership, self.placement, self.streams, colocated)
         self.metrics = RouterMetrics(in_flight=lambda: self.in_flight_count)
         self.records = TimingRecords(registry, self.metrics)

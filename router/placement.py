@@ -4,8 +4,9 @@
     worker = await placement.colocated(request)
     found = await placement.adopt(client_request_id, client_has)   # a resumed request: which worker holds it
 
-Disaggregated: the decode worker with the most free KV blocks among those with a working KV pair to some prefill
-worker reserves the request's blocks (no room on any: wait until a request ends at this router, ROOM_RETRY_S at
+Disaggregated: the decode worker with the most free KV blocks (KV-aware: the cheapest by `router.policy`'s cost, from
+what `index` says each worker caches) among those with a working KV pair to some prefill worker reserves the
+request's blocks (no room on any: wait until a request ends at this router, ROOM_RETRY_S at
 most, and pick again); then the prefill worker paired with it with the fewest queued prompt tokens (counting what
 this router has sent it and not yet seen back). Colocated: the worker with the most free blocks. No ready worker
 at all: wait up to NO_WORKERS_WAIT_S for one to join, then `Unavailable`. Ray errors of the calls made here
@@ -21,10 +22,12 @@ from collections.abc import Callable
 import ray
 
 from pdserve.engine.block_manager import blocks_for
+from pdserve.engine.prefix_hash import block_hashes, shareable_blocks
 from pdserve.registry.entries import Role, WorkerInfo
 from pdserve.router.errors import Unavailable
 from pdserve.router.membership import Member, Membership
-from pdserve.router.policy import pick_decode, pick_prefill
+from pdserve.router.kv_index import KVIndex
+from pdserve.router.policy import Affinity, pick_decode, pick_prefill
 from pdserve.router.request_builder import InvalidRequest, ValidRequest
 from pdserve.worker.messages import Adoption, DecodeTask, Owner, Reservation
 
@@ -36,9 +39,13 @@ ADOPT_TIMEOUT_S = 5.0
 
 
 class Placement:
-    def __init__(self, membership: Membership, block_size: int) -> None:
+    def __init__(self, membership: Membership, block_size: int, index: KVIndex | None = None,
+                 cache_weight: float = 1.0) -> None:
+        """`index`: KV-aware routing from the workers' cache events (None: by load alone)."""
         self.membership = membership
         self.block_size = block_size
+        self.index = index
+        self.cache_weight = cache_weight
         self.prefill_tokens: dict[str, int] = defaultdict(int)
         """Prompt tokens this router has sent each prefill worker and not yet seen back."""
         self._room = asyncio.Event()
@@ -49,11 +56,13 @@ class Placement:
         """A decode worker with room that reserved the request (under `key`, for `owner`), and a prefill worker
         paired with it; waits while every decode worker is full. `on_choice(decode, prefill)` runs before each
         reservation is asked for (so an abort reaches a worker that may know the request)."""
+        affinity = self._affinity(request)
         while True:
             decode = await self._choose(lambda: self._fitting(request, pick_decode(
-                [m.info for m in self.membership.ready(Role.DECODE) if self.membership.prefill_for(m.info.worker_id)])))
+                [m.info for m in self.membership.ready(Role.DECODE) if self.membership.prefill_for(m.info.worker_id)],
+                affinity)))
             prefill_info = pick_prefill([m.info for m in self.membership.prefill_for(decode.info.worker_id)],
-                                        self.prefill_tokens)
+                                        self.prefill_tokens, affinity)
             prefill = self.membership.members.get(prefill_info.worker_id) if prefill_info else None
             if prefill is None:
                 continue
@@ -68,8 +77,9 @@ class Placement:
             await self._wait_for_room()
 
     async def colocated(self, request: ValidRequest) -> Member:
+        affinity = self._affinity(request)
         return await self._choose(lambda: self._fitting(request, pick_decode(
-            [m.info for m in self.membership.ready(Role.BOTH)])))
+            [m.info for m in self.membership.ready(Role.BOTH)], affinity)))
 
     async def adopt(self, client_request_id: str, client_has: int) -> tuple[Member, Adoption] | None:
         """Ask every decode (or colocated) worker to hand this router the request; the one that holds it answers
@@ -84,6 +94,16 @@ class Placement:
             if isinstance(answer, BaseException) and not isinstance(answer, (ray.exceptions.RayError, TimeoutError)):
                 raise answer
         return None
+
+    def _affinity(self, request: ValidRequest) -> Affinity | None:
+        """What the index says each worker holds of this prompt (None without an index)."""
+        if self.index is None:
+            return None
+        tokens = request.token_ids
+        shareable = shareable_blocks(len(tokens), self.block_size)
+        hashes = block_hashes(tokens[:shareable * self.block_size], self.block_size)
+        cached = self.index.cached_blocks(hashes, self.membership.members)
+        return Affinity(len(tokens), shareable, self.block_size, cached, self.cache_weight)
 
     def room_freed(self) -> None:
         self._room.set()

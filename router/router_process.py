@@ -29,8 +29,10 @@ import redis
 from pdserve.access import load_access
 from pdserve.config import ClusterConfig, Mode, config_from_json
 from pdserve.registry.entries import ClusterSettings, RouterInfo
+from pdserve.registry.kv_events import KVEventLog
 from pdserve.registry.registry import CLUSTER, HEARTBEAT_S, Registry
 from pdserve.router.control_client import ControlClient
+from pdserve.router.kv_index import KVIndex, KVIndexFollower
 from pdserve.router.http_server import OpenAIServer, RunningHttp, start_http
 from pdserve.router.main import Listen
 from pdserve.router.metrics import start_router_metrics
@@ -78,10 +80,13 @@ class RouterProcess:
         if not ray.is_initialized():
             ray.init(address=settings.ray_address, namespace=settings.namespace, logging_level=logging.WARNING)
         builder = RequestBuilder(config.engine)
+        follower = self._kv_index_follower(config)
         orchestrator = Orchestrator(self.registry, settings.namespace, config.mode is Mode.COLOCATED,
-                                    config.engine.block_size, config.router.max_waiting, self.router_id)
+                                    config.engine.block_size, config.router.max_waiting, self.router_id,
+                                    follower.index if follower else None, config.router.cache_weight)
         host = self.listen.host or config.router.host
         membership = asyncio.create_task(orchestrator.membership.run(), name="membership")
+        following = asyncio.create_task(follower.run(), name="kv-index") if follower else None
         http = await self._http(config, host, builder, orchestrator, access)
         server, port = build_server(builder, orchestrator, host, _port(self.listen.port, config.router.port),
                                     config.mode.value, access, ControlClient(self.registry, access.token),
@@ -104,8 +109,16 @@ class RouterProcess:
                 await http.stop()
             metrics.stop()
             membership.cancel()
+            if following is not None:
+                following.cancel()
             await orchestrator.membership.close()
             await asyncio.to_thread(self._leave)
+
+    def _kv_index_follower(self, config: ClusterConfig) -> KVIndexFollower | None:
+        """KV-aware routing's index, rebuilt from the cache events in Redis and followed (with prefix caching on and router.routing kv_aware); None otherwise."""
+        if config.router.routing != "kv_aware" or not config.engine.prefix_caching:
+            return None
+        return KVIndexFollower(KVIndex(), KVEventLog(self.registry.redis, self.registry.prefix))
 
     async def _http(self, config: ClusterConfig, host: str, builder: RequestBuilder, orchestrator: Orchestrator,
                     access) -> RunningHttp | None:

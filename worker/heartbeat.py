@@ -1,4 +1,5 @@
-"""A worker's heartbeat: its `WorkerInfo` written to the registry every second, on its own thread.
+"""A worker's heartbeat: its `WorkerInfo` written to the registry every second, on its own thread, and after it
+the worker's prefix-cache events (`worker.cache_events`).
 
 Redis being away is logged and retried, never fatal: serving goes on and the registry refills once it is back.
 """
@@ -13,14 +14,18 @@ import redis
 
 from pdserve.registry.entries import WorkerInfo
 from pdserve.registry.registry import HEARTBEAT_S, Registry
+from pdserve.worker.cache_events import CacheEventPublisher
 
 log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    def __init__(self, registry: Registry, info: Callable[[], WorkerInfo]) -> None:
+    def __init__(self, registry: Registry, info: Callable[[], WorkerInfo],
+                 cache_events: CacheEventPublisher | None = None) -> None:
+        """`cache_events`: flushed after every beat (a batch of prefix-cache events a second)."""
         self._registry = registry
         self._info = info
+        self._cache_events = cache_events
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._failing = False
@@ -51,3 +56,5 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stopping.wait(HEARTBEAT_S):
             self.beat()
+            if self._cache_events is not None:
+                self._cache_events.flush()

@@ -25,7 +25,9 @@ from pdserve.kv_transfer.rendezvous import Rendezvous
 from pdserve.kv_transfer.send_delay import InjectedPause, SendDelay, combined, simulated_wire
 from pdserve.kv_transfer.torch_dist import TorchDistConnector
 from pdserve.registry.entries import Role, WorkerInfo, WorkerState
+from pdserve.registry.kv_events import KVEventLog
 from pdserve.registry.registry import Registry
+from pdserve.worker.cache_events import CacheEventPublisher
 from pdserve.worker.engine_thread import EngineThread
 from pdserve.worker.heartbeat import Heartbeat
 from pdserve.worker.metrics import WorkerMetrics
@@ -71,18 +73,21 @@ class WorkerRuntime:
                                                          layers_per_message=kv.layers_per_message)
         self.metrics = WorkerMetrics(spec.worker_id, spec.role.value, lambda: self.thread.load)
         self.metrics_server: MetricsServer | None = None
-        self._after_step = after_step
+        self._role_after_step = after_step
+        self.cache_events: CacheEventPublisher | None = None
+        self.heartbeat: Heartbeat | None = None
+        if spec.redis_url is not None:
+            registry = Registry(spec.redis_url, spec.cluster)
+            self.cache_events = CacheEventPublisher(spec.worker_id, KVEventLog(registry.redis, registry.prefix))
+            self.heartbeat = Heartbeat(registry, self.info, self.cache_events)
         self._adopted = thread is not None
-        self.thread = thread or EngineThread(lambda: Engine(spec.engine), after_step, spec.cores,
+        self.thread = thread or EngineThread(lambda: Engine(spec.engine), self._after_step, spec.cores,
                                              name=spec.worker_id, on_step=self.metrics.step)
         self.engine: Engine | None = None
         self.rendezvous = Rendezvous(spec.host or ray.util.get_node_ip_address(), spec.worker_id)
         self.store_address = ""
         """Where KV pairs with this (receiving) worker meet; empty on a sending worker."""
         self.state = WorkerState.STARTING
-        self.heartbeat: Heartbeat | None = None
-        if spec.redis_url is not None:
-            self.heartbeat = Heartbeat(Registry(spec.redis_url, spec.cluster), self.info)
 
     async def start(self) -> WorkerInfo:
         if self._adopted:  # from here on the steps are this role's (its object is whole by now)
@@ -157,6 +162,12 @@ class WorkerRuntime:
         self._unregister()
         await self.call(lambda _: self._close())  # between two steps: nothing polls the connector meanwhile
         return self.thread
+
+    def _after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:
+        """After every engine cycle: the role's own work, then the cache events for the next heartbeat."""
+        self._role_after_step(engine, outputs)
+        if self.cache_events is not None:
+            self.cache_events.add(engine.blocks)
 
     def _unregister(self) -> None:
         self.state = WorkerState.STOPPED

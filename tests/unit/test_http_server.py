@@ -29,6 +29,7 @@ from pdserve.router.http_server import OpenAIServer, start_http
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.openai_protocol import MAX_CHOICES
 from pdserve.router.orchestrator import Piece
+from pdserve.router.timings import Timings
 from pdserve.router.request_builder import InvalidRequest, ValidRequest
 
 MODEL = "fake-model"
@@ -45,6 +46,11 @@ def word(i: int) -> str:
 
 def expected_text(max_tokens: int) -> str:
     return "".join(word(i) for i in range(max_tokens))
+
+
+def fake_timings(request: ValidRequest) -> Timings:
+    """The fake's prefix cache held all but the prompt's last token."""
+    return Timings(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, cached_tokens=len(request.token_ids) - 1)
 
 
 class FakeBuilder:
@@ -135,7 +141,7 @@ class FakeOrchestrator:
             while i < count:
                 last = i == count - 1
                 yield Piece((100 + i,), word(i), FinishReason.LENGTH if last else None,
-                            completion_tokens=i + 1 if last else 0)
+                            timings=fake_timings(request) if last else None, completion_tokens=i + 1 if last else 0)
                 self.first_sent.set()
                 if self.fail_after is not None and (self.fail_ids is None or request.request_id in self.fail_ids):
                     raise self.fail_after
@@ -204,7 +210,8 @@ def test_completion_body_has_openai_shape_and_echoes_the_request_id():
     assert body["object"] == "text_completion" and body["model"] == MODEL
     assert before <= body["created"] <= time.time() + 1
     assert body["choices"] == [{"index": 0, "text": "w0 w1 w2 ", "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 4}}
     [sent] = orchestrator.received
     assert sent.request_id == body["id"] and sent.token_ids == tuple(b"hello")
     assert sent.sampling.max_tokens == 3 and sent.sampling.temperature == 0
@@ -220,7 +227,8 @@ def test_chat_body_has_openai_shape():
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": expected_text(4)},
                                 "logprobs": None, "finish_reason": "length"}]
     prompt_tokens = len(chat_bytes(CHAT))
-    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 4, "total_tokens": prompt_tokens + 4}
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 4, "total_tokens": prompt_tokens + 4,
+                             "prompt_tokens_details": {"cached_tokens": prompt_tokens - 1}}
     assert orchestrator.received[0].token_ids == tuple(chat_bytes(CHAT))
 
 
@@ -289,14 +297,16 @@ def test_two_prompts_times_n_2_are_four_requests_numbered_prompt_major():
     sent = {r.request_id: r.token_ids for r in orchestrator.received}
     assert sent == {"my-id-0": tuple(b"ab"), "my-id-1": tuple(b"ab"), "my-id-2": tuple(b"cde"),
                     "my-id-3": tuple(b"cde")}
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}  # each prompt once
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13,  # each prompt once
+                             "prompt_tokens_details": {"cached_tokens": 1 + 2}}
 
 
 def test_a_list_of_prompts_counts_each_prompt_once_in_usage():
     body = client_for(FakeOrchestrator()).post("/v1/completions", json={"prompt": ["ab", "cde"],
                                                                         "max_tokens": 2}).json()
     assert [c["index"] for c in body["choices"]] == [0, 1]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9,
+                             "prompt_tokens_details": {"cached_tokens": 1 + 2}}
 
 
 def test_token_id_prompts_reach_the_builder_as_token_ids():
