@@ -45,7 +45,8 @@ from pdserve.engine.request import FinishReason
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sim_runner import PLACEHOLDER_TOKEN
 from pdserve.registry.entries import Role, WorkerInfo, WorkerState
-from pdserve.router.policy import pick_decode, pick_prefill
+from pdserve.engine.prefix_hash import block_hashes, shareable_blocks
+from pdserve.router.policy import Affinity, pick_decode, pick_prefill
 
 _ROLES = {PoolRole.PREFILL: Role.PREFILL, PoolRole.DECODE: Role.DECODE}
 
@@ -69,6 +70,10 @@ class SimSetup:
     """A leaving decode worker hands on what it still runs this long into its drain; None: waits for it to finish."""
     horizon_s: float = 600.0
     """After the last arrival, how long unfinished requests may take before they count as lost."""
+    routing: str = "kv_aware"
+    """As router.routing: "load", or "kv_aware" (with engine.prefix_caching), which here reads the engines' own
+    caches (a router's index without the event lag)."""
+    cache_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,7 @@ class Simulation:
         """Send queued requests on, oldest first, while a decode worker has room (as the router's `_reserve`)."""
         while self._queue:
             request = self._queue[0]
-            prefill = self._pick_prefill()
+            prefill = self._pick_prefill(request)
             decode = self._pick_decode(request) if prefill is not None else None  # reserves its blocks
             if decode is None:
                 return
@@ -197,18 +202,29 @@ class Simulation:
         ready = self._ready(PoolRole.DECODE)
         if not ready:
             return None
-        info = pick_decode([_info(w) for w in ready])
+        info = pick_decode([_info(w) for w in ready], self._affinity(request))
         worker = next(w for w in ready if w.worker_id == info.worker_id)
         if worker.engine.reserve_remote(request.request_id, request.prompt, request.sampling) is None:
             return None  # the freest worker is full: wait for blocks, as the live router does
         return worker
 
-    def _pick_prefill(self) -> _Worker | None:
+    def _pick_prefill(self, request: _Request) -> _Worker | None:
         ready = self._ready(PoolRole.PREFILL)
         if not ready:
             return None
-        info = pick_prefill([_info(w) for w in ready], {w.worker_id: w.in_flight_tokens for w in ready})
+        info = pick_prefill([_info(w) for w in ready], {w.worker_id: w.in_flight_tokens for w in ready},
+                            self._affinity(request))
         return next(w for w in ready if w.worker_id == info.worker_id)
+
+    def _affinity(self, request: _Request) -> Affinity | None:
+        """KV-aware routing's view of the prompt: what each engine's prefix cache holds of it."""
+        engine = self.setup.engine
+        if self.setup.routing != "kv_aware" or not engine.prefix_caching:
+            return None
+        shareable = shareable_blocks(len(request.prompt), engine.block_size)
+        hashes = block_hashes(request.prompt[:shareable * engine.block_size], engine.block_size)
+        cached = {w.worker_id: len(w.engine.blocks.cached_prefix(hashes)) for w in self.workers}
+        return Affinity(len(request.prompt), shareable, engine.block_size, cached, self.setup.cache_weight)
 
     def _ready(self, role: PoolRole) -> list[_Worker]:
         return [w for w in self.workers if w.role is role and w.available and not w.draining]
@@ -255,7 +271,9 @@ class Simulation:
             request.decode.engine.abort(request.request_id)
             self._finish(request)
             return
-        blocks = len(worker.engine.held_block_ids(request.request_id))
+        held = worker.engine.held_block_ids(request.request_id)
+        skipped = request.decode.engine.cached_tokens(request.request_id) // self.setup.engine.block_size
+        blocks = len(held) - skipped  # the decode worker's cached prefix is not sent
         seconds = self.cost_model.transfer_seconds(blocks * self._kv_bytes_per_block, self.setup.link)
         self._at(self.now + seconds, lambda: self._handed_off(request))
 

@@ -30,7 +30,8 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 @dataclass(frozen=True)
 class CacheEvents:
-    """Block hashes this cache gained (`stored`) and lost (`evicted`) since the last `take_events`, in order."""
+    """Block hashes this cache gained (`stored`) and lost (`evicted`) since the last `take_events`, each hash by its
+    last change only (a block evicted and cached again since is `stored`), so the two never share a hash."""
 
     stored: tuple[int, ...] = ()
     evicted: tuple[int, ...] = ()
@@ -55,8 +56,8 @@ class BlockManager:
         self._hash_of: dict[int, int] = {}
         self.record_events = False
         """Keep what was cached and evicted for `take_events` (a worker that publishes them turns this on)."""
-        self._stored: list[int] = []
-        self._evicted: list[int] = []
+        self._changes: dict[int, bool] = {}
+        """Hash -> cached (True) or evicted (False), its latest change since the last `take_events`."""
         self.evictions = 0
         """Cached blocks reused for other KV since the start."""
 
@@ -141,16 +142,16 @@ class BlockManager:
         self._block_of[block_hash] = block_id
         self._hash_of[block_id] = block_hash
         if self.record_events:
-            self._stored.append(block_hash)
+            self._changes[block_hash] = True
 
     def cached_hashes(self) -> list[int]:
         """Every hash cached now, held or not."""
         return list(self._block_of)
 
     def take_events(self) -> CacheEvents:
-        events = CacheEvents(tuple(self._stored), tuple(self._evicted))
-        self._stored.clear()
-        self._evicted.clear()
+        events = CacheEvents(tuple(h for h, cached in self._changes.items() if cached),
+                             tuple(h for h, cached in self._changes.items() if not cached))
+        self._changes.clear()
         return events
 
     def _evict(self) -> int:
@@ -158,6 +159,6 @@ class BlockManager:
         block_hash = self._hash_of.pop(block_id)
         del self._block_of[block_hash]
         if self.record_events:
-            self._evicted.append(block_hash)
+            self._changes[block_hash] = False
         self.evictions += 1
         return block_id

@@ -2,10 +2,13 @@
 
     index = KVIndex()
     index.apply(batch)                                # a `CacheBatch` from the `kv_events` stream
+    index.expect("decode-0", hashes)                  # this router just sent it that prompt
     index.cached_blocks(hashes, ["decode-0", ...])    # leading blocks of a prompt each worker holds
     await KVIndexFollower(index, log).run()           # rebuild from the stream's start, then follow it
 
-The index is a hint, never a promise: a block may be evicted after its event was read, and events may be missing
+Events arrive a heartbeat (about a second) after the blocks are cached, so a router also `expect`s the blocks of each
+prompt it routes on the workers it chose, for `EXPECT_S`: the next turn of a conversation sent at once still finds
+the workers that served the last one. The index is a hint, never a promise: a block may be evicted after its event was read, and events may be missing
 (a trimmed stream, Redis away). The routing cost uses it; what is actually reused is decided by the workers
 themselves (a decode worker's reservation, a prefill worker's own cache).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -23,15 +27,21 @@ from pdserve.registry.kv_events import FIRST_ID, CacheBatch, KVEventLog
 
 log = logging.getLogger(__name__)
 
+EXPECT_S = 5.0
+"""How long blocks a router expects on a worker count as held without an event saying so."""
 READ_BLOCK_MS = 1000
 """A follower's read waits this long for new batches (in a thread, off the event loop)."""
 RETRY_S = 1.0
+MAX_EXPECTED = 100_000
+"""Past this many expected hashes, the expired ones are dropped."""
 
 
 class KVIndex:
     def __init__(self) -> None:
         self._workers_of: dict[int, set[str]] = defaultdict(set)
         self._hashes_of: dict[str, set[int]] = defaultdict(set)
+        self._expected: dict[int, dict[str, float]] = {}
+        """Hash -> worker -> until when (monotonic seconds) it counts as held there, events or not."""
         self.batches_applied = 0
 
     def apply(self, batch: CacheBatch) -> None:
@@ -51,12 +61,25 @@ class KVIndex:
         for block_hash in self._hashes_of.pop(worker_id, ()):
             self._drop(block_hash, worker_id)
 
-    def cached_blocks(self, hashes: Sequence[int], workers: Iterable[str]) -> dict[str, int]:
-        """For each of `workers`, how many leading blocks of a prompt (named by `hashes`) it holds."""
+    def expect(self, worker_id: str, hashes: Iterable[int], now: float | None = None) -> None:
+        """A prompt with these block hashes was just sent to `worker_id`: count them as held there for `EXPECT_S`
+        (its events will say so within a heartbeat, or say nothing if it never cached them)."""
+        until = (time.monotonic() if now is None else now) + EXPECT_S
+        for block_hash in hashes:
+            self._expected.setdefault(block_hash, {})[worker_id] = until
+        if len(self._expected) > MAX_EXPECTED:
+            self._expire(time.monotonic() if now is None else now)
+
+    def cached_blocks(self, hashes: Sequence[int], workers: Iterable[str],
+                      now: float | None = None) -> dict[str, int]:
+        """For each of `workers`, how many leading blocks of a prompt (named by `hashes`) it holds (or is expected
+        to)."""
+        now = time.monotonic() if now is None else now
         counts = dict.fromkeys(workers, 0)
         still = set(counts)
         for depth, block_hash in enumerate(hashes, start=1):
-            still &= self._workers_of.get(block_hash, set())
+            expected = self._expected.get(block_hash, {})
+            still &= self._workers_of.get(block_hash, set()) | {w for w, until in expected.items() if until > now}
             if not still:
                 break
             for worker_id in still:
@@ -66,6 +89,14 @@ class KVIndex:
     @property
     def num_blocks(self) -> int:
         return len(self._workers_of)
+
+    def _expire(self, now: float) -> None:
+        for block_hash in list(self._expected):
+            live = {w: until for w, until in self._expected[block_hash].items() if until > now}
+            if live:
+                self._expected[block_hash] = live
+            else:
+                del self._expected[block_hash]
 
     def _drop(self, block_hash: int, worker_id: str) -> None:
         workers = self._workers_of.get(block_hash)

@@ -72,14 +72,17 @@ class Placement:
             if reservation is not None:
                 self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total
                                        - reservation.kv_blocks_free, running=reservation.running)
+                self._expect(affinity, decode, prefill)
                 return decode, prefill, reservation
             self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total)  # full
             await self._wait_for_room()
 
     async def colocated(self, request: ValidRequest) -> Member:
         affinity = self._affinity(request)
-        return await self._choose(lambda: self._fitting(request, pick_decode(
+        worker = await self._choose(lambda: self._fitting(request, pick_decode(
             [m.info for m in self.membership.ready(Role.BOTH)], affinity)))
+        self._expect(affinity, worker)
+        return worker
 
     async def adopt(self, client_request_id: str, client_has: int) -> tuple[Member, Adoption] | None:
         """Ask every decode (or colocated) worker to hand this router the request; the one that holds it answers
@@ -103,7 +106,13 @@ class Placement:
         shareable = shareable_blocks(len(tokens), self.block_size)
         hashes = block_hashes(tokens[:shareable * self.block_size], self.block_size)
         cached = self.index.cached_blocks(hashes, self.membership.members)
-        return Affinity(len(tokens), shareable, self.block_size, cached, self.cache_weight)
+        return Affinity(len(tokens), shareable, self.block_size, cached, self.cache_weight, tuple(hashes))
+
+    def _expect(self, affinity: Affinity | None, *workers: Member) -> None:
+        """The chosen workers will hold the prompt's blocks before their events say so."""
+        if affinity is not None:
+            for member in workers:
+                self.index.expect(member.info.worker_id, affinity.hashes)
 
     def room_freed(self) -> None:
         self._room.set()

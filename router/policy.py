@@ -12,8 +12,8 @@ what it would have to do for this prompt against its load, `weight` being `route
     prefill: queued prompt tokens + weight * prompt tokens it would compute (those past its cached prefix)
     decode:  share of its KV blocks in use + weight * share of the prompt's blocks it would receive
 
-and the cheapest wins (then the orders above). When no candidate holds any of the prompt, the choice is the
-load-only one.
+and the cheapest wins (then the orders above). When no candidate holds any of the prompt, or the weight is 0, the
+choice is the load-only one.
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ class Affinity:
     cached_blocks: Mapping[str, int]
     """Worker id -> leading blocks of the prompt it holds (absent: none)."""
     weight: float
+    hashes: tuple[int, ...] = ()
+    """The prompt's shareable blocks' hashes."""
 
-    def any_cached(self, candidates: Sequence[WorkerInfo]) -> bool:
-        return any(self.cached_blocks.get(w.worker_id, 0) for w in candidates)
+    def applies(self, candidates: Sequence[WorkerInfo]) -> bool:
+        """Whether the cost decides: a weight above 0 and some candidate holding part of the prompt."""
+        return self.weight > 0 and any(self.cached_blocks.get(w.worker_id, 0) for w in candidates)
 
     def uncached_tokens(self, worker_id: str) -> int:
         return self.prompt_tokens - self.cached_blocks.get(worker_id, 0) * self.block_size
@@ -51,7 +54,7 @@ class Affinity:
 def pick_decode(candidates: Sequence[WorkerInfo], affinity: Affinity | None = None) -> WorkerInfo | None:
     if not candidates:
         return None
-    if affinity is not None and affinity.any_cached(candidates):
+    if affinity is not None and affinity.applies(candidates):
         return min(candidates, key=lambda w: (_used_share(w) + affinity.weight * affinity.uncached_share(w.worker_id),
                                               -w.kv_blocks_free, w.running, w.worker_id))
     return min(candidates, key=lambda w: (-w.kv_blocks_free, w.running, w.worker_id))
@@ -61,7 +64,7 @@ def pick_prefill(candidates: Sequence[WorkerInfo], in_flight_tokens: Mapping[str
                  affinity: Affinity | None = None) -> WorkerInfo | None:
     if not candidates:
         return None
-    if affinity is not None and affinity.any_cached(candidates):
+    if affinity is not None and affinity.applies(candidates):
         return min(candidates, key=lambda w: (
             in_flight_tokens.get(w.worker_id, 0) + w.queued_prefill_tokens
             + affinity.weight * affinity.uncached_tokens(w.worker_id), w.running, w.worker_id))
