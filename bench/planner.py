@@ -61,6 +61,8 @@ class PlanSetup:
     """Only the static splits with these prefill counts (None: all of them)."""
     controller_prefill: int | None = None
     """The controller's starting prefill count (None: half the workers)."""
+    routing: str = "kv_aware"
+    """As router.routing (with engine.prefix_caching)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class CandidateReport:
     pool_samples: tuple[PoolSample, ...] = field(default=(), repr=False)
     attainment_series: tuple[tuple[float, float], ...] = field(default=(), repr=False)
     """(time, attainment of the requests that arrived in the 10 s before), at the trace's rate."""
+    cache_hit_rate: float = 0.0
+    """Share of prompt tokens the prefill workers took from their prefix caches, at the trace's rate."""
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -104,7 +108,7 @@ def simulate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]
     sim = SimSetup(engine=setup.engine, prefill=candidate.prefill, decode=candidate.decode, slo=setup.slo,
                    controller=setup.controller if candidate.controlled else None, link=setup.link,
                    role_switch_s=setup.role_switch_s, window_s=setup.window_s,
-                   hand_on_after_s=setup.hand_on_after_s)
+                   hand_on_after_s=setup.hand_on_after_s, routing=setup.routing)
     return Simulation(sim, trace).run()
 
 
@@ -131,7 +135,7 @@ def evaluate(setup: PlanSetup, candidate: Candidate, traffic: Traffic) -> Candid
         ttft_s=percentiles(r.ttft_s for r in ok), tpot_s=percentiles(r.tpot_s for r in ok),
         moves=sum(1 for d in result.decisions if d.action is Action.MOVE),
         lost=sum(1 for r in result.records if not r.ok), pool_samples=result.pool_samples,
-        attainment_series=tuple(attainment_series(result.records, setup.slo)))
+        attainment_series=tuple(attainment_series(result.records, setup.slo)), cache_hit_rate=result.cache_hit_rate)
 
 
 def plan(setup: PlanSetup, traffic: Traffic, processes: int | None = None) -> list[CandidateReport]:

@@ -90,6 +90,14 @@ class SimResult:
     pool_samples: tuple[PoolSample, ...]
     duration_s: float
     """Virtual seconds from the first arrival to the last finish."""
+    prompt_tokens: int = 0
+    """Prompt tokens of every prefill (a request resumed elsewhere counts again)."""
+    cached_tokens: int = 0
+    """Of those, tokens the prefill workers took from their prefix caches."""
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
 @dataclass
@@ -121,6 +129,10 @@ class _Request:
     itl: list[float] = field(default_factory=list)
     attempts: int = 1
     decoding: bool = False
+    queued_tokens: int = 0
+    """What its prefill worker is expected to compute (counted in that worker's `in_flight_tokens`)."""
+    hashes: tuple[int, ...] | None = None
+    """Its prompt's shareable blocks' hashes, once KV-aware routing needed them."""
     """Its KV is on the decode worker and it decodes there (a hand-on can take it)."""
 
     @property
@@ -149,6 +161,11 @@ class Simulation:
         """(arrival time, prompt tokens) of the requests in the controller's window."""
         self._decisions: list[Decision] = []
         self._samples: list[PoolSample] = []
+        self._prompt_tokens = self._cached_tokens = 0
+        self._kv_aware = (setup.routing == "kv_aware" and setup.engine.prefix_caching
+                          and any(e.prefix_id is not None for e in self.trace))
+        """Synthetic prompts share tokens only through prefix ids: without any, routing by cache has nothing to
+        follow and is skipped (it would hash every prompt for nothing)."""
         self._state = ControllerState()
         self._moving: dict[str, PoolRole] = {}
 
@@ -169,7 +186,8 @@ class Simulation:
             action()
         self._lose_unfinished()
         first = self.trace[0].arrival_s if self.trace else 0.0
-        return SimResult(tuple(self._records), tuple(self._decisions), tuple(self._samples), self.now - first)
+        return SimResult(tuple(self._records), tuple(self._decisions), tuple(self._samples), self.now - first,
+                         self._prompt_tokens, self._cached_tokens)
 
     def _at(self, t: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._events, (t, next(self._seq), action))
@@ -193,7 +211,9 @@ class Simulation:
                 return
             self._queue.popleft()
             request.decode, request.prefill, request.dispatched = decode, prefill, self.now
-            prefill.in_flight_tokens += len(request.prompt)
+            affinity = self._affinity(request)
+            request.queued_tokens = affinity.uncached_tokens(prefill.worker_id) if affinity else len(request.prompt)
+            prefill.in_flight_tokens += request.queued_tokens
             prefill.engine.add_request(request.request_id, request.prompt, request.sampling, prefill_only=True)
             self._pending[request.request_id] = request
             self._wake(prefill)
@@ -219,11 +239,12 @@ class Simulation:
     def _affinity(self, request: _Request) -> Affinity | None:
         """KV-aware routing's view of the prompt: what each engine's prefix cache holds of it."""
         engine = self.setup.engine
-        if self.setup.routing != "kv_aware" or not engine.prefix_caching:
+        if not self._kv_aware:
             return None
         shareable = shareable_blocks(len(request.prompt), engine.block_size)
-        hashes = block_hashes(request.prompt[:shareable * engine.block_size], engine.block_size)
-        cached = {w.worker_id: len(w.engine.blocks.cached_prefix(hashes)) for w in self.workers}
+        if request.hashes is None:
+            request.hashes = tuple(block_hashes(request.prompt[:shareable * engine.block_size], engine.block_size))
+        cached = {w.worker_id: len(w.engine.blocks.cached_prefix(request.hashes)) for w in self.workers}
         return Affinity(len(request.prompt), shareable, engine.block_size, cached, self.setup.cache_weight)
 
     def _ready(self, role: PoolRole) -> list[_Worker]:
@@ -252,6 +273,8 @@ class Simulation:
             if request is None:
                 continue
             if worker.role is PoolRole.PREFILL:
+                self._prompt_tokens += len(request.prompt)
+                self._cached_tokens += output.num_cached_tokens
                 self._prefilled(worker, request, output.finish_reason)
             else:
                 self._decoded(request, len(output.new_token_ids), output.finished)
@@ -260,7 +283,7 @@ class Simulation:
             self._dispatch()
 
     def _prefilled(self, worker: _Worker, request: _Request, reason: FinishReason | None) -> None:
-        worker.in_flight_tokens -= len(request.prompt)
+        worker.in_flight_tokens -= request.queued_tokens
         if request.tokens == 0:
             request.first_token = self.now
         elif self.record_itl:
@@ -364,6 +387,7 @@ class Simulation:
         request.request_id = f"{request.client_id}@retry{request.attempts}"
         request.attempts += 1
         request.prompt = request.prompt[:request.entry.input_tokens] + (PLACEHOLDER_TOKEN,) * request.tokens
+        request.hashes = None
         request.sampling = SamplingParams(max_tokens=request.entry.output_tokens - request.tokens, temperature=0.0,
                                           ignore_eos=True)
         request.prefill = request.decode = None

@@ -5,6 +5,7 @@
     pdserve bench --trace trace.jsonl [--rate R]                   # a recorded trace (rescaled to R req/s if given)
     pdserve bench --workload code --concurrency 8 --num-requests 200     # closed loop: 8 requests in flight
     pdserve bench --workload chat --sweep 0.5,1,2,4 --num-requests 100   # goodput: attainment at each rate
+    pdserve bench --workload multiturn --conversations 8 --turns 6       # multi-turn chats (prefix caching)
 
 Open loop (default): every request is sent at its arrival time whatever happened to the earlier ones. Closed loop
 (--concurrency N): N in flight, arrival times ignored, no new request after --duration-s. A sweep runs the same trace
@@ -28,6 +29,8 @@ import sys
 from dataclasses import dataclass
 
 from pdserve.bench.workloads import ARRIVALS, NAMED, TraceEntry, TraceError, cap_lengths
+from pdserve.cli.bench_multiturn import add_arguments as add_multiturn_arguments
+from pdserve.cli.bench_multiturn import run_multiturn_bench
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("bench", help="load-test a running cluster (latency, SLO attainment, goodput)",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--workload", choices=NAMED, help="a built-in workload (default chat)")
+    source.add_argument("--workload", choices=(*NAMED, "multiturn"),
+                        help="a built-in workload (default chat); multiturn: conversations resending their history "
+                             "(see below)")
     source.add_argument("--trace", metavar="FILE.jsonl", help='{"arrival_s", "input_tokens", "output_tokens"} lines')
     p.add_argument("--router", metavar="HOST:PORT", help="the router (default: the cluster `pdserve up` started); "
                    "with --api openai its HTTP address or base URL")
@@ -83,6 +88,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--records", action="store_true", help="put every request in report.json")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_multiturn_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -92,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.cli.cluster_state import NoCluster
 
     try:
+        if args.workload == "multiturn":
+            return run_multiturn_bench(args, _address(args))
         slo = SLO(args.slo_ttft, args.slo_tpot)
         runs = plan_runs(args)
         address = _address(args)

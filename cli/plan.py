@@ -6,7 +6,11 @@ and the ratio controller, each run through the real scheduler, routing and contr
     pdserve plan --workload shift --rate 20 --duration-s 600 --workers 8 ...     (a built-in trace instead of a file)
     pdserve plan --phases chat:200:10,summarization:200:2,chat:200:10 --workers 8 ...   (workload:seconds:rate, ...)
 
-Trace files are JSON lines {"arrival_s": float, "input_tokens": int, "output_tokens": int}. The goodput search
+Trace files are JSON lines {"arrival_s": float, "input_tokens": int, "output_tokens": int}, optionally with
+"prefix_id" and "prefix_tokens": entries with one prefix_id share their first prefix_tokens prompt tokens (a system
+prompt, a document, a conversation's earlier turns), which the simulated workers' prefix caches reuse and KV-aware
+routing follows, as live. `--compare-caching` runs the best static split again without prefix caching, to show what
+caching is worth for the trace; the "hit" column is the share of prompt tokens served from prefix caches. The goodput search
 replays a trace file faster (its phases get shorter); built-in workloads and --phases keep each phase's length and
 raise its rate, which is what a service whose mix shifts over minutes sees when it gets busier.
 """
@@ -52,6 +56,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "(controller.hand_on_after_s; default: waits for it to finish)")
     p.add_argument("--splits", metavar="P:D,...", help="only these static splits (default: every P:D)")
     p.add_argument("--controller-from", metavar="P:D", help="the controller's starting split (default: even)")
+    p.add_argument("--prefix-caching", choices=("on", "off"), default="on",
+                   help="engine.prefix_caching of the simulated workers (default on)")
+    p.add_argument("--routing", choices=("load", "kv_aware"), default="kv_aware",
+                   help="router.routing of the simulated router (default kv_aware)")
+    p.add_argument("--compare-caching", action="store_true",
+                   help="also run the best static split without prefix caching (and load routing)")
     p.add_argument("--no-search", action="store_true", help="skip the goodput search (one run per candidate)")
     p.add_argument("--search", type=float, nargs=2, default=(0.5, 3.0), metavar=("LOW", "HIGH"),
                    help="goodput search range, as multiples of the trace's rate (default 0.5 3)")
@@ -79,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         trace = traffic.at(1.0)
         engine = EngineConfig(backend="sim", model=args.model, max_num_seqs=args.max_num_seqs,
                               sim=SimSettings(hardware=args.hardware, tensor_parallel=args.tp),
-                              max_num_batched_tokens=args.max_num_batched_tokens)
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              prefix_caching=args.prefix_caching == "on")
         cost = CostModel(shape(args.model), hardware(args.hardware), args.tp)
         slo = SLO(args.slo_ttft, args.slo_tpot)
         prefill_counts = _splits(args.splits, args.workers)
@@ -99,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                       hand_on_after_s=args.hand_on_after_s, prefill_counts=prefill_counts,
                       controller_prefill=start[0] if start else None,
                       search_low=args.search[0],
-                      search_high=args.search[1], search_runs=args.search_runs)
+                      search_high=args.search[1], search_runs=args.search_runs, routing=args.routing)
     started = time.monotonic()
     reports = plan(setup, traffic, args.processes)
     wall = time.monotonic() - started
@@ -110,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
                         "link": args.link, "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot},
               "wall_s": wall, "candidates": [r.to_dict() for r in reports],
               "best_static": best_static(reports).name}
+    if args.compare_caching:
+        report["without_caching"] = _without_caching(setup, reports, traffic).to_dict()
     if args.out:
         _write(args.out, report, reports, trace, args)
     if args.json:
@@ -117,7 +130,28 @@ def run(args: argparse.Namespace) -> int:
                                                    for c in report["candidates"]]}, indent=1))
     else:
         _print_table(reports, report, best_static(reports))
+        if args.compare_caching:
+            _print_without_caching(report["without_caching"], best_static(reports))
     return 0
+
+
+def _without_caching(setup, reports, traffic):
+    """The best static split again, with prefix caching off and load-only routing."""
+    import dataclasses
+
+    from pdserve.bench.planner import Candidate, best_static, evaluate
+
+    best = best_static(reports)
+    plain = dataclasses.replace(setup, engine=dataclasses.replace(setup.engine, prefix_caching=False),
+                                routing="load")
+    return evaluate(plain, Candidate(best.prefill, best.decode, False), traffic)
+
+
+def _print_without_caching(without: dict, best) -> None:
+    ratio = best.goodput_rps / without["goodput_rps"] if without["goodput_rps"] > 0 else math.nan
+    print(f"{best.name} without prefix caching: attainment {without['attainment']:.3f}, goodput "
+          f"{without['goodput_rps']:.2f} req/s, TTFT p50 {without['ttft_s']['p50']:.3f} s "
+          f"(with caching: goodput x{ratio:.2f}, hit rate {best.cache_hit_rate:.3f})")
 
 
 def _splits(text: str | None, workers: int) -> tuple[int, ...] | None:
@@ -153,12 +187,13 @@ def _print_table(reports, report, best) -> None:
           f"simulated in {report['wall_s']:.0f} s")
     print(f"traffic: {t['traffic']}")
     print(f"{'split':<24}{'attain':>8}{'goodput':>10}{'vs best':>9}{'TTFT p50':>10}{'p90':>8}{'p99':>8}"
-          f"{'TPOT p50':>10}{'p90':>8}{'p99':>8}{'moves':>7}")
+          f"{'TPOT p50':>10}{'p90':>8}{'p99':>8}{'moves':>7}{'hit':>7}")
     for r in reports:
         ratio = r.goodput_rps / best.goodput_rps if best.goodput_rps > 0 else math.nan
         print(f"{r.name:<24}{r.attainment:>8.3f}{r.goodput_rps:>10.2f}{ratio:>9.2f}"
               f"{r.ttft_s['p50']:>10.3f}{r.ttft_s['p90']:>8.3f}{r.ttft_s['p99']:>8.3f}"
-              f"{r.tpot_s['p50'] * 1e3:>9.1f}m{r.tpot_s['p90'] * 1e3:>7.1f}m{r.tpot_s['p99'] * 1e3:>7.1f}m{r.moves:>7}")
+              f"{r.tpot_s['p50'] * 1e3:>9.1f}m{r.tpot_s['p90'] * 1e3:>7.1f}m{r.tpot_s['p99'] * 1e3:>7.1f}m{r.moves:>7}"
+              f"{r.cache_hit_rate:>7.3f}")
     print(f"best static split: {best.name} (goodput {best.goodput_rps:.2f} req/s); TPOT in ms")
 
 

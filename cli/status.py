@@ -2,9 +2,9 @@
 
 The router that answers (gRPC and HTTP addresses, mode, health), every router of the cluster (requests in flight
 and waiting at each) and whether the control plane runs, the last minute's p90 TTFT and TPOT against the SLOs, every
-worker (role, state, running and waiting requests, KV blocks used, its own p90 TTFT or TPOT), and the ratio
-controller's last decisions. Exit code 0 when the cluster serves, 3 when it is up but
-cannot serve (the reason is shown), 1 when no cluster is up or the router does not answer.
+worker (role, state, running and waiting requests, KV blocks used, its own p90 TTFT or TPOT, its prefix-cache hit
+rate), and the ratio controller's last decisions. Exit code 0 when the cluster serves, 3 when it is up but cannot
+serve (the reason is shown), 1 when no cluster is up or the router does not answer.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def as_json(status: pb.StatusResponse, health: pb.HealthResponse, decisions: lis
                      "running_requests": w.running_requests, "waiting_requests": w.waiting_requests,
                      "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total,
                      "finished_requests": w.finished_requests, "ttft_p90_s": _opt(w, "ttft_p90_s"),
-                     "tpot_p90_s": _opt(w, "tpot_p90_s")} for w in status.workers],
+                     "tpot_p90_s": _opt(w, "tpot_p90_s"), "prefix_cache_hit_rate": w.prefix_cache_hit_rate}
+                    for w in status.workers],
         "controller": decisions,
     }
 
@@ -93,14 +94,14 @@ def render(status: pb.StatusResponse, health: pb.HealthResponse, decisions: list
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name, justify in (("worker", "left"), ("role", "left"), ("state", "left"), ("pid", "right"),
                           ("running", "right"), ("waiting", "right"), ("KV blocks", "right"), ("KV use", "left"),
-                          ("TTFT p90", "right"), ("TPOT p90", "right")):
+                          ("TTFT p90", "right"), ("TPOT p90", "right"), ("cache hits", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     for w in sorted(status.workers, key=lambda w: (ROLE_ORDER.get(w.role, 3), w.worker_id)):
         table.add_row(w.worker_id, w.role, Text(w.state, style="green" if w.state == "ready" else "yellow"),
                       str(w.pid), str(w.running_requests), str(w.waiting_requests),
                       f"{w.kv_blocks_used}/{w.kv_blocks_total}", _bar(w.kv_blocks_used, w.kv_blocks_total),
                       _against(_opt(w, "ttft_p90_s"), latency.slo_ttft_s),
-                      _against(_opt(w, "tpot_p90_s"), latency.slo_tpot_s))
+                      _against(_opt(w, "tpot_p90_s"), latency.slo_tpot_s), f"{w.prefix_cache_hit_rate:.0%}")
     routers = Text.assemble("routers: ", ", ".join(f"{r.router_id} {r.address} ({r.requests_in_flight} in flight)"
                                                    for r in sorted(status.routers, key=lambda r: r.address))
                             or "none registered", "; control plane ",

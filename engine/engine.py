@@ -62,6 +62,10 @@ class EngineLoad:
     """Prompt tokens still to compute (waiting requests and unfinished chunked prefills)."""
     kv_blocks_used: int
     kv_blocks_total: int
+    prompt_tokens_total: int = 0
+    """Prompt tokens of the requests started here since the engine started (`Engine.prompt_tokens_total`)."""
+    cached_tokens_total: int = 0
+    """Of those, tokens whose KV came from the prefix cache."""
 
 
 RETUNABLE = ("max_num_batched_tokens", "max_num_seqs")
@@ -187,7 +191,8 @@ class Engine:
                                                                  if not r.is_decoding)
         return EngineLoad(running=len(s.running), waiting=len(s.waiting), held=len(s.held),
                           queued_prefill_tokens=queued, kv_blocks_used=self.blocks.num_used,
-                          kv_blocks_total=self.blocks.num_blocks)
+                          kv_blocks_total=self.blocks.num_blocks, prompt_tokens_total=self.prompt_tokens_total,
+                          cached_tokens_total=self.cached_tokens_total)
 
     @property
     def num_requests(self) -> int:

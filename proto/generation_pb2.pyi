@@ -123,7 +123,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "pid", "state", "running_requests", "kv_blocks_used", "kv_blocks_total", "waiting_requests", "ttft_p90_s", "tpot_p90_s", "finished_requests")
+    __slots__ = ("worker_id", "role", "pid", "state", "running_requests", "kv_blocks_used", "kv_blocks_total", "waiting_requests", "ttft_p90_s", "tpot_p90_s", "finished_requests", "prefix_cache_hit_rate")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class WorkerStatus(_message.Message):
     TTFT_P90_S_FIELD_NUMBER: _ClassVar[int]
     TPOT_P90_S_FIELD_NUMBER: _ClassVar[int]
     FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     pid: int
@@ -146,7 +147,8 @@ class WorkerStatus(_message.Message):
     ttft_p90_s: float
     tpot_p90_s: float
     finished_requests: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., ttft_p90_s: _Optional[float] = ..., tpot_p90_s: _Optional[float] = ..., finished_requests: _Optional[int] = ...) -> None: ...
+    prefix_cache_hit_rate: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., ttft_p90_s: _Optional[float] = ..., tpot_p90_s: _Optional[float] = ..., finished_requests: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ...) -> None: ...
 
 class Latency(_message.Message):
     __slots__ = ("window_s", "finished", "ttft_p90_s", "tpot_p90_s", "slo_ttft_s", "slo_tpot_s", "slo_met_fraction")

@@ -139,7 +139,7 @@ def _router_status(r: RouterInfo) -> pb.RouterStatus:
 def _worker_status(w: WorkerInfo, latency: pb.WorkerStatus | None) -> pb.WorkerStatus:
     status = pb.WorkerStatus(worker_id=w.worker_id, role=w.role.value, pid=w.pid, state=w.state.value,
                              running_requests=w.running, waiting_requests=w.waiting, kv_blocks_used=w.kv_blocks_used,
-                             kv_blocks_total=w.kv_blocks_total)
+                             kv_blocks_total=w.kv_blocks_total, prefix_cache_hit_rate=w.prefix_cache_hit_rate)
     if latency is not None:
         status.MergeFrom(latency)
     return status

@@ -146,12 +146,14 @@ class Attempt:
         """Reserve, prefill; the first token (from the prefill worker's answer) or why there is none."""
         parts, request = self.parts, self.request
         try:
-            decode, prefill, reservation = await parts.placement.reserve(request, self.key, self.owner, self._chose)
+            placed = await parts.placement.reserve(request, self.key, self.owner, self._chose)
         except ray.exceptions.RayError as e:
             raise _failure(self.decode, e) from e
+        decode, prefill, reservation = placed.decode, placed.prefill, placed.reservation
         self._dispatched(decode)
         result = await self._prefill(PrefillTask(self.key, request.token_ids, request.sampling,
-                                                 decode.info.worker_id, reservation.tag, reservation.cached_blocks))
+                                                 decode.info.worker_id, reservation.tag, reservation.cached_blocks),
+                                     placed.prefill_tokens)
         self.clock.worker_queue_s, self.clock.prefill_s = result.queue_s, result.prefill_s
         self.clock.cached_tokens = result.cached_tokens
         if result.first_token_id is None:
@@ -180,14 +182,15 @@ class Attempt:
     def _chose(self, decode: Member, prefill: Member) -> None:
         self.decode, self.prefill = decode, prefill
 
-    async def _prefill(self, task: PrefillTask):
+    async def _prefill(self, task: PrefillTask, compute_tokens: int):
+        """The prefill worker's answer; meanwhile `compute_tokens` count in its queue (`Placement.prefill_tokens`)."""
         tokens = self.parts.placement.prefill_tokens
         worker_id = self.prefill.info.worker_id
-        tokens[worker_id] += len(task.token_ids)
+        tokens[worker_id] += compute_tokens
         try:
             return await _call(self.prefill, self.prefill.handle.prefill.remote(task))
         finally:
-            tokens[worker_id] -= len(task.token_ids)
+            tokens[worker_id] -= compute_tokens
 
     # ---- the decode worker's events --------------------------------------------------------------------------
     async def _events(self) -> AsyncIterator[Output | AttemptEnd]:

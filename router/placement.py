@@ -1,6 +1,6 @@
 """Which workers a request goes to, and waiting until some can take it.
 
-    decode, prefill, reservation = await placement.reserve(request, key, owner, on_choice)   # disaggregated
+    placed = await placement.reserve(request, key, owner, on_choice)   # disaggregated: decode, prefill, reservation
     worker = await placement.colocated(request)
     found = await placement.adopt(client_request_id, client_has)   # a resumed request: which worker holds it
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import ray
 
@@ -38,6 +39,18 @@ CHOOSE_RETRY_S = 0.1
 ADOPT_TIMEOUT_S = 5.0
 
 
+@dataclass(frozen=True)
+class Placed:
+    """Where a disaggregated request goes: the decode worker that reserved its blocks, the prefill worker paired with
+    it, the reservation, and the prompt tokens that prefill worker is expected to compute (less the prefix it caches,
+    as far as this router knows), which count in its queue until it answers."""
+
+    decode: Member
+    prefill: Member
+    reservation: Reservation
+    prefill_tokens: int
+
+
 class Placement:
     def __init__(self, membership: Membership, block_size: int, index: KVIndex | None = None,
                  cache_weight: float = 1.0) -> None:
@@ -52,7 +65,7 @@ class Placement:
         """Set (and replaced) when a request ends: blocks may have been freed, so waiters try again."""
 
     async def reserve(self, request: ValidRequest, key: str, owner: Owner,
-                      on_choice: Callable[[Member, Member], None]) -> tuple[Member, Member, Reservation]:
+                      on_choice: Callable[[Member, Member], None]) -> Placed:
         """A decode worker with room that reserved the request (under `key`, for `owner`), and a prefill worker
         paired with it; waits while every decode worker is full. `on_choice(decode, prefill)` runs before each
         reservation is asked for (so an abort reaches a worker that may know the request)."""
@@ -73,7 +86,8 @@ class Placement:
                 self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total
                                        - reservation.kv_blocks_free, running=reservation.running)
                 self._expect(affinity, decode, prefill)
-                return decode, prefill, reservation
+                tokens = affinity.uncached_tokens(prefill.info.worker_id) if affinity else len(request.token_ids)
+                return Placed(decode, prefill, reservation, tokens)
             self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total)  # full
             await self._wait_for_room()
 

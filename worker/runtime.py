@@ -149,6 +149,8 @@ class WorkerRuntime:
             queued_prefill_tokens=load.queued_prefill_tokens if load else 0,
             kv_blocks_used=load.kv_blocks_used if load else 0, kv_blocks_total=load.kv_blocks_total if load else 0,
             metrics_port=self.metrics_server.port if self.metrics_server else 0,
+            prefix_cache_hit_rate=load.cached_tokens_total / load.prompt_tokens_total
+            if load and load.prompt_tokens_total else 0.0,
             paired=tuple(sorted(self.paired())))
 
     def stop(self) -> None:
