@@ -29,8 +29,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for q in args.quantization:
-        eager = Ours(Engine(EngineConfig(quantization=q, num_kv_blocks=512)))
-        compiled = Ours(Engine(EngineConfig(quantization=q, num_kv_blocks=512, compile=True)))
+        eager = Ours(Engine(EngineConfig(quantization=q, num_kv_blocks=512, prefix_caching=False)))
+        compiled = Ours(Engine(EngineConfig(quantization=q, num_kv_blocks=512, compile=True,
+                                                prefix_caching=False)))
         prompts = make_prompts(eager.engine, 16, 32)
         eager.generate(prompts[:2], 4)
         start = time.perf_counter()

@@ -41,7 +41,8 @@ class LlamaCpp:
 
 def run(args: argparse.Namespace) -> list[Row]:
     torch.set_num_threads(args.threads)
-    engines = {q: Engine(EngineConfig(model=DEFAULT_MODEL, num_kv_blocks=256, quantization=q))
+    engines = {q: Engine(EngineConfig(model=DEFAULT_MODEL, num_kv_blocks=256, quantization=q,
+                                       prefix_caching=False))
                for q in args.quantization}
     ours = {q: Ours(e) for q, e in engines.items()}
     theirs = LlamaCpp(default_gguf_path(), args.threads)

@@ -132,7 +132,7 @@ def prefill_rate(system, prompt: list[int], repeats: int) -> float:
 def run(args: argparse.Namespace) -> list[Row]:
     torch.set_num_threads(args.threads)
     engines = {q: Engine(EngineConfig(model=args.model, max_num_batched_tokens=args.chunk, num_kv_blocks=1024,
-                                      quantization=q)) for q in args.quantization}
+                                      quantization=q, prefix_caching=False)) for q in args.quantization}
     engine = next(iter(engines.values()))
     ours, theirs = {q: Ours(e) for q, e in engines.items()}, Transformers(default_gguf_path())
     prompts = make_prompts(engine, 16, 32)

@@ -112,7 +112,7 @@ def agreement(device: str, folder: str, dtype: str, overrides: dict) -> tuple[fl
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
     engine = Engine(EngineConfig(model=folder, device=device, dtype=dtype, num_kv_blocks=256,
-                                 max_num_batched_tokens=256, **overrides))
+                                 max_num_batched_tokens=256, prefix_caching=False, **overrides))
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (7, 90, 300, 1)]
     tokens = 24
@@ -147,7 +147,8 @@ def engine_for(plan: Plan, overrides: dict, max_tokens_per_step: int) -> Engine:
     return Engine(EngineConfig(model=f"random:{plan.shape}", device=plan.device, dtype=plan.dtype,
                                num_kv_blocks=4096 if plan.device.startswith("cuda") else 256,
                                max_num_seqs=max(plan.batches), max_num_batched_tokens=max_tokens_per_step,
-                               max_model_len=16384 if plan.device.startswith("cuda") else 2048, **overrides))
+                               max_model_len=16384 if plan.device.startswith("cuda") else 2048, prefix_caching=False,
+                               **overrides))
 
 
 def loaded_engine(checks: list[Check], section: str, label: str, plan: Plan, overrides: dict,

@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    engine = Engine(EngineConfig(model=args.model, num_kv_blocks=1024))
+    engine = Engine(EngineConfig(model=args.model, num_kv_blocks=1024, prefix_caching=False))
     params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request(f"r{i}", [100 + i + j for j in range(32)], params)

@@ -8,7 +8,8 @@ A sim engine has its cost model; a real engine is profiled here, once, on synthe
 
 The decode terms come from steps at two batch sizes and two context lengths. Each measurement is the median of a few
 steps, so one slow step on a shared machine does not skew the fit. Profiling aborts what it added: the engine is
-left as it was (it must be idle).
+left as it was (it must be idle). Prefix caching is off while it profiles: the repeated synthetic prompts would
+otherwise come from the cache, and the fit would time lookups instead of compute.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def profile_engine(engine: Engine, short: int = 64, long: int = 256, batches: tu
     """Time prefills of `short` and `long` tokens and decode steps at two batch sizes and two contexts."""
     if engine.num_requests:
         raise RuntimeError("profile_engine: the engine must be idle")
+    caching, engine.blocks.caching = engine.blocks.caching, False
+    try:
+        return _profile(engine, short, long, batches, repeats)
+    finally:
+        engine.blocks.caching = caching
+
+
+def _profile(engine: Engine, short: int, long: int, batches: tuple[int, int], repeats: int) -> StepProfile:
     p_short, p_long = (_prefill(engine, n, repeats) for n in (short, long))
     per_token = max(0.0, (p_long - p_short) / (long - short))
     small, large = batches

@@ -14,3 +14,5 @@ def test_profile_fits_non_negative_lines_and_leaves_the_engine_idle():
     assert profile.decode_step_seconds(4, 64) >= profile.decode_step_seconds(1, 16) > 0
     assert profile.decode_step_seconds(0, 64) == 0
     assert engine.num_requests == 0 and engine.blocks.num_used == 0
+    # The repeated synthetic prompts were computed each time, not served from the prefix cache, which stays on.
+    assert engine.cached_tokens_total == 0 and engine.blocks.num_cached == 0 and engine.blocks.caching
