@@ -29,8 +29,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from pdserve.bench.metrics import RequestRecord, record_from_stream
 from pdserve.bench.transports import API_CHOICES, GrpcTransport, OpenAITransport, TransportError, transport_for
 from pdserve.bench.workloads import FIRST_TOKEN_ID, TraceEntry, make_prompt_ids

@@ -41,11 +41,11 @@ from pdserve.controller.window import Finished, traffic_window
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.cost_model import Link
 from pdserve.engine.engine import Engine
+from pdserve.engine.prefix_hash import block_hashes, shareable_blocks
 from pdserve.engine.request import FinishReason
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sim_runner import PLACEHOLDER_TOKEN
 from pdserve.registry.entries import Role, WorkerInfo, WorkerState
-from pdserve.engine.prefix_hash import block_hashes, shareable_blocks
 from pdserve.router.policy import Affinity, pick_decode, pick_prefill
 
 _ROLES = {PoolRole.PREFILL: Role.PREFILL, PoolRole.DECODE: Role.DECODE}

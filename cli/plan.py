@@ -10,9 +10,10 @@ Trace files are JSON lines {"arrival_s": float, "input_tokens": int, "output_tok
 "prefix_id" and "prefix_tokens": entries with one prefix_id share their first prefix_tokens prompt tokens (a system
 prompt, a document, a conversation's earlier turns), which the simulated workers' prefix caches reuse and KV-aware
 routing follows, as live. `--compare-caching` runs the best static split again without prefix caching, to show what
-caching is worth for the trace; the "hit" column is the share of prompt tokens served from prefix caches. The goodput search
-replays a trace file faster (its phases get shorter); built-in workloads and --phases keep each phase's length and
-raise its rate, which is what a service whose mix shifts over minutes sees when it gets busier.
+caching is worth for the trace; the "hit" column is the share of prompt tokens served from prefix caches.
+
+The goodput search replays a trace file faster (its phases get shorter); built-in workloads and --phases keep each
+phase's length and raise its rate, which is what a service whose mix shifts over minutes sees when it gets busier.
 """
 
 from __future__ import annotations

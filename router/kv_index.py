@@ -8,9 +8,9 @@
 
 Events arrive a heartbeat (about a second) after the blocks are cached, so a router also `expect`s the blocks of each
 prompt it routes on the workers it chose, for `EXPECT_S`: the next turn of a conversation sent at once still finds
-the workers that served the last one. The index is a hint, never a promise: a block may be evicted after its event was read, and events may be missing
-(a trimmed stream, Redis away). The routing cost uses it; what is actually reused is decided by the workers
-themselves (a decode worker's reservation, a prefill worker's own cache).
+the workers that served the last one. The index is a hint, never a promise: a block may be evicted after its event
+was read, and events may be missing (a trimmed stream, Redis away). The routing cost uses it; what is actually reused
+is decided by the workers themselves (a decode worker's reservation, a prefill worker's own cache).
 """
 
 from __future__ import annotations

@@ -30,13 +30,13 @@ from pdserve.router.admission import Admission, Ticket
 from pdserve.router.attempt import Attempt, AttemptEnd, EndKind, Output, RouterParts, request_key
 from pdserve.router.errors import TakenOver, Unavailable
 from pdserve.router.event_streams import EventStreams
+from pdserve.router.kv_index import KVIndex
 from pdserve.router.membership import Membership
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.migration import MAX_MIGRATIONS, continuation
 from pdserve.router.placement import Placement
 from pdserve.router.records import TimingRecords
 from pdserve.router.request_builder import ValidRequest
-from pdserve.router.kv_index import KVIndex
 from pdserve.router.timings import RequestClock, Timings
 
 log = logging.getLogger(__name__)

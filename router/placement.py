@@ -26,8 +26,8 @@ from pdserve.engine.block_manager import blocks_for
 from pdserve.engine.prefix_hash import block_hashes, shareable_blocks
 from pdserve.registry.entries import Role, WorkerInfo
 from pdserve.router.errors import Unavailable
-from pdserve.router.membership import Member, Membership
 from pdserve.router.kv_index import KVIndex
+from pdserve.router.membership import Member, Membership
 from pdserve.router.policy import Affinity, pick_decode, pick_prefill
 from pdserve.router.request_builder import InvalidRequest, ValidRequest
 from pdserve.worker.messages import Adoption, DecodeTask, Owner, Reservation

@@ -32,8 +32,8 @@ from pdserve.registry.entries import ClusterSettings, RouterInfo
 from pdserve.registry.kv_events import KVEventLog
 from pdserve.registry.registry import CLUSTER, HEARTBEAT_S, Registry
 from pdserve.router.control_client import ControlClient
-from pdserve.router.kv_index import KVIndex, KVIndexFollower
 from pdserve.router.http_server import OpenAIServer, RunningHttp, start_http
+from pdserve.router.kv_index import KVIndex, KVIndexFollower
 from pdserve.router.main import Listen
 from pdserve.router.metrics import start_router_metrics
 from pdserve.router.orchestrator import Orchestrator
@@ -115,7 +115,8 @@ class RouterProcess:
             await asyncio.to_thread(self._leave)
 
     def _kv_index_follower(self, config: ClusterConfig) -> KVIndexFollower | None:
-        """KV-aware routing's index, rebuilt from the cache events in Redis and followed (with prefix caching on and router.routing kv_aware); None otherwise."""
+        """KV-aware routing's index, rebuilt from the cache events in Redis and followed (with prefix caching on and
+        router.routing kv_aware); None otherwise."""
         if config.router.routing != "kv_aware" or not config.engine.prefix_caching:
             return None
         return KVIndexFollower(KVIndex(), KVEventLog(self.registry.redis, self.registry.prefix))

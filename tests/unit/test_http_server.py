@@ -29,8 +29,8 @@ from pdserve.router.http_server import OpenAIServer, start_http
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.openai_protocol import MAX_CHOICES
 from pdserve.router.orchestrator import Piece
-from pdserve.router.timings import Timings
 from pdserve.router.request_builder import InvalidRequest, ValidRequest
+from pdserve.router.timings import Timings
 
 MODEL = "fake-model"
 CONTEXT = 64

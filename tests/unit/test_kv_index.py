@@ -1,7 +1,6 @@
 """KV-aware routing without Redis: KVIndex over CacheBatches, pick_decode/pick_prefill with an Affinity, and the
 worker's CacheEventPublisher driving a real BlockManager into a fake event log."""
 
-import pytest
 import redis
 
 from pdserve.engine.block_manager import BlockManager

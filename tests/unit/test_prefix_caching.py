@@ -6,7 +6,8 @@ from pdserve.engine.block_manager import BlockError, BlockManager, CacheEvents
 from pdserve.engine.prefix_hash import ROOT, block_hashes, chain_hash, shareable_blocks
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.engine.scheduler import Scheduler
+from tests.unit.test_scheduler import fake_token, run_to_end, step
 
 BS = 4  # tokens per block
 PROMPT = tuple(range(1, 11))  # 10 tokens: two full blocks and a partial one
@@ -26,38 +27,6 @@ def make(num_blocks: int = 12, budget: int = 64, max_seqs: int = 8) -> tuple[Blo
 
 def req(order: int, prompt, max_tokens: int = 1) -> Request:
     return Request(f"r{order}", tuple(prompt), SamplingParams(max_tokens=max_tokens), order)
-
-
-def fake_token(request: Request) -> int:
-    return 10_000 + 100 * request.arrival_order + len(request.output_token_ids)
-
-
-def step(sched: Scheduler, *requests: Request) -> SchedulerOutput:
-    """One engine step with a fake worker; finishes requests that reached max_tokens."""
-    by_id = {r.request_id: r for r in requests}
-    out = sched.schedule()
-    for chunk in out.chunks:
-        request = by_id[chunk.request_id]
-        assert chunk.start_pos == request.num_computed_tokens
-        assert chunk.token_ids == tuple(request.all_token_ids[chunk.start_pos:chunk.context_len])
-        assert len(chunk.block_ids) * BS >= chunk.context_len
-        sched.advance(chunk, request)
-        if chunk.sample:
-            request.output_token_ids.append(fake_token(request))
-            if len(request.output_token_ids) >= request.sampling.max_tokens:
-                sched.finish(request)
-    return out
-
-
-def run_to_end(sched: Scheduler, *requests: Request) -> None:
-    for _ in range(200):
-        if not sched.has_work:
-            break
-        step(sched, *requests)
-    assert not sched.has_work, "scheduler made no progress"
-    for r in requests:
-        assert r.status is RequestStatus.FINISHED and r.block_ids == []
-        assert r.output_token_ids == [10_000 + 100 * r.arrival_order + i for i in range(r.sampling.max_tokens)]
 
 
 def serve(sched: Scheduler, request: Request) -> list[int]:
