@@ -4,9 +4,11 @@ import asyncio
 
 import grpc
 
+from pdserve.engine.request import FinishReason
 from pdserve.proto import generation_pb2 as pb
-from pdserve.router.orchestrator import Orchestrator
-from pdserve.router.server import build_server
+from pdserve.router.orchestrator import Orchestrator, Piece
+from pdserve.router.server import _response, build_server
+from pdserve.router.timings import Timings
 
 
 def test_a_string_field_that_is_not_utf8_is_invalid_argument():
@@ -33,3 +35,10 @@ def test_a_string_field_that_is_not_utf8_is_invalid_argument():
     error = asyncio.run(go())
     assert error is not None and error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "UTF-8" in error.details()
+
+
+def test_the_last_response_carries_the_cached_prompt_tokens_in_its_timings():
+    timings = Timings(0.1, 0.2, 0.01, 0.3, 0.02, 0.5, cached_tokens=48)
+    last = _response("r1", Piece((7,), "x", FinishReason.LENGTH, timings, 3), 60, first=False)
+    assert last.timings.cached_tokens == 48 and abs(last.timings.ttft_s - 0.3) < 1e-9
+    assert not _response("r1", Piece((7,), "x"), 60, first=True).HasField("timings")
