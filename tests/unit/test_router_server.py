@@ -1,4 +1,5 @@
-"""The router's gRPC server on 127.0.0.1 (no workers needed): a request that does not parse is INVALID_ARGUMENT."""
+"""The router's gRPC server on 127.0.0.1 (no workers needed): a request that does not parse is INVALID_ARGUMENT, and
+the last response's timings carry the prompt tokens served from a prefix cache."""
 
 import asyncio
 
