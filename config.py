@@ -159,6 +159,9 @@ class Router:
     tls_cert_file: str | None = None
     """PEM certificate chain for the public port; with tls_key_file, the router speaks TLS only."""
     tls_key_file: str | None = None
+    max_body_bytes: int = 10 * 2**20
+    """HTTP request bodies larger than this are refused (413) before they are read whole. gRPC messages are bounded
+    by gRPC's own 4 MiB default."""
     routing: str = "kv_aware"
     """How a request's workers are chosen. "load": the decode worker with the most free KV blocks, then the paired
     prefill worker with the fewest queued prompt tokens. "kv_aware" (with engine.prefix_caching): the same, weighed
@@ -180,6 +183,7 @@ class Router:
             if value is not None and not 0 < value < 65536:
                 raise ConfigError(f"{name}: must be a port number (1-65535), got {value!r}")
         _at_least("max_waiting", self.max_waiting, 1)
+        _at_least("max_body_bytes", self.max_body_bytes, 1024)
         _at_least("lease_s", self.lease_s, 1)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("tls_cert_file, tls_key_file: give both (TLS on) or neither (TLS off)")

@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException
 from pdserve.access import Access
 from pdserve.router import openai_protocol as oa
 from pdserve.router.admin import unhealthy_reason
+from pdserve.router.body_limit import BodyLimit
 from pdserve.router.choices import ChoicePiece, merged
 from pdserve.router.errors import DuplicateRequest, Overloaded, TakenOver, Unavailable, WorkerError
 from pdserve.router.orchestrator import Orchestrator
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 DISCONNECT_POLL_S = 0.25
 """How often a request that streams nothing yet checks that its client is still there."""
+MAX_BODY_BYTES = 10 * 2**20
+"""router.max_body_bytes's default."""
 CLIENT_CLOSED = 499
 """The status logged for a request whose client left (nginx's convention; the client never sees it)."""
 T = TypeVar("T")
@@ -60,8 +63,9 @@ T = TypeVar("T")
 
 class OpenAIServer:
     def __init__(self, builder: RequestBuilder, orchestrator: Orchestrator, model_name: str,
-                 access: Access) -> None:
+                 access: Access, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.builder = builder
+        self.max_body_bytes = max_body_bytes
         self.orchestrator = orchestrator
         self.model_name = model_name
         self._expected = f"Bearer {access.token}".encode() if access.token else None
@@ -72,6 +76,7 @@ class OpenAIServer:
         app.add_exception_handler(oa.OpenAIError, _openai_error)
         app.add_exception_handler(RequestValidationError, _validation_error)
         app.add_exception_handler(HTTPException, _http_error)
+        app.add_middleware(BodyLimit, max_bytes=self.max_body_bytes)
         if self._expected is not None:  # checked before the body is read: no token, no validation answers
             app.add_middleware(_BearerToken, expected=self._expected)
         app.post("/v1/completions")(self.completions)
@@ -303,9 +308,10 @@ async def _openai_error(request: Request, error: oa.OpenAIError) -> JSONResponse
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    first = error.errors()[0]
+    first = _most_telling(error.errors())
     where = "" if first.get("type") == "json_invalid" else _field_path([p for p in first.get("loc", ()) if p != "body"])
-    message = f"{where}: {first.get('msg', 'invalid')}" if where else f"body: {first.get('msg', 'invalid')}"
+    detail = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    message = f"{where}: {detail}" if where else f"body: {detail}"
     return JSONResponse(oa.OpenAIError(400, message, param=where or None).body(), status_code=400)
 
 
@@ -313,6 +319,14 @@ async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
     return JSONResponse(oa.OpenAIError(error.status_code, str(error.detail), kind=kind).body(),
                         status_code=error.status_code)
+
+
+def _most_telling(errors: list[dict]) -> dict:
+    """The first wrong field's error that says what is wrong with its value: a field whose type is a union gets one
+    error per member type, and "not a valid string" says less about [5, 2**31] than its int member's range does."""
+    field = tuple(errors[0].get("loc", ()))[:2]
+    same = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
+    return min(same, key=lambda e: (str(e.get("type", "")).endswith("_type"), -len(e.get("loc", ()))))
 
 
 def _field_path(loc: list) -> str:

@@ -12,14 +12,48 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from pdserve.proto import generation_pb2 as pb
 
 MAX_CHOICES = 64
 """Prompts x n of one request; more is refused (each choice is a request on the cluster)."""
+INT32_MAX = 2**31 - 1
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+
+
+def _no_bool(value: Any) -> Any:
+    """JSON true/false are not numbers (pydantic would take true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+def _encodable(value: str) -> str:
+    """JSON may escape a lone surrogate ("\\ud800"), which no UTF-8 text (nor protobuf string) can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode text (a lone surrogate at character {e.start})") from e
+    return value
+
+
+def _integer(low: int, high: int) -> Any:
+    """An integer in [low, high]: each bound is its protobuf field's (or tighter)."""
+    def in_range(value: int) -> int:
+        if not low <= value <= high:
+            raise ValueError(f"must be an integer in [{low}, {high}], got {value}")
+        return value
+
+    return Annotated[int, BeforeValidator(_no_bool), AfterValidator(in_range)]
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+TokenId = _integer(0, INT32_MAX)
+Number = Annotated[float, BeforeValidator(_no_bool)]
 
 
 class OpenAIError(Exception):
@@ -47,21 +81,21 @@ class _Common(BaseModel):
 
     model_config = ConfigDict(extra="allow")  # fields that do not change the output (user, metadata, ...)
 
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1)
+    model: Text | None = None
+    max_tokens: _integer(1, UINT32_MAX) | None = None
+    temperature: Number | None = Field(default=None, ge=0)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
+    n: _integer(1, MAX_CHOICES) = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    stop: Text | list[Text] | None = None
+    seed: _integer(0, UINT64_MAX) | None = None
+    presence_penalty: Number = 0.0
+    frequency_penalty: Number = 0.0
     logit_bias: dict[str, float] | None = None
-    top_k: int | None = Field(default=None, ge=0)  # vLLM's extension
+    top_k: _integer(0, INT32_MAX) | None = None  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension
-    stop_token_ids: list[int] | None = None  # vLLM's extension
+    stop_token_ids: list[TokenId] | None = None  # vLLM's extension
     return_token_ids: bool = False  # vLLM's extension: each choice (and stream chunk) carries its token ids
 
     def refuse_unsupported(self) -> None:
@@ -87,7 +121,7 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -127,14 +161,14 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self, index: int) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -148,7 +182,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: _integer(1, UINT32_MAX) | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None

@@ -128,7 +128,8 @@ class RouterProcess:
         if port is None:
             return None
         router = config.router
-        app = OpenAIServer(builder, orchestrator, router.served_model_name or config.engine.model, access).app()
+        app = OpenAIServer(builder, orchestrator, router.served_model_name or config.engine.model, access,
+                           router.max_body_bytes).app()
         tls = (router.tls_cert_file, router.tls_key_file) if router.tls_cert_file else None
         return await start_http(app, host, port, tls)
 

@@ -368,6 +368,40 @@ def test_a_wrong_type_is_a_400_naming_the_field(path, body, where):
     assert orchestrator.received == []
 
 
+HOSTILE = [  # each was a plain-text 500 (a number beyond its protobuf field, a string protobuf cannot encode)
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**10}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**10, "stream": True}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 2**32}, "max_completion_tokens"),
+    ("/v1/completions", {"prompt": "hi", "top_k": 2**31}, "top_k"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [2**31]}, "stop_token_ids[0]"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids[0]"),
+    ("/v1/completions", {"prompt": [5, 2**31]}, "prompt"),
+    ("/v1/completions", {"prompt": [[5], [-3]]}, "prompt"),
+    ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["\udfff"]}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages[0].content"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "n": True}, "n"),
+    ("/v1/completions", {"prompt": "hi", "top_k": False}, "top_k"),
+    ("/v1/completions", {"prompt": [True, 5]}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("path, body, where", HOSTILE)
+def test_a_number_beyond_its_range_or_unencodable_text_is_a_400_naming_the_field(path, body, where):
+    orchestrator = FakeOrchestrator()
+    client = client_for(orchestrator)
+    raw = json.dumps(body)  # ensure_ascii: a lone surrogate travels as a JSON escape
+    response = client.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+    message = assert_error(response, 400, "invalid_request_error", None)
+    assert message.startswith(f"{where}") and response.json()["error"]["param"].startswith(where), message
+    assert orchestrator.received == []
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
 def test_a_body_that_is_not_json_is_a_400():
     response = client_for(FakeOrchestrator()).post("/v1/completions", content=b'{"prompt": ',
                                                    headers={"content-type": "application/json"})
@@ -663,3 +697,21 @@ def test_tls_files_make_the_http_port_speak_https_only(tmp_path):
     status, plain = asyncio.run(go())
     assert status == 200
     assert plain != "answered"
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read_and_the_next_request_is_served():
+    orchestrator = FakeOrchestrator()
+    client = TestClient(OpenAIServer(FakeBuilder(), orchestrator, MODEL, Access(), max_body_bytes=4096).app())
+    big = {"prompt": "x" * 5000, "max_tokens": 2}
+    announced = client.post("/v1/completions", json=big)  # Content-Length says 5 kB
+    assert assert_error(announced, 413, "invalid_request_error", "body").startswith("body: larger than 4096 bytes")
+
+    def chunks():  # no Content-Length: read until it passes the limit
+        for _ in range(10):
+            yield b"x" * 1000
+
+    chunked = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and orchestrator.received == []
+    within = client.post("/v1/completions", json={"prompt": "x" * 3000, "max_tokens": 2})
+    assert within.status_code == 400 and "context length" in within.json()["error"]["message"]  # read and checked
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
