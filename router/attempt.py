@@ -2,7 +2,7 @@
 
     attempt = Attempt(parts, request, key, position, clock, dispatched)   # position: tokens the client has
     async for item in attempt.run():          # Output ... and then an Output with a finish reason, or an AttemptEnd
-    await attempt.release(finished)           # abort it on every worker it reached, unless it finished
+    attempt.release(finished)                 # abort it on every worker it reached, unless it finished
 
 Three kinds, by how it starts:
 - disaggregated: reserve on a decode worker -> prefill on a prefill worker paired with it, which sends the KV and
@@ -19,6 +19,7 @@ short: a worker died or failed the request (WORKER_LOST), the decode worker is l
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -37,6 +38,9 @@ from pdserve.router.timings import RequestClock
 from pdserve.worker.messages import Adoption, DecodeTask, Owner, PrefillTask, TokenEvent
 
 log = logging.getLogger(__name__)
+
+ABORT_TIMEOUT_S = 30.0
+"""How long an abort's answer is waited for in the background."""
 
 
 def request_key(request_id: str, router_id: str, serial: int) -> str:
@@ -127,9 +131,11 @@ class Attempt:
         except _WorkerLost as e:
             yield AttemptEnd(EndKind.WORKER_LOST, f"worker {e.worker_id} failed", dead_worker=e.worker_id)
 
-    async def release(self, finished: bool) -> None:
+    def release(self, finished: bool) -> None:
         """After the attempt: abort it on the workers it reached (unless it finished), and tell the decode worker
-        this router is done with it."""
+        this router is done with it. The aborts are sent, not waited for: a worker that is stopped or dying must not
+        hold up the request's resumption elsewhere (a lost abort costs nothing lasting: the decode worker reaps the
+        request when this router's lease on it lapses)."""
         parts = self.parts
         if self.decode is not None:
             parts.streams.close(self.key)
@@ -137,9 +143,9 @@ class Attempt:
         if finished and (self.ended_on_worker or self.decode is None):
             return
         if self.prefill is not None:
-            await _quietly(self.prefill, self.prefill.handle.abort_prefill.remote(self.key))
+            _send_abort(self.prefill, self.prefill.handle.abort_prefill.remote(self.key))
         if self.decode is not None:
-            await _quietly(self.decode, self.decode.handle.abort_decode.remote(self.key, parts.router_id))
+            _send_abort(self.decode, self.decode.handle.abort_decode.remote(self.key, parts.router_id))
 
     # ---- how it starts ---------------------------------------------------------------------------------------
     async def _start_disaggregated(self) -> Output | AttemptEnd:
@@ -238,6 +244,23 @@ def _failure(member: Member, error: ray.exceptions.RayError) -> Exception:
         log.error("worker %s raised: %r", member.info.worker_id, cause)
         return WorkerError(f"worker {member.info.worker_id}: {type(cause).__name__}: {cause}")
     return _WorkerLost(member.info.worker_id)
+
+
+_ABORTS: set[asyncio.Task] = set()
+"""Aborts sent and not yet answered (kept so they are not collected before they end)."""
+
+
+def _send_abort(member: Member, ref) -> None:
+    """An abort, answered in the background within ABORT_TIMEOUT_S (then given up on: the worker is stopped)."""
+    task = asyncio.ensure_future(asyncio.wait_for(_quietly(member, ref), ABORT_TIMEOUT_S))
+    _ABORTS.add(task)
+    task.add_done_callback(_abort_ended)
+
+
+def _abort_ended(task: asyncio.Task) -> None:
+    _ABORTS.discard(task)
+    if not task.cancelled() and isinstance(task.exception(), TimeoutError):
+        log.warning("an abort got no answer within %.0f s (the worker is stopped or gone)", ABORT_TIMEOUT_S)
 
 
 async def _quietly(member: Member, ref) -> None:

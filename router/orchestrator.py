@@ -155,7 +155,7 @@ class Orchestrator:
                         yield piece
             yield AttemptEnd(EndKind.WORKER_LOST, "its stream ended before the request did")
         finally:
-            await asyncio.shield(attempt.release(finished))
+            attempt.release(finished)
 
     def _unseen(self, output: Output, sent: list[int], clock: RequestClock) -> Piece | None:
         """The part of `output` the client lacks (its tokens and their text), recorded as sent; None if nothing."""
