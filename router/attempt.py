@@ -197,6 +197,8 @@ class Attempt:
             return await _call(self.prefill, self.prefill.handle.prefill.remote(task))
         finally:
             tokens[worker_id] -= compute_tokens
+            if not tokens[worker_id]:
+                del tokens[worker_id]  # no entry left behind for a worker that is gone
 
     # ---- the decode worker's events --------------------------------------------------------------------------
     async def _events(self) -> AsyncIterator[Output | AttemptEnd]:

@@ -6,17 +6,18 @@
 
 Disaggregated: the decode worker with the most free KV blocks (KV-aware: the cheapest by `router.policy`'s cost, from
 what `index` says each worker caches) among those with a working KV pair to some prefill worker reserves the
-request's blocks (no room on any: wait until a request ends at this router, ROOM_RETRY_S at
-most, and pick again); then the prefill worker paired with it with the fewest queued prompt tokens (counting what
-this router has sent it and not yet seen back). Colocated: the worker with the most free blocks. No ready worker
-at all: wait up to NO_WORKERS_WAIT_S for one to join, then `Unavailable`. Ray errors of the calls made here
-(`reserve`, `adopt`) are the caller's to handle.
+request's blocks; then the prefill worker paired with it with the fewest queued prompt tokens (counting what this
+router has sent it and not yet seen back). No room on any decode worker: wait until a request ends at this router
+(ROOM_RETRY_S at most) and pick again; a request that ends wakes the longest waiter only, and a waiter that then
+finds room wakes the next, so a freed block costs one reserve call, not one per waiting request. Colocated: the
+worker with the most free blocks. No ready worker at all: wait up to NO_WORKERS_WAIT_S for one to join, then
+`Unavailable`. Ray errors of the calls made here (`reserve`, `adopt`) are the caller's to handle.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,8 +62,8 @@ class Placement:
         self.cache_weight = cache_weight
         self.prefill_tokens: dict[str, int] = defaultdict(int)
         """Prompt tokens this router has sent each prefill worker and not yet seen back."""
-        self._room = asyncio.Event()
-        """Set (and replaced) when a request ends: blocks may have been freed, so waiters try again."""
+        self._waiters: deque[asyncio.Future] = deque()
+        """Requests waiting for KV room, oldest first; a request that ends wakes the first still waiting."""
 
     async def reserve(self, request: ValidRequest, key: str, owner: Owner,
                       on_choice: Callable[[Member, Member], None]) -> Placed:
@@ -70,6 +71,7 @@ class Placement:
         paired with it; waits while every decode worker is full. `on_choice(decode, prefill)` runs before each
         reservation is asked for (so an abort reaches a worker that may know the request)."""
         affinity = self._affinity(request)
+        waited = False
         while True:
             decode = await self._choose(lambda: self._fitting(request, pick_decode(
                 [m.info for m in self.membership.ready(Role.DECODE) if self.membership.prefill_for(m.info.worker_id)],
@@ -86,10 +88,13 @@ class Placement:
                 self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total
                                        - reservation.kv_blocks_free, running=reservation.running)
                 self._expect(affinity, decode, prefill)
+                if waited:
+                    self.room_freed()  # room may be left for the next waiter: pass the turn on
                 tokens = affinity.uncached_tokens(prefill.info.worker_id) if affinity else len(request.token_ids)
                 return Placed(decode, prefill, reservation, tokens)
             self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total)  # full
             await self._wait_for_room()
+            waited = True
 
     async def colocated(self, request: ValidRequest) -> Member:
         affinity = self._affinity(request)
@@ -129,15 +134,23 @@ class Placement:
                 self.index.expect(member.info.worker_id, affinity.hashes)
 
     def room_freed(self) -> None:
-        self._room.set()
-        self._room = asyncio.Event()
+        """A request ended (blocks may be free): the longest waiter tries again."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def _wait_for_room(self) -> None:
         """Until a request ends somewhere (or a heartbeat may show room: ROOM_RETRY_S at most)."""
+        while self._waiters and self._waiters[0].done():
+            self._waiters.popleft()  # those that timed out (oldest first, as they all wait as long)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(self._room.wait(), ROOM_RETRY_S)
+            await asyncio.wait_for(waiter, ROOM_RETRY_S)
         except TimeoutError:
-            pass
+            pass  # its place is skipped (a done future) when a request ends
 
     async def _choose(self, pick: Callable[[], WorkerInfo | None]) -> Member:
         """The member `pick` names; waits a while for one to join when there is none."""

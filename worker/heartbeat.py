@@ -1,7 +1,9 @@
 """A worker's heartbeat: its `WorkerInfo` written to the registry every second, on its own thread, and after it
 the worker's prefix-cache events (`worker.cache_events`).
 
-Redis being away is logged and retried, never fatal: serving goes on and the registry refills once it is back.
+Redis being away is logged and retried, never fatal: serving goes on and the registry refills once it is back. Any
+other error in a beat is logged with its stack and the thread goes on (it used to end silently, and the worker then
+dropped out of the registry while it served).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stopping.wait(HEARTBEAT_S):
-            self.beat()
-            if self._cache_events is not None:
-                self._cache_events.flush()
+            try:
+                self.beat()
+                if self._cache_events is not None:
+                    self._cache_events.flush()
+            except Exception:  # a bug, not Redis (beat and flush handle that): logged, and the next beat tries again
+                log.exception("heartbeat failed; it goes on")
