@@ -159,6 +159,10 @@ class Router:
     tls_cert_file: str | None = None
     """PEM certificate chain for the public port; with tls_key_file, the router speaks TLS only."""
     tls_key_file: str | None = None
+    worker_wait_s: float = 30.0
+    """How long a request waits for a worker when none of the kind it needs is ready (one died and its replacement
+    is starting: ~12 s under load here; a request resumed from the dead one waits too) before UNAVAILABLE. The
+    client's own deadline still applies."""
     max_body_bytes: int = 10 * 2**20
     """HTTP request bodies larger than this are refused (413) before they are read whole. gRPC messages are bounded
     by gRPC's own 4 MiB default."""
@@ -184,6 +188,7 @@ class Router:
                 raise ConfigError(f"{name}: must be a port number (1-65535), got {value!r}")
         _at_least("max_waiting", self.max_waiting, 1)
         _at_least("max_body_bytes", self.max_body_bytes, 1024)
+        _at_least("worker_wait_s", self.worker_wait_s, 0)
         _at_least("lease_s", self.lease_s, 1)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("tls_cert_file, tls_key_file: give both (TLS on) or neither (TLS off)")

@@ -34,7 +34,7 @@ from pdserve.router.kv_index import KVIndex
 from pdserve.router.membership import Membership
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.migration import MAX_MIGRATIONS, continuation
-from pdserve.router.placement import Placement
+from pdserve.router.placement import WORKER_WAIT_S, Placement
 from pdserve.router.records import TimingRecords
 from pdserve.router.request_builder import ValidRequest
 from pdserve.router.timings import RequestClock, Timings
@@ -61,16 +61,17 @@ class Piece:
 class Orchestrator:
     def __init__(self, registry: Registry | None, namespace: str, colocated: bool, block_size: int,
                  max_waiting: int = 1024, router_id: str = "router", kv_index: KVIndex | None = None,
-                 cache_weight: float = 1.0) -> None:
+                 cache_weight: float = 1.0, worker_wait_s: float = WORKER_WAIT_S) -> None:
         """`registry`: where finished requests' timings go (None: nowhere, as in unit tests). `kv_index`: routes
-        by what workers cache too (`router.policy`), with `cache_weight`."""
+        by what workers cache too (`router.policy`), with `cache_weight`. `worker_wait_s`: how long a request waits
+        for a worker to join when none is ready (`placement`)."""
         self.router_id = router_id
         self.registry = registry
         self.colocated = colocated
         self.admission = Admission(max_waiting)
         self.streams = EventStreams()
         self.membership = Membership(registry, namespace, router_id, self.streams.deliver, self.streams.lost)
-        self.placement = Placement(self.membership, block_size, kv_index, cache_weight)
+        self.placement = Placement(self.membership, block_size, kv_index, cache_weight, worker_wait_s)
         self.parts = RouterParts(router_id, self.membership, self.placement, self.streams, colocated)
         self.metrics = RouterMetrics(in_flight=lambda: self.in_flight_count)
         self.records = TimingRecords(registry, self.metrics)

@@ -10,7 +10,8 @@ request's blocks; then the prefill worker paired with it with the fewest queued 
 router has sent it and not yet seen back). No room on any decode worker: wait until a request ends at this router
 (ROOM_RETRY_S at most) and pick again; a request that ends wakes the longest waiter only, and a waiter that then
 finds room wakes the next, so a freed block costs one reserve call, not one per waiting request. Colocated: the
-worker with the most free blocks. No ready worker at all: wait up to NO_WORKERS_WAIT_S for one to join, then
+worker with the most free blocks. No ready worker at all: wait up to `worker_wait_s` (router.worker_wait_s) for one
+to join (a replacement for a worker that died, a request resumed from it included), then
 `Unavailable`. Ray errors of the calls made here (`reserve`, `adopt`) are the caller's to handle.
 """
 
@@ -35,7 +36,8 @@ from pdserve.worker.messages import Adoption, DecodeTask, Owner, Reservation
 
 ROOM_RETRY_S = 0.5
 """A request waiting for KV room tries again when another request ends, or after this long (a heartbeat)."""
-NO_WORKERS_WAIT_S = 10.0
+WORKER_WAIT_S = 30.0
+"""router.worker_wait_s's default: a dead worker's replacement took ~12 s under load on dev-cpu."""
 CHOOSE_RETRY_S = 0.1
 ADOPT_TIMEOUT_S = 5.0
 
@@ -54,9 +56,11 @@ class Placed:
 
 class Placement:
     def __init__(self, membership: Membership, block_size: int, index: KVIndex | None = None,
-                 cache_weight: float = 1.0) -> None:
-        """`index`: KV-aware routing from the workers' cache events (None: by load alone)."""
+                 cache_weight: float = 1.0, worker_wait_s: float = WORKER_WAIT_S) -> None:
+        """`index`: KV-aware routing from the workers' cache events (None: by load alone); `worker_wait_s`: how
+        long a request waits for a worker to join when none is ready."""
         self.membership = membership
+        self.worker_wait_s = worker_wait_s
         self.block_size = block_size
         self.index = index
         self.cache_weight = cache_weight
@@ -154,13 +158,14 @@ class Placement:
 
     async def _choose(self, pick: Callable[[], WorkerInfo | None]) -> Member:
         """The member `pick` names; waits a while for one to join when there is none."""
-        deadline = asyncio.get_running_loop().time() + NO_WORKERS_WAIT_S
+        deadline = asyncio.get_running_loop().time() + self.worker_wait_s
         while True:
             info = pick()
             if info is not None and info.worker_id in self.membership.members:
                 return self.membership.members[info.worker_id]
             if asyncio.get_running_loop().time() > deadline:
-                raise Unavailable("no ready worker for this request (see `pdserve status`)")
+                raise Unavailable(f"no ready worker for this request within {self.worker_wait_s:.0f} s "
+                                  "(router.worker_wait_s; see `pdserve status`)")
             await asyncio.sleep(CHOOSE_RETRY_S)
 
     def _fitting(self, request: ValidRequest, info: WorkerInfo | None) -> WorkerInfo | None:

@@ -83,7 +83,8 @@ class RouterProcess:
         follower = self._kv_index_follower(config)
         orchestrator = Orchestrator(self.registry, settings.namespace, config.mode is Mode.COLOCATED,
                                     config.engine.block_size, config.router.max_waiting, self.router_id,
-                                    follower.index if follower else None, config.router.cache_weight)
+                                    follower.index if follower else None, config.router.cache_weight,
+                                    config.router.worker_wait_s)
         host = self.listen.host or config.router.host
         membership = asyncio.create_task(orchestrator.membership.run(), name="membership")
         following = asyncio.create_task(follower.run(), name="kv-index") if follower else None

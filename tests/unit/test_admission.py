@@ -20,11 +20,10 @@ async def first_piece(orchestrator: Orchestrator, n: int):
         return piece
 
 
-def test_a_full_admission_queue_refuses_at_once_and_keeps_the_waiting_requests(monkeypatch):
-    monkeypatch.setattr("pdserve.router.placement.NO_WORKERS_WAIT_S", 1.0)
-
+def test_a_full_admission_queue_refuses_at_once_and_keeps_the_waiting_requests():
     async def go():
-        orchestrator = Orchestrator(registry=None, namespace="test", colocated=False, block_size=16, max_waiting=2)
+        orchestrator = Orchestrator(registry=None, namespace="test", colocated=False, block_size=16, max_waiting=2,
+                                    worker_wait_s=1.0)
         waiting = [asyncio.create_task(first_piece(orchestrator, n)) for n in range(2)]
         await asyncio.sleep(0.05)  # both are waiting for a worker (there is none)
         assert orchestrator.waiting_count == 2

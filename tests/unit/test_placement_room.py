@@ -1,9 +1,14 @@
-"""Requests waiting for KV room at the router: a request that ends wakes the longest waiter only (one reserve call
-per freed room, not one per waiter); the others keep their turn, or retry on their own after ROOM_RETRY_S."""
+"""Requests waiting at the router: for KV room, a request that ends wakes the longest waiter only (one reserve call
+per freed room, not one per waiter) and the others keep their turn, or retry on their own after ROOM_RETRY_S; for a
+worker when none is ready (one died, its replacement is starting), up to router.worker_wait_s."""
 
 import asyncio
+from types import SimpleNamespace
+
+import pytest
 
 from pdserve.router import placement as placement_module
+from pdserve.router.errors import Unavailable
 from pdserve.router.placement import Placement
 
 
@@ -45,3 +50,20 @@ def test_a_waiter_that_timed_out_gives_its_turn_to_the_next(monkeypatch):
         return later.done(), len(placement._waiters)
 
     assert asyncio.run(go()) == (True, 0)
+
+
+def test_a_request_waits_for_a_worker_to_join_up_to_worker_wait_s():
+    replacement = SimpleNamespace(worker_id="decode-1")
+
+    async def go(wait_s: float):
+        members: dict = {}
+        placement = Placement(SimpleNamespace(members=members), block_size=16, worker_wait_s=wait_s)
+        loop = asyncio.get_running_loop()
+        joins_at = loop.time() + 0.3  # the replacement registers after 0.3 s
+        pick = lambda: replacement if loop.time() >= joins_at else None  # noqa: E731
+        members["decode-1"] = "the replacement's member"
+        return await placement._choose(pick)
+
+    assert asyncio.run(go(wait_s=2.0)) == "the replacement's member"
+    with pytest.raises(Unavailable, match="router.worker_wait_s"):
+        asyncio.run(go(wait_s=0.1))
