@@ -238,6 +238,10 @@ class TorchDistConnector(KVConnector):
             text = str(e).lower()
             status = TransferStatus.TIMED_OUT if "timed out" in text or "timeout" in text else TransferStatus.FAILED
             self._outcomes.put((pending.transfer.transfer_id, status, str(e).splitlines()[0][:300]))
+        except Exception as e:  # a bug: reported like a broken link (the pair's state is unknown), never lost
+            log.exception("KV transfer %s with %s raised", pending.transfer.transfer_id, pending.transfer.peer)
+            self._broken.put((pending.transfer.peer, pair))
+            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, f"{type(e).__name__}: {e}"[:300]))
         else:
             self._outcomes.put((pending.transfer.transfer_id, TransferStatus.DONE, ""))
 
