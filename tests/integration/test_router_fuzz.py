@@ -1,7 +1,8 @@
 """Random GenerateRequests against a live router: every answer is a valid stream or a clean gRPC error.
 
 A small disaggregated cluster (one prefill and one decode worker on SmolLM2) takes requests built by hypothesis
-through the raw gRPC stub, so that fields the Python `Client` would refuse still reach the router: empty, unicode
+(derandomized: the same requests every run, so a failure reproduces) through the raw gRPC stub, so that fields the
+Python `Client` would refuse still reach the router: empty, unicode
 and very long text; chat messages with valid and junk roles; token ids that are empty, in the vocabulary, outside it
 or at the int32 limits; sampling fields at and beyond their edges (max_tokens 0 or past the context, temperature
 negative / NaN / inf, top_p 0 / negative / above 1 / NaN, negative top_k, empty stop strings, stop token ids outside
@@ -277,7 +278,7 @@ def check_stream(request: pb.GenerateRequest, responses: list[pb.GenerateRespons
     assert last.HasField("timings") and 0 < last.timings.ttft_s <= last.timings.e2e_s
 
 
-@settings(max_examples=40, deadline=None, database=None,
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=requests)
 def test_random_requests_get_a_valid_stream_or_a_clean_error(stub, request):

@@ -69,6 +69,17 @@ async def events_until_finished(decode: DecodeWorker, request_id: str, router_id
     raise TimeoutError(request_id)
 
 
+async def events_with_tokens(decode: DecodeWorker, router_id: str, count: int, timeout_s: float = 60.0):
+    """The router's events until they carry `count` tokens (TimeoutError past `timeout_s`)."""
+    events = []
+    deadline = time.monotonic() + timeout_s
+    while sum(len(e.token_ids) for e in events) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} tokens for {router_id}")
+        events += await decode.events(router_id, 0.5)
+    return events
+
+
 async def idle(*workers, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -219,9 +230,7 @@ def test_adoption_moves_a_running_request_to_another_router_with_what_its_client
     async def go():
         prefill, decode = await started_pair()
         await handed_off(prefill, decode, "c8@router-a#0", sampling, Owner("router-a", "c8"))
-        seen_by_a = []
-        while sum(len(e.token_ids) for e in seen_by_a) < 4:
-            seen_by_a += await decode.events("router-a", 0.5)
+        seen_by_a = await events_with_tokens(decode, "router-a", 4)
         client_has = [t for e in seen_by_a for t in e.token_ids]
         assert await decode.adopt("c8", "router-b", len(client_has) + 50) is None  # ahead of the worker: refused
         assert await decode.adopt("someone-else", "router-b", 0) is None
@@ -247,9 +256,7 @@ def test_hand_on_gives_back_decoding_requests_and_frees_their_blocks():
     async def go():
         prefill, decode = await started_pair()
         await handed_off(prefill, decode, "r5", sampling)
-        events = []
-        while sum(len(e.token_ids) for e in events) < 2:  # decoding here
-            events += await decode.events(ROUTER, 0.5)
+        events = await events_with_tokens(decode, ROUTER, 2)  # decoding here
         handed = await decode.hand_on()
         events += await decode.events(ROUTER, 0.5)
         assert await idle(prefill, decode)
