@@ -144,7 +144,7 @@ class DecodeWorker:
 
     async def drain(self) -> None:
         """Finish what is here and take nothing new (before a role switch or removal)."""
-        self.runtime.drain()
+        await self.runtime.drain()
 
     async def hand_on(self) -> int:
         """Leaving the pool (drained, for a move or a removal): give back every request decoding here. Its router

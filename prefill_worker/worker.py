@@ -105,7 +105,7 @@ class PrefillWorker:
 
     async def drain(self) -> None:
         """Finish what is here and take nothing new (before a role switch or removal)."""
-        self.runtime.drain()
+        await self.runtime.drain()
 
     async def idle(self) -> bool:
         """Nothing queued, prefilling or being sent."""

@@ -126,11 +126,12 @@ class WorkerRuntime:
         if isinstance(self.connector, TorchDistConnector):
             await self.call(lambda _: self.connector.pairs.pop(peer, None))
 
-    def drain(self) -> None:
-        """Stop taking new work: the registry says DRAINING at once, and routers stop picking this worker."""
+    async def drain(self) -> None:
+        """Stop taking new work: the registry says DRAINING at once (written from a thread: a hung Redis must not
+        stall this worker's event loop), and routers stop picking this worker."""
         self.state = WorkerState.DRAINING
         if self.heartbeat is not None:
-            self.heartbeat.beat()
+            await asyncio.to_thread(self.heartbeat.beat)
 
     def call(self, fn: Callable[[Engine], object]) -> asyncio.Future:
         return asyncio.wrap_future(self.thread.call(fn))
