@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import redis
 
@@ -32,6 +32,8 @@ EXPECT_S = 5.0
 READ_BLOCK_MS = 1000
 """A follower's read waits this long for new batches (in a thread, off the event loop)."""
 RETRY_S = 1.0
+PRUNE_AFTER_S = 60.0
+"""A worker the router no longer lists and that sent no batch for this long leaves the index."""
 MAX_EXPECTED = 100_000
 """Past this many expected hashes, the expired ones are dropped."""
 
@@ -42,9 +44,12 @@ class KVIndex:
         self._hashes_of: dict[str, set[int]] = defaultdict(set)
         self._expected: dict[int, dict[str, float]] = {}
         """Hash -> worker -> until when (monotonic seconds) it counts as held there, events or not."""
+        self._last_batch: dict[str, float] = {}
+        """Worker -> when its latest batch was applied (monotonic seconds)."""
         self.batches_applied = 0
 
-    def apply(self, batch: CacheBatch) -> None:
+    def apply(self, batch: CacheBatch, now: float | None = None) -> None:
+        self._last_batch[batch.worker_id] = time.monotonic() if now is None else now
         if batch.reset:
             self.forget(batch.worker_id)
         held = self._hashes_of[batch.worker_id]
@@ -60,6 +65,17 @@ class KVIndex:
         """Drop every block of a worker (it restarted, or left the cluster)."""
         for block_hash in self._hashes_of.pop(worker_id, ()):
             self._drop(block_hash, worker_id)
+        self._last_batch.pop(worker_id, None)
+
+    def prune(self, live: Iterable[str], quiet_s: float, now: float | None = None) -> list[str]:
+        """Forget the workers that are not `live` and sent nothing for `quiet_s` (gone for good: a worker that is
+        starting publishes before routers list it, so a fresh one is kept). Returns whom it forgot."""
+        now = time.monotonic() if now is None else now
+        live = set(live)
+        gone = [w for w, at in self._last_batch.items() if w not in live and now - at > quiet_s]
+        for worker_id in gone:
+            self.forget(worker_id)
+        return gone
 
     def expect(self, worker_id: str, hashes: Iterable[int], now: float | None = None) -> None:
         """A prompt with these block hashes was just sent to `worker_id`: count them as held there for `EXPECT_S`
@@ -108,17 +124,25 @@ class KVIndex:
 
 class KVIndexFollower:
     """Keeps a `KVIndex` up to date: reads the event stream from its start (a router that starts or restarts
-    rebuilds its index so), then follows it. Redis away: the index stays as it is and the read is retried."""
+    rebuilds its index so), then follows it, and forgets workers that left (not `live` and quiet for PRUNE_AFTER_S).
+    Redis away: the index stays as it is and the read is retried."""
 
     def __init__(self, index: KVIndex, events: KVEventLog) -> None:
         self.index = index
         self.events = events
         self.last_id = FIRST_ID
+        self.live: Callable[[], Iterable[str]] | None = None
+        """The workers the router knows now (its membership), for pruning; None prunes nothing."""
         self._failing = False
 
     async def run(self) -> None:
+        pruned_at = time.monotonic()
         while True:
             await self.read_once(READ_BLOCK_MS)
+            if self.live is not None and time.monotonic() - pruned_at > PRUNE_AFTER_S:
+                pruned_at = time.monotonic()
+                for worker_id in self.index.prune(self.live(), PRUNE_AFTER_S):
+                    log.info("KV index: forgot %s (gone)", worker_id)
 
     async def read_once(self, block_ms: int | None = None) -> int:
         """Apply the next batches (waiting up to `block_ms` for some); how many were applied."""

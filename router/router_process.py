@@ -86,6 +86,8 @@ class RouterProcess:
                                     follower.index if follower else None, config.router.cache_weight,
                                     config.router.worker_wait_s)
         host = self.listen.host or config.router.host
+        if follower is not None:
+            follower.live = lambda: orchestrator.membership.members
         membership = asyncio.create_task(orchestrator.membership.run(), name="membership")
         following = asyncio.create_task(follower.run(), name="kv-index") if follower else None
         http = await self._http(config, host, builder, orchestrator, access)

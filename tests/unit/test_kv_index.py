@@ -379,3 +379,13 @@ def test_expected_blocks_count_as_held_until_they_expire():
     index.expect("b", (1, 2), now=100.0)  # a router just sent b a prompt with these blocks
     assert index.cached_blocks((1, 2, 3), ["a", "b"], now=101.0) == {"a": 1, "b": 2}
     assert index.cached_blocks((1, 2, 3), ["a", "b"], now=100.0 + EXPECT_S + 1) == {"a": 1, "b": 0}
+
+
+def test_a_worker_that_left_and_went_quiet_is_pruned_a_fresh_one_is_kept():
+    index = KVIndex()
+    index.apply(CacheBatch("gone", stored=(1, 2)), now=0.0)
+    index.apply(CacheBatch("starting", stored=(3,)), now=95.0)  # publishes before routers list it
+    index.apply(CacheBatch("listed", stored=(4,)), now=0.0)  # idle for long, but still a member
+    assert index.prune(["listed"], quiet_s=60, now=100.0) == ["gone"]
+    assert index.cached_blocks((1,), ["gone"]) == {"gone": 0} and index.num_blocks == 2
+    assert index.prune(["listed"], quiet_s=60, now=200.0) == ["starting"]
