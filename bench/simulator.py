@@ -31,24 +31,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pdserve.bench.metrics import SLO, RequestRecord
+from pdserve.bench.sim_views import prompt_affinity, worker_info, worker_observation
 from pdserve.bench.workloads import TraceEntry, make_prompt_ids
 from pdserve.controller.config import ControllerConfig, ControllerState
 from pdserve.controller.controller import tick
 from pdserve.controller.decision import Action, Decision
-from pdserve.controller.observation import Observation, PoolRole, WorkerObservation
+from pdserve.controller.observation import Observation, PoolRole
 from pdserve.controller.output_lengths import class_counts
 from pdserve.controller.window import Finished, traffic_window
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.cost_model import Link
 from pdserve.engine.engine import Engine
-from pdserve.engine.prefix_hash import block_hashes, shareable_blocks
 from pdserve.engine.request import FinishReason
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sim_runner import PLACEHOLDER_TOKEN
-from pdserve.registry.entries import Role, WorkerInfo, WorkerState
 from pdserve.router.policy import Affinity, pick_decode, pick_prefill
-
-_ROLES = {PoolRole.PREFILL: Role.PREFILL, PoolRole.DECODE: Role.DECODE}
 
 
 @dataclass(frozen=True)
@@ -222,7 +219,7 @@ class Simulation:
         ready = self._ready(PoolRole.DECODE)
         if not ready:
             return None
-        info = pick_decode([_info(w) for w in ready], self._affinity(request))
+        info = pick_decode([worker_info(w) for w in ready], self._affinity(request))
         worker = next(w for w in ready if w.worker_id == info.worker_id)
         if worker.engine.reserve_remote(request.request_id, request.prompt, request.sampling) is None:
             return None  # the freest worker is full: wait for blocks, as the live router does
@@ -232,20 +229,18 @@ class Simulation:
         ready = self._ready(PoolRole.PREFILL)
         if not ready:
             return None
-        info = pick_prefill([_info(w) for w in ready], {w.worker_id: w.in_flight_tokens for w in ready},
+        info = pick_prefill([worker_info(w) for w in ready], {w.worker_id: w.in_flight_tokens for w in ready},
                             self._affinity(request))
         return next(w for w in ready if w.worker_id == info.worker_id)
 
     def _affinity(self, request: _Request) -> Affinity | None:
         """KV-aware routing's view of the prompt: what each engine's prefix cache holds of it."""
-        engine = self.setup.engine
         if not self._kv_aware:
             return None
-        shareable = shareable_blocks(len(request.prompt), engine.block_size)
-        if request.hashes is None:
-            request.hashes = tuple(block_hashes(request.prompt[:shareable * engine.block_size], engine.block_size))
-        cached = {w.worker_id: len(w.engine.blocks.cached_prefix(request.hashes)) for w in self.workers}
-        return Affinity(len(request.prompt), shareable, engine.block_size, cached, self.setup.cache_weight)
+        affinity = prompt_affinity(request.prompt, request.hashes, self.workers, self.setup.engine.block_size,
+                                   self.setup.cache_weight)
+        request.hashes = affinity.hashes
+        return affinity
 
     def _ready(self, role: PoolRole) -> list[_Worker]:
         return [w for w in self.workers if w.role is role and w.available and not w.draining]
@@ -408,7 +403,7 @@ class Simulation:
         arrived_classes = class_counts(tokens for _, tokens in self._arrivals)
         recent = [Finished(r.input_tokens, r.output_tokens, r.ttft_s, r.tpot_s) for r in self._records[-5000:]
                   if r.ok and r.arrival_s + r.e2e_s >= self.now - window]
-        workers = tuple(_observe_worker(w, self._moving.get(w.worker_id)) for w in self.workers)
+        workers = tuple(worker_observation(w, self._moving.get(w.worker_id)) for w in self.workers)
         return Observation(now_s=self.now, workers=workers,
                            traffic=traffic_window(recent, arrived / window, window, self.setup.slo.ttft_s,
                                                   self.setup.slo.tpot_s, router_waiting=len(self._queue),
@@ -423,22 +418,3 @@ class Simulation:
     def _new_worker(self, role: PoolRole) -> _Worker:
         return _Worker(f"w{next(self._ids)}", role, Engine(self.setup.engine, realtime=False))
 
-
-def _observe_worker(w: _Worker, joining: PoolRole | None) -> WorkerObservation:
-    """`joining`: the pool a worker being moved will serve (a restarting worker's role is already its new one)."""
-    load = w.engine.load()
-    in_transition = w.draining or not w.available
-    return WorkerObservation(worker_id=w.worker_id, role=w.role, draining=in_transition,
-                             joining=(joining or w.role) if in_transition else None,
-                             running=load.running + load.held, waiting=load.waiting,
-                             queued_prefill_tokens=load.queued_prefill_tokens, kv_blocks_used=load.kv_blocks_used,
-                             kv_blocks_total=load.kv_blocks_total)
-
-
-def _info(w: _Worker) -> WorkerInfo:
-    """What the live router's policy sees of a worker (its heartbeat), built from the engine's load."""
-    load = w.engine.load()
-    return WorkerInfo(worker_id=w.worker_id, role=_ROLES[w.role], actor_name="", pid=0, state=WorkerState.READY,
-                      running=load.running + load.held, waiting=load.waiting,
-                      queued_prefill_tokens=load.queued_prefill_tokens, kv_blocks_used=load.kv_blocks_used,
-                      kv_blocks_total=load.kv_blocks_total)
