@@ -160,7 +160,7 @@ class DecodeWorker:
 
     async def stop(self) -> None:
         self._stop_reaping()
-        self.runtime.stop()
+        await self.runtime.stop()
 
     async def leave(self) -> EngineThread:
         """Leave the cluster under this identity for a role switch in place (see `WorkerRuntime.leave`)."""
