@@ -160,7 +160,7 @@ class DecodeWorker:
 
     async def stop(self) -> None:
         self._stop_reaping()
-        await self.runtime.stop()
+        self.runtime.stop()
 
     async def leave(self) -> EngineThread:
         """Leave the cluster under this identity for a role switch in place (see `WorkerRuntime.leave`)."""

@@ -114,7 +114,7 @@ class PrefillWorker:
 
     async def stop(self) -> None:
         await self._stop_pairing()
-        await self.runtime.stop()
+        self.runtime.stop()
 
     async def leave(self) -> EngineThread:
         """Leave the cluster under this identity for a role switch in place (see `WorkerRuntime.leave`)."""

@@ -101,7 +101,7 @@ class WorkerRuntime:
         self.metrics_server = serve_metrics(self.metrics.registry)
         self.state = WorkerState.READY
         if self.heartbeat is not None:
-            await asyncio.to_thread(self.heartbeat.start)  # its first beat writes to Redis: never on the loop
+            self.heartbeat.start()
         log.info("worker %s ready (%s, pid %d, cores %s)", self.spec.worker_id, self.spec.role.value, os.getpid(),
                  self.spec.cores)
         return self.info()
@@ -112,11 +112,8 @@ class WorkerRuntime:
         after it broke meets under a new name (`worker.kv_pairs` decides when)."""
         if not isinstance(self.connector, TorchDistConnector):
             return  # in-process connectors need no pairing
-        def pair() -> None:  # both block (a TCPStore client waits up to its timeout for the host): off the loop
-            store = self.rendezvous.store(store_address, self.connector.pair_name(peer, generation))
-            self.connector.connect(peer, store, rank, generation=generation)
-
-        await asyncio.to_thread(pair)
+        store = self.rendezvous.store(store_address, self.connector.pair_name(peer, generation))
+        await asyncio.to_thread(self.connector.connect, peer, store, rank, generation=generation)
         log.info("worker %s paired with %s (generation %d)", self.spec.worker_id, peer, generation)
 
     def paired(self) -> set[str]:
@@ -157,15 +154,15 @@ class WorkerRuntime:
             if load and load.prompt_tokens_total else 0.0,
             paired=tuple(sorted(self.paired())))
 
-    async def stop(self) -> None:
-        await self._unregister()
-        await asyncio.to_thread(self.thread.stop)  # waits for the step in progress
+    def stop(self) -> None:
+        self._unregister()
+        self.thread.stop()
         self._close()
 
     async def leave(self) -> EngineThread:
         """Leave the cluster under this identity (registry entry, KV pairs, metrics port) but keep the engine
         thread and its engine, for a role switch in place; returns the thread."""
-        await self._unregister()
+        self._unregister()
         await self.call(lambda _: self._close())  # between two steps: nothing polls the connector meanwhile
         return self.thread
 
@@ -175,10 +172,10 @@ class WorkerRuntime:
         if self.cache_events is not None:
             self.cache_events.add(engine.blocks)
 
-    async def _unregister(self) -> None:
+    def _unregister(self) -> None:
         self.state = WorkerState.STOPPED
         if self.heartbeat is not None:
-            await asyncio.to_thread(self.heartbeat.stop)  # removes the registry entry: Redis, off the loop
+            self.heartbeat.stop()
 
     def _send_delay(self) -> SendDelay | None:
         """Sends slowed on purpose: a sim engine's modelled wire, an injected pause (`faults`); None otherwise."""
