@@ -101,6 +101,13 @@ class Workers:
     decode: Pool = field(default_factory=Pool)
     colocated: Pool = field(default_factory=lambda: Pool(count=0, resources=Resources(cpus=2.0)))
     """Workers doing both phases, used in colocated mode; by default as many cores as 1 prefill + 1 decode."""
+    hung_after_s: float = 15.0
+    """A worker that does not answer for this long (its process stopped, its event loop blocked), or whose engine
+    stays inside one step this long, is hung: the control plane kills it and starts another in its place, and its
+    requests resume elsewhere. Keep it above the longest step (with `engine.compile`, the first steps compile)."""
+
+    def __post_init__(self) -> None:
+        _at_least("hung_after_s", self.hung_after_s, 1)
 
 
 @dataclass(frozen=True)

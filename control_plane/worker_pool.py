@@ -20,8 +20,10 @@ Worker ids are `<pool>-<n>` with n counting up per pool in the registry (never r
 so a moved worker gets a new id and routers see one worker leave and a new one join (and the KV pairs form around
 it).
 
-`watch` replaces a worker whose actor died (killed, crashed): a new worker in the same role, on the same cores,
-under a new id. The router has already resumed that worker's requests elsewhere (`router.migration`).
+`watch` replaces a worker whose actor died (killed, crashed), or that is hung (`control_plane.hang_watch`: no
+answer, or an engine stuck in one step, for `workers.hung_after_s`; it is killed first): a new worker in the same
+role, on the same cores, under a new id. The routers resume that worker's requests elsewhere (`router.migration`)
+when its actor's death ends their event streams.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import ray
 import redis
 
 from pdserve.config import ClusterConfig, Pool
+from pdserve.control_plane.hang_watch import HangWatch
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import retunable
 from pdserve.registry.entries import Role, WorkerInfo
@@ -68,6 +71,7 @@ class WorkerPool:
         self._next = dict.fromkeys(Role, 0)
         self.infos: dict[str, WorkerInfo] = {}
         """Each worker's own answer to the last watch (every second)."""
+        self.hangs = HangWatch(config.workers.hung_after_s)
 
     def pool(self, role: Role) -> Pool:
         workers = self.config.workers
@@ -103,6 +107,7 @@ class WorkerPool:
         for (name, handle), spec in zip(live, specs):
             if isinstance(spec, WorkerSpec):
                 self.specs[spec.worker_id], self.actors[spec.worker_id] = spec, handle
+                self.hangs.watch(spec.worker_id)
                 self._count_past(spec)
             else:
                 log.warning("worker actor %s does not answer (%s); killing it", name, type(spec).__name__)
@@ -125,6 +130,8 @@ class WorkerPool:
             self._create(spec)
         await asyncio.wait_for(asyncio.gather(*(self.actors[s.worker_id].start.remote() for s in specs)),
                                WORKER_START_TIMEOUT_S)
+        for spec in specs:
+            self.hangs.watch(spec.worker_id)
 
     async def move(self, worker_id: str, to_role: Role) -> str:
         """Drain `worker_id` and make it a worker in `to_role` on the same cores (in place when it can: see the
@@ -162,6 +169,8 @@ class WorkerPool:
             log.error("worker %s could not switch to %s in place; restarting it: %s", worker_id, to_role.value, e)
             return None
         del self.specs[worker_id]
+        self.hangs.forget(worker_id)
+        self.hangs.watch(new.worker_id)
         self.specs[new.worker_id], self.actors[new.worker_id] = new, self.actors.pop(worker_id)
         return new.worker_id
 
@@ -198,6 +207,7 @@ class WorkerPool:
     async def stop(self, worker_id: str) -> None:
         actor = self.actors.pop(worker_id, None)
         self.specs.pop(worker_id, None)
+        self.hangs.forget(worker_id)
         if actor is None:  # it died and was replaced meanwhile
             return
         try:
@@ -210,7 +220,7 @@ class WorkerPool:
         await asyncio.gather(*(self.stop(worker_id) for worker_id in list(self.actors)))
 
     async def watch(self) -> None:
-        """Every second, replace the workers whose actors have died."""
+        """Every second, replace the workers whose actors have died or that are hung."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             for worker_id in await self.dead():
@@ -220,13 +230,22 @@ class WorkerPool:
                     log.error("worker %s could not be replaced: %s", worker_id, e)
 
     async def dead(self) -> list[str]:
-        """The workers whose actors are gone (a live but busy actor still answers: `info` runs off its engine
-        thread)."""
+        """The workers whose actors are gone, and the hung ones (a live but busy actor still answers: `info` runs
+        off its engine thread)."""
         ids = list(self.actors)
-        answers = await asyncio.gather(*(asyncio.wait_for(self.actors[i].info.remote(), WATCH_TIMEOUT_S)
-                                         for i in ids), return_exceptions=True)
+        timeout_s = self.hangs.ask_timeout_s(WATCH_TIMEOUT_S)
+        answers = await asyncio.gather(*(asyncio.wait_for(self.actors[i].info.remote(), timeout_s) for i in ids),
+                                       return_exceptions=True)
         self.infos = {i: answer for i, answer in zip(ids, answers) if isinstance(answer, WorkerInfo)}
-        return [i for i, answer in zip(ids, answers) if isinstance(answer, ray.exceptions.RayActorError)]
+        for worker_id, info in self.infos.items():
+            self.hangs.answered(worker_id, info)
+        dead = [i for i, answer in zip(ids, answers) if isinstance(answer, ray.exceptions.RayActorError)]
+        for worker_id, seconds in self.hangs.hung().items():
+            if worker_id in self.actors and worker_id not in dead and worker_id not in self.moving:
+                log.error("worker %s is hung: no answer, or its engine inside one step, for %.1f s (workers."
+                          "hung_after_s %.1f); killing it", worker_id, seconds, self.hangs.hung_after_s)
+                dead.append(worker_id)
+        return dead
 
     def running(self, worker_id: str) -> int:
         """The worker's running plus waiting requests, as it said in the last watch (0 when unknown)."""
@@ -240,7 +259,8 @@ class WorkerPool:
         if spec is None or actor is None:
             return None
         del self.specs[worker_id]
-        ray.kill(actor)
+        self.hangs.forget(worker_id)
+        ray.kill(actor)  # a hung one too: Ray stops even a stopped process (SIGKILL once its grace ends)
         new_id = self.next_id(spec.role)
         new = dataclasses.replace(spec, worker_id=new_id, actor_name=self.actor_name(new_id))
         log.warning("worker %s died; starting %s in its place", worker_id, new_id)

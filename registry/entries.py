@@ -41,6 +41,8 @@ class WorkerInfo:
     """Port of the worker's Prometheus /metrics, on 127.0.0.1 of its machine; 0 while it serves none."""
     prefix_cache_hit_rate: float = 0.0
     """Share of the prompt tokens of requests started here that came from its prefix cache, since it started."""
+    engine_stalled_s: float = 0.0
+    """How long its engine thread has been inside one step (or command between steps); seconds mean a hung engine."""
     paired: tuple[str, ...] = ()
     """The workers it has a working KV pair with. A transfer that fails on the wire breaks its pair (gloo closes it),
     which then leaves this list, and the prefill worker forms it again (`worker.kv_pairs`)."""

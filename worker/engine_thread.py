@@ -48,6 +48,8 @@ class EngineThread:
         """The engine's load after the latest step; read from any thread."""
         self.step_started = 0.0
         """time.monotonic() when the latest step began (for `after_step` to time what ran in it)."""
+        self._cycle_began: float | None = None
+        """time.monotonic() when the cycle in progress began (None between cycles): see `stalled_s`."""
         self.failure: Exception | None = None
         """What ended the thread when a step or `after_step` raised (the worker must then be replaced)."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -74,6 +76,12 @@ class EngineThread:
             self._inbox.put((fn, future))
         return future
 
+    def stalled_s(self) -> float:
+        """How long the thread has been inside its current cycle (a step, or commands between steps): a cycle takes
+        milliseconds to seconds, so one that lasts far longer means the engine is hung (`control_plane.hang_watch`)."""
+        began = self._cycle_began
+        return time.monotonic() - began if began is not None and self.failure is None else 0.0
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
         if self._thread.is_alive():
@@ -89,7 +97,9 @@ class EngineThread:
         self._ready.set_result(engine)
         try:
             while not self._stopping.is_set():
+                self._cycle_began = time.monotonic()
                 self._cycle(engine)
+                self._cycle_began = None
         except Exception as e:  # a bug in a step or a role's callback: this engine's state can no longer be trusted
             log.critical("engine thread %s died", self._thread.name, exc_info=True)
             self.failure = e

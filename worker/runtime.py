@@ -112,8 +112,11 @@ class WorkerRuntime:
         after it broke meets under a new name (`worker.kv_pairs` decides when)."""
         if not isinstance(self.connector, TorchDistConnector):
             return  # in-process connectors need no pairing
-        store = self.rendezvous.store(store_address, self.connector.pair_name(peer, generation))
-        await asyncio.to_thread(self.connector.connect, peer, store, rank, generation=generation)
+        def pair() -> None:  # both block (a TCPStore client waits up to its timeout for its host): off the loop
+            store = self.rendezvous.store(store_address, self.connector.pair_name(peer, generation))
+            self.connector.connect(peer, store, rank, generation=generation)
+
+        await asyncio.to_thread(pair)
         log.info("worker %s paired with %s (generation %d)", self.spec.worker_id, peer, generation)
 
     def paired(self) -> set[str]:
@@ -152,6 +155,7 @@ class WorkerRuntime:
             metrics_port=self.metrics_server.port if self.metrics_server else 0,
             prefix_cache_hit_rate=load.cached_tokens_total / load.prompt_tokens_total
             if load and load.prompt_tokens_total else 0.0,
+            engine_stalled_s=self.thread.stalled_s(),
             paired=tuple(sorted(self.paired())))
 
     def stop(self) -> None:

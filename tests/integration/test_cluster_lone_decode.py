@@ -2,11 +2,16 @@
 127.0.0.1): the only decode worker is SIGKILLed while eight streams decode. No other decode worker exists, so each
 request waits for the pool's replacement (router.worker_wait_s, 30 s) and is resumed on it (its prompt and tokens so
 far prefilled again): every stream completes token-identical to a fault-free run, and afterwards no KV block is held.
-(Issue 18's probe: with a fixed 10 s wait, streams that already had 83-86 tokens were cut with UNAVAILABLE.)"""
+(Issue 18's probe: with a fixed 10 s wait, streams that already had 83-86 tokens were cut with UNAVAILABLE.)
+
+Then the (replacement) decode worker is stopped with SIGSTOP: alive to Ray, answering nothing. The control plane
+finds it hung after `workers.hung_after_s` (6 s here), kills it and starts another, and the streams resume on that
+one (the probe: a SIGSTOPped decode worker held its streams for 46 s)."""
 
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 
@@ -17,7 +22,7 @@ from pdserve.engine import Prompt, SamplingParams
 pytestmark = pytest.mark.model
 
 CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
-          "workers": {"prefill": {"count": 1, "resources": {"cpus": 1}},
+          "workers": {"hung_after_s": 6, "prefill": {"count": 1, "resources": {"cpus": 1}},
                       "decode": {"count": 1, "resources": {"cpus": 1}}}}
 SAMPLING = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
 PROMPTS = [Prompt(text=f"Chapter {i}: the lighthouse keeper looked at the sea and") for i in range(8)]
@@ -33,31 +38,74 @@ def cluster(tmp_path_factory):
 
 
 def test_the_only_decode_worker_killed_mid_stream_loses_no_request(cluster, engine):
-    expected = [r.token_ids for r in engine.generate(PROMPTS, SAMPLING)]
     decode_id, decode = next((i, w) for i, w in cluster.workers().items() if w["role"] == "decode")
+    outputs = run_streams(cluster, lambda: os.kill(decode["pid"], signal.SIGKILL), "killed")
+    assert [tuple(o) for o in outputs] == [tuple(e) for e in expected_tokens(engine)]
+    assert cluster.router_metric("pdserve_request_migrations_total") >= len(PROMPTS)
+    assert_replaced_and_idle(cluster, decode_id)
+
+
+def test_a_stopped_decode_worker_is_found_hung_killed_and_replaced(cluster, engine):
+    decode_id, decode = next((i, w) for i, w in cluster.workers().items() if w["role"] == "decode")
+    migrations_before = cluster.router_metric("pdserve_request_migrations_total")
+    stopped_at: list[float] = []
+
+    def stop() -> None:
+        os.kill(decode["pid"], signal.SIGSTOP)
+        stopped_at.append(time.monotonic())
+
+    try:
+        outputs = run_streams(cluster, stop, "stopped")
+        resumed_after_s = time.monotonic() - stopped_at[0]
+        assert [tuple(o) for o in outputs] == [tuple(e) for e in expected_tokens(engine)]
+        assert cluster.router_metric("pdserve_request_migrations_total") >= migrations_before + len(PROMPTS)
+        assert_replaced_and_idle(cluster, decode_id)
+        assert not _alive(decode["pid"]), "the hung worker's process was not killed"
+        print(f"streams done {resumed_after_s:.1f} s after the SIGSTOP")
+    finally:
+        if _alive(decode["pid"]):
+            os.kill(decode["pid"], signal.SIGKILL)
+
+
+def expected_tokens(engine) -> list[list[int]]:
+    return [r.token_ids for r in engine.generate(PROMPTS, SAMPLING)]
+
+
+def run_streams(cluster, fault, label: str) -> list[list[int]]:
+    """Stream every prompt (request ids `<label>-<i>`); `fault()` once each stream has KILL_AFTER_TOKENS tokens."""
     progress = [0] * len(PROMPTS)
 
     async def stream(client: Client, index: int) -> list[int]:
         tokens: list[int] = []
-        async for response in client.stream(PROMPTS[index], SAMPLING, f"lone-{index}"):
+        async for response in client.stream(PROMPTS[index], SAMPLING, f"{label}-{index}"):
             tokens += response.token_ids
             progress[index] = len(tokens)
         return tokens
 
-    async def kill_when_all_decode() -> None:
+    async def fault_when_all_decode() -> None:
         while min(progress) < KILL_AFTER_TOKENS:
             await asyncio.sleep(0.02)
-        os.kill(decode["pid"], signal.SIGKILL)
+        fault()
 
     async def go():
         async with Client(cluster.address, timeout_s=RUN_DEADLINE_S) as client:
             _, *outputs = await asyncio.wait_for(asyncio.gather(
-                kill_when_all_decode(), *(stream(client, i) for i in range(len(PROMPTS)))), RUN_DEADLINE_S)
+                fault_when_all_decode(), *(stream(client, i) for i in range(len(PROMPTS)))), RUN_DEADLINE_S)
         return outputs
 
-    outputs = asyncio.run(go())
-    assert [tuple(o) for o in outputs] == [tuple(e) for e in expected]
-    assert cluster.router_metric("pdserve_request_migrations_total") >= len(PROMPTS)
+    return asyncio.run(go())
+
+
+def assert_replaced_and_idle(cluster, decode_id: str) -> None:
     workers = cluster.wait_until_idle(timeout_s=30)
     assert decode_id not in workers and sorted(w["role"] for w in workers.values()) == ["decode", "prefill"]
     assert all(w["used"] == 0 and w["running"] == 0 for w in workers.values()), workers
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
