@@ -173,6 +173,14 @@ class Router:
     max_body_bytes: int = 10 * 2**20
     """HTTP request bodies larger than this are refused (413) before they are read whole. gRPC messages are bounded
     by gRPC's own 4 MiB default."""
+    max_connections: int = 4096
+    """Open HTTP connections at most (gRPC: the same bound of its own). A new one beyond it takes the place of the
+    oldest connection that has sent no request, so a flood of idle connections cannot lock clients out."""
+    max_connections_per_address: int = 1024
+    """Open HTTP connections from one client address at most (a proxy in front counts as one address)."""
+    header_timeout_s: float = 10.0
+    """A connection that has not sent a whole request head (HTTP) or finished its handshake (gRPC) this long after
+    it opened is closed."""
     routing: str = "kv_aware"
     """How a request's workers are chosen. "load": the decode worker with the most free KV blocks, then the paired
     prefill worker with the fewest queued prompt tokens. "kv_aware" (with engine.prefix_caching): the same, weighed
@@ -196,6 +204,9 @@ class Router:
         _at_least("max_waiting", self.max_waiting, 1)
         _at_least("max_body_bytes", self.max_body_bytes, 1024)
         _at_least("worker_wait_s", self.worker_wait_s, 0)
+        _at_least("max_connections", self.max_connections, 16)
+        _at_least("max_connections_per_address", self.max_connections_per_address, 1)
+        _at_least("header_timeout_s", self.header_timeout_s, 0.1)
         _at_least("lease_s", self.lease_s, 1)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("tls_cert_file, tls_key_file: give both (TLS on) or neither (TLS off)")

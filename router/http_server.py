@@ -44,6 +44,7 @@ from pdserve.router import openai_protocol as oa
 from pdserve.router.admin import unhealthy_reason
 from pdserve.router.body_limit import BodyLimit
 from pdserve.router.choices import ChoicePiece, merged
+from pdserve.router.connection_guard import ConnectionGuard, ConnectionLimits
 from pdserve.router.errors import DuplicateRequest, Overloaded, TakenOver, Unavailable, WorkerError
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.request_builder import MAX_REQUEST_ID_LEN, InvalidRequest, RequestBuilder, ValidRequest
@@ -355,16 +356,21 @@ class RunningHttp:
     server: uvicorn.Server
     task: asyncio.Task
     address: str
+    guard: ConnectionGuard
 
     async def stop(self) -> None:
         self.server.should_exit = True
         await asyncio.wait_for(self.task, 10)
 
 
-async def start_http(app: FastAPI, host: str, port: int, tls_files: tuple[str, str] | None) -> RunningHttp:
-    """Serve `app` on host:port (0: a free port) until `stop`; TLS with (certificate file, key file)."""
+async def start_http(app: FastAPI, host: str, port: int, tls_files: tuple[str, str] | None,
+                     limits: ConnectionLimits = ConnectionLimits()) -> RunningHttp:
+    """Serve `app` on host:port (0: a free port) until `stop`; TLS with (certificate file, key file); connections
+    bounded by `limits` (`connection_guard`)."""
     sock = _listen(host, port)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+    guard = ConnectionGuard(limits)
+    config = uvicorn.Config(app, http=guard.protocol, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=2,
                             ssl_certfile=tls_files[0] if tls_files else None,
                             ssl_keyfile=tls_files[1] if tls_files else None)
     server = _QuietServer(config)
@@ -373,7 +379,7 @@ async def start_http(app: FastAPI, host: str, port: int, tls_files: tuple[str, s
         if task.done():
             task.result()  # raises what stopped it
         await asyncio.sleep(0.02)
-    return RunningHttp(server, task, f"{host}:{sock.getsockname()[1]}")
+    return RunningHttp(server, task, f"{host}:{sock.getsockname()[1]}", guard)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -15,6 +15,8 @@ import signal
 import sys
 from dataclasses import dataclass
 
+from pdserve.router.log_limit import limit_repeats
+
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +54,9 @@ def listen_of(args: argparse.Namespace) -> Listen:
 def run(redis_url: str, listen: Listen) -> int:
     """Serve until stopped. Ray is imported here, not before: a caller sets Ray's auth environment first."""
     from pdserve.router.router_process import NoCluster, RouterProcess
+
+    for noisy in ("asyncio", "uvicorn.error", "grpc"):  # the loggers a flood of clients makes repeat
+        limit_repeats(logging.getLogger(noisy))
 
     async def go() -> None:
         stop = asyncio.Event()

@@ -31,6 +31,7 @@ from pdserve.config import ClusterConfig, Mode, config_from_json
 from pdserve.registry.entries import ClusterSettings, RouterInfo
 from pdserve.registry.kv_events import KVEventLog
 from pdserve.registry.registry import CLUSTER, HEARTBEAT_S, Registry
+from pdserve.router.connection_guard import ConnectionLimits, raise_file_limit
 from pdserve.router.control_client import ControlClient
 from pdserve.router.http_server import OpenAIServer, RunningHttp, start_http
 from pdserve.router.kv_index import KVIndex, KVIndexFollower
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 SETTINGS_WAIT_S = 30.0
 STOP_GRACE_S = 2.0
+RESERVED_FILES = 1024
+"""File descriptors a router needs beside its clients' connections (Ray, Redis, workers, logs)."""
 
 
 class NoCluster(RuntimeError):
@@ -76,6 +79,7 @@ class RouterProcess:
     async def serve(self, stop: asyncio.Event) -> None:
         settings = await settings_of(self.registry)
         config = config_from_json(settings.config)
+        raise_file_limit(2 * config.router.max_connections + RESERVED_FILES)
         access = load_access(config.router)
         if not ray.is_initialized():
             ray.init(address=settings.ray_address, namespace=settings.namespace, logging_level=logging.WARNING)
@@ -93,7 +97,7 @@ class RouterProcess:
         http = await self._http(config, host, builder, orchestrator, access)
         server, port = build_server(builder, orchestrator, host, _port(self.listen.port, config.router.port),
                                     config.mode.value, access, ControlClient(self.registry, access.token),
-                                    config.slo, http.address if http else "")
+                                    config.slo, http.address if http else "", config.router)
         await server.start()
         metrics = start_router_metrics(orchestrator.metrics, _port(self.listen.metrics_port,
                                                                    config.router.metrics_port) or 0)
@@ -134,7 +138,9 @@ class RouterProcess:
         app = OpenAIServer(builder, orchestrator, router.served_model_name or config.engine.model, access,
                            router.max_body_bytes).app()
         tls = (router.tls_cert_file, router.tls_key_file) if router.tls_cert_file else None
-        return await start_http(app, host, port, tls)
+        limits = ConnectionLimits(router.max_connections, router.max_connections_per_address,
+                                  router.header_timeout_s)
+        return await start_http(app, host, port, tls, limits)
 
     async def _announce(self, info: RouterInfo, orchestrator: Orchestrator, stop: asyncio.Event) -> None:
         """This router's entry in the registry every second, until the cluster asks its routers to stop."""

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 from pdserve.access import NO_ACCESS_CONTROL, Access, BearerToken
 from pdserve.config import SLO
+from pdserve.config import Router as RouterConfig
 from pdserve.engine.request import FinishReason
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
@@ -119,12 +120,15 @@ def _response(request_id: str, piece: Piece, prompt_tokens: int, first: bool) ->
 
 def build_server(builder: RequestBuilder, orchestrator: Orchestrator, host: str, port: int, mode: str,
                  access: Access = NO_ACCESS_CONTROL, control: ControlClient | None = None, slo: SLO | None = None,
-                 http_address: str = "") -> tuple[grpc.aio.Server, int]:
+                 http_address: str = "", limits: RouterConfig = RouterConfig()) -> tuple[grpc.aio.Server, int]:
     """The Generation and Admin services on `host:port` (0: a free port); returns the server and its port. The port
-    is this server's alone (no SO_REUSEPORT): a second router on it fails to start instead of sharing it."""
+    is this server's alone (no SO_REUSEPORT): a second router on it fails to start instead of sharing it.
+    `limits`: its connections (`max_connections`) and how long a handshake may take (`header_timeout_s`)."""
     interceptors = [BearerToken(access.token)] if access.token else []
     server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)])
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.server_handshake_timeout_ms", int(limits.header_timeout_s * 1000))])
     if access.tls is not None:
         cert, key = access.tls
         bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert)]))
