@@ -118,6 +118,9 @@ class KVTransfer:
     """A handoff that takes longer fails; the blocks are freed on both sides."""
     layers_per_message: int = 5
     """Layers sent per message; the next group is gathered while one is on the wire."""
+    checksums: bool = False
+    """Every handoff carries a CRC-32 per message, and the receiver fails one whose bytes differ (the request is
+    computed again). Costs a pass over the KV on each side (CRC-32 at ~2 GiB/s on the dev box's CPU); on in tests."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("gloo", "nccl"):

@@ -31,6 +31,7 @@ from pdserve.engine.cost_model import CostModel
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.detokenizer import Detokenizer, Finish
 from pdserve.engine.hardware import hardware
+from pdserve.engine.fingerprint import model_fingerprint
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_engine_model
@@ -122,6 +123,7 @@ class Engine:
         paged = uses_paged_attention(config)
         self.model = load_model(source, self.model_config, config.torch_dtype, config.device, self.max_model_len,
                                 config.seed)
+        self.fingerprint = model_fingerprint(self.model_config, self.model.embed)
         quantize_model(self.model, Quantization(config.quantization))
         if config.compile:
             compile_layers(self.model)
@@ -137,6 +139,7 @@ class Engine:
         """No weights and no tokenizer; a KV tensor of one float per token slot, so KV connectors still move blocks
         (and keep their protocol) while the cost model says how long the real bytes would take."""
         config = self.config
+        self.fingerprint = model_fingerprint(self.model_config, None)
         sim = config.sim
         cost_model = CostModel(self.model_config, hardware(sim.hardware), sim.tensor_parallel)
         self.cost_model = cost_model

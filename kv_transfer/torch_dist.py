@@ -6,10 +6,12 @@ store and opposite ranks. A transport error or timeout closes a gloo pair for go
 removes its pair (at the next `poll`); the worker's heartbeat then no longer lists the peer, and the router forms
 the pair again under a new generation.
 
-A transfer moves whole blocks, a group of layers per message: a header first (block count and shape; gloo takes a
-message shorter than the receive buffer without complaint, so the receiver checks it), then one message per layer
-group `[2, layers_in_group, n, block_size, kv_heads, head_dim]`. The sender gathers group g+1 while group g is on
-the wire; the receiver copies group g into its blocks while g+1 arrives. This work runs on a small thread pool
+Pairing checks that both sides share a KV layout and model (`kv_transfer.layout`; else `PairRefused` on both). A
+transfer moves whole blocks, a group of layers per message: a header first (the tag, the block count and the whole
+layout; the receiver checks every field, and gloo takes a message shorter than the receive buffer without complaint),
+then one message per layer group `[2, layers_in_group, n, block_size, kv_heads, head_dim]`, then (with checksums on)
+the groups' CRC-32s. The sender gathers group g+1 while group g is on the wire; the receiver copies group g into its
+blocks while g+1 arrives. This work runs on a small thread pool
 (gloo's send/recv work cannot be polled, only waited on); `poll` reports the outcomes on the caller's thread.
 
 Safety: a transfer's gathers and copies run under its lock and stop once it is no longer live, and `cancel` takes
@@ -36,6 +38,7 @@ import torch.distributed as dist
 
 from pdserve.engine.kv_cache import KVCache
 from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError, TransferResult, TransferStatus
+from pdserve.kv_transfer.layout import Corrupted, HeaderMismatch, KVLayout, agree, check_header, checksum
 from pdserve.kv_transfer.send_delay import SendDelay
 
 log = logging.getLogger(__name__)
@@ -82,10 +85,6 @@ class StagingPool:
                 self.idle_bytes += nbytes
 
 
-class _Mismatch(Exception):
-    """The peer's header does not match this side's transfer; the pair's message stream is no longer in step."""
-
-
 PEER_ABORTED = "the sender aborted (no KV)"
 
 
@@ -115,15 +114,19 @@ class _Pending:
 
 class TorchDistConnector(KVConnector):
     def __init__(self, worker_id: str, backend: str = "gloo", max_concurrent: int = 16,
-                 layers_per_message: int = 5, send_delay: SendDelay | None = None) -> None:
+                 layers_per_message: int = 5, send_delay: SendDelay | None = None, checksums: bool = False) -> None:
         """`send_delay`: seconds every send waits after its header, by block count. Only simulation and fault
-        injection set one (`kv_transfer.send_delay`); a real serving path has none."""
+        injection set one (`kv_transfer.send_delay`); a real serving path has none. `checksums`: every transfer
+        carries its layer groups' CRC-32s (both sides of a pair must agree)."""
         if backend not in BACKENDS:
             raise TransferError(f"kv_transfer.backend: {backend!r} is not one of {BACKENDS}")
         self.worker_id = worker_id
         self.backend = backend
         self.layers_per_message = layers_per_message
         self.send_delay = send_delay
+        self.checksums = checksums
+        self.model_fingerprint = ""
+        """The model this worker serves (`engine.fingerprint`); a peer with another refuses to pair."""
         self.kv_cache: KVCache | None = None
         self.pairs: dict[str, _Pair] = {}
         self.pending: dict[str, _Pending] = {}
@@ -140,12 +143,17 @@ class TorchDistConnector(KVConnector):
 
     def connect(self, peer: str, store: dist.Store, rank: int, timeout_s: float = 60.0, generation: int = 0) -> None:
         """Form the two-rank group with `peer`; the peer calls this too, with the same store, the other rank and the
-        same `generation`."""
-        group = make_pair_group(self.backend, store, self.pair_name(peer, generation), rank, timeout_s)
+        same `generation`. Raises PairRefused (on both sides) when their KV layouts or models differ."""
+        name = self.pair_name(peer, generation)
+        agree(dist.PrefixStore(f"pdserve/kv-layout/{name}", store), rank, self.layout(), self.worker_id, peer)
+        group = make_pair_group(self.backend, store, name, rank, timeout_s)
         self.pairs[peer] = _Pair(group, peer_rank=1 - rank)
 
     def register(self, kv_cache: KVCache) -> None:
         self.kv_cache = kv_cache
+
+    def layout(self) -> KVLayout:
+        return KVLayout.of(self._cache(), self.layers_per_message, self.checksums, self.model_fingerprint)
 
     def start_send(self, transfer: Transfer) -> None:
         self._start(transfer, sending=True, work=self._send)
@@ -217,8 +225,6 @@ class TorchDistConnector(KVConnector):
             level = logging.DEBUG if expected else logging.WARNING
             log.log(level, "KV transfer %s with %s: %s %s", pending.transfer.transfer_id, pending.transfer.peer,
                     status.value, error)
-            if error.startswith("header"):
-                self.pairs.pop(pending.transfer.peer, None)
         nbytes = sum(t.numel() * t.element_size() for t in pending.staging) if status is TransferStatus.DONE else 0
         self._reported.append(TransferResult(pending.transfer.transfer_id, status, error,
                                              time.monotonic() - pending.started, nbytes))
@@ -231,8 +237,11 @@ class TorchDistConnector(KVConnector):
             return
         except _PeerAborted:
             self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, PEER_ABORTED))
-        except _Mismatch as e:
+        except HeaderMismatch as e:  # the pair's messages are out of step: it must be formed again
+            self._broken.put((pending.transfer.peer, pair))
             self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, f"header: {e}"))
+        except Corrupted as e:  # every message arrived, so the pair is still in step: only this transfer fails
+            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, f"checksum: {e}"))
         except RuntimeError as e:  # the transport failed: the pair is closed, whether the transfer was wanted or not
             self._broken.put((pending.transfer.peer, pair))
             text = str(e).lower()
@@ -248,39 +257,52 @@ class TorchDistConnector(KVConnector):
     def _send(self, pending: _Pending, pair: _Pair, deadline: float) -> None:
         t = pending.transfer
         index = self._index(t)
-        works = [pair.group.send([self._header(len(t.block_ids))], pair.peer_rank, t.tag)]
+        works = [pair.group.send([self._header(t.tag, len(t.block_ids))], pair.peer_rank, t.tag)]
         if not t.block_ids:  # "no KV is coming": ends the receive posted for this tag
             _wait(works[0], deadline)
             return
         if self.send_delay is not None:
             self._pause(pending, self.send_delay(len(t.block_ids)))
+        sums = []
         for layers, part in zip(self._layer_groups(), pending.staging):
             with pending.lock:  # cancelled: still send (stale staging) so the receiver's posted recvs complete
                 if pending.live:
                     torch.index_select(self._cache().tensor[:, layers], 2, index, out=part)
+            if self.checksums:
+                sums.append(checksum(part))
             works.append(pair.group.send([part], pair.peer_rank, t.tag))
+        if self.checksums:
+            works.append(pair.group.send([self._sums_tensor(sums)], pair.peer_rank, t.tag))
         for work in works:
             _wait(work, deadline)
 
     def _receive(self, pending: _Pending, pair: _Pair, deadline: float) -> None:
         t = pending.transfer
-        expected = self._header(len(t.block_ids))
+        expected = self._header(t.tag, len(t.block_ids))
         header = torch.empty_like(expected)
         _wait(pair.group.recv([header], pair.peer_rank, t.tag), deadline)
-        if header[0] == 0 and expected[0] != 0:
+        if t.block_ids and torch.equal(header, self._header(t.tag, 0)):
             raise _PeerAborted
-        if not torch.equal(header, expected):
-            raise _Mismatch(f"peer sent [blocks, layers, block_size, kv_heads, head_dim, bytes, layers_per_message] "
-                            f"= {header.tolist()}, expected {expected.tolist()}")
+        check_header(header, expected)
         works = [pair.group.recv([part], pair.peer_rank, t.tag) for part in pending.staging]
-        index = self._index(t)
+        sent_sums = self._sums_tensor([0] * len(pending.staging))
+        if self.checksums:
+            works.append(pair.group.recv([sent_sums], pair.peer_rank, t.tag))
+        index, sums = self._index(t), []
         for layers, part, work in zip(self._layer_groups(), pending.staging, works):
             _wait(work, deadline)  # cancelled: still drain the sender's messages, so the pair stays in step
+            if self.checksums:
+                sums.append(checksum(part))
             with pending.lock:
                 if pending.live:
                     self._cache().tensor[:, layers].index_copy_(2, index, part)
+        if self.checksums:
+            _wait(works[-1], deadline)
         if not pending.live:
             raise _Stopped
+        bad = [g for g, (got, sent) in enumerate(zip(sums, sent_sums.tolist())) if got != sent]
+        if bad:
+            raise Corrupted(f"layer groups {bad} of {len(sums)} arrived with other bytes than were sent")
 
     def _pause(self, pending: _Pending, seconds: float) -> None:
         until = time.monotonic() + seconds
@@ -295,11 +317,11 @@ class TorchDistConnector(KVConnector):
     def _index(self, transfer: Transfer) -> torch.Tensor:
         return torch.tensor(transfer.block_ids, dtype=torch.long, device=self._cache().tensor.device)
 
-    def _header(self, num_blocks: int) -> torch.Tensor:
-        """[blocks, layers, block_size, kv_heads, head_dim, bytes per element, layers per message] (int64)."""
-        cache = self._cache().tensor
-        values = [num_blocks, cache.shape[1], *cache.shape[3:], cache.element_size(), self.layers_per_message]
-        return torch.tensor(values, dtype=torch.int64, device=cache.device)
+    def _header(self, tag: int, num_blocks: int) -> torch.Tensor:
+        return self.layout().header(tag, num_blocks, self._cache().tensor.device)
+
+    def _sums_tensor(self, sums: list[int]) -> torch.Tensor:
+        return torch.tensor(sums, dtype=torch.int64, device=self._cache().tensor.device)
 
     def _cache(self) -> KVCache:
         if self.kv_cache is None:

@@ -9,7 +9,9 @@ formed (its generation). Every PAIR_CHECK_S the keeper reads the registry and
 - forms again a pair that broke: a transfer that failed on the wire closed it here (the connector drops it), or the
   decode worker's heartbeat has not listed this worker for PAIR_SETTLE_S since the pair formed (its side broke);
 - lets go of the pair with a decode worker missing from the registry for GONE_S (a restarted Redis fills up again
-  within a heartbeat, so a short absence does not count).
+  within a heartbeat, so a short absence does not count);
+- never pairs again with a decode worker that refused the pair (`PairRefused`: another model or KV layout; logged
+  once, naming what differs): routers then never send a request between the two.
 
 It also carries this worker's announcements of KV sends (`KVAnnouncement`) to their decode workers. Routers form no
 pairs: they send a request only through a pair that both workers' heartbeats list.
@@ -27,6 +29,7 @@ import ray
 import redis
 
 from pdserve.registry.entries import Role, WorkerInfo, WorkerState
+from pdserve.kv_transfer.layout import PairRefused
 from pdserve.registry.registry import Registry
 from pdserve.worker.messages import KVAnnouncement
 from pdserve.worker.runtime import WorkerRuntime
@@ -52,6 +55,8 @@ class _Peer:
     """When the pair last formed (loop time); None while it is not formed."""
     missing_since: float | None = None
     """Since when the registry lacks it."""
+    refused: str = ""
+    """Why it cannot pair with this worker (their KV layouts differ); never tried again."""
 
 
 class PairKeeper:
@@ -117,6 +122,8 @@ class PairKeeper:
 
     # ---- the pair's life -------------------------------------------------------------------------------------
     def _needs_forming(self, peer: _Peer, now: float) -> bool:
+        if peer.refused:
+            return False
         if peer.missing_since is not None or (peer.formed_at is None and peer.info.state is not WorkerState.READY):
             return False  # never a new pair with a worker that is leaving; an old one lasts until it breaks
         if peer.formed_at is None:
@@ -144,9 +151,19 @@ class PairKeeper:
         peer.formed_at = None
         store = peer.info.store_address
         try:
-            await asyncio.wait_for(asyncio.gather(
+            both = await asyncio.wait_for(asyncio.gather(
                 self.runtime.connect(worker_id, store, 0, peer.generation),
-                peer.handle.connect.remote(self.worker_id, store, 1, peer.generation)), CONNECT_TIMEOUT_S)
+                peer.handle.connect.remote(self.worker_id, store, 1, peer.generation), return_exceptions=True),
+                CONNECT_TIMEOUT_S)
+            refusal = next((e for e in both if isinstance(e, PairRefused)), None)
+            if refusal is not None:  # both sides compared the same two layouts: neither holds the pair
+                peer.refused = str(refusal)
+                log.error("%s; this pair is never tried again", refusal)
+                await self.runtime.disconnect(worker_id)
+                return
+            failure = next((e for e in both if isinstance(e, BaseException)), None)
+            if failure is not None:
+                raise failure
             peer.formed_at = asyncio.get_running_loop().time()
             log.info("KV pair %s -> %s formed (generation %d)", self.worker_id, worker_id, peer.generation)
         except (ray.exceptions.RayError, TimeoutError, RuntimeError, OSError) as e:  # tried again next check

@@ -70,7 +70,8 @@ class WorkerRuntime:
         self.spec = spec
         kv = spec.kv_transfer
         self.connector = connector or TorchDistConnector(spec.worker_id, kv.backend,
-                                                         layers_per_message=kv.layers_per_message)
+                                                         layers_per_message=kv.layers_per_message,
+                                                         checksums=kv.checksums)
         self.metrics = WorkerMetrics(spec.worker_id, spec.role.value, lambda: self.thread.load)
         self.metrics_server: MetricsServer | None = None
         self._role_after_step = after_step
@@ -96,6 +97,7 @@ class WorkerRuntime:
         self.connector.register(self.engine.kv_cache)
         if isinstance(self.connector, TorchDistConnector):
             self.connector.send_delay = self._send_delay()
+            self.connector.model_fingerprint = self.engine.fingerprint
         if self.spec.role is Role.DECODE:
             self.store_address = self.rendezvous.host()
         self.metrics_server = serve_metrics(self.metrics.registry)

@@ -31,7 +31,7 @@ PROMPTS = [p for p in ALL_PROMPTS if p.messages is None or len(p.messages[0].con
 
 pytestmark = pytest.mark.model
 
-CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
+CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256}, "kv_transfer": {"checksums": True},
           "workers": {"prefill": {"count": 2, "resources": {"cpus": 0.5}},
                       "decode": {"count": 2, "resources": {"cpus": 0.5}}}}
 REQUESTS = 200

@@ -21,7 +21,7 @@ from pdserve.engine import Prompt, SamplingParams
 
 pytestmark = pytest.mark.model
 
-CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
+CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256}, "kv_transfer": {"checksums": True},
           "workers": {"hung_after_s": 6, "prefill": {"count": 1, "resources": {"cpus": 1}},
                       "decode": {"count": 1, "resources": {"cpus": 1}}}}
 SAMPLING = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
