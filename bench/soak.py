@@ -64,17 +64,22 @@ class SoakReport:
     samples: tuple[MemorySample, ...]
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        line = next(line for line in f if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
+def rss_mib(pid: int) -> float | None:
+    """The process's resident memory; None when it is gone (a worker just killed, not yet out of the listing)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next((line for line in f if line.startswith("VmRSS:")), None)
+    except FileNotFoundError:
+        return None
+    return int(line.split()[1]) / 1024 if line is not None else None
 
 
 def sample(cluster: RunningCluster, done: int) -> MemorySample:
     workers = cluster.workers()
     rss = {i: rss_mib(w["pid"]) for i, w in workers.items()}
     rss["router"] = rss_mib(cluster.state()["router_pids"][0])
-    return MemorySample(done, rss, {i: w["used"] for i, w in workers.items()})
+    return MemorySample(done, {i: v for i, v in rss.items() if v is not None},
+                        {i: w["used"] for i, w in workers.items()})
 
 
 def kill_one(cluster: RunningCluster, role: str) -> str:

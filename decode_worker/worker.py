@@ -188,7 +188,7 @@ class DecodeWorker:
 
     # ---- on the engine thread --------------------------------------------------------------------------------
     def _reserve(self, engine: Engine, task: DecodeTask, tag: int) -> Reservation | None:
-        blocks = engine.reserve_remote(task.request_id, task.token_ids, task.sampling)
+        blocks = engine.reserve_remote(task.request_id, task.token_ids, task.sampling, task.resumed_tokens)
         if blocks is None:
             return None
         cached = engine.cached_tokens(task.request_id) // engine.config.block_size
@@ -230,7 +230,7 @@ class DecodeWorker:
         self.runtime.connector.cancel(transfer_id)
 
     def _generate(self, engine: Engine, task: DecodeTask) -> None:
-        engine.add_request(task.request_id, list(task.token_ids), task.sampling)
+        engine.add_request(task.request_id, list(task.token_ids), task.sampling, resumed_tokens=task.resumed_tokens)
         self._local[task.request_id] = _Local(time.monotonic())
 
     def _abort(self, engine: Engine, request_id: str) -> bool:

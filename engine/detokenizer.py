@@ -36,6 +36,13 @@ class Detokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
 
+    def replay(self, token_ids: list[int]) -> None:
+        """Take output tokens a client already has (a resumed request), emitting nothing: afterwards the text goes on
+        exactly as if this detokenizer had produced them, held-back text included, so a stop string that spans the
+        resumption point still stops the output, and no character is sent twice or lost."""
+        for token_id in token_ids:
+            self.add(token_id)
+
     @property
     def text(self) -> str:
         """The text emitted so far (the deltas joined)."""

@@ -156,10 +156,14 @@ class Engine:
         return tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
 
     def add_request(self, request_id: str, prompt: Prompt | Sequence[int], sampling: SamplingParams,
-                    prefill_only: bool = False) -> list[int]:
-        """Queue a request; returns its prompt token ids. Raises RequestError/PromptError on bad input."""
+                    prefill_only: bool = False, resumed_tokens: int = 0) -> list[int]:
+        """Queue a request; returns its prompt token ids. Raises RequestError/PromptError on bad input.
+
+        `resumed_tokens`: the prompt's last tokens are output a client already has (the request resumes after its
+        worker failed): the output text, stop strings and seeded sampling go on from them as if uninterrupted,
+        while `max_tokens` counts only the tokens still to come."""
         token_ids = self.tokenize(prompt if isinstance(prompt, Prompt) else Prompt(token_ids=tuple(prompt)))
-        request = self._new_request(request_id, token_ids, sampling, prefill_only)
+        request = self._new_request(request_id, token_ids, sampling, prefill_only, resumed_tokens)
         self.scheduler.add(request)
         return token_ids
 
@@ -262,11 +266,12 @@ class Engine:
         self.scheduler.finish(request)
         self._forget(request)
 
-    def reserve_remote(self, request_id: str, prompt_token_ids: Sequence[int],
-                       sampling: SamplingParams) -> tuple[int, ...] | None:
+    def reserve_remote(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
+                       resumed_tokens: int = 0) -> tuple[int, ...] | None:
         """Allocate blocks for a prompt prefilled elsewhere; None when too few blocks are free right now. The first
-        `cached_tokens(request_id) // block_size` blocks hold a cached prefix already: only the rest need KV."""
-        request = self._new_request(request_id, list(prompt_token_ids), sampling, prefill_only=False)
+        `cached_tokens(request_id) // block_size` blocks hold a cached prefix already: only the rest need KV.
+        `resumed_tokens` as for `add_request`."""
+        request = self._new_request(request_id, list(prompt_token_ids), sampling, False, resumed_tokens)
         if not self.scheduler.reserve(request):
             self._forget(request)
             return None
@@ -286,7 +291,7 @@ class Engine:
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _new_request(self, request_id: str, token_ids: list[int], sampling: SamplingParams,
-                     prefill_only: bool) -> Request:
+                     prefill_only: bool, resumed_tokens: int = 0) -> Request:
         if not isinstance(sampling, SamplingParams):
             raise SamplingError("sampling: expected SamplingParams")
         if request_id in self._requests:
@@ -298,9 +303,16 @@ class Engine:
         if blocks_for(total, self.config.block_size) > self.blocks.num_blocks:
             raise RequestError(f"max_tokens: prompt + max_tokens = {total} tokens needs more KV blocks than the "
                                f"cache has ({self.blocks.num_blocks} of {self.config.block_size} tokens)")
-        request = Request(request_id, tuple(token_ids), sampling, next(self._order), prefill_only)
+        if not 0 <= resumed_tokens < len(token_ids):
+            raise RequestError(f"resumed_tokens: {resumed_tokens} must be at least 0 and below the prompt's "
+                               f"{len(token_ids)} tokens")
+        request = Request(request_id, tuple(token_ids), sampling, next(self._order), prefill_only,
+                          resumed_tokens=resumed_tokens)
+        detokenizer = Detokenizer(self.tokenizer, sampling, self.eos_token_ids)
+        if resumed_tokens:
+            detokenizer.replay(token_ids[len(token_ids) - resumed_tokens:])
         self._requests[request_id] = request
-        self._detokenizers[request_id] = Detokenizer(self.tokenizer, sampling, self.eos_token_ids)
+        self._detokenizers[request_id] = detokenizer
         return request
 
     def _append_token(self, request: Request, token_id: int) -> RequestOutput:

@@ -118,6 +118,9 @@ class Request:
     """Hashes of the request's full blocks as far as they were needed (`engine.prefix_hash`)."""
     num_registered_blocks: int = 0
     """Leading blocks registered in the prefix cache (or taken from it)."""
+    resumed_tokens: int = 0
+    """A request resumed after a worker failed: its prompt ends with this many tokens of output the client already
+    has. They count as output for seeded sampling's positions and for the text (see `Engine.add_request`)."""
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -235,7 +235,7 @@ class Scheduler:
             block_ids=tuple(request.block_ids),
             sample=start + count == request.num_tokens,
             sampling=request.sampling,
-            output_index=len(request.output_token_ids),
+            output_index=request.resumed_tokens + len(request.output_token_ids),
         )
 
 

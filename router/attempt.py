@@ -158,7 +158,8 @@ class Attempt:
         decode, prefill, reservation = placed.decode, placed.prefill, placed.reservation
         self._dispatched(decode)
         result = await self._prefill(PrefillTask(self.key, request.token_ids, request.sampling,
-                                                 decode.info.worker_id, reservation.tag, reservation.cached_blocks),
+                                                 decode.info.worker_id, reservation.tag, reservation.cached_blocks,
+                                                 request.resumed_tokens),
                                      placed.prefill_tokens)
         self.clock.worker_queue_s, self.clock.prefill_s = result.queue_s, result.prefill_s
         self.clock.cached_tokens = result.cached_tokens
@@ -171,7 +172,8 @@ class Attempt:
         self.decode = worker
         self._dispatched(worker)
         await _call(worker, worker.handle.generate.remote(
-            DecodeTask(self.key, self.request.token_ids, self.request.sampling, self.owner)))
+            DecodeTask(self.key, self.request.token_ids, self.request.sampling, self.owner,
+                       resumed_tokens=self.request.resumed_tokens)))
 
     def _take_over(self) -> None:
         worker, adoption = self.adoption

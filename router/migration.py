@@ -6,10 +6,12 @@ the same as without the failure (the model sees the same tokens). A continuation
 (`attempt.request_key`), so a late event from the failed attempt can never reach the new one. A request resumed at
 another router (its client reconnected with the tokens it has) that no worker holds any more goes on the same way.
 
-What does not carry over: text that the failed worker was still holding back (the tail of an incomplete UTF-8
-character, or a possible stop string's start) is not re-sent, and a stop string split across the failure point is
-not seen; token ids are exact. Seeded sampling draws from (seed, output position), and positions restart with the
-continuation, so a seeded (non-greedy) request's tokens after a migration differ from a run without the failure.
+The continuation says how many of its prompt's tokens are the client's output (`resumed_tokens`), and the workers
+go on from them as if uninterrupted (`Engine.add_request`): their detokenizer replays those tokens first, so the text
+the failed worker was still holding back (an incomplete UTF-8 character, a possible stop string's start) comes
+next, and a stop string split across the failure point still stops the output; seeded sampling draws from (seed,
+output position) with positions counted from the start of the output. So resumed output equals uninterrupted output
+in token ids and in text, greedy or seeded.
 """
 
 from __future__ import annotations
@@ -32,4 +34,5 @@ def continuation(request: ValidRequest, sent: Sequence[int]) -> ValidRequest | N
     if remaining <= 0:
         return None
     return dataclasses.replace(request, token_ids=request.token_ids + tuple(sent),
-                               sampling=dataclasses.replace(request.sampling, max_tokens=remaining), resume=None)
+                               sampling=dataclasses.replace(request.sampling, max_tokens=remaining), resume=None,
+                               resumed_tokens=len(sent))

@@ -39,6 +39,8 @@ class ValidRequest:
     token_ids: tuple[int, ...]
     sampling: SamplingParams
     resume: Resume | None = None
+    resumed_tokens: int = 0
+    """A continuation (`migration`): the prompt's last tokens are output the client already has."""
 
 
 class RequestBuilder:

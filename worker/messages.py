@@ -33,6 +33,8 @@ class DecodeTask:
     owner: Owner
     prefill_worker: str = ""
     """Who sends the KV (disaggregated); empty for a colocated request, which is prefilled where it decodes."""
+    resumed_tokens: int = 0
+    """The prompt's last tokens are output its client already has (`Engine.add_request`)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class PrefillTask:
     skip_blocks: int = 0
     """Leading blocks the decode worker holds already (`Reservation.cached_blocks`): computed here if missing, but
     not sent."""
+    resumed_tokens: int = 0
+    """The prompt's last tokens are output its client already has (`Engine.add_request`)."""
 
 
 @dataclass(frozen=True)
