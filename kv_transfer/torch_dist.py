@@ -19,8 +19,11 @@ that lock, so after `cancel` (or any reported outcome) no thread touches the tra
 free them at once. The receiver writes only blocks reserved for the transfer, which the engine leaves alone until
 `commit_remote`. gloo cannot abort a posted receive, so the thread of a cancelled transfer stays blocked until that
 transfer's timeout (it no longer touches the blocks); `max_concurrent` threads bound how many can wait at once.
-Staging tensors are reused (a fresh 90 MiB tensor costs as much in page faults as the copy);
-those of a failed or abandoned transfer may still be written by a late message and are never reused.
+Staging tensors are reused (a fresh 90 MiB tensor costs as much in page faults as the copy); a transfer takes them
+on its thread, so queued transfers hold none and staging is bounded by `max_concurrent` transfers. Those of a failed
+or abandoned transfer may still be written by a late message and are never reused. A transfer's deadline runs from
+its submission: one that waited for a thread past it fails (TIMED_OUT) without touching the wire, and its pair, whose
+other side is posted, is formed again.
 """
 
 from __future__ import annotations
@@ -206,10 +209,8 @@ class TorchDistConnector(KVConnector):
         pair = self.pairs.get(transfer.peer)
         if pair is None:
             raise TransferError(f"{self.worker_id}: no group with peer {transfer.peer!r}; connect first")
-        cache = self._cache().tensor
-        shapes = [(2, g.stop - g.start, len(transfer.block_ids), *cache.shape[3:]) for g in self._layer_groups()]
-        staging = [self._staging.take(shape, cache.dtype, cache.device) for shape in shapes]
-        pending = _Pending(transfer, sending, staging)
+        self._cache()
+        pending = _Pending(transfer, sending, [])
         self.pending[transfer.transfer_id] = pending
         self._threads.submit(self._run, pending, pair, work)
 
@@ -231,8 +232,15 @@ class TorchDistConnector(KVConnector):
 
     # ---- on a transfer thread --------------------------------------------------------------------------------
     def _run(self, pending: _Pending, pair: _Pair, work) -> None:
+        deadline = pending.started + pending.transfer.timeout_s  # from submission: a queued wait counts too
+        if time.monotonic() >= deadline:  # its peer's side is posted and will time out: the pair is out of step
+            self._broken.put((pending.transfer.peer, pair))
+            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.TIMED_OUT,
+                                "waited for a transfer thread past its deadline"))
+            return
+        pending.staging = self._take_staging(len(pending.transfer.block_ids))
         try:
-            work(pending, pair, time.monotonic() + pending.transfer.timeout_s)
+            work(pending, pair, deadline)
         except _Stopped:
             return
         except _PeerAborted:
@@ -310,6 +318,13 @@ class TorchDistConnector(KVConnector):
             time.sleep(0.01)
 
     # ---- shapes ----------------------------------------------------------------------------------------------
+    def _take_staging(self, num_blocks: int) -> list[torch.Tensor]:
+        """One staging tensor per layer group, taken on the transfer's thread: at most `max_concurrent` transfers
+        hold staging at once (queued ones hold none)."""
+        cache = self._cache().tensor  # [2, L, blocks, block_size, H_kv, D]
+        shapes = [(2, g.stop - g.start, num_blocks, *cache.shape[3:]) for g in self._layer_groups()]
+        return [self._staging.take(shape, cache.dtype, cache.device) for shape in shapes]
+
     def _layer_groups(self) -> list[slice]:
         layers = self._cache().tensor.shape[1]
         return [slice(i, min(i + self.layers_per_message, layers)) for i in range(0, layers, self.layers_per_message)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 REFRESH_S = 0.5
 COLLECT_WAIT_S = 1.0
 ALIVE_TIMEOUT_S = 2.0
+DEAD_KEPT_S = 600.0
+"""How long a dead worker's id is kept out: far beyond its last heartbeat's expiry, after which it is forgotten (the
+set grew with every worker that ever died)."""
 
 
 @dataclass
@@ -58,7 +62,7 @@ class Membership:
         self._redis_failing = False
         self._checking: dict[str, asyncio.Task] = {}
         """Workers missing from the registry, being asked whether they are still alive."""
-        self._dead: set[str] = set()
+        self._dead: dict[str, float] = {}
         """Workers whose actors died: kept out even while their last heartbeat lingers in the registry (worker ids
         are never reused; a replacement joins under a new one)."""
 
@@ -106,6 +110,7 @@ class Membership:
             self._redis_failing = True
             return
         self._redis_failing = False
+        self._forget_long_dead()
         for worker_id in list(self.members):
             if worker_id not in infos and worker_id not in self._checking:
                 self._checking[worker_id] = asyncio.create_task(self._check_gone(worker_id), name=f"check-{worker_id}")
@@ -137,8 +142,13 @@ class Membership:
 
     def dead(self, worker_id: str, reason: str) -> None:
         """The worker's actor died (a call to it failed so): drop it now and never take it back."""
-        self._dead.add(worker_id)
+        self._dead[worker_id] = time.monotonic()
         self.drop(worker_id, reason)
+
+    def _forget_long_dead(self) -> None:
+        cutoff = time.monotonic() - DEAD_KEPT_S
+        for worker_id in [w for w, died in self._dead.items() if died < cutoff]:
+            del self._dead[worker_id]
 
     def drop(self, worker_id: str, reason: str) -> None:
         member = self.members.pop(worker_id, None)

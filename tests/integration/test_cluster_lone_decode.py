@@ -1,7 +1,8 @@
 """The default shape, one prefill and one decode worker (real redis-server, Ray, SmolLM2, KV over gloo, gRPC on
 127.0.0.1): the only decode worker is SIGKILLed while eight streams decode. No other decode worker exists, so each
 request waits for the pool's replacement (router.worker_wait_s, 30 s) and is resumed on it (its prompt and tokens so
-far prefilled again): every stream completes token-identical to a fault-free run, and afterwards no KV block is held.
+far prefilled again): every stream completes identical to a fault-free run, in token ids and in text, greedy and
+seeded, and afterwards no KV block is held.
 (Issue 18's probe: with a fixed 10 s wait, streams that already had 83-86 tokens were cut with UNAVAILABLE.)
 
 Then the (replacement) decode worker is stopped with SIGSTOP: alive to Ray, answering nothing. The control plane
@@ -24,7 +25,10 @@ pytestmark = pytest.mark.model
 CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256}, "kv_transfer": {"checksums": True},
           "workers": {"hung_after_s": 6, "prefill": {"count": 1, "resources": {"cpus": 1}},
                       "decode": {"count": 1, "resources": {"cpus": 1}}}}
-SAMPLING = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+SAMPLINGS = [SamplingParams(max_tokens=60, temperature=0, ignore_eos=True) if i % 2 == 0 else
+             SamplingParams(max_tokens=60, temperature=0.8, top_p=0.95, seed=100 + i, ignore_eos=True)
+             for i in range(8)]
+"""Greedy and seeded in turn: a resumed request's tokens and text equal the uninterrupted run's either way."""
 PROMPTS = [Prompt(text=f"Chapter {i}: the lighthouse keeper looked at the sea and") for i in range(8)]
 KILL_AFTER_TOKENS = 10
 RUN_DEADLINE_S = 300
@@ -40,7 +44,7 @@ def cluster(tmp_path_factory):
 def test_the_only_decode_worker_killed_mid_stream_loses_no_request(cluster, engine):
     decode_id, decode = next((i, w) for i, w in cluster.workers().items() if w["role"] == "decode")
     outputs = run_streams(cluster, lambda: os.kill(decode["pid"], signal.SIGKILL), "killed")
-    assert [tuple(o) for o in outputs] == [tuple(e) for e in expected_tokens(engine)]
+    assert outputs == expected_outputs(engine)
     assert cluster.router_metric("pdserve_request_migrations_total") >= len(PROMPTS)
     assert_replaced_and_idle(cluster, decode_id)
 
@@ -57,7 +61,7 @@ def test_a_stopped_decode_worker_is_found_hung_killed_and_replaced(cluster, engi
     try:
         outputs = run_streams(cluster, stop, "stopped")
         resumed_after_s = time.monotonic() - stopped_at[0]
-        assert [tuple(o) for o in outputs] == [tuple(e) for e in expected_tokens(engine)]
+        assert outputs == expected_outputs(engine)
         assert cluster.router_metric("pdserve_request_migrations_total") >= migrations_before + len(PROMPTS)
         assert_replaced_and_idle(cluster, decode_id)
         assert not _alive(decode["pid"]), "the hung worker's process was not killed"
@@ -67,20 +71,22 @@ def test_a_stopped_decode_worker_is_found_hung_killed_and_replaced(cluster, engi
             os.kill(decode["pid"], signal.SIGKILL)
 
 
-def expected_tokens(engine) -> list[list[int]]:
-    return [r.token_ids for r in engine.generate(PROMPTS, SAMPLING)]
+def expected_outputs(engine) -> list[tuple[tuple[int, ...], str]]:
+    return [(tuple(r.token_ids), r.text) for r in engine.generate(PROMPTS, SAMPLINGS)]
 
 
-def run_streams(cluster, fault, label: str) -> list[list[int]]:
+def run_streams(cluster, fault, label: str) -> list[tuple[tuple[int, ...], str]]:
     """Stream every prompt (request ids `<label>-<i>`); `fault()` once each stream has KILL_AFTER_TOKENS tokens."""
     progress = [0] * len(PROMPTS)
 
-    async def stream(client: Client, index: int) -> list[int]:
+    async def stream(client: Client, index: int) -> tuple[tuple[int, ...], str]:
         tokens: list[int] = []
-        async for response in client.stream(PROMPTS[index], SAMPLING, f"{label}-{index}"):
+        text = ""
+        async for response in client.stream(PROMPTS[index], SAMPLINGS[index], f"{label}-{index}"):
             tokens += response.token_ids
+            text += response.text
             progress[index] = len(tokens)
-        return tokens
+        return tuple(tokens), text
 
     async def fault_when_all_decode() -> None:
         while min(progress) < KILL_AFTER_TOKENS:
