@@ -30,8 +30,8 @@ from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.detokenizer import Detokenizer, Finish
-from pdserve.engine.hardware import hardware
 from pdserve.engine.fingerprint import model_fingerprint
+from pdserve.engine.hardware import hardware
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_engine_model

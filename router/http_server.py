@@ -60,6 +60,7 @@ MAX_BODY_BYTES = 10 * 2**20
 CLIENT_CLOSED = 499
 """The status logged for a request whose client left (nginx's convention; the client never sees it)."""
 T = TypeVar("T")
+DEFAULT_LIMITS = ConnectionLimits()
 
 
 class OpenAIServer:
@@ -364,7 +365,7 @@ class RunningHttp:
 
 
 async def start_http(app: FastAPI, host: str, port: int, tls_files: tuple[str, str] | None,
-                     limits: ConnectionLimits = ConnectionLimits()) -> RunningHttp:
+                     limits: ConnectionLimits = DEFAULT_LIMITS) -> RunningHttp:
     """Serve `app` on host:port (0: a free port) until `stop`; TLS with (certificate file, key file); connections
     bounded by `limits` (`connection_guard`)."""
     sock = _listen(host, port)

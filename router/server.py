@@ -120,11 +120,12 @@ def _response(request_id: str, piece: Piece, prompt_tokens: int, first: bool) ->
 
 def build_server(builder: RequestBuilder, orchestrator: Orchestrator, host: str, port: int, mode: str,
                  access: Access = NO_ACCESS_CONTROL, control: ControlClient | None = None, slo: SLO | None = None,
-                 http_address: str = "", limits: RouterConfig = RouterConfig()) -> tuple[grpc.aio.Server, int]:
+                 http_address: str = "", limits: RouterConfig | None = None) -> tuple[grpc.aio.Server, int]:
     """The Generation and Admin services on `host:port` (0: a free port); returns the server and its port. The port
     is this server's alone (no SO_REUSEPORT): a second router on it fails to start instead of sharing it.
     `limits`: its connections (`max_connections`) and how long a handshake may take (`header_timeout_s`)."""
     interceptors = [BearerToken(access.token)] if access.token else []
+    limits = limits or RouterConfig()
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0),
         ("grpc.max_allowed_incoming_connections", limits.max_connections),

@@ -28,8 +28,8 @@ from typing import Any
 import ray
 import redis
 
-from pdserve.registry.entries import Role, WorkerInfo, WorkerState
 from pdserve.kv_transfer.layout import PairRefused
+from pdserve.registry.entries import Role, WorkerInfo, WorkerState
 from pdserve.registry.registry import Registry
 from pdserve.worker.messages import KVAnnouncement
 from pdserve.worker.runtime import WorkerRuntime

@@ -113,24 +113,43 @@ def restart_redis_empty(cluster) -> subprocess.Popen:
                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+REDIS_SAMPLING = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
 def test_redis_restart_loses_no_accepted_request(cluster, engine):
+    """Redis is killed once every stream has its first tokens and none has finished: all 12 are in flight."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
-    expected = {i: r.token_ids for i, r in enumerate(engine.generate(PROMPTS, SAMPLING))}
+    expected = [r.token_ids for r in engine.generate(prompts, REDIS_SAMPLING)]
+    progress = [0] * len(prompts)
+    in_flight_at_restart = []
+
+    async def stream(client: Client, index: int) -> list[int]:
+        tokens: list[int] = []
+        async for response in client.stream(prompts[index], REDIS_SAMPLING, f"redis-{index}"):
+            tokens += response.token_ids
+            progress[index] = len(tokens)
+        return tokens
+
+    async def restart_when_all_stream() -> None:
+        while min(progress) < 2:
+            await asyncio.sleep(0.02)
+        in_flight_at_restart.append(sum(1 for p in progress if p < REDIS_SAMPLING.max_tokens))
+        STARTED_REDIS.append(await asyncio.to_thread(restart_redis_empty, cluster))
 
     async def go():
         async with Client(cluster.address, timeout_s=RUN_DEADLINE_S) as c:
-            requests = [asyncio.create_task(c.generate(p, SAMPLING)) for p in prompts]
-            await asyncio.sleep(1.0)
-            STARTED_REDIS.append(await asyncio.to_thread(restart_redis_empty, cluster))
-            return await asyncio.gather(*requests)
+            _, *outputs = await asyncio.gather(restart_when_all_stream(),
+                                               *(stream(c, i) for i in range(len(prompts))))
+            return outputs
 
-    results = asyncio.run(go())
-    assert [r.token_ids for r in results] == [expected[i % len(PROMPTS)] for i in range(len(prompts))]
+    outputs = asyncio.run(go())
+    assert in_flight_at_restart == [len(prompts)]
+    assert [tuple(o) for o in outputs] == [tuple(e) for e in expected]
     workers = cluster.wait_until_idle(timeout_s=30)  # the registry is back, from heartbeats
     assert sorted(w["role"] for w in workers.values()) == ["decode", "decode", "prefill", "prefill"]
     assert all(w["used"] == 0 for w in workers.values())
     after = asyncio.run(_one(cluster))  # and new requests are served
-    assert after.token_ids == expected[0]
+    assert after.token_ids == engine.generate(PROMPTS[:1], SAMPLING)[0].token_ids
 
 
 async def _one(cluster):

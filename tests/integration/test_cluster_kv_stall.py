@@ -19,7 +19,8 @@ from .test_smollm2_oracle import PROMPTS
 pytestmark = pytest.mark.model
 
 CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
-          "kv_transfer": {"timeout_s": 2.0, "checksums": True}, "faults": {"kv_send_pause_s": 4.0, "kv_send_pause_count": 1},
+          "kv_transfer": {"timeout_s": 2.0, "checksums": True},
+          "faults": {"kv_send_pause_s": 4.0, "kv_send_pause_count": 1},
           "workers": {"prefill": {"count": 1, "resources": {"cpus": 1}},
                       "decode": {"count": 1, "resources": {"cpus": 1}}}}
 SAMPLING = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
