@@ -36,6 +36,7 @@ STOP_TTL_S = 120
 class Registry:
     def __init__(self, redis_url: str, cluster: str = CLUSTER) -> None:
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.cluster = cluster
         self.prefix = f"pdserve:{cluster}"
 
     # ---- workers ---------------------------------------------------------------------------------------------

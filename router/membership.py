@@ -7,7 +7,9 @@ poll renews this router's lease on its requests there and acknowledges the ones 
 heartbeat expires and that does not answer, or whose actor dies, is dropped and `on_lost` is told, so the requests
 on it move on (see `router.migration`) instead of hanging; a dead one is never taken back, though its heartbeat
 lingers a few seconds. A worker missing from a restarted (empty) Redis still answers, so it stays; one whose actor
-answers under another id has switched roles in place (`worker_actor`) and is dropped (it was drained first).
+answers under another id has switched roles in place (`worker_actor`) and is dropped (it was drained first). While
+Redis is away, the workers' own answers through Ray stand in for their heartbeats (`worker.directory`): a worker
+that started meanwhile (the replacement of one that died) joins at once.
 
 KV pairs are the prefill workers' own (`worker.kv_pairs`): a decode worker is usable with a prefill worker when
 both heartbeats list their pair.
@@ -28,6 +30,7 @@ import redis
 
 from pdserve.registry.entries import Role, WorkerInfo, WorkerState
 from pdserve.registry.registry import Registry
+from pdserve.worker.directory import ask_workers
 from pdserve.worker.messages import TokenEvent
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,7 @@ class Membership:
         self.members: dict[str, Member] = {}
         self._on_events = on_events
         self._on_lost = on_lost
+        self._namespace = namespace
         self._find_actor = find_actor or (lambda name: ray.get_actor(name, namespace=namespace))
         self._redis_failing = False
         self._checking: dict[str, asyncio.Task] = {}
@@ -106,8 +110,9 @@ class Membership:
             infos = {w.worker_id: w for w in await asyncio.to_thread(self.registry.workers)}
         except redis.RedisError as e:
             if not self._redis_failing:
-                log.warning("registry unreadable, keeping the last view: %s", e)
+                log.warning("registry unreadable (%s); asking the workers through Ray meanwhile", e)
             self._redis_failing = True
+            await self._refresh_through_ray()
             return
         self._redis_failing = False
         self._forget_long_dead()
@@ -122,6 +127,24 @@ class Membership:
                 member.info = info
             elif info.state is WorkerState.READY:
                 await self._join(info)
+
+    async def _refresh_through_ray(self) -> None:
+        """Redis is away: each worker's own answer replaces its heartbeat, and new workers join. A member that does
+        not answer stays (its collector finds out if it died)."""
+        known = {m.info.actor_name: m.handle for m in self.members.values()}
+        try:
+            found = await ask_workers(self._namespace, self.registry.cluster, known)
+        except (ray.exceptions.RayError, RuntimeError) as e:
+            log.warning("Ray does not list the workers either, keeping the last view: %s", e)
+            return
+        for info, handle in found.values():
+            if info.worker_id in self._dead:
+                continue
+            member = self.members.get(info.worker_id)
+            if member is not None:
+                member.info = info
+            elif info.state is WorkerState.READY:
+                self.join(info, handle)
 
     async def _check_gone(self, worker_id: str) -> None:
         """A worker's registry entry is gone: drop it only if its actor does not answer either. A restarted Redis

@@ -10,6 +10,8 @@ formed (its generation). Every PAIR_CHECK_S the keeper reads the registry and
   decode worker's heartbeat has not listed this worker for PAIR_SETTLE_S since the pair formed (its side broke);
 - lets go of the pair with a decode worker missing from the registry for GONE_S (a restarted Redis fills up again
   within a heartbeat, so a short absence does not count);
+- while Redis is away, asks the cluster's worker actors through Ray instead (`worker.directory`), so a decode worker
+  that started meanwhile (a replacement) is paired at once;
 - never pairs again with a decode worker that refused the pair (`PairRefused`: another model or KV layout; logged
   once, naming what differs): routers then never send a request between the two.
 
@@ -31,6 +33,7 @@ import redis
 from pdserve.kv_transfer.layout import PairRefused
 from pdserve.registry.entries import Role, WorkerInfo, WorkerState
 from pdserve.registry.registry import Registry
+from pdserve.worker.directory import ask_workers
 from pdserve.worker.messages import KVAnnouncement
 from pdserve.worker.runtime import WorkerRuntime
 
@@ -77,17 +80,14 @@ class PairKeeper:
 
     async def run(self) -> None:
         while True:
-            try:
-                await self.check()
-            except redis.RedisError as e:  # keep the pairs there are; look again next time
-                if not self._redis_failing:
-                    log.warning("%s: registry unreadable, KV pairs unchanged: %s", self.worker_id, e)
-                self._redis_failing = True
+            await self.check()
             await asyncio.sleep(PAIR_CHECK_S)
 
     async def check(self) -> None:
-        infos = {i.worker_id: i for i in await asyncio.to_thread(self.registry.workers) if i.role is Role.DECODE}
-        self._redis_failing = False
+        listed = await self._decode_workers()
+        if listed is None:
+            return  # neither Redis nor Ray answered: keep the pairs there are; look again next time
+        infos = {i.worker_id: i for i in listed if i.role is Role.DECODE}
         now = asyncio.get_running_loop().time()
         for worker_id, peer in list(self.peers.items()):
             if worker_id in infos:
@@ -102,6 +102,25 @@ class PairKeeper:
         for worker_id, peer in self.peers.items():
             if worker_id not in self._forming and self._needs_forming(peer, now):
                 self._forming[worker_id] = asyncio.create_task(self._form(peer), name=f"pair-{worker_id}")
+
+    async def _decode_workers(self) -> list[WorkerInfo] | None:
+        """The workers in the registry, or (Redis away) those Ray knows, as they answer themselves."""
+        try:
+            listed = await asyncio.to_thread(self.registry.workers)
+            self._redis_failing = False
+            return listed
+        except redis.RedisError as e:
+            if not self._redis_failing:
+                log.warning("%s: registry unreadable (%s); finding decode workers through Ray", self.worker_id, e)
+            self._redis_failing = True
+        spec = self.runtime.spec
+        try:
+            found = await ask_workers(spec.namespace, spec.cluster,
+                                      {p.info.actor_name: p.handle for p in self.peers.values()})
+        except (ray.exceptions.RayError, RuntimeError) as e:  # Ray not initialised here, or its GCS away
+            log.warning("%s: Ray does not list the workers either: %s", self.worker_id, e)
+            return None
+        return [info for info, _ in found.values()]
 
     def announce(self, decode_worker: str, announcement: KVAnnouncement) -> None:
         """Tell the decode worker that a send to it started (on the event loop; the answer is not waited for)."""

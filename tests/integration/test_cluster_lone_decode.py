@@ -7,12 +7,20 @@ seeded, and afterwards no KV block is held.
 
 Then the (replacement) decode worker is stopped with SIGSTOP: alive to Ray, answering nothing. The control plane
 finds it hung after `workers.hung_after_s` (6 s here), kills it and starts another, and the streams resume on that
-one (the probe: a SIGSTOPped decode worker held its streams for 46 s)."""
+one (the probe: a SIGSTOPped decode worker held its streams for 46 s).
+
+Last, Redis is killed and stays down while the decode worker is SIGKILLed: its replacement joins through Ray (the
+router and the prefill worker ask the worker actors themselves while the registry is away), new streams are served
+by it, and once Redis is back the registry fills in again (the probe: a replacement started while Redis was down
+never served, and the cluster stayed unhealthy for minutes)."""
 
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
 import time
+import urllib.parse
 
 import pytest
 
@@ -34,11 +42,19 @@ KILL_AFTER_TOKENS = 10
 RUN_DEADLINE_S = 300
 
 
+STARTED_REDIS: list[subprocess.Popen] = []
+"""The redis-server a test started in place of the cluster's own; stopped after the cluster."""
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     running = start_cluster(str(tmp_path_factory.mktemp("lone-decode")), CONFIG)
     yield running
-    stop_cluster(running)
+    try:
+        stop_cluster(running)
+    finally:
+        for process in STARTED_REDIS:
+            process.kill()
 
 
 def test_the_only_decode_worker_killed_mid_stream_loses_no_request(cluster, engine):
@@ -69,6 +85,24 @@ def test_a_stopped_decode_worker_is_found_hung_killed_and_replaced(cluster, engi
     finally:
         if _alive(decode["pid"]):
             os.kill(decode["pid"], signal.SIGKILL)
+
+
+def test_a_decode_worker_replaced_while_redis_is_down_serves_at_once(cluster, engine):
+    decode_id, decode = next((i, w) for i, w in cluster.workers().items() if w["role"] == "decode")
+    state = cluster.state()
+    os.kill(state["redis_pid"], signal.SIGKILL)
+    time.sleep(1.5)  # routers and workers have seen Redis go
+    os.kill(decode["pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+    outputs = run_streams(cluster, lambda: None, "redis-down")
+    served_after_s = time.monotonic() - killed_at
+    assert outputs == expected_outputs(engine)
+    port = urllib.parse.urlparse(state["redis_url"]).port
+    STARTED_REDIS.append(subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                                           "--save", "", "--appendonly", "no"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    assert_replaced_and_idle(cluster, decode_id)
+    print(f"8 new streams served {served_after_s:.1f} s after the kill, with Redis down")
 
 
 def expected_outputs(engine) -> list[tuple[tuple[int, ...], str]]:
