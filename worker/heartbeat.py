@@ -1,7 +1,8 @@
 """A worker's heartbeat: its `WorkerInfo` written to the registry every second, on its own thread, and after it
 the worker's prefix-cache events (`worker.cache_events`).
 
-Redis being away is logged and retried, never fatal: serving goes on and the registry refills once it is back. Any
+Every Redis call is on that thread (the first beat, and the removal of the entry when the worker stops), never on
+the worker's event loop. Redis being away is logged and retried, never fatal: serving goes on and the registry refills once it is back. Any
 other error in a beat is logged with its stack and the thread goes on (it used to end silently, and the worker then
 dropped out of the registry while it served).
 """
@@ -33,7 +34,8 @@ class Heartbeat:
         self._failing = False
 
     def start(self) -> None:
-        self.beat()
+        """The thread beats at once, then every HEARTBEAT_S (no Redis call on the caller's thread: a hung Redis
+        must not stall a worker's event loop)."""
         self._thread.start()
 
     def beat(self) -> None:
@@ -48,18 +50,24 @@ class Heartbeat:
             self._failing = False
 
     def stop(self) -> None:
+        """Stop beating; the thread removes the registry entry on its way out, after its last beat (so no beat in
+        flight can write the entry again), and without holding up the caller."""
         self._stopping.set()
+
+    def _run(self) -> None:
+        self._beat_and_flush()
+        while not self._stopping.wait(HEARTBEAT_S):
+            self._beat_and_flush()
         info = self._info()
         try:
             self._registry.remove(info.worker_id)
-        except redis.RedisError as e:
+        except redis.RedisError as e:  # its entry expires on its own (TTL)
             log.warning("could not remove %s from the registry: %s", info.worker_id, e)
 
-    def _run(self) -> None:
-        while not self._stopping.wait(HEARTBEAT_S):
-            try:
-                self.beat()
-                if self._cache_events is not None:
-                    self._cache_events.flush()
-            except Exception:  # a bug, not Redis (beat and flush handle that): logged, and the next beat tries again
-                log.exception("heartbeat failed; it goes on")
+    def _beat_and_flush(self) -> None:
+        try:
+            self.beat()
+            if self._cache_events is not None:
+                self._cache_events.flush()
+        except Exception:  # a bug, not Redis (beat and flush handle that): logged, and the next beat tries again
+            log.exception("heartbeat failed; it goes on")
