@@ -2,9 +2,9 @@
 the worker's prefix-cache events (`worker.cache_events`).
 
 Every Redis call is on that thread (the first beat, and the removal of the entry when the worker stops), never on
-the worker's event loop. Redis being away is logged and retried, never fatal: serving goes on and the registry refills once it is back. Any
-other error in a beat is logged with its stack and the thread goes on (it used to end silently, and the worker then
-dropped out of the registry while it served).
+the worker's event loop. Redis being away is logged and retried, never fatal: serving goes on and the registry
+refills once it is back. Any other error in a beat is logged with its stack and the thread goes on (it used to end
+silently, and the worker then dropped out of the registry while it served).
 """
 
 from __future__ import annotations
