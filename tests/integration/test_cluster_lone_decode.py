@@ -9,6 +9,8 @@ Then the (replacement) decode worker is stopped with SIGSTOP: alive to Ray, answ
 finds it hung after `workers.hung_after_s` (6 s here), kills it and starts another, and the streams resume on that
 one (the probe: a SIGSTOPped decode worker held its streams for 46 s).
 
+Then Redis is stopped (SIGSTOP) for 10 s mid-stream: no stream stalls and /health answers at once.
+
 Last, Redis is killed and stays down while the decode worker is SIGKILLed: its replacement joins through Ray (the
 router and the prefill worker ask the worker actors themselves while the registry is away), new streams are served
 by it, and once Redis is back the registry fills in again (the probe: a replacement started while Redis was down
@@ -21,6 +23,7 @@ import signal
 import subprocess
 import time
 import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -87,6 +90,35 @@ def test_a_stopped_decode_worker_is_found_hung_killed_and_replaced(cluster, engi
             os.kill(decode["pid"], signal.SIGKILL)
 
 
+def test_a_hung_redis_stalls_neither_streams_nor_health(cluster, engine):
+    """Redis stopped (SIGSTOP) for 10 s mid-stream, twice its clients' socket timeout (the probe: /health took 14 s
+    and every stream stalled 14 s, the router's Redis calls being on its event loop)."""
+    redis_pid = cluster.state()["redis_pid"]
+    health_url = cluster.http_url.removesuffix("/v1") + "/health"
+    health_s: list[float] = []
+
+    def hang_redis() -> None:
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            for _ in range(5):
+                began = time.monotonic()
+                urllib.request.urlopen(health_url, timeout=30).read()
+                health_s.append(time.monotonic() - began)
+                time.sleep(2.0)
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+
+    gaps: list[float] = []
+    outputs = run_streams(cluster, lambda: asyncio.get_running_loop().run_in_executor(None, hang_redis),
+                          "redis-hung", gaps)
+    assert outputs == expected_outputs(engine)
+    assert len(health_s) == 5 and max(health_s) < 2.0, health_s
+    assert max(gaps) < 4.0, max(gaps)
+    assert_replaced_and_idle(cluster, "none")
+    print(f"Redis hung 10 s: /health answered in at most {max(health_s):.2f} s, longest gap between tokens "
+          f"{max(gaps):.2f} s")
+
+
 def test_a_decode_worker_replaced_while_redis_is_down_serves_at_once(cluster, engine):
     decode_id, decode = next((i, w) for i, w in cluster.workers().items() if w["role"] == "decode")
     state = cluster.state()
@@ -109,14 +141,21 @@ def expected_outputs(engine) -> list[tuple[tuple[int, ...], str]]:
     return [(tuple(r.token_ids), r.text) for r in engine.generate(PROMPTS, SAMPLINGS)]
 
 
-def run_streams(cluster, fault, label: str) -> list[tuple[tuple[int, ...], str]]:
-    """Stream every prompt (request ids `<label>-<i>`); `fault()` once each stream has KILL_AFTER_TOKENS tokens."""
+def run_streams(cluster, fault, label: str, gaps: list[float] | None = None) -> list[tuple[tuple[int, ...], str]]:
+    """Stream every prompt (request ids `<label>-<i>`); `fault()` once each stream has KILL_AFTER_TOKENS tokens.
+    `gaps`: filled with the time between consecutive responses of every stream."""
     progress = [0] * len(PROMPTS)
+    gaps = [] if gaps is None else gaps
 
     async def stream(client: Client, index: int) -> tuple[tuple[int, ...], str]:
         tokens: list[int] = []
         text = ""
+        last = None
         async for response in client.stream(PROMPTS[index], SAMPLINGS[index], f"{label}-{index}"):
+            now = time.monotonic()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
             tokens += response.token_ids
             text += response.text
             progress[index] = len(tokens)
@@ -125,7 +164,9 @@ def run_streams(cluster, fault, label: str) -> list[tuple[tuple[int, ...], str]]
     async def fault_when_all_decode() -> None:
         while min(progress) < KILL_AFTER_TOKENS:
             await asyncio.sleep(0.02)
-        fault()
+        done = fault()
+        if done is not None:  # a fault that runs alongside the streams
+            await done
 
     async def go():
         async with Client(cluster.address, timeout_s=RUN_DEADLINE_S) as client:
