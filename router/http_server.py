@@ -4,6 +4,7 @@
     POST /v1/chat/completions     the model's chat template; `stream: true` answers server-sent events,
                                   `stream_options.include_usage` adds a last chunk with the token counts
     GET  /v1/models               the served model
+    GET  /v1/models/{model}       the served model by name (404 in OpenAI's shape for any other)
     GET  /health                  200 when the cluster can serve, 503 with the reason otherwise
     GET  /metrics                 the router's Prometheus metrics (the same as on its metrics port)
     GET  /metrics/workers         every worker's metrics, gathered over Ray (`worker_scrape`)
@@ -84,6 +85,7 @@ class OpenAIServer:
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.get("/v1/models")(self.models)
+        app.get("/v1/models/{model:path}")(self.model)
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics)
         app.get("/metrics/workers")(self.worker_metrics)
@@ -96,8 +98,17 @@ class OpenAIServer:
         return await self._generate(body, request, chat=True)
 
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "pdserve", "max_model_len": self.builder.context_length}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def model(self, model: str) -> dict:
+        if model != self.model_name:
+            raise oa.OpenAIError(404, f"model: the model {model!r} does not exist (served: {self.model_name!r})",
+                                 param="model", code="model_not_found")
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "pdserve",
+                "max_model_len": self.builder.context_length}
 
     async def health(self) -> JSONResponse:
         reason = unhealthy_reason(self.orchestrator)
@@ -115,7 +126,7 @@ class OpenAIServer:
     async def _generate(self, body: oa.CompletionRequest | oa.ChatCompletionRequest, request: Request,
                         chat: bool) -> Response:
         if body.model not in (None, self.model_name):
-            raise oa.OpenAIError(404, f"model: {body.model!r} is not served here (served: {self.model_name!r})",
+            raise oa.OpenAIError(404, f"model: the model {body.model!r} does not exist (served: {self.model_name!r})",
                                  param="model", code="model_not_found")
         request_id = request.headers.get(REQUEST_ID_HEADER) or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         valid = await self._build(body, chat, request_id)

@@ -3,9 +3,11 @@ the response bodies and stream chunks we send back.
 
 A request is checked in two steps: here for OpenAI's own fields (types by pydantic; features we do not offer, such as
 logprobs, tools or penalties, are refused naming the field rather than silently ignored), then by the router's
-`RequestBuilder` exactly as a gRPC request is (prompt, sampling, context length). Fields OpenAI clients send that do
-not change the output (`user`, `metadata`, `store`, ...) are accepted and ignored. vLLM's extensions `top_k`,
-`ignore_eos`, `stop_token_ids` and `return_token_ids` are honoured.
+`RequestBuilder` exactly as a gRPC request is (prompt, sampling, context length). Every other field follows
+`openai_fields`: accepted when it cannot change the output (`user`, `metadata`, `store`, ..., or a vLLM extension at
+its neutral value), else refused by name. vLLM's extensions `top_k`, `ignore_eos`, `stop_token_ids` and
+`return_token_ids` are honoured. With `n` > 1 and a `seed`, choice j of a prompt samples with `choice_seed(seed, j)`:
+each choice its own stream of randomness, the same on every run (choice 0 keeps the seed, so n = 1 is unchanged).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from pdserve.proto import generation_pb2 as pb
+from pdserve.router.openai_fields import FieldRefused, refuse_unhonoured
 
 MAX_CHOICES = 64
 """Prompts x n of one request; more is refused (each choice is a request on the cluster)."""
@@ -73,13 +76,16 @@ class OpenAIError(Exception):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: refused when true (usage comes once, at the end)
 
 
 class _Common(BaseModel):
     """Fields both endpoints share."""
 
-    model_config = ConfigDict(extra="allow")  # fields that do not change the output (user, metadata, ...)
+    model_config = ConfigDict(extra="allow")  # the rest: checked by `openai_fields` (refuse_unsupported)
 
     model: Text | None = None
     max_tokens: _integer(1, UINT32_MAX) | None = None
@@ -100,6 +106,15 @@ class _Common(BaseModel):
 
     def refuse_unsupported(self) -> None:
         """Features that would change the output and that we do not offer: refused, naming the field."""
+        try:
+            refuse_unhonoured(self.model_extra)
+        except FieldRefused as e:
+            raise unsupported(e.field, e.why) from e
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError(400, "stream_options: only allowed with stream: true", param="stream_options")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise unsupported("stream_options.continuous_usage_stats", "not supported; usage comes in the last "
+                              "chunk (include_usage)")
         if self.presence_penalty or self.frequency_penalty:
             name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
             raise unsupported(name, "penalties are not supported; leave it 0")
@@ -110,11 +125,12 @@ class _Common(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling(self, max_tokens: int | None) -> pb.SamplingParams:
+    def sampling(self, max_tokens: int | None, choice: int = 0) -> pb.SamplingParams:
+        """The sampling of choice `choice` of a prompt (its own seed, derived from `seed`)."""
         s = pb.SamplingParams(stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or ()),
                               stop_token_ids=list(self.stop_token_ids or ()), ignore_eos=self.ignore_eos)
         for name, value in (("max_tokens", max_tokens), ("temperature", self.temperature), ("top_p", self.top_p),
-                            ("top_k", self.top_k), ("seed", self.seed)):
+                            ("top_k", self.top_k), ("seed", choice_seed(self.seed, choice))):
             if value is not None:
                 setattr(s, name, value)
         return s
@@ -136,11 +152,10 @@ class CompletionRequest(_Common):
                 raise unsupported(name, "not supported")
         prompts = self._prompts()
         _check_choices(len(prompts) * self.n)
-        sampling = self.sampling(self.max_tokens)
         requests = []
         for prompt in prompts:
-            for _ in range(self.n):
-                request = pb.GenerateRequest(sampling=sampling)
+            for choice in range(self.n):
+                request = pb.GenerateRequest(sampling=self.sampling(self.max_tokens, choice))
                 if isinstance(prompt, str):
                     request.text = prompt
                 else:
@@ -201,11 +216,24 @@ class ChatCompletionRequest(_Common):
         messages = pb.ChatMessages(messages=[
             pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text(i))
             for i, m in enumerate(self.messages)])
-        return [pb.GenerateRequest(messages=messages, sampling=self.sampling(max_tokens)) for _ in range(self.n)]
+        return [pb.GenerateRequest(messages=messages, sampling=self.sampling(max_tokens, choice))
+                for choice in range(self.n)]
 
     @property
     def max_tokens_given(self) -> bool:
         return self.max_tokens is not None or self.max_completion_tokens is not None
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of a prompt's choice `choice`: `seed` itself for the first, a different one (reproducibly) for each
+    other (n > 1 with a seed used to give n identical choices)."""
+    if seed is None or choice == 0:
+        return seed
+    return (seed + choice * SEED_STRIDE) % 2**64
+
+
+SEED_STRIDE = 0x9E3779B97F4A7C15
+"""Odd, so the n seeds of one request never collide (the golden-ratio constant spreads them)."""
 
 
 def unsupported(field: str, why: str) -> OpenAIError:

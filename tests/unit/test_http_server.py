@@ -73,7 +73,8 @@ class FakeBuilder:
         s = request.sampling
         sampling = SamplingParams(max_tokens=s.max_tokens if s.HasField("max_tokens") else 16,
                                   temperature=s.temperature if s.HasField("temperature") else 1.0,
-                                  stop=tuple(s.stop), ignore_eos=s.ignore_eos)
+                                  stop=tuple(s.stop), ignore_eos=s.ignore_eos,
+                                  seed=s.seed if s.HasField("seed") else None)
         total = len(token_ids) + sampling.max_tokens
         if total > CONTEXT:
             raise InvalidRequest(f"sampling.max_tokens: prompt ({len(token_ids)} tokens) + max_tokens "

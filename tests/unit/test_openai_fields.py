@@ -1,0 +1,88 @@
+"""The HTTP API's rule for fields (`router.openai_fields`): each field is honoured or refused with a 400 naming it;
+output-neutral ones are accepted; `n` > 1 with a seed gives each choice its own seed; `stream_options` needs
+`stream`; `GET /v1/models/{id}`. On the real app with the fake orchestrator of `test_http_server`."""
+
+import pytest
+
+from pdserve.router.openai_protocol import SEED_STRIDE, choice_seed
+
+from .test_http_server import CHAT, MODEL, FakeOrchestrator, assert_error, client_for
+
+
+def post(path: str, extra: dict):
+    orchestrator = FakeOrchestrator()
+    prompt = {"prompt": "hi"} if path == "/v1/completions" else {"messages": CHAT}
+    response = client_for(orchestrator).post(path, json={**prompt, "max_tokens": 2, **extra})
+    return response, orchestrator
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("field, value", [
+    ("use_beam_search", True), ("min_tokens", 3), ("repetition_penalty", 1.2), ("min_p", 0.1),
+    ("structured_outputs", {"regex": "[a-z]+"}), ("guided_json", {"type": "object"}), ("prompt_logprobs", 1),
+    ("truncate_prompt_tokens", 8), ("include_stop_str_in_output", True), ("skip_special_tokens", False),
+    ("allowed_token_ids", [1, 2]), ("priority", 5), ("continue_final_message", True), ("echo_everything", 1),
+    ("maxtokens", 3), ("use_beam_search", 0), ("repetition_penalty", True),
+])
+def test_a_field_we_would_ignore_is_refused_naming_it(path, field, value):
+    response, orchestrator = post(path, {field: value})
+    message = assert_error(response, 400, "invalid_request_error", field, "unsupported_parameter")
+    assert message.startswith(f"{field}: ")
+    assert orchestrator.received == []
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("extra", [
+    {"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto"},
+    {"use_beam_search": False, "min_tokens": 0, "repetition_penalty": 1.0, "min_p": 0, "skip_special_tokens": True,
+     "include_stop_str_in_output": False, "structured_outputs": None, "guided_json": None, "priority": 0},
+    {"add_generation_prompt": True, "continue_final_message": False, "tool_choice": "none"},
+])
+def test_fields_that_cannot_change_the_output_are_accepted(path, extra):
+    response, orchestrator = post(path, extra)
+    assert response.status_code == 200, response.text
+    assert len(orchestrator.received) == 1
+
+
+def test_stream_options_need_stream_and_continuous_usage_is_refused():
+    response, _ = post("/v1/completions", {"stream_options": {"include_usage": True}})
+    assert assert_error(response, 400, param="stream_options").startswith("stream_options: only allowed with")
+    response, _ = post("/v1/chat/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}})
+    assert_error(response, 400, param="stream_options.continuous_usage_stats", code="unsupported_parameter")
+    response, _ = post("/v1/completions", {"stream": True, "stream_options": {"include_usage": True, "x": 1}})
+    assert response.status_code == 400 and "stream_options" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_n_choices_with_a_seed_each_get_their_own_seed_reproducibly(path):
+    seeds = []
+    for _ in range(2):
+        response, orchestrator = post(path, {"n": 3, "seed": 7})
+        assert response.status_code == 200
+        seeds.append([r.sampling.seed for r in orchestrator.received])
+    assert seeds[0] == seeds[1] == [7, choice_seed(7, 1), choice_seed(7, 2)]
+    assert len(set(seeds[0])) == 3
+    response, orchestrator = post(path, {"n": 2})
+    assert [r.sampling.seed for r in orchestrator.received] == [None, None]
+
+
+def test_choice_seeds_stay_in_range_and_distinct():
+    top = 2**64 - 1
+    assert choice_seed(top, 1) == (top + SEED_STRIDE) % 2**64 < 2**64
+    assert len({choice_seed(top, j) for j in range(64)}) == 64
+
+
+def test_a_prompt_list_gives_each_prompt_the_same_choice_seeds():
+    orchestrator = FakeOrchestrator()
+    response = client_for(orchestrator).post("/v1/completions", json={"prompt": ["a", "b"], "n": 2, "seed": 1,
+                                                                      "max_tokens": 2})
+    assert response.status_code == 200
+    assert [r.sampling.seed for r in orchestrator.received] == [1, choice_seed(1, 1)] * 2
+
+
+def test_models_by_id_answers_the_served_model_and_404_for_any_other():
+    client = client_for(FakeOrchestrator())
+    body = client.get(f"/v1/models/{MODEL}").json()
+    assert body["id"] == MODEL and body["object"] == "model"
+    assert "does not exist" in assert_error(client.get("/v1/models/gpt-9"), 404, param="model",
+                                            code="model_not_found")
