@@ -101,6 +101,8 @@ class Engine:
         self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.eos_token_ids = self._eos_ids()
+        if isinstance(self.runner, ModelRunner):
+            self.runner.sampler.eos_token_ids = self.eos_token_ids
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self._order = itertools.count()
@@ -303,6 +305,11 @@ class Engine:
         if blocks_for(total, self.config.block_size) > self.blocks.num_blocks:
             raise RequestError(f"max_tokens: prompt + max_tokens = {total} tokens needs more KV blocks than the "
                                f"cache has ({self.blocks.num_blocks} of {self.config.block_size} tokens)")
+        outside = [t for t in (*(t for t, _ in sampling.logit_bias), *sampling.allowed_token_ids)
+                   if t >= self.model_config.vocab_size]
+        if outside:
+            raise RequestError(f"logit_bias / allowed_token_ids: token ids {outside[:5]} are out of vocabulary "
+                               f"[0, {self.model_config.vocab_size})")
         if not 0 <= resumed_tokens < len(token_ids):
             raise RequestError(f"resumed_tokens: {resumed_tokens} must be at least 0 and below the prompt's "
                                f"{len(token_ids)} tokens")

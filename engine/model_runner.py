@@ -53,7 +53,7 @@ class ModelRunner:
             logits = self.model.logits(hidden[step.sample_rows])  # [N, V]
             sample_chunks = step.sample_chunks
         tokens = self.sampler.sample(logits, [c.sampling for c in sample_chunks],
-                                     [c.output_index for c in sample_chunks])
+                                     [c.output_index for c in sample_chunks], [c.history for c in sample_chunks])
         return {c.request_id: t for c, t in zip(sample_chunks, tokens)}
 
     def prepare(self, chunks: tuple[ScheduledChunk, ...]) -> StepInput:

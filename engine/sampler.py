@@ -1,4 +1,5 @@
-"""Pick each request's next token from its logits: greedy, or temperature with top-k and top-p.
+"""Pick each request's next token from its logits: greedy, or temperature with top-k, top-p and min-p, after the
+changes its parameters make to the logits (penalties, bias, allowed tokens, min_tokens: `engine.logits_adjust`).
 
 Greedy rows take the argmax together; sampled rows are filtered together and draw together from the engine's shared
 generator, except a request with a seed: it draws from its own generator, seeded from (seed, output position), so the
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pdserve.engine.logits_adjust import TokenHistory, adjust_logits
 from pdserve.engine.sampling_params import SamplingParams
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant, spreads (seed, position) over 63 bits
@@ -31,7 +33,7 @@ def filter_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     top-k / top-p set to -inf, for all rows at once (one sort, no host sync).
 
     top-k keeps every token at least as likely as the k-th; top-p then keeps the smallest set of most likely tokens
-    whose probability mass reaches p."""
+    whose probability mass reaches p; min-p then drops tokens less likely than min_p x the most likely one."""
     rows, vocab = logits.shape
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
@@ -48,6 +50,11 @@ def filter_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch
         mass_before = torch.cumsum(probs, dim=-1) - probs
         limit = torch.tensor(top_p, dtype=probs.dtype, device=device)[:, None]  # [R, 1]
         sorted_logits = sorted_logits.masked_fill(mass_before >= limit, float("-inf"))
+    min_p = [p.min_p for p in params]
+    if max(min_p) > 0.0:
+        probs = torch.softmax(sorted_logits, dim=-1)  # [R, V], most likely first
+        floor = probs[:, :1] * torch.tensor(min_p, dtype=probs.dtype, device=device)[:, None]  # [R, 1]
+        sorted_logits = sorted_logits.masked_fill(probs < floor, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
@@ -55,10 +62,15 @@ class Sampler:
     def __init__(self, seed: int, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.eos_token_ids: tuple[int, ...] = ()
+        """The model's end tokens, masked until a request has its `min_tokens` (the engine sets them)."""
 
-    def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-               output_positions: Sequence[int]) -> list[int]:
-        """logits: [N, V] fp32; one SamplingParams and output position per row -> N token ids (one host sync)."""
+    def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams], output_positions: Sequence[int],
+               histories: Sequence[TokenHistory | None] | None = None) -> list[int]:
+        """logits: [N, V] fp32; one SamplingParams, output position and token history (for penalties; None where
+        none asks) per row -> N token ids (one host sync)."""
+        histories = histories if histories is not None else [None] * len(params)
+        logits = adjust_logits(logits, params, output_positions, histories, self.eos_token_ids)
         tokens = logits.argmax(dim=-1)  # [N]
         rows = [row for row, p in enumerate(params) if not p.greedy]
         if rows:

@@ -27,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from pdserve.engine.block_manager import BlockManager, blocks_for
+from pdserve.engine.logits_adjust import TokenHistory
 from pdserve.engine.prefix_hash import ROOT, block_hashes, shareable_blocks
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
@@ -45,6 +46,8 @@ class ScheduledChunk:
     sampling: SamplingParams
     output_index: int
     """How many output tokens the request has; the sampled token will be output number `output_index`."""
+    history: TokenHistory | None = None
+    """The tokens so far, for a request whose penalties read them (`SamplingParams.needs_history`); else None."""
 
     @property
     def context_len(self) -> int:
@@ -236,6 +239,8 @@ class Scheduler:
             sample=start + count == request.num_tokens,
             sampling=request.sampling,
             output_index=request.resumed_tokens + len(request.output_token_ids),
+            history=_history(request) if request.sampling.needs_history and start + count == request.num_tokens
+            else None,
         )
 
 
@@ -254,3 +259,10 @@ class _Step:
         chunk = self.chunks.pop(request_id, None)
         if chunk is not None:
             self.left += len(chunk.token_ids)
+
+
+def _history(request: Request) -> TokenHistory:
+    """A resumed request's output so far ends its prompt: it counts as output."""
+    split = len(request.prompt_token_ids) - request.resumed_tokens
+    return TokenHistory(request.prompt_token_ids[:split],
+                        (*request.prompt_token_ids[split:], *request.output_token_ids))
