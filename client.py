@@ -86,7 +86,11 @@ def build_request(prompt: Prompt | str, sampling: SamplingParams | None = None,
     sampling = sampling or SamplingParams()
     s = pb.SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k, stop=list(sampling.stop), stop_token_ids=list(sampling.stop_token_ids),
-                          ignore_eos=sampling.ignore_eos)
+                          ignore_eos=sampling.ignore_eos, presence_penalty=sampling.presence_penalty,
+                          frequency_penalty=sampling.frequency_penalty,
+                          repetition_penalty=sampling.repetition_penalty, min_tokens=sampling.min_tokens,
+                          min_p=sampling.min_p, logit_bias=dict(sampling.logit_bias),
+                          allowed_token_ids=list(sampling.allowed_token_ids))
     if sampling.seed is not None:
         s.seed = sampling.seed
     request = pb.GenerateRequest(request_id=request_id, sampling=s)

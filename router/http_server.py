@@ -162,8 +162,8 @@ class OpenAIServer:
         built: dict[bytes, ValidRequest] = {}
         valid = []
         for index, generate in enumerate(requests):
-            if open_ended:
-                generate.sampling.max_tokens = 1
+            if open_ended:  # max_tokens is the room left in the context, known once the prompt is tokenized
+                generate.sampling.max_tokens = max(1, generate.sampling.min_tokens)
             key = generate.SerializeToString(deterministic=True)
             if key not in built:
                 try:

@@ -27,11 +27,7 @@ OUTPUT_NEUTRAL = frozenset({
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     # vLLM's sampling extensions
     "use_beam_search": (False,),
-    "min_tokens": (0,),
-    "repetition_penalty": (1, 1.0),
-    "min_p": (0, 0.0),
     "length_penalty": (1, 1.0),
-    "allowed_token_ids": ([],),
     "bad_words": ([],),
     "logits_processors": ([],),
     "truncate_prompt_tokens": (),

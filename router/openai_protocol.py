@@ -96,10 +96,14 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = None
     seed: _integer(0, UINT64_MAX) | None = None
-    presence_penalty: Number = 0.0
-    frequency_penalty: Number = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
     top_k: _integer(0, INT32_MAX) | None = None  # vLLM's extension
+    repetition_penalty: Number | None = None  # vLLM's extension
+    min_tokens: _integer(0, UINT32_MAX) | None = None  # vLLM's extension
+    min_p: Number | None = None  # vLLM's extension
+    allowed_token_ids: list[TokenId] | None = None  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension
     stop_token_ids: list[TokenId] | None = None  # vLLM's extension
     return_token_ids: bool = False  # vLLM's extension: each choice (and stream chunk) carries its token ids
@@ -115,11 +119,6 @@ class _Common(BaseModel):
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:
             raise unsupported("stream_options.continuous_usage_stats", "not supported; usage comes in the last "
                               "chunk (include_usage)")
-        if self.presence_penalty or self.frequency_penalty:
-            name = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            raise unsupported(name, "penalties are not supported; leave it 0")
-        if self.logit_bias:
-            raise unsupported("logit_bias", "not supported")
 
     @property
     def include_usage(self) -> bool:
@@ -130,10 +129,29 @@ class _Common(BaseModel):
         s = pb.SamplingParams(stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or ()),
                               stop_token_ids=list(self.stop_token_ids or ()), ignore_eos=self.ignore_eos)
         for name, value in (("max_tokens", max_tokens), ("temperature", self.temperature), ("top_p", self.top_p),
-                            ("top_k", self.top_k), ("seed", choice_seed(self.seed, choice))):
+                            ("top_k", self.top_k), ("seed", choice_seed(self.seed, choice)),
+                            ("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty),
+                            ("repetition_penalty", self.repetition_penalty), ("min_tokens", self.min_tokens),
+                            ("min_p", self.min_p)):
             if value is not None:
                 setattr(s, name, value)
+        s.allowed_token_ids.extend(self.allowed_token_ids or ())
+        for token, bias in self._logit_bias().items():
+            s.logit_bias[token] = bias
         return s
+
+    def _logit_bias(self) -> dict[int, float]:
+        """OpenAI's logit_bias maps token ids, written as strings, to biases."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise OpenAIError(400, f"logit_bias: {key!r} is not a token id", param="logit_bias") from None
+            if not 0 <= token <= INT32_MAX:
+                raise OpenAIError(400, f"logit_bias: token {token} is out of vocabulary", param="logit_bias")
+            bias[token] = value
+        return bias
 
 
 class CompletionRequest(_Common):

@@ -65,10 +65,13 @@ class RequestBuilder:
             sampling = _sampling(request.sampling if request.HasField("sampling") else pb.SamplingParams())
         except (PromptError, SamplingError) as e:
             raise InvalidRequest(str(e)) from e
-        bad_stops = [t for t in sampling.stop_token_ids if t >= self.vocab_size]
-        if bad_stops:
-            raise InvalidRequest(f"sampling.stop_token_ids: {bad_stops[:5]} outside the vocabulary [0, "
-                                 f"{self.vocab_size})")
+        for name, ids in (("stop_token_ids", sampling.stop_token_ids),
+                          ("allowed_token_ids", sampling.allowed_token_ids),
+                          ("logit_bias", [t for t, _ in sampling.logit_bias])):
+            outside = [t for t in ids if t >= self.vocab_size]
+            if outside:
+                raise InvalidRequest(f"sampling.{name}: token ids {outside[:5]} are out of vocabulary [0, "
+                                     f"{self.vocab_size})")
         total = len(token_ids) + sampling.max_tokens
         if total > self.context_length:
             raise InvalidRequest(f"sampling.max_tokens: prompt ({len(token_ids)} tokens) + max_tokens "
@@ -126,4 +129,10 @@ def _sampling(s: pb.SamplingParams) -> SamplingParams:
         top_p=s.top_p if s.HasField("top_p") else 1.0,
         top_k=s.top_k if s.HasField("top_k") else 0,
         seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
+        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
+        frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        min_tokens=s.min_tokens if s.HasField("min_tokens") else 0,
+        min_p=s.min_p if s.HasField("min_p") else 0.0,
+        logit_bias=tuple(sorted(s.logit_bias.items())), allowed_token_ids=tuple(s.allowed_token_ids))

@@ -90,6 +90,29 @@ def test_greedy_completions_match_the_local_engine(client, engine):
     assert by_text.usage.total_tokens == by_text.usage.prompt_tokens + by_text.usage.completion_tokens
 
 
+def test_sampling_controls_through_both_workers_match_the_local_engine(client, engine):
+    """Penalties, min_tokens and logit_bias through the official client (`extra_body` for vLLM's names): the first
+    token is picked on the prefill worker, the rest on the decode worker, and the text equals the local engine's with
+    the same parameters; each control changes the greedy output, as its definition says it should on this case."""
+    prompt = "List the numbers: one one one one one one one"
+    plain = SamplingParams(max_tokens=12, temperature=0)
+    cases = [
+        ({"frequency_penalty": 1.5, "presence_penalty": 1.0}, {}),
+        ({}, {"repetition_penalty": 1.8, "min_tokens": 4}),
+        ({"logit_bias": {"28": 100}}, {}),
+    ]
+    baseline = engine.generate([Prompt(text=prompt)], plain)[0]
+    for openai_fields, vllm_fields in cases:
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                        extra_body=vllm_fields, **openai_fields).choices[0]
+        bias = tuple((int(t), float(b)) for t, b in openai_fields.pop("logit_bias", {}).items())
+        mine = engine.generate([Prompt(text=prompt)], SamplingParams(max_tokens=12, temperature=0, logit_bias=bias,
+                                                                     **openai_fields, **vllm_fields))[0]
+        assert got.text == mine.text and got.finish_reason == mine.finish_reason.value
+        assert mine.token_ids != baseline.token_ids, (openai_fields, vllm_fields)
+    assert set(mine.token_ids) == {28}  # the last case: the bias wins every step
+
+
 def test_greedy_chat_stream_adds_up_to_the_whole_answer_with_its_usage(client, engine):
     messages = [{"role": "user", "content": QUESTION}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)

@@ -74,7 +74,12 @@ class FakeBuilder:
         sampling = SamplingParams(max_tokens=s.max_tokens if s.HasField("max_tokens") else 16,
                                   temperature=s.temperature if s.HasField("temperature") else 1.0,
                                   stop=tuple(s.stop), ignore_eos=s.ignore_eos,
-                                  seed=s.seed if s.HasField("seed") else None)
+                                  seed=s.seed if s.HasField("seed") else None,
+                                  presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                                  repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+                                  min_tokens=s.min_tokens, min_p=s.min_p,
+                                  logit_bias=tuple(sorted(s.logit_bias.items())),
+                                  allowed_token_ids=tuple(s.allowed_token_ids))
         total = len(token_ids) + sampling.max_tokens
         if total > CONTEXT:
             raise InvalidRequest(f"sampling.max_tokens: prompt ({len(token_ids)} tokens) + max_tokens "
@@ -414,13 +419,9 @@ def test_a_body_that_is_not_json_is_a_400():
     ("/v1/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),
-    ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("/v1/completions", {"frequency_penalty": -1.0}, "frequency_penalty"),
-    ("/v1/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
     ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
     ("/v1/chat/completions", {"top_logprobs": 3}, "logprobs"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {"presence_penalty": 1.0}, "presence_penalty"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_unsupported_features_are_refused_naming_them(path, extra, name):

@@ -18,11 +18,11 @@ def post(path: str, extra: dict):
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("field, value", [
-    ("use_beam_search", True), ("min_tokens", 3), ("repetition_penalty", 1.2), ("min_p", 0.1),
+    ("use_beam_search", True), ("length_penalty", 0.5),
     ("structured_outputs", {"regex": "[a-z]+"}), ("guided_json", {"type": "object"}), ("prompt_logprobs", 1),
     ("truncate_prompt_tokens", 8), ("include_stop_str_in_output", True), ("skip_special_tokens", False),
-    ("allowed_token_ids", [1, 2]), ("priority", 5), ("continue_final_message", True), ("echo_everything", 1),
-    ("maxtokens", 3), ("use_beam_search", 0), ("repetition_penalty", True),
+    ("bad_words", ["x"]), ("priority", 5), ("continue_final_message", True), ("echo_everything", 1),
+    ("maxtokens", 3), ("use_beam_search", 0), ("length_penalty", True),
 ])
 def test_a_field_we_would_ignore_is_refused_naming_it(path, field, value):
     response, orchestrator = post(path, {field: value})
@@ -34,7 +34,7 @@ def test_a_field_we_would_ignore_is_refused_naming_it(path, field, value):
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("extra", [
     {"user": "u-1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto"},
-    {"use_beam_search": False, "min_tokens": 0, "repetition_penalty": 1.0, "min_p": 0, "skip_special_tokens": True,
+    {"use_beam_search": False, "length_penalty": 1.0, "skip_special_tokens": True,
      "include_stop_str_in_output": False, "structured_outputs": None, "guided_json": None, "priority": 0},
     {"add_generation_prompt": True, "continue_final_message": False, "tool_choice": "none"},
 ])
@@ -86,3 +86,28 @@ def test_models_by_id_answers_the_served_model_and_404_for_any_other():
     assert body["id"] == MODEL and body["object"] == "model"
     assert "does not exist" in assert_error(client.get("/v1/models/gpt-9"), 404, param="model",
                                             code="model_not_found")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_sampling_controls_reach_the_request_as_grpc_fields(path):
+    controls = {"presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.25, "min_tokens": 1,
+                "min_p": 0.125, "logit_bias": {"7": -100, "9": 2.5}, "allowed_token_ids": [7, 9, 11]}
+    response, orchestrator = post(path, controls)
+    assert response.status_code == 200, response.text
+    sent = orchestrator.received[0].sampling
+    assert (sent.presence_penalty, sent.frequency_penalty, sent.repetition_penalty, sent.min_tokens,
+            sent.min_p) == (0.5, -0.25, 1.25, 1, 0.125)
+    assert sent.logit_bias == ((7, -100.0), (9, 2.5)) and sent.allowed_token_ids == (7, 9, 11)
+
+
+def test_a_logit_bias_key_that_is_no_token_id_is_refused_naming_it():
+    response, orchestrator = post("/v1/completions", {"logit_bias": {"hello": 1}})
+    assert "'hello' is not a token id" in assert_error(response, 400, param="logit_bias")
+    assert orchestrator.received == []
+
+
+def test_min_tokens_without_max_tokens_in_a_chat_is_taken():
+    orchestrator = FakeOrchestrator()
+    response = client_for(orchestrator).post("/v1/chat/completions", json={"messages": CHAT, "min_tokens": 3})
+    assert response.status_code == 200, response.text
+    assert orchestrator.received[0].sampling.min_tokens == 3

@@ -61,3 +61,20 @@ def test_a_prompt_too_long_to_fit_any_context_is_refused_before_it_is_tokenized(
         assert time.monotonic() - began < 0.1
     with pytest.raises(InvalidRequest, match="exceeds the context length 128"):  # under the bound: by its tokens
         real.build(pb.GenerateRequest(text="word " * 200))
+
+
+def test_sampling_controls_are_read_and_ids_outside_the_vocabulary_refused(builder):
+    sampling = pb.SamplingParams(presence_penalty=0.5, repetition_penalty=1.5, min_tokens=2, min_p=0.25,
+                                 logit_bias={5: -1.0}, allowed_token_ids=[5, 6])
+    valid = builder.build(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=sampling))
+    got = valid.sampling
+    assert (got.presence_penalty, got.repetition_penalty, got.min_tokens, got.min_p) == (0.5, 1.5, 2, 0.25)
+    assert got.logit_bias == ((5, -1.0),) and got.allowed_token_ids == (5, 6)
+    for field, value in (("logit_bias", {builder.vocab_size: 1.0}), ("allowed_token_ids", [builder.vocab_size])):
+        with pytest.raises(InvalidRequest, match=rf"^sampling.{field}: token ids \[{builder.vocab_size}\] are out "
+                                                 "of vocabulary"):
+            builder.build(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1]),
+                                             sampling=pb.SamplingParams(**{field: value})))
+    with pytest.raises(InvalidRequest, match=r"^presence_penalty: must be in \[-2, 2\]"):
+        builder.build(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1]),
+                                         sampling=pb.SamplingParams(presence_penalty=3.0)))
