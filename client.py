@@ -91,6 +91,8 @@ def build_request(prompt: Prompt | str, sampling: SamplingParams | None = None,
                           repetition_penalty=sampling.repetition_penalty, min_tokens=sampling.min_tokens,
                           min_p=sampling.min_p, logit_bias=dict(sampling.logit_bias),
                           allowed_token_ids=list(sampling.allowed_token_ids))
+    if sampling.logprobs is not None:
+        s.logprobs = sampling.logprobs
     if sampling.seed is not None:
         s.seed = sampling.seed
     request = pb.GenerateRequest(request_id=request_id, sampling=s)

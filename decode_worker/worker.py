@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from pdserve.decode_worker.owners import Owners
 from pdserve.engine.engine import Engine
+from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.engine.request import FinishReason, RequestOutput
 from pdserve.engine.step_profile import StepProfile, profile_engine
 from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError, TransferResult, TransferStatus
@@ -63,6 +64,7 @@ class _Arrival:
     """Its receive is posted (the prefill worker announced the send)."""
     received: TransferResult | None = None
     first_token_id: int | None = None
+    first_logprobs: TokenLogprobs | None = None
 
 
 @dataclass
@@ -203,6 +205,7 @@ class DecodeWorker:
             self._discard(announcement)
             return
         arrival.first_token_id = announcement.first_token_id
+        arrival.first_logprobs = announcement.first_logprobs
         try:
             self._post_receive(arrival)
         except TransferError as e:  # no pair with that worker any more: its send cannot complete either
@@ -269,7 +272,8 @@ class DecodeWorker:
             queue_s, prefill_s = started - local.enqueued, now - started
         return TokenEvent(output.request_id, len(output.token_ids) - len(output.new_token_ids), output.new_token_ids,
                           output.text_delta, output.finish_reason, queue_s=queue_s, prefill_s=prefill_s,
-                          cached_tokens=output.num_cached_tokens if local is not None else 0)
+                          cached_tokens=output.num_cached_tokens if local is not None else 0,
+                          logprobs=output.logprobs)
 
     def _received(self, engine: Engine, result: TransferResult) -> list[TokenEvent]:
         arrival = self._arriving.get(result.transfer_id)
@@ -288,8 +292,9 @@ class DecodeWorker:
         request's journal here, so a router that takes the request over later can send it too."""
         arrival = self._arriving.pop(request_id)
         output = engine.commit_remote(request_id, arrival.first_token_id)
+        logprobs = (arrival.first_logprobs,) if arrival.first_logprobs is not None else ()
         return TokenEvent(request_id, 0, output.new_token_ids, output.text_delta, output.finish_reason,
-                          kv_transfer_s=arrival.received.seconds)
+                          kv_transfer_s=arrival.received.seconds, logprobs=logprobs)
 
     def _emit(self, events: list[TokenEvent]) -> None:
         if events:

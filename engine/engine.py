@@ -33,6 +33,7 @@ from pdserve.engine.detokenizer import Detokenizer, Finish
 from pdserve.engine.fingerprint import model_fingerprint
 from pdserve.engine.hardware import hardware
 from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_engine_model
 from pdserve.engine.quantization import Quantization, quantize_model
@@ -225,7 +226,8 @@ class Engine:
             request = self._requests[chunk.request_id]
             self.scheduler.advance(chunk, request)
             if chunk.request_id in sampled:
-                outputs.append(self._append_token(request, sampled[chunk.request_id]))
+                picked = sampled[chunk.request_id]
+                outputs.append(self._append_token(request, picked.token_id, picked.logprobs))
         return outputs
 
     def generate(self, prompts: Iterable[Prompt | Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
@@ -322,7 +324,7 @@ class Engine:
         self._detokenizers[request_id] = detokenizer
         return request
 
-    def _append_token(self, request: Request, token_id: int) -> RequestOutput:
+    def _append_token(self, request: Request, token_id: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         detok = self._detokenizers[request.request_id]
         delta, finish = detok.add(token_id)
         if not request.output_token_ids:
@@ -333,20 +335,23 @@ class Engine:
                                or request.num_tokens >= self.max_model_len):
             finish = Finish(FinishReason.LENGTH)
             delta += detok.flush()
+        picked = (logprobs,) if logprobs is not None else ()
         if finish is not None:
-            return self._finish(request, finish, (token_id,), delta)
+            return self._finish(request, finish, (token_id,), delta, picked)
         if request.prefill_only:
             self.scheduler.hold(request)
-            return self._output(request, (token_id,), delta, Finish(FinishReason.PREFILLED))
-        return self._output(request, (token_id,), delta, None)
+            return self._output(request, (token_id,), delta, Finish(FinishReason.PREFILLED), picked)
+        return self._output(request, (token_id,), delta, None, picked)
 
-    def _finish(self, request: Request, finish: Finish, new: tuple[int, ...], delta: str) -> RequestOutput:
+    def _finish(self, request: Request, finish: Finish, new: tuple[int, ...], delta: str,
+                logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
         self.scheduler.finish(request)
-        output = self._output(request, new, delta, finish)
+        output = self._output(request, new, delta, finish, logprobs)
         self._forget(request)
         return output
 
-    def _output(self, request: Request, new: tuple[int, ...], delta: str, finish: Finish | None) -> RequestOutput:
+    def _output(self, request: Request, new: tuple[int, ...], delta: str, finish: Finish | None,
+                logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
         detok = self._detokenizers[request.request_id]
         return RequestOutput(
             request_id=request.request_id,
@@ -358,6 +363,7 @@ class Engine:
             finish_reason=None if finish is None else finish.reason,
             stop_reason=None if finish is None else finish.stop_reason,
             num_cached_tokens=request.num_cached_tokens,
+            logprobs=logprobs,
         )
 
     def _forget(self, request: Request) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.kv_cache import AttentionMetadata, DecodeGroup, KVCache, PagedBatch, PrefillSegment
+from pdserve.engine.logprobs import Sampled, logprobs_of
 from pdserve.engine.model import LlamaModel
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import ScheduledChunk
@@ -40,7 +41,7 @@ class ModelRunner:
         """An `engine.cuda_graphs.DecodeGraphs`, set by the engine when it captures decode steps."""
 
     @torch.inference_mode()
-    def run(self, chunks: tuple[ScheduledChunk, ...]) -> dict[str, int]:
+    def run(self, chunks: tuple[ScheduledChunk, ...]) -> dict[str, Sampled]:
         """Compute the chunks; return the sampled token of each chunk that samples."""
         if self.graphs is not None and self.graphs.serves(chunks):
             logits = self.graphs.run(chunks)  # [B, V], every chunk samples
@@ -54,7 +55,14 @@ class ModelRunner:
             sample_chunks = step.sample_chunks
         tokens = self.sampler.sample(logits, [c.sampling for c in sample_chunks],
                                      [c.output_index for c in sample_chunks], [c.history for c in sample_chunks])
-        return {c.request_id: t for c, t in zip(sample_chunks, tokens)}
+        sampled = {c.request_id: Sampled(t) for c, t in zip(sample_chunks, tokens)}
+        asking = [i for i, c in enumerate(sample_chunks) if c.sampling.logprobs is not None]
+        if asking:  # from the raw logits: `sample` adjusted a copy
+            found = logprobs_of(logits[torch.tensor(asking, device=logits.device)], [tokens[i] for i in asking],
+                                [sample_chunks[i].sampling.logprobs for i in asking])
+            for i, entry in zip(asking, found):
+                sampled[sample_chunks[i].request_id] = Sampled(tokens[i], entry)
+        return sampled
 
     def prepare(self, chunks: tuple[ScheduledChunk, ...]) -> StepInput:
         decodes = [c for c in chunks if len(c.token_ids) == 1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -164,6 +165,8 @@ class RequestOutput:
     """The stop string or stop token id that ended the request, if any."""
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache."""
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    """The new tokens' logprobs, when the request asked for them (`SamplingParams.logprobs`)."""
 
     @property
     def finished(self) -> bool:

@@ -48,6 +48,8 @@ class SamplingParams:
     """(token id, bias) pairs added to the logits."""
     allowed_token_ids: tuple[int, ...] = ()
     """When given, only these tokens may be sampled."""
+    logprobs: int | None = None
+    """Report each output token's logprob and this many most likely alternatives (0: the token's alone)."""
 
     def __post_init__(self) -> None:
         for name in ("stop", "stop_token_ids"):
@@ -89,6 +91,9 @@ class SamplingParams:
             if token < 0 or not -100.0 <= bias <= 100.0:
                 raise SamplingError(f"logit_bias: token {token} with bias {bias}: ids must be >= 0 and biases in "
                                     "[-100, 100]")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise SamplingError(f"logprobs: must be an integer in [0, 20], got {self.logprobs!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
             raise SamplingError(f"allowed_token_ids: must be non-negative integers, got {self.allowed_token_ids!r}")
 

@@ -164,7 +164,7 @@ class PrefillWorker:
         p.result.set_result(PrefillResult(
             output.request_id, output.new_token_ids[0], output.text_delta,
             None if handed_off else output.finish_reason, started - p.enqueued, now - started,
-            output.num_cached_tokens))
+            output.num_cached_tokens, output.logprobs[0] if output.logprobs else None))
 
     def _abort(self, engine: Engine, request_id: str) -> None:
         p = self._prefilling.pop(request_id, None)
@@ -178,5 +178,6 @@ class PrefillWorker:
                                                    self.runtime.spec.kv_transfer.timeout_s))
         self._sending.add(output.request_id)
         announcement = KVAnnouncement(output.request_id, task.tag, self.runtime.spec.worker_id,
-                                      output.new_token_ids[0], len(blocks))
+                                      output.new_token_ids[0], len(blocks),
+                                      output.logprobs[0] if output.logprobs else None)
         self._loop.call_soon_threadsafe(self.peers.announce, task.decode_worker, announcement)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import ray
 
+from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.engine.request import FinishReason
 from pdserve.router.errors import WorkerError
 from pdserve.router.event_streams import EventStreams
@@ -57,6 +58,8 @@ class Output:
     token_ids: tuple[int, ...]
     text: str
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    """One per token of `token_ids`, when the request asked for them."""
 
 
 class EndKind(enum.Enum):
@@ -165,7 +168,9 @@ class Attempt:
         self.clock.cached_tokens = result.cached_tokens
         if result.first_token_id is None:
             return AttemptEnd(EndKind.WORKER_LOST, f"prefill worker {prefill.info.worker_id} dropped the request")
-        return Output(self.owner.position, (result.first_token_id,), result.text_delta, result.finish_reason)
+        logprobs = (result.first_logprobs,) if result.first_logprobs is not None else ()
+        return Output(self.owner.position, (result.first_token_id,), result.text_delta, result.finish_reason,
+                      logprobs)
 
     async def _start_colocated(self) -> None:
         worker = await self.parts.placement.colocated(self.request)
@@ -218,7 +223,7 @@ class Attempt:
                 return
             self._time(event)
             if event.token_ids or event.finish_reason is not None:
-                yield Output(event.position, event.token_ids, event.text_delta, event.finish_reason)
+                yield Output(event.position, event.token_ids, event.text_delta, event.finish_reason, event.logprobs)
             if event.finish_reason is not None:
                 self.ended_on_worker = True
                 return

@@ -1,4 +1,4 @@
-"""The router's OpenAI-compatible HTTP API (FastAPI, served by uvicorn in the router's own event loop).
+"""The router's OpenAI-compatible HTTP API (FastAPI; `http_serving` runs it on uvicorn in the router's event loop).
 
     POST /v1/completions          text or token-id prompts (a list of them too), n choices each
     POST /v1/chat/completions     the model's chat template; `stream: true` answers server-sent events,
@@ -22,18 +22,15 @@ that disconnects cancels its requests; the workers free their KV blocks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hmac
 import json
 import logging
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -41,12 +38,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from pdserve.access import Access
+from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.router import openai_protocol as oa
 from pdserve.router.admin import unhealthy_reason
 from pdserve.router.body_limit import BodyLimit
 from pdserve.router.choices import ChoicePiece, merged
-from pdserve.router.connection_guard import ConnectionGuard, ConnectionLimits
 from pdserve.router.errors import DuplicateRequest, Overloaded, TakenOver, Unavailable, WorkerError
+from pdserve.router.openai_logprobs import CompletionOffsets, LogprobShapes
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.request_builder import MAX_REQUEST_ID_LEN, InvalidRequest, RequestBuilder, ValidRequest
 from pdserve.router.worker_scrape import scrape_workers
@@ -61,7 +59,6 @@ MAX_BODY_BYTES = 10 * 2**20
 CLIENT_CLOSED = 499
 """The status logged for a request whose client left (nginx's convention; the client never sees it)."""
 T = TypeVar("T")
-DEFAULT_LIMITS = ConnectionLimits()
 
 
 class OpenAIServer:
@@ -72,6 +69,7 @@ class OpenAIServer:
         self.orchestrator = orchestrator
         self.model_name = model_name
         self._expected = f"Bearer {access.token}".encode() if access.token else None
+        self.logprob_shapes = LogprobShapes(getattr(builder, "tokenizer", None))
         self.created = int(time.time())
 
     def app(self) -> FastAPI:
@@ -135,13 +133,14 @@ class OpenAIServer:
         try:
             # an error before the first token is an HTTP status, not a stream event
             first = await _unless_disconnected(request, anext(stream))
+            shapes = self.logprob_shapes if body.logprobs_asked is not None else None
             if body.stream:
                 chunks = _chunks(first, stream, request_id, self.model_name, chat, len(valid), usage,
-                                 body.include_usage, body.return_token_ids)
+                                 body.include_usage, body.return_token_ids, shapes)
                 return StreamingResponse(_sse(chunks), media_type="text/event-stream",
                                          headers={REQUEST_ID_HEADER: request_id})
             whole = await _unless_disconnected(request, _whole(first, stream, request_id, self.model_name, chat,
-                                                               len(valid), usage, body.return_token_ids))
+                                                               len(valid), usage, body.return_token_ids, shapes))
         except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError, TakenOver) as e:
             await stream.aclose()
             self._count_refusal(e)
@@ -185,13 +184,16 @@ class OpenAIServer:
 
 
 async def _whole(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
-                 choices: int, usage: oa.UsageCount, with_token_ids: bool) -> dict:
+                 choices: int, usage: oa.UsageCount, with_token_ids: bool, shapes: LogprobShapes | None) -> dict:
+    """`shapes`: each choice's logprobs in OpenAI's shape (None: not asked for)."""
     texts: list[list[str]] = [[] for _ in range(choices)]
     token_ids: list[list[int]] = [[] for _ in range(choices)]
+    logprobs: list[list[TokenLogprobs]] = [[] for _ in range(choices)]
     finish: list[str | None] = [None] * choices
     for item in [first] + [item async for item in rest]:
         texts[item.index].append(item.piece.text)
         token_ids[item.index].extend(item.piece.token_ids)
+        logprobs[item.index].extend(item.piece.logprobs)
         if item.piece.finish_reason is not None:
             finish[item.index] = item.piece.finish_reason.value
             _count(usage, item)
@@ -200,16 +202,21 @@ async def _whole(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_i
     if with_token_ids:
         for choice, ids in zip(body["choices"], token_ids):
             choice["token_ids"] = ids
+    if shapes is not None:
+        for choice, found in zip(body["choices"], logprobs):
+            choice["logprobs"] = shapes.chat(found) if chat else shapes.completion(found, 0)[0]
     return body
 
 
 async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
                   choices: int, usage: oa.UsageCount, include_usage: bool,
-                  with_token_ids: bool) -> AsyncIterator[dict]:
+                  with_token_ids: bool, shapes: LogprobShapes | None) -> AsyncIterator[dict]:
     """The stream's chunks in OpenAI's order: (chat: a role delta per choice,) text deltas as they come, each
     choice's finish reason, then the usage chunk if asked for. With `with_token_ids` a piece's token ids ride on
-    its chunk (a piece with tokens and no text yet, e.g. half a character, still sends a chunk)."""
+    its chunk, and with `shapes` its logprobs (a piece with tokens and no text yet, e.g. half a character, still
+    sends a chunk then)."""
     created = int(time.time())
+    offsets = CompletionOffsets(shapes) if shapes is not None and not chat else None
     if chat:
         for index in range(choices):
             yield oa.chat_chunk(request_id, model, created, index, {"role": "assistant", "content": ""}, None)
@@ -217,15 +224,19 @@ async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_
         async for item in _prepend(first, rest):
             piece, finish = item.piece, item.piece.finish_reason
             reason = finish.value if finish is not None else None
-            carries = piece.text or (with_token_ids and piece.token_ids)
+            carries = piece.text or ((with_token_ids or shapes is not None) and piece.token_ids)
             if chat:
                 if carries:
                     chunk = oa.chat_chunk(request_id, model, created, item.index, {"content": piece.text}, None)
+                    if shapes is not None:
+                        chunk["choices"][0]["logprobs"] = shapes.chat(piece.logprobs)
                     yield _with_ids(chunk, piece.token_ids) if with_token_ids else chunk
                 if finish is not None:
                     yield oa.chat_chunk(request_id, model, created, item.index, {}, reason)
             elif carries or finish is not None:
                 chunk = oa.completion_chunk(request_id, model, created, item.index, piece.text, reason)
+                if offsets is not None:
+                    chunk["choices"][0]["logprobs"] = offsets.shape(item.index, piece.logprobs)
                 yield _with_ids(chunk, piece.token_ids) if with_token_ids else chunk
             if finish is not None:
                 _count(usage, item)
@@ -353,56 +364,3 @@ def _field_path(loc: list) -> str:
         else:
             path += f".{part}" if path else part
     return path
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the router process owns SIGTERM and Ctrl-C and stops us."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
-
-
-@dataclasses.dataclass
-class RunningHttp:
-    server: uvicorn.Server
-    task: asyncio.Task
-    address: str
-    guard: ConnectionGuard
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        await asyncio.wait_for(self.task, 10)
-
-
-async def start_http(app: FastAPI, host: str, port: int, tls_files: tuple[str, str] | None,
-                     limits: ConnectionLimits = DEFAULT_LIMITS) -> RunningHttp:
-    """Serve `app` on host:port (0: a free port) until `stop`; TLS with (certificate file, key file); connections
-    bounded by `limits` (`connection_guard`)."""
-    sock = _listen(host, port)
-    guard = ConnectionGuard(limits)
-    config = uvicorn.Config(app, http=guard.protocol, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=2,
-                            ssl_certfile=tls_files[0] if tls_files else None,
-                            ssl_keyfile=tls_files[1] if tls_files else None)
-    server = _QuietServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
-    while not server.started:
-        if task.done():
-            task.result()  # raises what stopped it
-        await asyncio.sleep(0.02)
-    return RunningHttp(server, task, f"{host}:{sock.getsockname()[1]}", guard)
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket bound here, so a port in use is an error naming the field (uvicorn would exit)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise OSError(f"router.http_port: cannot listen on {host}:{port}: {e.strerror}") from e
-    sock.listen(2048)
-    return sock

@@ -57,7 +57,7 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "audio": (),
     "reasoning_effort": (),
     "web_search_options": (),
-    "top_logprobs": (0,),
+    "top_logprobs": (0,),  # completions (chat declares it)
 }
 """Fields we do not act on, and the values at which that leaves the output as it would be (null always does)."""
 

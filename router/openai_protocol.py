@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from pdserve.engine.logprobs import MAX_TOP_LOGPROBS
 from pdserve.proto import generation_pb2 as pb
 from pdserve.router.openai_fields import FieldRefused, refuse_unhonoured
 
@@ -136,6 +137,8 @@ class _Common(BaseModel):
             if value is not None:
                 setattr(s, name, value)
         s.allowed_token_ids.extend(self.allowed_token_ids or ())
+        if self.logprobs_asked is not None:
+            s.logprobs = self.logprobs_asked
         for token, bias in self._logit_bias().items():
             s.logit_bias[token] = bias
         return s
@@ -157,15 +160,15 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: _integer(0, MAX_TOP_LOGPROBS) | None = None
     best_of: int | None = None
     suffix: str | None = None
 
     def generate_requests(self) -> list[pb.GenerateRequest]:
         """One per prompt and choice (prompt-major, as OpenAI numbers the choices)."""
         self.refuse_unsupported()
-        for name, bad in (("echo", self.echo), ("logprobs", self.logprobs is not None),
-                          ("best_of", self.best_of not in (None, 1)), ("suffix", bool(self.suffix))):
+        for name, bad in (("echo", self.echo), ("best_of", self.best_of not in (None, 1)),
+                          ("suffix", bool(self.suffix))):
             if bad:
                 raise unsupported(name, "not supported")
         prompts = self._prompts()
@@ -180,6 +183,11 @@ class CompletionRequest(_Common):
                     request.token_ids.ids.extend(prompt)
                 requests.append(request)
         return requests
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives each token's logprobs carry (None: no logprobs)."""
+        return self.logprobs
 
     def _prompts(self) -> list[str | list[int]]:
         prompt = self.prompt
@@ -217,14 +225,14 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: _integer(1, UINT32_MAX) | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: _integer(0, MAX_TOP_LOGPROBS) | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
     def generate_requests(self) -> list[pb.GenerateRequest]:
         self.refuse_unsupported()
-        if self.logprobs or self.top_logprobs:
-            raise unsupported("logprobs", "not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs: only allowed with logprobs: true", param="top_logprobs")
         if self.tools:
             raise unsupported("tools", "tool calling is not supported")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -236,6 +244,10 @@ class ChatCompletionRequest(_Common):
             for i, m in enumerate(self.messages)])
         return [pb.GenerateRequest(messages=messages, sampling=self.sampling(max_tokens, choice))
                 for choice in range(self.n)]
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def max_tokens_given(self) -> bool:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.engine.request import FinishReason
 from pdserve.registry.registry import Registry
 from pdserve.router.admission import Admission, Ticket
@@ -56,6 +57,8 @@ class Piece:
     timings: Timings | None = None
     completion_tokens: int = 0
     """On the last piece: every token the client has (a resumed request's earlier ones too)."""
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    """One per token of `token_ids`, when the request asked for them."""
 
 
 class Orchestrator:
@@ -167,11 +170,12 @@ class Orchestrator:
         tokens = output.token_ids[skip:]
         if not tokens:
             return None
+        logprobs = output.logprobs[skip:]
         sent.extend(tokens)
         gap = clock.tokens_sent(len(tokens))
         if gap is not None:
             self.metrics.inter_token.observe(gap)
-        return Piece(tokens, output.text)
+        return Piece(tokens, output.text, logprobs=logprobs)
 
     async def _interrupted(self, request: ValidRequest, end: AttemptEnd, number: int, tokens: int) -> None:
         """An attempt stopped short: what happens before the next one (or the end of this stream)."""
@@ -194,4 +198,4 @@ class Orchestrator:
         timings = clock.timings()
         self.records.record(request, clock, output.finish_reason, timings, workers)
         tokens, text = (piece.token_ids, piece.text) if piece is not None else ((), "")
-        return Piece(tokens, text, output.finish_reason, timings, len(sent))
+        return Piece(tokens, text, output.finish_reason, timings, len(sent), piece.logprobs if piece else ())

@@ -135,4 +135,5 @@ def _sampling(s: pb.SamplingParams) -> SamplingParams:
         repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
         min_tokens=s.min_tokens if s.HasField("min_tokens") else 0,
         min_p=s.min_p if s.HasField("min_p") else 0.0,
-        logit_bias=tuple(sorted(s.logit_bias.items())), allowed_token_ids=tuple(s.allowed_token_ids))
+        logit_bias=tuple(sorted(s.logit_bias.items())), allowed_token_ids=tuple(s.allowed_token_ids),
+        logprobs=s.logprobs if s.HasField("logprobs") else None)

@@ -33,7 +33,8 @@ from pdserve.registry.kv_events import KVEventLog
 from pdserve.registry.registry import CLUSTER, HEARTBEAT_S, Registry
 from pdserve.router.connection_guard import ConnectionLimits, raise_file_limit
 from pdserve.router.control_client import ControlClient
-from pdserve.router.http_server import OpenAIServer, RunningHttp, start_http
+from pdserve.router.http_server import OpenAIServer
+from pdserve.router.http_serving import RunningHttp, start_http
 from pdserve.router.kv_index import KVIndex, KVIndexFollower
 from pdserve.router.main import Listen
 from pdserve.router.metrics import start_router_metrics

@@ -107,6 +107,9 @@ class GenerationService(pb_grpc.GenerationServicer):
 
 def _response(request_id: str, piece: Piece, prompt_tokens: int, first: bool) -> pb.GenerateResponse:
     response = pb.GenerateResponse(request_id=request_id, token_ids=piece.token_ids, text=piece.text)
+    response.logprobs.extend(pb.TokenLogprob(token_id=p.token_id, logprob=p.logprob,
+                                             top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in p.top])
+                             for p in piece.logprobs)
     if first:
         response.prompt_tokens = prompt_tokens
     if piece.finish_reason is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.engine.request import FinishReason
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -80,6 +81,8 @@ class PrefillResult:
     """First chunk -> first token."""
     cached_tokens: int = 0
     """Prompt tokens whose KV this worker took from its prefix cache instead of computing it."""
+    first_logprobs: TokenLogprobs | None = None
+    """The first token's logprobs, when the request asked for them."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class KVAnnouncement:
     num_blocks: int
     """What is on the wire: a decode worker that no longer wants the KV (the request was aborted or reaped)
     receives and drops this many blocks, so the sender's send completes and the pair stays in step."""
+    first_logprobs: TokenLogprobs | None = None
+    """The first token's logprobs (when asked for): the decode worker's journal of the request starts with them."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,8 @@ class TokenEvent:
     """Colocated, on the first token: first chunk -> first token."""
     cached_tokens: int = 0
     """Colocated, on the first token: prompt tokens whose KV came from the prefix cache."""
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    """One per token of `token_ids`, when the request asked for them."""
 
     @property
     def end(self) -> int:

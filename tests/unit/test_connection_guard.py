@@ -10,7 +10,8 @@ import socket
 
 from pdserve.access import Access
 from pdserve.router.connection_guard import ConnectionLimits
-from pdserve.router.http_server import OpenAIServer, start_http
+from pdserve.router.http_server import OpenAIServer
+from pdserve.router.http_serving import start_http
 
 from .test_http_server import MODEL, FakeBuilder, FakeOrchestrator
 

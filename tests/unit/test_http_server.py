@@ -19,13 +19,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pdserve.access import Access
+from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.engine.request import FinishReason
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto import generation_pb2 as pb
 from pdserve.registry.entries import Role
 from pdserve.router.choices import merged
 from pdserve.router.errors import DuplicateRequest, Overloaded, Unavailable, WorkerError
-from pdserve.router.http_server import OpenAIServer, start_http
+from pdserve.router.http_server import OpenAIServer
+from pdserve.router.http_serving import start_http
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.openai_protocol import MAX_CHOICES
 from pdserve.router.orchestrator import Piece
@@ -42,6 +44,14 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 def word(i: int) -> str:
     """The fake model's i-th output token's text."""
     return f"w{i} "
+
+
+def fake_logprobs(i: int, count: int | None) -> tuple[TokenLogprobs, ...]:
+    """The fake model's i-th token's logprobs (when asked): -(i + 1) / 4, then token 7 as the next most likely."""
+    if count is None:
+        return ()
+    top = ((100 + i, -(i + 1) / 4), (7, -3.0))[:count]
+    return (TokenLogprobs(100 + i, -(i + 1) / 4, top),)
 
 
 def expected_text(max_tokens: int) -> str:
@@ -79,7 +89,8 @@ class FakeBuilder:
                                   repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
                                   min_tokens=s.min_tokens, min_p=s.min_p,
                                   logit_bias=tuple(sorted(s.logit_bias.items())),
-                                  allowed_token_ids=tuple(s.allowed_token_ids))
+                                  allowed_token_ids=tuple(s.allowed_token_ids),
+                                  logprobs=s.logprobs if s.HasField("logprobs") else None)
         total = len(token_ids) + sampling.max_tokens
         if total > CONTEXT:
             raise InvalidRequest(f"sampling.max_tokens: prompt ({len(token_ids)} tokens) + max_tokens "
@@ -147,7 +158,8 @@ class FakeOrchestrator:
             while i < count:
                 last = i == count - 1
                 yield Piece((100 + i,), word(i), FinishReason.LENGTH if last else None,
-                            timings=fake_timings(request) if last else None, completion_tokens=i + 1 if last else 0)
+                            timings=fake_timings(request) if last else None, completion_tokens=i + 1 if last else 0,
+                            logprobs=fake_logprobs(i, request.sampling.logprobs))
                 self.first_sent.set()
                 if self.fail_after is not None and (self.fail_ids is None or request.request_id in self.fail_ids):
                     raise self.fail_after
@@ -415,12 +427,9 @@ def test_a_body_that_is_not_json_is_a_400():
 
 
 @pytest.mark.parametrize("path, extra, name", [
-    ("/v1/completions", {"logprobs": 2}, "logprobs"),
     ("/v1/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),
-    ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {"top_logprobs": 3}, "logprobs"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
 ])

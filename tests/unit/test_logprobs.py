@@ -1,0 +1,57 @@
+"""Logprobs of sampled tokens (`engine.logprobs`): the model's log-softmax from the raw logits, the picked token's
+and the most likely alternatives', per step of a request that asks, through greedy and sampled picks and logit
+changes alike (they change the pick, not the reported distribution)."""
+
+import pytest
+import torch
+
+from pdserve.engine import Engine, EngineConfig, SamplingParams
+from pdserve.engine.logprobs import logprobs_of
+from pdserve.engine.sampling_params import SamplingError
+
+
+def test_logprobs_are_the_log_softmax_of_the_raw_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [0.0, 0.0, 1.0, 0.0]])
+    expected = torch.log_softmax(logits, dim=-1)
+    found = logprobs_of(logits, [0, 2], [2, 0])
+    assert found[0].token_id == 0 and found[0].logprob == pytest.approx(expected[0, 0].item())
+    assert [t for t, _ in found[0].top] == [3, 0]
+    assert [v for _, v in found[0].top] == pytest.approx([expected[0, 3].item(), expected[0, 0].item()])
+    assert found[1].top == () and found[1].logprob == pytest.approx(expected[1, 2].item())
+
+
+def test_out_of_range_counts_are_refused():
+    for bad in (-1, 21, True):
+        with pytest.raises(SamplingError, match="^logprobs: "):
+            SamplingParams(logprobs=bad)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(EngineConfig(model="random:smollm2-135m", num_kv_blocks=64, num_threads=1))
+
+
+def run(engine: Engine, sampling: SamplingParams, request_id: str) -> list:
+    engine.add_request(request_id, [1, 2, 3, 4, 5], sampling)
+    outputs = []
+    while not outputs or outputs[-1].finish_reason is None:
+        outputs += [o for o in engine.step() if o.request_id == request_id]
+    return outputs
+
+
+def test_each_step_reports_its_tokens_logprob_and_alternatives(engine):
+    outputs = run(engine, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=3), "lp")
+    for output in outputs:
+        (entry,) = output.logprobs
+        assert entry.token_id == output.new_token_ids[0] and len(entry.top) == 3
+        assert entry.top[0][0] == entry.token_id and entry.top[0][1] == entry.logprob  # greedy: the most likely
+        assert entry.logprob <= 0 and [v for _, v in entry.top] == sorted((v for _, v in entry.top), reverse=True)
+    assert all(o.logprobs == () for o in run(engine, SamplingParams(max_tokens=3, temperature=0), "none"))
+
+
+def test_logit_changes_pick_another_token_but_report_the_models_logprob(engine):
+    plain = run(engine, SamplingParams(max_tokens=1, temperature=0, logprobs=1), "plain")[0].logprobs[0]
+    biased = run(engine, SamplingParams(max_tokens=1, temperature=0, logprobs=1, logit_bias=((42, 100.0),)),
+                 "biased")[0].logprobs[0]
+    assert biased.token_id == 42 != plain.token_id
+    assert biased.top == plain.top and biased.logprob < plain.logprob  # the model's own distribution
