@@ -113,6 +113,31 @@ def test_sampling_controls_through_both_workers_match_the_local_engine(client, e
     assert set(mine.token_ids) == {28}  # the last case: the bias wins every step
 
 
+def test_logprobs_through_the_cluster_equal_transformers_log_softmax(client, reference):
+    """The first token's logprobs come from the prefill worker, the rest from the decode worker: each equals
+    transformers' log-softmax at its position within 1e-4 (fp32), and so do the alternatives."""
+    import torch
+
+    prompt = [504, 2365, 6354, 11113, 30]
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=2,
+                                    extra_body={"return_token_ids": True}).choices[0]
+    generated = got.model_extra["token_ids"]
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + generated])).logits[0, len(prompt) - 1:-1]  # [8, V]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    assert len(got.logprobs.token_logprobs) == len(generated) == 8
+    for step, (token, logprob, top) in enumerate(zip(generated, got.logprobs.token_logprobs,
+                                                     got.logprobs.top_logprobs)):
+        assert logprob == pytest.approx(expected[step, token].item(), abs=1e-4)
+        best = expected[step].topk(2)
+        assert sorted(top.values(), reverse=True) == pytest.approx(best.values.tolist(), abs=1e-4)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=1)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(c.logprob <= 0 for c in content)
+    assert all(len(c.top_logprobs) == 1 and c.top_logprobs[0].logprob == c.logprob for c in content)  # greedy
+
+
 def test_greedy_chat_stream_adds_up_to_the_whole_answer_with_its_usage(client, engine):
     messages = [{"role": "user", "content": QUESTION}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
