@@ -220,10 +220,14 @@ class Engine:
         self.preemptions_total += len(out.preempted)
         if not out.chunks:
             return []
-        sampled = self.runner.run(out.chunks)
+        result = self.runner.run(out.chunks)
+        sampled = result.sampled
         outputs = []
         for chunk in out.chunks:
             request = self._requests[chunk.request_id]
+            if chunk.request_id in result.prompt_logprobs:  # by position: a recomputed chunk writes the same again
+                found = result.prompt_logprobs[chunk.request_id]
+                request.prompt_logprobs[chunk.start_pos + 1:chunk.start_pos + 1 + len(found)] = found
             self.scheduler.advance(chunk, request)
             if chunk.request_id in sampled:
                 picked = sampled[chunk.request_id]
@@ -275,7 +279,8 @@ class Engine:
         """Allocate blocks for a prompt prefilled elsewhere; None when too few blocks are free right now. The first
         `cached_tokens(request_id) // block_size` blocks hold a cached prefix already: only the rest need KV.
         `resumed_tokens` as for `add_request`."""
-        request = self._new_request(request_id, list(prompt_token_ids), sampling, False, resumed_tokens)
+        request = self._new_request(request_id, list(prompt_token_ids), sampling, False, resumed_tokens,
+                                    computes_prompt=False)
         if not self.scheduler.reserve(request):
             self._forget(request)
             return None
@@ -295,7 +300,8 @@ class Engine:
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _new_request(self, request_id: str, token_ids: list[int], sampling: SamplingParams,
-                     prefill_only: bool, resumed_tokens: int = 0) -> Request:
+                     prefill_only: bool, resumed_tokens: int = 0, computes_prompt: bool = True) -> Request:
+        """`computes_prompt`: False for a prompt prefilled elsewhere (its prompt logprobs come from there)."""
         if not isinstance(sampling, SamplingParams):
             raise SamplingError("sampling: expected SamplingParams")
         if request_id in self._requests:
@@ -317,6 +323,8 @@ class Engine:
                                f"{len(token_ids)} tokens")
         request = Request(request_id, tuple(token_ids), sampling, next(self._order), prefill_only,
                           resumed_tokens=resumed_tokens)
+        if sampling.prompt_logprobs is not None and computes_prompt:
+            request.prompt_logprobs = [None] * len(token_ids)
         detokenizer = Detokenizer(self.tokenizer, sampling, self.eos_token_ids)
         if resumed_tokens:
             detokenizer.replay(token_ids[len(token_ids) - resumed_tokens:])
@@ -364,6 +372,8 @@ class Engine:
             stop_reason=None if finish is None else finish.stop_reason,
             num_cached_tokens=request.num_cached_tokens,
             logprobs=logprobs,
+            prompt_logprobs=tuple(request.prompt_logprobs) if request.prompt_logprobs is not None
+            and len(request.output_token_ids) == 1 else None,
         )
 
     def _forget(self, request: Request) -> None:

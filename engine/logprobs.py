@@ -32,6 +32,14 @@ class Sampled:
     logprobs: TokenLogprobs | None = None
 
 
+@dataclass(frozen=True)
+class StepResult:
+    sampled: dict[str, Sampled]
+    """Request id -> its token, for the chunks that sample."""
+    prompt_logprobs: dict[str, tuple[TokenLogprobs, ...]]
+    """Request id -> the logprobs of the prompt tokens its chunk predicts (`ScheduledChunk.prompt_targets`)."""
+
+
 def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int], top: Sequence[int]) -> list[TokenLogprobs]:
     """logits: [R, V] raw fp32; the token picked in each row and how many alternatives it wants -> one entry per
     row (one host sync for all)."""

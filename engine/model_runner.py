@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.kv_cache import AttentionMetadata, DecodeGroup, KVCache, PagedBatch, PrefillSegment
-from pdserve.engine.logprobs import Sampled, logprobs_of
+from pdserve.engine.logprobs import Sampled, StepResult, TokenLogprobs, logprobs_of
 from pdserve.engine.model import LlamaModel
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import ScheduledChunk
@@ -27,6 +27,8 @@ class StepInput:
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # [N] row of each sampling chunk's last token
     sample_chunks: tuple[ScheduledChunk, ...]
+    first_rows: dict[str, int]
+    """Each chunk's first row in the step (by request id)."""
 
 
 class ModelRunner:
@@ -41,18 +43,38 @@ class ModelRunner:
         """An `engine.cuda_graphs.DecodeGraphs`, set by the engine when it captures decode steps."""
 
     @torch.inference_mode()
-    def run(self, chunks: tuple[ScheduledChunk, ...]) -> dict[str, Sampled]:
-        """Compute the chunks; return the sampled token of each chunk that samples."""
+    def run(self, chunks: tuple[ScheduledChunk, ...]) -> StepResult:
+        """Compute the chunks; return the sampled token of each chunk that samples, and the prompt logprobs of the
+        chunks that ask for them."""
+        prompt_logprobs = {}
         if self.graphs is not None and self.graphs.serves(chunks):
             logits = self.graphs.run(chunks)  # [B, V], every chunk samples
             sample_chunks = chunks
         else:
             step = self.prepare(chunks)
             hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.meta)  # [T, hidden]
+            prompt_logprobs = self._prompt_logprobs(chunks, hidden, step.first_rows)
             if not step.sample_chunks:
-                return {}
+                return StepResult({}, prompt_logprobs)
             logits = self.model.logits(hidden[step.sample_rows])  # [N, V]
             sample_chunks = step.sample_chunks
+        return StepResult(self._sample(logits, sample_chunks), prompt_logprobs)
+
+    def _prompt_logprobs(self, chunks: tuple[ScheduledChunk, ...], hidden: torch.Tensor,
+                         first_rows: dict[str, int]) -> dict[str, tuple[TokenLogprobs, ...]]:
+        """hidden: [T, hidden] -> for each chunk with prompt targets, the logprob of each target at the row before
+        it (and its alternatives)."""
+        found = {}
+        for chunk in chunks:
+            if chunk.prompt_targets:
+                first = first_rows[chunk.request_id]
+                logits = self.model.logits(hidden[first:first + len(chunk.prompt_targets)])  # [P, V]
+                found[chunk.request_id] = tuple(logprobs_of(logits, chunk.prompt_targets,
+                                                            [chunk.sampling.prompt_logprobs] * len(logits)))
+        return found
+
+    def _sample(self, logits: torch.Tensor, sample_chunks: tuple[ScheduledChunk, ...]) -> dict[str, Sampled]:
+        """logits: [N, V] raw, one row per sampling chunk."""
         tokens = self.sampler.sample(logits, [c.sampling for c in sample_chunks],
                                      [c.output_index for c in sample_chunks], [c.history for c in sample_chunks])
         sampled = {c.request_id: Sampled(t) for c, t in zip(sample_chunks, tokens)}
@@ -71,7 +93,9 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         sample_rows: list[int] = []
+        first_rows: dict[str, int] = {}
         for chunk in ordered:
+            first_rows[chunk.request_id] = len(ids)
             ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start_pos, chunk.context_len))
             if chunk.sample:
@@ -87,7 +111,7 @@ class ModelRunner:
                                      decode=self._decode_group(decodes, tables[:len(decodes)]) if decodes else None,
                                      prefills=self._prefill_segments(prefills, len(decodes)))
         return StepInput(self._tensor(ids), position_tensor, meta, self._tensor(sample_rows),
-                         tuple(c for c in ordered if c.sample))
+                         tuple(c for c in ordered if c.sample), first_rows)
 
     def _slots(self, tables: torch.Tensor, lengths: list[int], positions: torch.Tensor) -> torch.Tensor:
         """[T] each token's slot, block_table[pos // BS] * BS + pos % BS, computed on the device.

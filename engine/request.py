@@ -119,6 +119,8 @@ class Request:
     """Hashes of the request's full blocks as far as they were needed (`engine.prefix_hash`)."""
     num_registered_blocks: int = 0
     """Leading blocks registered in the prefix cache (or taken from it)."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """Per prompt position, when asked for (`SamplingParams.prompt_logprobs`): filled as its chunks are computed."""
     resumed_tokens: int = 0
     """A request resumed after a worker failed: its prompt ends with this many tokens of output the client already
     has. They count as output for seeded sampling's positions and for the text (see `Engine.add_request`)."""
@@ -167,6 +169,9 @@ class RequestOutput:
     """Prompt tokens whose KV came from the prefix cache."""
     logprobs: tuple[TokenLogprobs, ...] = ()
     """The new tokens' logprobs, when the request asked for them (`SamplingParams.logprobs`)."""
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    """On the first output of a request that asked (`SamplingParams.prompt_logprobs`): one per prompt token, the
+    first None (nothing comes before it)."""
 
     @property
     def finished(self) -> bool:

@@ -50,6 +50,9 @@ class SamplingParams:
     """When given, only these tokens may be sampled."""
     logprobs: int | None = None
     """Report each output token's logprob and this many most likely alternatives (0: the token's alone)."""
+    prompt_logprobs: int | None = None
+    """Report each prompt token's logprob (given the tokens before it; the first has none) and this many
+    alternatives. Such a request computes its whole prompt (no prefix cache)."""
 
     def __post_init__(self) -> None:
         for name in ("stop", "stop_token_ids"):
@@ -91,9 +94,10 @@ class SamplingParams:
             if token < 0 or not -100.0 <= bias <= 100.0:
                 raise SamplingError(f"logit_bias: token {token} with bias {bias}: ids must be >= 0 and biases in "
                                     "[-100, 100]")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= 20):
-            raise SamplingError(f"logprobs: must be an integer in [0, 20], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20):
+                raise SamplingError(f"{name}: must be an integer in [0, 20], got {value!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
             raise SamplingError(f"allowed_token_ids: must be non-negative integers, got {self.allowed_token_ids!r}")
 

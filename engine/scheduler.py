@@ -48,6 +48,9 @@ class ScheduledChunk:
     """How many output tokens the request has; the sampled token will be output number `output_index`."""
     history: TokenHistory | None = None
     """The tokens so far, for a request whose penalties read them (`SamplingParams.needs_history`); else None."""
+    prompt_targets: tuple[int, ...] = ()
+    """For a request that asks for prompt logprobs: the prompt tokens its first rows predict (the token after each
+    position, as far as the prompt goes)."""
 
     @property
     def context_len(self) -> int:
@@ -191,8 +194,8 @@ class Scheduler:
     # ---- prefix caching --------------------------------------------------------------------------------------
     def _cached_prefix(self, request: Request) -> list[int]:
         """Cached blocks a request without blocks could start from (no reference taken yet)."""
-        if request.block_ids or not self.blocks.caching:
-            return []
+        if request.block_ids or not self.blocks.caching or request.sampling.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
         shareable = shareable_blocks(request.num_tokens, self.blocks.block_size)
         return self.blocks.cached_prefix(self._hashes(request, shareable)[:shareable])
 
@@ -241,6 +244,8 @@ class Scheduler:
             output_index=request.resumed_tokens + len(request.output_token_ids),
             history=_history(request) if request.sampling.needs_history and start + count == request.num_tokens
             else None,
+            prompt_targets=request.prompt_token_ids[start + 1:start + count + 1]
+            if request.sampling.prompt_logprobs is not None else (),
         )
 
 

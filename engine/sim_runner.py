@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 from pdserve.engine.cost_model import CostModel, StepCost
-from pdserve.engine.logprobs import Sampled
+from pdserve.engine.logprobs import Sampled, StepResult
 from pdserve.engine.scheduler import ScheduledChunk
 
 PLACEHOLDER_TOKEN = 1000
@@ -33,7 +33,7 @@ class SimRunner:
         self.busy_s = 0.0
         """Modelled seconds of all steps so far."""
 
-    def run(self, chunks: tuple[ScheduledChunk, ...]) -> dict[str, Sampled]:
+    def run(self, chunks: tuple[ScheduledChunk, ...]) -> StepResult:
         """'Compute' the chunks: wait the modelled time (live) and sample a placeholder for each chunk that samples."""
         started = time.monotonic()
         new = context = pairs = sampled = 0
@@ -51,4 +51,4 @@ class SimRunner:
             left = started + cost.seconds * self.time_scale - time.monotonic()
             if left > 0:
                 time.sleep(left)
-        return {c.request_id: Sampled(PLACEHOLDER_TOKEN) for c in chunks if c.sample}
+        return StepResult({c.request_id: Sampled(PLACEHOLDER_TOKEN) for c in chunks if c.sample}, {})

@@ -55,3 +55,33 @@ def test_logit_changes_pick_another_token_but_report_the_models_logprob(engine):
                  "biased")[0].logprobs[0]
     assert biased.token_id == 42 != plain.token_id
     assert biased.top == plain.top and biased.logprob < plain.logprob  # the model's own distribution
+
+
+def test_prompt_logprobs_equal_the_next_token_logprobs_of_each_prefix():
+    """Each prompt token's logprob given the tokens before it, computed over several chunks (8 tokens a step), equals
+    what a request of that prefix reports for the token when forced to pick it (the raw logprob, before the bias);
+    the same prompt run again is computed again (not taken from the prefix cache) and gives the same."""
+    engine = Engine(EngineConfig(model="random:smollm2-135m", num_kv_blocks=64, num_threads=1,
+                                 max_num_batched_tokens=8, block_size=4))
+    prompt = [5, 17, 300, 42, 42, 9, 1000, 77, 3, 12, 600, 8, 21]
+    sampling = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2)
+    first = run_prompt(engine, prompt, sampling, "p1")[0].prompt_logprobs
+    assert first[0] is None and len(first) == len(prompt)
+    for position in range(1, len(prompt)):
+        forced = SamplingParams(max_tokens=1, temperature=0, logprobs=0, logit_bias=((prompt[position], 100.0),))
+        oracle = run_prompt(engine, prompt[:position], forced, f"prefix-{position}")[0].logprobs[0]
+        assert oracle.token_id == first[position].token_id == prompt[position]
+        assert first[position].logprob == pytest.approx(oracle.logprob, abs=1e-4)
+        assert len(first[position].top) == 2
+    cached_before = engine.cached_tokens_total
+    again = run_prompt(engine, prompt, sampling, "p2")[0].prompt_logprobs
+    assert engine.cached_tokens_total == cached_before  # computed again, all of it
+    assert [e.logprob for e in again[1:]] == pytest.approx([e.logprob for e in first[1:]], abs=1e-5)
+
+
+def run_prompt(engine: Engine, prompt: list[int], sampling: SamplingParams, request_id: str) -> list:
+    engine.add_request(request_id, prompt, sampling)
+    outputs = []
+    while not outputs or outputs[-1].finish_reason is None:
+        outputs += [o for o in engine.step() if o.request_id == request_id]
+    return outputs
