@@ -93,6 +93,8 @@ def build_request(prompt: Prompt | str, sampling: SamplingParams | None = None,
                           allowed_token_ids=list(sampling.allowed_token_ids))
     if sampling.logprobs is not None:
         s.logprobs = sampling.logprobs
+    if sampling.prompt_logprobs is not None:
+        s.prompt_logprobs = sampling.prompt_logprobs
     if sampling.seed is not None:
         s.seed = sampling.seed
     request = pb.GenerateRequest(request_id=request_id, sampling=s)

@@ -164,7 +164,7 @@ class PrefillWorker:
         p.result.set_result(PrefillResult(
             output.request_id, output.new_token_ids[0], output.text_delta,
             None if handed_off else output.finish_reason, started - p.enqueued, now - started,
-            output.num_cached_tokens, output.logprobs[0] if output.logprobs else None))
+            output.num_cached_tokens, output.logprobs[0] if output.logprobs else None, output.prompt_logprobs))
 
     def _abort(self, engine: Engine, request_id: str) -> None:
         p = self._prefilling.pop(request_id, None)

@@ -60,6 +60,8 @@ class Output:
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprobs, ...] = ()
     """One per token of `token_ids`, when the request asked for them."""
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    """With the first token, when the request asked for them."""
 
 
 class EndKind(enum.Enum):
@@ -170,7 +172,7 @@ class Attempt:
             return AttemptEnd(EndKind.WORKER_LOST, f"prefill worker {prefill.info.worker_id} dropped the request")
         logprobs = (result.first_logprobs,) if result.first_logprobs is not None else ()
         return Output(self.owner.position, (result.first_token_id,), result.text_delta, result.finish_reason,
-                      logprobs)
+                      logprobs, result.prompt_logprobs)
 
     async def _start_colocated(self) -> None:
         worker = await self.parts.placement.colocated(self.request)
@@ -223,7 +225,8 @@ class Attempt:
                 return
             self._time(event)
             if event.token_ids or event.finish_reason is not None:
-                yield Output(event.position, event.token_ids, event.text_delta, event.finish_reason, event.logprobs)
+                yield Output(event.position, event.token_ids, event.text_delta, event.finish_reason, event.logprobs,
+                             event.prompt_logprobs)
             if event.finish_reason is not None:
                 self.ended_on_worker = True
                 return

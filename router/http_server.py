@@ -38,20 +38,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from pdserve.access import Access
-from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.router import openai_protocol as oa
 from pdserve.router.admin import unhealthy_reason
 from pdserve.router.body_limit import BodyLimit
-from pdserve.router.choices import ChoicePiece, merged
+from pdserve.router.choices import merged
 from pdserve.router.errors import DuplicateRequest, Overloaded, TakenOver, Unavailable, WorkerError
-from pdserve.router.openai_logprobs import CompletionOffsets, LogprobShapes
+from pdserve.router.openai_logprobs import LogprobShapes
+from pdserve.router.openai_responses import (
+    REQUEST_ID_HEADER,
+    EchoedPrompt,
+    Extras,
+    as_openai_error,
+    stream_chunks,
+    whole_body,
+)
 from pdserve.router.orchestrator import Orchestrator
 from pdserve.router.request_builder import MAX_REQUEST_ID_LEN, InvalidRequest, RequestBuilder, ValidRequest
 from pdserve.router.worker_scrape import scrape_workers
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "x-request-id"
 DISCONNECT_POLL_S = 0.25
 """How often a request that streams nothing yet checks that its client is still there."""
 MAX_BODY_BYTES = 10 * 2**20
@@ -133,18 +139,18 @@ class OpenAIServer:
         try:
             # an error before the first token is an HTTP status, not a stream event
             first = await _unless_disconnected(request, anext(stream))
-            shapes = self.logprob_shapes if body.logprobs_asked is not None else None
+            extras = self._extras(body, chat, valid)
             if body.stream:
-                chunks = _chunks(first, stream, request_id, self.model_name, chat, len(valid), usage,
-                                 body.include_usage, body.return_token_ids, shapes)
+                chunks = stream_chunks(first, stream, request_id, self.model_name, chat, len(valid), usage,
+                                       body.include_usage, extras, int(time.time()))
                 return StreamingResponse(_sse(chunks), media_type="text/event-stream",
                                          headers={REQUEST_ID_HEADER: request_id})
-            whole = await _unless_disconnected(request, _whole(first, stream, request_id, self.model_name, chat,
-                                                               len(valid), usage, body.return_token_ids, shapes))
+            whole = await _unless_disconnected(request, whole_body(first, stream, request_id, self.model_name,
+                                                                   chat, len(valid), usage, extras))
         except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError, TakenOver) as e:
             await stream.aclose()
             self._count_refusal(e)
-            raise _as_openai_error(e) from e
+            raise as_openai_error(e) from e
         except ClientGone:
             await stream.aclose()  # cancels the choices: their workers free the KV blocks
             return Response(status_code=CLIENT_CLOSED)
@@ -169,7 +175,7 @@ class OpenAIServer:
                     built[key] = await asyncio.to_thread(self.builder.build, generate)
                 except InvalidRequest as e:
                     self.orchestrator.metrics.failed(e)
-                    raise _as_openai_error(e) from e
+                    raise as_openai_error(e) from e
             one = built[key]
             if open_ended:
                 room = max(1, self.builder.context_length - len(one.token_ids))
@@ -178,79 +184,18 @@ class OpenAIServer:
                                              f"{request_id}-{index}"))
         return valid
 
+    def _extras(self, body: oa.CompletionRequest | oa.ChatCompletionRequest, chat: bool,
+                valid: list[ValidRequest]) -> Extras:
+        echo = None
+        if not chat and body.echo:  # each choice's prompt, as given (text) or decoded (token ids)
+            prompts = body.prompt_texts(self.logprob_shapes.decode)
+            echo = tuple(EchoedPrompt(prompts[i // body.n], v.token_ids) for i, v in enumerate(valid))
+        return Extras(self.logprob_shapes, body.return_token_ids, body.logprobs_asked is not None,
+                      body.prompt_logprobs is not None, echo)
+
     def _count_refusal(self, error: Exception) -> None:
         if isinstance(error, (DuplicateRequest, Overloaded)):  # raised before the orchestrator counts the request
             self.orchestrator.metrics.failed(error)
-
-
-async def _whole(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
-                 choices: int, usage: oa.UsageCount, with_token_ids: bool, shapes: LogprobShapes | None) -> dict:
-    """`shapes`: each choice's logprobs in OpenAI's shape (None: not asked for)."""
-    texts: list[list[str]] = [[] for _ in range(choices)]
-    token_ids: list[list[int]] = [[] for _ in range(choices)]
-    logprobs: list[list[TokenLogprobs]] = [[] for _ in range(choices)]
-    finish: list[str | None] = [None] * choices
-    for item in [first] + [item async for item in rest]:
-        texts[item.index].append(item.piece.text)
-        token_ids[item.index].extend(item.piece.token_ids)
-        logprobs[item.index].extend(item.piece.logprobs)
-        if item.piece.finish_reason is not None:
-            finish[item.index] = item.piece.finish_reason.value
-            _count(usage, item)
-    build = oa.chat_body if chat else oa.completion_body
-    body = build(request_id, model, ["".join(t) for t in texts], finish, usage.body())
-    if with_token_ids:
-        for choice, ids in zip(body["choices"], token_ids):
-            choice["token_ids"] = ids
-    if shapes is not None:
-        for choice, found in zip(body["choices"], logprobs):
-            choice["logprobs"] = shapes.chat(found) if chat else shapes.completion(found, 0)[0]
-    return body
-
-
-async def _chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
-                  choices: int, usage: oa.UsageCount, include_usage: bool,
-                  with_token_ids: bool, shapes: LogprobShapes | None) -> AsyncIterator[dict]:
-    """The stream's chunks in OpenAI's order: (chat: a role delta per choice,) text deltas as they come, each
-    choice's finish reason, then the usage chunk if asked for. With `with_token_ids` a piece's token ids ride on
-    its chunk, and with `shapes` its logprobs (a piece with tokens and no text yet, e.g. half a character, still
-    sends a chunk then)."""
-    created = int(time.time())
-    offsets = CompletionOffsets(shapes) if shapes is not None and not chat else None
-    if chat:
-        for index in range(choices):
-            yield oa.chat_chunk(request_id, model, created, index, {"role": "assistant", "content": ""}, None)
-    try:
-        async for item in _prepend(first, rest):
-            piece, finish = item.piece, item.piece.finish_reason
-            reason = finish.value if finish is not None else None
-            carries = piece.text or ((with_token_ids or shapes is not None) and piece.token_ids)
-            if chat:
-                if carries:
-                    chunk = oa.chat_chunk(request_id, model, created, item.index, {"content": piece.text}, None)
-                    if shapes is not None:
-                        chunk["choices"][0]["logprobs"] = shapes.chat(piece.logprobs)
-                    yield _with_ids(chunk, piece.token_ids) if with_token_ids else chunk
-                if finish is not None:
-                    yield oa.chat_chunk(request_id, model, created, item.index, {}, reason)
-            elif carries or finish is not None:
-                chunk = oa.completion_chunk(request_id, model, created, item.index, piece.text, reason)
-                if offsets is not None:
-                    chunk["choices"][0]["logprobs"] = offsets.shape(item.index, piece.logprobs)
-                yield _with_ids(chunk, piece.token_ids) if with_token_ids else chunk
-            if finish is not None:
-                _count(usage, item)
-    except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError, TakenOver) as e:
-        yield _as_openai_error(e).body()
-        return
-    if include_usage:
-        yield oa.usage_chunk(request_id, model, created, chat, usage.body())
-
-
-def _count(usage: oa.UsageCount, item: ChoicePiece) -> None:
-    """A choice's last piece: its tokens (and its prompt's cached ones) join the usage."""
-    timings = item.piece.timings
-    usage.finished(item.index, item.piece.completion_tokens, timings.cached_tokens if timings is not None else 0)
 
 
 class _BearerToken:
@@ -293,38 +238,10 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             await asyncio.gather(task, return_exceptions=True)
 
 
-def _with_ids(chunk: dict, token_ids: tuple[int, ...]) -> dict:
-    chunk["choices"][0]["token_ids"] = list(token_ids)
-    return chunk
-
-
-async def _prepend(first: ChoicePiece, rest: AsyncIterator[ChoicePiece]) -> AsyncIterator[ChoicePiece]:
-    yield first
-    async for item in rest:
-        yield item
-
-
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
     async for chunk in chunks:
         yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
     yield b"data: [DONE]\n\n"
-
-
-def _as_openai_error(error: Exception) -> oa.OpenAIError:
-    message = str(error)
-    if isinstance(error, InvalidRequest):  # named as in the gRPC request: sampling.max_tokens is max_tokens here
-        message = message.removeprefix("sampling.")
-        field = message.split(":", 1)[0] if ":" in message else None
-        return oa.OpenAIError(400, message, param=field)
-    if isinstance(error, DuplicateRequest):
-        return oa.OpenAIError(409, message, param=REQUEST_ID_HEADER, code="duplicate_request_id")
-    if isinstance(error, Overloaded):
-        return oa.OpenAIError(429, message, kind="overloaded_error", code="queue_full")
-    if isinstance(error, Unavailable):
-        return oa.OpenAIError(503, message, kind="service_unavailable_error")
-    if isinstance(error, TakenOver):
-        return oa.OpenAIError(409, message, kind="conflict_error", code="taken_over")
-    return oa.OpenAIError(500, message, kind="internal_error")
 
 
 async def _openai_error(request: Request, error: oa.OpenAIError) -> JSONResponse:

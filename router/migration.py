@@ -33,6 +33,7 @@ def continuation(request: ValidRequest, sent: Sequence[int]) -> ValidRequest | N
     remaining = request.sampling.max_tokens - len(sent)
     if remaining <= 0:
         return None
-    return dataclasses.replace(request, token_ids=request.token_ids + tuple(sent),
-                               sampling=dataclasses.replace(request.sampling, max_tokens=remaining), resume=None,
+    sampling = dataclasses.replace(request.sampling, max_tokens=remaining,
+                                   prompt_logprobs=None)  # the client had them with its first token
+    return dataclasses.replace(request, token_ids=request.token_ids + tuple(sent), sampling=sampling, resume=None,
                                resumed_tokens=len(sent))

@@ -4,6 +4,10 @@ penalties, temperature and the filters: `engine.logprobs`).
     chat:         {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}
     completions:  {"tokens": [...], "token_logprobs": [...], "top_logprobs": [{token: logprob}], "text_offset": [...]}
 
+With `echo` (completions) the prompt's tokens come first, the first of them with no logprob (null), as OpenAI and
+vLLM show them; vLLM's `prompt_logprobs` is a list with null first, then per prompt token a map from token id to
+{"logprob", "decoded_token"} (the token itself and its alternatives).
+
 A token is shown as its own text (decoded alone; a piece of a multi-byte character shows as U+FFFD, as in vLLM), or
 as "token_id:<id>" without a tokenizer. A completion's `text_offset` counts characters from the start of the choice's
 text, token by token, across the chunks of a stream (`CompletionOffsets`).
@@ -23,6 +27,10 @@ class LogprobShapes:
         self._tokenizer = tokenizer
         self._texts: dict[int, str] = {}
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """A prompt's text from its token ids ("" without a tokenizer)."""
+        return self._tokenizer.decode(list(token_ids)) if self._tokenizer is not None else ""
+
     def token(self, token_id: int) -> str:
         text = self._texts.get(token_id)
         if text is None:
@@ -34,18 +42,34 @@ class LogprobShapes:
         return {"content": [{**self._entry(p.token_id, p.logprob),
                              "top_logprobs": [self._entry(t, value) for t, value in p.top]} for p in logprobs]}
 
-    def completion(self, logprobs: Sequence[TokenLogprobs], offset: int) -> tuple[dict[str, Any], int]:
-        """The shape for these tokens, whose text starts `offset` characters into the choice; and the offset after
-        them."""
+    def completion(self, logprobs: Sequence[TokenLogprobs], offset: int,
+                   prompt: Sequence[TokenLogprobs | None] | None = None,
+                   prompt_ids: Sequence[int] = ()) -> tuple[dict[str, Any], int]:
+        """The shape for these tokens, whose text starts `offset` characters into the choice (after the echoed
+        prompt's, `prompt` one entry per token of `prompt_ids`, when given); and the offset after them."""
+        entries: list[TokenLogprobs | None] = [*(prompt or ()), *logprobs]
+        ids = [*(prompt_ids if prompt is not None else ()), *(p.token_id for p in logprobs)]
         tokens, offsets = [], []
-        for p in logprobs:
-            tokens.append(self.token(p.token_id))
+        for token_id in ids:
+            tokens.append(self.token(token_id))
             offsets.append(offset)
             offset += len(tokens[-1])
-        body = {"tokens": tokens, "token_logprobs": [p.logprob for p in logprobs],
-                "top_logprobs": [{self.token(t): value for t, value in p.top} for p in logprobs],
+        body = {"tokens": tokens, "token_logprobs": [p.logprob if p is not None else None for p in entries],
+                "top_logprobs": [{self.token(t): value for t, value in p.top} if p is not None else None
+                                 for p in entries],
                 "text_offset": offsets}
         return body, offset
+
+    def prompt(self, entries: Sequence[TokenLogprobs | None]) -> list[dict[str, Any] | None]:
+        """vLLM's `prompt_logprobs`: per prompt token, its own logprob and its alternatives', by token id."""
+        shaped = []
+        for p in entries:
+            if p is None:
+                shaped.append(None)
+                continue
+            shaped.append({str(t): {"logprob": value, "decoded_token": self.token(t)}
+                           for t, value in ((p.token_id, p.logprob), *p.top)})
+        return shaped
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         text = self.token(token_id)
@@ -59,6 +83,8 @@ class CompletionOffsets:
         self._shapes = shapes
         self._offsets: dict[int, int] = {}
 
-    def shape(self, index: int, logprobs: Sequence[TokenLogprobs]) -> dict[str, Any]:
-        body, self._offsets[index] = self._shapes.completion(logprobs, self._offsets.get(index, 0))
+    def shape(self, index: int, logprobs: Sequence[TokenLogprobs],
+              prompt: Sequence[TokenLogprobs | None] | None = None, prompt_ids: Sequence[int] = ()) -> dict[str, Any]:
+        body, self._offsets[index] = self._shapes.completion(logprobs, self._offsets.get(index, 0), prompt,
+                                                             prompt_ids)
         return body

@@ -105,6 +105,7 @@ class _Common(BaseModel):
     min_tokens: _integer(0, UINT32_MAX) | None = None  # vLLM's extension
     min_p: Number | None = None  # vLLM's extension
     allowed_token_ids: list[TokenId] | None = None  # vLLM's extension
+    prompt_logprobs: _integer(0, MAX_TOP_LOGPROBS) | None = None  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension
     stop_token_ids: list[TokenId] | None = None  # vLLM's extension
     return_token_ids: bool = False  # vLLM's extension: each choice (and stream chunk) carries its token ids
@@ -139,6 +140,8 @@ class _Common(BaseModel):
         s.allowed_token_ids.extend(self.allowed_token_ids or ())
         if self.logprobs_asked is not None:
             s.logprobs = self.logprobs_asked
+        if self.prompt_logprobs_asked is not None:
+            s.prompt_logprobs = self.prompt_logprobs_asked
         for token, bias in self._logit_bias().items():
             s.logit_bias[token] = bias
         return s
@@ -167,8 +170,7 @@ class CompletionRequest(_Common):
     def generate_requests(self) -> list[pb.GenerateRequest]:
         """One per prompt and choice (prompt-major, as OpenAI numbers the choices)."""
         self.refuse_unsupported()
-        for name, bad in (("echo", self.echo), ("best_of", self.best_of not in (None, 1)),
-                          ("suffix", bool(self.suffix))):
+        for name, bad in (("best_of", self.best_of not in (None, 1)), ("suffix", bool(self.suffix))):
             if bad:
                 raise unsupported(name, "not supported")
         prompts = self._prompts()
@@ -188,6 +190,16 @@ class CompletionRequest(_Common):
     def logprobs_asked(self) -> int | None:
         """How many alternatives each token's logprobs carry (None: no logprobs)."""
         return self.logprobs
+
+    @property
+    def prompt_logprobs_asked(self) -> int | None:
+        """`echo` with `logprobs` shows the prompt tokens' logprobs too (as lm-eval's loglikelihood reads them)."""
+        asked = [n for n in (self.prompt_logprobs, self.logprobs if self.echo else None) if n is not None]
+        return max(asked) if asked else None
+
+    def prompt_texts(self, decode) -> list[str]:
+        """Each prompt's text: as given, or `decode(token ids)`."""
+        return [p if isinstance(p, str) else decode(p) for p in self._prompts()]
 
     def _prompts(self) -> list[str | list[int]]:
         prompt = self.prompt
@@ -248,6 +260,10 @@ class ChatCompletionRequest(_Common):
     @property
     def logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def prompt_logprobs_asked(self) -> int | None:
+        return self.prompt_logprobs
 
     @property
     def max_tokens_given(self) -> bool:

@@ -59,6 +59,8 @@ class Piece:
     """On the last piece: every token the client has (a resumed request's earlier ones too)."""
     logprobs: tuple[TokenLogprobs, ...] = ()
     """One per token of `token_ids`, when the request asked for them."""
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    """On the first piece, when the request asked for them."""
 
 
 class Orchestrator:
@@ -171,11 +173,12 @@ class Orchestrator:
         if not tokens:
             return None
         logprobs = output.logprobs[skip:]
+        prompt_logprobs = output.prompt_logprobs if not sent else None  # the client's first piece only
         sent.extend(tokens)
         gap = clock.tokens_sent(len(tokens))
         if gap is not None:
             self.metrics.inter_token.observe(gap)
-        return Piece(tokens, output.text, logprobs=logprobs)
+        return Piece(tokens, output.text, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     async def _interrupted(self, request: ValidRequest, end: AttemptEnd, number: int, tokens: int) -> None:
         """An attempt stopped short: what happens before the next one (or the end of this stream)."""
@@ -198,4 +201,5 @@ class Orchestrator:
         timings = clock.timings()
         self.records.record(request, clock, output.finish_reason, timings, workers)
         tokens, text = (piece.token_ids, piece.text) if piece is not None else ((), "")
-        return Piece(tokens, text, output.finish_reason, timings, len(sent), piece.logprobs if piece else ())
+        return Piece(tokens, text, output.finish_reason, timings, len(sent), piece.logprobs if piece else (),
+                     piece.prompt_logprobs if piece else None)

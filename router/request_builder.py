@@ -136,4 +136,5 @@ def _sampling(s: pb.SamplingParams) -> SamplingParams:
         min_tokens=s.min_tokens if s.HasField("min_tokens") else 0,
         min_p=s.min_p if s.HasField("min_p") else 0.0,
         logit_bias=tuple(sorted(s.logit_bias.items())), allowed_token_ids=tuple(s.allowed_token_ids),
-        logprobs=s.logprobs if s.HasField("logprobs") else None)
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+        prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None)

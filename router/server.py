@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from pdserve.access import NO_ACCESS_CONTROL, Access, BearerToken
 from pdserve.config import SLO
 from pdserve.config import Router as RouterConfig
+from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.engine.request import FinishReason
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
@@ -107,9 +108,8 @@ class GenerationService(pb_grpc.GenerationServicer):
 
 def _response(request_id: str, piece: Piece, prompt_tokens: int, first: bool) -> pb.GenerateResponse:
     response = pb.GenerateResponse(request_id=request_id, token_ids=piece.token_ids, text=piece.text)
-    response.logprobs.extend(pb.TokenLogprob(token_id=p.token_id, logprob=p.logprob,
-                                             top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in p.top])
-                             for p in piece.logprobs)
+    response.logprobs.extend(_token_logprob(p) for p in piece.logprobs)
+    response.prompt_logprobs.extend(_token_logprob(p) for p in piece.prompt_logprobs or () if p is not None)
     if first:
         response.prompt_tokens = prompt_tokens
     if piece.finish_reason is not None:
@@ -119,6 +119,11 @@ def _response(request_id: str, piece: Piece, prompt_tokens: int, first: bool) ->
         if piece.timings is not None:
             response.timings.CopyFrom(pb.Timings(**piece.timings.as_fields()))
     return response
+
+
+def _token_logprob(p: TokenLogprobs) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=p.token_id, logprob=p.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in p.top])
 
 
 def build_server(builder: RequestBuilder, orchestrator: Orchestrator, host: str, port: int, mode: str,

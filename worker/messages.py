@@ -83,6 +83,8 @@ class PrefillResult:
     """Prompt tokens whose KV this worker took from its prefix cache instead of computing it."""
     first_logprobs: TokenLogprobs | None = None
     """The first token's logprobs, when the request asked for them."""
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    """One per prompt token (the first None), when the request asked for them."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ class TokenEvent:
     """Colocated, on the first token: prompt tokens whose KV came from the prefix cache."""
     logprobs: tuple[TokenLogprobs, ...] = ()
     """One per token of `token_ids`, when the request asked for them."""
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    """Colocated, on the first token: the prompt's logprobs, when the request asked for them."""
 
     @property
     def end(self) -> int:

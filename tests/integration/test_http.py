@@ -115,7 +115,8 @@ def test_sampling_controls_through_both_workers_match_the_local_engine(client, e
 
 def test_logprobs_through_the_cluster_equal_transformers_log_softmax(client, reference):
     """The first token's logprobs come from the prefill worker, the rest from the decode worker: each equals
-    transformers' log-softmax at its position within 1e-4 (fp32), and so do the alternatives."""
+    transformers' log-softmax at its position within 1e-4 (fp32), and so do the alternatives; with `echo`, the
+    prompt tokens' logprobs (computed on the prefill worker) give the prompt's log-likelihood as transformers does."""
     import torch
 
     prompt = [504, 2365, 6354, 11113, 30]
@@ -131,6 +132,13 @@ def test_logprobs_through_the_cluster_equal_transformers_log_softmax(client, ref
         assert logprob == pytest.approx(expected[step, token].item(), abs=1e-4)
         best = expected[step].topk(2)
         assert sorted(top.values(), reverse=True) == pytest.approx(best.values.tolist(), abs=1e-4)
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1,
+                                       echo=True).choices[0].logprobs
+    with torch.no_grad():
+        whole = torch.log_softmax(reference(torch.tensor([prompt])).logits[0].float(), dim=-1)  # [P, V]
+    assert echoed.token_logprobs[0] is None and len(echoed.token_logprobs) == len(prompt) + 1
+    assert echoed.token_logprobs[1:len(prompt)] == pytest.approx(
+        [whole[p - 1, prompt[p]].item() for p in range(1, len(prompt))], abs=1e-4)  # the prompt's log-likelihood
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
                                           max_tokens=6, temperature=0, logprobs=True, top_logprobs=1)
     content = chat.choices[0].logprobs.content

@@ -54,6 +54,14 @@ def fake_logprobs(i: int, count: int | None) -> tuple[TokenLogprobs, ...]:
     return (TokenLogprobs(100 + i, -(i + 1) / 4, top),)
 
 
+def fake_prompt_logprobs(request: ValidRequest) -> tuple[TokenLogprobs | None, ...] | None:
+    """The fake model's prompt logprobs (when asked): -1 for each prompt token after the first."""
+    if request.sampling.prompt_logprobs is None:
+        return None
+    return (None, *(TokenLogprobs(t, -1.0, ((t, -1.0),)[:request.sampling.prompt_logprobs])
+                    for t in request.token_ids[1:]))
+
+
 def expected_text(max_tokens: int) -> str:
     return "".join(word(i) for i in range(max_tokens))
 
@@ -90,7 +98,8 @@ class FakeBuilder:
                                   min_tokens=s.min_tokens, min_p=s.min_p,
                                   logit_bias=tuple(sorted(s.logit_bias.items())),
                                   allowed_token_ids=tuple(s.allowed_token_ids),
-                                  logprobs=s.logprobs if s.HasField("logprobs") else None)
+                                  logprobs=s.logprobs if s.HasField("logprobs") else None,
+                                  prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None)
         total = len(token_ids) + sampling.max_tokens
         if total > CONTEXT:
             raise InvalidRequest(f"sampling.max_tokens: prompt ({len(token_ids)} tokens) + max_tokens "
@@ -159,7 +168,8 @@ class FakeOrchestrator:
                 last = i == count - 1
                 yield Piece((100 + i,), word(i), FinishReason.LENGTH if last else None,
                             timings=fake_timings(request) if last else None, completion_tokens=i + 1 if last else 0,
-                            logprobs=fake_logprobs(i, request.sampling.logprobs))
+                            logprobs=fake_logprobs(i, request.sampling.logprobs),
+                            prompt_logprobs=fake_prompt_logprobs(request) if i == 0 else None)
                 self.first_sent.set()
                 if self.fail_after is not None and (self.fail_ids is None or request.request_id in self.fail_ids):
                     raise self.fail_after
@@ -427,7 +437,6 @@ def test_a_body_that_is_not_json_is_a_400():
 
 
 @pytest.mark.parametrize("path, extra, name", [
-    ("/v1/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),

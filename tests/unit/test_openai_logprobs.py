@@ -53,3 +53,30 @@ def test_bad_logprob_requests_are_refused_naming_the_field(path, body, param):
     orchestrator = FakeOrchestrator()
     assert_error(client_for(orchestrator).post(path, json=body), 400, param=param)
     assert orchestrator.received == []
+
+
+def test_echo_puts_the_prompt_and_its_logprobs_first():
+    """As lm-eval's loglikelihood reads it: the prompt's tokens (the fake's token ids are the text's bytes), the
+    first with a null logprob, then the completion's."""
+    client = client_for(FakeOrchestrator())
+    body = {"prompt": "hi", "max_tokens": 2, "echo": True, "logprobs": 1}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["text"] == "hiw0 w1 "
+    logprobs = choice["logprobs"]
+    assert logprobs["token_logprobs"] == [None, -1.0, -0.25, -0.5]
+    assert logprobs["top_logprobs"][0] is None and len(logprobs["tokens"]) == 4
+    chunks = events(client.post("/v1/completions", json={**body, "stream": True}))
+    texts = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
+    streamed = [v for c in chunks if c.get("choices") and c["choices"][0].get("logprobs")
+                for v in c["choices"][0]["logprobs"]["token_logprobs"]]
+    assert texts == "hiw0 w1 " and streamed == [None, -1.0, -0.25, -0.5]
+    plain = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "echo": True}).json()
+    assert plain["choices"][0]["text"] == "hiw0 w1 " and plain["choices"][0]["logprobs"] is None
+
+
+def test_vllm_prompt_logprobs_come_with_the_choice():
+    client = client_for(FakeOrchestrator())
+    choice = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "prompt_logprobs": 1}).json()[
+        "choices"][0]
+    assert choice["prompt_logprobs"] == [None, {str(ord("i")): {"logprob": -1.0,
+                                                                "decoded_token": f"token_id:{ord('i')}"}}]
