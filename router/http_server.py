@@ -191,7 +191,7 @@ class OpenAIServer:
             prompts = body.prompt_texts(self.logprob_shapes.decode)
             echo = tuple(EchoedPrompt(prompts[i // body.n], v.token_ids) for i, v in enumerate(valid))
         return Extras(self.logprob_shapes, body.return_token_ids, body.logprobs_asked is not None,
-                      body.prompt_logprobs is not None, echo)
+                      body.prompt_logprobs is not None, echo, tuple(v.token_ids for v in valid))
 
     def _count_refusal(self, error: Exception) -> None:
         if isinstance(error, (DuplicateRequest, Overloaded)):  # raised before the orchestrator counts the request

@@ -1,6 +1,7 @@
 """The HTTP API's answers, assembled from the pieces the orchestrator yields per choice (`choices.merged`): one
 whole body, or the chunks of a server-sent-event stream, in OpenAI's shapes (`openai_protocol`), with what the
-request asked for besides the text: token ids (vLLM's `return_token_ids`), logprobs, vLLM's `prompt_logprobs`, and
+request asked for besides the text: token ids (vLLM's `return_token_ids`: the prompt's on each choice, or on its
+first chunk, and the output's), logprobs, vLLM's `prompt_logprobs`, and
 the prompt echoed before a completion (`echo`).
 
 Errors are turned into OpenAI's shape here too (`as_openai_error`): before the first token they become the HTTP
@@ -40,6 +41,8 @@ class Extras:
     prompt_logprobs: bool = False
     echo: tuple[EchoedPrompt, ...] | None = None
     """One per choice (completions with `echo`)."""
+    prompt_ids: tuple[tuple[int, ...], ...] = ()
+    """Each choice's prompt token ids (shown with `with_token_ids`)."""
 
 
 async def whole_body(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], request_id: str, model: str, chat: bool,
@@ -67,6 +70,7 @@ async def whole_body(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], reque
     for index, choice in enumerate(body["choices"]):
         if extras.with_token_ids:
             choice["token_ids"] = token_ids[index]
+            choice["prompt_token_ids"] = list(extras.prompt_ids[index])
         if extras.logprobs and chat:
             choice["logprobs"] = shapes.chat(logprobs[index])
         elif extras.logprobs:
@@ -87,9 +91,13 @@ async def stream_chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], re
     vLLM's prompt logprobs ride on a choice's first chunk."""
     offsets = CompletionOffsets(extras.shapes) if extras.logprobs and not chat else None
     echoed: set[int] = set()
+    started: set[int] = set()
     if chat:
         for index in range(choices):
-            yield oa.chat_chunk(request_id, model, created, index, {"role": "assistant", "content": ""}, None)
+            chunk = oa.chat_chunk(request_id, model, created, index, {"role": "assistant", "content": ""}, None)
+            if extras.with_token_ids:
+                chunk["choices"][0]["prompt_token_ids"] = list(extras.prompt_ids[index])
+            yield chunk
     try:
         async for item in _prepend(first, rest):
             piece, finish = item.piece, item.piece.finish_reason
@@ -113,6 +121,9 @@ async def stream_chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], re
                         chunk["choices"][0]["logprobs"] = offsets.shape(
                             item.index, piece.logprobs, piece.prompt_logprobs if echo else None,
                             echo.token_ids if echo else ())
+                    if extras.with_token_ids and item.index not in started:
+                        chunk["choices"][0]["prompt_token_ids"] = list(extras.prompt_ids[item.index])
+                    started.add(item.index)
                     yield _decorated(chunk, item, extras)
             if finish is not None:
                 count(usage, item)

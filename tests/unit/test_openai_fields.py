@@ -6,7 +6,7 @@ import pytest
 
 from pdserve.router.openai_protocol import SEED_STRIDE, choice_seed
 
-from .test_http_server import CHAT, MODEL, FakeOrchestrator, assert_error, client_for
+from .test_http_server import CHAT, MODEL, FakeOrchestrator, assert_error, client_for, events
 
 
 def post(path: str, extra: dict):
@@ -111,3 +111,20 @@ def test_min_tokens_without_max_tokens_in_a_chat_is_taken():
     response = client_for(orchestrator).post("/v1/chat/completions", json={"messages": CHAT, "min_tokens": 3})
     assert response.status_code == 200, response.text
     assert orchestrator.received[0].sampling.min_tokens == 3
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_return_token_ids_shows_the_prompts_token_ids_too(path):
+    orchestrator = FakeOrchestrator()
+    client = client_for(orchestrator)
+    prompt = {"prompt": "hi"} if path == "/v1/completions" else {"messages": CHAT}
+    body = {**prompt, "max_tokens": 2, "return_token_ids": True}
+    choice = client.post(path, json=body).json()["choices"][0]
+    assert choice["token_ids"] == [100, 101]
+    assert choice["prompt_token_ids"] == list(orchestrator.received[0].token_ids)
+    if path == "/v1/completions":
+        assert choice["prompt_token_ids"] == list(b"hi")  # the fake tokenizer: a text's bytes
+    chunks = events(client.post(path, json={**body, "stream": True}))
+    firsts = [c["choices"][0]["prompt_token_ids"] for c in chunks if c.get("choices")
+              and "prompt_token_ids" in c["choices"][0]]
+    assert firsts == [choice["prompt_token_ids"]]  # once, on the choice's first chunk
