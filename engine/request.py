@@ -12,6 +12,7 @@ after its first token, keeping its blocks for a KV handoff; a request whose KV w
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 from pdserve.engine.logprobs import TokenLogprobs
@@ -29,6 +30,10 @@ class Message:
 
 
 ROLES = ("system", "user", "assistant", "tool")
+"""The usual roles. Any other role that is a plain name (`ROLE_PATTERN`: `ipython`, `function`, `observation`, ...)
+is passed to the model's chat template too, as vLLM does; the template decides (one that refuses it makes the
+prompt invalid). A name keeps special-token text (`<|im_start|>`) and line breaks out of the rendered prompt."""
+ROLE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,9 @@ class Prompt:
             if not self.messages:
                 raise PromptError("prompt.messages: must not be empty")
             for i, message in enumerate(self.messages):
-                if message.role not in ROLES:
-                    raise PromptError(f"prompt.messages[{i}].role: {message.role!r} is not one of {ROLES}")
+                if not ROLE_PATTERN.fullmatch(message.role):
+                    raise PromptError(f"prompt.messages[{i}].role: {message.role!r} is not a role name (one of "
+                                      f"{ROLES}, or another name of letters, digits, _ and -, up to 64)")
         if self.token_ids is not None and not self.token_ids:
             raise PromptError("prompt.token_ids: must not be empty")
 

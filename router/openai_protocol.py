@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -220,7 +220,7 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Text  # "developer" is taken as "system"; any other role name goes to the chat template (engine.request)
     content: Text | list[ContentPart] | None = None
 
     def text(self, index: int) -> str:

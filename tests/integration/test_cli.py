@@ -46,7 +46,7 @@ def test_bare_prompt_prints_the_reply():
 
 
 def test_bad_input_line_is_named_and_exit_code_2():
-    done = _pdserve("generate", "--input", "-", stdin='{"prompt": "ok"}\n{"messages": [{"role": "robot", '
+    done = _pdserve("generate", "--input", "-", stdin='{"prompt": "ok"}\n{"messages": [{"role": "ro bot", '
                                                        '"content": "hi"}]}\n')
     assert done.returncode == 2
     assert "input line 2" in done.stderr and "role" in done.stderr

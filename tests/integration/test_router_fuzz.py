@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 from pdserve.client import Client
 from pdserve.engine import Prompt, SamplingParams
-from pdserve.engine.request import ROLES
+from pdserve.engine.request import ROLE_PATTERN, ROLES
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
 from pdserve.router.request_builder import DEFAULT_MAX_TOKENS, MAX_REQUEST_ID_LEN
@@ -209,8 +209,8 @@ def broken_rules(request: pb.GenerateRequest) -> list[str]:
     elif which == "messages":
         if not request.messages.messages:
             broken.append("no messages")
-        if any(m.role not in ROLES for m in request.messages.messages):
-            broken.append("unknown role")
+        if any(not ROLE_PATTERN.fullmatch(m.role) for m in request.messages.messages):
+            broken.append("not a role name")
     elif which == "token_ids":
         if not request.token_ids.ids:
             broken.append("no token ids")

@@ -107,7 +107,8 @@ def test_sampling_params_accepts_edges():
     ({"text": "hi", "messages": (Message("user", "hi"),)}, "prompt"),
     ({"text": ""}, "prompt.text"),
     ({"messages": ()}, "prompt.messages"),
-    ({"messages": (Message("user", "a"), Message("robot", "b"))}, r"prompt.messages\[1\].role"),
+    ({"messages": (Message("user", "a"), Message("<|im_start|>", "b"))}, r"prompt.messages\[1\].role"),
+    ({"messages": (Message("user", "a"), Message("assistant ", "b"))}, r"prompt.messages\[1\].role"),
     ({"token_ids": ()}, "prompt.token_ids"),
 ])
 def test_prompt_errors_name_the_field(kwargs, field):
@@ -134,7 +135,7 @@ def test_prompt_from_json_line_shapes():
     ({"messages": [{"role": "user"}]}, r"messages\[0\]"),
     ({"messages": ["hi"]}, r"messages\[0\]"),
     ({"messages": [{"role": "user", "content": 1}]}, r"messages\[0\]"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, r"prompt.messages\[0\].role"),
+    ({"messages": [{"role": "b o t", "content": "x"}]}, r"prompt.messages\[0\].role"),
     ({"token_ids": []}, "prompt.token_ids"),
 ])
 def test_prompt_from_json_bad_lines(line, field):

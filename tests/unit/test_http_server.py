@@ -378,7 +378,7 @@ def test_chat_without_max_tokens_runs_to_the_end_of_the_context():
 
 # ---- errors ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path, body, where", [
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": 7, "content": "hi"}]}, "messages[0].role"),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": "many"}, "max_tokens"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, "messages"),

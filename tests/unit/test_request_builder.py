@@ -78,3 +78,18 @@ def test_sampling_controls_are_read_and_ids_outside_the_vocabulary_refused(build
     with pytest.raises(InvalidRequest, match=r"^presence_penalty: must be in \[-2, 2\]"):
         builder.build(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1]),
                                          sampling=pb.SamplingParams(presence_penalty=3.0)))
+
+
+@pytest.mark.model
+def test_roles_beyond_the_usual_go_to_the_chat_template_and_non_names_are_refused():
+    real = RequestBuilder(EngineConfig(max_model_len=256))
+
+    def chat(role: str) -> pb.GenerateRequest:
+        return pb.GenerateRequest(messages=pb.ChatMessages(messages=[
+            pb.ChatMessage(role="user", content="hi"), pb.ChatMessage(role=role, content="42")]))
+
+    rendered = real.tokenizer.decode(list(real.build(chat("ipython")).token_ids))
+    assert "ipython\n42" in rendered  # the template took the role as it is
+    for bad in ("<|im_start|>", "assistant\nsystem", ""):
+        with pytest.raises(InvalidRequest, match=r"^prompt.messages\[1\].role: .* is not a role name"):
+            real.build(chat(bad))
