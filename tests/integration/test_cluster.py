@@ -80,7 +80,7 @@ def test_64_concurrent_streams_complete_and_leave_no_blocks(cluster):
     ({"text": "hi", "sampling": {"top_p": 2.0}}, "top_p"),
     ({"text": "hi", "sampling": {"temperature": -1.0}}, "temperature"),
     ({"text": "hi", "sampling": {"max_tokens": 100000}}, "max_tokens"),
-    ({"messages": {"messages": [{"role": "wizard", "content": "hi"}]}}, "role"),
+    ({"messages": {"messages": [{"role": "<|im_start|>", "content": "hi"}]}}, "role"),
 ])
 def test_bad_requests_get_invalid_argument_naming_the_field(cluster, request_kwargs, field):
     from pdserve.proto import generation_pb2 as pb
