@@ -5,7 +5,11 @@ transformers loads the same GGUF file on its own (its own dequantization and q/k
 checked against an independent implementation.
 """
 
+import contextlib
 import os
+import shutil
+import subprocess
+import urllib.parse
 
 import pytest
 import torch
@@ -32,6 +36,29 @@ def basic_cluster(tmp_path_factory) -> RunningCluster:
     running = start_cluster(str(tmp_path_factory.mktemp("basic")), BASIC_CLUSTER)
     yield running
     stop_cluster(running)
+
+
+@contextlib.contextmanager
+def cluster_with_spare_redis(state_dir: str, config: dict):
+    """A local cluster, and a way for its tests to start an empty redis-server on its Redis port once they have
+    killed the cluster's own: yields (cluster, start_empty_redis); every one started is stopped after the cluster."""
+    running = start_cluster(state_dir, config)
+    started: list[subprocess.Popen] = []
+
+    def start_empty_redis() -> None:
+        port = urllib.parse.urlparse(running.state()["redis_url"]).port
+        started.append(subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                                         "--save", "", "--appendonly", "no"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    try:
+        yield running, start_empty_redis
+    finally:
+        try:
+            stop_cluster(running)
+        finally:
+            for process in started:
+                process.kill()
 
 
 @pytest.fixture(scope="session")

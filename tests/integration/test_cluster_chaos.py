@@ -11,18 +11,15 @@ again from the workers' heartbeats.
 
 import asyncio
 import os
-import shutil
 import signal
-import subprocess
 import time
-import urllib.parse
 
 import pytest
 
-from pdserve.bench.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
 from pdserve.engine import SamplingParams
 
+from .conftest import cluster_with_spare_redis
 from .test_smollm2_oracle import PROMPTS as ALL_PROMPTS
 
 PROMPTS = [p for p in ALL_PROMPTS if p.messages is None or len(p.messages[0].content) < 1000]
@@ -40,19 +37,15 @@ SAMPLING = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 RUN_DEADLINE_S = 600
 
 
-STARTED_REDIS: list[subprocess.Popen] = []
-"""redis-servers a test started in place of the cluster's own; stopped after the cluster."""
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    running = start_cluster(str(tmp_path_factory.mktemp("chaos")), CONFIG)
-    yield running
-    try:
-        stop_cluster(running)
-    finally:
-        for process in STARTED_REDIS:
-            process.kill()
+def cluster_and_redis(tmp_path_factory):
+    with cluster_with_spare_redis(str(tmp_path_factory.mktemp("chaos")), CONFIG) as both:
+        yield both
+
+
+@pytest.fixture
+def cluster(cluster_and_redis):
+    return cluster_and_redis[0]
 
 
 def kill_one(cluster, role: str) -> str:
@@ -103,21 +96,20 @@ def test_killing_a_decode_then_a_prefill_worker_loses_no_request(cluster, engine
     assert all(w["used"] == 0 and w["running"] == 0 for w in workers.values()), workers
 
 
-def restart_redis_empty(cluster) -> subprocess.Popen:
-    """SIGKILL the cluster's redis-server and start an empty one on its port (the test stops it)."""
-    state = cluster.state()
-    port = urllib.parse.urlparse(state["redis_url"]).port
-    os.kill(state["redis_pid"], signal.SIGKILL)
+def restart_redis_empty(cluster, start_empty_redis) -> None:
+    """SIGKILL the cluster's redis-server and start an empty one on its port."""
+    os.kill(cluster.state()["redis_pid"], signal.SIGKILL)
     time.sleep(1.0)  # a heartbeat or two fails meanwhile
-    return subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start_empty_redis()
 
 
 REDIS_SAMPLING = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
 
-def test_redis_restart_loses_no_accepted_request(cluster, engine):
-    """Redis is killed once every stream has its first tokens and none has finished: all 12 are in flight."""
+def test_redis_restart_loses_no_accepted_request(cluster_and_redis, engine):
+    """Redis is killed once every stream has its first tokens and none has finished: all 12 are in flight; an
+    empty one starts on its port a second later."""
+    cluster, start_empty_redis = cluster_and_redis
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
     expected = [r.token_ids for r in engine.generate(prompts, REDIS_SAMPLING)]
     progress = [0] * len(prompts)
@@ -134,7 +126,7 @@ def test_redis_restart_loses_no_accepted_request(cluster, engine):
         while min(progress) < 2:
             await asyncio.sleep(0.02)
         in_flight_at_restart.append(sum(1 for p in progress if p < REDIS_SAMPLING.max_tokens))
-        STARTED_REDIS.append(await asyncio.to_thread(restart_redis_empty, cluster))
+        await asyncio.to_thread(restart_redis_empty, cluster, start_empty_redis)
 
     async def go():
         async with Client(cluster.address, timeout_s=RUN_DEADLINE_S) as c:

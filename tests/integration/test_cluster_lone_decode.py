@@ -18,18 +18,17 @@ never served, and the cluster stayed unhealthy for minutes)."""
 
 import asyncio
 import os
-import shutil
 import signal
-import subprocess
 import time
 import urllib.parse
 import urllib.request
 
 import pytest
 
-from pdserve.bench.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
 from pdserve.engine import Prompt, SamplingParams
+
+from .conftest import cluster_with_spare_redis
 
 pytestmark = pytest.mark.model
 
@@ -45,19 +44,15 @@ KILL_AFTER_TOKENS = 10
 RUN_DEADLINE_S = 300
 
 
-STARTED_REDIS: list[subprocess.Popen] = []
-"""The redis-server a test started in place of the cluster's own; stopped after the cluster."""
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    running = start_cluster(str(tmp_path_factory.mktemp("lone-decode")), CONFIG)
-    yield running
-    try:
-        stop_cluster(running)
-    finally:
-        for process in STARTED_REDIS:
-            process.kill()
+def cluster_and_redis(tmp_path_factory):
+    with cluster_with_spare_redis(str(tmp_path_factory.mktemp("lone-decode")), CONFIG) as both:
+        yield both
+
+
+@pytest.fixture
+def cluster(cluster_and_redis):
+    return cluster_and_redis[0]
 
 
 def test_the_only_decode_worker_killed_mid_stream_loses_no_request(cluster, engine):
@@ -119,7 +114,8 @@ def test_a_hung_redis_stalls_neither_streams_nor_health(cluster, engine):
           f"{max(gaps):.2f} s")
 
 
-def test_a_decode_worker_replaced_while_redis_is_down_serves_at_once(cluster, engine):
+def test_a_decode_worker_replaced_while_redis_is_down_serves_at_once(cluster_and_redis, engine):
+    cluster, start_empty_redis = cluster_and_redis
     decode_id, decode = next((i, w) for i, w in cluster.workers().items() if w["role"] == "decode")
     state = cluster.state()
     os.kill(state["redis_pid"], signal.SIGKILL)
@@ -129,10 +125,7 @@ def test_a_decode_worker_replaced_while_redis_is_down_serves_at_once(cluster, en
     outputs = run_streams(cluster, lambda: None, "redis-down")
     served_after_s = time.monotonic() - killed_at
     assert outputs == expected_outputs(engine)
-    port = urllib.parse.urlparse(state["redis_url"]).port
-    STARTED_REDIS.append(subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                                           "--save", "", "--appendonly", "no"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    start_empty_redis()
     assert_replaced_and_idle(cluster, decode_id)
     print(f"8 new streams served {served_after_s:.1f} s after the kill, with Redis down")
 
