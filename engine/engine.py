@@ -30,6 +30,7 @@ from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.detokenizer import Detokenizer, Finish
+from pdserve.engine.grammar_state import GrammarState, Grammars
 from pdserve.engine.fingerprint import model_fingerprint
 from pdserve.engine.hardware import hardware
 from pdserve.engine.kv_cache import KVCache
@@ -102,8 +103,11 @@ class Engine:
         self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
         self.eos_token_ids = self._eos_ids()
+        self.grammars = Grammars(self.tokenizer.hf, self.model_config.vocab_size) if self.tokenizer else None
+        """Structured output's masks (a model with a tokenizer only)."""
         if isinstance(self.runner, ModelRunner):
             self.runner.sampler.eos_token_ids = self.eos_token_ids
+            self.runner.sampler.grammars = self.grammars
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, Detokenizer] = {}
         self._order = itertools.count()
@@ -325,6 +329,8 @@ class Engine:
                           resumed_tokens=resumed_tokens)
         if sampling.prompt_logprobs is not None and computes_prompt:
             request.prompt_logprobs = [None] * len(token_ids)
+        if sampling.structured_output is not None:
+            request.grammar = self._start_grammar(sampling, token_ids[len(token_ids) - resumed_tokens:])
         detokenizer = Detokenizer(self.tokenizer, sampling, self.eos_token_ids)
         if resumed_tokens:
             detokenizer.replay(token_ids[len(token_ids) - resumed_tokens:])
@@ -343,6 +349,9 @@ class Engine:
                                or request.num_tokens >= self.max_model_len):
             finish = Finish(FinishReason.LENGTH)
             delta += detok.flush()
+        if request.grammar is not None and finish is None:
+            finish = self._follow_grammar(request, token_id)
+            delta += detok.flush() if finish is not None else ""
         picked = (logprobs,) if logprobs is not None else ()
         if finish is not None:
             return self._finish(request, finish, (token_id,), delta, picked)
@@ -350,6 +359,23 @@ class Engine:
             self.scheduler.hold(request)
             return self._output(request, (token_id,), delta, Finish(FinishReason.PREFILLED), picked)
         return self._output(request, (token_id,), delta, None, picked)
+
+    def _start_grammar(self, sampling: SamplingParams, resumed: Sequence[int]) -> GrammarState:
+        structured = sampling.structured_output
+        if self.grammars is None:
+            raise RequestError(f"{structured.field}: this model has no tokenizer, so no structured output")
+        try:
+            return self.grammars.start(structured, resumed)
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+
+    def _follow_grammar(self, request: Request, token_id: int) -> Finish | None:
+        """Advance the request's grammar by its new token: STOP once the grammar is complete."""
+        if not request.grammar.accept(token_id):  # the mask allowed it, so this is a bug: end, keep the worker
+            log.error("request %s: token %d breaks its structured output (%s); stopping it", request.request_id,
+                      token_id, request.grammar.error)
+            return Finish(FinishReason.STOP)
+        return Finish(FinishReason.STOP) if request.grammar.complete else None
 
     def _finish(self, request: Request, finish: Finish, new: tuple[int, ...], delta: str,
                 logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:

@@ -76,7 +76,8 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, sample_chunks: tuple[ScheduledChunk, ...]) -> dict[str, Sampled]:
         """logits: [N, V] raw, one row per sampling chunk."""
         tokens = self.sampler.sample(logits, [c.sampling for c in sample_chunks],
-                                     [c.output_index for c in sample_chunks], [c.history for c in sample_chunks])
+                                     [c.output_index for c in sample_chunks], [c.history for c in sample_chunks],
+                                     [c.grammar for c in sample_chunks])
         sampled = {c.request_id: Sampled(t) for c, t in zip(sample_chunks, tokens)}
         asking = [i for i, c in enumerate(sample_chunks) if c.sampling.logprobs is not None]
         if asking:  # from the raw logits: `sample` adjusted a copy

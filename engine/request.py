@@ -15,6 +15,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 
+from pdserve.engine.grammar_state import GrammarState
 from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -130,6 +131,8 @@ class Request:
     resumed_tokens: int = 0
     """A request resumed after a worker failed: its prompt ends with this many tokens of output the client already
     has. They count as output for seeded sampling's positions and for the text (see `Engine.add_request`)."""
+    grammar: GrammarState | None = None
+    """Where the output is in its structured-output grammar (`SamplingParams.structured_output`), else None."""
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,5 +1,6 @@
 """Pick each request's next token from its logits: greedy, or temperature with top-k, top-p and min-p, after the
-changes its parameters make to the logits (penalties, bias, allowed tokens, min_tokens: `engine.logits_adjust`).
+changes its parameters make to the logits (penalties, bias, allowed tokens, min_tokens: `engine.logits_adjust`) and
+its structured-output grammar's mask (`engine.grammar_state`).
 
 Greedy rows take the argmax together; sampled rows are filtered together and draw together from the engine's shared
 generator, except a request with a seed: it draws from its own generator, seeded from (seed, output position), so the
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pdserve.engine.grammar_state import GrammarState, Grammars, mask_rows
 from pdserve.engine.logits_adjust import TokenHistory, adjust_logits
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -64,13 +66,23 @@ class Sampler:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.eos_token_ids: tuple[int, ...] = ()
         """The model's end tokens, masked until a request has its `min_tokens` (the engine sets them)."""
+        self.grammars: Grammars | None = None
+        """Masks for rows with structured output (the engine sets it when the model has a tokenizer)."""
 
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams], output_positions: Sequence[int],
-               histories: Sequence[TokenHistory | None] | None = None) -> list[int]:
-        """logits: [N, V] fp32; one SamplingParams, output position and token history (for penalties; None where
-        none asks) per row -> N token ids (one host sync)."""
+               histories: Sequence[TokenHistory | None] | None = None,
+               grammars: Sequence[GrammarState | None] | None = None) -> list[int]:
+        """logits: [N, V] fp32; one SamplingParams, output position, token history (for penalties) and grammar
+        state (for structured output) per row, None where a row has none -> N token ids (one host sync)."""
         histories = histories if histories is not None else [None] * len(params)
+        raw = logits
         logits = adjust_logits(logits, params, output_positions, histories, self.eos_token_ids)
+        guided = [i for i, g in enumerate(grammars or ()) if g is not None]
+        if guided:
+            index = torch.tensor(guided, device=logits.device)
+            allowed = self.grammars.allowed_tokens([grammars[i] for i in guided], logits.device)  # [G, V]
+            logits = logits.clone() if logits is raw else logits
+            logits[index] = mask_rows(logits[index], raw[index], allowed)
         tokens = logits.argmax(dim=-1)  # [N]
         rows = [row for row, p in enumerate(params) if not p.greedy]
         if rows:

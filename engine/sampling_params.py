@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pdserve.engine.structured_output import StructuredOutput
 
 GREEDY_BELOW = 1e-5
 
@@ -53,6 +57,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """Report each prompt token's logprob (given the tokens before it; the first has none) and this many
     alternatives. Such a request computes its whole prompt (no prefix cache)."""
+    structured_output: StructuredOutput | None = None
+    """What the output must match (a JSON schema, a regex, a choice, a grammar): tokens that would break it are
+    masked before sampling, and the request stops when it is complete (`engine.structured_output`)."""
 
     def __post_init__(self) -> None:
         for name in ("stop", "stop_token_ids"):
@@ -100,6 +107,10 @@ class SamplingParams:
                 raise SamplingError(f"{name}: must be an integer in [0, 20], got {value!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
             raise SamplingError(f"allowed_token_ids: must be non-negative integers, got {self.allowed_token_ids!r}")
+        from pdserve.engine.structured_output import StructuredOutput
+
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise SamplingError(f"structured_output: expected StructuredOutput, got {self.structured_output!r}")
 
     @property
     def adjusts_logits(self) -> bool:

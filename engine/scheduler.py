@@ -27,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from pdserve.engine.block_manager import BlockManager, blocks_for
+from pdserve.engine.grammar_state import GrammarState
 from pdserve.engine.logits_adjust import TokenHistory
 from pdserve.engine.prefix_hash import ROOT, block_hashes, shareable_blocks
 from pdserve.engine.request import Request, RequestStatus
@@ -51,6 +52,8 @@ class ScheduledChunk:
     prompt_targets: tuple[int, ...] = ()
     """For a request that asks for prompt logprobs: the prompt tokens its first rows predict (the token after each
     position, as far as the prompt goes)."""
+    grammar: GrammarState | None = None
+    """A sampling chunk's structured-output state (it masks the logits); else None."""
 
     @property
     def context_len(self) -> int:
@@ -246,6 +249,7 @@ class Scheduler:
             else None,
             prompt_targets=request.prompt_token_ids[start + 1:start + count + 1]
             if request.sampling.prompt_logprobs is not None else (),
+            grammar=request.grammar if start + count == request.num_tokens else None,
         )
 
 

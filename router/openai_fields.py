@@ -44,9 +44,8 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "chat_template": (),
     "chat_template_kwargs": ({},),
     "documents": ([],),
-    # structured output (vLLM's and the older guided_* names)
-    "structured_outputs": ({},),
-    "guided_json": (), "guided_regex": (), "guided_choice": ([],), "guided_grammar": (), "guided_decoding_backend": (),
+    # structured output: which engine serves it (we have one)
+    "guided_decoding_backend": (),
     # OpenAI's own, for features we do not offer
     "tool_choice": ("none", "auto"),
     "functions": ([],),

@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
 from pdserve.engine.logprobs import MAX_TOP_LOGPROBS
 from pdserve.proto import generation_pb2 as pb
 from pdserve.router.openai_fields import FieldRefused, refuse_unhonoured
+from pdserve.router.openai_structured import GUIDED_FIELDS, StructuredFieldError, structured_output
 
 MAX_CHOICES = 64
 """Prompts x n of one request; more is refused (each choice is a request on the cluster)."""
@@ -109,6 +110,14 @@ class _Common(BaseModel):
     ignore_eos: bool = False  # vLLM's extension
     stop_token_ids: list[TokenId] | None = None  # vLLM's extension
     return_token_ids: bool = False  # vLLM's extension: each choice (and stream chunk) carries its token ids
+    _structured: pb.StructuredOutput | None = PrivateAttr(default=None)
+    # structured output (`openai_structured`): OpenAI's, vLLM's, and vLLM's older names
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def refuse_unsupported(self) -> None:
         """Features that would change the output and that we do not offer: refused, naming the field."""
@@ -121,6 +130,14 @@ class _Common(BaseModel):
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:
             raise unsupported("stream_options.continuous_usage_stats", "not supported; usage comes in the last "
                               "chunk (include_usage)")
+        self._structured = self._structured_output()
+
+    def _structured_output(self) -> pb.StructuredOutput | None:
+        guided = {name: getattr(self, name) for name in GUIDED_FIELDS if getattr(self, name) is not None}
+        try:
+            return structured_output(self.response_format, self.structured_outputs, guided)
+        except StructuredFieldError as e:
+            raise OpenAIError(400, str(e), param=e.field) from e
 
     @property
     def include_usage(self) -> bool:
@@ -144,6 +161,8 @@ class _Common(BaseModel):
             s.prompt_logprobs = self.prompt_logprobs_asked
         for token, bias in self._logit_bias().items():
             s.logit_bias[token] = bias
+        if self._structured is not None:
+            s.structured_output.CopyFrom(self._structured)
         return s
 
     def _logit_bias(self) -> dict[int, float]:
@@ -239,7 +258,6 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: _integer(0, MAX_TOP_LOGPROBS) | None = None
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
     def generate_requests(self) -> list[pb.GenerateRequest]:
         self.refuse_unsupported()
@@ -247,8 +265,6 @@ class ChatCompletionRequest(_Common):
             raise OpenAIError(400, "top_logprobs: only allowed with logprobs: true", param="top_logprobs")
         if self.tools:
             raise unsupported("tools", "tool calling is not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", "only {\"type\": \"text\"} is supported")
         _check_choices(self.n)
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         messages = pb.ChatMessages(messages=[

@@ -14,6 +14,7 @@ from pdserve.engine.engine import context_length
 from pdserve.engine.model_source import resolve_engine_model
 from pdserve.engine.request import Message, Prompt, PromptError
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
+from pdserve.engine.structured_output import GuideKind, StructuredOutput
 from pdserve.engine.tokenizer import Tokenizer, load_tokenizer, tokenize_prompt
 from pdserve.engine.weights import read_model_config
 from pdserve.proto import generation_pb2 as pb
@@ -62,7 +63,7 @@ class RequestBuilder:
         self._check_length(request)
         try:
             token_ids = tokenize_prompt(_prompt(request), self.tokenizer, self.vocab_size)
-            sampling = _sampling(request.sampling if request.HasField("sampling") else pb.SamplingParams())
+            sampling = sampling_params(request.sampling if request.HasField("sampling") else pb.SamplingParams())
         except (PromptError, SamplingError) as e:
             raise InvalidRequest(str(e)) from e
         for name, ids in (("stop_token_ids", sampling.stop_token_ids),
@@ -122,7 +123,7 @@ def _prompt(request: pb.GenerateRequest) -> Prompt:
     raise PromptError("prompt: give one of text, messages or token_ids")
 
 
-def _sampling(s: pb.SamplingParams) -> SamplingParams:
+def sampling_params(s: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
         max_tokens=s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
         temperature=s.temperature if s.HasField("temperature") else 1.0,
@@ -137,4 +138,17 @@ def _sampling(s: pb.SamplingParams) -> SamplingParams:
         min_p=s.min_p if s.HasField("min_p") else 0.0,
         logit_bias=tuple(sorted(s.logit_bias.items())), allowed_token_ids=tuple(s.allowed_token_ids),
         logprobs=s.logprobs if s.HasField("logprobs") else None,
-        prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None)
+        prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
+        structured_output=structured_output(s.structured_output) if s.HasField("structured_output") else None)
+
+
+def structured_output(s: pb.StructuredOutput) -> StructuredOutput | None:
+    """Raises StructuredOutputError (a SamplingError) naming the field when the spec is invalid."""
+    which = s.WhichOneof("kind")
+    if which is None or (which == "json_object" and not s.json_object):
+        return None
+    if which == "choice":
+        return StructuredOutput(GuideKind.CHOICE, choices=tuple(s.choice.choices))
+    kind = {"json_schema": GuideKind.JSON, "json_object": GuideKind.JSON_OBJECT, "regex": GuideKind.REGEX,
+            "grammar": GuideKind.GRAMMAR}[which]
+    return StructuredOutput(kind, "" if kind is GuideKind.JSON_OBJECT else getattr(s, which))

@@ -31,7 +31,7 @@ from pdserve.router.http_serving import start_http
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.openai_protocol import MAX_CHOICES
 from pdserve.router.orchestrator import Piece
-from pdserve.router.request_builder import InvalidRequest, ValidRequest
+from pdserve.router.request_builder import InvalidRequest, ValidRequest, sampling_params
 from pdserve.router.timings import Timings
 
 MODEL = "fake-model"
@@ -88,18 +88,7 @@ class FakeBuilder:
             token_ids = tuple(request.text.encode())
         if not token_ids:
             raise InvalidRequest("prompt: must not be empty")
-        s = request.sampling
-        sampling = SamplingParams(max_tokens=s.max_tokens if s.HasField("max_tokens") else 16,
-                                  temperature=s.temperature if s.HasField("temperature") else 1.0,
-                                  stop=tuple(s.stop), ignore_eos=s.ignore_eos,
-                                  seed=s.seed if s.HasField("seed") else None,
-                                  presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-                                  repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
-                                  min_tokens=s.min_tokens, min_p=s.min_p,
-                                  logit_bias=tuple(sorted(s.logit_bias.items())),
-                                  allowed_token_ids=tuple(s.allowed_token_ids),
-                                  logprobs=s.logprobs if s.HasField("logprobs") else None,
-                                  prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None)
+        sampling = sampling_params(request.sampling)
         total = len(token_ids) + sampling.max_tokens
         if total > CONTEXT:
             raise InvalidRequest(f"sampling.max_tokens: prompt ({len(token_ids)} tokens) + max_tokens "
@@ -440,7 +429,6 @@ def test_a_body_that_is_not_json_is_a_400():
     ("/v1/completions", {"best_of": 3}, "best_of"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_unsupported_features_are_refused_naming_them(path, extra, name):
     orchestrator = FakeOrchestrator()

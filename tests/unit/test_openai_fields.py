@@ -19,7 +19,7 @@ def post(path: str, extra: dict):
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("field, value", [
     ("use_beam_search", True), ("length_penalty", 0.5),
-    ("structured_outputs", {"regex": "[a-z]+"}), ("guided_json", {"type": "object"}),
+    ("guided_decoding_backend", "xgrammar"), ("guided_whitespace_pattern", " "),
     ("truncate_prompt_tokens", 8), ("include_stop_str_in_output", True), ("skip_special_tokens", False),
     ("bad_words", ["x"]), ("priority", 5), ("continue_final_message", True), ("echo_everything", 1),
     ("maxtokens", 3), ("use_beam_search", 0), ("length_penalty", True),
