@@ -30,8 +30,8 @@ from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.detokenizer import Detokenizer, Finish
-from pdserve.engine.grammar_state import GrammarState, Grammars
 from pdserve.engine.fingerprint import model_fingerprint
+from pdserve.engine.grammar_state import Grammars, GrammarState
 from pdserve.engine.hardware import hardware
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.logprobs import TokenLogprobs

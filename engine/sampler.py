@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pdserve.engine.grammar_state import GrammarState, Grammars, mask_rows
+from pdserve.engine.grammar_state import Grammars, GrammarState, mask_rows
 from pdserve.engine.logits_adjust import TokenHistory, adjust_logits
 from pdserve.engine.sampling_params import SamplingParams
 
