@@ -55,6 +55,7 @@ import grpc
 
 from pdserve.engine.request import Prompt
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.structured_output import GuideKind, StructuredOutput
 from pdserve.proto import generation_pb2 as pb
 from pdserve.proto import generation_pb2_grpc as pb_grpc
 
@@ -97,6 +98,8 @@ def build_request(prompt: Prompt | str, sampling: SamplingParams | None = None,
         s.prompt_logprobs = sampling.prompt_logprobs
     if sampling.seed is not None:
         s.seed = sampling.seed
+    if sampling.structured_output is not None:
+        s.structured_output.CopyFrom(structured_output_message(sampling.structured_output))
     request = pb.GenerateRequest(request_id=request_id, sampling=s)
     if prompt.text is not None:
         request.text = prompt.text
@@ -105,6 +108,16 @@ def build_request(prompt: Prompt | str, sampling: SamplingParams | None = None,
     else:
         request.token_ids.ids.extend(prompt.token_ids)
     return request
+
+
+def structured_output_message(structured: StructuredOutput) -> pb.StructuredOutput:
+    kind = structured.kind
+    if kind is GuideKind.JSON_OBJECT:
+        return pb.StructuredOutput(json_object=True)
+    if kind is GuideKind.CHOICE:
+        return pb.StructuredOutput(choice=pb.Choices(choices=structured.choices))
+    field = {GuideKind.JSON: "json_schema", GuideKind.REGEX: "regex", GuideKind.GRAMMAR: "grammar"}[kind]
+    return pb.StructuredOutput(**{field: structured.spec})
 
 
 def new_request_id() -> str:

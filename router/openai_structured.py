@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pdserve.client import structured_output_message
 from pdserve.engine.structured_output import GuideKind, StructuredOutput, StructuredOutputError
 from pdserve.proto import generation_pb2 as pb
 
@@ -55,7 +56,7 @@ def structured_output(response_format: dict[str, Any] | None, structured_outputs
     ) if spec is not None]
     if len(asked) > 1:
         raise StructuredFieldError(asked[1][0], f"give one structured output, not {' and '.join(n for n, _ in asked)}")
-    return _as_proto(asked[0][1]) if asked else None
+    return structured_output_message(asked[0][1]) if asked else None
 
 
 def _from_response_format(value: dict[str, Any] | None) -> StructuredOutput | None:
@@ -111,13 +112,3 @@ def _checked(field: str, kind: GuideKind, spec: str = "", choices: tuple[str, ..
         return StructuredOutput(kind, spec, choices)
     except StructuredOutputError as e:
         raise StructuredFieldError(field, e.why) from e
-
-
-def _as_proto(structured: StructuredOutput) -> pb.StructuredOutput:
-    kind = structured.kind
-    if kind is GuideKind.JSON_OBJECT:
-        return pb.StructuredOutput(json_object=True)
-    if kind is GuideKind.CHOICE:
-        return pb.StructuredOutput(choice=pb.Choices(choices=structured.choices))
-    field = {GuideKind.JSON: "json_schema", GuideKind.REGEX: "regex", GuideKind.GRAMMAR: "grammar"}[kind]
-    return pb.StructuredOutput(**{field: structured.spec})
