@@ -3,16 +3,19 @@
 Life of a request's state: `Grammars.start` builds it when the engine takes the request, on every worker that holds
 it, and feeds it the output the request already has (the first token on a decode worker, sampled by the prefill
 worker; a resumed request's tokens after a migration). So the state itself never travels: the spec and the tokens
-do, and rebuilding from them puts each worker exactly where the last one stopped. Each step the sampler asks
-`allowed_tokens` for the rows that have a state (one call, masks computed in parallel by llguidance's executor);
-each token the engine appends goes through `GrammarState.accept`; when the grammar can take nothing more
+do, and rebuilding from them puts each worker exactly where the last one stopped. Each step the model runner calls
+`begin_masks` for the rows that have a state before the model's forward pass; the masks are computed on the grammar
+thread meanwhile (rows in parallel, by llguidance's executor) and the sampler sets forbidden tokens to -inf. Each
+token the engine appends goes through `GrammarState.accept`; when the grammar can take nothing more
 (`GrammarState.complete`) the request stops, as at EOS.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -50,6 +53,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self._tokenizer = None
         self._executor = None
+        self._thread: ThreadPoolExecutor | None = None
 
     def start(self, structured: StructuredOutput, tokens: Sequence[int] = ()) -> GrammarState:
         """A state at the start of the output, advanced by `tokens`. Raises ValueError if they do not follow it."""
@@ -62,16 +66,20 @@ class Grammars:
             raise ValueError(f"{structured.field}: the output so far does not follow it ({state.error})")
         return state
 
-    def allowed_tokens(self, states: Sequence[GrammarState], device: torch.device) -> torch.Tensor:
-        """[R, V] bool: which tokens each state allows next."""
+    def begin_masks(self, states: Sequence[GrammarState]) -> PendingMasks:
+        """Start computing which tokens each state allows next, on the grammar thread (llguidance drops the GIL): the
+        runner calls this before the model's forward pass, so the two overlap."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        return PendingMasks(self._thread.submit(self._allowed, list(states)))
+
+    def _allowed(self, states: list[GrammarState]) -> torch.Tensor:
+        """[R, V] bool on the host."""
         from llguidance.torch import fill_next_token_bitmask_par
 
-        words = (self.vocab_size + 31) // 32
-        bitmask = torch.zeros((len(states), words), dtype=torch.int32)  # [R, W], bit b of word w is token 32w + b
+        bitmask = torch.zeros((len(states), (self.vocab_size + 31) // 32), dtype=torch.int32)
         fill_next_token_bitmask_par(self._llg_executor(), [(s.matcher, i) for i, s in enumerate(states)], bitmask)
-        bitmask = bitmask.to(device, non_blocking=True)
-        bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1  # [R, W, 32]
-        return bits.reshape(len(states), words * 32)[:, :self.vocab_size].bool()
+        return unpack(bitmask, self.vocab_size)
 
     def _llg_tokenizer(self):
         if self._tokenizer is None:
@@ -89,12 +97,36 @@ class Grammars:
         return self._executor
 
 
-def mask_rows(logits: torch.Tensor, raw: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """logits: [R, V] adjusted, raw: [R, V] before the adjustments, allowed: [R, V] -> [R, V] with forbidden tokens at
-    -inf. A row the adjustments and the grammar together leave empty (`min_tokens` hides EOS where the grammar wants
-    only EOS) follows the grammar alone: the grammar wins."""
-    masked = logits.masked_fill(~allowed, float("-inf"))
-    empty = ~torch.isfinite(masked).any(dim=-1)  # [R]
-    if bool(empty.any()):
-        masked[empty] = raw[empty].masked_fill(~allowed[empty], float("-inf"))
-    return masked
+class PendingMasks:
+    """A step's grammar masks, being computed (`Grammars.begin_masks`)."""
+
+    def __init__(self, allowed: Future) -> None:
+        self._allowed = allowed
+
+    def allowed(self, device: torch.device) -> torch.Tensor:
+        """[R, V] bool (waits for the computation)."""
+        return self._allowed.result().to(device, non_blocking=True)
+
+
+def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bitmask: [R, W] int32, bit b of word w for token 32w + b -> [R, V] bool. The words are little-endian, so bit
+    i of byte j is token 8j + i: one lookup per byte."""
+    bits = _bits_of_bytes()[bitmask.view(torch.uint8).long()]  # [R, 4W, 8]
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size]
+
+
+@functools.cache
+def _bits_of_bytes() -> torch.Tensor:
+    """[256, 8] bool: row n holds the bits of n, lowest first."""
+    return ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
+
+
+def mask_rows(logits: torch.Tensor, raw: torch.Tensor, allowed: torch.Tensor, adjusted: Sequence[int]) -> None:
+    """logits: [R, V] after the adjustments, raw: [R, V] before them, allowed: [R, V]; `adjusted`: the rows whose
+    adjustments may have masked tokens. Sets forbidden tokens to -inf in place. An adjusted row that the adjustments
+    and the grammar together leave empty (`min_tokens` hides EOS where the grammar wants only EOS) follows the grammar
+    alone: the grammar wins."""
+    logits.masked_fill_(~allowed, float("-inf"))
+    for row in adjusted:
+        if not bool(torch.isfinite(logits[row]).any()):
+            logits[row] = raw[row].masked_fill(~allowed[row], float("-inf"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.grammar_state import PendingMasks
 from pdserve.engine.kv_cache import AttentionMetadata, DecodeGroup, KVCache, PagedBatch, PrefillSegment
 from pdserve.engine.logprobs import Sampled, StepResult, TokenLogprobs, logprobs_of
 from pdserve.engine.model import LlamaModel
@@ -48,17 +49,24 @@ class ModelRunner:
         chunks that ask for them."""
         prompt_logprobs = {}
         if self.graphs is not None and self.graphs.serves(chunks):
+            masks = self._begin_masks(chunks)
             logits = self.graphs.run(chunks)  # [B, V], every chunk samples
             sample_chunks = chunks
         else:
             step = self.prepare(chunks)
+            masks = self._begin_masks(step.sample_chunks)
             hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.meta)  # [T, hidden]
             prompt_logprobs = self._prompt_logprobs(chunks, hidden, step.first_rows)
             if not step.sample_chunks:
                 return StepResult({}, prompt_logprobs)
             logits = self.model.logits(hidden[step.sample_rows])  # [N, V]
             sample_chunks = step.sample_chunks
-        return StepResult(self._sample(logits, sample_chunks), prompt_logprobs)
+        return StepResult(self._sample(logits, sample_chunks, masks), prompt_logprobs)
+
+    def _begin_masks(self, sample_chunks: tuple[ScheduledChunk, ...]) -> PendingMasks | None:
+        """Structured output's masks, computed on the grammar thread while the model runs."""
+        states = [c.grammar for c in sample_chunks if c.grammar is not None]
+        return self.sampler.grammars.begin_masks(states) if states else None
 
     def _prompt_logprobs(self, chunks: tuple[ScheduledChunk, ...], hidden: torch.Tensor,
                          first_rows: dict[str, int]) -> dict[str, tuple[TokenLogprobs, ...]]:
@@ -73,11 +81,12 @@ class ModelRunner:
                                                             [chunk.sampling.prompt_logprobs] * len(logits)))
         return found
 
-    def _sample(self, logits: torch.Tensor, sample_chunks: tuple[ScheduledChunk, ...]) -> dict[str, Sampled]:
-        """logits: [N, V] raw, one row per sampling chunk."""
+    def _sample(self, logits: torch.Tensor, sample_chunks: tuple[ScheduledChunk, ...],
+                masks: PendingMasks | None = None) -> dict[str, Sampled]:
+        """logits: [N, V] raw, one row per sampling chunk; `masks`: those of its chunks with a grammar, in order."""
         tokens = self.sampler.sample(logits, [c.sampling for c in sample_chunks],
                                      [c.output_index for c in sample_chunks], [c.history for c in sample_chunks],
-                                     [c.grammar for c in sample_chunks])
+                                     [c.grammar for c in sample_chunks], masks)
         sampled = {c.request_id: Sampled(t) for c, t in zip(sample_chunks, tokens)}
         asking = [i for i, c in enumerate(sample_chunks) if c.sampling.logprobs is not None]
         if asking:  # from the raw logits: `sample` adjusted a copy

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pdserve.engine.grammar_state import Grammars, GrammarState, mask_rows
+from pdserve.engine.grammar_state import Grammars, GrammarState, PendingMasks, mask_rows
 from pdserve.engine.logits_adjust import TokenHistory, adjust_logits
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -71,18 +71,22 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams], output_positions: Sequence[int],
                histories: Sequence[TokenHistory | None] | None = None,
-               grammars: Sequence[GrammarState | None] | None = None) -> list[int]:
+               grammars: Sequence[GrammarState | None] | None = None, masks: PendingMasks | None = None) -> list[int]:
         """logits: [N, V] fp32; one SamplingParams, output position, token history (for penalties) and grammar
-        state (for structured output) per row, None where a row has none -> N token ids (one host sync)."""
+        state (for structured output) per row, None where a row has none -> N token ids (one host sync). `masks`:
+        the grammar rows' masks, begun before the forward pass (`Grammars.begin_masks`); else computed here."""
         histories = histories if histories is not None else [None] * len(params)
         raw = logits
         logits = adjust_logits(logits, params, output_positions, histories, self.eos_token_ids)
         guided = [i for i, g in enumerate(grammars or ()) if g is not None]
         if guided:
             index = torch.tensor(guided, device=logits.device)
-            allowed = self.grammars.allowed_tokens([grammars[i] for i in guided], logits.device)  # [G, V]
+            masks = masks or self.grammars.begin_masks([grammars[i] for i in guided])
+            allowed = masks.allowed(logits.device)  # [G, V]
+            rows = logits[index]  # [G, V], a copy
+            mask_rows(rows, raw[index], allowed, [j for j, i in enumerate(guided) if params[i].adjusts_logits])
             logits = logits.clone() if logits is raw else logits
-            logits[index] = mask_rows(logits[index], raw[index], allowed)
+            logits[index] = rows
         tokens = logits.argmax(dim=-1)  # [N]
         rows = [row for row, p in enumerate(params) if not p.greedy]
         if rows:
