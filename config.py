@@ -189,6 +189,9 @@ class Router:
     prefill worker with the fewest queued prompt tokens. "kv_aware" (with engine.prefix_caching): the same, weighed
     against the leading blocks of the prompt each worker holds in its prefix cache, as the workers' cache events
     tell (router/policy.py has the cost). A prompt no worker holds any of is routed as with "load"."""
+    low_priority_limit: int = 8
+    """Low-priority requests (priority above 0: the Batch API's, or a client's `priority`) this router lets through
+    to workers at once, and only while no online request waits here for a worker (router/priority_gate.py)."""
     cache_weight: float = 1.0
     """KV-aware routing's weight of cache misses against load. Prefill cost: queued prompt tokens + cache_weight x
     the prompt tokens that worker would compute. Decode cost: the share of its KV blocks in use + cache_weight x the
@@ -205,6 +208,7 @@ class Router:
             if value is not None and not 0 < value < 65536:
                 raise ConfigError(f"{name}: must be a port number (1-65535), got {value!r}")
         _at_least("max_waiting", self.max_waiting, 1)
+        _at_least("low_priority_limit", self.low_priority_limit, 1)
         _at_least("max_body_bytes", self.max_body_bytes, 1024)
         _at_least("worker_wait_s", self.worker_wait_s, 0)
         _at_least("max_connections", self.max_connections, 16)

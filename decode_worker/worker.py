@@ -190,7 +190,8 @@ class DecodeWorker:
 
     # ---- on the engine thread --------------------------------------------------------------------------------
     def _reserve(self, engine: Engine, task: DecodeTask, tag: int) -> Reservation | None:
-        blocks = engine.reserve_remote(task.request_id, task.token_ids, task.sampling, task.resumed_tokens)
+        blocks = engine.reserve_remote(task.request_id, task.token_ids, task.sampling, task.resumed_tokens,
+                                       task.priority)
         if blocks is None:
             return None
         cached = engine.cached_tokens(task.request_id) // engine.config.block_size
@@ -233,7 +234,8 @@ class DecodeWorker:
         self.runtime.connector.cancel(transfer_id)
 
     def _generate(self, engine: Engine, task: DecodeTask) -> None:
-        engine.add_request(task.request_id, list(task.token_ids), task.sampling, resumed_tokens=task.resumed_tokens)
+        engine.add_request(task.request_id, list(task.token_ids), task.sampling, resumed_tokens=task.resumed_tokens,
+                           priority=task.priority)
         self._local[task.request_id] = _Local(time.monotonic())
 
     def _abort(self, engine: Engine, request_id: str) -> bool:

@@ -38,7 +38,7 @@ from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_engine_model
 from pdserve.engine.quantization import Quantization, quantize_model
-from pdserve.engine.request import FinishReason, Prompt, Request, RequestOutput, RequestStatus
+from pdserve.engine.request import ONLINE_PRIORITY, FinishReason, Prompt, Request, RequestOutput, RequestStatus
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -163,14 +163,15 @@ class Engine:
         return tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
 
     def add_request(self, request_id: str, prompt: Prompt | Sequence[int], sampling: SamplingParams,
-                    prefill_only: bool = False, resumed_tokens: int = 0) -> list[int]:
+                    prefill_only: bool = False, resumed_tokens: int = 0, priority: int = ONLINE_PRIORITY) -> list[int]:
         """Queue a request; returns its prompt token ids. Raises RequestError/PromptError on bad input.
 
         `resumed_tokens`: the prompt's last tokens are output a client already has (the request resumes after its
         worker failed): the output text, stop strings and seeded sampling go on from them as if uninterrupted,
-        while `max_tokens` counts only the tokens still to come."""
+        while `max_tokens` counts only the tokens still to come. `priority`: lower is served first and preempted
+        last (`engine.scheduler`)."""
         token_ids = self.tokenize(prompt if isinstance(prompt, Prompt) else Prompt(token_ids=tuple(prompt)))
-        request = self._new_request(request_id, token_ids, sampling, prefill_only, resumed_tokens)
+        request = self._new_request(request_id, token_ids, sampling, prefill_only, resumed_tokens, priority=priority)
         self.scheduler.add(request)
         return token_ids
 
@@ -279,12 +280,13 @@ class Engine:
         self._forget(request)
 
     def reserve_remote(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
-                       resumed_tokens: int = 0) -> tuple[int, ...] | None:
-        """Allocate blocks for a prompt prefilled elsewhere; None when too few blocks are free right now. The first
-        `cached_tokens(request_id) // block_size` blocks hold a cached prefix already: only the rest need KV.
-        `resumed_tokens` as for `add_request`."""
+                       resumed_tokens: int = 0, priority: int = ONLINE_PRIORITY) -> tuple[int, ...] | None:
+        """Allocate blocks for a prompt prefilled elsewhere (preempting running requests of lower priority if
+        needed); None when too few blocks are free right now. The first `cached_tokens(request_id) // block_size`
+        blocks hold a cached prefix already: only the rest need KV. `resumed_tokens`, `priority` as for
+        `add_request`."""
         request = self._new_request(request_id, list(prompt_token_ids), sampling, False, resumed_tokens,
-                                    computes_prompt=False)
+                                    computes_prompt=False, priority=priority)
         if not self.scheduler.reserve(request):
             self._forget(request)
             return None
@@ -303,8 +305,8 @@ class Engine:
         return output
 
     # ---- internals -------------------------------------------------------------------------------------------
-    def _new_request(self, request_id: str, token_ids: list[int], sampling: SamplingParams,
-                     prefill_only: bool, resumed_tokens: int = 0, computes_prompt: bool = True) -> Request:
+    def _new_request(self, request_id: str, token_ids: list[int], sampling: SamplingParams, prefill_only: bool,
+                     resumed_tokens: int = 0, computes_prompt: bool = True, priority: int = ONLINE_PRIORITY) -> Request:
         """`computes_prompt`: False for a prompt prefilled elsewhere (its prompt logprobs come from there)."""
         if not isinstance(sampling, SamplingParams):
             raise SamplingError("sampling: expected SamplingParams")
@@ -325,8 +327,10 @@ class Engine:
         if not 0 <= resumed_tokens < len(token_ids):
             raise RequestError(f"resumed_tokens: {resumed_tokens} must be at least 0 and below the prompt's "
                                f"{len(token_ids)} tokens")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise RequestError(f"priority: must be an integer, got {priority!r}")
         request = Request(request_id, tuple(token_ids), sampling, next(self._order), prefill_only,
-                          resumed_tokens=resumed_tokens)
+                          priority=priority, resumed_tokens=resumed_tokens)
         if sampling.prompt_logprobs is not None and computes_prompt:
             request.prompt_logprobs = [None] * len(token_ids)
         if sampling.structured_output is not None:

@@ -89,6 +89,12 @@ def _message(index: int, value: object) -> Message:
     return Message(role=value["role"], content=value["content"])
 
 
+ONLINE_PRIORITY = 0
+"""A request's priority unless it says otherwise. Lower values are served first (as vLLM's `priority`)."""
+BATCH_PRIORITY = 10
+"""Requests of the Batch API: served after online ones, preempted first."""
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -115,6 +121,8 @@ class Request:
     sampling: SamplingParams
     arrival_order: int
     prefill_only: bool = False
+    priority: int = ONLINE_PRIORITY
+    """Lower is served first and preempted last (`engine.scheduler`)."""
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
@@ -133,6 +141,11 @@ class Request:
     has. They count as output for seeded sampling's positions and for the text (see `Engine.add_request`)."""
     grammar: GrammarState | None = None
     """Where the output is in its structured-output grammar (`SamplingParams.structured_output`), else None."""
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Service order: by priority, then by arrival (smallest first)."""
+        return self.priority, self.arrival_order
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -3,13 +3,16 @@
 The scheduler decides, the model runner executes; only the frozen `SchedulerOutput` crosses. Each step has a token
 budget (`max_num_batched_tokens`). Order of service:
 
-1. running requests that are decoding (one token each, oldest first), so a long prompt never stalls them;
+1. running requests that are decoding (one token each), so a long prompt never stalls them;
 2. running requests still in their prefill (the next chunk, up to the remaining budget);
-3. waiting requests, oldest first, while the budget, `max_num_seqs` and free blocks allow.
+3. waiting requests while the budget, `max_num_seqs` and free blocks allow.
 
-A request gets the blocks for its new tokens before it is scheduled. When none are free the newest running request
-is preempted: its blocks are freed and it goes to the front of the waiting queue, to be recomputed from its prompt
-plus the tokens it already produced. Nothing is dropped.
+Within each, requests go in `Request.order`: higher priority (a lower `priority` value) first, then oldest first.
+A request gets the blocks for its new tokens before it is scheduled. When none are free the running request last in
+that order is preempted: its blocks are freed and it goes back to the waiting queue (ahead of every later arrival of
+its priority), to be recomputed from its prompt plus the tokens it already produced. A waiting request that finds no
+room also preempts running requests of lower priority (never of its own), so batch work yields to online work.
+Nothing is dropped.
 
 Prefix caching: a request admitted from the queue (or reserved) first takes the cached blocks of its longest cached
 prefix (`BlockManager.cached_prefix`) and starts computing at the first uncached token; each block it fills is
@@ -23,6 +26,7 @@ blocks of a cached prefix, whose KV need not be sent), and `commit` starts decod
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass
 
@@ -82,7 +86,7 @@ class Scheduler:
     # ---- queue changes -------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+        self._enqueue(request)
 
     def finish(self, request: Request) -> None:
         """Remove a request from wherever it is and free its blocks."""
@@ -106,9 +110,10 @@ class Scheduler:
         False when too few blocks are free or max_num_seqs requests are already running or reserved."""
         cached = self._cached_prefix(request)
         needed = blocks_for(request.num_tokens, self.blocks.block_size) - len(cached)
-        if len(self.running) + len(self.held) >= self.max_num_seqs or not self.blocks.can_allocate(
+        while len(self.running) + len(self.held) >= self.max_num_seqs or not self.blocks.can_allocate(
                 needed + self.blocks.evictable_among(cached)):
-            return False
+            if self._preempt_below(request) is None:
+                return False
         self._take_cached(request, cached)
         request.block_ids += self.blocks.allocate(needed)
         request.status = RequestStatus.HELD
@@ -130,8 +135,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         step = _Step(self.max_num_batched_tokens)
         preempted: list[str] = []
-        decoding = [r for r in self.running if r.is_decoding]
-        prefilling = [r for r in self.running if not r.is_decoding]
+        ordered = sorted(self.running, key=_order)
+        decoding = [r for r in ordered if r.is_decoding]
+        prefilling = [r for r in ordered if not r.is_decoding]
         for request in decoding + prefilling:
             if step.left == 0:
                 break
@@ -141,7 +147,7 @@ class Scheduler:
             if self._grow(request, count, step, preempted):
                 step.add(self._chunk(request, count))
         if not preempted:
-            self._admit(step)
+            self._admit(step, preempted)
         return SchedulerOutput(chunks=tuple(step.chunks.values()), preempted=tuple(preempted))
 
     def advance(self, chunk: ScheduledChunk, request: Request) -> None:
@@ -150,15 +156,21 @@ class Scheduler:
         self._register_computed(request)
 
     # ---- internals -------------------------------------------------------------------------------------------
-    def _admit(self, step: _Step) -> None:
-        while self.waiting and step.left > 0 and len(self.running) < self.max_num_seqs:
+    def _admit(self, step: _Step, preempted: list[str]) -> None:
+        while self.waiting and step.left > 0:
             request = self.waiting[0]
+            if len(self.running) >= self.max_num_seqs:
+                if not self._preempt_below(request, step, preempted):
+                    break
+                continue
             cached = self._cached_prefix(request)
             start = max(request.num_computed_tokens, len(cached) * self.blocks.block_size)
             count = min(request.num_tokens - start, step.left)
             extra = self.blocks.blocks_to_grow(max(len(request.block_ids), len(cached)), start + count)
             if not self.blocks.can_allocate(extra + self.blocks.evictable_among(cached)):
-                break
+                if not self._preempt_below(request, step, preempted):
+                    break
+                continue
             self.waiting.popleft()
             self._take_cached(request, cached)
             request.block_ids += self.blocks.allocate(extra)
@@ -172,7 +184,7 @@ class Scheduler:
         if extra == 0:
             return True  # the common decode step: the token fits in the last block
         while not self.blocks.can_allocate(extra):
-            victim = max(self.running, key=lambda r: r.arrival_order)
+            victim = max(self.running, key=_order)
             self._preempt(victim)
             step.drop(victim.request_id)  # a preempted victim gives its tokens back
             preempted.append(victim.request_id)
@@ -187,7 +199,26 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+        self._enqueue(request)
+
+    def _preempt_below(self, request: Request, step: _Step | None = None,
+                       preempted: list[str] | None = None) -> Request | None:
+        """Preempt the running request last in service order if its priority is lower than `request`'s (to make
+        room for it); the victim, or None when there is none."""
+        victim = max(self.running, key=_order, default=None)
+        if victim is None or victim.priority <= request.priority:
+            return None
+        self._preempt(victim)
+        if step is not None:
+            step.drop(victim.request_id)
+        if preempted is not None:
+            preempted.append(victim.request_id)
+        return victim
+
+    def _enqueue(self, request: Request) -> None:
+        """Into the waiting queue at its place in service order (a preempted request keeps its arrival)."""
+        index = bisect.bisect_right([r.order for r in self.waiting], request.order)
+        self.waiting.insert(index, request)
 
     def _free_blocks(self, request: Request) -> None:
         self.blocks.free(reversed(request.block_ids))  # a prefix's tail is evicted before its head
@@ -268,6 +299,10 @@ class _Step:
         chunk = self.chunks.pop(request_id, None)
         if chunk is not None:
             self.left += len(chunk.token_ids)
+
+
+def _order(request: Request) -> tuple[int, int]:
+    return request.order
 
 
 def _history(request: Request) -> TokenHistory:

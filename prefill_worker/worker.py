@@ -131,7 +131,7 @@ class PrefillWorker:
     # ---- on the engine thread --------------------------------------------------------------------------------
     def _add(self, engine: Engine, task: PrefillTask, result: Future) -> None:
         engine.add_request(task.request_id, list(task.token_ids), task.sampling, prefill_only=True,
-                           resumed_tokens=task.resumed_tokens)
+                           resumed_tokens=task.resumed_tokens, priority=task.priority)
         self._prefilling[task.request_id] = _Prefill(task, result, time.monotonic())
 
     def _after_step(self, engine: Engine, outputs: list[RequestOutput]) -> None:

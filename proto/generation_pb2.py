@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epdserve/proto/generation.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf7\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0c \x01(\rH\x08\x88\x01\x01\x12\x12\n\x05min_p\x18\r \x01(\x02H\t\x88\x01\x01\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x0f \x03(\x05\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x0b\x88\x01\x01\x12\x37\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1c.pdserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x08\n\x06_min_pB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x93\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x13.pdserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"4\n\x06Resume\x12\x17\n\x0ftokens_received\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xea\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\"\n\x06resume\x18\x06 \x01(\x0b\x32\x12.pdserve.v1.ResumeB\x08\n\x06prompt\"\x8a\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x05 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x06 \x01(\x01\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\"\xaf\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x0f\n\rStatusRequest\"\xba\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x18\n\x10waiting_requests\x18\x08 \x01(\r\x12\x17\n\nttft_p90_s\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ntpot_p90_s\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11\x66inished_requests\x18\x0b \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0c \x01(\x01\x42\r\n\x0b_ttft_p90_sB\r\n\x0b_tpot_p90_s\"\xbf\x01\n\x07Latency\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x10\n\x08\x66inished\x18\x02 \x01(\r\x12\x17\n\nttft_p90_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ntpot_p90_s\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nslo_ttft_s\x18\x05 \x01(\x01\x12\x12\n\nslo_tpot_s\x18\x06 \x01(\x01\x12\x18\n\x10slo_met_fraction\x18\x07 \x01(\x01\x42\r\n\x0b_ttft_p90_sB\r\n\x0b_tpot_p90_s\"\x9f\x01\n\x0cRouterStatus\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x14\n\x0chttp_address\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\r\x12\x18\n\x10requests_waiting\x18\x06 \x01(\r\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\"\xaa\x02\n\x0eStatusResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus\x12\x16\n\x0erouter_address\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x14\n\x0chttp_address\x18\x04 \x01(\t\x12$\n\x07latency\x18\x05 \x01(\x0b\x32\x13.pdserve.v1.Latency\x12\x1a\n\x12requests_in_flight\x18\x06 \x01(\r\x12\x18\n\x10requests_waiting\x18\x07 \x01(\r\x12)\n\x07routers\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.RouterStatus\x12\x11\n\trouter_id\x18\t \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\n \x01(\t\"v\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x16\n\tcolocated\x18\x03 \x01(\rH\x02\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decodeB\x0c\n\n_colocated\"1\n\rScaleResponse\x12\x0f\n\x07started\x18\x01 \x03(\t\x12\x0f\n\x07stopped\x18\x02 \x03(\t\"2\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"1\n\rDrainResponse\x12\x0f\n\x07stopped\x18\x01 \x01(\t\x12\x0f\n\x07started\x18\x02 \x01(\t\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32U\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x32\x85\x02\n\x05\x41\x64min\x12?\n\x06Status\x12\x19.pdserve.v1.StatusRequest\x1a\x1a.pdserve.v1.StatusResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.ScaleResponse\x12<\n\x05\x44rain\x12\x18.pdserve.v1.DrainRequest\x1a\x19.pdserve.v1.DrainResponse2\x85\x01\n\x07\x43ontrol\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.ScaleResponse\x12<\n\x05\x44rain\x12\x18.pdserve.v1.DrainRequest\x1a\x19.pdserve.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epdserve/proto/generation.proto\x12\npdserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf7\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0c \x01(\rH\x08\x88\x01\x01\x12\x12\n\x05min_p\x18\r \x01(\x02H\t\x88\x01\x01\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x0f \x03(\x05\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x0b\x88\x01\x01\x12\x37\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1c.pdserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x08\n\x06_min_pB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x93\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x13.pdserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"4\n\x06Resume\x12\x17\n\x0ftokens_received\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xfc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.ChatMessagesH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\"\n\x06resume\x18\x06 \x01(\x0b\x32\x12.pdserve.v1.Resume\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x08\n\x06prompt\"\x8a\x01\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x05 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x06 \x01(\x01\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\"\xaf\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.pdserve.v1.Timings\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x0f\n\rStatusRequest\"\xba\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\r\x12\x18\n\x10waiting_requests\x18\x08 \x01(\r\x12\x17\n\nttft_p90_s\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ntpot_p90_s\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11\x66inished_requests\x18\x0b \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0c \x01(\x01\x42\r\n\x0b_ttft_p90_sB\r\n\x0b_tpot_p90_s\"\xbf\x01\n\x07Latency\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x10\n\x08\x66inished\x18\x02 \x01(\r\x12\x17\n\nttft_p90_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ntpot_p90_s\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nslo_ttft_s\x18\x05 \x01(\x01\x12\x12\n\nslo_tpot_s\x18\x06 \x01(\x01\x12\x18\n\x10slo_met_fraction\x18\x07 \x01(\x01\x42\r\n\x0b_ttft_p90_sB\r\n\x0b_tpot_p90_s\"\x9f\x01\n\x0cRouterStatus\x12\x11\n\trouter_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x14\n\x0chttp_address\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x1a\n\x12requests_in_flight\x18\x05 \x01(\r\x12\x18\n\x10requests_waiting\x18\x06 \x01(\r\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\"\xaa\x02\n\x0eStatusResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus\x12\x16\n\x0erouter_address\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x14\n\x0chttp_address\x18\x04 \x01(\t\x12$\n\x07latency\x18\x05 \x01(\x0b\x32\x13.pdserve.v1.Latency\x12\x1a\n\x12requests_in_flight\x18\x06 \x01(\r\x12\x18\n\x10requests_waiting\x18\x07 \x01(\r\x12)\n\x07routers\x18\x08 \x03(\x0b\x32\x18.pdserve.v1.RouterStatus\x12\x11\n\trouter_id\x18\t \x01(\t\x12\x17\n\x0f\x63ontrol_address\x18\n \x01(\t\"v\n\x0cScaleRequest\x12\x14\n\x07prefill\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x16\n\tcolocated\x18\x03 \x01(\rH\x02\x88\x01\x01\x42\n\n\x08_prefillB\t\n\x07_decodeB\x0c\n\n_colocated\"1\n\rScaleResponse\x12\x0f\n\x07started\x18\x01 \x03(\t\x12\x0f\n\x07stopped\x18\x02 \x03(\t\"2\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"1\n\rDrainResponse\x12\x0f\n\x07stopped\x18\x01 \x01(\t\x12\x0f\n\x07started\x18\x02 \x01(\t\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32U\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x32\x85\x02\n\x05\x41\x64min\x12?\n\x06Status\x12\x19.pdserve.v1.StatusRequest\x1a\x1a.pdserve.v1.StatusResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.ScaleResponse\x12<\n\x05\x44rain\x12\x18.pdserve.v1.DrainRequest\x1a\x19.pdserve.v1.DrainResponse2\x85\x01\n\x07\x43ontrol\x12<\n\x05Scale\x12\x18.pdserve.v1.ScaleRequest\x1a\x19.pdserve.v1.ScaleResponse\x12<\n\x05\x44rain\x12\x18.pdserve.v1.DrainRequest\x1a\x19.pdserve.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=3324
-  _globals['_FINISHREASON']._serialized_end=3444
+  _globals['_FINISHREASON']._serialized_start=3342
+  _globals['_FINISHREASON']._serialized_end=3462
   _globals['_CHATMESSAGE']._serialized_start=46
   _globals['_CHATMESSAGE']._serialized_end=90
   _globals['_CHATMESSAGES']._serialized_start=92
@@ -52,41 +52,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESUME']._serialized_start=1116
   _globals['_RESUME']._serialized_end=1168
   _globals['_GENERATEREQUEST']._serialized_start=1171
-  _globals['_GENERATEREQUEST']._serialized_end=1405
-  _globals['_TIMINGS']._serialized_start=1408
-  _globals['_TIMINGS']._serialized_end=1546
-  _globals['_GENERATERESPONSE']._serialized_start=1549
-  _globals['_GENERATERESPONSE']._serialized_end=1852
-  _globals['_TOKENLOGPROB']._serialized_start=1854
-  _globals['_TOKENLOGPROB']._serialized_end=1940
-  _globals['_TOPLOGPROB']._serialized_start=1942
-  _globals['_TOPLOGPROB']._serialized_end=1989
-  _globals['_STATUSREQUEST']._serialized_start=1991
-  _globals['_STATUSREQUEST']._serialized_end=2006
-  _globals['_WORKERSTATUS']._serialized_start=2009
-  _globals['_WORKERSTATUS']._serialized_end=2323
-  _globals['_LATENCY']._serialized_start=2326
-  _globals['_LATENCY']._serialized_end=2517
-  _globals['_ROUTERSTATUS']._serialized_start=2520
-  _globals['_ROUTERSTATUS']._serialized_end=2679
-  _globals['_STATUSRESPONSE']._serialized_start=2682
-  _globals['_STATUSRESPONSE']._serialized_end=2980
-  _globals['_SCALEREQUEST']._serialized_start=2982
-  _globals['_SCALEREQUEST']._serialized_end=3100
-  _globals['_SCALERESPONSE']._serialized_start=3102
-  _globals['_SCALERESPONSE']._serialized_end=3151
-  _globals['_DRAINREQUEST']._serialized_start=3153
-  _globals['_DRAINREQUEST']._serialized_end=3203
-  _globals['_DRAINRESPONSE']._serialized_start=3205
-  _globals['_DRAINRESPONSE']._serialized_end=3254
-  _globals['_HEALTHREQUEST']._serialized_start=3256
-  _globals['_HEALTHREQUEST']._serialized_end=3271
-  _globals['_HEALTHRESPONSE']._serialized_start=3273
-  _globals['_HEALTHRESPONSE']._serialized_end=3322
-  _globals['_GENERATION']._serialized_start=3446
-  _globals['_GENERATION']._serialized_end=3531
-  _globals['_ADMIN']._serialized_start=3534
-  _globals['_ADMIN']._serialized_end=3795
-  _globals['_CONTROL']._serialized_start=3798
-  _globals['_CONTROL']._serialized_end=3931
+  _globals['_GENERATEREQUEST']._serialized_end=1423
+  _globals['_TIMINGS']._serialized_start=1426
+  _globals['_TIMINGS']._serialized_end=1564
+  _globals['_GENERATERESPONSE']._serialized_start=1567
+  _globals['_GENERATERESPONSE']._serialized_end=1870
+  _globals['_TOKENLOGPROB']._serialized_start=1872
+  _globals['_TOKENLOGPROB']._serialized_end=1958
+  _globals['_TOPLOGPROB']._serialized_start=1960
+  _globals['_TOPLOGPROB']._serialized_end=2007
+  _globals['_STATUSREQUEST']._serialized_start=2009
+  _globals['_STATUSREQUEST']._serialized_end=2024
+  _globals['_WORKERSTATUS']._serialized_start=2027
+  _globals['_WORKERSTATUS']._serialized_end=2341
+  _globals['_LATENCY']._serialized_start=2344
+  _globals['_LATENCY']._serialized_end=2535
+  _globals['_ROUTERSTATUS']._serialized_start=2538
+  _globals['_ROUTERSTATUS']._serialized_end=2697
+  _globals['_STATUSRESPONSE']._serialized_start=2700
+  _globals['_STATUSRESPONSE']._serialized_end=2998
+  _globals['_SCALEREQUEST']._serialized_start=3000
+  _globals['_SCALEREQUEST']._serialized_end=3118
+  _globals['_SCALERESPONSE']._serialized_start=3120
+  _globals['_SCALERESPONSE']._serialized_end=3169
+  _globals['_DRAINREQUEST']._serialized_start=3171
+  _globals['_DRAINREQUEST']._serialized_end=3221
+  _globals['_DRAINRESPONSE']._serialized_start=3223
+  _globals['_DRAINRESPONSE']._serialized_end=3272
+  _globals['_HEALTHREQUEST']._serialized_start=3274
+  _globals['_HEALTHREQUEST']._serialized_end=3289
+  _globals['_HEALTHRESPONSE']._serialized_start=3291
+  _globals['_HEALTHRESPONSE']._serialized_end=3340
+  _globals['_GENERATION']._serialized_start=3464
+  _globals['_GENERATION']._serialized_end=3549
+  _globals['_ADMIN']._serialized_start=3552
+  _globals['_ADMIN']._serialized_end=3813
+  _globals['_CONTROL']._serialized_start=3816
+  _globals['_CONTROL']._serialized_end=3949
 # @@protoc_insertion_point(module_scope)

@@ -4,21 +4,24 @@
         ... ticket.dispatched()                  # it has a worker now (it no longer counts as waiting)
         ... ticket.waiting()                     # it waits again (resumed after a failure)
 
-A request counts as waiting from its admission until it has a worker: choosing one, or waiting for KV room. Beyond
-`max_waiting` such requests a new one is refused at once. The arrival counters are the ratio controller's (every
-router publishes its own in the registry; the controller sums them).
+A request counts as waiting from its admission until it has a worker: choosing one, or waiting for KV room (a
+low-priority one also while the `PriorityGate` holds it back). Beyond `max_waiting` such requests a new one is
+refused at once. The gate hears when online requests start and stop waiting. The arrival counters are the ratio
+controller's (every router publishes its own in the registry; the controller sums them).
 """
 
 from __future__ import annotations
 
 from pdserve.controller.output_lengths import NUM_CLASSES, prompt_class
 from pdserve.router.errors import DuplicateRequest, Overloaded
+from pdserve.router.priority_gate import PriorityGate, is_low_priority
 from pdserve.router.request_builder import ValidRequest
 
 
 class Admission:
-    def __init__(self, max_waiting: int = 1024) -> None:
+    def __init__(self, max_waiting: int = 1024, gate: PriorityGate | None = None) -> None:
         self.max_waiting = max_waiting
+        self.gate = gate or PriorityGate(limit=8)
         self.running: set[str] = set()
         """The client request ids accepted and not yet ended (a duplicate is refused)."""
         self.waiting_count = 0
@@ -40,27 +43,32 @@ class Admission:
         self.accepted_total += 1
         self.accepted_prompt_tokens += len(request.token_ids)
         self.accepted_by_class[prompt_class(len(request.token_ids))] += 1
-        return Ticket(self, request.request_id)
+        return Ticket(self, request.request_id, online=not is_low_priority(request.priority))
 
 
 class Ticket:
     """One admitted request: waiting for a worker, or dispatched to one, until it ends."""
 
-    def __init__(self, admission: Admission, request_id: str) -> None:
+    def __init__(self, admission: Admission, request_id: str, online: bool = True) -> None:
         self._admission = admission
         self.request_id = request_id
-        self._waiting = True
-        admission.waiting_count += 1
+        self.online = online
+        self._waiting = False
+        self.waiting()
 
     def dispatched(self) -> None:
         if self._waiting:
             self._waiting = False
             self._admission.waiting_count -= 1
+            if self.online:
+                self._admission.gate.online_wait_ended()
 
     def waiting(self) -> None:
         if not self._waiting:
             self._waiting = True
             self._admission.waiting_count += 1
+            if self.online:
+                self._admission.gate.online_wait_started()
 
     def __enter__(self) -> Ticket:
         return self

@@ -164,7 +164,7 @@ class Attempt:
         self._dispatched(decode)
         result = await self._prefill(PrefillTask(self.key, request.token_ids, request.sampling,
                                                  decode.info.worker_id, reservation.tag, reservation.cached_blocks,
-                                                 request.resumed_tokens),
+                                                 request.resumed_tokens, request.priority),
                                      placed.prefill_tokens)
         self.clock.worker_queue_s, self.clock.prefill_s = result.queue_s, result.prefill_s
         self.clock.cached_tokens = result.cached_tokens
@@ -180,7 +180,7 @@ class Attempt:
         self._dispatched(worker)
         await _call(worker, worker.handle.generate.remote(
             DecodeTask(self.key, self.request.token_ids, self.request.sampling, self.owner,
-                       resumed_tokens=self.request.resumed_tokens)))
+                       resumed_tokens=self.request.resumed_tokens, priority=self.request.priority)))
 
     def _take_over(self) -> None:
         worker, adoption = self.adoption

@@ -31,7 +31,6 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "bad_words": ([],),
     "logits_processors": ([],),
     "truncate_prompt_tokens": (),
-    "priority": (0,),
     # vLLM's output shaping
     "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),

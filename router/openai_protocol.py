@@ -110,6 +110,7 @@ class _Common(BaseModel):
     ignore_eos: bool = False  # vLLM's extension
     stop_token_ids: list[TokenId] | None = None  # vLLM's extension
     return_token_ids: bool = False  # vLLM's extension: each choice (and stream chunk) carries its token ids
+    priority: _integer(-INT32_MAX - 1, INT32_MAX) = 0  # vLLM's extension: lower is served first; above 0, spare room
     _structured: pb.StructuredOutput | None = PrivateAttr(default=None)
     # structured output (`openai_structured`): OpenAI's, vLLM's, and vLLM's older names
     response_format: dict[str, Any] | None = None
@@ -197,7 +198,7 @@ class CompletionRequest(_Common):
         requests = []
         for prompt in prompts:
             for choice in range(self.n):
-                request = pb.GenerateRequest(sampling=self.sampling(self.max_tokens, choice))
+                request = pb.GenerateRequest(sampling=self.sampling(self.max_tokens, choice), priority=self.priority)
                 if isinstance(prompt, str):
                     request.text = prompt
                 else:
@@ -270,8 +271,8 @@ class ChatCompletionRequest(_Common):
         messages = pb.ChatMessages(messages=[
             pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text(i))
             for i, m in enumerate(self.messages)])
-        return [pb.GenerateRequest(messages=messages, sampling=self.sampling(max_tokens, choice))
-                for choice in range(self.n)]
+        return [pb.GenerateRequest(messages=messages, sampling=self.sampling(max_tokens, choice),
+                                   priority=self.priority) for choice in range(self.n)]
 
     @property
     def logprobs_asked(self) -> int | None:

@@ -36,6 +36,7 @@ from pdserve.router.membership import Membership
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.migration import MAX_MIGRATIONS, continuation
 from pdserve.router.placement import WORKER_WAIT_S, Placement
+from pdserve.router.priority_gate import PriorityGate, is_low_priority
 from pdserve.router.records import TimingRecords
 from pdserve.router.request_builder import ValidRequest
 from pdserve.router.timings import RequestClock, Timings
@@ -66,14 +67,17 @@ class Piece:
 class Orchestrator:
     def __init__(self, registry: Registry | None, namespace: str, colocated: bool, block_size: int,
                  max_waiting: int = 1024, router_id: str = "router", kv_index: KVIndex | None = None,
-                 cache_weight: float = 1.0, worker_wait_s: float = WORKER_WAIT_S) -> None:
+                 cache_weight: float = 1.0, worker_wait_s: float = WORKER_WAIT_S,
+                 low_priority_limit: int = 8) -> None:
         """`registry`: where finished requests' timings go (None: nowhere, as in unit tests). `kv_index`: routes
         by what workers cache too (`router.policy`), with `cache_weight`. `worker_wait_s`: how long a request waits
-        for a worker to join when none is ready (`placement`)."""
+        for a worker to join when none is ready (`placement`). `low_priority_limit`: low-priority requests with
+        workers at once (`priority_gate`)."""
         self.router_id = router_id
         self.registry = registry
         self.colocated = colocated
-        self.admission = Admission(max_waiting)
+        self.gate = PriorityGate(low_priority_limit)
+        self.admission = Admission(max_waiting, self.gate)
         self.streams = EventStreams()
         self.membership = Membership(registry, namespace, router_id, self.streams.deliver, self.streams.lost)
         self.placement = Placement(self.membership, block_size, kv_index, cache_weight, worker_wait_s)
@@ -103,9 +107,16 @@ class Orchestrator:
             with ticket:
                 if admitted is not None:
                     await admitted()
-                async with aclosing(self._life(request, ticket, sent, clock)) as life:  # closed with this one
-                    async for piece in life:
-                        yield piece
+                low = is_low_priority(request.priority)
+                if low:
+                    await self.gate.enter(request.priority)
+                try:
+                    async with aclosing(self._life(request, ticket, sent, clock)) as life:  # closed with this one
+                        async for piece in life:
+                            yield piece
+                finally:
+                    if low:
+                        self.gate.leave()
         except BaseException as e:
             if not clock.finished:
                 self.metrics.failed(e)

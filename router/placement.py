@@ -88,7 +88,7 @@ class Placement:
             on_choice(decode, prefill)
             reservation = await decode.handle.reserve.remote(
                 DecodeTask(key, request.token_ids, request.sampling, owner, prefill.info.worker_id,
-                           request.resumed_tokens))
+                           request.resumed_tokens, request.priority))
             if reservation is not None:
                 self.membership.update(decode.info.worker_id, kv_blocks_used=decode.info.kv_blocks_total
                                        - reservation.kv_blocks_free, running=reservation.running)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import context_length
 from pdserve.engine.model_source import resolve_engine_model
-from pdserve.engine.request import Message, Prompt, PromptError
+from pdserve.engine.request import ONLINE_PRIORITY, Message, Prompt, PromptError
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
 from pdserve.engine.structured_output import GuideKind, StructuredOutput
 from pdserve.engine.tokenizer import Tokenizer, load_tokenizer, tokenize_prompt
@@ -42,6 +42,9 @@ class ValidRequest:
     resume: Resume | None = None
     resumed_tokens: int = 0
     """A continuation (`migration`): the prompt's last tokens are output the client already has."""
+    priority: int = ONLINE_PRIORITY
+    """Lower is served first; above ONLINE_PRIORITY the router sends it to workers only into spare capacity
+    (`router.priority_gate`)."""
 
 
 class RequestBuilder:
@@ -80,7 +83,7 @@ class RequestBuilder:
         resume = self._resume(request.resume, sampling) if request.HasField("resume") else None
         if resume is not None and not request.request_id:
             raise InvalidRequest("request_id: a resumed request must carry the id it was first sent with")
-        return ValidRequest(request_id, tuple(token_ids), sampling, resume)
+        return ValidRequest(request_id, tuple(token_ids), sampling, resume, priority=request.priority)
 
     def _check_length(self, request: pb.GenerateRequest) -> None:
         which = request.WhichOneof("prompt")

@@ -89,7 +89,7 @@ class RouterProcess:
         orchestrator = Orchestrator(self.registry, settings.namespace, config.mode is Mode.COLOCATED,
                                     config.engine.block_size, config.router.max_waiting, self.router_id,
                                     follower.index if follower else None, config.router.cache_weight,
-                                    config.router.worker_wait_s)
+                                    config.router.worker_wait_s, config.router.low_priority_limit)
         host = self.listen.host or config.router.host
         if follower is not None:
             follower.live = lambda: orchestrator.membership.members

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.engine.logprobs import TokenLogprobs
-from pdserve.engine.request import FinishReason
+from pdserve.engine.request import ONLINE_PRIORITY, FinishReason
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -36,6 +36,8 @@ class DecodeTask:
     """Who sends the KV (disaggregated); empty for a colocated request, which is prefilled where it decodes."""
     resumed_tokens: int = 0
     """The prompt's last tokens are output its client already has (`Engine.add_request`)."""
+    priority: int = ONLINE_PRIORITY
+    """Lower is served first and preempted last (`engine.scheduler`)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class PrefillTask:
     not sent."""
     resumed_tokens: int = 0
     """The prompt's last tokens are output its client already has (`Engine.add_request`)."""
+    priority: int = ONLINE_PRIORITY
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ class FakeBuilder:
         if total > CONTEXT:
             raise InvalidRequest(f"sampling.max_tokens: prompt ({len(token_ids)} tokens) + max_tokens "
                                  f"({sampling.max_tokens}) = {total} exceeds the context length {CONTEXT}")
-        return ValidRequest(request.request_id, token_ids, sampling)
+        return ValidRequest(request.request_id, token_ids, sampling, priority=request.priority)
 
 
 def chat_bytes(messages) -> bytes:

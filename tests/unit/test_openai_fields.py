@@ -21,7 +21,7 @@ def post(path: str, extra: dict):
     ("use_beam_search", True), ("length_penalty", 0.5),
     ("guided_decoding_backend", "xgrammar"), ("guided_whitespace_pattern", " "),
     ("truncate_prompt_tokens", 8), ("include_stop_str_in_output", True), ("skip_special_tokens", False),
-    ("bad_words", ["x"]), ("priority", 5), ("continue_final_message", True), ("echo_everything", 1),
+    ("bad_words", ["x"]), ("continue_final_message", True), ("echo_everything", 1),
     ("maxtokens", 3), ("use_beam_search", 0), ("length_penalty", True),
 ])
 def test_a_field_we_would_ignore_is_refused_naming_it(path, field, value):
