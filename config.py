@@ -176,6 +176,11 @@ class Router:
     max_body_bytes: int = 10 * 2**20
     """HTTP request bodies larger than this are refused (413) before they are read whole. gRPC messages are bounded
     by gRPC's own 4 MiB default."""
+    max_file_bytes: int = 200 * 2**20
+    """Files uploaded to the Batch API (POST /v1/files) may be this large; other bodies keep max_body_bytes."""
+    files_dir: str | None = None
+    """Where the Batch API keeps its files (inputs, outputs); the routers of a cluster must share it. Unset: `files`
+    beside the cluster's state file ($PDSERVE_STATE_DIR, or ~/.cache/pdserve/run)."""
     max_connections: int = 4096
     """Open HTTP connections at most (gRPC: the same bound of its own). A new one beyond it takes the place of the
     oldest connection that has sent no request, so a flood of idle connections cannot lock clients out."""
@@ -210,6 +215,7 @@ class Router:
         _at_least("max_waiting", self.max_waiting, 1)
         _at_least("low_priority_limit", self.low_priority_limit, 1)
         _at_least("max_body_bytes", self.max_body_bytes, 1024)
+        _at_least("max_file_bytes", self.max_file_bytes, 1024)
         _at_least("worker_wait_s", self.worker_wait_s, 0)
         _at_least("max_connections", self.max_connections, 16)
         _at_least("max_connections_per_address", self.max_connections_per_address, 1)

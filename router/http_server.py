@@ -8,6 +8,7 @@
     GET  /health                  200 when the cluster can serve, 503 with the reason otherwise
     GET  /metrics                 the router's Prometheus metrics (the same as on its metrics port)
     GET  /metrics/workers         every worker's metrics, gathered over Ray (`worker_scrape`)
+    /v1/files, /v1/batches        OpenAI's Files and Batch API (`batch_api`; run by `batch_runner`)
 
 Life of a request: the body is parsed (a wrong type is a 400 naming the field) -> OpenAI's fields become one
 `GenerateRequest` per choice (`openai_protocol`) -> each is checked by the `RequestBuilder`, as a gRPC request is ->
@@ -35,11 +36,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from pdserve.access import Access
+from pdserve.engine.request import BATCH_PRIORITY
 from pdserve.router import openai_protocol as oa
 from pdserve.router.admin import unhealthy_reason
+from pdserve.router.batch_api import BatchAPI
 from pdserve.router.body_limit import BodyLimit
 from pdserve.router.choices import merged
 from pdserve.router.errors import DuplicateRequest, Overloaded, TakenOver, Unavailable, WorkerError
@@ -69,9 +73,13 @@ T = TypeVar("T")
 
 class OpenAIServer:
     def __init__(self, builder: RequestBuilder, orchestrator: Orchestrator, model_name: str,
-                 access: Access, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+                 access: Access, max_body_bytes: int = MAX_BODY_BYTES, batches: BatchAPI | None = None,
+                 max_file_bytes: int | None = None) -> None:
+        """`batches`: the Files and Batch API's routes (none without it)."""
         self.builder = builder
         self.max_body_bytes = max_body_bytes
+        self.max_file_bytes = max_file_bytes
+        self.batches = batches
         self.orchestrator = orchestrator
         self.model_name = model_name
         self._expected = f"Bearer {access.token}".encode() if access.token else None
@@ -83,7 +91,7 @@ class OpenAIServer:
         app.add_exception_handler(oa.OpenAIError, _openai_error)
         app.add_exception_handler(RequestValidationError, _validation_error)
         app.add_exception_handler(HTTPException, _http_error)
-        app.add_middleware(BodyLimit, max_bytes=self.max_body_bytes)
+        app.add_middleware(BodyLimit, max_bytes=self.max_body_bytes, file_max_bytes=self.max_file_bytes)
         if self._expected is not None:  # checked before the body is read: no token, no validation answers
             app.add_middleware(_BearerToken, expected=self._expected)
         app.post("/v1/completions")(self.completions)
@@ -93,6 +101,8 @@ class OpenAIServer:
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics)
         app.get("/metrics/workers")(self.worker_metrics)
+        if self.batches is not None:
+            self.batches.add_routes(app)
         return app
 
     async def completions(self, body: oa.CompletionRequest, request: Request) -> Response:
@@ -129,9 +139,7 @@ class OpenAIServer:
     # ---- generation ----------------------------------------------------------------------------------------------
     async def _generate(self, body: oa.CompletionRequest | oa.ChatCompletionRequest, request: Request,
                         chat: bool) -> Response:
-        if body.model not in (None, self.model_name):
-            raise oa.OpenAIError(404, f"model: the model {body.model!r} does not exist (served: {self.model_name!r})",
-                                 param="model", code="model_not_found")
+        self._check_model(body)
         request_id = request.headers.get(REQUEST_ID_HEADER) or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         valid = await self._build(body, chat, request_id)
         usage = oa.UsageCount(sum(len(v.token_ids) for v in valid[::body.n]), body.n)  # each prompt once
@@ -155,6 +163,43 @@ class OpenAIServer:
             await stream.aclose()  # cancels the choices: their workers free the KV blocks
             return Response(status_code=CLIENT_CLOSED)
         return JSONResponse(whole, headers={REQUEST_ID_HEADER: request_id})
+
+    async def batch_answer(self, endpoint: str, body: dict, request_id: str) -> tuple[int, dict]:
+        """A Batch API line answered whole, as its endpoint answers it: (HTTP status, body). Low priority unless
+        the body sets `priority`."""
+        chat = endpoint == "/v1/chat/completions"
+        try:
+            parsed = (oa.ChatCompletionRequest if chat else oa.CompletionRequest).model_validate(body)
+            if parsed.stream:
+                raise oa.OpenAIError(400, "stream: a batch's requests are answered whole", param="stream")
+            if "priority" not in parsed.model_fields_set:
+                parsed.priority = BATCH_PRIORITY
+            return 200, await self._whole(parsed, chat, request_id)
+        except ValidationError as e:
+            return 400, validation_error(e.errors()).body()
+        except oa.OpenAIError as e:
+            return e.status, e.body()
+
+    async def _whole(self, body: oa.CompletionRequest | oa.ChatCompletionRequest, chat: bool,
+                     request_id: str) -> dict:
+        self._check_model(body)
+        valid = await self._build(body, chat, request_id)
+        usage = oa.UsageCount(sum(len(v.token_ids) for v in valid[::body.n]), body.n)
+        stream = merged(self.orchestrator, valid)
+        try:
+            first = await anext(stream)
+            return await whole_body(first, stream, request_id, self.model_name, chat, len(valid), usage,
+                                    self._extras(body, chat, valid))
+        except (InvalidRequest, DuplicateRequest, Overloaded, Unavailable, WorkerError, TakenOver) as e:
+            self._count_refusal(e)
+            raise as_openai_error(e) from e
+        finally:
+            await stream.aclose()
+
+    def _check_model(self, body: oa.CompletionRequest | oa.ChatCompletionRequest) -> None:
+        if body.model not in (None, self.model_name):
+            raise oa.OpenAIError(404, f"model: the model {body.model!r} does not exist (served: {self.model_name!r})",
+                                 param="model", code="model_not_found")
 
     async def _build(self, body: oa.CompletionRequest | oa.ChatCompletionRequest, chat: bool,
                      request_id: str) -> list[ValidRequest]:
@@ -249,11 +294,16 @@ async def _openai_error(request: Request, error: oa.OpenAIError) -> JSONResponse
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    first = _most_telling(error.errors())
+    return JSONResponse(validation_error(error.errors()).body(), status_code=400)
+
+
+def validation_error(errors: list[dict]) -> oa.OpenAIError:
+    """pydantic's errors for a body as one 400 naming the first wrong field."""
+    first = _most_telling(errors)
     where = "" if first.get("type") == "json_invalid" else _field_path([p for p in first.get("loc", ()) if p != "body"])
     detail = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     message = f"{where}: {detail}" if where else f"body: {detail}"
-    return JSONResponse(oa.OpenAIError(400, message, param=where or None).body(), status_code=400)
+    return oa.OpenAIError(400, message, param=where or None)
 
 
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -7,7 +7,8 @@ Its life:
     the cluster's settings from the registry (the config and the Ray address the control plane published)
     -> Ray, as a driver in the workers' namespace -> the request builder (tokenizer, context length)
     -> membership: it finds every worker in the registry and starts collecting their events for this router
-    -> the servers (their ports are this router's alone) -> its `RouterInfo` in the registry every second (with a
+    -> the servers (their ports are this router's alone; with the HTTP port, a Batch API runner that takes open
+       batches by lease) -> its `RouterInfo` in the registry every second (with a
        TTL, and the arrival counters the ratio controller sums); it stops when the cluster's stop flag is set
     -> on stop (SIGTERM, SIGINT, the flag): no new calls, running streams get a grace period, it leaves the registry.
 
@@ -31,6 +32,9 @@ from pdserve.config import ClusterConfig, Mode, config_from_json
 from pdserve.registry.entries import ClusterSettings, RouterInfo
 from pdserve.registry.kv_events import KVEventLog
 from pdserve.registry.registry import CLUSTER, HEARTBEAT_S, Registry
+from pdserve.router.batch_api import BatchAPI
+from pdserve.router.batch_runner import BatchRunner
+from pdserve.router.batch_store import BatchStore, default_files_dir
 from pdserve.router.connection_guard import ConnectionLimits, raise_file_limit
 from pdserve.router.control_client import ControlClient
 from pdserve.router.http_server import OpenAIServer
@@ -76,6 +80,8 @@ class RouterProcess:
         self.listen = listen or Listen()
         self.router_id = router_id or new_router_id()
         self.registry = Registry(redis_url, CLUSTER)
+        self._batches: asyncio.Task | None = None
+        """Runs the Batch API's batches (with the HTTP port)."""
 
     async def serve(self, stop: asyncio.Event) -> None:
         settings = await settings_of(self.registry)
@@ -114,6 +120,8 @@ class RouterProcess:
             announce.cancel()
             await server.stop(grace=STOP_GRACE_S)
             if http is not None:
+                self._batches.cancel()
+                await asyncio.gather(self._batches, return_exceptions=True)
                 await http.stop()
             metrics.stop()
             membership.cancel()
@@ -136,8 +144,12 @@ class RouterProcess:
         if port is None:
             return None
         router = config.router
-        app = OpenAIServer(builder, orchestrator, router.served_model_name or config.engine.model, access,
-                           router.max_body_bytes).app()
+        store = BatchStore(self.registry.redis, self.registry.prefix, router.files_dir or default_files_dir())
+        server = OpenAIServer(builder, orchestrator, router.served_model_name or config.engine.model, access,
+                              router.max_body_bytes, BatchAPI(store), router.max_file_bytes)
+        runner = BatchRunner(store, server.batch_answer, self.router_id, 2 * router.low_priority_limit)
+        self._batches = asyncio.create_task(runner.run(), name="batch-runner")
+        app = server.app()
         tls = (router.tls_cert_file, router.tls_key_file) if router.tls_cert_file else None
         limits = ConnectionLimits(router.max_connections, router.max_connections_per_address,
                                   router.header_timeout_s)
