@@ -325,6 +325,12 @@ class ClusterConfig:
             getattr(self.workers, name).engine_config(self.engine)  # an override the engine refuses names its pool
 
 
+def state_dir() -> str:
+    """Where this machine keeps a cluster's local state (its state file, log and the Batch API's files):
+    $PDSERVE_STATE_DIR, or ~/.cache/pdserve/run."""
+    return os.environ.get("PDSERVE_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve", "run")
+
+
 def config_to_json(config: ClusterConfig) -> str:
     """The config as JSON that `config_from_json` (and `parse_config`) read back to an equal config."""
     return json.dumps(_plain(config))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from pdserve.config import state_dir
 from pdserve.control_plane.processes import alive
 from pdserve.control_plane.state_file import ClusterState
 
@@ -13,8 +14,7 @@ class NoCluster(RuntimeError):
 
 
 def state_path() -> str:
-    base = os.environ.get("PDSERVE_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve", "run")
-    return os.path.join(base, "cluster.json")
+    return os.path.join(state_dir(), "cluster.json")
 
 
 def log_path() -> str:

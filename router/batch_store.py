@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import redis
 
+from pdserve.config import state_dir
+
 FINAL = ("completed", "failed", "expired", "cancelled")
 """Batch states that never change again."""
 _RENEW_LEASE = """
@@ -30,9 +32,7 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[
 
 def default_files_dir() -> str:
     """`files` beside the cluster's state file: in $PDSERVE_STATE_DIR or ~/.cache/pdserve/run."""
-    from pdserve.cli.cluster_state import state_path
-
-    return os.path.join(os.path.dirname(state_path()), "files")
+    return os.path.join(state_dir(), "files")
 
 
 class NotFound(LookupError):
