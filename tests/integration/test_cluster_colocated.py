@@ -1,6 +1,7 @@
 """Colocated mode (the baseline): the same router and `pdserve up`, with one worker doing both phases."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -44,13 +45,14 @@ def test_colocated_cancel_mid_decode_frees_blocks(cluster):
         async with Client(cluster.address, timeout_s=120) as client:
             stream = client.stream(Prompt(text="Once upon a time"),
                                    SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
-            received = 0
-            async for response in stream:
+            received, load = 0, {}
+            deadline = time.monotonic() + 60
+            async for response in stream:  # still reading: the request stays live while its load is looked at
                 received += len(response.token_ids)
                 if received >= 5:
-                    break
-            await asyncio.sleep(1.2)
-            load = await asyncio.to_thread(cluster.workers)
+                    load = await asyncio.to_thread(cluster.workers)  # heartbeats come each second
+                    if load["colocated-0"]["used"] > 0 or time.monotonic() > deadline:
+                        break
             stream.cancel()
             return load
 
