@@ -4,8 +4,10 @@
 
 Two local engines on SmolLM2 (one with `engine.speculative: {method: prompt_lookup}`), run in turn A B A B for each
 workload, the median of `rounds` reported:
-- copy (batch 1): a chat request to repeat a given piece of code (prompt lookup's home ground);
-- edit (batch 1): a chat request to rename a variable in it (mostly copying);
+- copy (batch 1): a piece of code, then the start of it again, as a completion (prompt lookup's home ground: this
+  model goes on copying);
+- copy chat (batch 1): a chat request to repeat the code exactly (this small model paraphrases);
+- edit chat (batch 1): a chat request to rename a variable in it;
 - chat (batch 1): an open question (little to copy);
 - chat x16: 16 different chat requests at once (above `max_batch`, so speculation stands down).
 Each greedy, up to `tokens` tokens; outputs must be token-identical (checked). Printed: output tokens/s of each, the
@@ -33,8 +35,9 @@ def workloads() -> dict[str, list[Prompt]]:
         code = f.read().split('"""', 2)[2][:1200]  # the code after the module docstring
     ask = lambda text: Prompt(messages=(Message("user", text),))  # noqa: E731
     return {
-        "copy (batch 1)": [ask("Repeat this code exactly:\n" + code)],
-        "edit (batch 1)": [ask("Rename `tokens` to `ids` in this code and show all of it:\n" + code)],
+        "copy (batch 1)": [Prompt(text=code + "\n# The same code again:\n" + code[:60])],
+        "copy chat (batch 1)": [ask("Repeat this code exactly:\n" + code)],
+        "edit chat (batch 1)": [ask("Rename `tokens` to `ids` in this code and show all of it:\n" + code)],
         "chat (batch 1)": [ask(QUESTIONS[2])],
         "chat x16": [ask(QUESTIONS[i % len(QUESTIONS)] + f" ({i})") for i in range(16)],
     }

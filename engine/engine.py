@@ -37,6 +37,7 @@ from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.logprobs import Sampled, TokenLogprobs
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_engine_model
+from pdserve.engine.prompt_lookup import pause_after
 from pdserve.engine.quantization import Quantization, quantize_model
 from pdserve.engine.request import ONLINE_PRIORITY, FinishReason, Prompt, Request, RequestOutput, RequestStatus
 from pdserve.engine.sampler import Sampler
@@ -378,6 +379,8 @@ class Engine:
         emitted = (picked.token_id, *picked.more)
         self.speculative_proposed_total += len(chunk.proposed)
         self.speculative_accepted_total += len(emitted) - 1
+        request.speculation_misses = request.speculation_misses + 1 if len(emitted) == 1 else 0
+        request.speculation_pause = pause_after(request.speculation_misses)
         outputs = []
         for token in emitted:
             outputs.append(self._append_token(request, token))

@@ -142,6 +142,10 @@ class Request:
     speculative: bool = False
     """Its decode steps check proposed tokens (`engine.prompt_lookup`): greedy, no logit changes, logprobs or
     grammar, and the engine speculates."""
+    speculation_misses: int = 0
+    """Speculative steps in a row whose proposals were all rejected."""
+    speculation_pause: int = 0
+    """Decode steps to go before it proposes again (`prompt_lookup.pause_after`)."""
     grammar: GrammarState | None = None
     """Where the output is in its structured-output grammar (`SamplingParams.structured_output`), else None."""
 

@@ -284,6 +284,9 @@ class Scheduler:
         max_tokens (the last emitted token is the model's own)."""
         if not request.speculative:
             return ()
+        if request.speculation_pause > 0:
+            request.speculation_pause -= 1
+            return ()
         k = min(self.speculative.k, room, request.sampling.max_tokens - len(request.output_token_ids) - 1)
         return propose(request.all_token_ids, k) if k > 0 else ()
 

@@ -4,7 +4,7 @@ its own pick; a speculative chunk is the last token plus the proposals, and only
 
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import SpeculativeSettings
-from pdserve.engine.prompt_lookup import propose, verify
+from pdserve.engine.prompt_lookup import pause_after, propose, verify
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
@@ -13,8 +13,14 @@ from pdserve.engine.scheduler import Scheduler
 def test_proposals_follow_the_latest_earlier_occurrence_of_the_longest_tail():
     assert propose([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3], k=3) == (7, 8, 5)  # the later "1 2 3"
     assert propose([5, 6, 1, 4, 4, 2, 6, 1], k=2) == (4, 4)  # "6 1" again
-    assert propose([1, 2, 3, 4, 3], k=4) == (4, 3)  # only "3" matches; what follows runs to the end
+    assert propose([1, 2, 3, 4, 2, 3], k=4) == (4, 2, 3)  # "2 3" matches; what follows runs to the end
+    assert propose([1, 2, 3, 4, 3], k=4) == ()  # a single token matching is chance: not proposed
+    assert propose([1, 2, 3, 4, 3], k=4, min_ngram=1) == (4, 3)
     assert propose([1, 2, 3], k=4) == () and propose([7], k=4) == () and propose([1, 1, 1], k=0) == ()
+
+
+def test_a_request_whose_proposals_miss_waits_longer_each_time():
+    assert [pause_after(m) for m in range(7)] == [0, 0, 1, 3, 7, 15, 15]
 
 
 def test_verify_keeps_agreed_proposals_and_adds_the_models_own_pick():
