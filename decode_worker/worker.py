@@ -17,7 +17,8 @@ Life of a handed-off request here:
 
 The receive is posted only once its send has started, so its timeout bounds the transfer itself, never the wait
 in a prefill queue. A receive that fails or times out frees the blocks and ends the request with an error event.
-`abort` works at every stage (reserved, receiving, decoding) and frees the blocks; KV announced for a request that
+`abort` works at every stage (reserved, receiving, decoding) and frees the blocks; one that Ray ran before the
+reserve it cancels is remembered, and that reserve is refused (`worker.aborted`); KV announced for a request that
 is no longer here (aborted, reaped) is received and dropped, so the sender's send completes and the pair stays in
 step.
 
@@ -42,6 +43,7 @@ from pdserve.engine.request import FinishReason, RequestOutput
 from pdserve.engine.step_profile import StepProfile, profile_engine
 from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError, TransferResult, TransferStatus
 from pdserve.registry.entries import WorkerInfo
+from pdserve.worker.aborted import AbortedRequests
 from pdserve.worker.engine_thread import EngineThread
 from pdserve.worker.messages import Adoption, DecodeTask, KVAnnouncement, Reservation, TokenEvent
 from pdserve.worker.runtime import WorkerRuntime, WorkerSpec
@@ -82,6 +84,7 @@ class DecodeWorker:
         self.owners = Owners(spec.lease_s)
         self._arriving: dict[str, _Arrival] = {}
         self._local: dict[str, _Local] = {}
+        self._aborted = AbortedRequests()
         self._tags = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task | None = None
@@ -100,7 +103,10 @@ class DecodeWorker:
         return self.runtime.info()
 
     async def reserve(self, task: DecodeTask) -> Reservation | None:
-        """Allocate blocks for the request's KV and choose its transfer tag; None when there is no room now."""
+        """Allocate blocks for the request's KV and choose its transfer tag; None when there is no room now, or when
+        its router aborted it already (its abort ran first: `worker.aborted`)."""
+        if task.request_id in self._aborted:
+            return None
         self.owners.add(task.request_id, task.owner, task.prefill_worker)  # before any event of it can exist
         tag = next(self._tags) % TAG_LIMIT
         reservation = await self.runtime.call(lambda engine: self._reserve(engine, task, tag))
@@ -113,7 +119,9 @@ class DecodeWorker:
         await self.runtime.call(lambda engine: self._announced(engine, announcement))
 
     async def generate(self, task: DecodeTask) -> None:
-        """Colocated: prefill and decode the whole request here."""
+        """Colocated: prefill and decode the whole request here (unless its router aborted it already)."""
+        if task.request_id in self._aborted:
+            return
         self.owners.add(task.request_id, task.owner)
         await self.runtime.call(lambda engine: self._generate(engine, task))
 
@@ -123,6 +131,7 @@ class DecodeWorker:
         owner = self.owners.owner(request_id)
         if owner is not None and owner.router_id != router_id:
             return
+        self._aborted.add(request_id)  # before any await: a reserve run after this refuses it
         self.owners.forget(request_id)
         await self.runtime.call(lambda engine: self._abort(engine, request_id))
 

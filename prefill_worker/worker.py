@@ -35,6 +35,7 @@ from pdserve.engine.step_profile import StepProfile, profile_engine
 from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError
 from pdserve.registry.entries import WorkerInfo
 from pdserve.registry.registry import Registry
+from pdserve.worker.aborted import AbortedRequests
 from pdserve.worker.engine_thread import EngineThread
 from pdserve.worker.kv_pairs import PairKeeper
 from pdserve.worker.messages import KVAnnouncement, PrefillResult, PrefillTask
@@ -69,6 +70,7 @@ class PrefillWorker:
         self.peers = peers
         self._prefilling: dict[str, _Prefill] = {}
         self._sending: set[str] = set()
+        self._aborted = AbortedRequests()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pairing: asyncio.Task | None = None
 
@@ -87,12 +89,17 @@ class PrefillWorker:
         return self.runtime.info()
 
     async def prefill(self, task: PrefillTask) -> PrefillResult:
+        """The first token, once the prompt is prefilled and its KV is on the wire; none (finish reason ABORT) if
+        the request's router aborted it, before or after this call was run (`worker.aborted`)."""
+        if task.request_id in self._aborted:
+            return _aborted(task.request_id)
         result: Future = Future()
         await self.runtime.call(lambda engine: self._add(engine, task, result))
         return await asyncio.wrap_future(result)
 
     async def abort(self, request_id: str) -> None:
         """Drop the request here if its prefill has not finished (a send already on the wire finishes)."""
+        self._aborted.add(request_id)  # before any await: a prefill run after this refuses it
         await self.runtime.call(lambda engine: self._abort(engine, request_id))
 
     async def metrics(self) -> list:
@@ -170,7 +177,7 @@ class PrefillWorker:
         p = self._prefilling.pop(request_id, None)
         if p is not None:
             engine.abort(request_id)
-            p.result.set_result(PrefillResult(request_id, None, "", FinishReason.ABORT, 0.0, 0.0))
+            p.result.set_result(_aborted(request_id))
 
     def _send(self, output: RequestOutput, task: PrefillTask, blocks: tuple[int, ...]) -> None:
         """Send the blocks after those the decode worker holds already (`task.skip_blocks`)."""
@@ -181,3 +188,7 @@ class PrefillWorker:
                                       output.new_token_ids[0], len(blocks),
                                       output.logprobs[0] if output.logprobs else None)
         self._loop.call_soon_threadsafe(self.peers.announce, task.decode_worker, announcement)
+
+
+def _aborted(request_id: str) -> PrefillResult:
+    return PrefillResult(request_id, None, "", FinishReason.ABORT, 0.0, 0.0)

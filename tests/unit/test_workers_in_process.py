@@ -134,6 +134,30 @@ def test_abort_before_the_prefill_frees_both_sides_and_posts_no_receive():
     assert asyncio.run(go()) == []  # its router aborted it: nothing more to collect
 
 
+def test_an_abort_run_before_its_reserve_and_prefill_leaves_nothing_held():
+    """Ray may run a router's abort before the calls it sent earlier: those calls, run late, take nothing."""
+    sampling = SamplingParams(max_tokens=10, temperature=0)
+
+    async def go():
+        prefill, decode = await started_pair()
+        await decode.abort("r7", ROUTER)
+        await prefill.abort("r7")
+        reservation = await decode.reserve(DecodeTask("r7", PROMPT, sampling, Owner(ROUTER, "r7"), "prefill-0"))
+        result = await prefill.prefill(PrefillTask("r7", PROMPT, sampling, "decode-0", 1))
+        used = [w.runtime.thread.call(lambda e: (e.blocks.num_used, e.num_requests)).result()
+                for w in (prefill, decode)]
+        await handed_off(prefill, decode, "r8", sampling)  # another request is served as before
+        events = await events_until_finished(decode, "r8")
+        await stop(prefill, decode)
+        return reservation, result, used, events
+
+    reservation, result, used, events = asyncio.run(go())
+    assert reservation is None
+    assert result.first_token_id is None and result.finish_reason is FinishReason.ABORT
+    assert used == [(0, 0), (0, 0)]
+    assert sum(len(e.token_ids) for e in events) == 10
+
+
 def test_kv_announced_for_an_aborted_request_is_drained_not_left_on_the_wire():
     """The decode side let the request go first (aborted, or reaped after its router died) and the prefill worker
     sends its KV after: the announcement finds no reservation, and the KV is received and dropped."""
