@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-from pdserve.engine.config import ConfigError, EngineConfig
+from pdserve.engine.config import SPECULATIVE_METHODS, ConfigError, EngineConfig, SpeculativeSettings
 from pdserve.engine.model_source import DEFAULT_MODEL
 from pdserve.engine.request import Message, Prompt, PromptError, RequestOutput
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
@@ -54,6 +54,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="GGUF file, Hugging Face folder, or random:SHAPE")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--speculative", choices=list(SPECULATIVE_METHODS), default="none",
+                   help="local engine: speculative decoding (greedy output stays the same)")
     p.set_defaults(run=run)
 
 
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                                   top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
         if args.router:
             return _through_router(args, lines, sampling)
-        engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device))
+        engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                     speculative=SpeculativeSettings(method=args.speculative)))
         outputs = engine.generate([line.prompt for line in lines], sampling)
     except (InputError, ConfigError, SamplingError, PromptError, RequestError, OSError) as e:
         print(f"pdserve generate: {e}", file=sys.stderr)

@@ -39,12 +39,15 @@ from pdserve.engine.cost_model import CostModel
 from pdserve.engine.hardware import hardware
 from pdserve.engine.model_source import resolve_engine_model
 from pdserve.engine.shapes import shape
+from pdserve.engine.step_profile import EngineBusy, StepProfile
 from pdserve.registry.entries import ClusterSettings, Role
 from pdserve.registry.registry import CLUSTER, HEARTBEAT_S, Registry
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "pdserve"
+PROFILE_WAIT_S = 120.0
+"""How long the controller waits for an idle worker to profile at start."""
 LOCAL_CPU_OVERSUBSCRIPTION = 4
 """A local Ray gets this many times the machine's cores as logical CPUs: workers share cores once there are more
 of them than cores (`pdserve scale` up to 4x)."""
@@ -181,9 +184,7 @@ class ControlPlane:
             model = ScaledModel(CostModel(shape(decode.model.removeprefix("random:")), hardware(sim.hardware),
                                           sim.tensor_parallel), sim.time_scale)
         else:
-            first_id, first = next(iter(self.workers.actors.items()))
-            model = await first.profile.remote()
-            log.warning("controller: profiled %s: %s", first_id, model)
+            model = await self._profile()
         decode_actor = next(self.workers.actors[i] for i, s in self.workers.specs.items() if s.role is Role.DECODE)
         info = await decode_actor.info.remote()  # its KV capacity, as its engine sized it
         settings = config.controller
@@ -194,6 +195,22 @@ class ControlPlane:
             shift_ratio=settings.shift_ratio, warmup_s=settings.warmup_s, max_num_seqs=decode.max_num_seqs,
             kv_capacity_tokens=info.kv_blocks_total * decode.block_size)
         return ControllerLoop(controller_config, model, registry, self.workers, settings.window_s, settings.dry_run)
+
+    async def _profile(self) -> StepProfile:
+        """A profile of a worker's engine. The routers serve before the controller starts, so each worker may be
+        busy: try each in turn until one is idle (up to PROFILE_WAIT_S)."""
+        deadline = asyncio.get_running_loop().time() + PROFILE_WAIT_S
+        while True:
+            for worker_id, actor in list(self.workers.actors.items()):
+                try:
+                    model = await actor.profile.remote()
+                except EngineBusy:
+                    continue
+                log.warning("controller: profiled %s: %s", worker_id, model)
+                return model
+            if asyncio.get_running_loop().time() > deadline:
+                raise EngineBusy(f"controller: no worker was idle to profile within {PROFILE_WAIT_S:g} s")
+            await asyncio.sleep(0.2)
 
     # ---- the state file --------------------------------------------------------------------------------------
     def _write_state(self, redis_url: str, redis_pid: int | None, ray_address: str, ray_head_pid: int | None) -> None:

@@ -171,6 +171,44 @@ class SimSettings:
         return SimSettings(**values)
 
 
+SPECULATIVE_METHODS = ("none", "prompt_lookup")
+
+
+@dataclass(frozen=True)
+class SpeculativeSettings:
+    """Speculative decoding (`engine.speculative`): a decode step checks proposed tokens in one forward pass and
+    keeps those the model would have picked itself, so greedy output is the same as without it (engine.prompt_lookup).
+    Greedy requests without logit changes, logprobs or structured output speculate; the others decode as usual."""
+
+    method: str = "none"
+    """"none", or "prompt_lookup": propose the tokens that followed the latest earlier occurrence of the last few
+    tokens, in the prompt or the output (no draft model; pays on text that copies its input)."""
+    k: int = 4
+    """Tokens proposed per request and step."""
+    max_batch: int = 4
+    """Speculate only while at most this many requests decode in a step: with more, checking k tokens for each costs
+    more than it saves."""
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"engine.speculative.method: {self.method!r} is not one of {list(SPECULATIVE_METHODS)}")
+        if not 1 <= self.k <= 16:
+            raise ConfigError(f"engine.speculative.k: must be in [1, 16], got {self.k!r}")
+        if self.max_batch < 1:
+            raise ConfigError(f"engine.speculative.max_batch: must be > 0, got {self.max_batch!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @staticmethod
+    def from_dict(values: Mapping[str, Any]) -> "SpeculativeSettings":
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"engine.speculative: must be a mapping, got {type(values).__name__}")
+        _check_fields("engine.speculative", SpeculativeSettings, values)
+        return SpeculativeSettings(**values)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What a user sets for one engine (one worker's model, KV cache and scheduler)."""
@@ -219,6 +257,8 @@ class EngineConfig:
     """Keep the KV blocks of finished requests, named by a hash of their whole prefix, and let later requests with
     the same prefix take them instead of computing (or receiving) them again; least recently used are evicted first
     (see engine.block_manager). Greedy output is the same either way."""
+    speculative: SpeculativeSettings = dataclasses.field(default_factory=SpeculativeSettings)
+    """Speculative decoding (off by default)."""
     gpu_memory_utilization: float = 0.9
     """On CUDA with num_kv_blocks unset, the share of the GPU's memory that weights + KV cache may fill; the KV
     cache takes what the weights leave (kv_cache_gib is then ignored)."""
@@ -264,7 +304,9 @@ class EngineConfig:
         values = dict(values)
         if "sim" in values:
             values["sim"] = SimSettings.from_dict(values["sim"])
-        _check_fields("engine", EngineConfig, values, skip=("sim",))
+        if "speculative" in values:
+            values["speculative"] = SpeculativeSettings.from_dict(values["speculative"])
+        _check_fields("engine", EngineConfig, values, skip=("sim", "speculative"))
         return EngineConfig(**values)
 
 

@@ -34,14 +34,15 @@ from pdserve.engine.fingerprint import model_fingerprint
 from pdserve.engine.grammar_state import Grammars, GrammarState
 from pdserve.engine.hardware import hardware
 from pdserve.engine.kv_cache import KVCache
-from pdserve.engine.logprobs import TokenLogprobs
+from pdserve.engine.logprobs import Sampled, TokenLogprobs
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_engine_model
+from pdserve.engine.prompt_lookup import pause_after
 from pdserve.engine.quantization import Quantization, quantize_model
 from pdserve.engine.request import ONLINE_PRIORITY, FinishReason, Prompt, Request, RequestOutput, RequestStatus
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
-from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from pdserve.engine.sim_runner import SimRunner
 from pdserve.engine.tokenizer import Tokenizer, load_tokenizer, tokenize_prompt
 from pdserve.engine.weights import load_model, read_model_config
@@ -101,7 +102,8 @@ class Engine:
         else:
             self._build_torch(source)
         self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size, config.prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs)
+        self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs,
+                                   config.speculative)
         self.eos_token_ids = self._eos_ids()
         self.grammars = Grammars(self.tokenizer.hf, self.model_config.vocab_size) if self.tokenizer else None
         """Structured output's masks (a model with a tokenizer only)."""
@@ -119,6 +121,9 @@ class Engine:
         """Prompt tokens of requests that got their first token here (computed, received or cached)."""
         self.cached_tokens_total = 0
         """Of those, tokens whose KV came from the prefix cache."""
+        self.speculative_proposed_total = 0
+        self.speculative_accepted_total = 0
+        """Speculative decoding: tokens proposed, and of those the ones the model agreed with."""
         log.info("engine ready: %s (%s), %d layers, %d KV blocks of %d tokens, max_model_len %d", config.model,
                  config.backend, self.model_config.num_layers, self.kv_cache.num_blocks, config.block_size,
                  self.max_model_len)
@@ -233,6 +238,9 @@ class Engine:
             if chunk.request_id in result.prompt_logprobs:  # by position: a recomputed chunk writes the same again
                 found = result.prompt_logprobs[chunk.request_id]
                 request.prompt_logprobs[chunk.start_pos + 1:chunk.start_pos + 1 + len(found)] = found
+            if chunk.proposed:
+                outputs += self._append_verified(chunk, request, sampled[chunk.request_id])
+                continue
             self.scheduler.advance(chunk, request)
             if chunk.request_id in sampled:
                 picked = sampled[chunk.request_id]
@@ -330,7 +338,8 @@ class Engine:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise RequestError(f"priority: must be an integer, got {priority!r}")
         request = Request(request_id, tuple(token_ids), sampling, next(self._order), prefill_only,
-                          priority=priority, resumed_tokens=resumed_tokens)
+                          priority=priority, resumed_tokens=resumed_tokens, speculative=self._speculates(sampling,
+                                                                                                       prefill_only))
         if sampling.prompt_logprobs is not None and computes_prompt:
             request.prompt_logprobs = [None] * len(token_ids)
         if sampling.structured_output is not None:
@@ -363,6 +372,22 @@ class Engine:
             self.scheduler.hold(request)
             return self._output(request, (token_id,), delta, Finish(FinishReason.PREFILLED), picked)
         return self._output(request, (token_id,), delta, None, picked)
+
+    def _append_verified(self, chunk: ScheduledChunk, request: Request, picked: Sampled) -> list[RequestOutput]:
+        """A speculative chunk's tokens, one output each until one ends the request; then the request's KV covers
+        its last token and the accepted proposals (`engine.prompt_lookup`)."""
+        emitted = (picked.token_id, *picked.more)
+        self.speculative_proposed_total += len(chunk.proposed)
+        self.speculative_accepted_total += len(emitted) - 1
+        request.speculation_misses = request.speculation_misses + 1 if len(emitted) == 1 else 0
+        request.speculation_pause = pause_after(request.speculation_misses)
+        outputs = []
+        for token in emitted:
+            outputs.append(self._append_token(request, token))
+            if outputs[-1].finished:
+                return outputs
+        self.scheduler.advance(chunk, request, computed=chunk.start_pos + len(emitted))
+        return outputs
 
     def _start_grammar(self, sampling: SamplingParams, resumed: Sequence[int]) -> GrammarState:
         structured = sampling.structured_output
@@ -415,6 +440,12 @@ class Engine:
         if request is None or request.status is not RequestStatus.HELD:
             raise RequestError(f"request_id: {request_id!r} is not held by this engine")
         return request
+
+    def _speculates(self, sampling: SamplingParams, prefill_only: bool) -> bool:
+        """Speculative decoding keeps greedy output exact; other requests decode one token a step."""
+        return (self.config.speculative.enabled and not self.config.simulated and not prefill_only
+                and sampling.greedy and not sampling.adjusts_logits and sampling.logprobs is None
+                and sampling.structured_output is None)
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:

@@ -30,6 +30,8 @@ class Sampled:
 
     token_id: int
     logprobs: TokenLogprobs | None = None
+    more: tuple[int, ...] = ()
+    """A speculative chunk's further tokens, after `token_id` (`engine.prompt_lookup.verify`)."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pdserve.engine.grammar_state import PendingMasks
 from pdserve.engine.kv_cache import AttentionMetadata, DecodeGroup, KVCache, PagedBatch, PrefillSegment
 from pdserve.engine.logprobs import Sampled, StepResult, TokenLogprobs, logprobs_of
 from pdserve.engine.model import LlamaModel
+from pdserve.engine.prompt_lookup import verify
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import ScheduledChunk
 
@@ -30,6 +31,8 @@ class StepInput:
     sample_chunks: tuple[ScheduledChunk, ...]
     first_rows: dict[str, int]
     """Each chunk's first row in the step (by request id)."""
+    verify_chunks: tuple[ScheduledChunk, ...] = ()
+    """Speculative chunks: the model's pick after each of their rows is checked against their proposals."""
 
 
 class ModelRunner:
@@ -57,11 +60,29 @@ class ModelRunner:
             masks = self._begin_masks(step.sample_chunks)
             hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.meta)  # [T, hidden]
             prompt_logprobs = self._prompt_logprobs(chunks, hidden, step.first_rows)
+            verified = self._verify(step.verify_chunks, hidden, step.first_rows)
             if not step.sample_chunks:
-                return StepResult({}, prompt_logprobs)
+                return StepResult(verified, prompt_logprobs)
             logits = self.model.logits(hidden[step.sample_rows])  # [N, V]
             sample_chunks = step.sample_chunks
+            return StepResult({**self._sample(logits, sample_chunks, masks), **verified}, prompt_logprobs)
         return StepResult(self._sample(logits, sample_chunks, masks), prompt_logprobs)
+
+    def _verify(self, chunks: tuple[ScheduledChunk, ...], hidden: torch.Tensor,
+                first_rows: dict[str, int]) -> dict[str, Sampled]:
+        """hidden: [T, hidden] -> for each speculative chunk the tokens it emits (greedy: the model's pick after each
+        of its rows, kept while it agrees with the proposals)."""
+        if not chunks:
+            return {}
+        rows = torch.cat([torch.arange(first_rows[c.request_id], first_rows[c.request_id] + len(c.token_ids))
+                          for c in chunks]).to(self.device)
+        picks = self.model.logits(hidden[rows]).argmax(dim=-1).tolist()  # [R], one host sync
+        verified, offset = {}, 0
+        for chunk in chunks:
+            emitted = verify(chunk.proposed, picks[offset:offset + len(chunk.token_ids)])
+            verified[chunk.request_id] = Sampled(emitted[0], more=emitted[1:])
+            offset += len(chunk.token_ids)
+        return verified
 
     def _begin_masks(self, sample_chunks: tuple[ScheduledChunk, ...]) -> PendingMasks | None:
         """Structured output's masks, computed on the grammar thread while the model runs."""
@@ -108,7 +129,7 @@ class ModelRunner:
             first_rows[chunk.request_id] = len(ids)
             ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start_pos, chunk.context_len))
-            if chunk.sample:
+            if chunk.sample and not chunk.proposed:
                 sample_rows.append(len(ids) - 1)
         position_tensor = self._tensor(positions)
         lengths = [len(c.token_ids) for c in ordered]
@@ -121,7 +142,8 @@ class ModelRunner:
                                      decode=self._decode_group(decodes, tables[:len(decodes)]) if decodes else None,
                                      prefills=self._prefill_segments(prefills, len(decodes)))
         return StepInput(self._tensor(ids), position_tensor, meta, self._tensor(sample_rows),
-                         tuple(c for c in ordered if c.sample), first_rows)
+                         tuple(c for c in ordered if c.sample and not c.proposed), first_rows,
+                         tuple(c for c in ordered if c.proposed))
 
     def _slots(self, tables: torch.Tensor, lengths: list[int], positions: torch.Tensor) -> torch.Tensor:
         """[T] each token's slot, block_table[pos // BS] * BS + pos % BS, computed on the device.

@@ -139,6 +139,13 @@ class Request:
     resumed_tokens: int = 0
     """A request resumed after a worker failed: its prompt ends with this many tokens of output the client already
     has. They count as output for seeded sampling's positions and for the text (see `Engine.add_request`)."""
+    speculative: bool = False
+    """Its decode steps check proposed tokens (`engine.prompt_lookup`): greedy, no logit changes, logprobs or
+    grammar, and the engine speculates."""
+    speculation_misses: int = 0
+    """Speculative steps in a row whose proposals were all rejected."""
+    speculation_pause: int = 0
+    """Decode steps to go before it proposes again (`prompt_lookup.pause_after`)."""
     grammar: GrammarState | None = None
     """Where the output is in its structured-output grammar (`SamplingParams.structured_output`), else None."""
 

@@ -14,6 +14,10 @@ its priority), to be recomputed from its prompt plus the tokens it already produ
 room also preempts running requests of lower priority (never of its own), so batch work yields to online work.
 Nothing is dropped.
 
+Speculative decoding (`engine.speculative`, while at most `max_batch` requests decode): a decoding request that
+speculates gets a chunk of its last token plus up to k proposed tokens (`engine.prompt_lookup`), with blocks for all
+of them; after the step only the KV of the proposals the model accepted counts as computed (`advance(computed=)`).
+
 Prefix caching: a request admitted from the queue (or reserved) first takes the cached blocks of its longest cached
 prefix (`BlockManager.cached_prefix`) and starts computing at the first uncached token; each block it fills is
 registered under its hash as soon as its KV is computed (or received), so later requests can share it. At least the
@@ -31,9 +35,11 @@ from collections import deque
 from dataclasses import dataclass
 
 from pdserve.engine.block_manager import BlockManager, blocks_for
+from pdserve.engine.config import SpeculativeSettings
 from pdserve.engine.grammar_state import GrammarState
 from pdserve.engine.logits_adjust import TokenHistory
 from pdserve.engine.prefix_hash import ROOT, block_hashes, shareable_blocks
+from pdserve.engine.prompt_lookup import propose
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -58,6 +64,9 @@ class ScheduledChunk:
     position, as far as the prompt goes)."""
     grammar: GrammarState | None = None
     """A sampling chunk's structured-output state (it masks the logits); else None."""
+    proposed: tuple[int, ...] = ()
+    """Speculative decoding: tokens proposed after the request's last one (they end `token_ids`); the model's pick
+    after each position is checked against them (`engine.prompt_lookup`)."""
 
     @property
     def context_len(self) -> int:
@@ -75,10 +84,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 speculative: SpeculativeSettings | None = None) -> None:
         self.blocks = blocks
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.speculative = speculative or SpeculativeSettings()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.held: dict[str, Request] = {}
@@ -138,21 +149,24 @@ class Scheduler:
         ordered = sorted(self.running, key=_order)
         decoding = [r for r in ordered if r.is_decoding]
         prefilling = [r for r in ordered if not r.is_decoding]
+        speculating = self.speculative.enabled and len(decoding) <= self.speculative.max_batch
         for request in decoding + prefilling:
             if step.left == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             count = min(request.num_uncomputed, step.left)
-            if self._grow(request, count, step, preempted):
-                step.add(self._chunk(request, count))
+            proposed = self._proposals(request, step.left - 1) if speculating and request.is_decoding else ()
+            if self._grow(request, count + len(proposed), step, preempted):
+                step.add(self._chunk(request, count, proposed))
         if not preempted:
             self._admit(step, preempted)
         return SchedulerOutput(chunks=tuple(step.chunks.values()), preempted=tuple(preempted))
 
-    def advance(self, chunk: ScheduledChunk, request: Request) -> None:
-        """The runner computed the chunk's tokens."""
-        request.num_computed_tokens = chunk.context_len
+    def advance(self, chunk: ScheduledChunk, request: Request, computed: int | None = None) -> None:
+        """The runner computed the chunk's tokens (`computed`: the request's tokens with KV now, when fewer: a
+        speculative chunk keeps only the KV of the proposals accepted)."""
+        request.num_computed_tokens = chunk.context_len if computed is None else computed
         self._register_computed(request)
 
     # ---- internals -------------------------------------------------------------------------------------------
@@ -265,12 +279,23 @@ class Scheduler:
             known += block_hashes(tokens, self.blocks.block_size, parent=parent)
         return known
 
+    def _proposals(self, request: Request, room: int) -> tuple[int, ...]:
+        """Speculative tokens for a decoding request that speculates, within the step's budget (`room`) and its
+        max_tokens (the last emitted token is the model's own)."""
+        if not request.speculative:
+            return ()
+        if request.speculation_pause > 0:
+            request.speculation_pause -= 1
+            return ()
+        k = min(self.speculative.k, room, request.sampling.max_tokens - len(request.output_token_ids) - 1)
+        return propose(request.all_token_ids, k) if k > 0 else ()
+
     @staticmethod
-    def _chunk(request: Request, count: int) -> ScheduledChunk:
+    def _chunk(request: Request, count: int, proposed: tuple[int, ...] = ()) -> ScheduledChunk:
         start = request.num_computed_tokens
         return ScheduledChunk(
             request_id=request.request_id,
-            token_ids=request.token_slice(start, count),
+            token_ids=request.token_slice(start, count) + proposed,
             start_pos=start,
             block_ids=tuple(request.block_ids),
             sample=start + count == request.num_tokens,
@@ -281,6 +306,7 @@ class Scheduler:
             prompt_targets=request.prompt_token_ids[start + 1:start + count + 1]
             if request.sampling.prompt_logprobs is not None else (),
             grammar=request.grammar if start + count == request.num_tokens else None,
+            proposed=proposed,
         )
 
 

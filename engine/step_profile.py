@@ -41,11 +41,15 @@ class StepProfile:
         return self.decode_fixed_s + batch * (self.decode_s_per_seq + context_len * self.decode_s_per_kv_token)
 
 
+class EngineBusy(RuntimeError):
+    """The engine has requests: its steps cannot be timed alone now."""
+
+
 def profile_engine(engine: Engine, short: int = 64, long: int = 256, batches: tuple[int, int] = (1, 8),
                    repeats: int = 3) -> StepProfile:
     """Time prefills of `short` and `long` tokens and decode steps at two batch sizes and two contexts."""
     if engine.num_requests:
-        raise RuntimeError("profile_engine: the engine must be idle")
+        raise EngineBusy("profile_engine: the engine must be idle")
     caching, engine.blocks.caching = engine.blocks.caching, False
     try:
         return _profile(engine, short, long, batches, repeats)

@@ -30,10 +30,14 @@ the next scrape is whole again.
     pdserve_worker_prefix_cache_hit_tokens_total          counter    of those, tokens whose KV came from the prefix
                                                                     cache (hit rate: hit / queried)
     pdserve_worker_prefix_cache_evictions_total           counter    cached blocks evicted for other KV
+    pdserve_worker_speculative_proposed_tokens_total      counter    tokens proposed by speculative decoding
+    pdserve_worker_speculative_accepted_tokens_total      counter    of those, tokens the model agreed with
+                                                                    (acceptance rate: accepted / proposed)
     pdserve_worker_mfu / pdserve_worker_mbu               gauge      model FLOPs / bandwidth utilization per GPU
 
 Step shape: when the engine keeps the step's `SchedulerOutput` as `engine.last_schedule`, requests and tokens are
-exact (a chunk of one token for a request that has output is a decode; every other chunk is prefill). Without it they
+exact (a chunk of one token for a request that has output, or a speculative chunk, is a decode; every other chunk is
+prefill). Without it they
 are read off the step's outputs: a step counts when it sampled a token, its batch size is the requests that sampled,
 and a prompt's tokens count as prefilled in the step that finishes its prefill (a chunked prompt's earlier chunks,
 which sample nothing, are not seen apart).
@@ -117,6 +121,8 @@ class WorkerMetrics:
         self.cache_queried_tokens = 0
         self.cache_hit_tokens = 0
         self.cache_evictions = 0
+        self.speculative_proposed = 0
+        self.speculative_accepted = 0
         self.mfu: float | None = None
         """None: unknown (a torch engine, or no step yet)."""
         self.mbu: float | None = None
@@ -139,6 +145,8 @@ class WorkerMetrics:
         self.cache_queried_tokens = engine.prompt_tokens_total
         self.cache_hit_tokens = engine.cached_tokens_total
         self.cache_evictions = engine.blocks.evictions
+        self.speculative_proposed = engine.speculative_proposed_total
+        self.speculative_accepted = engine.speculative_accepted_total
         if engine.preemptions_total != self._preemptions_seen:
             self.preemptions += engine.preemptions_total - self._preemptions_seen
             self._preemptions_seen = engine.preemptions_total
@@ -191,6 +199,10 @@ class WorkerMetrics:
                        labels, self.cache_hit_tokens)
         yield _counter("pdserve_worker_prefix_cache_evictions", "Cached KV blocks evicted for other KV.", labels,
                        self.cache_evictions)
+        yield _counter("pdserve_worker_speculative_proposed_tokens", "Tokens proposed by speculative decoding.",
+                       labels, self.speculative_proposed)
+        yield _counter("pdserve_worker_speculative_accepted_tokens", "Proposed tokens the model agreed with.",
+                       labels, self.speculative_accepted)
         yield _gauge("pdserve_worker_mfu", "Model FLOPs utilization per GPU over recent steps (sim engines only).",
                      labels, self.mfu)
         yield _gauge("pdserve_worker_mbu", "Model bandwidth utilization per GPU over recent steps (sim engines only).",
@@ -234,7 +246,7 @@ def step_shape(engine: Engine, outputs: Sequence[RequestOutput]) -> tuple[int, i
     if schedule is not None:
         for chunk in schedule.chunks:
             n = len(chunk.token_ids)
-            if n == 1 and chunk.output_index:
+            if (n == 1 or chunk.proposed) and chunk.output_index:
                 decode += 1
             else:
                 prefill += n

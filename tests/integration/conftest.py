@@ -24,10 +24,13 @@ def gguf_path() -> str:
     return default_gguf_path()
 
 
-BASIC_CLUSTER = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
+BASIC_CLUSTER = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256,
+                            "speculative": {"method": "prompt_lookup", "k": 4, "max_batch": 4}},
                  "workers": {"prefill": {"count": 1, "resources": {"cpus": 1}},
                              "decode": {"count": 1, "resources": {"cpus": 1}}}}
-"""One prefill and one decode worker on SmolLM2, a core each."""
+"""One prefill and one decode worker on SmolLM2, a core each. The decode worker speculates (prompt lookup) on greedy
+requests while at most 4 decode: every test that compares the cluster's greedy output with the local engine's (which
+does not speculate) checks that speculation changes nothing through the disaggregated cluster."""
 
 
 @pytest.fixture(scope="session")

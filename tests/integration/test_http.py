@@ -5,6 +5,7 @@ left early freeing its KV blocks on both workers."""
 
 import http.client
 import json
+import time
 import urllib.parse
 import urllib.request
 
@@ -231,3 +232,26 @@ def test_every_workers_metrics_through_the_router(cluster):
     steps = {s.labels["worker_id"] for s in families["pdserve_worker_step_seconds"].samples}
     assert steps == set(cluster.workers())
     assert families["pdserve_worker_scrape_failures"].samples[0].value == 0
+
+
+def worker_counter(cluster, name: str, worker_id: str) -> float:
+    root = cluster.http_url.removesuffix("/v1")
+    with urllib.request.urlopen(f"{root}/metrics/workers", timeout=30) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    return sum(s.value for s in families[name].samples
+               if s.labels["worker_id"] == worker_id and s.name.endswith("_total"))
+
+
+def test_speculation_on_the_decode_worker_keeps_greedy_output_identical(cluster, client, engine):
+    """The basic cluster's decode worker speculates by prompt lookup (conftest.BASIC_CLUSTER): on text that copies
+    its prompt it accepts proposals, and the answer is the local engine's, which does not speculate."""
+    source = "def area(width, height):\n    return width * height\n\n"
+    prompt = source * 3 + "def area("
+    (decode,) = [w for w in cluster.workers() if w.startswith("decode")]
+    before = worker_counter(cluster, "pdserve_worker_speculative_accepted_tokens", decode)
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0).choices[0]
+    assert got.text == local(engine, Prompt(text=prompt), 32).text
+    deadline = time.monotonic() + 10  # the worker's counters are read off its engine after each step
+    while worker_counter(cluster, "pdserve_worker_speculative_accepted_tokens", decode) <= before:
+        assert time.monotonic() < deadline, "no proposal accepted"
+        time.sleep(0.5)

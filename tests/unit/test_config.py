@@ -35,6 +35,11 @@ from pdserve.engine.sampling_params import SamplingError, SamplingParams
     ({"sim": {"kv_link": "pcie"}}, "engine.sim.kv_link"),
     ({"sim": {"hardwar": "h100"}}, "engine.sim.hardwar"),
     ({"sim": [1]}, "engine.sim: must be a mapping"),
+    ({"speculative": {"method": "medusa"}}, "engine.speculative.method"),
+    ({"speculative": {"k": 0}}, "engine.speculative.k"),
+    ({"speculative": {"max_batch": 0}}, "engine.speculative.max_batch"),
+    ({"speculative": {"kk": 2}}, "engine.speculative.kk"),
+    ({"speculative": "prompt_lookup"}, "engine.speculative: must be a mapping"),
 ])
 def test_engine_config_errors_name_the_field(values, field):
     with pytest.raises(ConfigError, match=field):
@@ -63,7 +68,8 @@ def test_engine_config_round_trips():
               "sim": {"hardware": "h200", "tensor_parallel": 2, "gpu_memory_fraction": 0.8, "time_scale": 10.0,
                       "kv_link": "nvlink"},
               "quantization": "int4", "attention": "triton", "cuda_graphs": False, "compile": True,
-              "gpu_memory_utilization": 0.5, "prefix_caching": False}
+              "gpu_memory_utilization": 0.5, "prefix_caching": False,
+              "speculative": {"method": "prompt_lookup", "k": 6, "max_batch": 2}}
     config = EngineConfig.from_dict(values)
     assert dataclasses.asdict(config) == values
     assert EngineConfig.from_dict(dataclasses.asdict(config)) == config

@@ -1,0 +1,56 @@
+"""Speculative decoding by prompt lookup on the real SmolLM2 engine: greedy output token-identical to decoding without
+it (alone, in a batch, with stop strings, with requests that do not speculate beside it), and a copy-heavy prompt
+accepts most proposals."""
+
+import pytest
+
+from pdserve.engine import Engine, EngineConfig, SamplingParams
+from pdserve.engine.config import SpeculativeSettings
+from pdserve.engine.request import Message, Prompt
+
+pytestmark = pytest.mark.model
+
+SOURCE = '''def propose(tokens, k):
+    for n in range(3, 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tail:
+                return tokens[start + n:start + n + k]
+    return []
+'''
+COPY = Prompt(text=SOURCE + "\n# The same function again:\n" + SOURCE[:40])  # the model goes on copying
+PROMPTS = [COPY, Prompt(messages=(Message("user", "Repeat this code exactly:\n" + SOURCE),)),
+           Prompt(text="The capital of France is"), Prompt(text="1, 2, 3, 4, 5, 6, 7,"),
+           Prompt(messages=(Message("user", "Write a haiku about the sea."),))]
+
+
+@pytest.fixture(scope="module")
+def speculating() -> Engine:
+    return Engine(EngineConfig(speculative=SpeculativeSettings(method="prompt_lookup", k=4, max_batch=4)))
+
+
+def test_greedy_output_is_token_identical_with_prompt_lookup(engine, speculating):
+    greedy = SamplingParams(max_tokens=48, temperature=0)
+    expected = engine.generate(PROMPTS, greedy)
+    for prompt, want in zip(PROMPTS, expected):  # alone
+        before = speculating.speculative_accepted_total, speculating.speculative_proposed_total
+        (got,) = speculating.generate([prompt], greedy)
+        assert got.token_ids == want.token_ids and got.text == want.text
+        if prompt is COPY:  # copying its prompt, most proposals are what the model would write
+            accepted = speculating.speculative_accepted_total - before[0]
+            assert accepted > (speculating.speculative_proposed_total - before[1]) // 2 > 0
+    for batch in (3, 5):  # three speculate together; five are past max_batch 4 and decode one token a step
+        together = speculating.generate(PROMPTS[:batch], greedy)
+        assert [o.token_ids for o in together] == [o.token_ids for o in expected[:batch]]
+
+
+def test_stops_and_requests_that_do_not_speculate_are_as_without_it(engine, speculating):
+    stop = SamplingParams(max_tokens=60, temperature=0, stop=("return",))
+    sampled = SamplingParams(max_tokens=20, temperature=0.8, seed=5)
+    penalised = SamplingParams(max_tokens=20, temperature=0, repetition_penalty=1.3)
+    params = [stop, sampled, penalised]
+    expected = engine.generate([COPY] * 3, params)
+    got = speculating.generate([COPY] * 3, params)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
+        (o.token_ids, o.text, o.finish_reason) for o in expected]
+    assert speculating.num_requests == 0 and speculating.blocks.num_used == 0
