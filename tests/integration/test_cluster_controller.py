@@ -38,9 +38,22 @@ def roles(cluster) -> dict[str, str]:
     return {worker_id: w["role"] for worker_id, w in cluster.workers().items()}
 
 
+def all_workers_up(cluster, timeout_s: float = 180) -> dict[str, dict]:
+    """The workers once all three have joined (`up --detach` returns before every worker has, on a loaded
+    machine)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        workers = cluster.workers()
+        if sorted(w["role"] for w in workers.values()) == ["decode", "decode", "prefill"]:
+            return workers
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not all workers joined within {timeout_s} s: {workers}")
+        time.sleep(0.5)
+
+
 def test_pinned_move_under_load_loses_nothing(cluster, engine):
     registry = Registry(cluster.state()["redis_url"])
-    before = cluster.workers()
+    before = all_workers_up(cluster)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
     sampling = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
 
