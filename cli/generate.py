@@ -55,7 +55,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--speculative", choices=list(SPECULATIVE_METHODS), default="none",
-                   help="local engine: speculative decoding (greedy output stays the same)")
+                   help="local engine: speculative decoding (greedy output stays the same; sampled output keeps its "
+                        "distribution); draft: the model with int4 layers proposes")
     p.set_defaults(run=run)
 
 

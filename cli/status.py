@@ -70,7 +70,9 @@ def as_json(status: pb.StatusResponse, health: pb.HealthResponse, decisions: lis
                      "running_requests": w.running_requests, "waiting_requests": w.waiting_requests,
                      "kv_blocks_used": w.kv_blocks_used, "kv_blocks_total": w.kv_blocks_total,
                      "finished_requests": w.finished_requests, "ttft_p90_s": _opt(w, "ttft_p90_s"),
-                     "tpot_p90_s": _opt(w, "tpot_p90_s"), "prefix_cache_hit_rate": w.prefix_cache_hit_rate}
+                     "tpot_p90_s": _opt(w, "tpot_p90_s"), "prefix_cache_hit_rate": w.prefix_cache_hit_rate,
+                     "speculative_acceptance_rate": w.speculative_acceptance_rate,
+                     "speculative_tokens_per_step": w.speculative_tokens_per_step}
                     for w in status.workers],
         "controller": decisions,
     }
@@ -94,14 +96,16 @@ def render(status: pb.StatusResponse, health: pb.HealthResponse, decisions: list
     table = Table(box=None, header_style="bold", pad_edge=False)
     for name, justify in (("worker", "left"), ("role", "left"), ("state", "left"), ("pid", "right"),
                           ("running", "right"), ("waiting", "right"), ("KV blocks", "right"), ("KV use", "left"),
-                          ("TTFT p90", "right"), ("TPOT p90", "right"), ("cache hits", "right")):
+                          ("TTFT p90", "right"), ("TPOT p90", "right"), ("cache hits", "right"),
+                          ("speculation", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     for w in sorted(status.workers, key=lambda w: (ROLE_ORDER.get(w.role, 3), w.worker_id)):
         table.add_row(w.worker_id, w.role, Text(w.state, style="green" if w.state == "ready" else "yellow"),
                       str(w.pid), str(w.running_requests), str(w.waiting_requests),
                       f"{w.kv_blocks_used}/{w.kv_blocks_total}", _bar(w.kv_blocks_used, w.kv_blocks_total),
                       _against(_opt(w, "ttft_p90_s"), latency.slo_ttft_s),
-                      _against(_opt(w, "tpot_p90_s"), latency.slo_tpot_s), f"{w.prefix_cache_hit_rate:.0%}")
+                      _against(_opt(w, "tpot_p90_s"), latency.slo_tpot_s), f"{w.prefix_cache_hit_rate:.0%}",
+                      _speculation(w))
     routers = Text.assemble("routers: ", ", ".join(f"{r.router_id} {r.address} ({r.requests_in_flight} in flight)"
                                                    for r in sorted(status.routers, key=lambda r: r.address))
                             or "none registered", "; control plane ",
@@ -126,6 +130,13 @@ def _against(value: float | None, slo: float) -> Text:
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _speculation(w: pb.WorkerStatus) -> str:
+    """"73% x3.1": the share of proposals accepted and the tokens a speculative step emits; "-" without speculation."""
+    if not w.speculative_tokens_per_step:
+        return "-"
+    return f"{w.speculative_acceptance_rate:.0%} x{w.speculative_tokens_per_step:.1f}"
 
 
 def _bar(used: int, total: int, width: int = 10) -> Text:

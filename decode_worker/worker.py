@@ -284,7 +284,9 @@ class DecodeWorker:
         return TokenEvent(output.request_id, len(output.token_ids) - len(output.new_token_ids), output.new_token_ids,
                           output.text_delta, output.finish_reason, queue_s=queue_s, prefill_s=prefill_s,
                           cached_tokens=output.num_cached_tokens if local is not None else 0,
-                          logprobs=output.logprobs, prompt_logprobs=output.prompt_logprobs)
+                          logprobs=output.logprobs, prompt_logprobs=output.prompt_logprobs,
+                          speculative_proposed=output.speculative_proposed,
+                          speculative_accepted=output.speculative_accepted)
 
     def _received(self, engine: Engine, result: TransferResult) -> list[TokenEvent]:
         arrival = self._arriving.get(result.transfer_id)

@@ -171,31 +171,47 @@ class SimSettings:
         return SimSettings(**values)
 
 
-SPECULATIVE_METHODS = ("none", "prompt_lookup")
+SPECULATIVE_METHODS = ("none", "prompt_lookup", "draft")
 
 
 @dataclass(frozen=True)
 class SpeculativeSettings:
     """Speculative decoding (`engine.speculative`): a decode step checks proposed tokens in one forward pass and
-    keeps those the model would have picked itself, so greedy output is the same as without it (engine.prompt_lookup).
-    Greedy requests without logit changes, logprobs or structured output speculate; the others decode as usual."""
+    keeps those the model accepts, so greedy output is the same as without it and sampled output follows the same
+    distribution (engine.prompt_lookup, engine.draft, engine.rejection). Requests with logit changes, logprobs or
+    structured output decode one token a step, as do sampled requests with a seed and, for prompt lookup, every
+    sampled request."""
 
     method: str = "none"
-    """"none", or "prompt_lookup": propose the tokens that followed the latest earlier occurrence of the last few
-    tokens, in the prompt or the output (no draft model; pays on text that copies its input)."""
+    """"none"; "prompt_lookup": propose the tokens that followed the latest earlier occurrence of the last few
+    tokens, in the prompt or the output (no draft model; pays on text that copies its input); "draft": a smaller copy
+    of the model itself proposes (`draft_quantization`, `draft_layers`), reading the model's own KV cache."""
     k: int = 4
     """Tokens proposed per request and step."""
     max_batch: int = 4
     """Speculate only while at most this many requests decode in a step: with more, checking k tokens for each costs
     more than it saves."""
+    draft_quantization: str = "int4"
+    """method draft: the draft's linear layers quantised so ("none", "int8", "int4"); it must differ from the
+    model's own `engine.quantization` unless `draft_layers` cuts layers."""
+    draft_layers: int | None = None
+    """method draft: the draft runs only the model's first this many layers (then its final norm and LM head);
+    None: all of them."""
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
             raise ConfigError(f"engine.speculative.method: {self.method!r} is not one of {list(SPECULATIVE_METHODS)}")
-        if not 1 <= self.k <= 16:
-            raise ConfigError(f"engine.speculative.k: must be in [1, 16], got {self.k!r}")
-        if self.max_batch < 1:
-            raise ConfigError(f"engine.speculative.max_batch: must be > 0, got {self.max_batch!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= 16:
+            raise ConfigError(f"engine.speculative.k: must be an integer in [1, 16], got {self.k!r}")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ConfigError(f"engine.speculative.max_batch: must be an integer > 0, got {self.max_batch!r}")
+        if self.draft_quantization not in QUANTIZATIONS:
+            raise ConfigError(f"engine.speculative.draft_quantization: {self.draft_quantization!r} is not one of "
+                              f"{list(QUANTIZATIONS)}")
+        if self.draft_layers is not None and (isinstance(self.draft_layers, bool)
+                                              or not isinstance(self.draft_layers, int) or self.draft_layers < 1):
+            raise ConfigError(f"engine.speculative.draft_layers: must be an integer > 0 or null, "
+                              f"got {self.draft_layers!r}")
 
     @property
     def enabled(self) -> bool:
@@ -287,6 +303,15 @@ class EngineConfig:
             raise ConfigError(f"engine.attention: {self.attention!r} is not one of {list(ATTENTION_BACKENDS)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"engine.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        spec = self.speculative
+        if spec.method == "draft" and self.quantization != "none" and spec.draft_quantization not in (
+                "none", self.quantization):
+            raise ConfigError(f"engine.speculative.draft_quantization: the model is {self.quantization} already; "
+                              f"its draft can only be cut to draft_layers (draft_quantization none)")
+        if spec.method == "draft" and spec.draft_layers is None and spec.draft_quantization in ("none",
+                                                                                                self.quantization):
+            raise ConfigError(f"engine.speculative.draft_quantization: {spec.draft_quantization!r} is the model's "
+                              f"own quantization, and no draft_layers: the draft would be the model itself")
 
     @property
     def simulated(self) -> bool:

@@ -30,6 +30,7 @@ from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.detokenizer import Detokenizer, Finish
+from pdserve.engine.draft import Drafter, build_draft
 from pdserve.engine.fingerprint import model_fingerprint
 from pdserve.engine.grammar_state import Grammars, GrammarState
 from pdserve.engine.hardware import hardware
@@ -70,6 +71,10 @@ class EngineLoad:
     """Prompt tokens of the requests started here since the engine started (`Engine.prompt_tokens_total`)."""
     cached_tokens_total: int = 0
     """Of those, tokens whose KV came from the prefix cache."""
+    speculative_steps_total: int = 0
+    speculative_proposed_total: int = 0
+    speculative_accepted_total: int = 0
+    """Speculative decoding since the engine started (`Engine.speculative_steps_total`, ...)."""
 
 
 RETUNABLE = ("max_num_batched_tokens", "max_num_seqs")
@@ -121,9 +126,10 @@ class Engine:
         """Prompt tokens of requests that got their first token here (computed, received or cached)."""
         self.cached_tokens_total = 0
         """Of those, tokens whose KV came from the prefix cache."""
+        self.speculative_steps_total = 0
         self.speculative_proposed_total = 0
         self.speculative_accepted_total = 0
-        """Speculative decoding: tokens proposed, and of those the ones the model agreed with."""
+        """Speculative decoding: steps that checked proposals, tokens proposed, and of those the ones accepted."""
         log.info("engine ready: %s (%s), %d layers, %d KV blocks of %d tokens, max_model_len %d", config.model,
                  config.backend, self.model_config.num_layers, self.kv_cache.num_blocks, config.block_size,
                  self.max_model_len)
@@ -137,12 +143,16 @@ class Engine:
                                 config.seed)
         self.fingerprint = model_fingerprint(self.model_config, self.model.embed)
         quantize_model(self.model, Quantization(config.quantization))
+        draft = build_draft(self.model, config.speculative, config.quantization) \
+            if config.speculative.method == "draft" else None
         if config.compile:
             compile_layers(self.model)
         self.tokenizer: Tokenizer | None = load_tokenizer(source)
         self.kv_cache = KVCache(self.model_config, self._num_blocks(), config.block_size, config.torch_dtype,
                                 config.device)
         runner = ModelRunner(self.model, self.kv_cache, Sampler(config.seed, config.device), paged=paged)
+        if draft is not None:
+            runner.drafter = Drafter(draft, self.kv_cache, runner.prepare, runner.sampler.generator)
         if paged and config.cuda_graphs and self.kv_cache.tensor.is_cuda:
             runner.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, self.max_model_len)
         self.runner: ModelRunner | SimRunner = runner
@@ -212,7 +222,10 @@ class Engine:
         return EngineLoad(running=len(s.running), waiting=len(s.waiting), held=len(s.held),
                           queued_prefill_tokens=queued, kv_blocks_used=self.blocks.num_used,
                           kv_blocks_total=self.blocks.num_blocks, prompt_tokens_total=self.prompt_tokens_total,
-                          cached_tokens_total=self.cached_tokens_total)
+                          cached_tokens_total=self.cached_tokens_total,
+                          speculative_steps_total=self.speculative_steps_total,
+                          speculative_proposed_total=self.speculative_proposed_total,
+                          speculative_accepted_total=self.speculative_accepted_total)
 
     @property
     def num_requests(self) -> int:
@@ -238,7 +251,7 @@ class Engine:
             if chunk.request_id in result.prompt_logprobs:  # by position: a recomputed chunk writes the same again
                 found = result.prompt_logprobs[chunk.request_id]
                 request.prompt_logprobs[chunk.start_pos + 1:chunk.start_pos + 1 + len(found)] = found
-            if chunk.proposed:
+            if chunk.speculates:
                 outputs += self._append_verified(chunk, request, sampled[chunk.request_id])
                 continue
             self.scheduler.advance(chunk, request)
@@ -377,7 +390,8 @@ class Engine:
         """A speculative chunk's tokens, one output each until one ends the request; then the request's KV covers
         its last token and the accepted proposals (`engine.prompt_lookup`)."""
         emitted = (picked.token_id, *picked.more)
-        self.speculative_proposed_total += len(chunk.proposed)
+        self.speculative_steps_total += 1
+        self.speculative_proposed_total += picked.proposed
         self.speculative_accepted_total += len(emitted) - 1
         request.speculation_misses = request.speculation_misses + 1 if len(emitted) == 1 else 0
         request.speculation_pause = pause_after(request.speculation_misses)
@@ -385,8 +399,11 @@ class Engine:
         for token in emitted:
             outputs.append(self._append_token(request, token))
             if outputs[-1].finished:
-                return outputs
-        self.scheduler.advance(chunk, request, computed=chunk.start_pos + len(emitted))
+                break
+        else:
+            self.scheduler.advance(chunk, request, computed=chunk.start_pos + len(emitted))
+        outputs[0] = dataclasses.replace(outputs[0], speculative_proposed=picked.proposed,
+                                         speculative_accepted=len(emitted) - 1)
         return outputs
 
     def _start_grammar(self, sampling: SamplingParams, resumed: Sequence[int]) -> GrammarState:
@@ -442,10 +459,15 @@ class Engine:
         return request
 
     def _speculates(self, sampling: SamplingParams, prefill_only: bool) -> bool:
-        """Speculative decoding keeps greedy output exact; other requests decode one token a step."""
-        return (self.config.speculative.enabled and not self.config.simulated and not prefill_only
-                and sampling.greedy and not sampling.adjusts_logits and sampling.logprobs is None
-                and sampling.structured_output is None)
+        """Speculative decoding keeps greedy output exact, and (with a draft model) sampled output's distribution;
+        requests it would change (logit changes, logprobs, grammars, a seed's reproducible stream) decode one token a
+        step."""
+        spec = self.config.speculative
+        if not spec.enabled or self.config.simulated or prefill_only:
+            return False
+        if sampling.adjusts_logits or sampling.logprobs is not None or sampling.structured_output is not None:
+            return False
+        return sampling.greedy or (spec.method == "draft" and sampling.seed is None)
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:

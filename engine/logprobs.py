@@ -31,7 +31,9 @@ class Sampled:
     token_id: int
     logprobs: TokenLogprobs | None = None
     more: tuple[int, ...] = ()
-    """A speculative chunk's further tokens, after `token_id` (`engine.prompt_lookup.verify`)."""
+    """A speculative chunk's further tokens, after `token_id` (`engine.prompt_lookup.verify`, `engine.rejection`)."""
+    proposed: int = 0
+    """A speculative chunk's proposals, of which `len(more)` were kept."""
 
 
 @dataclass(frozen=True)

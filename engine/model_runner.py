@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.draft import Drafter
 from pdserve.engine.grammar_state import PendingMasks
 from pdserve.engine.kv_cache import AttentionMetadata, DecodeGroup, KVCache, PagedBatch, PrefillSegment
 from pdserve.engine.logprobs import Sampled, StepResult, TokenLogprobs, logprobs_of
 from pdserve.engine.model import LlamaModel
 from pdserve.engine.prompt_lookup import verify
-from pdserve.engine.sampler import Sampler
+from pdserve.engine.rejection import accept
+from pdserve.engine.sampler import Sampler, filter_rows
 from pdserve.engine.scheduler import ScheduledChunk
 
 
@@ -45,12 +47,18 @@ class ModelRunner:
         self.device = kv_cache.tensor.device
         self.graphs = None
         """An `engine.cuda_graphs.DecodeGraphs`, set by the engine when it captures decode steps."""
+        self.drafter: Drafter | None = None
+        """Speculative decoding's draft model (`engine.draft`), set by the engine when it speculates with one."""
 
     @torch.inference_mode()
     def run(self, chunks: tuple[ScheduledChunk, ...]) -> StepResult:
         """Compute the chunks; return the sampled token of each chunk that samples, and the prompt logprobs of the
         chunks that ask for them."""
         prompt_logprobs = {}
+        draft_probs: dict[str, torch.Tensor] = {}
+        if self.drafter is not None and any(c.draft_tokens for c in chunks):
+            drafted = self.drafter.propose(chunks)
+            chunks, draft_probs = drafted.chunks, drafted.draft_probs
         if self.graphs is not None and self.graphs.serves(chunks):
             masks = self._begin_masks(chunks)
             logits = self.graphs.run(chunks)  # [B, V], every chunk samples
@@ -60,7 +68,7 @@ class ModelRunner:
             masks = self._begin_masks(step.sample_chunks)
             hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.meta)  # [T, hidden]
             prompt_logprobs = self._prompt_logprobs(chunks, hidden, step.first_rows)
-            verified = self._verify(step.verify_chunks, hidden, step.first_rows)
+            verified = self._verify(step.verify_chunks, hidden, step.first_rows, draft_probs)
             if not step.sample_chunks:
                 return StepResult(verified, prompt_logprobs)
             logits = self.model.logits(hidden[step.sample_rows])  # [N, V]
@@ -68,20 +76,27 @@ class ModelRunner:
             return StepResult({**self._sample(logits, sample_chunks, masks), **verified}, prompt_logprobs)
         return StepResult(self._sample(logits, sample_chunks, masks), prompt_logprobs)
 
-    def _verify(self, chunks: tuple[ScheduledChunk, ...], hidden: torch.Tensor,
-                first_rows: dict[str, int]) -> dict[str, Sampled]:
-        """hidden: [T, hidden] -> for each speculative chunk the tokens it emits (greedy: the model's pick after each
-        of its rows, kept while it agrees with the proposals)."""
+    def _verify(self, chunks: tuple[ScheduledChunk, ...], hidden: torch.Tensor, first_rows: dict[str, int],
+                draft_probs: dict[str, torch.Tensor]) -> dict[str, Sampled]:
+        """hidden: [T, hidden] -> for each speculative chunk the tokens it emits: for a greedy request the model's
+        pick after each of its rows, kept while it agrees with the proposals; for a sampled one (its proposals drawn
+        from `draft_probs[request_id]`) those the acceptance rule keeps (`engine.rejection`)."""
         if not chunks:
             return {}
         rows = torch.cat([torch.arange(first_rows[c.request_id], first_rows[c.request_id] + len(c.token_ids))
                           for c in chunks]).to(self.device)
-        picks = self.model.logits(hidden[rows]).argmax(dim=-1).tolist()  # [R], one host sync
+        logits = self.model.logits(hidden[rows])  # [R, V]
+        picks = logits.argmax(dim=-1).tolist()  # [R], one host sync
         verified, offset = {}, 0
         for chunk in chunks:
-            emitted = verify(chunk.proposed, picks[offset:offset + len(chunk.token_ids)])
-            verified[chunk.request_id] = Sampled(emitted[0], more=emitted[1:])
-            offset += len(chunk.token_ids)
+            count = len(chunk.token_ids)
+            if chunk.request_id in draft_probs:
+                target = torch.softmax(filter_rows(logits[offset:offset + count], [chunk.sampling] * count), dim=-1)
+                emitted = accept(chunk.proposed, draft_probs[chunk.request_id], target, self.sampler.generator)
+            else:
+                emitted = verify(chunk.proposed, picks[offset:offset + count])
+            verified[chunk.request_id] = Sampled(emitted[0], more=emitted[1:], proposed=len(chunk.proposed))
+            offset += count
         return verified
 
     def _begin_masks(self, sample_chunks: tuple[ScheduledChunk, ...]) -> PendingMasks | None:

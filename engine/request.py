@@ -201,6 +201,9 @@ class RequestOutput:
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
     """On the first output of a request that asked (`SamplingParams.prompt_logprobs`): one per prompt token, the
     first None (nothing comes before it)."""
+    speculative_proposed: int = 0
+    speculative_accepted: int = 0
+    """On the first output of a speculative step: the tokens proposed, and of those the ones accepted."""
 
     @property
     def finished(self) -> bool:

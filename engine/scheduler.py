@@ -15,8 +15,9 @@ room also preempts running requests of lower priority (never of its own), so bat
 Nothing is dropped.
 
 Speculative decoding (`engine.speculative`, while at most `max_batch` requests decode): a decoding request that
-speculates gets a chunk of its last token plus up to k proposed tokens (`engine.prompt_lookup`), with blocks for all
-of them; after the step only the KV of the proposals the model accepted counts as computed (`advance(computed=)`).
+speculates gets a chunk of its last token plus up to k proposed tokens (`engine.prompt_lookup`), or a chunk of its
+last token that a draft model extends by up to k in the runner (`engine.draft`), with blocks for all of them;
+after the step only the KV of the proposals the model accepted counts as computed (`advance(computed=)`).
 
 Prefix caching: a request admitted from the queue (or reserved) first takes the cached blocks of its longest cached
 prefix (`BlockManager.cached_prefix`) and starts computing at the first uncached token; each block it fills is
@@ -67,6 +68,13 @@ class ScheduledChunk:
     proposed: tuple[int, ...] = ()
     """Speculative decoding: tokens proposed after the request's last one (they end `token_ids`); the model's pick
     after each position is checked against them (`engine.prompt_lookup`)."""
+    draft_tokens: int = 0
+    """Speculative decoding with a draft model: how many tokens the draft is to propose after the request's last one,
+    in the runner before the step (`engine.draft`); their KV slots are allocated."""
+
+    @property
+    def speculates(self) -> bool:
+        return bool(self.proposed) or self.draft_tokens > 0
 
     @property
     def context_len(self) -> int:
@@ -156,9 +164,11 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             count = min(request.num_uncomputed, step.left)
-            proposed = self._proposals(request, step.left - 1) if speculating and request.is_decoding else ()
-            if self._grow(request, count + len(proposed), step, preempted):
-                step.add(self._chunk(request, count, proposed))
+            k = self._speculation_k(request, step.left - 1) if speculating and request.is_decoding else 0
+            drafted = k if self.speculative.method == "draft" else 0
+            proposed = propose(request.all_token_ids, k) if k and not drafted else ()
+            if self._grow(request, count + len(proposed) + drafted, step, preempted):
+                step.add(self._chunk(request, count, proposed, drafted))
         if not preempted:
             self._admit(step, preempted)
         return SchedulerOutput(chunks=tuple(step.chunks.values()), preempted=tuple(preempted))
@@ -279,19 +289,18 @@ class Scheduler:
             known += block_hashes(tokens, self.blocks.block_size, parent=parent)
         return known
 
-    def _proposals(self, request: Request, room: int) -> tuple[int, ...]:
-        """Speculative tokens for a decoding request that speculates, within the step's budget (`room`) and its
-        max_tokens (the last emitted token is the model's own)."""
+    def _speculation_k(self, request: Request, room: int) -> int:
+        """Tokens a decoding request may have proposed this step: up to k, within the step's budget (`room`) and its
+        max_tokens (the last emitted token is the model's own); 0 if it does not speculate or pauses."""
         if not request.speculative:
-            return ()
+            return 0
         if request.speculation_pause > 0:
             request.speculation_pause -= 1
-            return ()
-        k = min(self.speculative.k, room, request.sampling.max_tokens - len(request.output_token_ids) - 1)
-        return propose(request.all_token_ids, k) if k > 0 else ()
+            return 0
+        return max(0, min(self.speculative.k, room, request.sampling.max_tokens - len(request.output_token_ids) - 1))
 
     @staticmethod
-    def _chunk(request: Request, count: int, proposed: tuple[int, ...] = ()) -> ScheduledChunk:
+    def _chunk(request: Request, count: int, proposed: tuple[int, ...] = (), draft_tokens: int = 0) -> ScheduledChunk:
         start = request.num_computed_tokens
         return ScheduledChunk(
             request_id=request.request_id,
@@ -307,6 +316,7 @@ class Scheduler:
             if request.sampling.prompt_logprobs is not None else (),
             grammar=request.grammar if start + count == request.num_tokens else None,
             proposed=proposed,
+            draft_tokens=draft_tokens,
         )
 
 

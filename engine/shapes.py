@@ -1,4 +1,4 @@
-"""Named shapes of real models, for random-weight speed work ("random:llama-3-8b").
+"""Named shapes of real models, for random-weight speed work ("random:llama-3-8b"), and one tiny shape for tests.
 
 The numbers are those of each model's published config.json.
 """
@@ -29,6 +29,11 @@ SHAPES: dict[str, ModelConfig] = {
         architecture="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
         num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, max_position=131072,
         tie_word_embeddings=False, rope_scaling=_LLAMA31_ROPE, bos_token_id=128000, eos_token_ids=(128001, 128009),
+    ),
+    "tiny": ModelConfig(  # not a real model: small enough that a test can enumerate its whole distribution
+        architecture="llama", vocab_size=16, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, max_position=256,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,),
     ),
     "qwen2-0.5b": ModelConfig(
         architecture="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,

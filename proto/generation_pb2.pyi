@@ -132,7 +132,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s", "tpot_s", "e2e_s", "cached_tokens")
+    __slots__ = ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s", "tpot_s", "e2e_s", "cached_tokens", "speculative_proposed", "speculative_accepted")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,8 @@ class Timings(_message.Message):
     TPOT_S_FIELD_NUMBER: _ClassVar[int]
     E2E_S_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     prefill_s: float
     kv_transfer_s: float
@@ -147,7 +149,9 @@ class Timings(_message.Message):
     tpot_s: float
     e2e_s: float
     cached_tokens: int
-    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    speculative_proposed: int
+    speculative_accepted: int
+    def __init__(self, queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., tpot_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., cached_tokens: _Optional[int] = ..., speculative_proposed: _Optional[int] = ..., speculative_accepted: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finish_reason", "timings", "prompt_tokens", "completion_tokens", "logprobs", "prompt_logprobs")
@@ -194,7 +198,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "pid", "state", "running_requests", "kv_blocks_used", "kv_blocks_total", "waiting_requests", "ttft_p90_s", "tpot_p90_s", "finished_requests", "prefix_cache_hit_rate")
+    __slots__ = ("worker_id", "role", "pid", "state", "running_requests", "kv_blocks_used", "kv_blocks_total", "waiting_requests", "ttft_p90_s", "tpot_p90_s", "finished_requests", "prefix_cache_hit_rate", "speculative_acceptance_rate", "speculative_tokens_per_step")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +211,8 @@ class WorkerStatus(_message.Message):
     TPOT_P90_S_FIELD_NUMBER: _ClassVar[int]
     FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_TOKENS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     pid: int
@@ -219,7 +225,9 @@ class WorkerStatus(_message.Message):
     tpot_p90_s: float
     finished_requests: int
     prefix_cache_hit_rate: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., ttft_p90_s: _Optional[float] = ..., tpot_p90_s: _Optional[float] = ..., finished_requests: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ...) -> None: ...
+    speculative_acceptance_rate: float
+    speculative_tokens_per_step: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., ttft_p90_s: _Optional[float] = ..., tpot_p90_s: _Optional[float] = ..., finished_requests: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., speculative_acceptance_rate: _Optional[float] = ..., speculative_tokens_per_step: _Optional[float] = ...) -> None: ...
 
 class Latency(_message.Message):
     __slots__ = ("window_s", "finished", "ttft_p90_s", "tpot_p90_s", "slo_ttft_s", "slo_tpot_s", "slo_met_fraction")

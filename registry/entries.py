@@ -41,6 +41,10 @@ class WorkerInfo:
     """Port of the worker's Prometheus /metrics, on 127.0.0.1 of its machine; 0 while it serves none."""
     prefix_cache_hit_rate: float = 0.0
     """Share of the prompt tokens of requests started here that came from its prefix cache, since it started."""
+    speculative_acceptance_rate: float = 0.0
+    """Speculative decoding since it started: the share of proposed tokens accepted (0: it does not speculate),"""
+    speculative_tokens_per_step: float = 0.0
+    """and the tokens a speculative step emitted on average (accepted proposals plus the model's own)."""
     engine_stalled_s: float = 0.0
     """How long its engine thread has been inside one step (or command between steps); seconds mean a hung engine."""
     paired: tuple[str, ...] = ()

@@ -139,7 +139,9 @@ def _router_status(r: RouterInfo) -> pb.RouterStatus:
 def _worker_status(w: WorkerInfo, latency: pb.WorkerStatus | None) -> pb.WorkerStatus:
     status = pb.WorkerStatus(worker_id=w.worker_id, role=w.role.value, pid=w.pid, state=w.state.value,
                              running_requests=w.running, waiting_requests=w.waiting, kv_blocks_used=w.kv_blocks_used,
-                             kv_blocks_total=w.kv_blocks_total, prefix_cache_hit_rate=w.prefix_cache_hit_rate)
+                             kv_blocks_total=w.kv_blocks_total, prefix_cache_hit_rate=w.prefix_cache_hit_rate,
+                             speculative_acceptance_rate=w.speculative_acceptance_rate,
+                             speculative_tokens_per_step=w.speculative_tokens_per_step)
     if latency is not None:
         status.MergeFrom(latency)
     return status

@@ -238,6 +238,8 @@ class Attempt:
         if event.queue_s is not None:
             clock.worker_queue_s, clock.prefill_s = event.queue_s, event.prefill_s or 0.0
             clock.cached_tokens = event.cached_tokens
+        clock.speculative_proposed += event.speculative_proposed
+        clock.speculative_accepted += event.speculative_accepted
 
 
 async def _call(member: Member, ref):

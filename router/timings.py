@@ -17,6 +17,10 @@ class Timings:
     e2e_s: float
     cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefill worker's prefix cache (not computed)."""
+    speculative_proposed: int = 0
+    """Tokens speculative decoding proposed for it on its decode workers,"""
+    speculative_accepted: int = 0
+    """and of those the ones accepted (each accepted token saved a decode step)."""
 
     def as_fields(self) -> dict[str, float]:
         return {k: round(v, 6) for k, v in asdict(self).items()}
@@ -31,6 +35,8 @@ class RequestClock:
     prefill_s: float = 0.0
     kv_transfer_s: float = 0.0
     cached_tokens: int = 0
+    speculative_proposed: int = 0
+    speculative_accepted: int = 0
     first_token: float | None = None
     last_token: float | None = None
     tokens: int = 0
@@ -55,4 +61,5 @@ class RequestClock:
         tpot = (self.last_token - first) / (self.tokens - 1) if self.tokens > 1 and self.last_token else 0.0
         return Timings(queue_s=dispatched - self.accepted + self.worker_queue_s, prefill_s=self.prefill_s,
                        kv_transfer_s=self.kv_transfer_s, ttft_s=first - self.accepted, tpot_s=tpot,
-                       e2e_s=end - self.accepted, cached_tokens=self.cached_tokens)
+                       e2e_s=end - self.accepted, cached_tokens=self.cached_tokens,
+                       speculative_proposed=self.speculative_proposed, speculative_accepted=self.speculative_accepted)

@@ -135,6 +135,9 @@ class TokenEvent:
     """One per token of `token_ids`, when the request asked for them."""
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
     """Colocated, on the first token: the prompt's logprobs, when the request asked for them."""
+    speculative_proposed: int = 0
+    speculative_accepted: int = 0
+    """On the first event of a speculative step: the tokens proposed, and of those the ones accepted."""
 
     @property
     def end(self) -> int:

@@ -30,9 +30,13 @@ the next scrape is whole again.
     pdserve_worker_prefix_cache_hit_tokens_total          counter    of those, tokens whose KV came from the prefix
                                                                     cache (hit rate: hit / queried)
     pdserve_worker_prefix_cache_evictions_total           counter    cached blocks evicted for other KV
+    pdserve_worker_speculative_steps_total                counter    speculative steps (label `method`: prompt_lookup
+                                                                    or draft), each checking a request's proposals
     pdserve_worker_speculative_proposed_tokens_total      counter    tokens proposed by speculative decoding
-    pdserve_worker_speculative_accepted_tokens_total      counter    of those, tokens the model agreed with
-                                                                    (acceptance rate: accepted / proposed)
+    pdserve_worker_speculative_accepted_tokens_total      counter    of those, tokens the model accepted (acceptance
+                                                                    rate: accepted / proposed; mean accepted length,
+                                                                    the model's own token counted: 1 + accepted /
+                                                                    steps)
     pdserve_worker_mfu / pdserve_worker_mbu               gauge      model FLOPs / bandwidth utilization per GPU
 
 Step shape: when the engine keeps the step's `SchedulerOutput` as `engine.last_schedule`, requests and tokens are
@@ -121,6 +125,8 @@ class WorkerMetrics:
         self.cache_queried_tokens = 0
         self.cache_hit_tokens = 0
         self.cache_evictions = 0
+        self.speculative_method = "none"
+        self.speculative_steps = 0
         self.speculative_proposed = 0
         self.speculative_accepted = 0
         self.mfu: float | None = None
@@ -145,6 +151,8 @@ class WorkerMetrics:
         self.cache_queried_tokens = engine.prompt_tokens_total
         self.cache_hit_tokens = engine.cached_tokens_total
         self.cache_evictions = engine.blocks.evictions
+        self.speculative_method = engine.config.speculative.method
+        self.speculative_steps = engine.speculative_steps_total
         self.speculative_proposed = engine.speculative_proposed_total
         self.speculative_accepted = engine.speculative_accepted_total
         if engine.preemptions_total != self._preemptions_seen:
@@ -199,10 +207,16 @@ class WorkerMetrics:
                        labels, self.cache_hit_tokens)
         yield _counter("pdserve_worker_prefix_cache_evictions", "Cached KV blocks evicted for other KV.", labels,
                        self.cache_evictions)
-        yield _counter("pdserve_worker_speculative_proposed_tokens", "Tokens proposed by speculative decoding.",
-                       labels, self.speculative_proposed)
-        yield _counter("pdserve_worker_speculative_accepted_tokens", "Proposed tokens the model agreed with.",
-                       labels, self.speculative_accepted)
+        for name, doc, value in (
+                ("pdserve_worker_speculative_steps", "Speculative steps, each checking a request's proposals.",
+                 self.speculative_steps),
+                ("pdserve_worker_speculative_proposed_tokens", "Tokens proposed by speculative decoding.",
+                 self.speculative_proposed),
+                ("pdserve_worker_speculative_accepted_tokens", "Proposed tokens the model accepted.",
+                 self.speculative_accepted)):
+            family = CounterMetricFamily(name, doc, labels=(*LABELS, "method"))
+            family.add_metric((*labels, self.speculative_method), value)
+            yield family
         yield _gauge("pdserve_worker_mfu", "Model FLOPs utilization per GPU over recent steps (sim engines only).",
                      labels, self.mfu)
         yield _gauge("pdserve_worker_mbu", "Model bandwidth utilization per GPU over recent steps (sim engines only).",

@@ -157,6 +157,10 @@ class WorkerRuntime:
             metrics_port=self.metrics_server.port if self.metrics_server else 0,
             prefix_cache_hit_rate=load.cached_tokens_total / load.prompt_tokens_total
             if load and load.prompt_tokens_total else 0.0,
+            speculative_acceptance_rate=load.speculative_accepted_total / load.speculative_proposed_total
+            if load and load.speculative_proposed_total else 0.0,
+            speculative_tokens_per_step=1 + load.speculative_accepted_total / load.speculative_steps_total
+            if load and load.speculative_steps_total else 0.0,
             engine_stalled_s=self.thread.stalled_s(),
             paired=tuple(sorted(self.paired())))
 

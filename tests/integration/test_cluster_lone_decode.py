@@ -4,6 +4,8 @@ request waits for the pool's replacement (router.worker_wait_s, 30 s) and is res
 far prefilled again): every stream completes identical to a fault-free run, in token ids and in text, greedy and
 seeded, and afterwards no KV block is held.
 (Issue 18's probe: with a fixed 10 s wait, streams that already had 83-86 tokens were cut with UNAVAILABLE.)
+The decode workers speculate with a draft model (the model with int4 layers, reading the KV the prefill worker sent):
+the greedy streams' tokens are the local engine's all the same, through the kill and the resumption.
 
 Then the (replacement) decode worker is stopped with SIGSTOP: alive to Ray, answering nothing. The control plane
 finds it hung after `workers.hung_after_s` (6 s here), kills it and starts another, and the streams resume on that
@@ -24,6 +26,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.client import Client
 from pdserve.engine import Prompt, SamplingParams
@@ -32,7 +35,9 @@ from .conftest import cluster_with_spare_redis
 
 pytestmark = pytest.mark.model
 
-CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256}, "kv_transfer": {"checksums": True},
+CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256,
+                     "speculative": {"method": "draft", "k": 3, "max_batch": 8}},
+          "kv_transfer": {"checksums": True},
           "workers": {"hung_after_s": 6, "prefill": {"count": 1, "resources": {"cpus": 1}},
                       "decode": {"count": 1, "resources": {"cpus": 1}}}}
 SAMPLINGS = [SamplingParams(max_tokens=60, temperature=0, ignore_eos=True) if i % 2 == 0 else
@@ -61,6 +66,15 @@ def test_the_only_decode_worker_killed_mid_stream_loses_no_request(cluster, engi
     assert outputs == expected_outputs(engine)
     assert cluster.router_metric("pdserve_request_migrations_total") >= len(PROMPTS)
     assert_replaced_and_idle(cluster, decode_id)
+    assert decode_counter(cluster, "pdserve_worker_speculative_accepted_tokens_total") > 0  # the replacement drafted
+
+
+def decode_counter(cluster, name: str) -> float:
+    """A decode worker metric's value, summed over the decode workers (the router's /metrics/workers)."""
+    url = cluster.http_url.removesuffix("/v1") + "/metrics/workers"
+    text = urllib.request.urlopen(url, timeout=30).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and s.labels.get("role") == "decode")
 
 
 def test_a_stopped_decode_worker_is_found_hung_killed_and_replaced(cluster, engine):

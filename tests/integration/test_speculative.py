@@ -1,6 +1,7 @@
-"""Speculative decoding by prompt lookup on the real SmolLM2 engine: greedy output token-identical to decoding without
-it (alone, in a batch, with stop strings, with requests that do not speculate beside it), and a copy-heavy prompt
-accepts most proposals."""
+"""Speculative decoding on the real SmolLM2 engine, by prompt lookup and with a draft model (the model with int4
+layers): greedy output token-identical to decoding without it (alone, in a batch, with stop strings, with requests
+that do not speculate beside it); a copy-heavy prompt accepts most of prompt lookup's proposals, and the draft most of
+its own on any text; sampled requests speculate with the draft and end cleanly."""
 
 import pytest
 
@@ -54,3 +55,31 @@ def test_stops_and_requests_that_do_not_speculate_are_as_without_it(engine, spec
     assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
         (o.token_ids, o.text, o.finish_reason) for o in expected]
     assert speculating.num_requests == 0 and speculating.blocks.num_used == 0
+
+
+@pytest.fixture(scope="module")
+def drafting() -> Engine:
+    return Engine(EngineConfig(speculative=SpeculativeSettings(method="draft", k=4, max_batch=4)))
+
+
+def test_greedy_output_is_token_identical_with_a_draft_model(engine, drafting):
+    greedy = SamplingParams(max_tokens=48, temperature=0)
+    expected = engine.generate(PROMPTS, greedy)
+    before = drafting.speculative_accepted_total, drafting.speculative_proposed_total
+    for prompt, want in zip(PROMPTS, expected):
+        (got,) = drafting.generate([prompt], greedy)
+        assert got.token_ids == want.token_ids and got.text == want.text
+    accepted = drafting.speculative_accepted_total - before[0]
+    assert accepted > (drafting.speculative_proposed_total - before[1]) * 3 // 4  # int4 layers agree most times
+    together = drafting.generate(PROMPTS[:3], greedy)
+    assert [o.token_ids for o in together] == [o.token_ids for o in expected[:3]]
+
+
+def test_sampled_and_seeded_requests_with_a_draft_model(engine, drafting):
+    sampled = SamplingParams(max_tokens=40, temperature=0.8, ignore_eos=True)  # speculates: its distribution kept
+    seeded = SamplingParams(max_tokens=20, temperature=0.8, seed=5)  # does not: its seed's stream is kept
+    steps = drafting.speculative_steps_total
+    outputs = drafting.generate(PROMPTS[:2] + [COPY], [sampled, sampled, seeded])
+    assert [len(o.token_ids) for o in outputs[:2]] == [40, 40] and drafting.speculative_steps_total > steps
+    assert outputs[2].token_ids == engine.generate([COPY], seeded)[0].token_ids
+    assert drafting.num_requests == 0 and drafting.blocks.num_used == 0

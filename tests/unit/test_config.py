@@ -40,6 +40,9 @@ from pdserve.engine.sampling_params import SamplingError, SamplingParams
     ({"speculative": {"max_batch": 0}}, "engine.speculative.max_batch"),
     ({"speculative": {"kk": 2}}, "engine.speculative.kk"),
     ({"speculative": "prompt_lookup"}, "engine.speculative: must be a mapping"),
+    ({"speculative": {"method": "draft", "draft_quantization": "int2"}}, "engine.speculative.draft_quantization"),
+    ({"speculative": {"method": "draft", "draft_layers": 0}}, "engine.speculative.draft_layers"),
+    ({"speculative": {"method": "draft", "draft_quantization": "none"}}, "the draft would be the model itself"),
 ])
 def test_engine_config_errors_name_the_field(values, field):
     with pytest.raises(ConfigError, match=field):
@@ -69,7 +72,8 @@ def test_engine_config_round_trips():
                       "kv_link": "nvlink"},
               "quantization": "int4", "attention": "triton", "cuda_graphs": False, "compile": True,
               "gpu_memory_utilization": 0.5, "prefix_caching": False,
-              "speculative": {"method": "prompt_lookup", "k": 6, "max_batch": 2}}
+              "speculative": {"method": "draft", "k": 6, "max_batch": 2, "draft_quantization": "none",
+                              "draft_layers": 2}}
     config = EngineConfig.from_dict(values)
     assert dataclasses.asdict(config) == values
     assert EngineConfig.from_dict(dataclasses.asdict(config)) == config

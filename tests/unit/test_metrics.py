@@ -104,9 +104,11 @@ def test_two_metrics_objects_in_one_process_do_not_collide():
 
 # ---- worker -----------------------------------------------------------------------------------------------------
 def fake_engine(simulated: bool = False, **attrs):
-    engine = SimpleNamespace(config=SimpleNamespace(simulated=simulated, tensor_parallel=1), preemptions_total=0,
-                             runner=SimpleNamespace(last_cost=None), prompt_tokens_total=0, cached_tokens_total=0,
-                             speculative_proposed_total=0, speculative_accepted_total=0,
+    engine = SimpleNamespace(config=SimpleNamespace(simulated=simulated, tensor_parallel=1,
+                                                    speculative=SimpleNamespace(method="draft")),
+                             preemptions_total=0, runner=SimpleNamespace(last_cost=None), prompt_tokens_total=0,
+                             cached_tokens_total=0, speculative_steps_total=0, speculative_proposed_total=0,
+                             speculative_accepted_total=0,
                              blocks=SimpleNamespace(evictions=0), **attrs)
     if simulated:
         engine.cost_model = SimpleNamespace(hardware=HARDWARE["h100"], tensor_parallel=1)
@@ -170,10 +172,11 @@ def test_worker_step_exact_from_the_schedule():
     assert sample(r, "pdserve_worker_decode_tokens_total", **labels) == 2
     engine.last_schedule = SchedulerOutput(chunks=())
     engine.prompt_tokens_total, engine.cached_tokens_total, engine.blocks.evictions = 300, 128, 5
-    engine.speculative_proposed_total, engine.speculative_accepted_total = 40, 25
+    engine.speculative_proposed_total, engine.speculative_accepted_total, engine.speculative_steps_total = 40, 25, 10
     metrics.step(engine, [], 0.001)  # nothing scheduled
-    assert sample(r, "pdserve_worker_speculative_proposed_tokens_total", **labels) == 40
-    assert sample(r, "pdserve_worker_speculative_accepted_tokens_total", **labels) == 25
+    assert sample(r, "pdserve_worker_speculative_steps_total", **labels, method="draft") == 10
+    assert sample(r, "pdserve_worker_speculative_proposed_tokens_total", **labels, method="draft") == 40
+    assert sample(r, "pdserve_worker_speculative_accepted_tokens_total", **labels, method="draft") == 25
     assert sample(r, "pdserve_worker_prefix_cache_queried_tokens_total", **labels) == 300
     assert sample(r, "pdserve_worker_prefix_cache_hit_tokens_total", **labels) == 128
     assert sample(r, "pdserve_worker_prefix_cache_evictions_total", **labels) == 5
