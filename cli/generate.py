@@ -149,8 +149,18 @@ def _through_router(args: argparse.Namespace, lines: list[InputLine], sampling: 
             raise result
         elif args.json:
             print(json.dumps({"request_id": line.request_id, "token_ids": list(result.token_ids), "text": result.text,
-                              "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens}),
-                  flush=True)
+                              "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+                              "timings": _timings(result.timings)}), flush=True)
         else:
             print(result.text, flush=True)
     return 1 if failed else 0
+
+
+def _timings(timings) -> dict | None:
+    """The router's timings of a request (`pb.Timings`), as JSON: seconds, cached prompt tokens, and the tokens
+    speculative decoding proposed and accepted for it."""
+    if timings is None:
+        return None
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(timings, always_print_fields_with_no_presence=True, preserving_proto_field_name=True)

@@ -3,6 +3,7 @@ worker, 127.0.0.1): the official `openai` client against it, greedy outputs equa
 equal transformers'), errors as the client's exceptions, the SSE stream read by a plain HTTP client, and a stream
 left early freeing its KV blocks on both workers."""
 
+import asyncio
 import http.client
 import json
 import time
@@ -13,6 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pdserve.client import Client
 from pdserve.engine import EngineConfig, Message, Prompt, SamplingParams
 
 pytestmark = pytest.mark.model
@@ -255,3 +257,11 @@ def test_speculation_on_the_decode_worker_keeps_greedy_output_identical(cluster,
     while worker_counter(cluster, "pdserve_worker_speculative_accepted_tokens", decode) <= before:
         assert time.monotonic() < deadline, "no proposal accepted"
         time.sleep(0.5)
+
+    async def through_grpc():
+        async with Client(cluster.address, timeout_s=120) as grpc_client:
+            return await grpc_client.generate(Prompt(text=prompt), SamplingParams(max_tokens=32, temperature=0))
+
+    result = asyncio.run(through_grpc())  # the request's timings count its proposals
+    assert result.text == got.text
+    assert result.timings.speculative_proposed >= result.timings.speculative_accepted > 0
