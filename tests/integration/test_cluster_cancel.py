@@ -26,10 +26,24 @@ def cluster(tmp_path_factory):
     stop_cluster(running)
 
 
-def cancel_when(cluster, prompt: Prompt, sampling: SamplingParams, tokens_before_cancel: int, wait_s: float):
-    """Stream a request; after `tokens_before_cancel` tokens and then `wait_s` seconds, read the workers' load and
-    cancel. Returns (load at the cancel, tokens received by then; with `tokens_before_cancel` 0, whether any answer
-    had come at all, as -1 when none had)."""
+def load_where(cluster, holds, timeout_s: float = 1.0) -> dict:
+    """The workers' load once `holds(load)` (heartbeats carry it, a second apart or later on a busy machine), or as it
+    is after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not holds(load := cluster.workers()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return load
+
+
+def both_hold_blocks(load: dict) -> bool:
+    return load["prefill-0"]["used"] > 0 and load["decode-0"]["used"] > 0
+
+
+def cancel_when(cluster, prompt: Prompt, sampling: SamplingParams, tokens_before_cancel: int, wait_s: float,
+                expect=lambda load: True):
+    """Stream a request; after `tokens_before_cancel` tokens and then `wait_s` seconds, read the workers' load (until
+    `expect(load)` holds, 1 s at most) and cancel. Returns (load at the cancel, tokens received by then; with
+    `tokens_before_cancel` 0, whether any answer had come at all, as -1 when none had)."""
     async def go():
         async with Client(cluster.address, timeout_s=120) as client:
             stream = client.stream(prompt, sampling)
@@ -44,7 +58,7 @@ def cancel_when(cluster, prompt: Prompt, sampling: SamplingParams, tokens_before
                 await asyncio.sleep(0.2)
                 assert not reader.done(), "the request answered before it could be cancelled"
             await asyncio.sleep(wait_s)
-            load = await asyncio.to_thread(cluster.workers)
+            load = await asyncio.to_thread(load_where, cluster, expect)
             if not tokens_before_cancel and not reader.done():
                 received = -1  # no first token yet: the request is still in its prefill
             stream.cancel()
@@ -54,7 +68,8 @@ def cancel_when(cluster, prompt: Prompt, sampling: SamplingParams, tokens_before
 
 
 def test_cancel_mid_prefill_frees_blocks_on_both_sides(cluster):
-    load, received = cancel_when(cluster, LONG_PROMPT, SamplingParams(max_tokens=8, temperature=0), 0, 2.5)
+    load, received = cancel_when(cluster, LONG_PROMPT, SamplingParams(max_tokens=8, temperature=0), 0, 2.5,
+                                 both_hold_blocks)
     assert received == -1  # cancelled before its first token: mid-prefill
     assert load["prefill-0"]["used"] > 0  # the prompt was being prefilled
     assert load["decode-0"]["used"] > 0  # and the decode worker had reserved its blocks
@@ -65,7 +80,7 @@ def test_cancel_mid_prefill_frees_blocks_on_both_sides(cluster):
 def test_cancel_mid_transfer_frees_blocks_on_both_sides(cluster):
     sampling = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     started = time.monotonic()
-    load, received = cancel_when(cluster, Prompt(text="Once upon a time"), sampling, 1, 1.3)
+    load, received = cancel_when(cluster, Prompt(text="Once upon a time"), sampling, 1, 1.3, both_hold_blocks)
     assert received == 1 and time.monotonic() - started < PAUSE_S  # first token in, KV still paused on the wire
     assert load["prefill-0"]["used"] > 0 and load["decode-0"]["used"] > 0
     idle = cluster.wait_until_idle(timeout_s=PAUSE_S + 10)
