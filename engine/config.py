@@ -179,8 +179,8 @@ class SpeculativeSettings:
     """Speculative decoding (`engine.speculative`): a decode step checks proposed tokens in one forward pass and
     keeps those the model accepts, so greedy output is the same as without it and sampled output follows the same
     distribution (engine.prompt_lookup, engine.draft, engine.rejection). Requests with logit changes, logprobs or
-    structured output decode one token a step, as do sampled requests with a seed and, for prompt lookup, every
-    sampled request."""
+    structured output decode one token a step, as do sampled requests with a seed (their stream of draws must not
+    depend on the worker)."""
 
     method: str = "none"
     """"none"; "prompt_lookup": propose the tokens that followed the latest earlier occurrence of the last few

@@ -459,15 +459,14 @@ class Engine:
         return request
 
     def _speculates(self, sampling: SamplingParams, prefill_only: bool) -> bool:
-        """Speculative decoding keeps greedy output exact, and (with a draft model) sampled output's distribution;
-        requests it would change (logit changes, logprobs, grammars, a seed's reproducible stream) decode one token a
-        step."""
+        """Speculative decoding keeps greedy output exact, and sampled output's distribution; requests it would change
+        (logit changes, logprobs, grammars, a seed's reproducible stream) decode one token a step."""
         spec = self.config.speculative
         if not spec.enabled or self.config.simulated or prefill_only:
             return False
         if sampling.adjusts_logits or sampling.logprobs is not None or sampling.structured_output is not None:
             return False
-        return sampling.greedy or (spec.method == "draft" and sampling.seed is None)
+        return sampling.greedy or sampling.seed is None
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:

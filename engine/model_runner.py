@@ -19,7 +19,7 @@ from pdserve.engine.kv_cache import AttentionMetadata, DecodeGroup, KVCache, Pag
 from pdserve.engine.logprobs import Sampled, StepResult, TokenLogprobs, logprobs_of
 from pdserve.engine.model import LlamaModel
 from pdserve.engine.prompt_lookup import verify
-from pdserve.engine.rejection import accept
+from pdserve.engine.rejection import accept, certain
 from pdserve.engine.sampler import Sampler, filter_rows
 from pdserve.engine.scheduler import ScheduledChunk
 
@@ -79,8 +79,9 @@ class ModelRunner:
     def _verify(self, chunks: tuple[ScheduledChunk, ...], hidden: torch.Tensor, first_rows: dict[str, int],
                 draft_probs: dict[str, torch.Tensor]) -> dict[str, Sampled]:
         """hidden: [T, hidden] -> for each speculative chunk the tokens it emits: for a greedy request the model's
-        pick after each of its rows, kept while it agrees with the proposals; for a sampled one (its proposals drawn
-        from `draft_probs[request_id]`) those the acceptance rule keeps (`engine.rejection`)."""
+        pick after each of its rows, kept while it agrees with the proposals; for a sampled one those the acceptance
+        rule keeps (`engine.rejection`), its proposals drawn from `draft_probs[request_id]` (a draft model's) or else
+        certain (prompt lookup's)."""
         if not chunks:
             return {}
         rows = torch.cat([torch.arange(first_rows[c.request_id], first_rows[c.request_id] + len(c.token_ids))
@@ -90,9 +91,12 @@ class ModelRunner:
         verified, offset = {}, 0
         for chunk in chunks:
             count = len(chunk.token_ids)
-            if chunk.request_id in draft_probs:
+            if not chunk.sampling.greedy:
                 target = torch.softmax(filter_rows(logits[offset:offset + count], [chunk.sampling] * count), dim=-1)
-                emitted = accept(chunk.proposed, draft_probs[chunk.request_id], target, self.sampler.generator)
+                drafted = draft_probs.get(chunk.request_id)
+                if drafted is None:
+                    drafted = certain(chunk.proposed, logits.shape[-1], logits.device)
+                emitted = accept(chunk.proposed, drafted, target, self.sampler.generator)
             else:
                 emitted = verify(chunk.proposed, picks[offset:offset + count])
             verified[chunk.request_id] = Sampled(emitted[0], more=emitted[1:], proposed=len(chunk.proposed))

@@ -1,15 +1,17 @@
 """Prompt lookup, the engine's first kind of speculative decoding: proposals copied from the request's own tokens, and
 the rule that keeps only the proposals the model would have picked.
 
-Life of a speculating request (greedy, no logit changes; `engine.config.SpeculativeSettings`): each decode step the
+Life of a speculating request (no logit changes; `engine.config.SpeculativeSettings`): each decode step the
 scheduler asks `propose` for up to k tokens, the ones that followed the latest earlier occurrence of the sequence's
 last n tokens (n = 3, then 2; a single token matches too often by chance to be worth checking); its chunk is the last
 token plus the proposals, computed in one forward pass like a short prefill. The model's pick after each position
 (`verify`) keeps the proposals up to the first it would not have chosen, and adds its own token there, so a step
-emits 1 to k + 1 tokens and the output is exactly the one without speculation. The KV of rejected proposals is left
-behind the request's computed length, to be overwritten. A request whose proposals were all rejected twice in a row
-waits 1, then 3, 7, ... steps (at most `MAX_PAUSE`) before it proposes again (`pause_after`): text that copies
-nothing costs few wasted steps, and text that copies again after a change loses little.
+emits 1 to k + 1 tokens and the output is exactly the one without speculation. (A sampled request keeps each
+proposal with the probability the model gives it, `engine.rejection`, so its output keeps its distribution.) The KV
+of rejected proposals is left behind the request's computed length, to be overwritten. A request whose proposals
+were all rejected twice in a row waits 1, then 3, 7, ... steps (at most `MAX_PAUSE`) before it proposes again
+(`pause_after`): text that copies nothing costs few wasted steps, and text that copies again after a change loses
+little.
 """
 
 from __future__ import annotations

@@ -16,6 +16,14 @@ from collections.abc import Sequence
 import torch
 
 
+def certain(proposed: Sequence[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[k, V] the distributions of proposals that were not drawn but chosen (prompt lookup's): all mass on each. A
+    proposal x is then kept with probability p(x), and a rejected one is replaced by a draw from p without x."""
+    probs = torch.zeros(len(proposed), vocab_size, device=device)
+    probs[torch.arange(len(proposed), device=device), torch.tensor(list(proposed), device=device)] = 1.0
+    return probs
+
+
 def accept(proposed: Sequence[int], draft_probs: torch.Tensor, target_probs: torch.Tensor,
            generator: torch.Generator) -> tuple[int, ...]:
     """draft_probs: [k, V] the distributions the k proposals were drawn from; target_probs: [k + 1, V] the model's

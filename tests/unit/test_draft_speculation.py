@@ -1,22 +1,25 @@
-"""Speculative decoding with a draft model (`engine.draft`, `engine.rejection`) on a tiny random Llama whose whole
-distribution can be enumerated: the acceptance rule keeps sampled output distributed as the model's own (a
-chi-square test against the exact distribution, which the draft's own distribution fails), and greedy output is
-token-identical to decoding without speculation."""
+"""Speculative decoding with a draft model (`engine.draft`) and by prompt lookup, through the acceptance rule
+(`engine.rejection`), on a tiny random Llama whose whole distribution can be enumerated: sampled output is
+distributed as the model's own (a chi-square test against the exact distribution, which the draft's own distribution
+fails), and greedy output is token-identical to decoding without speculation."""
 
 import pytest
 import torch
 
 from pdserve.engine import Engine, EngineConfig, SamplingParams, model_runner
 from pdserve.engine.config import ConfigError, SpeculativeSettings
-from pdserve.engine.rejection import accept
+from pdserve.engine.rejection import accept, certain
 
 VOCAB = 16
 PROMPT = [5, 9, 13, 7]
+COPYING = [t for a in range(VOCAB) for t in (7, a, (5 * a + 3) % VOCAB)] + [7]
+"""Every 2-gram (7, a) occurs in it: whatever its first token, prompt lookup proposes a continuation."""
 TEMPERATURE = 0.1  # the tiny model's random logits spread ~0.4: sharpened, its distributions are far from uniform
 SAMPLES = 3000
-BASE = dict(model="random:tiny", num_kv_blocks=512, max_num_seqs=256, max_num_batched_tokens=2048, num_threads=1,
+BASE = dict(model="random:tiny", num_kv_blocks=512, max_num_seqs=256, max_num_batched_tokens=4096, num_threads=1,
             prefix_caching=False)
 DRAFT = SpeculativeSettings(method="draft", k=2, max_batch=256, draft_layers=1, draft_quantization="none")
+LOOKUP = SpeculativeSettings(method="prompt_lookup", k=2, max_batch=256)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,11 @@ def speculating() -> Engine:
     return Engine(EngineConfig(**BASE, speculative=DRAFT))
 
 
+@pytest.fixture(scope="module")
+def looking_up() -> Engine:
+    return Engine(EngineConfig(**BASE, speculative=LOOKUP))
+
+
 def next_token_probs(engine: Engine, contexts: list[list[int]]) -> torch.Tensor:
     """[C, V] the model's exact sampling distribution after each context (its logprobs, sharpened by TEMPERATURE)."""
     outputs = engine.generate(contexts, SamplingParams(max_tokens=1, temperature=0, logprobs=VOCAB))
@@ -39,18 +47,18 @@ def next_token_probs(engine: Engine, contexts: list[list[int]]) -> torch.Tensor:
     return torch.softmax(logprobs / TEMPERATURE, dim=-1)
 
 
-def exact_marginals(engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_marginals(engine: Engine, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact distributions of the second and the third output token, [V] each."""
-    first = next_token_probs(engine, [PROMPT])[0]  # [V]
-    second = next_token_probs(engine, [PROMPT + [a] for a in range(VOCAB)])  # [V, V]: row a = after a
-    third = next_token_probs(engine, [PROMPT + [a, b] for a in range(VOCAB) for b in range(VOCAB)])  # [V*V, V]
+    first = next_token_probs(engine, [prompt])[0]  # [V]
+    second = next_token_probs(engine, [prompt + [a] for a in range(VOCAB)])  # [V, V]: row a = after a
+    third = next_token_probs(engine, [prompt + [a, b] for a in range(VOCAB) for b in range(VOCAB)])  # [V*V, V]
     joint = first[:, None] * second  # [V, V] P(a, b)
     return joint.sum(0), (joint.flatten()[:, None] * third).sum(0)
 
 
-def sampled_marginals(engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_marginals(engine: Engine, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     sampling = SamplingParams(max_tokens=4, temperature=TEMPERATURE, ignore_eos=True)
-    outputs = engine.generate([PROMPT] * SAMPLES, sampling)
+    outputs = engine.generate([prompt] * SAMPLES, sampling)
     counts = torch.zeros(2, VOCAB)
     for output in outputs:
         counts[0, output.token_ids[1]] += 1
@@ -65,16 +73,18 @@ def p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor((len(counts) - 1) / 2.0), statistic / 2))
 
 
-def test_sampled_output_follows_the_models_distribution(plain, speculating):
-    second, third = exact_marginals(plain)
+@pytest.mark.parametrize("method", ["draft", "prompt_lookup"])
+def test_sampled_output_follows_the_models_distribution(plain, speculating, looking_up, method):
+    engine, prompt = (speculating, PROMPT) if method == "draft" else (looking_up, COPYING)
+    second, third = exact_marginals(plain, prompt)
     assert second.max() < 0.5 and third.max() < 0.5  # far from greedy: the draws matter
-    before = speculating.speculative_proposed_total, speculating.speculative_accepted_total
-    counts = sampled_marginals(speculating)
-    proposed = speculating.speculative_proposed_total - before[0]
-    accepted = speculating.speculative_accepted_total - before[1]
-    assert proposed >= SAMPLES and 0 < accepted < proposed  # it speculated, and the draft was right only some times
+    before = engine.speculative_proposed_total, engine.speculative_accepted_total
+    counts = sampled_marginals(engine, prompt)
+    proposed = engine.speculative_proposed_total - before[0]
+    accepted = engine.speculative_accepted_total - before[1]
+    assert proposed >= SAMPLES and 0 < accepted < proposed  # it speculated, and was right only some times
     assert p_value(counts[0], second) > 1e-3 and p_value(counts[1], third) > 1e-3
-    assert speculating.num_requests == 0 and speculating.blocks.num_used == 0
+    assert engine.num_requests == 0 and engine.blocks.num_used == 0
 
 
 def test_the_test_tells_the_drafts_distribution_apart(plain, speculating, monkeypatch):
@@ -82,9 +92,9 @@ def test_the_test_tells_the_drafts_distribution_apart(plain, speculating, monkey
     def accept_all(proposed, draft_probs, target_probs, generator):
         return (*proposed, int(torch.multinomial(target_probs[len(proposed)], 1, generator=generator)))
 
-    second, third = exact_marginals(plain)
+    second, third = exact_marginals(plain, PROMPT)
     monkeypatch.setattr(model_runner, "accept", accept_all)
-    counts = sampled_marginals(speculating)
+    counts = sampled_marginals(speculating, PROMPT)
     assert p_value(counts[0], second) < 1e-6
 
 
@@ -111,6 +121,11 @@ def test_acceptance_keeps_proposals_the_model_likes_and_draws_from_the_residual(
     target = torch.tensor([[0.75, 0.25, 0.0], [0.0, 0.0, 1.0]])
     kept = sum(accept((1,), draft, target, generator) == (1, 2) for _ in range(4000))
     assert 1800 < kept < 2200
+    # a proposal chosen, not drawn (prompt lookup's): kept with the model's probability of it, 0.25
+    chosen = certain((1,), 3, torch.device("cpu"))
+    assert chosen.tolist() == [[0.0, 1.0, 0.0]]
+    kept = sum(accept((1,), chosen, target, generator) == (1, 2) for _ in range(4000))
+    assert 850 < kept < 1150
 
 
 def test_a_draft_that_would_be_the_model_itself_is_a_config_error():
