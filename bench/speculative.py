@@ -1,9 +1,10 @@
-"""Speculative decoding (prompt lookup, a draft model) against plain decoding, side by side on one machine.
+"""Speculative decoding (prompt lookup, a draft model, lookahead) against plain decoding, side by side on one machine.
 
-    python -m pdserve.bench.speculative [--methods prompt_lookup draft] [--k 4] [--tokens 128] [--rounds 3]
+    python -m pdserve.bench.speculative [--methods prompt_lookup draft lookahead] [--k 4] [--tokens 128] [--rounds 3]
 
 Local engines on SmolLM2 fp32: one plain, one per method (`engine.speculative: {method: ...}`; the draft is the
-model itself with int4 layers, `--draft-quantization`), run in turn (A B C A B C) for each workload, the median of
+model itself with int4 layers, `--draft-quantization`; lookahead's window and n-gram size `--lookahead W N`), run in
+turn (A B C A B C) for each workload, the median of
 `rounds` reported:
 - copy (batch 1): a piece of code, then the start of it again, as a completion (prompt lookup's home ground: this
   model goes on copying);
@@ -63,19 +64,22 @@ def speculation(engine: Engine) -> tuple[int, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["prompt_lookup", "draft"],
-                        choices=["prompt_lookup", "draft"])
+                        choices=["prompt_lookup", "draft", "lookahead"])
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--draft-quantization", default="int4", choices=["int8", "int4"])
+    parser.add_argument("--lookahead", nargs=2, type=int, default=[4, 3], metavar=("W", "N"))
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     plain = Engine(EngineConfig(prefix_caching=False))
     engines = {m: Engine(EngineConfig(prefix_caching=False, speculative=SpeculativeSettings(
-        method=m, k=args.k, max_batch=args.max_batch, draft_quantization=args.draft_quantization)))
+        method=m, k=args.k, max_batch=args.max_batch, draft_quantization=args.draft_quantization,
+        lookahead_window=args.lookahead[0], lookahead_ngram=args.lookahead[1])))
         for m in args.methods}
     print(f"SmolLM2-135M-Instruct fp32, up to {args.tokens} tokens, k {args.k}, max_batch {args.max_batch}, draft "
-          f"{args.draft_quantization}, median of {args.rounds} rounds (engines in turn)")
+          f"{args.draft_quantization}, lookahead W {args.lookahead[0]} N {args.lookahead[1]}, median of "
+          f"{args.rounds} rounds (engines in turn)")
     print("| workload | plain tok/s | " + " | ".join(f"{m} tok/s | speed-up | accepted | tokens/step | identical"
                                                      for m in args.methods) + " |")
     print("|---|---:|" + "---:|---:|---:|---:|---:|" * len(args.methods))

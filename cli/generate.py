@@ -56,7 +56,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--speculative", choices=list(SPECULATIVE_METHODS), default="none",
                    help="local engine: speculative decoding (greedy output stays the same; sampled output keeps its "
-                        "distribution); draft: the model with int4 layers proposes")
+                        "distribution); draft: the model with int4 layers proposes; lookahead: greedy requests only")
     p.set_defaults(run=run)
 
 

@@ -22,7 +22,7 @@ ACTIVATION_RESERVE_GIB = 2.0
 def uses_paged_attention(config: EngineConfig) -> bool:
     """Whether the Triton kernels run attention; "auto" takes them on CUDA when Triton imports."""
     on_cuda = config.device.startswith("cuda")
-    if config.attention == "torch":
+    if config.attention == "torch" or config.speculative.method == "lookahead":  # its masks: torch attention only
         return False
     if config.attention == "auto":
         return on_cuda and importlib.util.find_spec("triton") is not None

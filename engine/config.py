@@ -171,7 +171,7 @@ class SimSettings:
         return SimSettings(**values)
 
 
-SPECULATIVE_METHODS = ("none", "prompt_lookup", "draft")
+SPECULATIVE_METHODS = ("none", "prompt_lookup", "draft", "lookahead")
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,9 @@ class SpeculativeSettings:
     method: str = "none"
     """"none"; "prompt_lookup": propose the tokens that followed the latest earlier occurrence of the last few
     tokens, in the prompt or the output (no draft model; pays on text that copies its input); "draft": a smaller copy
-    of the model itself proposes (`draft_quantization`, `draft_layers`), reading the model's own KV cache."""
+    of the model itself proposes (`draft_quantization`, `draft_layers`), reading the model's own KV cache;
+    "lookahead": Jacobi iteration over a window of guesses, verifying n-grams it collects (`lookahead_window`,
+    `lookahead_ngram`; greedy requests, torch attention)."""
     k: int = 4
     """Tokens proposed per request and step."""
     max_batch: int = 4
@@ -197,6 +199,10 @@ class SpeculativeSettings:
     draft_layers: int | None = None
     """method draft: the draft runs only the model's first this many layers (then its final norm and LM head);
     None: all of them."""
+    lookahead_window: int = 4
+    """method lookahead: positions guessed ahead (W), and n-grams verified per step at most (G = W)."""
+    lookahead_ngram: int = 3
+    """method lookahead: the n-grams' length (N): a step emits up to N tokens and keeps N - 1 Jacobi iterations."""
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -208,6 +214,10 @@ class SpeculativeSettings:
         if self.draft_quantization not in QUANTIZATIONS:
             raise ConfigError(f"engine.speculative.draft_quantization: {self.draft_quantization!r} is not one of "
                               f"{list(QUANTIZATIONS)}")
+        for name, low in (("lookahead_window", 1), ("lookahead_ngram", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 16:
+                raise ConfigError(f"engine.speculative.{name}: must be an integer in [{low}, 16], got {value!r}")
         if self.draft_layers is not None and (isinstance(self.draft_layers, bool)
                                               or not isinstance(self.draft_layers, int) or self.draft_layers < 1):
             raise ConfigError(f"engine.speculative.draft_layers: must be an integer > 0 or null, "
@@ -304,6 +314,9 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"engine.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         spec = self.speculative
+        if spec.method == "lookahead" and self.attention == "triton":
+            raise ConfigError("engine.speculative.method: lookahead needs per-token attention masks, which the "
+                              "triton kernels do not take; use engine.attention torch or auto")
         if spec.method == "draft" and self.quantization != "none" and spec.draft_quantization not in (
                 "none", self.quantization):
             raise ConfigError(f"engine.speculative.draft_quantization: the model is {self.quantization} already; "

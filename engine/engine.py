@@ -36,6 +36,7 @@ from pdserve.engine.grammar_state import Grammars, GrammarState
 from pdserve.engine.hardware import hardware
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.logprobs import Sampled, TokenLogprobs
+from pdserve.engine.lookahead import LookaheadState
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.model_source import ModelSource, resolve_engine_model
 from pdserve.engine.prompt_lookup import pause_after
@@ -388,13 +389,18 @@ class Engine:
 
     def _append_verified(self, chunk: ScheduledChunk, request: Request, picked: Sampled) -> list[RequestOutput]:
         """A speculative chunk's tokens, one output each until one ends the request; then the request's KV covers
-        its last token and the accepted proposals (`engine.prompt_lookup`)."""
-        emitted = (picked.token_id, *picked.more)
+        its last token and the accepted proposals (`engine.prompt_lookup`, `engine.lookahead`)."""
+        if chunk.lookahead is not None:
+            emitted, _ = request.lookahead.advance(chunk.lookahead, picked.picks)
+            proposed = len(chunk.lookahead.candidates[0]) if chunk.lookahead.candidates else 0
+            self._keep_accepted_kv(chunk, emitted)
+        else:
+            emitted, proposed = (picked.token_id, *picked.more), picked.proposed
+            request.speculation_misses = request.speculation_misses + 1 if len(emitted) == 1 else 0
+            request.speculation_pause = pause_after(request.speculation_misses)
         self.speculative_steps_total += 1
-        self.speculative_proposed_total += picked.proposed
+        self.speculative_proposed_total += proposed
         self.speculative_accepted_total += len(emitted) - 1
-        request.speculation_misses = request.speculation_misses + 1 if len(emitted) == 1 else 0
-        request.speculation_pause = pause_after(request.speculation_misses)
         outputs = []
         for token in emitted:
             outputs.append(self._append_token(request, token))
@@ -402,9 +408,23 @@ class Engine:
                 break
         else:
             self.scheduler.advance(chunk, request, computed=chunk.start_pos + len(emitted))
-        outputs[0] = dataclasses.replace(outputs[0], speculative_proposed=picked.proposed,
+        outputs[0] = dataclasses.replace(outputs[0], speculative_proposed=proposed,
                                          speculative_accepted=len(emitted) - 1)
         return outputs
+
+    def _keep_accepted_kv(self, chunk: ScheduledChunk, emitted: Sequence[int]) -> None:
+        """A lookahead candidate's accepted tokens had their KV computed at their true positions over the true
+        prefix, in the chunk's candidate slots: move it to the slots after the input, where it belongs."""
+        rows = LookaheadState.accepted_rows(chunk.lookahead, emitted)
+        if not rows:
+            return
+        size = self.config.block_size
+
+        def slot(position: int) -> int:
+            return chunk.block_ids[position // size] * size + position % size
+
+        self.kv_cache.copy_slots([slot(chunk.start_pos + r) for r in rows],
+                                 [slot(chunk.start_pos + 1 + j) for j in range(len(rows))])
 
     def _start_grammar(self, sampling: SamplingParams, resumed: Sequence[int]) -> GrammarState:
         structured = sampling.structured_output
@@ -466,7 +486,7 @@ class Engine:
             return False
         if sampling.adjusts_logits or sampling.logprobs is not None or sampling.structured_output is not None:
             return False
-        return sampling.greedy or sampling.seed is None
+        return sampling.greedy or (sampling.seed is None and spec.method != "lookahead")
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:

@@ -45,6 +45,12 @@ class KVCache:
             return self.tensor.index_select(2, index)
         return torch.index_select(self.tensor, 2, index, out=out)
 
+    def copy_slots(self, source: Sequence[int], target: Sequence[int]) -> None:
+        """Copy the KV (all layers, K and V) in the `source` slots to the `target` slots."""
+        flat = self.tensor.flatten(2, 3)  # [2, L, NB * BS, KVH, D], a view
+        index = torch.tensor(list(source), dtype=torch.long, device=self.tensor.device)
+        flat[:, :, torch.tensor(list(target), dtype=torch.long, device=self.tensor.device)] = flat[:, :, index]
+
     def write_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Write `data` ([2, L, len(block_ids), BS, KVH, D]) into the given blocks."""
         index = torch.tensor(list(block_ids), dtype=torch.long, device=self.tensor.device)

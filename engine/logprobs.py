@@ -34,6 +34,8 @@ class Sampled:
     """A speculative chunk's further tokens, after `token_id` (`engine.prompt_lookup.verify`, `engine.rejection`)."""
     proposed: int = 0
     """A speculative chunk's proposals, of which `len(more)` were kept."""
+    picks: tuple[int, ...] = ()
+    """A lookahead chunk's greedy token after each of its rows (`engine.lookahead`)."""
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,10 @@ class ModelRunner:
         verified, offset = {}, 0
         for chunk in chunks:
             count = len(chunk.token_ids)
+            if chunk.lookahead is not None:  # the engine verifies its candidates and moves its window
+                verified[chunk.request_id] = Sampled(picks[offset], picks=tuple(picks[offset:offset + count]))
+                offset += count
+                continue
             if not chunk.sampling.greedy:
                 target = torch.softmax(filter_rows(logits[offset:offset + count], [chunk.sampling] * count), dim=-1)
                 drafted = draft_probs.get(chunk.request_id)
@@ -147,13 +151,14 @@ class ModelRunner:
         for chunk in ordered:
             first_rows[chunk.request_id] = len(ids)
             ids.extend(chunk.token_ids)
-            positions.extend(range(chunk.start_pos, chunk.context_len))
-            if chunk.sample and not chunk.proposed:
+            positions.extend(chunk.lookahead.positions(chunk.start_pos) if chunk.lookahead
+                             else range(chunk.start_pos, chunk.context_len))
+            if chunk.sample and not chunk.speculates:
                 sample_rows.append(len(ids) - 1)
         position_tensor = self._tensor(positions)
         lengths = [len(c.token_ids) for c in ordered]
         tables = self._padded_tables(ordered)  # [C, W]
-        slots = self._slots(tables, lengths, position_tensor)
+        slots = self._slots(tables, lengths, self._slot_positions(ordered, position_tensor))
         if self.paged:
             meta = AttentionMetadata(slot_mapping=slots, paged=self._paged_batch(ordered, tables, lengths))
         else:
@@ -161,8 +166,15 @@ class ModelRunner:
                                      decode=self._decode_group(decodes, tables[:len(decodes)]) if decodes else None,
                                      prefills=self._prefill_segments(prefills, len(decodes)))
         return StepInput(self._tensor(ids), position_tensor, meta, self._tensor(sample_rows),
-                         tuple(c for c in ordered if c.sample and not c.proposed), first_rows,
-                         tuple(c for c in ordered if c.proposed))
+                         tuple(c for c in ordered if c.sample and not c.speculates), first_rows,
+                         tuple(c for c in ordered if c.speculates))
+
+    def _slot_positions(self, chunks: list[ScheduledChunk], positions: torch.Tensor) -> torch.Tensor:
+        """[T] the position whose slot each token's KV goes to: its own, except in a lookahead chunk, whose tokens
+        claim other positions (`engine.lookahead`) but take the slots after the input in the chunk's order."""
+        if not any(c.lookahead for c in chunks):
+            return positions
+        return self._tensor([p for c in chunks for p in range(c.start_pos, c.context_len)])
 
     def _slots(self, tables: torch.Tensor, lengths: list[int], positions: torch.Tensor) -> torch.Tensor:
         """[T] each token's slot, block_table[pos // BS] * BS + pos % BS, computed on the device.
@@ -203,7 +215,10 @@ class ModelRunner:
         for chunk in prefills:
             length = len(chunk.token_ids)
             mask = None
-            if chunk.start_pos > 0:
+            if chunk.lookahead is not None:  # the context, then each token's own causal path in the chunk
+                mask = torch.cat([torch.ones(length, chunk.start_pos, dtype=torch.bool),
+                                  chunk.lookahead.mask()], dim=1).to(self.device)  # [Q, S]
+            elif chunk.start_pos > 0:
                 queries = torch.arange(chunk.start_pos, chunk.context_len, device=self.device)
                 keys = torch.arange(chunk.context_len, device=self.device)
                 mask = keys[None, :] <= queries[:, None]  # [Q, S]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.grammar_state import GrammarState
 from pdserve.engine.logprobs import TokenLogprobs
+from pdserve.engine.lookahead import LookaheadState
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -146,6 +147,8 @@ class Request:
     """Speculative steps in a row whose proposals were all rejected."""
     speculation_pause: int = 0
     """Decode steps to go before it proposes again (`prompt_lookup.pause_after`)."""
+    lookahead: LookaheadState | None = None
+    """Lookahead decoding's window and n-gram pool (`engine.lookahead`), once it speculates that way."""
     grammar: GrammarState | None = None
     """Where the output is in its structured-output grammar (`SamplingParams.structured_output`), else None."""
 

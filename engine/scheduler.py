@@ -16,7 +16,8 @@ Nothing is dropped.
 
 Speculative decoding (`engine.speculative`, while at most `max_batch` requests decode): a decoding request that
 speculates gets a chunk of its last token plus up to k proposed tokens (`engine.prompt_lookup`), or a chunk of its
-last token that a draft model extends by up to k in the runner (`engine.draft`), with blocks for all of them;
+last token that a draft model extends by up to k in the runner (`engine.draft`), or its last token followed by a
+lookahead window and n-grams to verify (`engine.lookahead`), with blocks for all of them (`engine.speculation`);
 after the step only the KV of the proposals the model accepted counts as computed (`advance(computed=)`).
 
 Prefix caching: a request admitted from the queue (or reserved) first takes the cached blocks of its longest cached
@@ -35,14 +36,16 @@ import bisect
 from collections import deque
 from dataclasses import dataclass
 
+from pdserve.engine import speculation
 from pdserve.engine.block_manager import BlockManager, blocks_for
 from pdserve.engine.config import SpeculativeSettings
 from pdserve.engine.grammar_state import GrammarState
 from pdserve.engine.logits_adjust import TokenHistory
+from pdserve.engine.lookahead import Layout
 from pdserve.engine.prefix_hash import ROOT, block_hashes, shareable_blocks
-from pdserve.engine.prompt_lookup import propose
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.speculation import Speculation
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +75,13 @@ class ScheduledChunk:
     """Speculative decoding with a draft model: how many tokens the draft is to propose after the request's last one,
     in the runner before the step (`engine.draft`); their KV slots are allocated."""
 
+    lookahead: Layout | None = None
+    """Lookahead decoding: the layout of the window and candidates after the request's last token (`engine.lookahead`);
+    the chunk's positions and attention mask come from it."""
+
     @property
     def speculates(self) -> bool:
-        return bool(self.proposed) or self.draft_tokens > 0
+        return bool(self.proposed) or self.draft_tokens > 0 or self.lookahead is not None
 
     @property
     def context_len(self) -> int:
@@ -165,10 +172,9 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             count = min(request.num_uncomputed, step.left)
             k = self._speculation_k(request, step.left - 1) if speculating and request.is_decoding else 0
-            drafted = k if self.speculative.method == "draft" else 0
-            proposed = propose(request.all_token_ids, k) if k and not drafted else ()
-            if self._grow(request, count + len(proposed) + drafted, step, preempted):
-                step.add(self._chunk(request, count, proposed, drafted))
+            extra = speculation.plan(request, self.speculative, k, step.left - 1)
+            if self._grow(request, count + extra.reserved, step, preempted):
+                step.add(self._chunk(request, count, extra))
         if not preempted:
             self._admit(step, preempted)
         return SchedulerOutput(chunks=tuple(step.chunks.values()), preempted=tuple(preempted))
@@ -300,11 +306,11 @@ class Scheduler:
         return max(0, min(self.speculative.k, room, request.sampling.max_tokens - len(request.output_token_ids) - 1))
 
     @staticmethod
-    def _chunk(request: Request, count: int, proposed: tuple[int, ...] = (), draft_tokens: int = 0) -> ScheduledChunk:
+    def _chunk(request: Request, count: int, extra: Speculation = speculation.NONE) -> ScheduledChunk:
         start = request.num_computed_tokens
         return ScheduledChunk(
             request_id=request.request_id,
-            token_ids=request.token_slice(start, count) + proposed,
+            token_ids=request.token_slice(start, count) + extra.tokens,
             start_pos=start,
             block_ids=tuple(request.block_ids),
             sample=start + count == request.num_tokens,
@@ -315,8 +321,9 @@ class Scheduler:
             prompt_targets=request.prompt_token_ids[start + 1:start + count + 1]
             if request.sampling.prompt_logprobs is not None else (),
             grammar=request.grammar if start + count == request.num_tokens else None,
-            proposed=proposed,
-            draft_tokens=draft_tokens,
+            proposed=extra.proposed,
+            draft_tokens=extra.draft_tokens,
+            lookahead=extra.lookahead,
         )
 
 

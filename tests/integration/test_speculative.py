@@ -1,7 +1,7 @@
-"""Speculative decoding on the real SmolLM2 engine, by prompt lookup and with a draft model (the model with int4
-layers): greedy output token-identical to decoding without it (alone, in a batch, with stop strings, with requests
-that do not speculate beside it); a copy-heavy prompt accepts most of prompt lookup's proposals, and the draft most of
-its own on any text; sampled requests speculate with the draft and end cleanly."""
+"""Speculative decoding on the real SmolLM2 engine, by prompt lookup, with a draft model (the model with int4
+layers) and by lookahead decoding: greedy output token-identical to decoding without it (alone, in a batch, with stop
+strings, with requests that do not speculate beside it); a copy-heavy prompt accepts most of prompt lookup's
+proposals, and the draft most of its own on any text; sampled requests speculate with the draft and end cleanly."""
 
 import pytest
 
@@ -83,3 +83,22 @@ def test_sampled_and_seeded_requests_with_a_draft_model(engine, drafting):
     assert [len(o.token_ids) for o in outputs[:2]] == [40, 40] and drafting.speculative_steps_total > steps
     assert outputs[2].token_ids == engine.generate([COPY], seeded)[0].token_ids
     assert drafting.num_requests == 0 and drafting.blocks.num_used == 0
+
+
+@pytest.fixture(scope="module")
+def looking_ahead() -> Engine:
+    return Engine(EngineConfig(speculative=SpeculativeSettings(method="lookahead", max_batch=4, lookahead_window=4,
+                                                               lookahead_ngram=3)))
+
+
+def test_greedy_output_is_token_identical_with_lookahead(engine, looking_ahead):
+    greedy = SamplingParams(max_tokens=48, temperature=0)
+    expected = engine.generate(PROMPTS, greedy)
+    before = looking_ahead.speculative_accepted_total
+    for prompt, want in zip(PROMPTS, expected):
+        (got,) = looking_ahead.generate([prompt], greedy)
+        assert got.token_ids == want.token_ids and got.text == want.text
+    assert looking_ahead.speculative_accepted_total > before  # some n-grams were right
+    together = looking_ahead.generate(PROMPTS[:3], greedy)
+    assert [o.token_ids for o in together] == [o.token_ids for o in expected[:3]]
+    assert looking_ahead.num_requests == 0 and looking_ahead.blocks.num_used == 0

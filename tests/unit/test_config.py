@@ -42,6 +42,7 @@ from pdserve.engine.sampling_params import SamplingError, SamplingParams
     ({"speculative": "prompt_lookup"}, "engine.speculative: must be a mapping"),
     ({"speculative": {"method": "draft", "draft_quantization": "int2"}}, "engine.speculative.draft_quantization"),
     ({"speculative": {"method": "draft", "draft_layers": 0}}, "engine.speculative.draft_layers"),
+    ({"speculative": {"method": "lookahead", "lookahead_window": 0}}, "engine.speculative.lookahead_window"),
     ({"speculative": {"method": "draft", "draft_quantization": "none"}}, "the draft would be the model itself"),
 ])
 def test_engine_config_errors_name_the_field(values, field):
@@ -73,7 +74,7 @@ def test_engine_config_round_trips():
               "quantization": "int4", "attention": "triton", "cuda_graphs": False, "compile": True,
               "gpu_memory_utilization": 0.5, "prefix_caching": False,
               "speculative": {"method": "draft", "k": 6, "max_batch": 2, "draft_quantization": "none",
-                              "draft_layers": 2}}
+                              "draft_layers": 2, "lookahead_window": 5, "lookahead_ngram": 4}}
     config = EngineConfig.from_dict(values)
     assert dataclasses.asdict(config) == values
     assert EngineConfig.from_dict(dataclasses.asdict(config)) == config
