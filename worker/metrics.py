@@ -33,6 +33,7 @@ the next scrape is whole again.
     pdserve_worker_speculative_steps_total                counter    speculative steps (label `method`: prompt_lookup
                                                                     or draft), each checking a request's proposals
     pdserve_worker_speculative_proposed_tokens_total      counter    tokens proposed by speculative decoding
+                                                                    (lookahead: N - 1 a step with a candidate)
     pdserve_worker_speculative_accepted_tokens_total      counter    of those, tokens the model accepted (acceptance
                                                                     rate: accepted / proposed; mean accepted length,
                                                                     the model's own token counted: 1 + accepted /
@@ -260,7 +261,7 @@ def step_shape(engine: Engine, outputs: Sequence[RequestOutput]) -> tuple[int, i
     if schedule is not None:
         for chunk in schedule.chunks:
             n = len(chunk.token_ids)
-            if (n == 1 or chunk.proposed) and chunk.output_index:
+            if (n == 1 or chunk.speculates) and chunk.output_index:
                 decode += 1
             else:
                 prefill += n
