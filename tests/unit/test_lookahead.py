@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from pdserve.engine import Engine, EngineConfig, SamplingParams
+from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import ConfigError, SpeculativeSettings
 from pdserve.engine.lookahead import Layout, LookaheadState
+from pdserve.engine.request import Request
+from pdserve.engine.scheduler import Scheduler
 
 
 def test_positions_follow_each_guess_and_candidate_from_the_input():
@@ -76,3 +79,25 @@ def test_lookahead_needs_the_torch_attention_path():
         EngineConfig(attention="triton", speculative=SpeculativeSettings(method="lookahead"))
     with pytest.raises(ConfigError, match="lookahead_ngram"):
         SpeculativeSettings(method="lookahead", lookahead_ngram=1)
+
+
+def test_the_scheduler_gives_a_decoding_request_its_window_and_candidates_when_they_fit():
+    settings = SpeculativeSettings(method="lookahead", max_batch=4, lookahead_window=2, lookahead_ngram=3)
+    prompt = (1, 2, 3, 1, 4, 5)
+
+    def decoding(budget: int):
+        sched = Scheduler(BlockManager(16, 4, False), budget, 4, settings)
+        request = Request("r", prompt, SamplingParams(max_tokens=10, temperature=0), 0, speculative=True)
+        sched.add(request)
+        (chunk,) = sched.schedule().chunks  # the prefill
+        sched.advance(chunk, request)
+        request.output_token_ids.append(1)
+        (chunk,) = sched.schedule().chunks
+        return request, chunk
+
+    request, chunk = decoding(budget=64)
+    # the last token, the window (2 levels of the context's last 2 tokens), the pool's n-grams after 1
+    assert chunk.token_ids == (1, 5, 1, 5, 1, 4, 5, 2, 3) and chunk.lookahead.candidates == ((4, 5), (2, 3))
+    assert chunk.start_pos == 6 and len(request.block_ids) * 4 >= chunk.context_len
+    _, small = decoding(budget=6)  # window and candidates do not fit the step's budget: a plain decode
+    assert small.token_ids == (1,) and small.lookahead is None
