@@ -69,17 +69,19 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--draft-quantization", default="int4", choices=["int8", "int4"])
     parser.add_argument("--lookahead", nargs=2, type=int, default=[4, 3], metavar=("W", "N"))
+    parser.add_argument("--fixed", action="store_true",
+                        help="speculate whenever allowed (adaptive false): the methods' own effect, unmeasured")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     plain = Engine(EngineConfig(prefix_caching=False))
     engines = {m: Engine(EngineConfig(prefix_caching=False, speculative=SpeculativeSettings(
         method=m, k=args.k, max_batch=args.max_batch, draft_quantization=args.draft_quantization,
-        lookahead_window=args.lookahead[0], lookahead_ngram=args.lookahead[1])))
+        lookahead_window=args.lookahead[0], lookahead_ngram=args.lookahead[1], adaptive=not args.fixed)))
         for m in args.methods}
     print(f"SmolLM2-135M-Instruct fp32, up to {args.tokens} tokens, k {args.k}, max_batch {args.max_batch}, draft "
-          f"{args.draft_quantization}, lookahead W {args.lookahead[0]} N {args.lookahead[1]}, median of "
-          f"{args.rounds} rounds (engines in turn)")
+          f"{args.draft_quantization}, lookahead W {args.lookahead[0]} N {args.lookahead[1]}, "
+          f"{'fixed' if args.fixed else 'adaptive'}, median of {args.rounds} rounds (engines in turn)")
     print("| workload | plain tok/s | " + " | ".join(f"{m} tok/s | speed-up | accepted | tokens/step | identical"
                                                      for m in args.methods) + " |")
     print("|---|---:|" + "---:|---:|---:|---:|---:|" * len(args.methods))

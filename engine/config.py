@@ -193,6 +193,9 @@ class SpeculativeSettings:
     max_batch: int = 4
     """Speculate only while at most this many requests decode in a step: with more, checking k tokens for each costs
     more than it saves."""
+    adaptive: bool = True
+    """Measure, per batch size, the time per token of decode steps with and without speculation (one step in 16
+    probes the other way), and speculate only where it pays (`engine.speculation_governor`); false: always."""
     draft_quantization: str = "int4"
     """method draft: the draft's linear layers quantised so ("none", "int8", "int4"); it must differ from the
     model's own `engine.quantization` unless `draft_layers` cuts layers."""
@@ -211,6 +214,8 @@ class SpeculativeSettings:
             raise ConfigError(f"engine.speculative.k: must be an integer in [1, 16], got {self.k!r}")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ConfigError(f"engine.speculative.max_batch: must be an integer > 0, got {self.max_batch!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ConfigError(f"engine.speculative.adaptive: must be true or false, got {self.adaptive!r}")
         if self.draft_quantization not in QUANTIZATIONS:
             raise ConfigError(f"engine.speculative.draft_quantization: {self.draft_quantization!r} is not one of "
                               f"{list(QUANTIZATIONS)}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -244,6 +245,7 @@ class Engine:
         self.preemptions_total += len(out.preempted)
         if not out.chunks:
             return []
+        started = time.perf_counter()
         result = self.runner.run(out.chunks)
         sampled = result.sampled
         outputs = []
@@ -259,7 +261,14 @@ class Engine:
             if chunk.request_id in sampled:
                 picked = sampled[chunk.request_id]
                 outputs.append(self._append_token(request, picked.token_id, picked.logprobs))
+        self._report_decode_step(out.chunks, time.perf_counter() - started, len(outputs))
         return outputs
+
+    def _report_decode_step(self, chunks: Sequence[ScheduledChunk], seconds: float, tokens: int) -> None:
+        """Tell the speculation governor what a step that only decoded cost per token."""
+        governor = self.scheduler.governor
+        if governor is not None and all(c.speculates or (len(c.token_ids) == 1 and c.output_index) for c in chunks):
+            governor.observe(len(chunks), any(c.speculates for c in chunks), seconds, tokens)
 
     def generate(self, prompts: Iterable[Prompt | Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
                  ) -> list[RequestOutput]:

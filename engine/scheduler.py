@@ -14,7 +14,8 @@ its priority), to be recomputed from its prompt plus the tokens it already produ
 room also preempts running requests of lower priority (never of its own), so batch work yields to online work.
 Nothing is dropped.
 
-Speculative decoding (`engine.speculative`, while at most `max_batch` requests decode): a decoding request that
+Speculative decoding (`engine.speculative`, while at most `max_batch` requests decode and it pays,
+`engine.speculation_governor`): a decoding request that
 speculates gets a chunk of its last token plus up to k proposed tokens (`engine.prompt_lookup`), or a chunk of its
 last token that a draft model extends by up to k in the runner (`engine.draft`), or its last token followed by a
 lookahead window and n-grams to verify (`engine.lookahead`), with blocks for all of them (`engine.speculation`);
@@ -46,6 +47,7 @@ from pdserve.engine.prefix_hash import ROOT, block_hashes, shareable_blocks
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.speculation import Speculation
+from pdserve.engine.speculation_governor import Governor
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.speculative = speculative or SpeculativeSettings()
+        self.governor = Governor(self.speculative.max_batch, self.speculative.adaptive) \
+            if self.speculative.enabled else None
+        """Whether speculation pays here, measured (`engine.speculation_governor`); the engine reports each step."""
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.held: dict[str, Request] = {}
@@ -164,7 +169,7 @@ class Scheduler:
         ordered = sorted(self.running, key=_order)
         decoding = [r for r in ordered if r.is_decoding]
         prefilling = [r for r in ordered if not r.is_decoding]
-        speculating = self.speculative.enabled and len(decoding) <= self.speculative.max_batch
+        speculating = self.governor is not None and self.governor.speculate(len(decoding))
         for request in decoding + prefilling:
             if step.left == 0:
                 break

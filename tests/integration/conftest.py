@@ -25,7 +25,8 @@ def gguf_path() -> str:
 
 
 BASIC_CLUSTER = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256,
-                            "speculative": {"method": "prompt_lookup", "k": 4, "max_batch": 4}},
+                            "speculative": {"method": "prompt_lookup", "k": 4, "max_batch": 4,
+                                            "adaptive": False}},
                  "workers": {"prefill": {"count": 1, "resources": {"cpus": 1}},
                              "decode": {"count": 1, "resources": {"cpus": 1}}}}
 """One prefill and one decode worker on SmolLM2, a core each. The decode worker speculates (prompt lookup) on greedy

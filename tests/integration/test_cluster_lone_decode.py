@@ -36,7 +36,7 @@ from .conftest import cluster_with_spare_redis
 pytestmark = pytest.mark.model
 
 CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256,
-                     "speculative": {"method": "draft", "k": 3, "max_batch": 8}},
+                     "speculative": {"method": "draft", "k": 3, "max_batch": 8, "adaptive": False}},
           "kv_transfer": {"checksums": True},
           "workers": {"hung_after_s": 6, "prefill": {"count": 1, "resources": {"cpus": 1}},
                       "decode": {"count": 1, "resources": {"cpus": 1}}}}

@@ -27,7 +27,8 @@ PROMPTS = [COPY, Prompt(messages=(Message("user", "Repeat this code exactly:\n" 
 
 @pytest.fixture(scope="module")
 def speculating() -> Engine:
-    return Engine(EngineConfig(speculative=SpeculativeSettings(method="prompt_lookup", k=4, max_batch=4)))
+    return Engine(EngineConfig(speculative=SpeculativeSettings(method="prompt_lookup", k=4, max_batch=4,
+                                                               adaptive=False)))
 
 
 def test_greedy_output_is_token_identical_with_prompt_lookup(engine, speculating):
@@ -59,7 +60,7 @@ def test_stops_and_requests_that_do_not_speculate_are_as_without_it(engine, spec
 
 @pytest.fixture(scope="module")
 def drafting() -> Engine:
-    return Engine(EngineConfig(speculative=SpeculativeSettings(method="draft", k=4, max_batch=4)))
+    return Engine(EngineConfig(speculative=SpeculativeSettings(method="draft", k=4, max_batch=4, adaptive=False)))
 
 
 def test_greedy_output_is_token_identical_with_a_draft_model(engine, drafting):
@@ -88,7 +89,7 @@ def test_sampled_and_seeded_requests_with_a_draft_model(engine, drafting):
 @pytest.fixture(scope="module")
 def looking_ahead() -> Engine:
     return Engine(EngineConfig(speculative=SpeculativeSettings(method="lookahead", max_batch=4, lookahead_window=4,
-                                                               lookahead_ngram=3)))
+                                                               lookahead_ngram=3, adaptive=False)))
 
 
 def test_greedy_output_is_token_identical_with_lookahead(engine, looking_ahead):

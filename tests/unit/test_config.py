@@ -74,7 +74,7 @@ def test_engine_config_round_trips():
               "quantization": "int4", "attention": "triton", "cuda_graphs": False, "compile": True,
               "gpu_memory_utilization": 0.5, "prefix_caching": False,
               "speculative": {"method": "draft", "k": 6, "max_batch": 2, "draft_quantization": "none",
-                              "draft_layers": 2, "lookahead_window": 5, "lookahead_ngram": 4}}
+                              "draft_layers": 2, "lookahead_window": 5, "lookahead_ngram": 4, "adaptive": False}}
     config = EngineConfig.from_dict(values)
     assert dataclasses.asdict(config) == values
     assert EngineConfig.from_dict(dataclasses.asdict(config)) == config

@@ -18,8 +18,9 @@ TEMPERATURE = 0.1  # the tiny model's random logits spread ~0.4: sharpened, its 
 SAMPLES = 3000
 BASE = dict(model="random:tiny", num_kv_blocks=512, max_num_seqs=256, max_num_batched_tokens=4096, num_threads=1,
             prefix_caching=False)
-DRAFT = SpeculativeSettings(method="draft", k=2, max_batch=256, draft_layers=1, draft_quantization="none")
-LOOKUP = SpeculativeSettings(method="prompt_lookup", k=2, max_batch=256)
+DRAFT = SpeculativeSettings(method="draft", k=2, max_batch=256, draft_layers=1, draft_quantization="none",
+                            adaptive=False)
+LOOKUP = SpeculativeSettings(method="prompt_lookup", k=2, max_batch=256, adaptive=False)
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ BASE = dict(model="random:tiny", num_kv_blocks=512, max_num_seqs=64, max_num_bat
 def test_greedy_output_is_token_identical_with_lookahead(width, ngram):
     plain = Engine(EngineConfig(**BASE))
     looking = Engine(EngineConfig(**BASE, speculative=SpeculativeSettings(
-        method="lookahead", max_batch=8, lookahead_window=width, lookahead_ngram=ngram)))
+        method="lookahead", max_batch=8, lookahead_window=width, lookahead_ngram=ngram, adaptive=False)))
     prompts = [[5, 9, 13, 7], [3, 3, 3], list(range(1, 12)), [15, 0, 15, 0, 15]]
     greedy = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     expected = [o.token_ids for o in plain.generate(prompts, greedy)]
@@ -101,3 +101,13 @@ def test_the_scheduler_gives_a_decoding_request_its_window_and_candidates_when_t
     assert chunk.start_pos == 6 and len(request.block_ids) * 4 >= chunk.context_len
     _, small = decoding(budget=6)  # window and candidates do not fit the step's budget: a plain decode
     assert small.token_ids == (1,) and small.lookahead is None
+
+
+def test_the_engine_reports_its_decode_steps_to_the_governor_both_ways():
+    """Adaptive (the default): decode-only steps are timed with speculation and, one in 16, without."""
+    looking = Engine(EngineConfig(**BASE, speculative=SpeculativeSettings(method="lookahead")))
+    greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    assert looking.generate([[5, 9, 13, 7]], greedy)[0].token_ids == Engine(EngineConfig(**BASE)).generate(
+        [[5, 9, 13, 7]], greedy)[0].token_ids
+    costs = looking.scheduler.governor._costs
+    assert costs[1, True].samples > 0 and costs[1, False].samples > 0
