@@ -194,8 +194,9 @@ class SpeculativeSettings:
     """Speculate only while at most this many requests decode in a step: with more, checking k tokens for each costs
     more than it saves."""
     adaptive: bool = True
-    """Measure, per batch size, the time per token of decode steps with and without speculation (one step in 16
-    probes the other way), and speculate only where it pays (`engine.speculation_governor`); false: always."""
+    """draft and lookahead: measure, per batch size, the time per token of decode steps with and without speculation
+    (one step in 16 probes the other way), and speculate only where it pays (`engine.speculation_governor`); false:
+    always. (Prompt lookup checks rows only where its n-gram matched, and pauses after misses: it is not measured.)"""
     draft_quantization: str = "int4"
     """method draft: the draft's linear layers quantised so ("none", "int8", "int4"); it must differ from the
     model's own `engine.quantization` unless `draft_layers` cuts layers."""
@@ -231,6 +232,12 @@ class SpeculativeSettings:
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    @property
+    def measured(self) -> bool:
+        """Whether the speculation governor decides where it pays (`adaptive`, for the methods that cost every
+        step)."""
+        return self.adaptive and self.method in ("draft", "lookahead")
 
     @staticmethod
     def from_dict(values: Mapping[str, Any]) -> "SpeculativeSettings":

@@ -107,7 +107,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.speculative = speculative or SpeculativeSettings()
-        self.governor = Governor(self.speculative.max_batch, self.speculative.adaptive) \
+        self.governor = Governor(self.speculative.max_batch, self.speculative.measured) \
             if self.speculative.enabled else None
         """Whether speculation pays here, measured (`engine.speculation_governor`); the engine reports each step."""
         self.waiting: deque[Request] = deque()

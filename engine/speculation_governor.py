@@ -1,5 +1,6 @@
 """Whether speculative decoding pays on this engine, measured as it runs: speculation that costs more time per token
-than plain decoding turns itself off.
+than plain decoding turns itself off (for the methods that pay for extra rows every step: a draft model, lookahead;
+prompt lookup checks rows only where its n-gram matched and pauses after misses, `engine.prompt_lookup`).
 
 Per decode batch size (1 .. max_batch), the governor keeps the seconds per emitted token of steps that decode only,
 with speculation and without, as moving averages. While speculation is on, one decode step in `PROBE_EVERY` runs
