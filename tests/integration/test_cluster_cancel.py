@@ -1,11 +1,14 @@
 """Cancelling a request frees its KV blocks on both workers, whether it is in its prefill, in its KV transfer or in
 its decode. The cluster pauses every KV send mid-transfer (faults.kv_send_pause_s) so a cancel can land
-there; everything else is the real cluster."""
+there; everything else is the real cluster. Its decode worker speculates by lookahead decoding: after the cancels,
+four greedy requests decoded together are the local engine's, token for token."""
 
 import asyncio
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.bench.local_cluster import start_cluster, stop_cluster
 from pdserve.client import Client
@@ -14,7 +17,8 @@ from pdserve.engine import Prompt, SamplingParams
 pytestmark = pytest.mark.model
 
 PAUSE_S = 4.0
-CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
+CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256,
+                     "speculative": {"method": "lookahead", "max_batch": 4, "adaptive": False}},
           "kv_transfer": {"timeout_s": 30}, "faults": {"kv_send_pause_s": PAUSE_S}}
 LONG_PROMPT = Prompt(token_ids=tuple(range(1000, 4000)))  # 3000 tokens: seconds of prefill on one core
 
@@ -96,12 +100,23 @@ def test_cancel_mid_decode_frees_blocks_on_both_sides(cluster):
     assert all(w["used"] == 0 and w["running"] == 0 for w in idle.values()), idle
 
 
-def test_the_pair_still_works_after_the_cancels(cluster):
+def lookahead_steps(cluster) -> float:
+    """The decode worker's speculative steps by lookahead (its metrics, through the router)."""
+    url = cluster.http_url.removesuffix("/v1") + "/metrics/workers"
+    text = urllib.request.urlopen(url, timeout=30).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "pdserve_worker_speculative_steps_total" and s.labels.get("method") == "lookahead")
+
+
+def test_the_pair_still_works_after_the_cancels(cluster, engine):
+    prompts = [Prompt(text=f"Item {i}: a list of the planets, in order:") for i in range(4)]
+    sampling = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
     async def go():
         async with Client(cluster.address, timeout_s=120) as client:
-            sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-            return await asyncio.gather(*(client.generate(Prompt(text=f"Item {i}:"), sampling) for i in range(4)))
+            return await asyncio.gather(*(client.generate(p, sampling) for p in prompts))
 
     results = asyncio.run(go())
-    assert [len(r.token_ids) for r in results] == [6] * 4
+    assert [r.token_ids for r in results] == [o.token_ids for o in engine.generate(prompts, sampling)]
+    assert lookahead_steps(cluster) > 0
     assert cluster.wait_until_idle()["decode-0"]["used"] == 0
