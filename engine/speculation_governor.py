@@ -4,10 +4,11 @@ prompt lookup checks rows only where its n-gram matched and pauses after misses,
 
 Per decode batch size (1 .. max_batch), the governor keeps the seconds per emitted token of steps that decode only,
 with speculation and without, as moving averages. While speculation is on, one decode step in `PROBE_EVERY` runs
-plainly (a probe), so both figures stay current; once each side has `MIN_SAMPLES` steps, speculation goes off for
-batch sizes where it costs more per token than plain decoding, and then one step in `PROBE_EVERY` speculates, so it
-comes back when the text (or the load) makes it pay again. A verify step's cost depends on the hardware (a few rows
-cost a GPU about one, a small CPU several: BENCHMARKS.md) and acceptance on the text, so neither can be set once.
+plainly (a probe; one in `LEARN_EVERY` until each side has `MIN_SAMPLES` steps), so both figures stay current; once
+measured, speculation goes off for batch sizes where it costs more per token than plain decoding, and then one step
+in `PROBE_EVERY` speculates, so it comes back when the text (or the load) makes it pay again. A verify step's cost
+depends on the hardware (a few rows cost a GPU about one, a small CPU several: BENCHMARKS.md) and acceptance on the
+text, so neither can be set once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PROBE_EVERY = 16
+LEARN_EVERY = 4
 MIN_SAMPLES = 8
 SMOOTHING = 0.1
 """Weight of a new step in the moving averages."""
@@ -47,15 +49,17 @@ class Governor:
         if not self.adaptive:
             return True
         self._steps[batch] += 1
-        probe = self._steps[batch] % PROBE_EVERY == 0
+        probe = self._steps[batch] % (PROBE_EVERY if self._measured(batch) else LEARN_EVERY) == 0
         return self.pays(batch) != probe
 
     def pays(self, batch: int) -> bool:
         """Speculation costs no more per token than plain decoding at this batch size (or is not measured yet)."""
-        plain, speculated = self._costs[batch, False], self._costs[batch, True]
-        if plain.samples < MIN_SAMPLES or speculated.samples < MIN_SAMPLES:
+        if not self._measured(batch):
             return True
-        return speculated.seconds_per_token <= plain.seconds_per_token
+        return self._costs[batch, True].seconds_per_token <= self._costs[batch, False].seconds_per_token
+
+    def _measured(self, batch: int) -> bool:
+        return min(self._costs[batch, False].samples, self._costs[batch, True].samples) >= MIN_SAMPLES
 
     def observe(self, batch: int, speculated: bool, seconds: float, tokens: int) -> None:
         """A step that only decoded `batch` requests took `seconds` and emitted `tokens`."""

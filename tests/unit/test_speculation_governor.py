@@ -1,7 +1,7 @@
 """The speculation governor (`engine.speculation_governor`): speculation stays on until measured, goes off where it
 costs more per token than plain decoding, keeps probing both ways, and comes back when it pays again."""
 
-from pdserve.engine.speculation_governor import MIN_SAMPLES, PROBE_EVERY, Governor
+from pdserve.engine.speculation_governor import LEARN_EVERY, MIN_SAMPLES, PROBE_EVERY, Governor
 
 
 def run(governor: Governor, batch: int, steps: int, spec_cost: float, plain_cost: float) -> list[bool]:
@@ -16,9 +16,9 @@ def run(governor: Governor, batch: int, steps: int, spec_cost: float, plain_cost
 
 def test_speculation_that_costs_more_per_token_turns_off_and_comes_back_when_it_pays():
     governor = Governor(max_batch=4)
-    first = run(governor, 2, PROBE_EVERY * MIN_SAMPLES, spec_cost=0.03, plain_cost=0.02)
-    assert first[:PROBE_EVERY - 1] == [True] * (PROBE_EVERY - 1) and first[PROBE_EVERY - 1] is False  # a probe
-    assert not governor.pays(2)  # measured both ways: slower per token
+    first = run(governor, 2, LEARN_EVERY * MIN_SAMPLES, spec_cost=0.03, plain_cost=0.02)
+    assert first[:LEARN_EVERY - 1] == [True] * (LEARN_EVERY - 1) and first[LEARN_EVERY - 1] is False  # a probe
+    assert not governor.pays(2)  # measured both ways (a probe every LEARN_EVERY steps meanwhile): slower per token
     later = run(governor, 2, PROBE_EVERY * 4, spec_cost=0.03, plain_cost=0.02)
     assert sum(later) == 4  # off, but one step in PROBE_EVERY still tries it
     assert governor.pays(1) and run(Governor(4), 1, 3, 0.03, 0.02) == [True] * 3  # other sizes: not measured yet
