@@ -5,10 +5,10 @@ prompt lookup checks rows only where its n-gram matched and pauses after misses,
 Per decode batch size (1 .. max_batch), the governor keeps the seconds per emitted token of steps that decode only,
 with speculation and without, as moving averages. While speculation is on, one decode step in `PROBE_EVERY` runs
 plainly (a probe; one in `LEARN_EVERY` until each side has `MIN_SAMPLES` steps), so both figures stay current; once
-measured, speculation goes off for batch sizes where it costs more per token than plain decoding, and then one step
-in `PROBE_EVERY` speculates, so it comes back when the text (or the load) makes it pay again. A verify step's cost
-depends on the hardware (a few rows cost a GPU about one, a small CPU several: BENCHMARKS.md) and acceptance on the
-text, so neither can be set once.
+measured, speculation goes off for batch sizes where it costs more per token than plain decoding (by `MARGIN`), and
+then one step in `PROBE_EVERY` speculates, so it comes back when the text (or the load) makes it pay again. A verify
+step's cost depends on the hardware (a few rows cost a GPU about one, a small CPU several: BENCHMARKS.md) and
+acceptance on the text, so neither can be set once.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ LEARN_EVERY = 4
 MIN_SAMPLES = 8
 SMOOTHING = 0.1
 """Weight of a new step in the moving averages."""
+MARGIN = 0.1
+"""Speculation goes off only when it costs this much more per token than plain decoding: a noisy step must not turn
+off a method that pays, which one probe in `PROBE_EVERY` would take long to turn on again."""
 
 
 @dataclass
@@ -56,7 +59,7 @@ class Governor:
         """Speculation costs no more per token than plain decoding at this batch size (or is not measured yet)."""
         if not self._measured(batch):
             return True
-        return self._costs[batch, True].seconds_per_token <= self._costs[batch, False].seconds_per_token
+        return self._costs[batch, True].seconds_per_token <= (1 + MARGIN) * self._costs[batch, False].seconds_per_token
 
     def _measured(self, batch: int) -> bool:
         return min(self._costs[batch, False].samples, self._costs[batch, True].samples) >= MIN_SAMPLES
