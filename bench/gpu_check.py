@@ -10,7 +10,10 @@ No Ray, Redis, downloads or model files: random weights of real shapes. Writes `
   folder), greedy tokens compared, fp32 and bf16, paged kernels with CUDA graphs and the torch attention path;
 - decode tok/s and MBU (bytes a step must read: weights + each request's KV, over the step time, against the
   device's peak bandwidth) at batch 1, 8 and 64 for llama-3-8b bf16: CUDA graphs on and off, int8, int4;
-- prefill MFU (model FLOPs over the time to the first token, against the peak bf16 dense rate) at 512, 2k and 8k.
+- prefill MFU (model FLOPs over the time to the first token, against the peak bf16 dense rate) at 512, 2k and 8k;
+- speculative decoding's verify step: a forward pass over k + 1 new tokens per request (k = 1, 2, 4, 8 proposals)
+  after a 128-token context held in the prefix cache, at batch 1 and 32, against k = 0 (random weights say nothing
+  of acceptance; this cost is what decides when speculation pays).
 A row that fails records its error and the rest go on.
 """
 
@@ -53,6 +56,7 @@ class Plan:
     prompt_lengths: tuple[int, ...]
     decode_tokens: int
     variants: tuple[tuple[str, dict], ...]
+    verify_batches: tuple[int, ...] = (1, 32)
     dtype: str = "bf16"
     """Of the decode and prefill engines (fp32 on CPU, where bf16 arithmetic is emulated and slow)."""
 
@@ -64,7 +68,7 @@ FULL_VARIANTS = (("bf16, CUDA graphs", {}), ("bf16, eager", {"cuda_graphs": Fals
 def plan_for(args: argparse.Namespace) -> Plan:
     if args.quick:
         return Plan(args.device, "smollm2-135m", (1, 4), (64,), 16,
-                    (("fp32", {}), ("int8", {"quantization": "int8"})), dtype="fp32")
+                    (("fp32", {}), ("int8", {"quantization": "int8"})), verify_batches=(1, 4), dtype="fp32")
     return Plan(args.device, args.shape, (1, 8, 64), (512, 2048, 8192), 64, FULL_VARIANTS)
 
 
@@ -144,11 +148,11 @@ def correctness(checks: list[Check], plan: Plan) -> None:
 
 # ---- decode and prefill ---------------------------------------------------------------------------------------
 def engine_for(plan: Plan, overrides: dict, max_tokens_per_step: int) -> Engine:
-    return Engine(EngineConfig(model=f"random:{plan.shape}", device=plan.device, dtype=plan.dtype,
-                               num_kv_blocks=4096 if plan.device.startswith("cuda") else 256,
-                               max_num_seqs=max(plan.batches), max_num_batched_tokens=max_tokens_per_step,
-                               max_model_len=16384 if plan.device.startswith("cuda") else 2048, prefix_caching=False,
-                               **overrides))
+    settings = dict(model=f"random:{plan.shape}", device=plan.device, dtype=plan.dtype,
+                    num_kv_blocks=4096 if plan.device.startswith("cuda") else 256,
+                    max_num_seqs=max(plan.batches + plan.verify_batches), max_num_batched_tokens=max_tokens_per_step,
+                    max_model_len=16384 if plan.device.startswith("cuda") else 2048, prefix_caching=False)
+    return Engine(EngineConfig(**{**settings, **overrides}))
 
 
 def loaded_engine(checks: list[Check], section: str, label: str, plan: Plan, overrides: dict,
@@ -227,6 +231,35 @@ def prefill(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) -
         attempt(checks, "prefill", f"{plan.dtype}: {length} tokens", run)
 
 
+VERIFY_CONTEXT = 128
+VERIFY_PROPOSALS = (0, 1, 2, 4, 8)
+
+
+def verify(checks: list[Check], plan: Plan) -> None:
+    """A verify step of k proposals per request is one forward pass of k + 1 new tokens per request over its context:
+    timed as the first token of a prompt whose first VERIFY_CONTEXT tokens the prefix cache holds."""
+    cfg = shape(plan.shape)
+    engine = loaded_engine(checks, "verify", plan.dtype, plan, {"prefix_caching": True}, 4096)
+    if engine is None:
+        return
+    gen = torch.Generator().manual_seed(4)
+    once = SamplingParams(max_tokens=1, temperature=0)
+    for batch in plan.verify_batches:
+        contexts = [torch.randint(10, cfg.vocab_size, (VERIFY_CONTEXT,), generator=gen).tolist() for _ in range(batch)]
+        engine.generate(contexts, once)  # their KV is cached from now on (whole blocks)
+        plain: list[float] = []
+        for k in VERIFY_PROPOSALS:
+            def run(check: Check, k=k, contexts=contexts, plain=plain) -> None:
+                prompts = [c + c[:k + 1] for c in contexts]
+                engine.generate(prompts, once)  # warm up this shape
+                seconds = min(timed(lambda: engine.generate(prompts, once)) for _ in range(3))
+                if k == 0:
+                    plain.append(seconds)
+                check.detail = {"ms": seconds * 1e3, "vs_k0": seconds / plain[0]}
+                check.value = f"{seconds * 1e3:.2f} ms, {seconds / plain[0]:.2f}x the k = 0 step"
+            attempt(checks, "verify", f"{plan.dtype}: batch {batch}, k {k}", run)
+
+
 def markdown(checks: list[Check], header: str) -> str:
     lines = [header, "", "| section | check | result |", "|---|---|---|"]
     for c in checks:
@@ -240,7 +273,7 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-3-8b")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smollm2-135m shape), for CI on CPU")
     parser.add_argument("--out-dir", default=os.environ.get("OUT") or "gpu_check_out")
-    parser.add_argument("--skip", nargs="*", default=(), choices=("correctness", "decode", "prefill"))
+    parser.add_argument("--skip", nargs="*", default=(), choices=("correctness", "decode", "prefill", "verify"))
     args = parser.parse_args()
     plan = plan_for(args)
     peak = peaks(plan.device)
@@ -252,7 +285,8 @@ def main() -> None:
     started = time.perf_counter()
     for section, fn in (("correctness", lambda: correctness(checks, plan)),
                         ("decode", lambda: decode(checks, plan, peak)),
-                        ("prefill", lambda: prefill(checks, plan, peak))):
+                        ("prefill", lambda: prefill(checks, plan, peak)),
+                        ("verify", lambda: verify(checks, plan))):
         if section not in args.skip:
             fn()
     os.makedirs(args.out_dir, exist_ok=True)

@@ -17,3 +17,5 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     assert by_name[("correctness", "fp32, torch attention")]["agreement"] == 1.0
     assert all(d["tok_s"] > 0 for (section, name), d in by_name.items() if section == "decode" and "batch" in name)
     assert "| decode | int8: batch 4 |" in (tmp_path / "gpu_check.md").read_text()
+    assert by_name[("verify", "fp32: batch 4, k 8")]["ms"] > 0
+    assert by_name[("verify", "fp32: batch 1, k 0")]["vs_k0"] == 1
