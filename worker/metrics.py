@@ -208,16 +208,13 @@ class WorkerMetrics:
                        labels, self.cache_hit_tokens)
         yield _counter("pdserve_worker_prefix_cache_evictions", "Cached KV blocks evicted for other KV.", labels,
                        self.cache_evictions)
-        for name, doc, value in (
-                ("pdserve_worker_speculative_steps", "Speculative steps, each checking a request's proposals.",
-                 self.speculative_steps),
-                ("pdserve_worker_speculative_proposed_tokens", "Tokens proposed by speculative decoding.",
-                 self.speculative_proposed),
-                ("pdserve_worker_speculative_accepted_tokens", "Proposed tokens the model accepted.",
-                 self.speculative_accepted)):
-            family = CounterMetricFamily(name, doc, labels=(*LABELS, "method"))
-            family.add_metric((*labels, self.speculative_method), value)
-            yield family
+        method = self.speculative_method
+        yield _method_counter("pdserve_worker_speculative_steps", "Speculative steps, each checking a request's "
+                              "proposals.", labels, method, self.speculative_steps)
+        yield _method_counter("pdserve_worker_speculative_proposed_tokens", "Tokens proposed by speculative decoding.",
+                              labels, method, self.speculative_proposed)
+        yield _method_counter("pdserve_worker_speculative_accepted_tokens", "Proposed tokens the model accepted.",
+                              labels, method, self.speculative_accepted)
         yield _gauge("pdserve_worker_mfu", "Model FLOPs utilization per GPU over recent steps (sim engines only).",
                      labels, self.mfu)
         yield _gauge("pdserve_worker_mbu", "Model bandwidth utilization per GPU over recent steps (sim engines only).",
@@ -287,6 +284,13 @@ def _gauge(name: str, doc: str, labels: tuple[str, ...], value: float | None) ->
 def _counter(name: str, doc: str, labels: tuple[str, ...], value: float) -> CounterMetricFamily:
     family = CounterMetricFamily(name, doc, labels=LABELS)
     family.add_metric(labels, value)
+    return family
+
+
+def _method_counter(name: str, doc: str, labels: tuple[str, ...], method: str, value: float) -> CounterMetricFamily:
+    """A counter with the speculative decoding method as a label too."""
+    family = CounterMetricFamily(name, doc, labels=(*LABELS, "method"))
+    family.add_metric((*labels, method), value)
     return family
 
 

@@ -233,6 +233,15 @@ panels += [
         ("avg by (role) (pdserve_worker_mbu)", "MBU {{role}}")], 12, y),
 ]
 y += 8
+panels += [
+    ts("Speculative decoding", "Share of proposed tokens accepted, and tokens a speculative step emits (accepted "
+       "proposals plus the model's own), by method.",
+       [(f"sum by (method) (rate(pdserve_worker_speculative_accepted_tokens_total[{RI}])) / sum by (method) "
+         f"(rate(pdserve_worker_speculative_proposed_tokens_total[{RI}]))", "accepted {{method}}"),
+        (f"1 + sum by (method) (rate(pdserve_worker_speculative_accepted_tokens_total[{RI}])) / sum by (method) "
+         f"(rate(pdserve_worker_speculative_steps_total[{RI}]))", "tokens/step {{method}}")], 0, y),
+]
+y += 8
 
 
 def custom(name, label, values, default, desc):
