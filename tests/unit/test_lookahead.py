@@ -111,3 +111,21 @@ def test_the_engine_reports_its_decode_steps_to_the_governor_both_ways():
         [[5, 9, 13, 7]], greedy)[0].token_ids
     costs = looking.scheduler.governor._costs
     assert costs[1, True].samples > 0 and costs[1, False].samples > 0
+
+
+@pytest.mark.parametrize("settings", [
+    SpeculativeSettings(method="lookahead", max_batch=8, adaptive=False),
+    SpeculativeSettings(method="prompt_lookup", k=4, max_batch=8),
+    SpeculativeSettings(method="draft", k=3, max_batch=8, draft_layers=1, draft_quantization="none", adaptive=False),
+], ids=["lookahead", "prompt_lookup", "draft"])
+def test_speculating_requests_preempted_for_room_resume_token_identical(settings):
+    """Too few KV blocks for four requests: the newest are preempted (their blocks freed, recomputed later) while
+    the others speculate, and every output is still the plain engine's."""
+    tight = {**BASE, "num_kv_blocks": 14}
+    prompts = [[5, 9, 13, 7], [3, 3, 3], list(range(1, 12)), [15, 0, 15, 0, 15]]
+    greedy = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in Engine(EngineConfig(**BASE)).generate(prompts, greedy)]
+    engine = Engine(EngineConfig(**tight, speculative=settings))
+    assert [o.token_ids for o in engine.generate(prompts, greedy)] == expected
+    assert engine.preemptions_total > 0 and engine.speculative_steps_total > 0
+    assert engine.num_requests == 0 and engine.blocks.num_used == 0
