@@ -116,17 +116,14 @@ class KVTransfer:
     """gloo (CPU tensors) or nccl (CUDA tensors)."""
     timeout_s: float = 30.0
     """A handoff that takes longer fails; the blocks are freed on both sides."""
-    layers_per_message: int = 5
-    """Layers sent per message; the next group is gathered while one is on the wire."""
     checksums: bool = False
-    """Every handoff carries a CRC-32 per message, and the receiver fails one whose bytes differ (the request is
+    """Every handoff carries a CRC-32 per layer, and the receiver fails one whose bytes differ (the request is
     computed again). Costs a pass over the KV on each side (CRC-32 at ~2 GiB/s on the dev box's CPU); on in tests."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("gloo", "nccl"):
             raise ConfigError(f"backend: {self.backend!r} is not one of ['gloo', 'nccl']")
         _at_least("timeout_s", self.timeout_s, 0.001)
-        _at_least("layers_per_message", self.layers_per_message, 1)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ Life of a handed-off request here:
 
 The receive is posted only once its send has started, so its timeout bounds the transfer itself, never the wait
 in a prefill queue. A receive that fails or times out frees the blocks and ends the request with an error event.
-`abort` works at every stage (reserved, receiving, decoding) and frees the blocks; one that Ray ran before the
+`abort` works at every stage (reserved, receiving, decoding) and frees the blocks (a receiving one's once the
+connector reports its receive, whose KV may be landing in them); one that Ray ran before the
 reserve it cancels is remembered, and that reserve is refused (`worker.aborted`); KV announced for a request that
 is no longer here (aborted, reaped) is received and dropped, so the sender's send completes and the pair stays in
 step.
@@ -84,6 +85,8 @@ class DecodeWorker:
         self.owners = Owners(spec.lease_s)
         self._arriving: dict[str, _Arrival] = {}
         self._local: dict[str, _Local] = {}
+        self._cancelling: set[str] = set()
+        """Aborted requests whose posted receive may still be writing into their blocks: freed when it is reported."""
         self._aborted = AbortedRequests()
         self._tags = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -166,7 +169,8 @@ class DecodeWorker:
     async def idle(self) -> bool:
         """No request reserved, arriving, decoding, or with events its router has not collected."""
         quiet = await self.runtime.call(
-            lambda engine: not engine.num_requests and not self._arriving and not self._local)
+            lambda engine: not engine.num_requests and not self._arriving and not self._local
+            and not self._cancelling)
         return quiet and not self.owners.undelivered()
 
     async def stop(self) -> None:
@@ -252,8 +256,11 @@ class DecodeWorker:
         self._local.pop(request_id, None)
         arrival = self._arriving.pop(request_id, None)
         if arrival is not None:
-            self.runtime.connector.cancel(request_id)  # a posted receive still drains the wire; no copy after this
-            engine.release(request_id)
+            if arrival.posted:  # its KV may be landing in its blocks: they are freed when the connector reports it
+                self._cancelling.add(request_id)
+                self.runtime.connector.cancel(request_id)
+            else:
+                engine.release(request_id)
             return True
         return engine.abort(request_id) is not None
 
@@ -290,8 +297,11 @@ class DecodeWorker:
 
     def _received(self, engine: Engine, result: TransferResult) -> list[TokenEvent]:
         arrival = self._arriving.get(result.transfer_id)
-        if arrival is None:
-            return []  # aborted or discarded; its blocks (if any) were freed then
+        if arrival is None:  # aborted (its blocks are free now) or discarded (it had none)
+            if result.transfer_id in self._cancelling:
+                self._cancelling.discard(result.transfer_id)
+                engine.release(result.transfer_id)
+            return []
         arrival.received = result
         if result.status is not TransferStatus.DONE:
             del self._arriving[result.transfer_id]

@@ -7,18 +7,16 @@ the send finishes, so prefill memory is held only for the handoff itself; a deco
 before any KV moves, instead of leaving KV stranded.
 
 The life of a transfer on either side: `start_send` / `start_recv` -> `poll` until it reports the transfer's
-outcome -> the caller frees the blocks (on every outcome: done, failed, cancelled, timed out). No transfer can
-outlive its deadline: `poll` reports TIMED_OUT when it passes, whatever the peer does. Receives land in a staging
-buffer and are copied into the blocks only on success, so freeing the blocks early is always safe.
+outcome -> the caller frees the blocks (on every outcome: done, failed, cancelled, timed out). No transfer outlives
+its deadline: `poll` reports TIMED_OUT once it passes, whatever the peer does. A transfer reads and writes its blocks
+in place while its messages are on the wire, so it is reported only once nothing touches its blocks any more: after
+`cancel`, free them when `poll` reports it (at once for one still waiting its turn).
 
 Sends and receives are matched one to one by tag, and a receive is posted only for a send that has started: so a
-receive's timeout bounds the transfer, not a wait in some queue, and no transfer thread waits for KV that is not
-coming. Transports like gloo close the whole pair when a send or receive times out, so neither may be left waiting
-for a partner that will not come: a send that started is not cut short (cancelling it only lets the caller know its
-outcome early; it still finishes on the wire, from a staging copy), and KV that nobody wants any more (its request
-was aborted, or reaped) still gets a receive, cancelled at once, which drains it. A send of no blocks ends its
-receive as FAILED ("the KV will not come"); the workers do not use it, it is there for peers that must answer a
-posted receive.
+receive's timeout bounds the transfer, not a wait in some queue, and no transfer waits for KV that is not coming.
+KV that nobody wants any more (its request was aborted, or reaped) still gets a receive, cancelled at once, which
+drains it. A send of no blocks ends its receive as FAILED ("the KV will not come"); the workers do not use it, it is
+there for peers that must answer a posted receive.
 """
 
 from __future__ import annotations
@@ -47,7 +45,7 @@ class Transfer:
     block_ids: tuple[int, ...]
     """This side's blocks: the source when sending, the destination when receiving."""
     tag: int
-    """The same number on both sides; distinguishes concurrent transfers between one pair."""
+    """The same number on both sides; tells the receiver which of its posted receives a transfer is for."""
     timeout_s: float = 30.0
 
 
@@ -84,7 +82,8 @@ class KVConnector(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, transfer_id: str) -> None:
-        """Give up a transfer; the next poll reports it CANCELLED (unless it already finished)."""
+        """Give up a transfer; a later poll reports it CANCELLED (unless it finished first), once nothing touches its
+        blocks any more."""
 
     @abc.abstractmethod
     def shutdown(self) -> None:

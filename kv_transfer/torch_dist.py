@@ -2,28 +2,20 @@
 
 Pairs form as workers come and go: each pair of workers gets its own two-rank process group (gloo or NCCL over a
 `PrefixStore` of a shared `TCPStore`), with no global `init_process_group`. Both sides call `connect` with the same
-store and opposite ranks. A transport error or timeout closes a gloo pair for good, so a transfer that fails so
-removes its pair (at the next `poll`); the worker's heartbeat then no longer lists the peer, and the router forms
-the pair again under a new generation.
+store and opposite ranks; it checks that both share a KV layout and model (`kv_transfer.layout`; else `PairRefused`
+on both), then warms the group up with one small message each way (NCCL builds its communicator then, not on the
+first request). Each pair is one ordered `Channel` (`kv_transfer.channel`: the message order, and why it is correct
+for a transport that ignores tags).
 
-Pairing checks that both sides share a KV layout and model (`kv_transfer.layout`; else `PairRefused` on both). A
-transfer moves whole blocks, a group of layers per message: a header first (the tag, the block count and the whole
-layout; the receiver checks every field, and gloo takes a message shorter than the receive buffer without complaint),
-then one message per layer group `[2, layers_in_group, n, block_size, kv_heads, head_dim]`, then (with checksums on)
-the groups' CRC-32s. The sender gathers group g+1 while group g is on the wire; the receiver copies group g into its
-blocks while g+1 arrives. This work runs on a small thread pool
-(gloo's send/recv work cannot be polled, only waited on); `poll` reports the outcomes on the caller's thread.
+A transfer's blocks are read and written in place: no gather on the sender, no scatter on the receiver where its
+blocks are consecutive. So a transfer whose messages are on the wire is reported only once they end, whatever the
+caller asked: after `cancel`, free the blocks when `poll` reports the transfer (at once while it still waits its
+turn; at the latest by its deadline). Transfers still waiting when their deadline passes are reported TIMED_OUT by
+`poll`, and their KV is drained when it comes.
 
-Safety: a transfer's gathers and copies run under its lock and stop once it is no longer live, and `cancel` takes
-that lock, so after `cancel` (or any reported outcome) no thread touches the transfer's blocks again: the caller can
-free them at once. The receiver writes only blocks reserved for the transfer, which the engine leaves alone until
-`commit_remote`. gloo cannot abort a posted receive, so the thread of a cancelled transfer stays blocked until that
-transfer's timeout (it no longer touches the blocks); `max_concurrent` threads bound how many can wait at once.
-Staging tensors are reused (a fresh 90 MiB tensor costs as much in page faults as the copy); a transfer takes them
-on its thread, so queued transfers hold none and staging is bounded by `max_concurrent` transfers. Those of a failed
-or abandoned transfer may still be written by a late message and are never reused. A transfer's deadline runs from
-its submission: one that waited for a thread past it fails (TIMED_OUT) without touching the wire, and its pair, whose
-other side is posted, is formed again.
+A transport error or timeout breaks a pair (gloo closes it for good; NCCL's communicator is aborted): the pair is
+dropped at the next `poll`, the transfers waiting on it fail, the worker's heartbeat no longer lists the peer, and the
+router forms the pair again under a new generation.
 """
 
 from __future__ import annotations
@@ -32,21 +24,29 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from pdserve.engine.kv_cache import KVCache
+from pdserve.kv_transfer.channel import PEER_ABORTED, Arrival, Channel, Pending, Phase
 from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError, TransferResult, TransferStatus
-from pdserve.kv_transfer.layout import Corrupted, HeaderMismatch, KVLayout, agree, check_header, checksum
+from pdserve.kv_transfer.layout import KVLayout, agree
 from pdserve.kv_transfer.send_delay import SendDelay
+from pdserve.kv_transfer.staging import StagingPool
+from pdserve.kv_transfer.streams import TransferStreams
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("gloo", "nccl")
+ARRIVAL_KEEP_S = 60.0
+"""How long KV that arrived before its receive was posted is kept, and how long a given-up receive's tag is
+remembered so that its KV is dropped when it comes."""
+
+GIVEN_UP = {TransferStatus.CANCELLED: "cancelled", TransferStatus.TIMED_OUT: "not done by its deadline",
+            TransferStatus.FAILED: "the pair broke"}
+"""Why a transfer the connector gave up on ended."""
 
 
 def make_pair_group(backend: str, store: dist.Store, name: str, rank: int, timeout_s: float) -> dist.ProcessGroup:
@@ -62,83 +62,36 @@ def make_pair_group(backend: str, store: dist.Store, name: str, rank: int, timeo
     raise TransferError(f"kv_transfer.backend: {backend!r} is not one of {BACKENDS}")
 
 
-class StagingPool:
-    """Reusable staging tensors by shape, holding at most `max_bytes` of idle ones."""
-
-    def __init__(self, max_bytes: int = 1 << 30) -> None:
-        self.max_bytes = max_bytes
-        self.idle: dict[tuple, list[torch.Tensor]] = {}
-        self.idle_bytes = 0
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        with self._lock:
-            free = self.idle.get((shape, dtype, device))
-            if free:
-                tensor = free.pop()
-                self.idle_bytes -= tensor.numel() * tensor.element_size()
-                return tensor
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    def give_back(self, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        with self._lock:
-            if self.idle_bytes + nbytes <= self.max_bytes:
-                self.idle.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
-                self.idle_bytes += nbytes
-
-
-PEER_ABORTED = "the sender aborted (no KV)"
-
-
-class _PeerAborted(Exception):
-    """The sender sent a header of zero blocks: the KV will not come (it aborted the request)."""
-
-
-class _Stopped(Exception):
-    """The transfer was cancelled while its thread was still working."""
-
-
-@dataclass
-class _Pair:
-    group: dist.ProcessGroup
-    peer_rank: int
-
-
-@dataclass
-class _Pending:
-    transfer: Transfer
-    sending: bool
-    staging: list[torch.Tensor]
-    started: float = field(default_factory=time.monotonic)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    live: bool = True
-
-
 class TorchDistConnector(KVConnector):
-    def __init__(self, worker_id: str, backend: str = "gloo", max_concurrent: int = 16,
-                 layers_per_message: int = 5, send_delay: SendDelay | None = None, checksums: bool = False) -> None:
+    def __init__(self, worker_id: str, backend: str = "gloo", send_delay: SendDelay | None = None,
+                 checksums: bool = False) -> None:
         """`send_delay`: seconds every send waits after its header, by block count. Only simulation and fault
         injection set one (`kv_transfer.send_delay`); a real serving path has none. `checksums`: every transfer
-        carries its layer groups' CRC-32s (both sides of a pair must agree)."""
+        carries its layers' CRC-32s (both sides of a pair must agree)."""
         if backend not in BACKENDS:
             raise TransferError(f"kv_transfer.backend: {backend!r} is not one of {BACKENDS}")
         self.worker_id = worker_id
         self.backend = backend
-        self.layers_per_message = layers_per_message
         self.send_delay = send_delay
         self.checksums = checksums
         self.model_fingerprint = ""
         """The model this worker serves (`engine.fingerprint`); a peer with another refuses to pair."""
         self.kv_cache: KVCache | None = None
-        self.pairs: dict[str, _Pair] = {}
-        self.pending: dict[str, _Pending] = {}
-        self._outcomes: queue.SimpleQueue[tuple[str, TransferStatus, str]] = queue.SimpleQueue()
-        self._broken: queue.SimpleQueue[tuple[str, _Pair]] = queue.SimpleQueue()
-        """Pairs whose transport failed under a transfer (gloo closes a pair on any error or timeout)."""
-        self._threads = ThreadPoolExecutor(max_concurrent, thread_name_prefix=f"kv-{worker_id}")
-        self._staging = StagingPool()
-        self._reported: list[TransferResult] = []
+        self.streams = TransferStreams()
+        self.staging = StagingPool()
+        self.pairs: dict[str, Channel] = {}
+        self.pending: dict[str, Pending] = {}
+        self._lock = threading.Lock()
+        """Guards the three tables below, which the read threads share with the caller's thread."""
+        self._receiving: dict[tuple[str, int], Pending] = {}
+        self._arrived: dict[tuple[str, int], tuple[float, Arrival]] = {}
+        self._dropped: dict[tuple[str, int], float] = {}
+        self._outcomes: queue.SimpleQueue[tuple[Pending, TransferStatus, str, int]] = queue.SimpleQueue()
+        self._broken: queue.SimpleQueue[Channel] = queue.SimpleQueue()
+
+    @property
+    def layout(self) -> KVLayout:
+        return KVLayout.of(self._cache(), self.checksums, self.model_fingerprint)
 
     def pair_name(self, peer: str, generation: int = 0) -> str:
         """The same on both sides: a pair formed again after it broke (a new generation) meets under a new name."""
@@ -148,195 +101,184 @@ class TorchDistConnector(KVConnector):
         """Form the two-rank group with `peer`; the peer calls this too, with the same store, the other rank and the
         same `generation`. Raises PairRefused (on both sides) when their KV layouts or models differ."""
         name = self.pair_name(peer, generation)
-        agree(dist.PrefixStore(f"pdserve/kv-layout/{name}", store), rank, self.layout(), self.worker_id, peer)
+        agree(dist.PrefixStore(f"pdserve/kv-layout/{name}", store), rank, self.layout, self.worker_id, peer)
         group = make_pair_group(self.backend, store, name, rank, timeout_s)
-        self.pairs[peer] = _Pair(group, peer_rank=1 - rank)
+        warm_up(group, 1 - rank, self._cache().tensor.device, timeout_s)
+        self.add_pair(peer, group, 1 - rank)
+
+    def add_pair(self, peer: str, group, peer_rank: int) -> None:
+        """Use `group` (formed and warmed up) for the pair with `peer`; replaces a pair formed before."""
+        old = self.pairs.pop(peer, None)
+        if old is not None:
+            old.close()
+        self.pairs[peer] = Channel(self, peer, group, peer_rank)
+
+    def disconnect(self, peer: str) -> None:
+        channel = self.pairs.pop(peer, None)
+        if channel is not None:
+            channel.close()
 
     def register(self, kv_cache: KVCache) -> None:
         self.kv_cache = kv_cache
-
-    def layout(self) -> KVLayout:
-        return KVLayout.of(self._cache(), self.layers_per_message, self.checksums, self.model_fingerprint)
+        self.streams = TransferStreams.of(kv_cache.tensor.device)
 
     def start_send(self, transfer: Transfer) -> None:
-        self._start(transfer, sending=True, work=self._send)
+        channel = self._start(transfer)
+        pending = Pending(transfer, sending=True, after=self.streams.mark())
+        self.pending[transfer.transfer_id] = pending
+        channel.submit_send(pending)
 
     def start_recv(self, transfer: Transfer) -> None:
-        self._start(transfer, sending=False, work=self._receive)
+        channel = self._start(transfer)
+        pending = Pending(transfer, sending=False)
+        self.pending[transfer.transfer_id] = pending
+        key = (transfer.peer, transfer.tag)
+        with self._lock:
+            kept = self._arrived.pop(key, None)
+            if kept is None:
+                self._receiving[key] = pending
+        channel.submit_read(pending.deadline)  # one read for every posted receive, even one whose KV is here
+        if kept is not None:
+            pending.claim()
+            self._apply(pending, kept[1])
 
     def poll(self) -> list[TransferResult]:
         self._forget_broken_pairs()
+        self._expire()
+        reported = []
         while True:
             try:
-                transfer_id, status, error = self._outcomes.get_nowait()
+                pending, status, error, nbytes = self._outcomes.get_nowait()
             except queue.Empty:
-                break
-            pending = self.pending.pop(transfer_id, None)
-            if pending is None:
-                continue  # cancelled earlier; already reported
-            self._report(pending, status, error)
-        reported, self._reported = self._reported, []
-        return reported
+                return reported
+            if self.pending.get(pending.transfer.transfer_id) is pending:  # not reported before
+                del self.pending[pending.transfer.transfer_id]
+                reported.append(self._result(pending, status, error, nbytes))
+
+    def cancel(self, transfer_id: str) -> None:
+        pending = self.pending.get(transfer_id)
+        if pending is not None:
+            self._give_up(pending, TransferStatus.CANCELLED)
+
+    def shutdown(self) -> None:
+        for pending in list(self.pending.values()):
+            pending.give_up(TransferStatus.CANCELLED)
+        for channel in self.pairs.values():
+            channel.close()
+        self.pending.clear()
+        self.pairs.clear()
+
+    # ---- what the channels call (on their threads) -----------------------------------------------------------
+    def cache_tensor(self) -> torch.Tensor:
+        return self._cache().tensor
+
+    def claim_receive(self, peer: str, tag: int) -> Pending | None:
+        """The receive posted for the transfer whose header just arrived, now on the wire; None if there is none
+        (the KV came first, or its receive was given up)."""
+        with self._lock:
+            pending = self._receiving.pop((peer, tag), None)
+            if pending is not None and pending.claim():
+                return pending
+        return None
+
+    def keep_arrival(self, peer: str, tag: int, arrival: Arrival) -> None:
+        """KV read with no receive to write into: drop it if its receive was given up, else keep it until its
+        receive is posted (or one was posted while it was being read: apply it now)."""
+        key = (peer, tag)
+        with self._lock:
+            dropped = self._dropped.pop(key, None) is not None
+            pending = None if dropped else self._receiving.pop(key, None)
+            if not dropped and pending is None:
+                self._arrived[key] = (time.monotonic() + ARRIVAL_KEEP_S, arrival)
+                return
+        if pending is not None and pending.claim():
+            self._apply(pending, arrival)
+        elif arrival.staging is not None:
+            self.staging.give_back(arrival.staging)
+
+    def finish(self, pending: Pending, status: TransferStatus, error: str = "", nbytes: int = 0) -> None:
+        """A transfer's outcome, reported at the next poll (a transfer given up meanwhile ends as it was given up)."""
+        with pending.lock:
+            given_up = pending.given_up
+        if given_up is not None:
+            status, error, nbytes = given_up, GIVEN_UP[given_up], 0
+        self._outcomes.put((pending, status, error, nbytes))
+
+    def broke(self, channel: Channel) -> None:
+        self._broken.put(channel)
+
+    # ---- on the caller's thread ------------------------------------------------------------------------------
+    def _start(self, transfer: Transfer) -> Channel:
+        if transfer.transfer_id in self.pending:
+            raise TransferError(f"transfer {transfer.transfer_id!r} is already under way")
+        channel = self.pairs.get(transfer.peer)
+        if channel is None or channel.broken:
+            raise TransferError(f"{self.worker_id}: no group with peer {transfer.peer!r}; connect first")
+        self._cache()
+        return channel
+
+    def _apply(self, pending: Pending, arrival: Arrival) -> None:
+        """Finish a receive from KV that arrived before it (on whichever thread found the two)."""
+        blocks = pending.transfer.block_ids
+        if arrival.error or arrival.blocks != len(blocks):
+            self.finish(pending, TransferStatus.FAILED, arrival.error or f"sent {arrival.blocks} blocks, expected "
+                                                                         f"{len(blocks)}")
+        else:
+            index = torch.tensor(blocks, dtype=torch.long, device=self.cache_tensor().device)
+            self.cache_tensor().index_copy_(2, index, arrival.staging)  # [2, L, n, ...] into [2, L, blocks, ...]
+            self.finish(pending, TransferStatus.DONE, nbytes=arrival.staging.numel() * arrival.staging.element_size())
+        if arrival.staging is not None:
+            self.staging.give_back(arrival.staging)
+
+    def _give_up(self, pending: Pending, status: TransferStatus) -> None:
+        if not pending.sending:
+            key = (pending.transfer.peer, pending.transfer.tag)
+            with self._lock:
+                if self._receiving.get(key) is pending:
+                    del self._receiving[key]
+                    self._dropped[key] = time.monotonic() + ARRIVAL_KEEP_S
+        if pending.give_up(status):  # nothing of it is on the wire: report it now
+            self.finish(pending, status)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for pending in list(self.pending.values()):
+            if pending.phase is Phase.WAITING and now >= pending.deadline:
+                self._give_up(pending, TransferStatus.TIMED_OUT)
+        with self._lock:
+            for key in [k for k, (until, _) in self._arrived.items() if until <= now]:
+                del self._arrived[key]
+            for key in [k for k, until in self._dropped.items() if until <= now]:
+                del self._dropped[key]
 
     def _forget_broken_pairs(self) -> None:
         while True:
             try:
-                peer, pair = self._broken.get_nowait()
+                channel = self._broken.get_nowait()
             except queue.Empty:
                 return
-            if self.pairs.get(peer) is pair:  # not one formed again since
-                del self.pairs[peer]
+            if self.pairs.get(channel.peer) is channel:  # not one formed again since
+                del self.pairs[channel.peer]
+                channel.close()
                 log.warning("KV pair %s <-> %s broke; it leaves this worker's heartbeat and is formed again",
-                            self.worker_id, peer)
+                            self.worker_id, channel.peer)
+            for pending in list(self.pending.values()):
+                if pending.transfer.peer == channel.peer and pending.phase is Phase.WAITING:
+                    self._give_up_broken(pending)
 
-    def cancel(self, transfer_id: str) -> None:
-        pending = self.pending.pop(transfer_id, None)
-        if pending is not None:
-            self._report(pending, TransferStatus.CANCELLED, "cancelled")
+    def _give_up_broken(self, pending: Pending) -> None:
+        with self._lock:
+            self._receiving.pop((pending.transfer.peer, pending.transfer.tag), None)
+        if pending.give_up(TransferStatus.FAILED):
+            self.finish(pending, TransferStatus.FAILED)
 
-    def shutdown(self) -> None:
-        for pending in list(self.pending.values()):
-            with pending.lock:
-                pending.live = False
-        self._threads.shutdown(wait=False, cancel_futures=True)
-        self.pending.clear()
-        self.pairs.clear()
-
-    # ---- on the caller's thread ------------------------------------------------------------------------------
-    def _start(self, transfer: Transfer, sending: bool, work) -> None:
-        if transfer.transfer_id in self.pending:
-            raise TransferError(f"transfer {transfer.transfer_id!r} is already under way")
-        pair = self.pairs.get(transfer.peer)
-        if pair is None:
-            raise TransferError(f"{self.worker_id}: no group with peer {transfer.peer!r}; connect first")
-        self._cache()
-        pending = _Pending(transfer, sending, [])
-        self.pending[transfer.transfer_id] = pending
-        self._threads.submit(self._run, pending, pair, work)
-
-    def _report(self, pending: _Pending, status: TransferStatus, error: str) -> None:
-        with pending.lock:  # waits for a copy in progress; afterwards no thread touches the blocks
-            pending.live = False
-        if status is TransferStatus.DONE:
-            for tensor in pending.staging:
-                self._staging.give_back(tensor)
-        else:
-            # not back to the pool: the transfer's thread may still be using them (it holds them until it ends)
+    def _result(self, pending: Pending, status: TransferStatus, error: str, nbytes: int) -> TransferResult:
+        t = pending.transfer
+        if status is not TransferStatus.DONE:
             expected = status is TransferStatus.CANCELLED or error == PEER_ABORTED  # the request ended, not the link
-            level = logging.DEBUG if expected else logging.WARNING
-            log.log(level, "KV transfer %s with %s: %s %s", pending.transfer.transfer_id, pending.transfer.peer,
-                    status.value, error)
-        nbytes = sum(t.numel() * t.element_size() for t in pending.staging) if status is TransferStatus.DONE else 0
-        self._reported.append(TransferResult(pending.transfer.transfer_id, status, error,
-                                             time.monotonic() - pending.started, nbytes))
-
-    # ---- on a transfer thread --------------------------------------------------------------------------------
-    def _run(self, pending: _Pending, pair: _Pair, work) -> None:
-        deadline = pending.started + pending.transfer.timeout_s  # from submission: a queued wait counts too
-        if time.monotonic() >= deadline:  # its peer's side is posted and will time out: the pair is out of step
-            self._broken.put((pending.transfer.peer, pair))
-            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.TIMED_OUT,
-                                "waited for a transfer thread past its deadline"))
-            return
-        pending.staging = self._take_staging(len(pending.transfer.block_ids))
-        try:
-            work(pending, pair, deadline)
-        except _Stopped:
-            return
-        except _PeerAborted:
-            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, PEER_ABORTED))
-        except HeaderMismatch as e:  # the pair's messages are out of step: it must be formed again
-            self._broken.put((pending.transfer.peer, pair))
-            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, f"header: {e}"))
-        except Corrupted as e:  # every message arrived, so the pair is still in step: only this transfer fails
-            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, f"checksum: {e}"))
-        except RuntimeError as e:  # the transport failed: the pair is closed, whether the transfer was wanted or not
-            self._broken.put((pending.transfer.peer, pair))
-            text = str(e).lower()
-            status = TransferStatus.TIMED_OUT if "timed out" in text or "timeout" in text else TransferStatus.FAILED
-            self._outcomes.put((pending.transfer.transfer_id, status, str(e).splitlines()[0][:300]))
-        except Exception as e:  # a bug: reported like a broken link (the pair's state is unknown), never lost
-            log.exception("KV transfer %s with %s raised", pending.transfer.transfer_id, pending.transfer.peer)
-            self._broken.put((pending.transfer.peer, pair))
-            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.FAILED, f"{type(e).__name__}: {e}"[:300]))
-        else:
-            self._outcomes.put((pending.transfer.transfer_id, TransferStatus.DONE, ""))
-
-    def _send(self, pending: _Pending, pair: _Pair, deadline: float) -> None:
-        t = pending.transfer
-        index = self._index(t)
-        works = [pair.group.send([self._header(t.tag, len(t.block_ids))], pair.peer_rank, t.tag)]
-        if not t.block_ids:  # "no KV is coming": ends the receive posted for this tag
-            _wait(works[0], deadline)
-            return
-        if self.send_delay is not None:
-            self._pause(pending, self.send_delay(len(t.block_ids)))
-        sums = []
-        for layers, part in zip(self._layer_groups(), pending.staging):
-            with pending.lock:  # cancelled: still send (stale staging) so the receiver's posted recvs complete
-                if pending.live:
-                    torch.index_select(self._cache().tensor[:, layers], 2, index, out=part)
-            if self.checksums:
-                sums.append(checksum(part))
-            works.append(pair.group.send([part], pair.peer_rank, t.tag))
-        if self.checksums:
-            works.append(pair.group.send([self._sums_tensor(sums)], pair.peer_rank, t.tag))
-        for work in works:
-            _wait(work, deadline)
-
-    def _receive(self, pending: _Pending, pair: _Pair, deadline: float) -> None:
-        t = pending.transfer
-        expected = self._header(t.tag, len(t.block_ids))
-        header = torch.empty_like(expected)
-        _wait(pair.group.recv([header], pair.peer_rank, t.tag), deadline)
-        if t.block_ids and torch.equal(header, self._header(t.tag, 0)):
-            raise _PeerAborted
-        check_header(header, expected)
-        works = [pair.group.recv([part], pair.peer_rank, t.tag) for part in pending.staging]
-        sent_sums = self._sums_tensor([0] * len(pending.staging))
-        if self.checksums:
-            works.append(pair.group.recv([sent_sums], pair.peer_rank, t.tag))
-        index, sums = self._index(t), []
-        for layers, part, work in zip(self._layer_groups(), pending.staging, works):
-            _wait(work, deadline)  # cancelled: still drain the sender's messages, so the pair stays in step
-            if self.checksums:
-                sums.append(checksum(part))
-            with pending.lock:
-                if pending.live:
-                    self._cache().tensor[:, layers].index_copy_(2, index, part)
-        if self.checksums:
-            _wait(works[-1], deadline)
-        if not pending.live:
-            raise _Stopped
-        bad = [g for g, (got, sent) in enumerate(zip(sums, sent_sums.tolist())) if got != sent]
-        if bad:
-            raise Corrupted(f"layer groups {bad} of {len(sums)} arrived with other bytes than were sent")
-
-    def _pause(self, pending: _Pending, seconds: float) -> None:
-        until = time.monotonic() + seconds
-        while time.monotonic() < until and pending.live:
-            time.sleep(0.01)
-
-    # ---- shapes ----------------------------------------------------------------------------------------------
-    def _take_staging(self, num_blocks: int) -> list[torch.Tensor]:
-        """One staging tensor per layer group, taken on the transfer's thread: at most `max_concurrent` transfers
-        hold staging at once (queued ones hold none)."""
-        cache = self._cache().tensor  # [2, L, blocks, block_size, H_kv, D]
-        shapes = [(2, g.stop - g.start, num_blocks, *cache.shape[3:]) for g in self._layer_groups()]
-        return [self._staging.take(shape, cache.dtype, cache.device) for shape in shapes]
-
-    def _layer_groups(self) -> list[slice]:
-        layers = self._cache().tensor.shape[1]
-        return [slice(i, min(i + self.layers_per_message, layers)) for i in range(0, layers, self.layers_per_message)]
-
-    def _index(self, transfer: Transfer) -> torch.Tensor:
-        return torch.tensor(transfer.block_ids, dtype=torch.long, device=self._cache().tensor.device)
-
-    def _header(self, tag: int, num_blocks: int) -> torch.Tensor:
-        return self.layout().header(tag, num_blocks, self._cache().tensor.device)
-
-    def _sums_tensor(self, sums: list[int]) -> torch.Tensor:
-        return torch.tensor(sums, dtype=torch.int64, device=self._cache().tensor.device)
+            log.log(logging.DEBUG if expected else logging.WARNING, "KV transfer %s with %s: %s %s",
+                    t.transfer_id, t.peer, status.value, error)
+        return TransferResult(t.transfer_id, status, error, time.monotonic() - pending.started, nbytes)
 
     def _cache(self) -> KVCache:
         if self.kv_cache is None:
@@ -344,5 +286,12 @@ class TorchDistConnector(KVConnector):
         return self.kv_cache
 
 
-def _wait(work: dist.Work, deadline: float) -> None:
-    work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+def warm_up(group, peer_rank: int, device: torch.device, timeout_s: float) -> None:
+    """One small message each way, so a new pair's transport (NCCL's communicator) is built now, not on the first
+    request. Both ranks call it."""
+    ping = torch.ones(1, device=device)
+    first, second = (group.send, group.recv) if peer_rank == 1 else (group.recv, group.send)
+    first([ping], peer_rank, 0).wait(timedelta(seconds=timeout_s))
+    second([ping], peer_rank, 0).wait(timedelta(seconds=timeout_s))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

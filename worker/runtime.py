@@ -69,9 +69,7 @@ class WorkerRuntime:
         and KV pool are kept; `leave` let it go); None builds a new engine."""
         self.spec = spec
         kv = spec.kv_transfer
-        self.connector = connector or TorchDistConnector(spec.worker_id, kv.backend,
-                                                         layers_per_message=kv.layers_per_message,
-                                                         checksums=kv.checksums)
+        self.connector = connector or TorchDistConnector(spec.worker_id, kv.backend, checksums=kv.checksums)
         self.metrics = WorkerMetrics(spec.worker_id, spec.role.value, lambda: self.thread.load)
         self.metrics_server: MetricsServer | None = None
         self._role_after_step = after_step
@@ -129,7 +127,7 @@ class WorkerRuntime:
         """Let go of the KV pair with `peer` (it left, or its side of the pair broke); between two steps, as the
         engine thread is the one that starts transfers on it."""
         if isinstance(self.connector, TorchDistConnector):
-            await self.call(lambda _: self.connector.pairs.pop(peer, None))
+            await self.call(lambda _: self.connector.disconnect(peer))
 
     async def drain(self) -> None:
         """Stop taking new work: the registry says DRAINING at once (written from a thread: a hung Redis must not

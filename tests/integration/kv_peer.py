@@ -1,9 +1,10 @@
 """The far side of test_kv_transfer_gloo: a separate process with its own KV cache, driven by a fixed script.
 
     python kv_peer.py PORT
-Sends blocks (3, 7, 1) with tag 1, receives two blocks into (9, 8) with tag 2 and prints whether they hold the
-expected data, then sends two blocks with tag 5 (the test expects three: a size mismatch). Prints one JSON line,
-then stays connected until the test sets "test-done" in the store.
+Sends blocks (3, 7, 1) with tag 1, receives two blocks into (9, 8) with tag 2 and checks they hold the expected
+data; then sends tag 4 (the test cancelled its receive), two blocks with tag 5 (the test expects three: a size
+mismatch), after 1.5 s tag 3 (the test's receive timed out after 1 s) and last (4, 5) with tag 6. Prints one JSON
+line, then stays connected until the test sets "test-done" in the store.
 """
 
 import json
@@ -48,8 +49,12 @@ def main() -> None:
     connector.start_recv(Transfer("t2", "prefill-0", (9, 8), tag=2))
     results = wait_for(connector, 2)
     expected = filled_cache(seed=1).read_blocks((4, 3))
+    connector.start_send(Transfer("t4", "prefill-0", (2,), tag=4))
     connector.start_send(Transfer("t5", "prefill-0", (0, 1), tag=5, timeout_s=3))
-    results += wait_for(connector, 1)
+    time.sleep(1.5)
+    connector.start_send(Transfer("t3", "prefill-0", (6,), tag=3))
+    connector.start_send(Transfer("t6", "prefill-0", (4, 5), tag=6))
+    results += wait_for(connector, 4)
     print(json.dumps({"statuses": {r.transfer_id: r.status.value for r in results},
                       "received_ok": bool(torch.equal(cache.read_blocks((9, 8)), expected))}), flush=True)
     store.get("test-done")  # stay connected until the test has seen its timeouts

@@ -1,7 +1,7 @@
 """A KV handoff fails closed (`kv_transfer.layout`): two workers whose models or KV layouts differ refuse to pair,
-naming every difference; a header that is not the one expected (another request's tag, another layout) fails the
-transfer and breaks the pair; with checksums on, bytes changed on the wire fail that transfer only, and the pair
-goes on. Two real gloo ranks, one per thread, in this process."""
+naming every difference; a header of another layout (a stream out of step) is refused naming each field; with
+checksums on, bytes changed on the wire fail that transfer only, and the pair goes on. Two real gloo ranks, one per
+thread, in this process."""
 
 import threading
 import time
@@ -28,7 +28,7 @@ def cache(seed: int, block_size: int = 16) -> KVCache:
 
 
 def connector(worker_id: str, kv: KVCache, checksums: bool = True, model: str = "m1") -> TorchDistConnector:
-    made = TorchDistConnector(worker_id, layers_per_message=10, checksums=checksums)
+    made = TorchDistConnector(worker_id, checksums=checksums)
     made.register(kv)
     made.model_fingerprint = model
     return made
@@ -88,14 +88,15 @@ def test_workers_of_different_models_or_layouts_refuse_to_pair_naming_the_differ
 
 
 class CorruptingGroup:
-    """A gloo group whose second message (a transfer's first layer group) has one value changed on its way."""
+    """A gloo group whose third message (a transfer's first data message, after the header and the piece lengths)
+    has one value changed on its way."""
 
     def __init__(self, group) -> None:
         self.group, self.sent = group, 0
 
     def send(self, tensors, rank, tag):
         self.sent += 1
-        if self.sent == 2:
+        if self.sent == 3:
             tensors = [tensors[0].clone()]
             tensors[0].view(-1)[7] += 1.0
         return self.group.send(tensors, rank, tag)
@@ -110,7 +111,7 @@ def test_bytes_changed_on_the_wire_fail_that_transfer_only():
     prefill.pairs["decode-0"].group = CorruptingGroup(prefill.pairs["decode-0"].group)
     first = move(prefill, decode, "t1", tag=1)
     assert first[("decode-0", "t1")].status is TransferStatus.FAILED
-    assert first[("decode-0", "t1")].error.startswith("checksum: layer groups [0]")
+    assert first[("decode-0", "t1")].error.startswith("checksum: layers [0] of 30")
     assert first[("prefill-0", "t1")].status is TransferStatus.DONE
     second = move(prefill, decode, "t2", tag=2)  # the pair is still in step
     assert {r.status for r in second.values()} == {TransferStatus.DONE}
@@ -118,14 +119,13 @@ def test_bytes_changed_on_the_wire_fail_that_transfer_only():
     assert torch.equal(decode.kv_cache.read_blocks((4, 5, 6)), prefill.kv_cache.read_blocks((1, 2, 3)))
 
 
-def test_a_header_from_another_transfer_is_refused_naming_each_field():
-    layout = KVLayout(30, 16, 3, 64, "float32", 10, True, model_fingerprint(MODEL, None))
-    check_header(layout.header(tag=5, blocks=3), layout.header(tag=5, blocks=3))
-    with pytest.raises(HeaderMismatch, match=r"tag 6 \(expected 5\), blocks 2 \(expected 3\)"):
-        check_header(layout.header(tag=6, blocks=2), layout.header(tag=5, blocks=3))
-    other_model = KVLayout(30, 16, 3, 64, "bfloat16", 10, True, "0123456789abcdef")
-    with pytest.raises(HeaderMismatch, match="dtype .* model"):
-        check_header(other_model.header(tag=5, blocks=3), layout.header(tag=5, blocks=3))
+def test_a_header_of_another_layout_is_refused_naming_each_field():
+    layout = KVLayout(30, 16, 3, 64, "float32", True, model_fingerprint(MODEL, None))
+    assert check_header(layout.header(tag=5, blocks=3, pieces=2), layout) == (5, 3, 2)
+    other_model = KVLayout(30, 16, 3, 64, "bfloat16", True, "0123456789abcdef")
+    with pytest.raises(HeaderMismatch, match="dtype .* model") as refused:
+        check_header(other_model.header(tag=5, blocks=3, pieces=1), layout)
+    assert "tag" not in str(refused.value) and "blocks" not in str(refused.value)
 
 
 def test_the_fingerprint_tells_two_models_of_one_shape_apart():
