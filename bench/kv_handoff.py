@@ -4,9 +4,10 @@
 
 Two processes on loopback (this one sends, a child receives), one gloo pair group. Each round, the sender times
 from the start of the send until the receiver's 1-element acknowledgement arrives; the receiver acknowledges once
-the data is in place: in its buffer (raw), or copied into its KV blocks (ours, which also gathers the blocks on the
-sending side). KV shape: SmolLM2-135M (30 layers, 3 KV heads, head dim 64), 16-token blocks, fp32: 720 KiB a block.
-Reports GB/s (median of the repeats) and ours / raw.
+the data is in place: in its buffer (raw, one message), or in its KV blocks (ours). Ours moves the blocks twice:
+consecutive on both sides (sent and received in place, the common case) and scattered (every other block on both
+sides: gathered by the sender, staged and copied by the receiver). KV shape: SmolLM2-135M (30 layers, 3 KV heads,
+head dim 64), 16-token blocks, fp32: 720 KiB a block. Reports GB/s (median of the repeats) and ours / raw.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from pdserve.kv_transfer.connector import Transfer, TransferStatus
 from pdserve.kv_transfer.torch_dist import TorchDistConnector
 
 ACK_TAG = 1_000_000
+WAYS = ("raw", "consecutive", "scattered")
+
+
+def block_ids(way: str, n: int) -> tuple[int, ...]:
+    return tuple(range(n)) if way == "consecutive" else tuple(range(0, 2 * n, 2))
 
 
 def cache(num_blocks: int) -> KVCache:
@@ -51,14 +57,14 @@ def rounds(connector: TorchDistConnector, kv: KVCache, sizes: list[int], repeats
     for n in sizes:
         raw = torch.ones(kv.read_blocks(range(n)).shape) if sending else torch.empty(kv.read_blocks(range(n)).shape)
         for _ in range(repeats):
-            for way in ("raw", "ours"):
+            for way in WAYS:
                 tag += 1
                 start = time.perf_counter()
                 if way == "raw":
                     op = pair.group.send if sending else pair.group.recv
                     op([raw], pair.peer_rank, tag).wait()
                 else:
-                    transfer = Transfer(f"t{tag}", peer, tuple(range(n)), tag)
+                    transfer = Transfer(f"t{tag}", peer, block_ids(way, n), tag)
                     (connector.start_send if sending else connector.start_recv)(transfer)
                     finish(connector, transfer.transfer_id)
                 if sending:
@@ -75,7 +81,7 @@ def run_side(port: int, sizes: list[int], repeats: int, backend: str, sending: b
     if store is None:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
     connector = TorchDistConnector("sender" if sending else "receiver", backend)
-    kv = cache(max(sizes))
+    kv = cache(2 * max(sizes))
     connector.register(kv)
     connector.connect("receiver" if sending else "sender", store, rank=0 if sending else 1)
     timings = rounds(connector, kv, sizes, repeats, sending)
@@ -101,11 +107,13 @@ def main() -> None:
     child.wait(timeout=120)
     block_bytes = cache(1).tensor.numel() * 4
     print(f"{args.backend}, two processes on 127.0.0.1, SmolLM2 KV blocks of {block_bytes / 2**10:.0f} KiB")
-    print(f"{'blocks':>6s} {'MiB':>7s} {'raw GB/s':>9s} {'ours GB/s':>10s} {'ours/raw':>9s}")
+    print(f"{'blocks':>6s} {'MiB':>7s} {'raw GB/s':>9s} {'consecutive':>12s} {'/raw':>5s} {'scattered':>10s} "
+          f"{'/raw':>5s}")
     for n in args.blocks:
         nbytes = n * block_bytes
-        raw, ours = (nbytes / statistics.median(timings[(way, n)]) / 1e9 for way in ("raw", "ours"))
-        print(f"{n:6d} {nbytes / 2**20:7.1f} {raw:9.2f} {ours:10.2f} {ours / raw:9.2f}")
+        raw, consecutive, scattered = (nbytes / statistics.median(timings[(way, n)]) / 1e9 for way in WAYS)
+        print(f"{n:6d} {nbytes / 2**20:7.1f} {raw:9.2f} {consecutive:12.2f} {consecutive / raw:5.2f} "
+              f"{scattered:10.2f} {scattered / raw:5.2f}")
 
 
 if __name__ == "__main__":
