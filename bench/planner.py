@@ -47,6 +47,8 @@ class PlanSetup:
     slo: SLO
     controller: ControllerConfig
     link: Link = Link.NETWORK
+    layerwise: bool = False
+    """KV streamed layer by layer during the prefill's last step."""
     role_switch_s: float = 5.0
     window_s: float = 30.0
     """The controller's traffic window."""
@@ -107,7 +109,7 @@ def candidates(workers: int, prefill_counts: Sequence[int] | None = None,
 def simulate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]) -> SimResult:
     sim = SimSetup(engine=setup.engine, prefill=candidate.prefill, decode=candidate.decode, slo=setup.slo,
                    controller=setup.controller if candidate.controlled else None, link=setup.link,
-                   role_switch_s=setup.role_switch_s, window_s=setup.window_s,
+                   layerwise=setup.layerwise, role_switch_s=setup.role_switch_s, window_s=setup.window_s,
                    hand_on_after_s=setup.hand_on_after_s, routing=setup.routing)
     return Simulation(sim, trace).run()
 

@@ -59,6 +59,8 @@ class SimSetup:
     controller: ControllerConfig | None = None
     """None: the split stays as it started (a static split)."""
     link: Link = Link.NETWORK
+    layerwise: bool = False
+    """KV streamed layer by layer during the prefill's last step (`CostModel.streamed_transfer_seconds`)."""
     role_switch_s: float = 5.0
     """A drained worker's restart in its new role (engine and KV pairs rebuilt; weights stay on the GPU)."""
     window_s: float = 30.0
@@ -260,9 +262,9 @@ class Simulation:
             worker.busy = False
             self._maybe_drained(worker)
             return
-        self._at(self.now + seconds, lambda: self._stepped(worker, outputs))
+        self._at(self.now + seconds, lambda: self._stepped(worker, outputs, seconds))
 
-    def _stepped(self, worker: _Worker, outputs) -> None:
+    def _stepped(self, worker: _Worker, outputs, step_s: float) -> None:
         for output in outputs:
             request = self._pending.get(output.request_id)
             if request is None:
@@ -270,14 +272,14 @@ class Simulation:
             if worker.role is PoolRole.PREFILL:
                 self._prompt_tokens += len(request.prompt)
                 self._cached_tokens += output.num_cached_tokens
-                self._prefilled(worker, request, output.finish_reason)
+                self._prefilled(worker, request, output.finish_reason, step_s)
             else:
                 self._decoded(request, len(output.new_token_ids), output.finished)
         self._step(worker)
         if self._queue:
             self._dispatch()
 
-    def _prefilled(self, worker: _Worker, request: _Request, reason: FinishReason | None) -> None:
+    def _prefilled(self, worker: _Worker, request: _Request, reason: FinishReason | None, step_s: float) -> None:
         worker.in_flight_tokens -= request.queued_tokens
         if request.tokens == 0:
             request.first_token = self.now
@@ -292,7 +294,11 @@ class Simulation:
         held = worker.engine.held_block_ids(request.request_id)
         skipped = request.decode.engine.cached_tokens(request.request_id) // self.setup.engine.block_size
         blocks = len(held) - skipped  # the decode worker's cached prefix is not sent
-        seconds = self.cost_model.transfer_seconds(blocks * self._kv_bytes_per_block, self.setup.link)
+        nbytes = blocks * self._kv_bytes_per_block
+        if self.setup.layerwise:
+            seconds = self.cost_model.streamed_transfer_seconds(nbytes, self.setup.link, step_s)
+        else:
+            seconds = self.cost_model.transfer_seconds(nbytes, self.setup.link)
         self._at(self.now + seconds, lambda: self._handed_off(request))
 
     def _handed_off(self, request: _Request) -> None:

@@ -41,6 +41,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="llama-3-8b", help="a model shape: llama-3-8b, llama-3-70b, ...")
     p.add_argument("--tp", type=int, default=1, help="GPUs per worker (tensor parallelism)")
     p.add_argument("--link", choices=("nvlink", "network"), default="network", help="what KV handoffs cross")
+    p.add_argument("--layerwise", action="store_true",
+                   help="stream each layer's KV as the prefill's last step computes it, not after the step")
     p.add_argument("--slo-ttft", type=float, required=True, metavar="SECONDS")
     p.add_argument("--slo-tpot", type=float, required=True, metavar="SECONDS")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -107,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         print("pdserve plan: the trace has no requests", file=sys.stderr)
         return 2
     setup = PlanSetup(engine=engine, workers=args.workers, slo=slo, controller=controller, link=Link(args.link),
+                      layerwise=args.layerwise,
                       role_switch_s=args.role_switch_s, window_s=args.window_s, search=not args.no_search,
                       hand_on_after_s=args.hand_on_after_s, prefill_counts=prefill_counts,
                       controller_prefill=start[0] if start else None,
@@ -119,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     report = {"trace": {"requests": len(trace), "span_s": span, "rate": mean_rate(trace),
                         "traffic": traffic.describe()},
               "setup": {"workers": args.workers, "hardware": args.hardware, "model": args.model, "tp": args.tp,
-                        "link": args.link, "slo_ttft_s": args.slo_ttft, "slo_tpot_s": args.slo_tpot},
+                        "link": args.link, "layerwise": args.layerwise, "slo_ttft_s": args.slo_ttft,
+                        "slo_tpot_s": args.slo_tpot},
               "wall_s": wall, "candidates": [r.to_dict() for r in reports],
               "best_static": best_static(reports).name}
     if args.compare_caching:

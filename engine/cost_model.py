@@ -199,6 +199,15 @@ class CostModel:
         bandwidth = self.hardware.nvlink_bytes_per_s if link is Link.NVLINK else self.hardware.network_bytes_per_s
         return nbytes / (bandwidth * self.tensor_parallel) + LINK_LATENCY_S[link]
 
+    def streamed_transfer_seconds(self, nbytes: int, link: Link, last_step_s: float) -> float:
+        """Time from the end of a prefill's last step until its KV has arrived, when each layer is sent as soon as
+        that step has computed it (layer-wise streaming) instead of after the step. The wire starts one layer into
+        the step and finishes at the latest one layer's share of the transfer after the step: what is left exposed
+        is max(T / L, T - C (L - 1) / L) for a transfer of T seconds and a last step of C."""
+        total = self.transfer_seconds(nbytes, link)
+        layers = self.model.num_layers
+        return max(total / layers, total - last_step_s * (layers - 1) / layers)
+
     # ---- steps --------------------------------------------------------------------------------------------------
 
     def step_cost(self, chunks: Sequence[ChunkShape]) -> StepCost:

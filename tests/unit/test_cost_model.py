@@ -187,3 +187,16 @@ def test_step_sums_match_a_brute_force_count():
             pairs = sum(c.context_len - c.new_tokens + i + 1 for c in chunks for i in range(c.new_tokens))
             assert _sums(chunks) == (sum(c.new_tokens for c in chunks), sum(c.context_len for c in chunks), pairs,
                                      sum(c.sample for c in chunks))
+
+
+def test_streamed_transfer_leaves_one_layer_exposed_or_what_the_step_could_not_hide():
+    cm = model()
+    layers = shape("llama-3-8b").num_layers
+    nbytes = 2048 * cm.kv_bytes_per_token()
+    whole = cm.transfer_seconds(nbytes, Link.NETWORK)
+    assert cm.streamed_transfer_seconds(nbytes, Link.NETWORK, last_step_s=0.0) == pytest.approx(whole)
+    long_step = 10 * whole  # the wire keeps up with the layers: only the last layer's share trails the step
+    assert cm.streamed_transfer_seconds(nbytes, Link.NETWORK, long_step) == pytest.approx(whole / layers)
+    short_step = whole / 2  # the wire is the bottleneck: it started one layer into the step
+    expected = whole - short_step * (layers - 1) / layers
+    assert cm.streamed_transfer_seconds(nbytes, Link.NETWORK, short_step) == pytest.approx(expected)

@@ -13,7 +13,7 @@ from pdserve.controller.config import ControllerConfig
 from pdserve.controller.decision import Action
 from pdserve.engine import Engine, EngineConfig, SamplingParams
 from pdserve.engine.config import SimSettings
-from pdserve.engine.cost_model import ChunkShape, CostModel
+from pdserve.engine.cost_model import ChunkShape, CostModel, Link
 from pdserve.engine.hardware import hardware
 from pdserve.engine.shapes import shape
 from pdserve.engine.sim_runner import PLACEHOLDER_TOKEN
@@ -125,3 +125,18 @@ def test_plan_candidates_can_be_limited_and_the_controller_started_elsewhere():
     assert [c.name for c in candidates(8, [3, 5], controller_prefill=7)] == ["3:5", "5:3", "controller (from 7:1)"]
     with pytest.raises(ValueError, match="--splits"):
         candidates(8, [8])
+
+
+def test_layerwise_streaming_takes_the_transfer_off_the_second_token():
+    """One request alone, two output tokens: the second comes a handoff and one decode step after the first."""
+    trace = [TraceEntry(0.0, 4000, 2)]
+    plain = Simulation(SimSetup(SIM, prefill=1, decode=1, slo=SLO_), trace).run().records[0]
+    streamed = Simulation(SimSetup(SIM, prefill=1, decode=1, slo=SLO_, layerwise=True), trace).run().records[0]
+    cost = CostModel(shape("llama-3-8b"), hardware("h100"))
+    nbytes = -(-4000 // SIM.block_size) * SIM.block_size * cost.kv_bytes_per_token()
+    last_step = cost.step_seconds([ChunkShape(4000, 4000)])
+    saved = cost.transfer_seconds(nbytes, Link.NETWORK) - cost.streamed_transfer_seconds(nbytes, Link.NETWORK,
+                                                                                        last_step)
+    assert streamed.ttft_s == pytest.approx(plain.ttft_s)  # the first token comes from the prefill worker
+    assert saved > 0.005
+    assert plain.tpot_s - streamed.tpot_s == pytest.approx(saved, rel=0.01)
