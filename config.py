@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import json
 import math
 import os
@@ -113,7 +114,7 @@ class Workers:
 @dataclass(frozen=True)
 class KVTransfer:
     backend: str = "gloo"
-    """gloo (CPU tensors) or nccl (CUDA tensors)."""
+    """gloo (CPU tensors), nccl (CUDA tensors) or nixl (either: NIXL over UCX; `pip install 'pdserve[nixl]'`)."""
     timeout_s: float = 30.0
     """A handoff that takes longer fails; the blocks are freed on both sides."""
     checksums: bool = False
@@ -121,8 +122,12 @@ class KVTransfer:
     computed again). Costs a pass over the KV on each side (CRC-32 at ~2 GiB/s on the dev box's CPU); on in tests."""
 
     def __post_init__(self) -> None:
-        if self.backend not in ("gloo", "nccl"):
-            raise ConfigError(f"backend: {self.backend!r} is not one of ['gloo', 'nccl']")
+        if self.backend not in ("gloo", "nccl", "nixl"):
+            raise ConfigError(f"backend: {self.backend!r} is not one of ['gloo', 'nccl', 'nixl']")
+        if self.backend == "nixl" and importlib.util.find_spec("nixl") is None:
+            raise ConfigError("backend: nixl needs the nixl package (pip install 'pdserve[nixl]')")
+        if self.backend == "nixl" and self.checksums:
+            raise ConfigError("checksums: not supported with backend nixl (its reads land in place, unchecked)")
         _at_least("timeout_s", self.timeout_s, 0.001)
 
 

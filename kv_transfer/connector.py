@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch.distributed as dist
 
 from pdserve.engine.kv_cache import KVCache
 
@@ -88,3 +91,31 @@ class KVConnector(abc.ABC):
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Stop; transfers still under way are abandoned (not reported)."""
+
+
+class PairedConnector(KVConnector):
+    """A connector between workers in other processes: each pair of workers is formed (`connect`, both sides at
+    once, over a store both reach) before transfers between them can start."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.pairs: dict[str, object] = {}
+        """The peers this worker has a working pair with (what its heartbeat lists)."""
+        self.send_delay: Callable[[int], float] | None = None
+        """Seconds every send waits before its KV moves, by block count: only simulation and fault injection set
+        one (`kv_transfer.send_delay`); a real serving path has none."""
+        self.model_fingerprint = ""
+        """The model this worker serves (`engine.fingerprint`); a peer with another refuses to pair."""
+
+    def pair_name(self, peer: str, generation: int = 0) -> str:
+        """The same on both sides: a pair formed again after it broke (a new generation) meets under a new name."""
+        return "|".join(sorted((self.worker_id, peer))) + f"|{generation}"
+
+    @abc.abstractmethod
+    def connect(self, peer: str, store: dist.Store, rank: int, timeout_s: float = 60.0, generation: int = 0) -> None:
+        """Form the pair with `peer`; the peer calls this too, with the same store, the other rank and the same
+        `generation`. Raises PairRefused (on both sides) when their KV layouts or models differ."""
+
+    @abc.abstractmethod
+    def disconnect(self, peer: str) -> None:
+        """Let go of the pair with `peer`."""

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from pdserve.engine.kv_cache import KVCache
 from pdserve.kv_transfer.channel import PEER_ABORTED, Arrival, Channel, Pending, Phase
-from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError, TransferResult, TransferStatus
+from pdserve.kv_transfer.connector import PairedConnector, Transfer, TransferError, TransferResult, TransferStatus
 from pdserve.kv_transfer.layout import KVLayout, agree
 from pdserve.kv_transfer.send_delay import SendDelay
 from pdserve.kv_transfer.staging import StagingPool
@@ -62,7 +62,7 @@ def make_pair_group(backend: str, store: dist.Store, name: str, rank: int, timeo
     raise TransferError(f"kv_transfer.backend: {backend!r} is not one of {BACKENDS}")
 
 
-class TorchDistConnector(KVConnector):
+class TorchDistConnector(PairedConnector):
     def __init__(self, worker_id: str, backend: str = "gloo", send_delay: SendDelay | None = None,
                  checksums: bool = False) -> None:
         """`send_delay`: seconds every send waits after its header, by block count. Only simulation and fault
@@ -70,12 +70,10 @@ class TorchDistConnector(KVConnector):
         carries its layers' CRC-32s (both sides of a pair must agree)."""
         if backend not in BACKENDS:
             raise TransferError(f"kv_transfer.backend: {backend!r} is not one of {BACKENDS}")
-        self.worker_id = worker_id
+        super().__init__(worker_id)
         self.backend = backend
         self.send_delay = send_delay
         self.checksums = checksums
-        self.model_fingerprint = ""
-        """The model this worker serves (`engine.fingerprint`); a peer with another refuses to pair."""
         self.kv_cache: KVCache | None = None
         self.streams = TransferStreams()
         self.staging = StagingPool()
@@ -93,13 +91,7 @@ class TorchDistConnector(KVConnector):
     def layout(self) -> KVLayout:
         return KVLayout.of(self._cache(), self.checksums, self.model_fingerprint)
 
-    def pair_name(self, peer: str, generation: int = 0) -> str:
-        """The same on both sides: a pair formed again after it broke (a new generation) meets under a new name."""
-        return "|".join(sorted((self.worker_id, peer))) + f"|{generation}"
-
     def connect(self, peer: str, store: dist.Store, rank: int, timeout_s: float = 60.0, generation: int = 0) -> None:
-        """Form the two-rank group with `peer`; the peer calls this too, with the same store, the other rank and the
-        same `generation`. Raises PairRefused (on both sides) when their KV layouts or models differ."""
         name = self.pair_name(peer, generation)
         agree(dist.PrefixStore(f"pdserve/kv-layout/{name}", store), rank, self.layout, self.worker_id, peer)
         group = make_pair_group(self.backend, store, name, rank, timeout_s)

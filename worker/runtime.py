@@ -20,10 +20,10 @@ from pdserve.config import Faults, KVTransfer
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import Engine
 from pdserve.engine.request import RequestOutput
-from pdserve.kv_transfer.connector import KVConnector
+from pdserve.kv_transfer.backends import make_connector
+from pdserve.kv_transfer.connector import KVConnector, PairedConnector
 from pdserve.kv_transfer.rendezvous import Rendezvous
 from pdserve.kv_transfer.send_delay import InjectedPause, SendDelay, combined, simulated_wire
-from pdserve.kv_transfer.torch_dist import TorchDistConnector
 from pdserve.registry.entries import Role, WorkerInfo, WorkerState
 from pdserve.registry.kv_events import KVEventLog
 from pdserve.registry.registry import Registry
@@ -68,8 +68,8 @@ class WorkerRuntime:
         """`thread`: the engine thread of the worker this one was until a role switch in place (its engine, weights
         and KV pool are kept; `leave` let it go); None builds a new engine."""
         self.spec = spec
-        kv = spec.kv_transfer
-        self.connector = connector or TorchDistConnector(spec.worker_id, kv.backend, checksums=kv.checksums)
+        self.connector = connector or make_connector(spec.worker_id, spec.kv_transfer.backend,
+                                                     checksums=spec.kv_transfer.checksums)
         self.metrics = WorkerMetrics(spec.worker_id, spec.role.value, lambda: self.thread.load)
         self.metrics_server: MetricsServer | None = None
         self._role_after_step = after_step
@@ -93,7 +93,7 @@ class WorkerRuntime:
             await asyncio.wrap_future(self.thread.attach(self._after_step, self.metrics.step))
         self.engine = await asyncio.wrap_future(self.thread.start())
         self.connector.register(self.engine.kv_cache)
-        if isinstance(self.connector, TorchDistConnector):
+        if isinstance(self.connector, PairedConnector):
             self.connector.send_delay = self._send_delay()
             self.connector.model_fingerprint = self.engine.fingerprint
         if self.spec.role is Role.DECODE:
@@ -110,7 +110,7 @@ class WorkerRuntime:
         """Form the KV pair with `peer` (which calls this at the same time with the other rank) at `store_address`
         (the decode worker's rendezvous); `generation` counts the times this pair was formed, so a pair formed again
         after it broke meets under a new name (`worker.kv_pairs` decides when)."""
-        if not isinstance(self.connector, TorchDistConnector):
+        if not isinstance(self.connector, PairedConnector):
             return  # in-process connectors need no pairing
         def pair() -> None:  # both block (a TCPStore client waits up to its timeout for its host): off the loop
             store = self.rendezvous.store(store_address, self.connector.pair_name(peer, generation))
@@ -121,12 +121,12 @@ class WorkerRuntime:
 
     def paired(self) -> set[str]:
         """The workers this one has a working KV pair with now."""
-        return set(self.connector.pairs) if isinstance(self.connector, TorchDistConnector) else set()
+        return set(self.connector.pairs) if isinstance(self.connector, PairedConnector) else set()
 
     async def disconnect(self, peer: str) -> None:
         """Let go of the KV pair with `peer` (it left, or its side of the pair broke); between two steps, as the
         engine thread is the one that starts transfers on it."""
-        if isinstance(self.connector, TorchDistConnector):
+        if isinstance(self.connector, PairedConnector):
             await self.call(lambda _: self.connector.disconnect(peer))
 
     async def drain(self) -> None:

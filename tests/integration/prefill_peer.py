@@ -1,6 +1,6 @@
-"""The prefill side of test_engine_handoff_gloo: a real SmolLM2 engine in its own process.
+"""The prefill side of test_engine_handoff: a real SmolLM2 engine in its own process.
 
-    python prefill_peer.py PORT PROMPTS.json
+    python prefill_peer.py PORT PROMPTS.json BACKEND
 Prefills each prompt (prefill-only), publishes its first token in the store as first/<i>, pushes its KV blocks to
 "decode" with tag i, and releases its blocks when each send is reported. Prints {"blocks_used": n} at the end.
 """
@@ -13,8 +13,8 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from pdserve.engine import Engine, EngineConfig, FinishReason, SamplingParams
+from pdserve.kv_transfer.backends import make_connector
 from pdserve.kv_transfer.connector import Transfer
-from pdserve.kv_transfer.torch_dist import TorchDistConnector
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     with open(sys.argv[2]) as f:
         prompts = json.load(f)
     engine = Engine(EngineConfig(max_num_batched_tokens=256, num_kv_blocks=512, num_threads=1))
-    connector = TorchDistConnector("prefill")
+    connector = make_connector("prefill", sys.argv[3])
     connector.register(engine.kv_cache)
     connector.connect("decode", store, rank=0)
     for i, ids in enumerate(prompts):

@@ -1,4 +1,5 @@
-"""Prefill in one process, KV pushed over a gloo pair, decode in another: greedy output equals one engine's."""
+"""Prefill in one process, KV handed over a pair (gloo, and NIXL where it is installed), decode in another: greedy
+output equals one engine's."""
 
 import json
 import os
@@ -7,27 +8,31 @@ import sys
 import time
 from datetime import timedelta
 
+import pytest
 import torch.distributed as dist
 
 from pdserve.engine import SamplingParams
+from pdserve.kv_transfer.backends import make_connector
 from pdserve.kv_transfer.connector import Transfer, TransferStatus
-from pdserve.kv_transfer.torch_dist import TorchDistConnector
 
 from .test_smollm2_oracle import PROMPTS
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
 
 
-def test_handoff_over_gloo_matches_single_engine(engine, tmp_path):
+@pytest.mark.parametrize("backend", ["gloo", "nixl"])
+def test_handoff_matches_single_engine(engine, tmp_path, backend):
+    if backend == "nixl":
+        pytest.importorskip("nixl._api")
     single = engine.generate(PROMPTS, GREEDY)
     prompts = [list(o.prompt_token_ids) for o in single]
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=120), wait_for_workers=False)
     peer = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "prefill_peer.py"),
-                             str(store.port), str(tmp_path / "prompts.json")],
+                             str(store.port), str(tmp_path / "prompts.json"), backend],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        connector = TorchDistConnector("decode")
+        connector = make_connector("decode", backend)
         connector.register(engine.kv_cache)
         connector.connect("prefill", store, rank=1)
         for i, ids in enumerate(prompts):

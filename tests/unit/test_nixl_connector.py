@@ -1,0 +1,128 @@
+"""The NIXL connector (`kv_transfer.backend: nixl`): two real NIXL agents (UCX) in this process, each with its own KV
+cache, paired over one store. Blocks move by one-sided READs, in place, whatever the order of receive and
+notification; every outcome is reported once on each side; a receive that expected another size, one cancelled
+and one timed out tell the sender not to wait. Skipped where the nixl package is not installed."""
+
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.kv_cache import KVCache
+from pdserve.kv_transfer.channel import PEER_ABORTED
+from pdserve.kv_transfer.connector import Transfer, TransferStatus
+from pdserve.kv_transfer.layout import PairRefused
+
+pytest.importorskip("nixl._api")
+from pdserve.kv_transfer.nixl_connector import NixlConnector, _common_runs  # noqa: E402
+
+TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+                   num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position=256,
+                   tie_word_embeddings=True)
+
+
+def cache(seed: int, num_blocks: int) -> KVCache:
+    kv = KVCache(TINY, num_blocks=num_blocks, block_size=4, dtype=torch.float32, device="cpu")
+    kv.tensor.copy_(torch.randn(kv.tensor.shape, generator=torch.Generator().manual_seed(seed)))
+    return kv
+
+
+_agents = iter(range(1_000_000))
+
+
+def pair(model: str = "m") -> tuple[NixlConnector, NixlConnector]:
+    """A prefill and a decode connector (agent names unique in this process), paired; the decode cache is larger,
+    so block addresses differ between the two."""
+    n = next(_agents)
+    prefill, decode = NixlConnector(f"prefill-{n}"), NixlConnector(f"decode-{n}")
+    prefill.register(cache(1, 24))
+    decode.register(cache(2, 40))
+    prefill.model_fingerprint, decode.model_fingerprint = "m", model
+    store, errors = dist.HashStore(), []
+
+    def join(side: NixlConnector, peer: str, rank: int) -> None:
+        try:
+            side.connect(peer, store, rank)
+        except PairRefused as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=join, args=(prefill, decode.worker_id, 0)),
+               threading.Thread(target=join, args=(decode, prefill.worker_id, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    if errors:
+        raise errors[0]
+    return prefill, decode
+
+
+def outcomes(*sides: NixlConnector, count: int, limit_s: float = 20.0) -> dict:
+    found, deadline = {}, time.monotonic() + limit_s
+    while len(found) < count and time.monotonic() < deadline:
+        for side in sides:
+            for result in side.poll():
+                key = (side.worker_id.split("-")[0], result.transfer_id)
+                assert key not in found, "reported twice"
+                found[key] = result
+        time.sleep(0.001)
+    return found
+
+
+def test_common_runs_cut_where_either_side_breaks():
+    assert _common_runs((1, 2, 3, 4), (7, 8, 20, 21)) == [(0, 2), (2, 2)]
+    assert _common_runs((5, 9), (1, 2)) == [(0, 1), (1, 1)]
+    assert _common_runs((), ()) == []
+
+
+def test_blocks_move_in_place_whichever_comes_first():
+    prefill, decode = pair()
+    sources = {"a": (3, 4, 5, 9), "b": (0, 20, 7), "c": (11,)}
+    targets = {"a": (30, 31, 2, 3), "b": (12, 13, 14), "c": (39,)}
+    decode.start_recv(Transfer("a", prefill.worker_id, targets["a"], tag=1, timeout_s=10))  # posted first
+    for tag, request in enumerate(("a", "b", "c"), start=1):
+        prefill.start_send(Transfer(request, decode.worker_id, sources[request], tag=tag, timeout_s=10))
+    found = outcomes(prefill, decode, count=2)
+    time.sleep(0.05)  # b's and c's notifications arrive before their receives
+    decode.start_recv(Transfer("c", prefill.worker_id, targets["c"], tag=3, timeout_s=10))
+    decode.start_recv(Transfer("b", prefill.worker_id, targets["b"], tag=2, timeout_s=10))
+    found.update(outcomes(prefill, decode, count=4))
+    assert {r.status for r in found.values()} == {TransferStatus.DONE}, found
+    for request, source in sources.items():
+        assert torch.equal(decode.kv_cache.read_blocks(targets[request]), prefill.kv_cache.read_blocks(source))
+    assert found[("decode", "a")].bytes == 4 * decode.kv_cache.tensor[:, :, 0].numel() * 4
+    prefill.shutdown()
+    decode.shutdown()
+
+
+def test_every_outcome_is_reported_once_and_the_sender_is_told_not_to_wait():
+    prefill, decode = pair()
+    peer_p, peer_d = prefill.worker_id, decode.worker_id
+    prefill.start_send(Transfer("wrong-size", peer_d, (1, 2), tag=1, timeout_s=10))
+    decode.start_recv(Transfer("wrong-size", peer_p, (5, 6, 7), tag=1, timeout_s=10))
+    prefill.start_send(Transfer("unwanted", peer_d, (3,), tag=2, timeout_s=10))
+    decode.start_recv(Transfer("unwanted", peer_p, (8,), tag=2, timeout_s=10))
+    decode.cancel("unwanted")
+    decode.start_recv(Transfer("late", peer_p, (9,), tag=3, timeout_s=0.2))
+    prefill.start_send(Transfer("no-kv", peer_d, (), tag=4, timeout_s=10))
+    decode.start_recv(Transfer("no-kv", peer_p, (10,), tag=4, timeout_s=10))
+    found = outcomes(prefill, decode, count=7)
+    assert {key: r.status for key, r in found.items()} == {
+        ("decode", "wrong-size"): TransferStatus.FAILED, ("prefill", "wrong-size"): TransferStatus.CANCELLED,
+        ("decode", "unwanted"): TransferStatus.CANCELLED, ("prefill", "unwanted"): TransferStatus.CANCELLED,
+        ("decode", "late"): TransferStatus.TIMED_OUT,
+        ("decode", "no-kv"): TransferStatus.FAILED, ("prefill", "no-kv"): TransferStatus.DONE}
+    assert found[("decode", "wrong-size")].error == "sent 2 blocks, expected 3"
+    assert found[("decode", "no-kv")].error == PEER_ABORTED
+    assert torch.equal(decode.kv_cache.read_blocks((5, 6, 7, 8, 9, 10)), cache(2, 40).read_blocks((5, 6, 7, 8, 9, 10)))
+    assert prefill._sends == {} and decode._receives == {}
+    prefill.shutdown()
+    decode.shutdown()
+
+
+def test_workers_of_different_models_refuse_to_pair():
+    with pytest.raises(PairRefused, match="model"):
+        pair(model="another")
