@@ -1,8 +1,9 @@
 """Benchmark: KV handoff through our connector vs a raw torch.distributed send/recv of the same bytes.
 
-    python -m pdserve.bench.kv_handoff [--backend gloo] [--blocks 16 64 128] [--repeats 5]
+    python -m pdserve.bench.kv_handoff [--backend gloo|nixl] [--blocks 16 64 128] [--repeats 5]
 
-Two processes on loopback (this one sends, a child receives), one gloo pair group. Each round, the sender times
+Two processes on loopback (this one sends, a child receives), one gloo pair group (and, with --backend nixl, a NIXL
+pair beside it: ours then goes over NIXL, raw stays gloo's). Each round, the sender times
 from the start of the send until the receiver's 1-element acknowledgement arrives; the receiver acknowledges once
 the data is in place: in its buffer (raw, one message), or in its KV blocks (ours). Ours moves the blocks twice:
 consecutive on both sides (sent and received in place, the common case) and scattered (every other block on both
@@ -24,7 +25,8 @@ import torch.distributed as dist
 
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.shapes import shape
-from pdserve.kv_transfer.connector import Transfer, TransferStatus
+from pdserve.kv_transfer.backends import make_connector
+from pdserve.kv_transfer.connector import PairedConnector, Transfer, TransferStatus
 from pdserve.kv_transfer.torch_dist import TorchDistConnector
 
 ACK_TAG = 1_000_000
@@ -39,7 +41,7 @@ def cache(num_blocks: int) -> KVCache:
     return KVCache(shape("smollm2-135m"), num_blocks=num_blocks, block_size=16, dtype=torch.float32, device="cpu")
 
 
-def finish(connector: TorchDistConnector, transfer_id: str) -> None:
+def finish(connector: PairedConnector, transfer_id: str) -> None:
     while True:
         for result in connector.poll():
             if result.status is not TransferStatus.DONE:
@@ -48,9 +50,10 @@ def finish(connector: TorchDistConnector, transfer_id: str) -> None:
         time.sleep(0.0002)
 
 
-def rounds(connector: TorchDistConnector, kv: KVCache, sizes: list[int], repeats: int, sending: bool) -> dict:
+def rounds(gloo: TorchDistConnector, connector: PairedConnector, kv: KVCache, sizes: list[int], repeats: int,
+           sending: bool) -> dict:
     peer = "receiver" if sending else "sender"
-    pair = connector.pairs[peer]
+    pair = gloo.pairs[peer]
     ack = torch.zeros(1)
     timings: dict[tuple[str, int], list[float]] = {}
     tag = 0
@@ -80,18 +83,25 @@ def run_side(port: int, sizes: list[int], repeats: int, backend: str, sending: b
     torch.set_num_threads(1)
     if store is None:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
-    connector = TorchDistConnector("sender" if sending else "receiver", backend)
+    me, peer, rank = ("sender", "receiver", 0) if sending else ("receiver", "sender", 1)
+    gloo = TorchDistConnector(me, "gloo")
     kv = cache(2 * max(sizes))
-    connector.register(kv)
-    connector.connect("receiver" if sending else "sender", store, rank=0 if sending else 1)
-    timings = rounds(connector, kv, sizes, repeats, sending)
-    connector.shutdown()
+    gloo.register(kv)
+    gloo.connect(peer, store, rank)
+    ours: PairedConnector = gloo
+    if backend == "nixl":
+        ours = make_connector(me, "nixl")
+        ours.register(kv)
+        ours.connect(peer, store, rank, generation=1)
+    timings = rounds(gloo, ours, kv, sizes, repeats, sending)
+    for connector in {gloo, ours}:
+        connector.shutdown()
     return timings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nixl"])
     parser.add_argument("--blocks", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peer", type=int, help=argparse.SUPPRESS)

@@ -72,6 +72,8 @@ class _Peer:
 class _Send:
     transfer: Transfer
     started: float
+    notice_at: float
+    """When its "send" notification goes out: at once, unless a send delay (simulation, fault injection) holds it."""
     noticed: bool = False
     cancelled: bool = False
 
@@ -133,7 +135,9 @@ class NixlConnector(PairedConnector):
 
     def start_send(self, transfer: Transfer) -> None:
         self._check_new(transfer)
-        self._sends[transfer.transfer_id] = _Send(transfer, time.monotonic())
+        now = time.monotonic()
+        delay = self.send_delay(len(transfer.block_ids)) if self.send_delay is not None else 0.0
+        self._sends[transfer.transfer_id] = _Send(transfer, now, now + delay)
         if not transfer.block_ids:  # "no KV": nothing to read, nothing to wait for
             self._notify_send(self._sends[transfer.transfer_id])
             self._report_send(transfer.transfer_id, TransferStatus.DONE)
@@ -179,7 +183,7 @@ class NixlConnector(PairedConnector):
     # ---- sends -----------------------------------------------------------------------------------------------
     def _advance_send(self, send: _Send, now: float) -> None:
         t = send.transfer
-        if not send.noticed and now >= send.started + (self.send_delay(len(t.block_ids)) if self.send_delay else 0):
+        if not send.noticed and now >= send.notice_at:
             self._notify_send(send)
         if now >= send.started + t.timeout_s + READ_GRACE_S:
             self._report_send(t.transfer_id, TransferStatus.CANCELLED if send.cancelled else TransferStatus.TIMED_OUT,

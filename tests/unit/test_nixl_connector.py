@@ -15,6 +15,7 @@ from pdserve.engine.kv_cache import KVCache
 from pdserve.kv_transfer.channel import PEER_ABORTED
 from pdserve.kv_transfer.connector import Transfer, TransferStatus
 from pdserve.kv_transfer.layout import PairRefused
+from pdserve.kv_transfer.send_delay import InjectedPause
 
 pytest.importorskip("nixl._api")
 from pdserve.kv_transfer.nixl_connector import NixlConnector, _common_runs  # noqa: E402
@@ -126,3 +127,20 @@ def test_every_outcome_is_reported_once_and_the_sender_is_told_not_to_wait():
 def test_workers_of_different_models_refuse_to_pair():
     with pytest.raises(PairRefused, match="model"):
         pair(model="another")
+
+
+def test_a_send_held_past_its_receive_deadline_is_dropped_by_both():
+    """Fault injection holds a send's notification (as `faults.kv_send_pause_s` does on a cluster)."""
+    prefill, decode = pair()
+    prefill.send_delay = InjectedPause(1.0, count=1)
+    prefill.start_send(Transfer("held", decode.worker_id, (1, 2), tag=1, timeout_s=10))
+    decode.start_recv(Transfer("held", prefill.worker_id, (3, 4), tag=1, timeout_s=0.3))
+    found = outcomes(prefill, decode, count=2)
+    assert found[("decode", "held")].status is TransferStatus.TIMED_OUT
+    assert found[("prefill", "held")].status is TransferStatus.CANCELLED
+    assert found[("prefill", "held")].seconds < 1.0  # told at once, not after its own wait
+    prefill.start_send(Transfer("next", decode.worker_id, (5,), tag=2, timeout_s=10))  # the pause was for one send
+    decode.start_recv(Transfer("next", prefill.worker_id, (6,), tag=2, timeout_s=10))
+    assert {r.status for r in outcomes(prefill, decode, count=2).values()} == {TransferStatus.DONE}
+    prefill.shutdown()
+    decode.shutdown()
