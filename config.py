@@ -117,6 +117,9 @@ class KVTransfer:
     """gloo (CPU tensors), nccl (CUDA tensors) or nixl (either: NIXL over UCX; `pip install 'pdserve[nixl]'`)."""
     timeout_s: float = 30.0
     """A handoff that takes longer fails; the blocks are freed on both sides."""
+    layerwise: bool = False
+    """Stream each layer's KV while the prefill's last step computes the rest, instead of after the step: the handoff
+    then overlaps the step (gloo and nccl; see BENCHMARKS.md for what it buys)."""
     checksums: bool = False
     """Every handoff carries a CRC-32 per layer, and the receiver fails one whose bytes differ (the request is
     computed again). Costs a pass over the KV on each side (CRC-32 at ~2 GiB/s on the dev box's CPU); on in tests."""
@@ -126,6 +129,8 @@ class KVTransfer:
             raise ConfigError(f"backend: {self.backend!r} is not one of ['gloo', 'nccl', 'nixl']")
         if self.backend == "nixl" and importlib.util.find_spec("nixl") is None:
             raise ConfigError("backend: nixl needs the nixl package (pip install 'pdserve[nixl]')")
+        if self.backend == "nixl" and self.layerwise:
+            raise ConfigError("layerwise: not supported with backend nixl (a read needs the whole KV computed)")
         if self.backend == "nixl" and self.checksums:
             raise ConfigError("checksums: not supported with backend nixl (its reads land in place, unchecked)")
         _at_least("timeout_s", self.timeout_s, 0.001)

@@ -38,6 +38,7 @@ from pdserve.worker.engine_thread import EngineThread
 from pdserve.worker.messages import (
     Adoption,
     DecodeTask,
+    FirstToken,
     KVAnnouncement,
     PrefillResult,
     PrefillTask,
@@ -128,6 +129,9 @@ class Worker:
 
     async def announce(self, announcement: KVAnnouncement) -> None:
         await self._decode_front("announce").announce(announcement)
+
+    async def first_token(self, token: FirstToken) -> None:
+        await self._decode_front("first_token").first_token(token)
 
     async def generate(self, task: DecodeTask) -> None:
         await self._decode_front("generate").generate(task)

@@ -5,7 +5,8 @@ Life of a handed-off request here:
     reserve(task)   -> blocks allocated for the prompt and a transfer tag chosen; the task's router owns the request;
                        a prefix of the prompt found in this worker's prefix cache is shared, and only the blocks
                        after it are to be received (`Reservation.cached_blocks`)
-    announce(kv)    -> from the prefill worker, as its send starts: the KV receive posted (first token with it)
+    announce(kv)    -> from the prefill worker, as its send starts: the KV receive posted (first token with it;
+                       streamed layer by layer, the token comes after, in `first_token`; either may come first)
     KV arrives      -> the connector reports DONE -> decoding, batched with every other running request
     each step       -> a TokenEvent per request, into its journal and its router's outbox (`owners`)
     events(router)  -> the router collects its outbox, which renews its lease on its requests here
@@ -46,7 +47,7 @@ from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError, 
 from pdserve.registry.entries import WorkerInfo
 from pdserve.worker.aborted import AbortedRequests
 from pdserve.worker.engine_thread import EngineThread
-from pdserve.worker.messages import Adoption, DecodeTask, KVAnnouncement, Reservation, TokenEvent
+from pdserve.worker.messages import Adoption, DecodeTask, FirstToken, KVAnnouncement, Reservation, TokenEvent
 from pdserve.worker.runtime import WorkerRuntime, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ class DecodeWorker:
     async def announce(self, announcement: KVAnnouncement) -> None:
         """From the prefill worker: its send of the request's KV has started; receive it."""
         await self.runtime.call(lambda engine: self._announced(engine, announcement))
+
+    async def first_token(self, token: FirstToken) -> None:
+        """From the prefill worker, after it announced a streamed send: the first token its step sampled."""
+        await self.runtime.call(lambda engine: self._first_token_came(engine, token))
 
     async def generate(self, task: DecodeTask) -> None:
         """Colocated: prefill and decode the whole request here (unless its router aborted it already)."""
@@ -218,8 +223,9 @@ class DecodeWorker:
         if arrival is None or arrival.tag != announcement.tag or arrival.posted:
             self._discard(announcement)
             return
-        arrival.first_token_id = announcement.first_token_id
-        arrival.first_logprobs = announcement.first_logprobs
+        if announcement.first_token_id is not None:  # streamed: a FirstToken brings it (it may have already)
+            arrival.first_token_id = announcement.first_token_id
+            arrival.first_logprobs = announcement.first_logprobs
         try:
             self._post_receive(arrival)
         except TransferError as e:  # no pair with that worker any more: its send cannot complete either
@@ -227,6 +233,17 @@ class DecodeWorker:
             engine.release(announcement.request_id)
             self._emit([TokenEvent(announcement.request_id, finish_reason=FinishReason.ABORT,
                                    error=f"KV receive: {e}")])
+
+    def _first_token_came(self, engine: Engine, token: FirstToken) -> None:
+        arrival = self._arriving.get(token.request_id)
+        if arrival is None or arrival.tag != token.tag:
+            return  # aborted here already; its KV, if announced, is drained
+        if token.finished:  # it ended at its first token, at the prefill worker: its router has the answer
+            self._abort(engine, token.request_id)
+            return
+        arrival.first_token_id, arrival.first_logprobs = token.first_token_id, token.first_logprobs
+        if arrival.received is not None and arrival.received.status is TransferStatus.DONE:
+            self._emit([self._start_decoding(engine, token.request_id)])
 
     def _post_receive(self, arrival: _Arrival) -> None:
         task = arrival.task
@@ -256,7 +273,8 @@ class DecodeWorker:
         self._local.pop(request_id, None)
         arrival = self._arriving.pop(request_id, None)
         if arrival is not None:
-            if arrival.posted:  # its KV may be landing in its blocks: they are freed when the connector reports it
+            if arrival.posted and arrival.received is None:  # its KV may be landing in its blocks: freed when the
+                # connector reports the receive (a streamed one whose KV is here waits only for its first token)
                 self._cancelling.add(request_id)
                 self.runtime.connector.cancel(request_id)
             else:
@@ -308,6 +326,8 @@ class DecodeWorker:
             engine.release(result.transfer_id)
             return [TokenEvent(result.transfer_id, finish_reason=FinishReason.ABORT,
                                error=f"KV transfer {result.status.value}: {result.error}")]
+        if arrival.first_token_id is None:
+            return []  # streamed: its KV is here, its first token not yet (`first_token`)
         return [self._start_decoding(engine, result.transfer_id)]
 
     def _start_decoding(self, engine: Engine, request_id: str) -> TokenEvent:

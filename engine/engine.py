@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,7 @@ from pdserve.engine.fingerprint import model_fingerprint
 from pdserve.engine.grammar_state import Grammars, GrammarState
 from pdserve.engine.hardware import hardware
 from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.layer_progress import LayerProgress
 from pdserve.engine.logprobs import Sampled, TokenLogprobs
 from pdserve.engine.lookahead import LookaheadState
 from pdserve.engine.model_runner import ModelRunner
@@ -128,6 +129,9 @@ class Engine:
         """Prompt tokens of requests that got their first token here (computed, received or cached)."""
         self.cached_tokens_total = 0
         """Of those, tokens whose KV came from the prefix cache."""
+        self.on_final_chunk: Callable[[str, tuple[int, ...]], LayerProgress | None] | None = None
+        """Layer-wise KV streaming: called with (request id, its block ids) when a prefill-only request's last prompt
+        chunk is scheduled, before the step runs; the LayerProgress it returns is told as each layer is done."""
         self.speculative_steps_total = 0
         self.speculative_proposed_total = 0
         self.speculative_accepted_total = 0
@@ -246,7 +250,13 @@ class Engine:
         if not out.chunks:
             return []
         started = time.perf_counter()
-        result = self.runner.run(out.chunks)
+        streams = self._layer_streams(out.chunks)
+        try:
+            result = self.runner.run(out.chunks, streams)
+        except BaseException:
+            for progress in streams:
+                progress.abandon()
+            raise
         sampled = result.sampled
         outputs = []
         for chunk in out.chunks:
@@ -263,6 +273,14 @@ class Engine:
                 outputs.append(self._append_token(request, picked.token_id, picked.logprobs))
         self._report_decode_step(out.chunks, time.perf_counter() - started, len(outputs))
         return outputs
+
+    def _layer_streams(self, chunks: Sequence[ScheduledChunk]) -> list[LayerProgress]:
+        """What `on_final_chunk` returns for each prefill-only request whose last prompt chunk runs in this step."""
+        if self.on_final_chunk is None:
+            return []
+        found = [self.on_final_chunk(c.request_id, c.block_ids) for c in chunks
+                 if c.sample and c.output_index == 0 and self._requests[c.request_id].prefill_only]
+        return [progress for progress in found if progress is not None]
 
     def _report_decode_step(self, chunks: Sequence[ScheduledChunk], seconds: float, tokens: int) -> None:
         """Tell the speculation governor what a step that only decoded cost per token."""

@@ -8,6 +8,8 @@ Weights are loaded by `engine.weights` from Hugging Face-named tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,14 +115,17 @@ class LlamaModel(nn.Module):
         self.rope: Rope | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden] (before the final norm)."""
+                meta: AttentionMetadata, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden] (before the final norm). `on_layer(i)` runs after
+        layer i (its KV written), for layer-wise KV streaming."""
         if self.rope is None:
             raise RuntimeError("LlamaModel.rope is not set; load the model through engine.weights")
         h = self.embed[input_ids]  # [T, hidden]
         cos, sin = self.rope.tables(positions)  # [T, 1, D]
         for index, layer in enumerate(self.layers):
             h = layer(h, cos, sin, kv_cache.layer(index), meta)
+            if on_layer is not None:
+                on_layer(index)
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ sampled tokens coming back. A decode-only step on CUDA replays a captured graph 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from pdserve.engine.draft import Drafter
 from pdserve.engine.grammar_state import PendingMasks
 from pdserve.engine.kv_cache import AttentionMetadata, DecodeGroup, KVCache, PagedBatch, PrefillSegment
+from pdserve.engine.layer_progress import LayerProgress
 from pdserve.engine.logprobs import Sampled, StepResult, TokenLogprobs, logprobs_of
 from pdserve.engine.model import LlamaModel
 from pdserve.engine.prompt_lookup import verify
@@ -51,9 +53,9 @@ class ModelRunner:
         """Speculative decoding's draft model (`engine.draft`), set by the engine when it speculates with one."""
 
     @torch.inference_mode()
-    def run(self, chunks: tuple[ScheduledChunk, ...]) -> StepResult:
+    def run(self, chunks: tuple[ScheduledChunk, ...], streams: Sequence[LayerProgress] = ()) -> StepResult:
         """Compute the chunks; return the sampled token of each chunk that samples, and the prompt logprobs of the
-        chunks that ask for them."""
+        chunks that ask for them. `streams`: told as each layer is done (layer-wise KV streaming)."""
         prompt_logprobs = {}
         draft_probs: dict[str, torch.Tensor] = {}
         if self.drafter is not None and any(c.draft_tokens for c in chunks):
@@ -66,7 +68,8 @@ class ModelRunner:
         else:
             step = self.prepare(chunks)
             masks = self._begin_masks(step.sample_chunks)
-            hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.meta)  # [T, hidden]
+            on_layer = (lambda i: [progress.layer_done(i) for progress in streams]) if streams else None
+            hidden = self.model(step.input_ids, step.positions, self.kv_cache, step.meta, on_layer)  # [T, hidden]
             prompt_logprobs = self._prompt_logprobs(chunks, hidden, step.first_rows)
             verified = self._verify(step.verify_chunks, hidden, step.first_rows, draft_probs)
             if not step.sample_chunks:

@@ -14,8 +14,10 @@ Placeholders: token `PLACEHOLDER_TOKEN` (never an EOS id of the named shapes), s
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from pdserve.engine.cost_model import CostModel, StepCost
+from pdserve.engine.layer_progress import LayerProgress
 from pdserve.engine.logprobs import Sampled, StepResult
 from pdserve.engine.scheduler import ScheduledChunk
 
@@ -33,8 +35,9 @@ class SimRunner:
         self.busy_s = 0.0
         """Modelled seconds of all steps so far."""
 
-    def run(self, chunks: tuple[ScheduledChunk, ...]) -> StepResult:
-        """'Compute' the chunks: wait the modelled time (live) and sample a placeholder for each chunk that samples."""
+    def run(self, chunks: tuple[ScheduledChunk, ...], streams: Sequence[LayerProgress] = ()) -> StepResult:
+        """'Compute' the chunks: wait the modelled time (live) and sample a placeholder for each chunk that samples.
+        `streams` learn that every layer is done at the end (the placeholder KV has no layers to stream)."""
         started = time.monotonic()
         new = context = pairs = sampled = 0
         for c in chunks:  # the sums of CostModel.step_cost, without building a ChunkShape per chunk
@@ -51,4 +54,6 @@ class SimRunner:
             left = started + cost.seconds * self.time_scale - time.monotonic()
             if left > 0:
                 time.sleep(left)
+        for progress in streams:
+            progress.layer_done(progress.layers - 1)
         return StepResult({c.request_id: Sampled(PLACEHOLDER_TOKEN) for c in chunks if c.sample}, {})

@@ -177,14 +177,16 @@ class Channel:
                 works.append(self._post_send(self._lengths(pieces, cache.device)))
                 if self.owner.send_delay is not None:
                     self._pause(pending, self.owner.send_delay(len(t.block_ids)))
-                works += self._send_layers(cache, t.block_ids, pieces, gathering)
+                works += self._send_layers(cache, t, pieces, gathering, pending.deadline)
             for work in works:
                 self._wait(work, pending.deadline)
             self.owner.streams.settle(pending.deadline)
         self.owner.finish(pending, TransferStatus.DONE, nbytes=_kv_bytes(cache, len(t.block_ids)))
 
-    def _send_layers(self, cache: torch.Tensor, block_ids: tuple[int, ...], pieces: list[Piece],
-                     gathering: bool) -> list:
+    def _send_layers(self, cache: torch.Tensor, transfer: Transfer, pieces: list[Piece], gathering: bool,
+                     deadline: float) -> list:
+        """Post every layer's messages, each layer once it is computed (`transfer.progress`, when streaming)."""
+        block_ids = transfer.block_ids
         source, index = cache, None
         if gathering:  # one piece: the blocks gathered layer by layer, each while the previous layer is on the wire
             source = self.owner.staging.take((2, cache.shape[1], len(block_ids), *cache.shape[3:]), cache.dtype,
@@ -192,6 +194,8 @@ class Channel:
             index = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
         works, sums, running = [], [], 0
         for layer, kv, piece in layer_messages(cache.shape[1], pieces):
+            if transfer.progress is not None and kv == 0 and piece is pieces[0]:
+                self.owner.streams.follow(transfer.progress.wait(layer, deadline))
             if gathering and kv == 0:
                 for side in (0, 1):
                     torch.index_select(cache[side, layer], 0, index, out=source[side, layer])

@@ -24,11 +24,12 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
 from pdserve.engine.kv_cache import KVCache
+from pdserve.engine.layer_progress import LayerProgress
 
 
 class TransferStatus(enum.Enum):
@@ -50,6 +51,9 @@ class Transfer:
     tag: int
     """The same number on both sides; tells the receiver which of its posted receives a transfer is for."""
     timeout_s: float = 30.0
+    progress: LayerProgress | None = field(default=None, compare=False)
+    """Sends of a step still running (layer-wise streaming): each layer goes once `progress` says it is computed;
+    only connectors whose `streams_layers` is true take one."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class TransferError(RuntimeError):
 
 
 class KVConnector(abc.ABC):
+    streams_layers = False
+    """Whether sends may start before their KV is computed (`Transfer.progress`)."""
+
     @abc.abstractmethod
     def register(self, kv_cache: KVCache) -> None:
         """The worker's KV cache, which transfers read from and write into."""

@@ -183,7 +183,8 @@ class NixlConnector(PairedConnector):
     # ---- sends -----------------------------------------------------------------------------------------------
     def _advance_send(self, send: _Send, now: float) -> None:
         t = send.transfer
-        if not send.noticed and now >= send.notice_at:
+        ready = t.progress is None or t.progress.complete  # (it does not stream: `streams_layers` is false)
+        if not send.noticed and now >= send.notice_at and ready:
             self._notify_send(send)
         if now >= send.started + t.timeout_s + READ_GRACE_S:
             self._report_send(t.transfer_id, TransferStatus.CANCELLED if send.cancelled else TransferStatus.TIMED_OUT,

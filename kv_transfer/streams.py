@@ -50,6 +50,9 @@ class TransferStreams:
     def settle(self, deadline: float) -> None:
         """Return once the work queued on this thread's transfer stream is done; SettleTimeout past `deadline`."""
 
+    def follow(self, event: object | None) -> None:
+        """Work queued on this thread's transfer stream from now on waits for `event` (a layer computed)."""
+
 
 class CudaTransferStreams(TransferStreams):
     def __init__(self, device: torch.device) -> None:
@@ -73,6 +76,10 @@ class CudaTransferStreams(TransferStreams):
     def receiving(self) -> Iterator[None]:
         with torch.cuda.device(self.device), torch.cuda.stream(self.receive_stream):
             yield
+
+    def follow(self, event: object | None) -> None:
+        if isinstance(event, torch.cuda.Event):
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     def settle(self, deadline: float) -> None:
         done = torch.cuda.Event()

@@ -63,6 +63,8 @@ def make_pair_group(backend: str, store: dist.Store, name: str, rank: int, timeo
 
 
 class TorchDistConnector(PairedConnector):
+    streams_layers = True  # the wire sends layer by layer (`kv_transfer.wire`)
+
     def __init__(self, worker_id: str, backend: str = "gloo", send_delay: SendDelay | None = None,
                  checksums: bool = False) -> None:
         """`send_delay`: seconds every send waits after its header, by block count. Only simulation and fault

@@ -10,6 +10,10 @@ Life of a request here:
       -> the first token goes back to the router at once, while the KV is on the wire
       -> the send's outcome (done, failed, cancelled, timed out) -> blocks released.
 
+With `kv_transfer.layerwise` the send starts earlier: when the engine schedules the request's last prompt chunk
+(`Engine.on_final_chunk`), announced without its first token; each layer's KV goes as the step computes it; after
+the step a `FirstToken` tells the decode worker the token (or that the request ended at it, and the KV is dropped).
+
 The handoff runs between the two workers alone: once a prefill has started, it ends the same way whether its
 router is still there or not (a router that died leaves the decode worker to reap the request). If the first token
 already ends the request (EOS, a stop, max_tokens 1) nothing is sent and its blocks are freed at once. `abort`
@@ -27,9 +31,11 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 from pdserve.engine.engine import Engine
+from pdserve.engine.layer_progress import LayerProgress
 from pdserve.engine.request import FinishReason, RequestOutput
 from pdserve.engine.step_profile import StepProfile, profile_engine
 from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferError
@@ -38,7 +44,7 @@ from pdserve.registry.registry import Registry
 from pdserve.worker.aborted import AbortedRequests
 from pdserve.worker.engine_thread import EngineThread
 from pdserve.worker.kv_pairs import PairKeeper
-from pdserve.worker.messages import KVAnnouncement, PrefillResult, PrefillTask
+from pdserve.worker.messages import FirstToken, KVAnnouncement, PrefillResult, PrefillTask
 from pdserve.worker.runtime import WorkerRuntime, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -47,7 +53,7 @@ log = logging.getLogger(__name__)
 class DecodePeers(Protocol):
     """Where this worker's KV goes: tells a decode worker that a send to it started (on the event loop)."""
 
-    def announce(self, decode_worker: str, announcement: KVAnnouncement) -> None: ...
+    def announce(self, decode_worker: str, announcement: KVAnnouncement | FirstToken) -> None: ...
 
 
 @dataclass
@@ -56,6 +62,8 @@ class _Prefill:
     result: Future
     enqueued: float
     started: float | None = None
+    streamed: tuple[int, ...] | None = None
+    """Layer-wise streaming: the blocks whose send started with its last chunk's step."""
 
 
 class PrefillWorker:
@@ -70,6 +78,8 @@ class PrefillWorker:
         self.peers = peers
         self._prefilling: dict[str, _Prefill] = {}
         self._sending: set[str] = set()
+        self._unheld: set[str] = set()
+        """Streamed sends of requests that ended at their first token: the engine freed their blocks already."""
         self._aborted = AbortedRequests()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pairing: asyncio.Task | None = None
@@ -78,6 +88,8 @@ class PrefillWorker:
     async def start(self) -> WorkerInfo:
         self._loop = asyncio.get_running_loop()
         info = await self.runtime.start()
+        if self.runtime.spec.kv_transfer.layerwise and self.runtime.connector.streams_layers:
+            await self.runtime.call(lambda engine: setattr(engine, "on_final_chunk", partial(self._stream, engine)))
         if self.pairs is not None:
             self._pairing = asyncio.create_task(self.pairs.run(), name=f"pairs-{self.runtime.spec.worker_id}")
         return info
@@ -151,7 +163,10 @@ class PrefillWorker:
         for result in self.runtime.connector.poll():
             self.runtime.metrics.transfer(result)
             self._sending.discard(result.transfer_id)
-            engine.release(result.transfer_id)  # on every outcome; the decode side frees its own
+            if result.transfer_id in self._unheld:
+                self._unheld.discard(result.transfer_id)
+            else:
+                engine.release(result.transfer_id)  # on every outcome; the decode side frees its own
 
     def _first_token(self, engine: Engine, output: RequestOutput, now: float) -> None:
         p = self._prefilling.pop(output.request_id, None)
@@ -159,19 +174,50 @@ class PrefillWorker:
             return
         started = p.started or self.runtime.thread.step_started  # one chunk: it started in this step
         handed_off = output.finish_reason is FinishReason.PREFILLED
-        if handed_off:
+        if p.streamed is not None:
+            self._follow_stream(output, p, handed_off)
+        elif handed_off:
             try:
-                self._send(output, p.task, engine.held_block_ids(output.request_id)[p.task.skip_blocks:])
-                self.runtime.metrics.kv_bytes_not_sent += p.task.skip_blocks * engine.kv_cache.block_bytes
+                self._send(output.request_id, p.task, engine.held_block_ids(output.request_id)[p.task.skip_blocks:],
+                           output)
             except TransferError as e:  # no working pair with that decode worker (it broke): the router retries
                 log.warning("KV of %s cannot go to %s: %s", output.request_id, p.task.decode_worker, e)
                 engine.release(output.request_id)
                 p.result.set_result(PrefillResult(output.request_id, None, "", FinishReason.ABORT, 0.0, 0.0))
                 return
+        if handed_off:
+            self.runtime.metrics.kv_bytes_not_sent += p.task.skip_blocks * engine.kv_cache.block_bytes
         p.result.set_result(PrefillResult(
             output.request_id, output.new_token_ids[0], output.text_delta,
             None if handed_off else output.finish_reason, started - p.enqueued, now - started,
             output.num_cached_tokens, output.logprobs[0] if output.logprobs else None, output.prompt_logprobs))
+
+    def _stream(self, engine: Engine, request_id: str, block_ids: tuple[int, ...]) -> LayerProgress | None:
+        """`Engine.on_final_chunk`, inside a step: start sending the request's KV, layer by layer as the step
+        computes it, and announce it without its first token (a `FirstToken` follows). None: not streamed (it is
+        not a handoff from here, or there is no pair with its decode worker: it is sent, or fails, after the step)."""
+        p = self._prefilling.get(request_id)
+        if p is None:
+            return None
+        progress = LayerProgress(engine.model_config.num_layers, engine.kv_cache.tensor.device)
+        blocks = block_ids[p.task.skip_blocks:]
+        try:
+            self._send(request_id, p.task, blocks, None, progress)
+        except TransferError:
+            return None
+        p.streamed = blocks
+        return progress
+
+    def _follow_stream(self, output: RequestOutput, p: _Prefill, handed_off: bool) -> None:
+        """After the step of a streamed send: tell the decode worker the first token, or that the request ended."""
+        if not handed_off:  # ended at its first token: the engine freed the blocks the send reads (only for KV
+            self._unheld.add(output.request_id)  # that the decode worker drops)
+        elif self.runtime.engine.held_block_ids(output.request_id)[p.task.skip_blocks:] != p.streamed:
+            log.error("KV of %s: the blocks held after its last step differ from those streamed during it",
+                      output.request_id)
+        token = FirstToken(output.request_id, p.task.tag, output.new_token_ids[0],
+                           output.logprobs[0] if output.logprobs else None, finished=not handed_off)
+        self._loop.call_soon_threadsafe(self.peers.announce, p.task.decode_worker, token)
 
     def _abort(self, engine: Engine, request_id: str) -> None:
         p = self._prefilling.pop(request_id, None)
@@ -179,16 +225,18 @@ class PrefillWorker:
             engine.abort(request_id)
             p.result.set_result(_aborted(request_id))
 
-    def _send(self, output: RequestOutput, task: PrefillTask, blocks: tuple[int, ...]) -> None:
-        """Send the blocks after those the decode worker holds already (`task.skip_blocks`)."""
-        self.runtime.connector.start_send(Transfer(output.request_id, task.decode_worker, blocks, task.tag,
-                                                   self.runtime.spec.kv_transfer.timeout_s))
-        self._sending.add(output.request_id)
-        announcement = KVAnnouncement(output.request_id, task.tag, self.runtime.spec.worker_id,
-                                      output.new_token_ids[0], len(blocks),
-                                      output.logprobs[0] if output.logprobs else None)
+    def _send(self, request_id: str, task: PrefillTask, blocks: tuple[int, ...], output: RequestOutput | None,
+              progress: LayerProgress | None = None) -> None:
+        """Start sending `blocks` (those after the ones the decode worker holds already, `task.skip_blocks`) and
+        announce it: with the first token from `output`, or without it (None) while the step is streaming them."""
+        self.runtime.connector.start_send(Transfer(request_id, task.decode_worker, blocks, task.tag,
+                                                   self.runtime.spec.kv_transfer.timeout_s, progress))
+        self._sending.add(request_id)
+        first, logprobs = None, None
+        if output is not None:
+            first, logprobs = output.new_token_ids[0], (output.logprobs[0] if output.logprobs else None)
+        announcement = KVAnnouncement(request_id, task.tag, self.runtime.spec.worker_id, first, len(blocks), logprobs)
         self._loop.call_soon_threadsafe(self.peers.announce, task.decode_worker, announcement)
-
 
 def _aborted(request_id: str) -> PrefillResult:
     return PrefillResult(request_id, None, "", FinishReason.ABORT, 0.0, 0.0)

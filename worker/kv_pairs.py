@@ -34,7 +34,7 @@ from pdserve.kv_transfer.layout import PairRefused
 from pdserve.registry.entries import Role, WorkerInfo, WorkerState
 from pdserve.registry.registry import Registry
 from pdserve.worker.directory import ask_workers
-from pdserve.worker.messages import KVAnnouncement
+from pdserve.worker.messages import FirstToken, KVAnnouncement
 from pdserve.worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,9 @@ class PairKeeper:
             return None
         return [info for info, _ in found.values()]
 
-    def announce(self, decode_worker: str, announcement: KVAnnouncement) -> None:
-        """Tell the decode worker that a send to it started (on the event loop; the answer is not waited for)."""
+    def announce(self, decode_worker: str, announcement: KVAnnouncement | FirstToken) -> None:
+        """Tell the decode worker that a send to it started, or (streamed) the first token that followed it (on the
+        event loop; the answer is not waited for)."""
         peer = self.peers.get(decode_worker)
         if peer is None:  # it left: the send times out and frees the blocks
             log.warning("%s: KV of %s goes to %s, which is not a peer", self.worker_id, announcement.request_id,
@@ -198,9 +199,12 @@ class PairKeeper:
             task.cancel()
         await self.runtime.disconnect(worker_id)
 
-    async def _announce(self, peer: _Peer, announcement: KVAnnouncement) -> None:
+    async def _announce(self, peer: _Peer, message: KVAnnouncement | FirstToken) -> None:
         try:
-            await peer.handle.announce.remote(announcement)
+            if isinstance(message, FirstToken):
+                await peer.handle.first_token.remote(message)
+            else:
+                await peer.handle.announce.remote(message)
         except ray.exceptions.RayError as e:  # the decode worker died: the send times out and frees the blocks
-            log.warning("announcing the KV of %s to %s failed: %s", announcement.request_id, peer.info.worker_id,
+            log.warning("announcing the KV of %s to %s failed: %s", message.request_id, peer.info.worker_id,
                         type(e).__name__)

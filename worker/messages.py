@@ -98,12 +98,27 @@ class KVAnnouncement:
     request_id: str
     tag: int
     prefill_worker: str
-    first_token_id: int
+    first_token_id: int | None
+    """None when the KV is streamed layer by layer (`kv_transfer.layerwise`): the send starts before the first
+    token is sampled, which follows in a `FirstToken`."""
     num_blocks: int
     """What is on the wire: a decode worker that no longer wants the KV (the request was aborted or reaped)
     receives and drops this many blocks, so the sender's send completes and the pair stays in step."""
     first_logprobs: TokenLogprobs | None = None
     """The first token's logprobs (when asked for): the decode worker's journal of the request starts with them."""
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """From the prefill worker to the decode worker, after a streamed send's announcement (`KVAnnouncement` with no
+    first token): the token its step sampled. `finished`: the request ended at it (EOS, a stop, max_tokens 1), so
+    the decode worker drops it and frees its blocks."""
+
+    request_id: str
+    tag: int
+    first_token_id: int
+    first_logprobs: TokenLogprobs | None = None
+    finished: bool = False
 
 
 @dataclass(frozen=True)
