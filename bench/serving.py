@@ -2,6 +2,7 @@
 
     python -m pdserve.bench.serving overhead [--json]   # router + Ray overhead at 1 and at 32 concurrent requests
     python -m pdserve.bench.serving mixed [--json]      # disaggregated vs colocated on a mixed workload
+    python -m pdserve.bench.serving layerwise [--json]  # KV handed over after the prefill, or streamed during it
 
 overhead: on a 1 prefill + 1 decode cluster, client TTFT minus the prefill worker's own prefill time (first chunk ->
 first token), for 16 requests one at a time and for 32 at once. At 32 the difference is mostly queueing, so it is
@@ -10,6 +11,10 @@ also shown without the queue (router wait + the worker's queue): what is left is
 mixed: the same seeded workload against a disaggregated cluster (1 prefill + 1 decode worker, 1 core each) and a
 colocated one (1 worker, 2 cores): short chats (48 output tokens) plus a few 1-2k-token prompts (16 output tokens),
 Poisson arrivals. TTFT and TPOT are measured at the client; p50/p90/p99.
+
+layerwise: 1 prefill + 1 decode worker, 1 core each; 12 prompts of 1-2k tokens, one at a time, 4 output tokens;
+clusters with `kv_transfer.layerwise` off and on, twice each in turn (off, on, off, on). The handoff lies between the
+first token (sent by the prefill worker) and the second: both are timed at the client.
 """
 
 from __future__ import annotations
@@ -126,6 +131,41 @@ def summarise(samples: list[Sample]) -> dict:
             "tpot": percentiles([s.tpot_s for s in samples if s.tokens > 1])}
 
 
+# ---- layer-wise streaming --------------------------------------------------------------------------------------
+async def token_times(client: Client, prompt: Prompt, sampling: SamplingParams) -> list[float]:
+    """Seconds from the request to each token's arrival at the client."""
+    start, times = time.monotonic(), []
+    async for response in client.stream(prompt, sampling):
+        times += [time.monotonic() - start] * len(response.token_ids)
+    return times
+
+
+async def layerwise_run(address: str, prompts: list[Prompt]) -> dict:
+    sampling = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    async with Client(address, timeout_s=600) as client:
+        await token_times(client, prompts[0], sampling)  # warm-up
+        runs = [await token_times(client, p, sampling) for p in prompts]
+    return {"ttft": [t[0] for t in runs], "second_token": [t[1] for t in runs], "gap": [t[1] - t[0] for t in runs]}
+
+
+def layerwise_prompts(count: int = 12, seed: int = 1) -> list[Prompt]:
+    rng = random.Random(seed)
+    return [Prompt(token_ids=tuple(rng.randrange(1000, 40000) for _ in range(rng.randint(1000, 2000))))
+            for _ in range(count)]
+
+
+def layerwise_report(prompts: list[Prompt], rounds: int = 2) -> dict:
+    found: dict[str, dict[str, list[float]]] = {"after the prefill": {}, "streamed": {}}
+    for _ in range(rounds):
+        for name, layerwise in (("after the prefill", False), ("streamed", True)):
+            config = {**DISAGGREGATED, "kv_transfer": {"layerwise": layerwise}}
+            run = with_cluster(config, lambda address: layerwise_run(address, prompts))
+            for metric, values in run.items():
+                found[name].setdefault(metric, []).extend(values)
+    return {name: {metric: percentiles(values) for metric, values in metrics.items()}
+            for name, metrics in found.items()}
+
+
 # ---- driver ----------------------------------------------------------------------------------------------------
 def with_cluster(config: dict, body):
     with tempfile.TemporaryDirectory() as state:
@@ -147,7 +187,7 @@ def print_table(title: str, rows: dict[str, dict[str, dict[str, float]]]) -> Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pdserve.bench.serving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["overhead", "mixed"])
+    parser.add_argument("which", choices=["overhead", "mixed", "layerwise"])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--rate", type=float, default=0.8, help="mixed: arrivals per second")
     parser.add_argument("--slo-ttft", type=float, default=10.0, help="mixed: TTFT SLO for attainment (s)")
@@ -157,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         report = {"disaggregated": with_cluster(DISAGGREGATED, overhead_run)}
         flat = {f"{k}": v for k, v in report["disaggregated"].items()}
         print_table("router + Ray overhead (1 prefill + 1 decode, SmolLM2, CPU)", flat)
+    elif args.which == "layerwise":
+        report = layerwise_report(layerwise_prompts())
+        print_table("KV handoff after the prefill vs streamed layer by layer (1P + 1D, 1-2k-token prompts)", report)
     else:
         workload = mixed_workload(rate=args.rate)
         report, met = {}, {}

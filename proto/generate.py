@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -18,9 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def generate(out_dir: str = HERE) -> list[str]:
-    """Compile every .proto here into `out_dir`; returns the generated file names."""
-    from grpc_tools import protoc
-
+    """Compile every .proto here into `out_dir`; returns the generated file names. protoc runs in a child process:
+    its compiled-in protobuf must not meet another one loaded here (NIXL bundles its own: a segfault)."""
     with tempfile.TemporaryDirectory() as staging:
         package_dir = os.path.join(staging, "pdserve", "proto")
         os.makedirs(package_dir)
@@ -28,10 +28,11 @@ def generate(out_dir: str = HERE) -> list[str]:
         for path in protos:
             shutil.copy(path, package_dir)
         names = [os.path.join("pdserve", "proto", os.path.basename(p)) for p in protos]
-        code = protoc.main(["grpc_tools.protoc", f"-I{staging}", f"--python_out={staging}",
-                            f"--grpc_python_out={staging}", f"--pyi_out={staging}", *names])
-        if code != 0:
-            raise RuntimeError(f"protoc failed with exit code {code}")
+        done = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{staging}", f"--python_out={staging}",
+                               f"--grpc_python_out={staging}", f"--pyi_out={staging}", *names], cwd=staging,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"protoc failed with exit code {done.returncode}: {done.stderr[-2000:]}")
         generated = sorted(f for f in os.listdir(package_dir) if f.endswith((".py", ".pyi")))
         for name in generated:
             shutil.copy(os.path.join(package_dir, name), os.path.join(out_dir, name))
