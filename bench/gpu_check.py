@@ -13,7 +13,9 @@ No Ray, Redis, downloads or model files: random weights of real shapes. Writes `
 - prefill MFU (model FLOPs over the time to the first token, against the peak bf16 dense rate) at 512, 2k and 8k;
 - speculative decoding's verify step: a forward pass over k + 1 new tokens per request (k = 1, 2, 4, 8 proposals)
   after a 128-token context held in the prefix cache, at batch 1 and 32, against k = 0 (random weights say nothing
-  of acceptance; this cost is what decides when speculation pays).
+  of acceptance; this cost is what decides when speculation pays);
+- KV handoff (`bench.gpu_kv_check`): our connector's in-place handoff of 1 GiB of llama-3-8b KV and a CUDA IPC copy
+  between two processes, each against a plain device copy, and decode steps with handoffs running beside them.
 A row that fails records its error and the rest go on.
 """
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.bench.gpu_kv_check import DECODE_BATCH, beside_decode_row, channel_row, handoff_blocks, ipc_row
 from pdserve.engine import Engine, EngineConfig, SamplingParams
 from pdserve.engine.quantization import weight_bytes
 from pdserve.engine.shapes import shape
@@ -260,6 +263,19 @@ def verify(checks: list[Check], plan: Plan) -> None:
             attempt(checks, "verify", f"{plan.dtype}: batch {batch}, k {k}", run)
 
 
+def kv(checks: list[Check], plan: Plan) -> None:
+    engine = loaded_engine(checks, "kv", plan.dtype, plan, {}, 4096)
+    if engine is None:
+        return
+    blocks = handoff_blocks(engine)
+    for name, row in (("handoff in place over the loopback", channel_row),
+                      ("IPC copy, two processes (CUDA IPC on a GPU)", ipc_row),
+                      (f"decode batch {DECODE_BATCH} beside handoffs", beside_decode_row)):
+        def run(check: Check, row=row) -> None:
+            check.value, check.detail = row(engine, blocks)
+        attempt(checks, "kv", f"{plan.dtype}: {name}", run)
+
+
 def markdown(checks: list[Check], header: str) -> str:
     lines = [header, "", "| section | check | result |", "|---|---|---|"]
     for c in checks:
@@ -273,7 +289,8 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-3-8b")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smollm2-135m shape), for CI on CPU")
     parser.add_argument("--out-dir", default=os.environ.get("OUT") or "gpu_check_out")
-    parser.add_argument("--skip", nargs="*", default=(), choices=("correctness", "decode", "prefill", "verify"))
+    parser.add_argument("--skip", nargs="*", default=(),
+                        choices=("correctness", "decode", "prefill", "verify", "kv"))
     args = parser.parse_args()
     plan = plan_for(args)
     peak = peaks(plan.device)
@@ -283,20 +300,28 @@ def main() -> None:
     print(header, flush=True)
     checks: list[Check] = []
     started = time.perf_counter()
+    table = write(args.out_dir, header, checks, started)
     for section, fn in (("correctness", lambda: correctness(checks, plan)),
                         ("decode", lambda: decode(checks, plan, peak)),
                         ("prefill", lambda: prefill(checks, plan, peak)),
-                        ("verify", lambda: verify(checks, plan))):
+                        ("verify", lambda: verify(checks, plan)),
+                        ("kv", lambda: kv(checks, plan))):
         if section not in args.skip:
             fn()
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "gpu_check.json"), "w") as f:
+            table = write(args.out_dir, header, checks, started)  # after each section: a timeout keeps the rest
+    print(table)
+
+
+def write(out_dir: str, header: str, checks: list[Check], started: float) -> str:
+    """Both files, with the rows so far; returns the markdown table."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
         json.dump({"header": header, "seconds": time.perf_counter() - started,
                    "checks": [c.__dict__ for c in checks]}, f, indent=1)
     table = markdown(checks, header)
-    with open(os.path.join(args.out_dir, "gpu_check.md"), "w") as f:
+    with open(os.path.join(out_dir, "gpu_check.md"), "w") as f:
         f.write(table)
-    print(table)
+    return table
 
 
 if __name__ == "__main__":

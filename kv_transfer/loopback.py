@@ -102,6 +102,8 @@ def _post(direction: _Direction, tensor: torch.Tensor, sending: bool) -> Loopbac
         error = f"a {tuple(source.shape)} {source.dtype} send met a {tuple(target.shape)} {target.dtype} receive"
     else:
         target.copy_(source)
+        if target.is_cuda:  # done on the device before either side hears it is, whichever stream it ran on
+            torch.cuda.current_stream(target.device).synchronize()
         error = None
     work.finish(error)
     other_work.finish(error)

@@ -1,0 +1,174 @@
+"""gpu_check's KV handoff rows (issue 21): what a transfer costs on one GPU, and what it costs the engine beside it.
+
+- channel: our connector's handoff of a llama-3-8b request's KV (1 GiB on a GPU: 512 blocks of 16 tokens, bf16)
+  between two connectors in one process over the order-matching loopback transport, read from the engine's own
+  cache and written in place into another (the CUDA streams, events and in-place path of `kv_transfer.channel`),
+  against one device-to-device copy of the same bytes;
+- CUDA IPC: a second process maps the engine's KV cache through a CUDA IPC handle (torch.multiprocessing) and copies
+  the same bytes into its own memory, against the same plain copy: what a same-GPU pair (`gpus: 0.5` each) would
+  pay, the mechanism a CUDA IPC backend would use (on a CPU, shared memory stands in);
+- beside decode: the engine's decode step at batch 8 alone, and while channel handoffs run back to back beside it.
+NCCL needs two GPUs and is not here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from pdserve.engine import Engine, SamplingParams
+from pdserve.engine.kv_cache import KVCache
+from pdserve.kv_transfer.connector import Transfer, TransferStatus
+from pdserve.kv_transfer.loopback import LoopbackGroup
+from pdserve.kv_transfer.torch_dist import TorchDistConnector
+
+HANDOFF_BLOCKS_GPU = 512
+HANDOFF_BLOCKS_CPU = 16
+DECODE_BATCH = 8
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_of(repeats: int, fn: Callable[[], None], device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+class Handoff:
+    """Two connectors over the loopback: blocks of `engine`'s cache into a second cache of the same shape."""
+
+    def __init__(self, engine: Engine, blocks: int) -> None:
+        source = engine.kv_cache
+        self.target = KVCache(engine.model_config, num_blocks=blocks, block_size=source.block_size,
+                              dtype=source.tensor.dtype, device=source.tensor.device)
+        self.sender, self.receiver = TorchDistConnector("sender"), TorchDistConnector("receiver")
+        self.sender.register(source)
+        self.receiver.register(self.target)
+        first, second = LoopbackGroup.pair()
+        self.sender.add_pair("receiver", first, 1)
+        self.receiver.add_pair("sender", second, 0)
+        self.blocks = tuple(range(blocks))
+        self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.target.tensor.numel() * self.target.tensor.element_size()
+
+    def run(self) -> None:
+        self.count += 1
+        transfer_id = f"t{self.count}"
+        self.receiver.start_recv(Transfer(transfer_id, "sender", self.blocks, self.count, timeout_s=60))
+        self.sender.start_send(Transfer(transfer_id, "receiver", self.blocks, self.count, timeout_s=60))
+        done = 0
+        while done < 2:
+            for side in (self.sender, self.receiver):
+                for result in side.poll():
+                    if result.status is not TransferStatus.DONE:
+                        raise RuntimeError(f"handoff {result.status.value}: {result.error}")
+                    done += 1
+            time.sleep(0.0002)
+
+    def close(self) -> None:
+        self.sender.shutdown()
+        self.receiver.shutdown()
+
+
+def channel_row(engine: Engine, blocks: int) -> tuple[str, dict]:
+    handoff = Handoff(engine, blocks)
+    device = handoff.target.tensor.device
+    source = engine.kv_cache.tensor[:, :, :blocks]
+    try:
+        handoff.run()  # warm up
+        ours = best_of(3, handoff.run, device)
+        same = torch.equal(handoff.target.tensor, source)
+    finally:
+        handoff.close()
+    plain = best_of(3, lambda: handoff.target.tensor.copy_(source), device)
+    gib = handoff.nbytes / 2**30
+    detail = {"gib": gib, "ours_s": ours, "copy_s": plain, "ratio": plain / ours, "intact": same}
+    return (f"{gib:.2f} GiB in {ours * 1e3:.1f} ms ({handoff.nbytes / ours / 1e9:.0f} GB/s), "
+            f"{plain / ours:.2f}x a device copy ({plain * 1e3:.1f} ms); bytes intact: {same}"), detail
+
+
+def _ipc_child(inbox, outbox) -> None:
+    shared = inbox.get()  # [2, L, n, ...]: mapped through a CUDA IPC handle (shared memory on a CPU)
+    local = torch.empty_like(shared)
+    seconds = best_of(3, lambda: local.copy_(shared), shared.device)
+    outbox.put((seconds, bool(torch.equal(local, shared))))
+    inbox.get()  # the parent keeps the memory alive until this process is done with it
+
+
+def ipc_row(engine: Engine, blocks: int) -> tuple[str, dict]:
+    source = engine.kv_cache.tensor[:, :, :blocks].contiguous()  # one allocation to share, [2, L, n, ...]
+    device = source.device
+    context = mp.get_context("spawn")
+    inbox, outbox = context.Queue(), context.Queue()
+    child = context.Process(target=_ipc_child, args=(inbox, outbox), daemon=True)
+    child.start()
+    try:
+        inbox.put(source)
+        seconds, same = outbox.get(timeout=120)
+        inbox.put("done")
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    local = torch.empty_like(source)
+    plain = best_of(3, lambda: local.copy_(source), device)
+    nbytes = source.numel() * source.element_size()
+    detail = {"gib": nbytes / 2**30, "ipc_s": seconds, "copy_s": plain, "ratio": plain / seconds, "intact": same}
+    return (f"{nbytes / 2**30:.2f} GiB in {seconds * 1e3:.1f} ms ({nbytes / seconds / 1e9:.0f} GB/s), "
+            f"{plain / seconds:.2f}x a copy in one process; bytes intact: {same}"), detail
+
+
+def beside_decode_row(engine: Engine, blocks: int) -> tuple[str, dict]:
+    cfg = engine.model_config
+    on_gpu = engine.kv_cache.tensor.device.type == "cuda"
+    prompt_len, tokens = (128, 32) if on_gpu else (16, 6)  # a CPU runs this only to keep the code from rotting
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(10, cfg.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(DECODE_BATCH)]
+    greedy = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    device = engine.kv_cache.tensor.device
+
+    def step_s() -> float:
+        first = best_of(2, lambda: engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0)), device)
+        return (best_of(2, lambda: engine.generate(prompts, greedy), device) - first) / (tokens - 1)
+
+    engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm up
+    alone = step_s()
+    handoff, stop = Handoff(engine, blocks), threading.Event()
+
+    def transfer_loop() -> None:
+        while not stop.is_set():
+            handoff.run()
+
+    mover = threading.Thread(target=transfer_loop, daemon=True)
+    mover.start()
+    try:
+        beside = step_s()
+    finally:
+        stop.set()
+        mover.join(60)
+        handoff.close()
+    detail = {"alone_ms": alone * 1e3, "beside_ms": beside * 1e3, "slowdown": beside / alone,
+              "handoffs": handoff.count}
+    return (f"{alone * 1e3:.2f} ms/step alone, {beside * 1e3:.2f} ms/step beside {handoff.count} handoffs "
+            f"({beside / alone:.2f}x)"), detail
+
+
+def handoff_blocks(engine: Engine) -> int:
+    wanted = HANDOFF_BLOCKS_GPU if engine.kv_cache.tensor.device.type == "cuda" else HANDOFF_BLOCKS_CPU
+    return min(wanted, engine.kv_cache.num_blocks // 4)
