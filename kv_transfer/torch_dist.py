@@ -258,13 +258,7 @@ class TorchDistConnector(PairedConnector):
                             self.worker_id, channel.peer)
             for pending in list(self.pending.values()):
                 if pending.transfer.peer == channel.peer and pending.phase is Phase.WAITING:
-                    self._give_up_broken(pending)
-
-    def _give_up_broken(self, pending: Pending) -> None:
-        with self._lock:
-            self._receiving.pop((pending.transfer.peer, pending.transfer.tag), None)
-        if pending.give_up(TransferStatus.FAILED):
-            self.finish(pending, TransferStatus.FAILED)
+                    self._give_up(pending, TransferStatus.FAILED)
 
     def _result(self, pending: Pending, status: TransferStatus, error: str, nbytes: int) -> TransferResult:
         t = pending.transfer
