@@ -278,9 +278,32 @@ class Controller:
     """With pin_decode: hold the split at this many prefill workers whatever the traffic (`pdserve ratio --pin`
     sets the same at run time)."""
     pin_decode: int | None = None
+    min_workers: int | None = None
+    """The controller may remove workers (drained first, the least loaded) down to this many. None: never."""
+    max_workers: int | None = None
+    """The controller may add workers (started through Ray in the pool that needs one) up to this many. None:
+    never. On a Ray cluster with an autoscaler (KubeRay included) Ray brings up the node a new worker needs."""
+    min_prefill: int = 1
+    max_prefill: int | None = None
+    """Per-pool bounds the controller keeps in moves, adds and removes (None: only the total bounds)."""
+    min_decode: int = 1
+    max_decode: int | None = None
+    scale_down_cooldown_s: float = 120.0
+    """No remove within this long of the last change: scaling down waits longer than scaling up (cooldown_s)."""
+    add_timeout_s: float = 600.0
+    """An added worker that Ray has not placed and started within this long is given up (killed) and the failure
+    recorded; on a local Ray, an add the machine has no room for is refused at once."""
+    policy: str = ""
+    """The policy that ticks: "" (the built-in ratio controller) or "package.module:Class" (`controller.policy`)."""
+    policy_config: dict[str, Any] = field(default_factory=dict)
+    """The policy's own settings (the built-in one takes none: its settings are this section's)."""
 
     def __post_init__(self) -> None:
         _at_least("interval_s", self.interval_s, 0.01)
+        _at_least("scale_down_cooldown_s", self.scale_down_cooldown_s, 0)
+        _at_least("add_timeout_s", self.add_timeout_s, 1)
+        self._check_budget()
+        self._check_policy()
         _at_least("cooldown_s", self.cooldown_s, 0)
         _at_least("window_s", self.window_s, 0.1)
         _at_least("max_moves", self.max_moves, 1)
@@ -300,6 +323,35 @@ class Controller:
     @property
     def pin(self) -> tuple[int, int] | None:
         return None if self.pin_prefill is None else (self.pin_prefill, self.pin_decode)
+
+    def _check_budget(self) -> None:
+        _at_least("min_prefill", self.min_prefill, 1)
+        _at_least("min_decode", self.min_decode, 1)
+        for name, low in (("max_prefill", self.min_prefill), ("max_decode", self.min_decode)):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), low)
+        smallest = self.min_prefill + self.min_decode
+        for name in ("min_workers", "max_workers"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), smallest)
+        if self.min_workers is not None and self.max_workers is not None and self.min_workers > self.max_workers:
+            raise ConfigError(f"min_workers: must not exceed max_workers ({self.max_workers}), got {self.min_workers}")
+
+    def _check_policy(self) -> None:
+        """The policy's module must be importable (found, not imported: importing runs its code)."""
+        if self.policy in ("", "ratio"):
+            if self.policy_config:
+                raise ConfigError("policy_config: the built-in ratio policy takes its settings from this section")
+            return
+        module, _, name = self.policy.partition(":")
+        if not module or not name:
+            raise ConfigError(f"policy: expected 'package.module:Class' (or 'ratio'), got {self.policy!r}")
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise ConfigError(f"policy: no module {module!r} is importable here")
 
 
 @dataclass(frozen=True)
@@ -326,10 +378,20 @@ class ClusterConfig:
             raise ConfigError(f"workers.colocated.count: colocated mode needs at least 1, got {pools['colocated']}")
         if self.controller.enabled and self.mode is Mode.COLOCATED:
             raise ConfigError("controller.enabled: the ratio controller needs mode disaggregated")
+        self._check_fleet(pools["prefill"] + pools["decode"])
         if self.kv_transfer.backend == "nccl" and self.engine.device == "cpu":
             raise ConfigError("kv_transfer.backend: nccl moves CUDA tensors; with engine.device cpu use gloo")
         for name in ("prefill", "decode", "colocated"):
             getattr(self.workers, name).engine_config(self.engine)  # an override the engine refuses names its pool
+
+    def _check_fleet(self, workers: int) -> None:
+        """The configured workers start within the controller's budget."""
+        low, high = self.controller.min_workers, self.controller.max_workers
+        if self.mode is Mode.DISAGGREGATED and high is not None and workers > high:
+            raise ConfigError(f"controller.max_workers: {high} is below the {workers} workers configured "
+                              "(workers.prefill.count + workers.decode.count)")
+        if self.mode is Mode.DISAGGREGATED and low is not None and workers < low:
+            raise ConfigError(f"controller.min_workers: {low} is above the {workers} workers configured")
 
 
 def state_dir() -> str:
@@ -415,4 +477,6 @@ def _value(f: dataclasses.Field, value: Any, name: str) -> Any:
         return value
     if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if base.startswith("dict") and isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return dict(value)
     raise ConfigError(f"{name}: expected {base}, got {type(value).__name__} {value!r}")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from pdserve.bench.metrics import SLO, attainment, attainment_series, find_goodput, percentiles
 from pdserve.bench.simulator import PoolSample, SimResult, SimSetup, Simulation
@@ -21,6 +22,7 @@ from pdserve.bench.traffic import Traffic
 from pdserve.bench.workloads import TraceEntry, mean_rate
 from pdserve.controller.config import ControllerConfig
 from pdserve.controller.decision import Action
+from pdserve.controller.policy import BUILT_IN
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.cost_model import Link
 
@@ -34,10 +36,15 @@ class Candidate:
     prefill: int
     decode: int
     controlled: bool
+    policy: str = ""
+    """The policy that ticks, when controlled ("": the built-in ratio controller)."""
 
     @property
     def name(self) -> str:
-        return f"controller (from {self.prefill}:{self.decode})" if self.controlled else f"{self.prefill}:{self.decode}"
+        if not self.controlled:
+            return f"{self.prefill}:{self.decode}"
+        label = self.policy.rpartition(":")[2] if self.policy not in ("", BUILT_IN) else "controller"
+        return f"{label} (from {self.prefill}:{self.decode})"
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,14 @@ class PlanSetup:
     """Only the static splits with these prefill counts (None: all of them)."""
     controller_prefill: int | None = None
     """The controller's starting prefill count (None: half the workers)."""
+    controller_decode: int | None = None
+    """The controller's starting decode count (None: the rest of `workers`); with a worker budget
+    (`controller.min_workers`/`max_workers`) the start may differ from `workers`."""
+    policy: str = ""
+    """The policy that ticks ("": the built-in ratio controller; "package.module:Class": a plug-in)."""
+    policy_config: Mapping[str, Any] = field(default_factory=dict)
+    worker_start_s: float = 60.0
+    """An added worker's start, until it serves."""
     routing: str = "kv_aware"
     """As router.routing (with engine.prefix_caching)."""
 
@@ -87,30 +102,46 @@ class CandidateReport:
     """(time, attainment of the requests that arrived in the 10 s before), at the trace's rate."""
     cache_hit_rate: float = 0.0
     """Share of prompt tokens the prefill workers took from their prefix caches, at the trace's rate."""
+    adds: int = 0
+    removes: int = 0
+    worker_seconds: float = 0.0
+    """Machine time the workers held (serving, starting, draining), at the trace's rate."""
+    duration_s: float = 0.0
+    """Virtual seconds from the first arrival to the last finish, at the trace's rate."""
+
+    @property
+    def mean_workers(self) -> float:
+        return self.worker_seconds / self.duration_s if self.duration_s > 0 else float(self.prefill + self.decode)
 
     def to_dict(self) -> dict:
         values = asdict(self)
         values["pool_samples"] = [asdict(s) for s in self.pool_samples]
+        values["mean_workers"] = self.mean_workers
         return values
 
 
 def candidates(workers: int, prefill_counts: Sequence[int] | None = None,
-               controller_prefill: int | None = None) -> list[Candidate]:
-    """Every static split P + D = N (P, D >= 1), or those with the given P, then the controller starting from the
-    even split (or from `controller_prefill` prefill workers)."""
+               controller_prefill: int | None = None, controller_decode: int | None = None,
+               policy: str = "") -> list[Candidate]:
+    """Every static split P + D = N (P, D >= 1), or those with the given P, then the controller (or `policy`)
+    starting from the even split (or from `controller_prefill`:`controller_decode`)."""
     counts = range(1, workers) if prefill_counts is None else sorted(set(prefill_counts))
     start = workers // 2 if controller_prefill is None else controller_prefill
-    if any(not 1 <= p < workers for p in [*counts, start]):
-        raise ValueError(f"--splits: each split needs 1 <= prefill < {workers}, got {[*counts, start]}")
+    start_decode = workers - start if controller_decode is None else controller_decode
+    if any(not 1 <= p < workers for p in counts) or start < 1 or start_decode < 1:
+        raise ValueError(f"--splits: each split needs 1 <= prefill < {workers} and a decode worker, got "
+                         f"{[*counts, start]}")
     static = [Candidate(p, workers - p, False) for p in counts]
-    return static + [Candidate(start, workers - start, True)]
+    return static + [Candidate(start, start_decode, True, policy)]
 
 
 def simulate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]) -> SimResult:
     sim = SimSetup(engine=setup.engine, prefill=candidate.prefill, decode=candidate.decode, slo=setup.slo,
                    controller=setup.controller if candidate.controlled else None, link=setup.link,
                    layerwise=setup.layerwise, role_switch_s=setup.role_switch_s, window_s=setup.window_s,
-                   hand_on_after_s=setup.hand_on_after_s, routing=setup.routing)
+                   hand_on_after_s=setup.hand_on_after_s, routing=setup.routing,
+                   policy=candidate.policy if candidate.controlled else "", policy_config=setup.policy_config,
+                   worker_start_s=setup.worker_start_s)
     return Simulation(sim, trace).run()
 
 
@@ -137,12 +168,15 @@ def evaluate(setup: PlanSetup, candidate: Candidate, traffic: Traffic) -> Candid
         ttft_s=percentiles(r.ttft_s for r in ok), tpot_s=percentiles(r.tpot_s for r in ok),
         moves=sum(1 for d in result.decisions if d.action is Action.MOVE),
         lost=sum(1 for r in result.records if not r.ok), pool_samples=result.pool_samples,
-        attainment_series=tuple(attainment_series(result.records, setup.slo)), cache_hit_rate=result.cache_hit_rate)
+        attainment_series=tuple(attainment_series(result.records, setup.slo)), cache_hit_rate=result.cache_hit_rate,
+        adds=sum(len(d.add) for d in result.decisions), removes=sum(len(d.remove) for d in result.decisions),
+        worker_seconds=result.worker_seconds, duration_s=result.duration_s)
 
 
 def plan(setup: PlanSetup, traffic: Traffic, processes: int | None = None) -> list[CandidateReport]:
     """Every candidate for `setup.workers` workers, in parallel processes; static splits first, controller last."""
-    todo = candidates(setup.workers, setup.prefill_counts, setup.controller_prefill)
+    todo = candidates(setup.workers, setup.prefill_counts, setup.controller_prefill, setup.controller_decode,
+                      setup.policy)
     processes = processes or min(len(todo), os.cpu_count() or 1)
     if processes <= 1:
         return [evaluate(setup, c, traffic) for c in todo]

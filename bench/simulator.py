@@ -23,21 +23,23 @@ prefilled again and decoded elsewhere, under a new attempt id.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.bench.metrics import SLO, RequestRecord
 from pdserve.bench.sim_views import prompt_affinity, worker_info, worker_observation
 from pdserve.bench.workloads import TraceEntry, make_prompt_ids
-from pdserve.controller.config import ControllerConfig, ControllerState
-from pdserve.controller.controller import tick
+from pdserve.controller.config import ControllerConfig
 from pdserve.controller.decision import Action, Decision
 from pdserve.controller.observation import Observation, PoolRole
 from pdserve.controller.output_lengths import class_counts
+from pdserve.controller.policy import PolicyContext, load_policy, refusal
 from pdserve.controller.window import Finished, traffic_window
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.cost_model import Link
@@ -57,7 +59,15 @@ class SimSetup:
     decode: int
     slo: SLO
     controller: ControllerConfig | None = None
-    """None: the split stays as it started (a static split)."""
+    """None: the split stays as it started (a static split). With a policy, its context (budget, SLOs, interval)."""
+    policy: str = ""
+    """The policy that ticks ("" or "ratio": the built-in ratio controller; "package.module:Class": a plug-in, see
+    `controller.policy`); only with `controller`."""
+    policy_config: Mapping[str, Any] = field(default_factory=dict)
+    """The policy's own settings."""
+    worker_start_s: float = 60.0
+    """An added worker's start: Ray places it (on a node an autoscaler may bring up), the engine loads its weights,
+    the KV pairs form."""
     link: Link = Link.NETWORK
     layerwise: bool = False
     """KV streamed layer by layer during the prefill's last step (`CostModel.streamed_transfer_seconds`)."""
@@ -80,6 +90,9 @@ class PoolSample:
     t: float
     prefill: int
     decode: int
+    """Workers serving in each pool."""
+    held: int = 0
+    """Workers holding a machine: serving, starting, draining or switching roles (what the fleet pays for)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,16 @@ class SimResult:
     @property
     def cache_hit_rate(self) -> float:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def worker_seconds(self) -> float:
+        """Machine time held by workers (serving, starting, draining) from the first sample to the last finish."""
+        samples = self.pool_samples
+        if not samples:
+            return 0.0
+        end = samples[0].t + self.duration_s
+        times = [s.t for s in samples[1:]] + [max(end, samples[-1].t)]
+        return sum(s.held * (t - s.t) for s, t in zip(samples, times))
 
 
 @dataclass
@@ -165,8 +188,12 @@ class Simulation:
                           and any(e.prefix_id is not None for e in self.trace))
         """Synthetic prompts share tokens only through prefix ids: without any, routing by cache has nothing to
         follow and is skipped (it would hash every prompt for nothing)."""
-        self._state = ControllerState()
+        self._policy = (load_policy(setup.policy, PolicyContext(setup.controller, self.cost_model),
+                                    setup.policy_config) if setup.controller is not None else None)
         self._moving: dict[str, PoolRole] = {}
+        """Workers draining to serve the other pool."""
+        self._leaving: set[str] = set()
+        """Workers draining to stop (removed)."""
 
     # ---- running -------------------------------------------------------------------------------------------------
     def run(self) -> SimResult:
@@ -342,20 +369,41 @@ class Simulation:
     # ---- the controller --------------------------------------------------------------------------------------
     def _tick(self) -> None:
         config = self.setup.controller
-        decision = tick(config, self.cost_model, self._state, self._observe(config.interval_s))
-        self._state = decision.state
+        observation = self._observe(config.interval_s)
+        decision = self._policy.tick(observation)
+        why_not = refusal(decision, observation, config)
+        if why_not:
+            decision = dataclasses.replace(decision, action=Action.HOLD, moves=(), add=(), remove=(),
+                                           reason=f"Refused: {why_not} ({decision.reason})")
         self._decisions.append(decision)
-        if decision.action is Action.MOVE:
-            for move in decision.moves:
-                worker = next(w for w in self.workers if w.worker_id == move.worker_id)
-                worker.draining = True
-                self._moving[worker.worker_id] = move.to_role
-                if worker.role is PoolRole.DECODE and self.setup.hand_on_after_s is not None:
-                    self._at(self.now + self.setup.hand_on_after_s, lambda w=worker: self._hand_on(w))
-                self._maybe_drained(worker)
+        for move in decision.moves:
+            self._drain(self._worker(move.worker_id))
+            self._moving[move.worker_id] = move.to_role
+        for worker_id in decision.remove:
+            self._drain(self._worker(worker_id))
+            self._leaving.add(worker_id)
+        for role in decision.add:
+            self._start(role)
+        for worker_id in (*(m.worker_id for m in decision.moves), *decision.remove):
+            self._maybe_drained(self._worker(worker_id))
         self._sample()
         if self._records_left():
             self._at(self.now + config.interval_s, self._tick)
+
+    def _worker(self, worker_id: str) -> _Worker:
+        return next(w for w in self.workers if w.worker_id == worker_id)
+
+    def _drain(self, worker: _Worker) -> None:
+        worker.draining = True
+        if worker.role is PoolRole.DECODE and self.setup.hand_on_after_s is not None:
+            self._at(self.now + self.setup.hand_on_after_s, lambda: self._hand_on(worker))
+
+    def _start(self, role: PoolRole) -> None:
+        """An added worker: it holds a machine at once, and serves after `worker_start_s`."""
+        worker = self._new_worker(role)
+        worker.available = False
+        self.workers.append(worker)
+        self._at(self.now + self.setup.worker_start_s, lambda: self._switched(worker))
 
     def _records_left(self) -> bool:
         return len(self._records) < len(self.trace)
@@ -364,6 +412,11 @@ class Simulation:
         if not worker.draining or worker.busy or worker.engine.num_requests or worker.in_flight_tokens:
             return
         worker.draining, worker.available = False, False
+        if worker.worker_id in self._leaving:
+            self._leaving.discard(worker.worker_id)
+            self.workers.remove(worker)
+            self._sample()
+            return
         worker.role = self._moving.pop(worker.worker_id)
         self._sample()
         self._at(self.now + self.setup.role_switch_s, lambda: self._switched(worker))
@@ -418,7 +471,8 @@ class Simulation:
 
     def _sample(self) -> None:
         counts = {role: sum(1 for w in self.workers if w.role is role and w.available) for role in PoolRole}
-        self._samples.append(PoolSample(self.now, counts[PoolRole.PREFILL], counts[PoolRole.DECODE]))
+        self._samples.append(PoolSample(self.now, counts[PoolRole.PREFILL], counts[PoolRole.DECODE],
+                                        len(self.workers)))
 
     # ---- construction ----------------------------------------------------------------------------------------
     def _new_worker(self, role: PoolRole) -> _Worker:

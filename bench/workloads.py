@@ -93,7 +93,12 @@ WORKLOADS: dict[str, Workload] = {
     "code": Workload("code", LengthDist(1500, 0.5, 256, 4096), LengthDist(60, 0.6, 8, 256),
                      "code completion with context"),
 }
-NAMED = (*WORKLOADS, "shift")
+NAMED = (*WORKLOADS, "shift", "daily")
+DAILY_HOURS = 24
+DAILY_TROUGH = 1 / 3
+"""The daily swing's quietest hour, as a share of its busiest."""
+DAILY_BURSTS = {7: 1.5, 13: 1.5, 19: 1.5}
+"""Hour -> rate multiplier of a burst in its first quarter (a release, a batch job, a news spike)."""
 
 
 @dataclass(frozen=True)
@@ -167,13 +172,33 @@ def shift_phases(rate: float, duration_s: float) -> list[Phase]:
             Phase(WORKLOADS["chat"], third, rate)]
 
 
+def daily_phases(peak_rate: float, duration_s: float) -> list[Phase]:
+    """The built-in "daily": a day compressed into `duration_s` (24 phases, one per hour) of chat traffic whose rate
+    swings as a cosine from a third of `peak_rate` (hour 0) up to it (hour 12) and back, with a burst of 1.5x the
+    hour's rate in the first quarter of hours 7, 13 and 19."""
+    hour = duration_s / DAILY_HOURS
+    phases = []
+    for h in range(DAILY_HOURS):
+        rate = peak_rate * (DAILY_TROUGH + (1 - DAILY_TROUGH) * (1 - math.cos(2 * math.pi * h / DAILY_HOURS)) / 2)
+        burst = DAILY_BURSTS.get(h)
+        if burst is not None:
+            phases.append(Phase(WORKLOADS["chat"], hour / 4, rate * burst))
+        phases.append(Phase(WORKLOADS["chat"], hour * 0.75 if burst is not None else hour, rate))
+    return phases
+
+
 def named_trace(name: str, rate: float, duration_s: float | None = None, num_requests: int | None = None,
                 arrival: str = "poisson", cv: float = 1.0, seed: int = 0, max_input_tokens: int | None = None,
                 max_output_tokens: int | None = None) -> list[TraceEntry]:
-    """A built-in workload by name ("chat", "summarization", "code" or "shift").
+    """A built-in workload by name ("chat", "summarization", "code", "shift" or "daily": `rate` is its peak).
 
     "shift" with `duration_s` has phases of a third of it each (cut to `num_requests` if given too); with only
     `num_requests`, a third of the requests each (the last phase takes the remainder), back to back."""
+    if name == "daily":
+        if duration_s is None:
+            raise TraceError("duration_s: the daily workload needs a duration (the day is compressed into it)")
+        entries = phase_trace(daily_phases(rate, duration_s), seed, arrival, cv, max_input_tokens, max_output_tokens)
+        return entries[:num_requests] if num_requests is not None else entries
     if name != "shift":
         return make_trace(name, rate, duration_s, num_requests, arrival, cv, seed, max_input_tokens,
                           max_output_tokens)

@@ -5,6 +5,8 @@ and the ratio controller, each run through the real scheduler, routing and contr
     pdserve plan --trace FILE --workers 8 --hardware h100 --model llama-3-8b --slo-ttft 1 --slo-tpot 0.05 [--json]
     pdserve plan --workload shift --rate 20 --duration-s 600 --workers 8 ...     (a built-in trace instead of a file)
     pdserve plan --phases chat:200:10,summarization:200:2,chat:200:10 --workers 8 ...   (workload:seconds:rate, ...)
+    pdserve plan ... --workers 12 --min-workers 4 --max-workers 12 --controller-from 2:2   (autoscaling from 4)
+    pdserve plan ... --policy pdserve.examples.queue_scaler:QueueScaler --policy-config '{"add_above": 4}'
 
 Trace files are JSON lines {"arrival_s": float, "input_tokens": int, "output_tokens": int}, optionally with
 "prefix_id" and "prefix_tokens": entries with one prefix_id share their first prefix_tokens prompt tokens (a system
@@ -31,7 +33,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", metavar="FILE", help="a JSON-lines trace")
-    source.add_argument("--workload", choices=("chat", "summarization", "code", "shift"), help="a built-in trace")
+    source.add_argument("--workload", choices=("chat", "summarization", "code", "shift", "daily"),
+                        help="a built-in trace (daily: a day's swing, --rate at its peak, a third at its trough)")
     source.add_argument("--phases", metavar="SPEC", help="workload:duration_s:rate phases, comma-separated")
     p.add_argument("--rate", type=float, default=20.0, help="requests/s of the built-in trace (default 20)")
     p.add_argument("--duration-s", type=float, default=600.0, help="length of the built-in trace (default 600)")
@@ -57,8 +60,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--hand-on-after-s", type=float, default=None, metavar="SECONDS",
                    help="a decode worker leaving its pool hands on what it still decodes this long into its drain "
                         "(controller.hand_on_after_s; default: waits for it to finish)")
+    p.add_argument("--min-workers", type=int, default=None,
+                   help="the controller may remove workers down to this many (default: it never removes)")
+    p.add_argument("--max-workers", type=int, default=None,
+                   help="the controller may add workers up to this many (default: it never adds)")
+    p.add_argument("--scale-down-cooldown-s", type=float, default=120.0,
+                   help="no remove within this long of the last change (default 120)")
+    p.add_argument("--worker-start-s", type=float, default=60.0,
+                   help="seconds from an add to the new worker serving (default 60)")
+    p.add_argument("--policy", default="", metavar="MODULE:CLASS",
+                   help="the policy that ticks instead of the built-in ratio controller (controller.policy)")
+    p.add_argument("--policy-config", default="{}", metavar="JSON", help="the policy's own settings, as JSON")
     p.add_argument("--splits", metavar="P:D,...", help="only these static splits (default: every P:D)")
-    p.add_argument("--controller-from", metavar="P:D", help="the controller's starting split (default: even)")
+    p.add_argument("--controller-from", metavar="P:D",
+                   help="the controller's starting split (default: even; with a worker budget, any size within it)")
     p.add_argument("--prefix-caching", choices=("on", "off"), default="on",
                    help="engine.prefix_caching of the simulated workers (default on)")
     p.add_argument("--routing", choices=("load", "kv_aware"), default="kv_aware",
@@ -97,11 +112,14 @@ def run(args: argparse.Namespace) -> int:
         cost = CostModel(shape(args.model), hardware(args.hardware), args.tp)
         slo = SLO(args.slo_ttft, args.slo_tpot)
         prefill_counts = _splits(args.splits, args.workers)
-        start = _splits(args.controller_from, args.workers)
         controller = ControllerConfig(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, interval_s=args.interval_s,
                                       cooldown_s=args.cooldown_s, max_moves=args.max_moves,
-                                      max_num_seqs=args.max_num_seqs,
+                                      max_num_seqs=args.max_num_seqs, min_workers=args.min_workers,
+                                      max_workers=args.max_workers, scale_down_cooldown_s=args.scale_down_cooldown_s,
                                       kv_capacity_tokens=cost.kv_capacity_tokens(engine.sim.gpu_memory_fraction))
+        start = _start(args.controller_from, args.workers, controller)
+        policy_config = _policy_config(args.policy_config)
+        _check_policy(args.policy, controller, cost, policy_config)
     except (OSError, TraceError, ConfigError, ControllerConfigError, ValueError) as e:
         print(f"pdserve plan: {e}", file=sys.stderr)
         return 2
@@ -113,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
                       role_switch_s=args.role_switch_s, window_s=args.window_s, search=not args.no_search,
                       hand_on_after_s=args.hand_on_after_s, prefill_counts=prefill_counts,
                       controller_prefill=start[0] if start else None,
+                      controller_decode=start[1] if start else None, policy=args.policy,
+                      policy_config=policy_config, worker_start_s=args.worker_start_s,
                       search_low=args.search[0],
                       search_high=args.search[1], search_runs=args.search_runs, routing=args.routing)
     started = time.monotonic()
@@ -172,10 +192,43 @@ def _splits(text: str | None, workers: int) -> tuple[int, ...] | None:
     return tuple(counts)
 
 
+def _start(text: str | None, workers: int, controller) -> tuple[int, int] | None:
+    """--controller-from P:D: P + D = --workers, or within the worker budget when one is set."""
+    if text is None:
+        return None
+    low = controller.min_workers if controller.min_workers is not None else workers
+    high = controller.max_workers if controller.max_workers is not None else workers
+    prefill, _, decode = text.partition(":")
+    if not (prefill.strip().isdigit() and decode.strip().isdigit()):
+        raise ValueError(f"--controller-from: {text!r} is not P:D")
+    start = int(prefill), int(decode)
+    if not (min(low, workers) <= sum(start) <= max(high, workers)) or min(start) < 1:
+        raise ValueError(f"--controller-from: {text!r} must have P, D >= 1 and P + D within the budget "
+                         f"({min(low, workers)}..{max(high, workers)} workers)")
+    return start
+
+
+def _policy_config(text: str) -> dict:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--policy-config: not JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--policy-config: must be a JSON object, got {text!r}")
+    return values
+
+
+def _check_policy(name: str, controller, cost, settings: dict) -> None:
+    """Make the policy once here, so a bad name or setting is an error at once, not in every worker process."""
+    from pdserve.controller.policy import PolicyContext, load_policy
+
+    load_policy(name, PolicyContext(controller, cost), settings)
+
+
 def _traffic(args: argparse.Namespace):
     """The traffic the flags name: a trace file, --phases, or a built-in workload as phases."""
     from pdserve.bench.traffic import traffic_of
-    from pdserve.bench.workloads import WORKLOADS, Phase, parse_phases, read_trace, shift_phases
+    from pdserve.bench.workloads import WORKLOADS, Phase, daily_phases, parse_phases, read_trace, shift_phases
 
     if args.trace:
         return traffic_of(entries=read_trace(args.trace))
@@ -183,6 +236,8 @@ def _traffic(args: argparse.Namespace):
         return traffic_of(phases=parse_phases(args.phases), seed=args.seed)
     if args.workload == "shift":
         return traffic_of(phases=shift_phases(args.rate, args.duration_s), seed=args.seed)
+    if args.workload == "daily":
+        return traffic_of(phases=daily_phases(args.rate, args.duration_s), seed=args.seed)
     return traffic_of(phases=[Phase(WORKLOADS[args.workload], args.duration_s, args.rate)], seed=args.seed)
 
 
@@ -192,14 +247,15 @@ def _print_table(reports, report, best) -> None:
           f"simulated in {report['wall_s']:.0f} s")
     print(f"traffic: {t['traffic']}")
     print(f"{'split':<24}{'attain':>8}{'goodput':>10}{'vs best':>9}{'TTFT p50':>10}{'p90':>8}{'p99':>8}"
-          f"{'TPOT p50':>10}{'p90':>8}{'p99':>8}{'moves':>7}{'hit':>7}")
+          f"{'TPOT p50':>10}{'p90':>8}{'p99':>8}{'moves':>7}{'+/-':>7}{'workers':>8}{'hit':>7}")
     for r in reports:
         ratio = r.goodput_rps / best.goodput_rps if best.goodput_rps > 0 else math.nan
         print(f"{r.name:<24}{r.attainment:>8.3f}{r.goodput_rps:>10.2f}{ratio:>9.2f}"
               f"{r.ttft_s['p50']:>10.3f}{r.ttft_s['p90']:>8.3f}{r.ttft_s['p99']:>8.3f}"
               f"{r.tpot_s['p50'] * 1e3:>9.1f}m{r.tpot_s['p90'] * 1e3:>7.1f}m{r.tpot_s['p99'] * 1e3:>7.1f}m{r.moves:>7}"
-              f"{r.cache_hit_rate:>7.3f}")
-    print(f"best static split: {best.name} (goodput {best.goodput_rps:.2f} req/s); TPOT in ms")
+              f"{f'+{r.adds}/-{r.removes}':>7}{r.mean_workers:>8.2f}{r.cache_hit_rate:>7.3f}")
+    print(f"best static split: {best.name} (goodput {best.goodput_rps:.2f} req/s); TPOT in ms; workers: the mean "
+          f"held over the run (serving, starting or draining)")
 
 
 def _write(out: str, report: dict, reports, trace, args) -> None:

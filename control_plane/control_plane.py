@@ -34,6 +34,7 @@ from pdserve.control_plane.scaler import Scaler
 from pdserve.control_plane.state_file import ClusterState
 from pdserve.control_plane.worker_pool import WorkerPool
 from pdserve.controller.config import ControllerConfig
+from pdserve.controller.policy import PolicyContext, load_policy
 from pdserve.controller.scaled_model import ScaledModel
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.hardware import hardware
@@ -101,7 +102,7 @@ class ControlPlane:
         tasks = [asyncio.create_task(self.workers.watch(), name="workers"),
                  asyncio.create_task(self.routers.watch(self._rewrite_state), name="routers"),
                  asyncio.create_task(_announce(registry, control_address), name="announce")]
-        controller = await self._controller(registry) if config.controller.enabled else None
+        controller = await self._controller(registry, scaler) if config.controller.enabled else None
         if controller is not None:
             tasks.append(asyncio.create_task(controller.run(), name="controller"))
         log.warning("pdserve control plane up (%s): %d workers%s, routers on %s, control service on %s",
@@ -175,8 +176,9 @@ class ControlPlane:
         metrics_port = router.metrics_port or (int(previous_metrics) if previous_metrics else free_port())
         return [RouterSlot(router.host, router.port, router.http_port, metrics_port)]
 
-    async def _controller(self, registry: Registry) -> ControllerLoop:
-        """The ratio controller, with the cost model of a sim engine or a profile of a real one."""
+    async def _controller(self, registry: Registry, scaler: Scaler) -> ControllerLoop:
+        """The controller's policy (the built-in ratio controller unless `controller.policy` names another), with the
+        cost model of a sim engine or a profile of a real one."""
         config = self.config
         decode = self.workers.engine(Role.DECODE)
         if decode.simulated:
@@ -193,8 +195,13 @@ class ControlPlane:
             cooldown_s=settings.cooldown_s, max_moves=settings.max_moves, pin=settings.pin,
             confirm_ticks=settings.confirm_ticks, rebalance_load=settings.rebalance_load,
             shift_ratio=settings.shift_ratio, warmup_s=settings.warmup_s, max_num_seqs=decode.max_num_seqs,
-            kv_capacity_tokens=info.kv_blocks_total * decode.block_size)
-        return ControllerLoop(controller_config, model, registry, self.workers, settings.window_s, settings.dry_run)
+            kv_capacity_tokens=info.kv_blocks_total * decode.block_size, min_workers=settings.min_workers,
+            max_workers=settings.max_workers, min_prefill=settings.min_prefill, max_prefill=settings.max_prefill,
+            min_decode=settings.min_decode, max_decode=settings.max_decode,
+            scale_down_cooldown_s=settings.scale_down_cooldown_s)
+        policy = load_policy(settings.policy, PolicyContext(controller_config, model), settings.policy_config)
+        return ControllerLoop(controller_config, policy, registry, scaler, settings.window_s, settings.dry_run,
+                              settings.add_timeout_s)
 
     async def _profile(self) -> StepProfile:
         """A profile of a worker's engine. The routers serve before the controller starts, so each worker may be

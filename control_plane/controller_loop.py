@@ -1,4 +1,5 @@
-"""The ratio controller on a live cluster: the adapter around the pure `controller.tick`.
+"""The ratio controller on a live cluster: the adapter around a policy (`controller.policy`: the built-in ratio
+controller, the pure `controller.tick`, or a plug-in of the same shape).
 
 Every `interval_s` (in the control plane's event loop):
 
@@ -7,13 +8,17 @@ Every `interval_s` (in the control plane's event loop):
              arrival rate and the arrivals' mean prompt length over the same window (from every router's counters
              in the registry, sampled each tick and taken per router, so a router that starts again from zero
              counts right) and the requests waiting at the routers
-    -> tick (pure; the operator's pin from Redis or the config replaces the traffic's target)
+             and the operator's pin (Redis, or the config)
+    -> policy.tick(observation) -> Decision; one that breaks the budget is refused (`policy.refusal`): recorded as
+       a HOLD saying why, and not acted on
     -> record: the decision as JSON on the `decisions` stream (`pdserve status` shows the last ones) and in the log
-    -> act (unless dry run): a MOVE drains the worker and restarts it in the other role (`WorkerPool.move`), in the
-       background; the controller holds while it is under way.
-
-ADD and REMOVE need a worker budget (`max_workers`/`min_workers` in `ControllerConfig`), which the live config does
-not set yet, so the live controller moves workers between roles only.
+    -> act (unless dry run), each in the background, the policy seeing the worker in transition meanwhile:
+       MOVE   drains the worker and makes it serve the other role (`WorkerPool.move`);
+       ADD    starts a worker in the pool named (`Scaler.plan_add`, `start_added`): on this machine's Ray, refused
+              at once if there is no room; on a Ray cluster, Ray (and its autoscaler) has `add_timeout_s` to place
+              and start it, or it is killed;
+       REMOVE drains the worker (its requests finish or are handed on) and stops it (`Scaler.remove`).
+       An add or remove that fails is recorded on the stream as a HOLD naming the worker and the reason.
 """
 
 from __future__ import annotations
@@ -28,15 +33,16 @@ from collections import deque
 import ray
 import redis
 
+from pdserve.control_plane.scaler import ScaleError, Scaler
 from pdserve.control_plane.worker_pool import WorkerPool
-from pdserve.controller.config import ControllerConfig, ControllerState
-from pdserve.controller.controller import tick
+from pdserve.controller.config import ControllerConfig
 from pdserve.controller.decision import Action, Decision
 from pdserve.controller.observation import Observation, PoolRole, WorkerObservation
-from pdserve.controller.perf_model import PerfModel
+from pdserve.controller.policy import Policy, refusal
 from pdserve.controller.window import finished_requests, traffic_window
 from pdserve.registry.entries import Role, RouterInfo, WorkerInfo, WorkerState
 from pdserve.registry.registry import Registry
+from pdserve.worker.runtime import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +51,24 @@ _ROLES = {PoolRole.PREFILL: Role.PREFILL, PoolRole.DECODE: Role.DECODE}
 
 
 class ControllerLoop:
-    def __init__(self, config: ControllerConfig, model: PerfModel, registry: Registry, pool: WorkerPool,
-                 window_s: float, dry_run: bool) -> None:
+    def __init__(self, config: ControllerConfig, policy: Policy, registry: Registry, scaler: Scaler,
+                 window_s: float, dry_run: bool, add_timeout_s: float = 600.0) -> None:
+        """`config`: the SLOs, the tick interval and the budget the policy is kept within."""
         self.config = config
-        self.model = model
+        self.policy = policy
         self.registry = registry
-        self.pool = pool
+        self.scaler = scaler
+        self.pool: WorkerPool = scaler.pool
         self.window_s = window_s
         self.dry_run = dry_run
-        self.state = ControllerState()
+        self.add_timeout_s = add_timeout_s
         self._moving: dict[str, asyncio.Task] = {}
+        """Workers being moved or removed, by id."""
         self._joining: dict[str, PoolRole] = {}
         """The pool each worker being moved will serve."""
+        self._adding: dict[str, tuple[PoolRole, asyncio.Task]] = {}
+        """Workers being added, by their new id: the pool each will serve."""
+        self._last: Observation | None = None
         self._counts: deque[tuple[float, dict[str, RouterInfo]]] = deque()
         """(time, every router's counters by its id) at each tick within the window, oldest first."""
         self._started = time.monotonic()
@@ -71,16 +83,22 @@ class ControllerLoop:
 
     async def tick_once(self) -> Decision:
         workers, timings, pin, routers = await asyncio.to_thread(self._read)
-        config = dataclasses.replace(self.config, pin=pin) if pin is not None else self.config
-        observation = self.observe(workers, timings, routers)
-        decision = tick(config, self.model, self.state, observation)
-        self.state = decision.state
+        observation = dataclasses.replace(self.observe(workers, timings, routers), pin=pin or self.config.pin)
+        self._last = observation
+        decision = self.policy.tick(observation)
+        why_not = refusal(decision, observation, self.config)
+        if why_not:
+            decision = dataclasses.replace(decision, action=Action.HOLD, moves=(), add=(), remove=(),
+                                           reason=f"Refused: {why_not} ({decision.reason})")
+        await self._record(decision)
+        if not self.dry_run:
+            await self._act(decision)
+        return decision
+
+    async def _record(self, decision: Decision) -> None:
         await asyncio.to_thread(self.registry.append_decision, decision.to_json(), self.dry_run)
         level = logging.INFO if decision.action is Action.HOLD else logging.WARNING
         log.log(level, "controller%s: %s", " (dry run)" if self.dry_run else "", decision.reason)
-        if not self.dry_run:
-            self._act(decision)
-        return decision
 
     def observe(self, workers: list[WorkerInfo], timings: list[dict[str, str]],
                 routers: list[RouterInfo]) -> Observation:
@@ -91,6 +109,9 @@ class ControllerLoop:
         # no known pool (its successor registers under a new id, which would count it twice in `heading`)
         seen += [WorkerObservation(worker_id, _POOL_ROLES[self.pool.specs[worker_id].role], draining=True)
                  for worker_id in self._moving if worker_id not in present and worker_id in self.pool.specs]
+        # a worker being added is in transition, joining its pool, before it registers (Ray placing it)
+        seen += [WorkerObservation(worker_id, role, draining=True, joining=role)
+                 for worker_id, (role, _) in self._adding.items() if worker_id not in present]
         rate, prompt_tokens, classes = self._arrivals(now, {r.router_id: r for r in routers})
         return Observation(now_s=now - self._started, workers=tuple(seen),
                            traffic=traffic_window(finished_requests(timings), rate, self.window_s,
@@ -121,16 +142,50 @@ class ControllerLoop:
         registry = self.registry
         return registry.workers(), registry.timings_since(self.window_s), registry.pin(), registry.routers()
 
-    def _act(self, decision: Decision) -> None:
+    async def _act(self, decision: Decision) -> None:
         for move in decision.moves:
             if move.worker_id in self._moving or move.worker_id not in self.pool.specs:
                 continue
             task = asyncio.create_task(self._move(move.worker_id, _ROLES[move.to_role]), name=f"move-{move.worker_id}")
             self._moving[move.worker_id] = task
             self._joining[move.worker_id] = move.to_role
-        if decision.add or decision.remove:
-            log.warning("controller: %s needs a worker budget, which is not configured; not acting",
-                        decision.action.value)
+        for worker_id in decision.remove:
+            if worker_id not in self._moving and worker_id in self.pool.specs:
+                self._moving[worker_id] = asyncio.create_task(self._remove(worker_id), name=f"remove-{worker_id}")
+        for role in decision.add:
+            try:
+                spec = self.scaler.plan_add(_ROLES[role])
+            except ScaleError as e:
+                await self._failed(f"Adding a {role.value} worker failed: {e}")
+                continue
+            task = asyncio.create_task(self._add(spec.worker_id, spec), name=f"add-{spec.worker_id}")
+            self._adding[spec.worker_id] = (role, task)
+
+    async def _add(self, worker_id: str, spec: WorkerSpec) -> None:
+        try:
+            await self.scaler.start_added(spec, self.add_timeout_s)
+        except ScaleError as e:
+            await self._failed(f"Adding {worker_id} failed: {e}")
+        finally:
+            self._adding.pop(worker_id, None)
+
+    async def _remove(self, worker_id: str) -> None:
+        try:
+            await self.scaler.remove(worker_id)
+        except (ScaleError, ray.exceptions.RayError, OSError) as e:
+            await self._failed(f"Removing {worker_id} failed: {e}")
+        finally:
+            self._moving.pop(worker_id, None)
+
+    async def _failed(self, why: str) -> None:
+        """An add or remove that did not happen: in the log and on the decisions stream, as a HOLD saying why."""
+        last = self._last
+        now = last.now_s if last is not None else time.monotonic() - self._started
+        sizes = last.sizes if last is not None else (0, 0)
+        try:
+            await self._record(Decision(now, Action.HOLD, sizes, sizes, reason=why))
+        except redis.RedisError as e:
+            log.error("controller: %s (not recorded: Redis: %s)", why, e)
 
     async def _move(self, worker_id: str, role: Role) -> None:
         try:
@@ -142,9 +197,10 @@ class ControllerLoop:
             self._joining.pop(worker_id, None)
 
     async def close(self) -> None:
-        for task in self._moving.values():
+        tasks = [*self._moving.values(), *(task for _, task in self._adding.values())]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._moving.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _worker(w: WorkerInfo, joining: PoolRole | None) -> WorkerObservation:

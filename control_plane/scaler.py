@@ -6,6 +6,8 @@ Control service).
     await pool.start(scaler.initial_specs())
     started, stopped = await scaler.scale({Role.DECODE: 3})      # starts or drains-then-stops workers
     stopped, started = await scaler.drain("decode-0", replace=True)
+    spec = scaler.plan_add(Role.DECODE); await scaler.start_added(spec, timeout_s=600)   # the controller's ADD
+    await scaler.remove("decode-3")                                                      # the controller's REMOVE
 
 A worker that is stopped is drained first: it takes no new requests, finishes those it runs, then stops, so no
 request is lost. One change runs at a time. A change that would leave a disaggregated cluster without a prefill or
@@ -107,6 +109,43 @@ class Scaler:
         log.warning("scaled to %s: started %s, stopped %s", {r.value: c for r, c in wanted.items()}, started, stopped)
         return started, stopped
 
+    def plan_add(self, role: Role) -> WorkerSpec:
+        """The spec of one new worker in `role` (the ratio controller's ADD), on the least-used cores. On this
+        machine's own Ray, refused with `ScaleError` when Ray has no room; on a Ray cluster, none is checked: an
+        autoscaler may bring up a node for it (`start_added` gives up after its timeout)."""
+        self._check(role, self.pool.counts()[role] + 1)
+        if self.cores:
+            self._check_room(role, 1)
+        return self._new_specs([role])[0]
+
+    async def start_added(self, spec: WorkerSpec, timeout_s: float) -> None:
+        """Start a planned worker; one Ray has not placed and started within `timeout_s` is killed and forgotten,
+        and `ScaleError` says why."""
+        try:
+            await self.pool.start([spec], timeout_s)
+        except TimeoutError:
+            self.pool.abandon(spec.worker_id)
+            raise ScaleError(f"{spec.worker_id}: not placed and started within {timeout_s:g} s (add_timeout_s); "
+                             f"Ray could not find {self.pool.pool(spec.role).resources} for it") from None
+        except ray.exceptions.RayError as e:
+            self.pool.abandon(spec.worker_id)
+            raise ScaleError(f"{spec.worker_id}: its start failed: {e}") from e
+        log.warning("added %s worker %s", ROLE_NAMES[spec.role], spec.worker_id)
+
+    async def remove(self, worker_id: str) -> None:
+        """Drain `worker_id` and stop it (the ratio controller's REMOVE); its requests finish (or are handed on)
+        first, so none is lost."""
+        if worker_id not in self.pool.specs:
+            raise UnknownWorker(f"worker_id: no worker {worker_id!r}")
+        if worker_id in self.pool.moving:
+            raise ScaleError(f"worker_id: {worker_id} is being moved to the other role")
+        self.pool.moving.add(worker_id)  # operator drains and scales leave it alone meanwhile
+        try:
+            await self.pool.remove(worker_id)
+        finally:
+            self.pool.moving.discard(worker_id)
+        log.warning("removed worker %s", worker_id)
+
     async def drain(self, worker_id: str, replace: bool = False) -> tuple[str, str]:
         """Drain `worker_id` and stop it; with `replace`, start a fresh worker in its role. Returns (stopped, started
         or "")."""
@@ -116,7 +155,7 @@ class Scaler:
                 known = ", ".join(sorted(self.pool.specs)) or "none"
                 raise UnknownWorker(f"worker_id: no worker {worker_id!r} (workers: {known})")
             if worker_id in self.pool.moving:
-                raise ScaleError(f"worker_id: {worker_id} is being moved to the other role by the ratio controller; "
+                raise ScaleError(f"worker_id: {worker_id} is being moved or removed by the ratio controller; "
                                  "drain it once the move is done (`pdserve status`)")
             left = sum(1 for s in self.pool.specs.values() if s.role is spec.role) - 1
             if not replace and left < 1:

@@ -67,7 +67,7 @@ class WorkerPool:
         self.specs: dict[str, WorkerSpec] = {}
         self.actors: dict[str, ray.actor.ActorHandle] = {}
         self.moving: set[str] = set()
-        """Workers the ratio controller is moving to the other role (the Scaler leaves them alone)."""
+        """Workers the ratio controller is moving to the other role or removing (the Scaler leaves them alone)."""
         self._next = dict.fromkeys(Role, 0)
         self.infos: dict[str, WorkerInfo] = {}
         """Each worker's own answer to the last watch (every second)."""
@@ -124,12 +124,11 @@ class WorkerPool:
     def counts(self) -> dict[Role, int]:
         return {role: sum(1 for s in self.specs.values() if s.role is role) for role in Role}
 
-    async def start(self, specs: list[WorkerSpec]) -> None:
+    async def start(self, specs: list[WorkerSpec], timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
         """Start the workers together; returns once every engine is loaded and registered."""
         for spec in specs:
             self._create(spec)
-        await asyncio.wait_for(asyncio.gather(*(self.actors[s.worker_id].start.remote() for s in specs)),
-                               WORKER_START_TIMEOUT_S)
+        await asyncio.wait_for(asyncio.gather(*(self.actors[s.worker_id].start.remote() for s in specs)), timeout_s)
         for spec in specs:
             self.hangs.watch(spec.worker_id)
 
@@ -174,8 +173,13 @@ class WorkerPool:
         self.specs[new.worker_id], self.actors[new.worker_id] = new, self.actors.pop(worker_id)
         return new.worker_id
 
-    async def add(self, spec: WorkerSpec) -> None:
-        await self.start([spec])
+    def abandon(self, worker_id: str) -> None:
+        """Kill a worker that never started (Ray could not place it, or its start failed) and forget it."""
+        actor = self.actors.pop(worker_id, None)
+        self.specs.pop(worker_id, None)
+        self.hangs.forget(worker_id)
+        if actor is not None:
+            ray.kill(actor)
 
     async def remove(self, worker_id: str) -> None:
         await self.drain(worker_id)

@@ -48,6 +48,10 @@ class ControllerConfig:
     in the queue terms only, so it still waits. math.inf: never skip."""
     min_prefill: int = 1
     min_decode: int = 1
+    max_prefill: int | None = None
+    """Most prefill workers the controller plans for (moves and adds); None: no bound but the total."""
+    max_decode: int | None = None
+    """Most decode workers the controller plans for; None: no bound but the total."""
     max_workers: int | None = None
     """Budget: the controller may add workers up to this many. None: it never adds."""
     min_workers: int | None = None
@@ -78,6 +82,10 @@ class ControllerConfig:
     """Add a worker (within max_workers) when the best split of the current workers still has a pool above this."""
     scale_down_load: float = 0.7
     """Remove a worker (within min_workers) when the best split of one worker fewer keeps both pools below this."""
+    scale_down_cooldown_s: float = 120.0
+    """No remove within this long of the last move, add or remove (the cooldown for adds and moves is cooldown_s).
+    Scaling down waits longer than scaling up: a worker removed too early costs a start (minutes on a GPU node that
+    Ray must bring up) when the load comes back, while one kept too long costs only its idle time."""
     correction_min_finished: int = 10
     """Update the corrections only from windows with at least this many finished requests."""
     correction_alpha: float = 0.3
@@ -99,8 +107,8 @@ class ControllerConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ControllerConfigError(f"{name}: must be in (0, 1], got {value!r}")
-        for name in ("cooldown_s", "warmup_s", "min_gain", "rebalance_load", "burst_weight", "pressure_min_load",
-                     "scale_down_load"):
+        for name in ("cooldown_s", "scale_down_cooldown_s", "warmup_s", "min_gain", "rebalance_load", "burst_weight",
+                     "pressure_min_load", "scale_down_load"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ControllerConfigError(f"{name}: must be a number >= 0, got {value!r}")
@@ -124,6 +132,10 @@ class ControllerConfig:
             if value is not None and not (isinstance(value, int) and value >= smallest):
                 raise ControllerConfigError(f"{name}: must be an integer >= min_prefill + min_decode ({smallest}), "
                                             f"got {value!r}")
+        for name, low in (("max_prefill", self.min_prefill), ("max_decode", self.min_decode)):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= low):
+                raise ControllerConfigError(f"{name}: must be an integer >= min_{name[4:]} ({low}), got {value!r}")
         if self.max_workers is not None and self.min_workers is not None and self.min_workers > self.max_workers:
             raise ControllerConfigError("min_workers: must not exceed max_workers")
         if self.pin is not None:
@@ -132,6 +144,12 @@ class ControllerConfig:
             if self.pin[0] < self.min_prefill or self.pin[1] < self.min_decode:
                 raise ControllerConfigError(f"pin: {self.pin} is below (min_prefill, min_decode) = "
                                             f"({self.min_prefill}, {self.min_decode})")
+
+    def prefill_range(self, total: int) -> range:
+        """The prefill pool sizes a split of `total` workers may have within the per-pool bounds (empty: none)."""
+        low = self.min_prefill if self.max_decode is None else max(self.min_prefill, total - self.max_decode)
+        high = total - self.min_decode if self.max_prefill is None else min(total - self.min_decode, self.max_prefill)
+        return range(low, high + 1)
 
     @property
     def horizon_s(self) -> float:

@@ -131,9 +131,11 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
         return hold(f"{plan.why}; seen {ticks} of {config.confirm_ticks} ticks, holding at {current} for now.", state,
                     plan.target)
     since = obs.now_s - state.last_move_s
-    if since < config.cooldown_s and not shift:
-        return hold(f"{plan.why}; confirmed, but the last move was {since:.0f}s ago (cooldown "
-                    f"{config.cooldown_s:g}s), holding at {current} for now.", state, plan.target)
+    cooldown, name = ((config.scale_down_cooldown_s, "scale_down_cooldown_s") if plan.action is Action.REMOVE
+                      else (config.cooldown_s, "cooldown"))
+    if since < cooldown and not shift:
+        return hold(f"{plan.why}; confirmed, but the last change was {since:.0f}s ago ({name} "
+                    f"{cooldown:g}s), holding at {current} for now.", state, plan.target)
     return _act(config, plan.action, plan.target, current, obs, needs, plan.why,
                 _fitted(dataclasses.replace(state, last_move_s=obs.now_s), obs), inputs)
 
@@ -249,7 +251,8 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
                          f"(floor {config.min_workers})")
     if best is None:
         return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; {total} workers cannot hold "
-                     f"{config.min_prefill} prefill and {config.min_decode} decode")
+                     f"{config.min_prefill}-{config.max_prefill or total} prefill and "
+                     f"{config.min_decode}-{config.max_decode or total} decode")
     # A move is judged by needs capped at the cluster: a backlog no split could clear within the horizon would
     # otherwise need dozens of workers, outweigh any load on the other pool and take its last spare worker (seen
     # in `pdserve plan` at chat -> summaries: the one decode worker left failed TPOT for every request while the
@@ -294,7 +297,8 @@ def _pinned(config: ControllerConfig, state: ControllerState, obs: Observation, 
     low = config.min_workers if config.min_workers is not None else total
     high = config.max_workers if config.max_workers is not None else total
     goal = min(max(pin_p + pin_d, min(low, total)), max(high, total))
-    prefill = min(max(pin_p, config.min_prefill), goal - config.min_decode)
+    allowed = config.prefill_range(goal) or range(config.min_prefill, goal - config.min_decode + 1)
+    prefill = min(max(pin_p, allowed.start), allowed.stop - 1)
     target = (prefill, goal - prefill)
     why = f"Pinned at {config.pin}"
     if target != config.pin:

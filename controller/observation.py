@@ -98,6 +98,9 @@ class Observation:
     now_s: float
     workers: tuple[WorkerObservation, ...]
     traffic: TrafficWindow
+    pin: tuple[int, int] | None = None
+    """The operator's pin (`pdserve ratio --pin`): the (prefill, decode) split to hold whatever the traffic; None
+    when unpinned."""
 
     def active(self, role: PoolRole) -> tuple[WorkerObservation, ...]:
         """The pool's workers that are not in transition, in worker id order."""

@@ -3,7 +3,8 @@
     load_p(P)      = need_p / P          1.0 = the pool is exactly at its SLO-safe load
     load_d(D)      = need_d / D
     bottleneck     = max(load_p(P), load_d(N - P))
-    best split     = argmin over P in [min_prefill, N - min_decode] of the bottleneck
+    best split     = argmin over P in [max(min_prefill, N - max_decode), min(N - min_decode, max_prefill)]
+                     of the bottleneck
 
 load_p falls and load_d rises with P, so the best P sits where they cross, next to the proportional split
 P = round(N * need_p / (need_p + need_d)), which is reported alongside. Ties go to the split nearest the current one,
@@ -53,9 +54,10 @@ def evaluate(need_p: float, need_d: float, sizes: tuple[int, int]) -> Split:
 
 def best_split(config: ControllerConfig, need_p: float, need_d: float, total: int,
                current: tuple[int, int]) -> Split | None:
-    """The split of `total` workers with the lowest bottleneck; None when `total` cannot hold both minimums."""
+    """The split of `total` workers with the lowest bottleneck; None when no split of `total` keeps each pool within
+    its bounds (min_prefill..max_prefill, min_decode..max_decode)."""
     best: Split | None = None
-    for prefill in range(config.min_prefill, total - config.min_decode + 1):
+    for prefill in config.prefill_range(total):
         split = evaluate(need_p, need_d, (prefill, total - prefill))
         if best is None or split.bottleneck < best.bottleneck - TIE or (
                 split.bottleneck <= best.bottleneck + TIE

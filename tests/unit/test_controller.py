@@ -482,6 +482,35 @@ def test_budget_removes_the_least_loaded_worker_of_the_pool_with_most_slack() ->
     assert sum(world.sizes()) == 3
 
 
+def test_scale_down_waits_its_own_longer_cooldown_after_scaling_up() -> None:
+    """Load comes, two workers are added; the load goes at once. The removes wait scale_down_cooldown_s after the
+    last add, where the adds followed each other after cooldown_s."""
+    config = make_config(max_workers=8, min_workers=4, cooldown_s=10.0, scale_down_cooldown_s=60.0)
+    world = World(2, 4, (75.0, 200, 400))
+    decisions, state = world.run(config, 20)
+    adds = [d.now_s for d in decisions if d.action is Action.ADD]
+    assert len(adds) == 2 and adds[1] - adds[0] < 60.0
+    world.traffic = (5.0, 200, 400)
+    later, _ = world.run(config, 40, state)
+    removes = [d.now_s for d in later if d.action is Action.REMOVE]
+    assert removes and removes[0] - adds[-1] >= 60.0
+    assert all(b - a >= 60.0 for a, b in zip(removes, removes[1:]))
+    assert sum(world.sizes()) == 4
+    waiting = [d for d in later if d.action is Action.HOLD and "scale_down_cooldown_s" in d.reason]
+    assert waiting
+
+
+def test_per_pool_bounds_hold_in_moves_and_adds() -> None:
+    """Chat wants many decode workers; max_decode caps them, so an add goes to prefill and no move passes the cap."""
+    config = make_config(max_workers=9, cooldown_s=10.0, max_decode=4)
+    world = World(3, 3, (75.0, 200, 400))  # needs ~2.5 prefill + ~4.3 decode
+    decisions, _ = world.run(config, 60)
+    assert all(d.target[1] <= 4 for d in decisions)
+    assert world.sizes()[1] <= 4 and world.sizes()[1] == 4
+    with pytest.raises(ControllerConfigError, match="max_decode"):
+        make_config(max_decode=0)
+
+
 # --- corrections --------------------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 lengths they are combined with, summed over every router's counters) and how it reports workers in transition."""
 
 import math
+from types import SimpleNamespace
 
 from pdserve.control_plane.controller_loop import ControllerLoop, _worker
 from pdserve.controller.config import ControllerConfig
@@ -11,7 +12,8 @@ from pdserve.registry.entries import Role, RouterInfo, WorkerInfo, WorkerState
 
 def _loop(window_s: float) -> ControllerLoop:
     config = ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05)
-    return ControllerLoop(config, model=None, registry=None, pool=None, window_s=window_s, dry_run=True)
+    return ControllerLoop(config, policy=None, registry=None, scaler=SimpleNamespace(pool=None), window_s=window_s,
+                          dry_run=True)
 
 
 def counts(total: int, prompt_tokens: int = 0, router_id: str = "router-a",
