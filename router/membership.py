@@ -55,12 +55,15 @@ class Member:
 class Membership:
     def __init__(self, registry: Registry, namespace: str, router_id: str,
                  on_events: Callable[[list[TokenEvent]], None], on_lost: Callable[[str, str], None],
-                 find_actor: Callable[[str], Any] | None = None) -> None:
+                 find_actor: Callable[[str], Any] | None = None,
+                 on_refresh: Callable[[list[WorkerInfo]], None] | None = None) -> None:
+        """`on_refresh`: told the registry's workers after every refresh that read them (the fleet's metrics)."""
         self.registry = registry
         self.router_id = router_id
         self.members: dict[str, Member] = {}
         self._on_events = on_events
         self._on_lost = on_lost
+        self._on_refresh = on_refresh
         self._namespace = namespace
         self._find_actor = find_actor or (lambda name: ray.get_actor(name, namespace=namespace))
         self._redis_failing = False
@@ -115,6 +118,8 @@ class Membership:
             await self._refresh_through_ray()
             return
         self._redis_failing = False
+        if self._on_refresh is not None:
+            self._on_refresh(list(infos.values()))
         self._forget_long_dead()
         for worker_id in list(self.members):
             if worker_id not in infos and worker_id not in self._checking:

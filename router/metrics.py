@@ -25,6 +25,8 @@ carrying tokens. Requests in flight are read at scrape time from a callable the 
     pdserve_requests_in_flight                 gauge      accepted and not yet ended
     pdserve_requests_waiting_for_room          gauge      accepted, not yet sent to a worker (choosing one, or
                                                           waiting for a decode worker with free KV blocks)
+    pdserve_workers{role,state}                gauge      workers in the registry (`router.fleet_metrics`)
+    pdserve_worker_seconds_total{role}         counter    worker time held, any state (`router.fleet_metrics`)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.router.errors import DuplicateRequest, Overloaded, TakenOver, Unavailable, WorkerError
+from pdserve.router.fleet_metrics import FleetMetrics
 from pdserve.router.request_builder import InvalidRequest
 from pdserve.router.timings import Timings
 from pdserve.worker.metrics_server import LATENCY_BUCKETS, TOKEN_BUCKETS, MetricsServer, serve_metrics
@@ -93,6 +96,8 @@ class RouterMetrics:
         self.waiting = Gauge("pdserve_requests_waiting_for_room",
                              "Requests not yet sent to a worker: choosing one, or waiting for free KV blocks.",
                              registry=self.registry)
+        self.fleet = FleetMetrics()
+        self.registry.register(self.fleet)
 
     def finished(self, timings: Timings, outcome: str, prompt_tokens: int, generation_tokens: int) -> None:
         """A request ended with a finish reason (`outcome` is its value: stop, length, abort)."""

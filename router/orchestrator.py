@@ -79,10 +79,11 @@ class Orchestrator:
         self.gate = PriorityGate(low_priority_limit)
         self.admission = Admission(max_waiting, self.gate)
         self.streams = EventStreams()
-        self.membership = Membership(registry, namespace, router_id, self.streams.deliver, self.streams.lost)
+        self.metrics = RouterMetrics(in_flight=lambda: self.in_flight_count)
+        self.membership = Membership(registry, namespace, router_id, self.streams.deliver, self.streams.lost,
+                                     on_refresh=self.metrics.fleet.observe)
         self.placement = Placement(self.membership, block_size, kv_index, cache_weight, worker_wait_s)
         self.parts = RouterParts(router_id, self.membership, self.placement, self.streams, colocated)
-        self.metrics = RouterMetrics(in_flight=lambda: self.in_flight_count)
         self.records = TimingRecords(registry, self.metrics)
         self._serials = itertools.count()
         """Numbers this router's attempts (`attempt.request_key`)."""

@@ -179,9 +179,12 @@ y += 8
 panels.append(row("Workers (each worker's /metrics)", y))
 y += 1
 panels += [
-    ts("Workers by role", "Workers reporting metrics, by role. The ratio controller (and `pdserve scale`) changes "
-       "these; a move drains a worker and restarts it in the other role.",
-       [("count by (role) (pdserve_worker_kv_blocks_total)", "{{role}}")], 0, y, w=8, stack=True),
+    ts("Workers by role", "Workers in the registry by role and state (from the routers), and the workers held on "
+       "average (the rate of worker-seconds: what the fleet pays for). The ratio controller changes these: a move "
+       "drains a worker and switches it to the other role, an add starts one, a remove drains and stops one "
+       "(`pdserve status` shows each decision's reason).",
+       [("max by (role, state) (pdserve_workers)", "{{role}} {{state}}"),
+        (f"sum(max by (role) (rate(pdserve_worker_seconds_total[{RI}])))", "held (avg)")], 0, y, w=8),
     ts("KV blocks used per worker", "KV cache blocks in use on each worker.",
        [("sum by (worker_id, role) (pdserve_worker_kv_blocks_used)", "{{worker_id}} ({{role}})")], 8, y, w=8),
     ts("KV cache used per worker", "Share of each worker's KV blocks in use. Decode workers near 100% make new "

@@ -371,7 +371,7 @@ def test_head_entrypoint_is_valid_bash() -> None:
 
 # ---- the dashboard -----------------------------------------------------------------------------------------------
 
-METRIC_SOURCES = (ROOT / "router" / "metrics.py", ROOT / "worker" / "metrics.py")
+METRIC_SOURCES = (ROOT / "router" / "metrics.py", ROOT / "router" / "fleet_metrics.py", ROOT / "worker" / "metrics.py")
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 PROMQL_WORDS = {
     "sum", "avg", "min", "max", "count", "topk", "bottomk", "rate", "irate", "increase", "delta", "histogram_quantile",
@@ -510,7 +510,8 @@ def test_dashboard_has_the_promised_panels() -> None:
     assert "vector($slo_ttft)" in everything and "vector($slo_tpot)" in everything, "SLO lines on the latency panels"
     for needed in ("sum by (outcome) (rate(pdserve_requests_total", "pdserve_requests_in_flight",
                    "pdserve_requests_waiting_for_room", "pdserve_request_migrations_total",
-                   "pdserve_worker_kv_blocks_used", "count by (role) (pdserve_worker_kv_blocks_total)"):
+                   "pdserve_worker_kv_blocks_used", "max by (role, state) (pdserve_workers)",
+                   "pdserve_worker_seconds_total"):
         assert needed in everything, needed
 
 

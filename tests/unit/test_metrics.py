@@ -326,3 +326,30 @@ def test_router_metrics_port_config():
         parse_config({"router": {"metrics_port": 70000}})
     with pytest.raises(ConfigError, match="metrics_port"):
         Router(metrics_port=0)
+
+
+def test_fleet_metrics_count_workers_by_role_and_state_and_add_up_worker_seconds():
+    from pdserve.registry.entries import Role, WorkerInfo, WorkerState
+    from pdserve.router.fleet_metrics import MAX_GAP_S
+
+    now = [100.0]
+    metrics = RouterMetrics()
+    metrics.fleet._clock = lambda: now[0]
+
+    def worker(worker_id: str, role: Role, state: WorkerState) -> WorkerInfo:
+        return WorkerInfo(worker_id=worker_id, role=role, actor_name="", pid=0, state=state)
+
+    fleet = [worker("p0", Role.PREFILL, WorkerState.READY), worker("d0", Role.DECODE, WorkerState.READY),
+             worker("d1", Role.DECODE, WorkerState.STARTING)]
+    metrics.fleet.observe(fleet)
+    now[0] += 2.0
+    metrics.fleet.observe(fleet[:2] + [worker("d1", Role.DECODE, WorkerState.READY),
+                                       worker("d2", Role.DECODE, WorkerState.STOPPED)])
+    registry = metrics.registry
+    assert sample(registry, "pdserve_workers", role="decode", state="ready") == 2
+    assert sample(registry, "pdserve_workers", role="decode", state="starting") == 0
+    assert sample(registry, "pdserve_worker_seconds_total", role="decode") == 4.0  # two decode workers for 2 s
+    now[0] += 60.0  # a long pause (Redis away): only MAX_GAP_S counted
+    metrics.fleet.observe([])
+    assert sample(registry, "pdserve_worker_seconds_total", role="prefill") == 2.0 + MAX_GAP_S
+    assert sample(registry, "pdserve_workers", role="decode", state="ready") == 0
