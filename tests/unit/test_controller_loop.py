@@ -1,12 +1,16 @@
 """The live controller adapter: arrivals (rate and prompt length over the traffic window, like the finished
 lengths they are combined with, summed over every router's counters) and how it reports workers in transition."""
 
+import asyncio
+import json
 import math
 from types import SimpleNamespace
 
 from pdserve.control_plane.controller_loop import ControllerLoop, _worker
+from pdserve.control_plane.scaler import ScaleError
 from pdserve.controller.config import ControllerConfig
-from pdserve.controller.observation import PoolRole
+from pdserve.controller.decision import Action, Decision
+from pdserve.controller.observation import Observation, PoolRole
 from pdserve.registry.entries import Role, RouterInfo, WorkerInfo, WorkerState
 
 
@@ -77,3 +81,107 @@ def test_workers_in_transition_say_which_pool_they_are_joining():
     assert (starting.draining, starting.joining) == (True, PoolRole.PREFILL)
     assert (drained.draining, drained.joining) == (True, None)
     assert (ready.draining, ready.joining) == (False, None)
+
+
+# --- acting on adds and removes (a fake registry and scaler; the live path is tests/integration) ------------------
+
+
+class FakeRegistry:
+    def __init__(self, workers: list[WorkerInfo]) -> None:
+        self.worker_list = workers
+        self.decisions: list[dict] = []
+
+    def workers(self) -> list[WorkerInfo]:
+        return list(self.worker_list)
+
+    def timings_since(self, window_s: float) -> list:
+        return []
+
+    def pin(self) -> None:
+        return None
+
+    def routers(self) -> list:
+        return []
+
+    def append_decision(self, text: str, dry_run: bool) -> None:
+        self.decisions.append(json.loads(text))
+
+
+class FakeScaler:
+    """Plans a worker id per add; `start_added` waits on `release` and then fails or succeeds as told."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.pool = SimpleNamespace(specs={}, moving=set())
+        self.fail = fail
+        self.release = asyncio.Event()
+        self.started: list[str] = []
+        self.removed: list[str] = []
+
+    def plan_add(self, role: Role) -> SimpleNamespace:
+        return SimpleNamespace(worker_id=f"{role.value}-9", role=role)
+
+    async def start_added(self, spec, timeout_s: float) -> None:
+        await self.release.wait()
+        if self.fail:
+            raise ScaleError(self.fail)
+        self.started.append(spec.worker_id)
+
+    async def remove(self, worker_id: str) -> None:
+        self.removed.append(worker_id)
+
+
+class ScriptedPolicy:
+    def __init__(self, *decisions: Decision) -> None:
+        self.decisions = list(decisions)
+        self.seen: list[Observation] = []
+
+    def tick(self, observation: Observation) -> Decision:
+        self.seen.append(observation)
+        if self.decisions:
+            return self.decisions.pop(0)
+        return Decision(observation.now_s, Action.HOLD, observation.sizes, observation.sizes, reason="hold")
+
+
+def ready(worker_id: str, role: Role) -> WorkerInfo:
+    return WorkerInfo(worker_id, role, actor_name=worker_id, pid=1, state=WorkerState.READY)
+
+
+def live_loop(policy, scaler: FakeScaler, registry: FakeRegistry, **budget) -> ControllerLoop:
+    config = ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, **({"min_workers": 2, "max_workers": 3} | budget))
+    return ControllerLoop(config, policy, registry, scaler, window_s=10.0, dry_run=False, add_timeout_s=5.0)
+
+
+def test_an_add_in_flight_counts_as_joining_its_pool_and_a_failed_one_is_recorded():
+    async def go():
+        registry = FakeRegistry([ready("prefill-0", Role.PREFILL), ready("decode-0", Role.DECODE)])
+        scaler = FakeScaler(fail="decode-9: not placed and started within 5 s (add_timeout_s)")
+        add = Decision(0.0, Action.ADD, (1, 1), (1, 2), add=(PoolRole.DECODE,), reason="queue")
+        policy = ScriptedPolicy(add)
+        loop = live_loop(policy, scaler, registry)
+        await loop.tick_once()
+        await loop.tick_once()  # the add is still starting
+        starting = [w for w in policy.seen[1].workers if w.worker_id == "decode-9"]
+        assert starting and starting[0].draining and starting[0].joining is PoolRole.DECODE
+        scaler.release.set()
+        await asyncio.sleep(0.05)
+        assert not loop._adding and not scaler.started
+        return registry.decisions
+
+    decisions = asyncio.run(go())
+    assert [d["action"] for d in decisions] == ["add", "hold", "hold"]
+    assert decisions[-1]["reason"].startswith("Adding decode-9 failed: decode-9: not placed")
+
+
+def test_what_breaks_the_budget_is_recorded_as_refused_and_not_done():
+    async def go():
+        registry = FakeRegistry([ready("prefill-0", Role.PREFILL), ready("decode-0", Role.DECODE)])
+        scaler = FakeScaler()
+        remove = Decision(0.0, Action.REMOVE, (1, 1), (1, 0), remove=("decode-0",), reason="quiet")
+        loop = live_loop(ScriptedPolicy(remove), scaler, registry)
+        await loop.tick_once()
+        await asyncio.sleep(0)
+        return registry.decisions, scaler.removed
+
+    decisions, removed = asyncio.run(go())
+    assert not removed
+    assert decisions[0]["action"] == "hold" and decisions[0]["reason"].startswith("Refused: removing 1 of 2 workers")

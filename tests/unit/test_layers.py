@@ -27,9 +27,9 @@ BELOW = {
                       "worker", "worker_actor", "prefill_worker", "decode_worker"},
 }
 """Each unit (a package, or a module at the root) and what it may import besides itself. Above these: bench (may
-import all of them) and cli (all, and bench)."""
+import all of them), cli (all, and bench) and examples (plug-ins: each imports what it plugs into)."""
 
-TOP = {"bench": set(BELOW) | {"bench"}, "cli": set(BELOW) | {"bench", "cli"}}
+TOP = {"bench": set(BELOW) | {"bench"}, "cli": set(BELOW) | {"bench", "cli"}, "examples": {"controller"}}
 
 
 def imports_of(unit: str) -> dict[str, set[str]]:
