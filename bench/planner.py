@@ -5,17 +5,20 @@ per candidate at the trace's own rate, for attainment and latency percentiles, a
 goodput (DistServe: the highest request rate at which >= 90% of requests meet both SLOs). The search asks the traffic
 (`bench.traffic`) for itself at other rates: a recorded trace replays faster, phases keep their length and get busier.
 Every candidate is judged on the same requests at each rate; each candidate runs in a process of its own.
+`PlanSetup.fast` swaps in `bench.fast_simulator.FastSimulation`, a step-level model of the workers (same results
+within a point of attainment on the checked scenarios, tens of times faster; see its docstring for what it leaves out).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pdserve.bench.fast_simulator import FastSimulation
 from pdserve.bench.metrics import SLO, attainment, attainment_series, find_goodput, percentiles
 from pdserve.bench.simulator import PoolSample, SimResult, SimSetup, Simulation
 from pdserve.bench.traffic import Traffic
@@ -27,6 +30,9 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.cost_model import Link
 
 TARGET_ATTAINMENT = 0.9
+
+Progress = Callable[[str], None]
+"""Told a one-line status as simulations finish (`pdserve plan` shows it on stderr)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ class PlanSetup:
     """An added worker's start, until it serves."""
     routing: str = "kv_aware"
     """As router.routing (with engine.prefix_caching)."""
+    fast: bool = False
+    """Run `bench.fast_simulator.FastSimulation` (a step-level model, much faster) instead of the exact simulator."""
 
 
 @dataclass(frozen=True)
@@ -142,10 +150,11 @@ def simulate(setup: PlanSetup, candidate: Candidate, trace: Sequence[TraceEntry]
                    hand_on_after_s=setup.hand_on_after_s, routing=setup.routing,
                    policy=candidate.policy if candidate.controlled else "", policy_config=setup.policy_config,
                    worker_start_s=setup.worker_start_s)
-    return Simulation(sim, trace).run()
+    return (FastSimulation if setup.fast else Simulation)(sim, trace).run()
 
 
-def evaluate(setup: PlanSetup, candidate: Candidate, traffic: Traffic) -> CandidateReport:
+def evaluate(setup: PlanSetup, candidate: Candidate, traffic: Traffic,
+             progress: Progress | None = None) -> CandidateReport:
     """One candidate: a run at the traffic's own rate, then (if asked) the goodput search around it."""
     trace = traffic.at(1.0)
     result = simulate(setup, candidate, trace)
@@ -157,7 +166,10 @@ def evaluate(setup: PlanSetup, candidate: Candidate, traffic: Traffic) -> Candid
 
         def run(scaled_rate: float) -> float:
             scaled = traffic.at(scaled_rate / rate)
-            return attainment(simulate(setup, candidate, scaled).records, setup.slo)
+            value = attainment(simulate(setup, candidate, scaled).records, setup.slo)
+            if progress is not None:
+                progress(f"{candidate.name}: attainment {value:.3f} at {scaled_rate:.2f} req/s")
+            return value
 
         search = find_goodput(run, setup.search_low * rate, setup.search_high * rate, tolerance=0.05 * rate,
                               max_runs=setup.search_runs, target=TARGET_ATTAINMENT)
@@ -173,15 +185,25 @@ def evaluate(setup: PlanSetup, candidate: Candidate, traffic: Traffic) -> Candid
         worker_seconds=result.worker_seconds, duration_s=result.duration_s)
 
 
-def plan(setup: PlanSetup, traffic: Traffic, processes: int | None = None) -> list[CandidateReport]:
-    """Every candidate for `setup.workers` workers, in parallel processes; static splits first, controller last."""
+def plan(setup: PlanSetup, traffic: Traffic, processes: int | None = None,
+         progress: Progress | None = None) -> list[CandidateReport]:
+    """Every candidate for `setup.workers` workers, in parallel processes; static splits first, controller last.
+    `progress` hears of each finished candidate (and, in one process, of each rate the search tried)."""
     todo = candidates(setup.workers, setup.prefill_counts, setup.controller_prefill, setup.controller_decode,
                       setup.policy)
     processes = processes or min(len(todo), os.cpu_count() or 1)
+    tell = progress or (lambda _: None)
     if processes <= 1:
-        return [evaluate(setup, c, traffic) for c in todo]
+        reports = []
+        for c in todo:
+            reports.append(evaluate(setup, c, traffic, progress))
+            tell(f"{len(reports)}/{len(todo)} candidates done ({c.name})")
+        return reports
     with ProcessPoolExecutor(processes) as pool:
-        return list(pool.map(evaluate, [setup] * len(todo), todo, [traffic] * len(todo)))
+        futures = [pool.submit(evaluate, setup, c, traffic) for c in todo]
+        for done, _ in enumerate(as_completed(futures), 1):
+            tell(f"{done}/{len(todo)} candidates done")
+        return [f.result() for f in futures]
 
 
 def best_static(reports: Sequence[CandidateReport]) -> CandidateReport:

@@ -81,6 +81,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--compare-caching", action="store_true",
                    help="also run the best static split without prefix caching (and load routing)")
     p.add_argument("--no-search", action="store_true", help="skip the goodput search (one run per candidate)")
+    p.add_argument("--fast", action="store_true",
+                   help="a step-level model of the workers instead of the real engines (bench/fast_simulator.py: "
+                        "tens of times faster; no prefix caching, hand-on or speculative decoding)")
     p.add_argument("--search", type=float, nargs=2, default=(0.5, 3.0), metavar=("LOW", "HIGH"),
                    help="goodput search range, as multiples of the trace's rate (default 0.5 3)")
     p.add_argument("--search-runs", type=int, default=6, help="simulations per candidate in the search (default 6)")
@@ -134,9 +137,15 @@ def run(args: argparse.Namespace) -> int:
                       controller_decode=start[1] if start else None, policy=args.policy,
                       policy_config=policy_config, worker_start_s=args.worker_start_s,
                       search_low=args.search[0],
-                      search_high=args.search[1], search_runs=args.search_runs, routing=args.routing)
+                      search_high=args.search[1], search_runs=args.search_runs, routing=args.routing,
+                      fast=args.fast)
+    if args.fast and (why_not := _fast_refusal(setup, trace)):
+        print(f"pdserve plan --fast: {why_not}", file=sys.stderr)
+        return 2
     started = time.monotonic()
-    reports = plan(setup, traffic, args.processes)
+    reports = plan(setup, traffic, args.processes, progress=_progress(started))
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # past the status line
     wall = time.monotonic() - started
     span = trace[-1].arrival_s - trace[0].arrival_s
     report = {"trace": {"requests": len(trace), "span_s": span, "rate": mean_rate(trace),
@@ -158,6 +167,27 @@ def run(args: argparse.Namespace) -> int:
         if args.compare_caching:
             _print_without_caching(report["without_caching"], best_static(reports))
     return 0
+
+
+def _fast_refusal(setup, trace) -> str:
+    """Why the fast simulator cannot plan this ("" when it can)."""
+    from pdserve.bench.fast_simulator import refuse_unmodelled
+    from pdserve.bench.simulator import SimSetup
+
+    try:
+        refuse_unmodelled(SimSetup(setup.engine, 1, 1, setup.slo, hand_on_after_s=setup.hand_on_after_s), trace)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def _progress(started: float):
+    """A status line on stderr, rewritten in place on a terminal."""
+    def show(message: str) -> None:
+        line = f"pdserve plan: {time.monotonic() - started:.0f} s, {message}"
+        print(f"\r{line}\x1b[K" if sys.stderr.isatty() else line, end="" if sys.stderr.isatty() else "\n",
+              file=sys.stderr, flush=True)
+    return show
 
 
 def _without_caching(setup, reports, traffic):
