@@ -13,9 +13,12 @@ The life of a request, as the live router drives it (`router/orchestrator.py`):
     -> finished: its record (TTFT, TPOT, ...) goes to the results and the controller's traffic window.
 
 The controller (when set) ticks every `interval_s` of virtual time on an `Observation` built from the engines and
-the finished requests, exactly the pure `tick` the live adapter calls. A MOVE drains the worker (the router stops
-sending it work; its requests finish), then it spends `role_switch_s` before it serves in the other role (live: the
-drain's idle check, the switch in place or a restart, the routers' refresh and KV pairing). A decode worker
+the finished requests: the policy the live adapter runs (`controller.policy`: the built-in ratio controller, or a
+plug-in named in `policy`), kept within the same budget (`policy.refusal`). A MOVE drains the worker (the router
+stops sending it work; its requests finish), then it spends `role_switch_s` before it serves in the other role
+(live: the drain's idle check, the switch in place or a restart, the routers' refresh and KV pairing). An ADD starts
+a worker that holds a machine at once and serves after `worker_start_s`; a REMOVE drains one, which then leaves.
+`SimResult.worker_seconds` is the machine time held, what an autoscaled fleet saves. A decode worker
 that still decodes `hand_on_after_s` into its drain hands its requests on, as the live one does
 (`cluster/worker_pool.py`): each is resumed through the router's migration path, its prompt and tokens so far
 prefilled again and decoded elsewhere, under a new attempt id.
