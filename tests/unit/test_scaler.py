@@ -121,3 +121,35 @@ def test_workers_the_controller_is_moving_are_left_alone():
     assert stopped == [] and started == []
     started, stopped = asyncio.run(made.scale({Role.DECODE: 2}))
     assert started == ["decode-2"] and "decode-0" in pool.specs
+
+
+class StuckPool(FakePool):
+    """Workers Ray never places: their start never returns."""
+
+    async def start(self, specs, timeout_s=600.0):
+        for spec in specs:
+            self.specs[spec.worker_id] = spec
+        await asyncio.wait_for(asyncio.Event().wait(), timeout_s)
+
+    def abandon(self, worker_id):
+        self.specs.pop(worker_id, None)
+        self.removed.append(worker_id)
+
+
+def test_an_add_ray_cannot_place_is_given_up_after_its_timeout_and_named():
+    made, pool = scaler({"workers": {"prefill": {"count": 1}, "decode": {"count": 1}}})
+    spec = made.plan_add(Role.DECODE)
+    assert spec.worker_id == "decode-1" and spec.cores == (2,)  # the least-used cores
+    stuck = StuckPool(made.config)
+    stuck.specs = dict(pool.specs)
+    made.pool = stuck
+    with pytest.raises(ScaleError, match=r"decode-1: not placed and started within 0.05 s \(add_timeout_s\)"):
+        asyncio.run(made.start_added(spec, timeout_s=0.05))
+    assert "decode-1" not in stuck.specs and stuck.removed == ["decode-1"]
+
+
+def test_an_add_this_machine_has_no_room_for_is_refused_at_once():
+    made, _ = scaler({"workers": {"prefill": {"count": 1}, "decode": {"count": 1}}},
+                     free=lambda: {"CPU": 0.5, "GPU": 0.0})
+    with pytest.raises(ScaleError, match="decode: 1 more worker.*need 1 CPUs.*0.5 CPUs"):
+        made.plan_add(Role.DECODE)
