@@ -2,9 +2,10 @@
 the example queue-threshold scaler (`pdserve.examples.queue_scaler`), loaded by name from the config.
 
 The decode workers run two requests at a time, so a wave of requests queues on the one prefill worker or the one
-decode worker; the policy adds a worker to that pool through Ray while requests stream, and once the queues have been empty a few ticks it drains
-one and stops it. Every request completes, token-identical to the local engine; each add and remove is a decision
-with its reason on the Redis stream, and the routers' metrics count the workers and the worker time they held.
+decode worker; the policy adds a worker to that pool through Ray while requests stream, and once the queues have
+been empty a few ticks it drains one and stops it. Every request completes, token-identical to the local engine;
+each add and remove is a decision with its reason on the Redis stream, and the routers' metrics count the workers
+and the worker time they held.
 """
 
 import asyncio
