@@ -79,9 +79,17 @@ class ControllerConfig:
     max_pressure: float = 1.5
     """The most an observed p90 above its SLO can multiply a pool's need by."""
     scale_up_load: float = 1.0
-    """Add a worker (within max_workers) when the best split of the current workers still has a pool above this."""
-    scale_down_load: float = 0.7
-    """Remove a worker (within min_workers) when the best split of one worker fewer keeps both pools below this."""
+    """The best split of the workers there are is overloaded above this: the queues then grow whatever the split,
+    so moves follow the averages alone (and a shift in the mix is told from it)."""
+    target_load: float = 0.8
+    """An autoscaled fleet's load: when the best split of the workers there are is loaded above this (and
+    max_workers allows), the controller adds as many workers as bring the best split to it or below, in one
+    decision. Below 1.0 because an added worker serves only after its start (a minute or more on GPUs) while the
+    load may still be rising; sized in one step because adding one worker per cooldown and start fell minutes
+    behind a morning ramp in `pdserve plan` (BENCHMARKS.md, "Autoscaling")."""
+    scale_down_load: float = 0.6
+    """Remove a worker (within min_workers) when the best split of one worker fewer keeps both pools at or below
+    this: far enough below target_load that a removal does not call for an add on the next rise."""
     scale_down_cooldown_s: float = 120.0
     """No remove within this long of the last move, add or remove (the cooldown for adds and moves is cooldown_s).
     Scaling down waits longer than scaling up: a worker removed too early costs a start (minutes on a GPU node that
@@ -94,7 +102,8 @@ class ControllerConfig:
     correction_max: float = 4.0
 
     def __post_init__(self) -> None:
-        positive = ("slo_ttft_s", "slo_tpot_s", "interval_s", "max_pressure", "scale_up_load", "correction_min")
+        positive = ("slo_ttft_s", "slo_tpot_s", "interval_s", "max_pressure", "scale_up_load", "target_load",
+                    "correction_min")
         if not (isinstance(self.shift_ratio, (int, float)) and self.shift_ratio >= 1):
             raise ControllerConfigError(f"shift_ratio: must be a number >= 1 (inf: never), got {self.shift_ratio!r}")
         for name in positive:
@@ -122,8 +131,8 @@ class ControllerConfig:
             raise ControllerConfigError("prefill_min_utilisation: must not exceed prefill_max_utilisation")
         if self.correction_max < self.correction_min:
             raise ControllerConfigError("correction_max: must be at least correction_min")
-        if self.scale_down_load >= self.scale_up_load:
-            raise ControllerConfigError("scale_down_load: must be below scale_up_load (or the pool size flaps)")
+        if self.scale_down_load >= self.target_load:
+            raise ControllerConfigError("scale_down_load: must be below target_load (or the pool size flaps)")
         if self.backlog_horizon_s is not None and not self.backlog_horizon_s > 0:
             raise ControllerConfigError(f"backlog_horizon_s: must be positive, got {self.backlog_horizon_s!r}")
         smallest = self.min_prefill + self.min_decode

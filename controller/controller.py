@@ -17,7 +17,8 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
                       from settled windows only (no move, no long prefill queue within the last window or two)
     load     = need / workers;  bottleneck(P, D) = max(load_p, load_d)
     target   = the split of N with the lowest bottleneck          (N = active workers; see budget below)
-    budget   : N+1 when the best split of N is still above scale_up_load and N < max_workers;
+    budget   : N+k when the best split of N is above target_load and N < max_workers, k the fewest workers that
+               bring the best split to target_load or below (up to max_workers; at least 1);
                N-1 when the best split of N-1 stays at or below scale_down_load and N > min_workers
     act      : only if bottleneck(current) > rebalance_load (moves: a split that carries the traffic is left alone),
                and bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
@@ -235,13 +236,15 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
                        "bottleneck_best": best.bottleneck})
 
     if config.max_workers is not None and total < config.max_workers:
-        bigger = best_split(config, needs.prefill, needs.decode, total + 1, current)
-        over = best is None or best.bottleneck > config.scale_up_load
+        bigger = _grown(config, needs, total, current)
+        over = best is None or best.bottleneck > config.target_load
         if bigger is not None and over and (best is None or gain(best, bigger) >= config.min_gain):
             inputs["bottleneck_target"] = bigger.bottleneck
-            return _Plan(Action.ADD, bigger.sizes, f"Add a worker: {traffic}; the best split of {total} is still "
-                         f"loaded {best.bottleneck if best else math.inf:.2f} > {config.scale_up_load:g}, "
-                         f"{total + 1} as {_describe(bigger)} (budget {config.max_workers})")
+            added = bigger.total - total
+            return _Plan(Action.ADD, bigger.sizes, f"Add {added} worker{'s' if added > 1 else ''}: {traffic}; the "
+                         f"best split of {total} is loaded {best.bottleneck if best else math.inf:.2f} > "
+                         f"target_load {config.target_load:g}, {bigger.total} as {_describe(bigger)} "
+                         f"(budget {config.max_workers})")
     if config.min_workers is not None and total > config.min_workers:
         smaller = best_split(config, needs.prefill, needs.decode, total - 1, current)
         if smaller is not None and smaller.bottleneck <= config.scale_down_load:
@@ -289,6 +292,17 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
     return _Plan(Action.MOVE, best.sizes, f"Rebalance toward {_describe(best)} from {_describe(now)}: {traffic}")
 
 
+def _grown(config: ControllerConfig, needs: PoolNeeds, total: int, current: tuple[int, int]) -> Split | None:
+    """The best split of the fewest workers above `total` (up to max_workers) loaded at most target_load, or of
+    max_workers if none is; None when no larger split fits the per-pool bounds."""
+    grown = None
+    for size in range(total + 1, config.max_workers + 1):
+        grown = best_split(config, needs.prefill, needs.decode, size, current) or grown
+        if grown is not None and grown.bottleneck <= config.target_load:
+            break
+    return grown
+
+
 def _pinned(config: ControllerConfig, state: ControllerState, obs: Observation, current: tuple[int, int],
             needs: PoolNeeds | None, inputs: dict[str, float]) -> Decision:
     """Head for the operator's pin, one worker per tick, clamped to the budget."""
@@ -312,6 +326,19 @@ def _pinned(config: ControllerConfig, state: ControllerState, obs: Observation, 
                 inputs)
 
 
+def _added_roles(grow_p: int, grow_d: int, count: int, prefill_busier: bool) -> tuple[PoolRole, ...]:
+    """The pools `count` new workers join: as many as each pool grows toward the target (a pool the target shrinks
+    gives its place to the other: that worker moves later); a tie goes to the busier pool."""
+    prefill = min(max(grow_p, 0), count)
+    decode = min(max(grow_d, 0), count - prefill)
+    while prefill + decode < count:
+        if prefill_busier or grow_d <= 0:
+            prefill += 1
+        else:
+            decode += 1
+    return (PoolRole.PREFILL,) * prefill + (PoolRole.DECODE,) * decode
+
+
 def _act(config: ControllerConfig, action: Action, target: tuple[int, int], current: tuple[int, int],
          obs: Observation, needs: PoolNeeds | None, why: str, state: ControllerState,
          inputs: dict[str, float]) -> Decision:
@@ -320,9 +347,11 @@ def _act(config: ControllerConfig, action: Action, target: tuple[int, int], curr
     loads = evaluate(needs.prefill, needs.decode, current) if needs is not None else None
     prefill_busier = loads is not None and loads.prefill_load >= loads.decode_load
     if action is Action.ADD:
-        role = PoolRole.PREFILL if grow_p > grow_d or (grow_p == grow_d and prefill_busier) else PoolRole.DECODE
-        return Decision(obs.now_s, action, current, target, add=(role,),
-                        reason=f"{why}; starting a {role.value} worker.", inputs=inputs, state=state)
+        roles = _added_roles(grow_p, grow_d, target[0] + target[1] - sum(current), prefill_busier)
+        named = ", ".join(f"{roles.count(r)} {r.value}" for r in PoolRole if r in roles)
+        return Decision(obs.now_s, action, current, target, add=roles,
+                        reason=f"{why}; starting {named} worker{'s' if len(roles) > 1 else ''}.", inputs=inputs,
+                        state=state)
     if action is Action.MOVE:
         source = PoolRole.DECODE if grow_p > 0 else PoolRole.PREFILL
     else:  # REMOVE: from the pool that shrinks most, else the one with more slack
