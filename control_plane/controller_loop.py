@@ -14,7 +14,7 @@ Every `interval_s` (in the control plane's event loop):
     -> record: the decision as JSON on the `decisions` stream (`pdserve status` shows the last ones) and in the log
     -> act (unless dry run), each in the background, the policy seeing the worker in transition meanwhile:
        MOVE   drains the worker and makes it serve the other role (`WorkerPool.move`);
-       ADD    starts a worker in the pool named (`Scaler.plan_add`, `start_added`): on this machine's Ray, refused
+       ADD    starts workers in the pools named (`Scaler.plan_adds`, `start_added`): on this machine's Ray, refused
               at once if there is no room; on a Ray cluster, Ray (and its autoscaler) has `add_timeout_s` to place
               and start it, or it is killed;
        REMOVE drains the worker (its requests finish or are handed on) and stops it (`Scaler.remove`).
@@ -152,12 +152,14 @@ class ControllerLoop:
         for worker_id in decision.remove:
             if worker_id not in self._moving and worker_id in self.pool.specs:
                 self._moving[worker_id] = asyncio.create_task(self._remove(worker_id), name=f"remove-{worker_id}")
-        for role in decision.add:
-            try:
-                spec = self.scaler.plan_add(_ROLES[role])
-            except ScaleError as e:
-                await self._failed(f"Adding a {role.value} worker failed: {e}")
-                continue
+        if not decision.add:
+            return
+        try:
+            specs = self.scaler.plan_adds([_ROLES[role] for role in decision.add])
+        except ScaleError as e:
+            await self._failed(f"Adding {len(decision.add)} worker(s) failed: {e}")
+            return
+        for role, spec in zip(decision.add, specs):
             task = asyncio.create_task(self._add(spec.worker_id, spec), name=f"add-{spec.worker_id}")
             self._adding[spec.worker_id] = (role, task)
 

@@ -6,7 +6,7 @@ Control service).
     await pool.start(scaler.initial_specs())
     started, stopped = await scaler.scale({Role.DECODE: 3})      # starts or drains-then-stops workers
     stopped, started = await scaler.drain("decode-0", replace=True)
-    spec = scaler.plan_add(Role.DECODE); await scaler.start_added(spec, timeout_s=600)   # the controller's ADD
+    [spec] = scaler.plan_adds([Role.DECODE]); await scaler.start_added(spec, 600)      # the controller's ADD
     await scaler.remove("decode-3")                                                      # the controller's REMOVE
 
 A worker that is stopped is drained first: it takes no new requests, finishes those it runs, then stops, so no
@@ -109,14 +109,16 @@ class Scaler:
         log.warning("scaled to %s: started %s, stopped %s", {r.value: c for r, c in wanted.items()}, started, stopped)
         return started, stopped
 
-    def plan_add(self, role: Role) -> WorkerSpec:
-        """The spec of one new worker in `role` (the ratio controller's ADD), on the least-used cores. On this
-        machine's own Ray, refused with `ScaleError` when Ray has no room; on a Ray cluster, none is checked: an
-        autoscaler may bring up a node for it (`start_added` gives up after its timeout)."""
-        self._check(role, self.pool.counts()[role] + 1)
-        if self.cores:
-            self._check_room(role, 1)
-        return self._new_specs([role])[0]
+    def plan_adds(self, roles: list[Role]) -> list[WorkerSpec]:
+        """The specs of new workers, one per role in `roles` (the ratio controller's ADD), on the least-used cores.
+        On this machine's own Ray, refused with `ScaleError` when Ray has no room for them; on a Ray cluster, none
+        is checked: an autoscaler may bring up nodes for them (`start_added` gives up after its timeout)."""
+        counts = self.pool.counts()
+        for role in set(roles):
+            self._check(role, counts[role] + roles.count(role))
+            if self.cores:
+                self._check_room(role, roles.count(role))
+        return self._new_specs(roles)
 
     async def start_added(self, spec: WorkerSpec, timeout_s: float) -> None:
         """Start a planned worker; one Ray has not placed and started within `timeout_s` is killed and forgotten,

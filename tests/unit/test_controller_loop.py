@@ -117,8 +117,8 @@ class FakeScaler:
         self.started: list[str] = []
         self.removed: list[str] = []
 
-    def plan_add(self, role: Role) -> SimpleNamespace:
-        return SimpleNamespace(worker_id=f"{role.value}-9", role=role)
+    def plan_adds(self, roles: list[Role]) -> list[SimpleNamespace]:
+        return [SimpleNamespace(worker_id=f"{role.value}-{9 + i}", role=role) for i, role in enumerate(roles)]
 
     async def start_added(self, spec, timeout_s: float) -> None:
         await self.release.wait()

@@ -138,8 +138,9 @@ class StuckPool(FakePool):
 
 def test_an_add_ray_cannot_place_is_given_up_after_its_timeout_and_named():
     made, pool = scaler({"workers": {"prefill": {"count": 1}, "decode": {"count": 1}}})
-    spec = made.plan_add(Role.DECODE)
-    assert spec.worker_id == "decode-1" and spec.cores == (2,)  # the least-used cores
+    spec, other = made.plan_adds([Role.DECODE, Role.DECODE])
+    assert (spec.worker_id, other.worker_id) == ("decode-1", "decode-2")
+    assert (spec.cores, other.cores) == ((2,), (3,))  # the least-used cores, counting each other
     stuck = StuckPool(made.config)
     stuck.specs = dict(pool.specs)
     made.pool = stuck
@@ -152,4 +153,4 @@ def test_an_add_this_machine_has_no_room_for_is_refused_at_once():
     made, _ = scaler({"workers": {"prefill": {"count": 1}, "decode": {"count": 1}}},
                      free=lambda: {"CPU": 0.5, "GPU": 0.0})
     with pytest.raises(ScaleError, match="decode: 1 more worker.*need 1 CPUs.*0.5 CPUs"):
-        made.plan_add(Role.DECODE)
+        made.plan_adds([Role.DECODE])
