@@ -1,30 +1,27 @@
-"""A fast step-level model of a disaggregated cluster (`pdserve plan --fast`): the inputs and results of
-`bench.simulator.Simulation` (`SimSetup` in, `SimResult` out), at a cost that grows with engine steps and requests,
-never with tokens. This module owns the clock, the router and the controller; the workers' models are in
-`bench.fast_workers`.
+"""A fast step-level model of a disaggregated cluster (`pdserve plan --fast`): `SimSetup` in, `SimResult` out, as
+`bench.simulator.Simulation`, at a cost that grows with steps and requests, never with tokens. This module owns the
+clock, the router and the controller; the workers' models are in `bench.fast_workers`.
 
-The exact simulator runs a real `Engine` per worker and steps its scheduler; this one keeps what decides time:
+- router: `router.policy`'s load-only orders, as the exact simulator feeds them: the decode worker with the most free
+  KV blocks (then fewest requests, then id) reserves the prompt's blocks, and the queue waits, oldest first, while it
+  has no room (`max_num_seqs` or blocks); the prefill worker with the fewest prompt tokens in flight.
+- prefill worker: chunks under `max_num_batched_tokens` (and `max_num_seqs`), oldest prompt first, one event per
+  step, its seconds `CostModel.sums_cost` of the chunks as `SimRunner` sums them.
+- KV handoff: the prompt's blocks over the link (`streamed_transfer_seconds` with layerwise), then the request joins
+  the decode batch at its next step.
+- decode worker: a run of steps with the same sequences is one event, ended by the next finish or overflow, or cut
+  short at the step after a handoff; a finishing request frees its slot and blocks at the start of its last step.
+  When the batch's growth overflows the blocks, the newest requests are preempted and later recomputed in chunks
+  beside the decode tokens, as the scheduler does.
+- controller: the same policy `tick` on an `Observation` built as the exact simulator builds it; MOVE drains, then
+  `role_switch_s` before serving the other pool; ADD serves after `worker_start_s`; REMOVE drains and leaves.
 
-- router: as the exact one feeds `router.policy` (load-only orders): the decode worker with the most free KV blocks
-  (then fewest requests, then id) reserves the prompt's blocks at dispatch, and the queue waits, oldest first, while
-  that worker has no room (`max_num_seqs` or blocks); the prefill worker with the fewest prompt tokens in flight.
-- prefill worker: a FIFO of prompts cut into chunks under `max_num_batched_tokens` (at most `max_num_seqs` in a
-  step), one event per step, its seconds `CostModel.sums_cost` over the chunks, as `SimRunner` computes them.
-- KV handoff: the prompt's blocks over the link (`transfer_seconds`, or `streamed_transfer_seconds` with layerwise),
-  then the request joins the decode worker's batch at its next step.
-- decode worker: continuous batching as sums (`fast_workers.DecodeWorker`): a run of steps with the same sequences
-  is one event, ended by the next finish or cut short at the step boundary after a handoff. A finishing request's
-  blocks and slot are free from the start of its last step, when the router may use them.
-- controller: the same policy `tick` on an `Observation` built as `Simulation._observe` builds it; MOVE drains,
-  restarts for `role_switch_s`, then serves the other pool; ADD serves after `worker_start_s`; REMOVE drains and
-  leaves.
-
-Left out (a `ValueError` names the setting where it would matter): prefix caching and KV-aware routing (refused when
-the trace has prefix ids and `engine.prefix_caching` is on; without prefix ids synthetic prompts never share
-blocks), handing decode requests on (`hand_on_after_s`), speculative decoding (`engine.speculative`). Not modelled:
-preemption (a decode worker whose growing batch overflows its blocks keeps going, though the router still waits
-while the freest one has no room for a prompt), the prefill workers' KV blocks (a step adds at most
-`max_num_batched_tokens` of KV, far below a worker's cache), `max_model_len` checks, and ITLs (`itl_s` is empty).
+Refused (a `ValueError` names the setting): prefix caching on a trace with prefix ids (KV-aware routing with it),
+`hand_on_after_s`, `engine.speculative`. Not modelled: a preempted request resuming from its own cached blocks (with
+`engine.prefix_caching` the engine may; here it recomputes them all), the prefill workers' KV blocks (never short: a
+step adds at most `max_num_batched_tokens`), `max_model_len`, ITLs (`itl_s` is empty). The live router retries after
+every step; here the queue retries when room is freed, so a choice that changes only because batches grew is seen at
+the next freeing.
 """
 
 from __future__ import annotations
@@ -194,8 +191,6 @@ class FastSimulation:
         return best
 
     def _retry_when_freed(self) -> None:
-        """The exact router retries after every step of any worker; room appears only when a decode worker frees
-        it, so retry then."""
         self._retry_at(min((w.free_time(self.now) for w in self._ready(PoolRole.DECODE)), default=math.inf))
 
     def _retry_at(self, t: float) -> None:
@@ -240,10 +235,10 @@ class FastSimulation:
             worker.in_flight -= prompt
             self._prompt_tokens += prompt
             self._first[request] = self._last[request] = self.now
-            if self._output[request] <= 1:
+            if self._output[request] <= 1:  # done at its first token: its reservation is let go
                 decode = self._decode_of[request]
-                decode.held, decode.held_blocks = decode.held - 1, decode.held_blocks - blocks_for(
-                    prompt, self.shape.block_size)
+                blocks = blocks_for(prompt, self.shape.block_size)
+                decode.held, decode.held_blocks = decode.held - 1, decode.held_blocks - blocks
                 self._finish(request)
                 self._maybe_drained(decode)
                 self._blocked = False
@@ -307,21 +302,18 @@ class FastSimulation:
             self._finished_rows.append(Finished(self._prompt[request], output, first - arrival, tpot))
 
     def _records(self) -> tuple[RequestRecord, ...]:
+        """The finished requests in the order they finished, then those lost at the horizon."""
         records = []
         for i in self._done:
             e, first, last = self.trace[i], self._first[i], self._last[i]
             tpot = (last - first) / (e.output_tokens - 1) if e.output_tokens > 1 else 0.0
-            records.append(RequestRecord(
-                request_id=f"r{i}", arrival_s=e.arrival_s, input_tokens=e.input_tokens,
-                output_tokens=e.output_tokens, queue_s=self._dispatched[i] - e.arrival_s, ttft_s=first - e.arrival_s,
-                tpot_s=tpot, e2e_s=last - e.arrival_s, itl_s=(), ok=True, error=""))
-        finished = set(self._done)
-        for i in (i for i in range(len(self.trace)) if i not in finished):
-            e = self.trace[i]
-            records.append(RequestRecord(
-                request_id=f"r{i}", arrival_s=e.arrival_s, input_tokens=e.input_tokens,
-                output_tokens=int(not math.isnan(self._first[i])), queue_s=math.nan, ttft_s=math.nan,
-                tpot_s=math.nan, e2e_s=math.nan, itl_s=(), ok=False, error="unfinished at the horizon"))
+            records.append(RequestRecord(f"r{i}", e.arrival_s, e.input_tokens, e.output_tokens,
+                                         self._dispatched[i] - e.arrival_s, first - e.arrival_s, tpot,
+                                         last - e.arrival_s, (), True))
+        finished, nan = set(self._done), math.nan
+        records += [RequestRecord(f"r{i}", e.arrival_s, e.input_tokens, int(not math.isnan(self._first[i])), nan, nan,
+                                  nan, nan, (), False, "unfinished at the horizon")
+                    for i, e in enumerate(self.trace) if i not in finished]
         return tuple(records)
 
     # ---- the controller --------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """The workers of the fast simulator (`bench.fast_simulator`): a prefill worker's queue of prompts and a decode
-worker's batch, as the few numbers that decide their steps' times. No clock and no events here: the simulator asks
-a worker for its next step (prefill) or run of steps (decode) and for its load at a time.
+worker's batch (`bench.fast_batch`), its reservations and its preempted requests, as the few numbers that decide
+their steps' times. No clock and no events here: the simulator asks a worker for its next step (prefill) or run of
+steps (decode) and for its load at a time.
 
-A decode worker's batch is sums, not per-sequence state. A sequence that joined at step j with a prompt of L tokens
-holds a = L - j + g tokens of KV at step g, so the batch is its size, the sum of a, a histogram of a mod block_size
-(its KV blocks at any step, in O(1)) and a heap of the steps at which sequences finish. A step's seconds are affine
-in the batch's total context, which grows by the batch size per step, so a run of k steps with the same sequences
-lasts k*alpha + beta*k*(k-1)/2.
+A decode step's seconds are affine in the batch's total context, which grows by the batch size per step, so a run of
+k steps with the same sequences lasts k*alpha + beta*k*(k-1)/2; it ends at the next finish, or where the batch's
+growth overflows the KV blocks (there the newest running requests are preempted, to be recomputed in chunks beside
+the decode tokens when room allows, as the engine's scheduler does).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from pdserve.bench.fast_batch import Batch
 from pdserve.controller.observation import PoolRole
 from pdserve.engine.block_manager import blocks_for
 from pdserve.engine.cost_model import CostModel
@@ -98,8 +99,8 @@ class PrefillWorker:
 
 
 class DecodeWorker:
-    """A decode worker's batch as sums (see the module docstring), its reservations, the requests joining it, and
-    the requests its scheduler preempted (waiting, then recomputed in chunks beside the batch's decode tokens)."""
+    """A decode worker's batch, its reservations, the requests joining it, and the requests its scheduler preempted
+    (waiting, then recomputed in chunks beside the batch's decode tokens)."""
 
     role = PoolRole.DECODE
 
@@ -111,25 +112,19 @@ class DecodeWorker:
         self.joining: list[tuple[int, int, int, int]] = []
         """(request, prompt tokens, tokens to decode, order): KV arrived during the current step."""
         self.joining_blocks = 0
-        self.members = self.a_sum = self.q_sum = 0
-        self.residues = [0] * shape.block_size
-        """How many members have a = q * block_size + r, per r."""
-        self.a_of: dict[int, int] = {}
+        self.batch = Batch(shape.block_size)
         self.order_of: dict[int, int] = {}
         """Service order (reservation order) of every running request: the newest is preempted first."""
         self.newest: list[tuple[int, int]] = []
         """Heap of (-order, request) over running requests (entries of requests gone are skipped)."""
-        self.done_of: dict[int, int] = {}
-        self.finishing: dict[int, list[int]] = {}
-        """Step g -> the members that are done once g steps have run."""
-        self.finish_steps: list[int] = []
         self.waiting: list[tuple[int, int, int, int]] = []
         """Preempted: (order, request, tokens to recompute, tokens still to decode), in service order."""
         self.recomputing: dict[int, list[int]] = {}
         """Request -> [tokens to recompute, computed, tokens still to decode], in admission order."""
         self.recompute_blocks = 0
-        self.chunks: list[tuple[int, int]] = []
-        """The current step's recompute chunks: (request, tokens), when it has any (it is then a run of one)."""
+        self.chunks: list[tuple[int, int, int]] = []
+        """The current step's recompute chunks: (request, new tokens, tokens computed after), when it has any (it is
+        then a run of one)."""
         self.preemptions = 0
         self.step = 0
         """Steps run before the current run."""
@@ -142,7 +137,7 @@ class DecodeWorker:
 
     @property
     def has_requests(self) -> bool:
-        return bool(self.members or self.joining or self.held or self.waiting or self.recomputing)
+        return bool(self.batch.size or self.joining or self.held or self.waiting or self.recomputing)
 
     def commit(self, request: int, prompt: int, decode_tokens: int, order: int) -> None:
         """Its KV is here: a held reservation joins the batch at the next step."""
@@ -155,24 +150,23 @@ class DecodeWorker:
         """At a step boundary: preempt what the batch's growth does not fit, else recompute what waits; then run
         until the next finish or overflow (or one step, with recompute chunks). The run's end (None: nothing to
         run)."""
-        while self.finish_steps and self.finish_steps[0] not in self.finishing:
-            heapq.heappop(self.finish_steps)
-        g = self.step
-        preempted = self._preempt_overflow(g)
-        new, context, pairs, sampled = self._recompute_sums(g) if not preempted else (0, 0, 0, 0)
-        if not self.members and not new:
+        g, preemptions, batch = self.step, self.preemptions, self.batch
+        admit = not (self._room(g) < 0 and self._preempt_overflow(g))
+        new = context = pairs = sampled = 0
+        if self.waiting or self.recomputing:
+            new, context, pairs, sampled = self._recompute_sums(g, admit)
+        if not batch.size and not new:
             self.busy = False
             return None
-        batch = self.members
-        decode_context = self.a_sum + batch * g + batch
-        self.alpha = self.shape.cost.sums_cost(new + batch, context + decode_context, pairs + decode_context,
-                                               sampled + batch).seconds
+        decode_context = batch.context(g)
+        self.alpha = self.shape.cost.sums_cost(new + batch.size, context + decode_context, pairs + decode_context,
+                                               sampled + batch.size).seconds
         if new:
             self.beta, self.run_steps = 0.0, 1
         else:
-            self.beta = self.shape.per_context_s * batch
-            until = g + 1 if preempted and self.waiting else self.finish_steps[0]  # room to admit at the next step?
-            self.run_steps = self._overflow_step(g + 1, until) - g
+            self.beta = self.shape.per_context_s * batch.size
+            admit_next = self.preemptions != preemptions and self.waiting  # room to admit at the next step?
+            self.run_steps = self._overflow_step(g + 1, g + 1 if admit_next else batch.next_finish()) - g
         self.run_start, self.busy = now, True
         self.generation += 1
         return now + self._elapsed(self.run_steps)
@@ -186,22 +180,20 @@ class DecodeWorker:
 
     def cut_at_overflow(self, now: float) -> float | None:
         """A reservation took blocks: end the run where its growth no longer fits; that step's time, if earlier."""
-        if not self.busy or self.chunks:
+        end = self.step + self.run_steps
+        if not self.busy or self.chunks or self._room(end - 1) >= 0:
             return None
         g = self.step + self._step_at(now - self.run_start)
-        return self._cut(self._overflow_step(g + 1, self.step + self.run_steps) - self.step)
+        return self._cut(self._overflow_step(g + 1, end) - self.step)
 
     def end_run(self) -> list[int]:
         """The run's steps are done: drop the requests they finished, take in those joining; the finished."""
         self.step += self.run_steps
         self.run_steps, self.busy = 0, False
-        done: list[int] = []
-        if self.finish_steps and self.finish_steps[0] == self.step:
-            heapq.heappop(self.finish_steps)
-            done = self.finishing.pop(self.step, [])
-            for request in done:
-                self._leave(request)
-        for request, tokens in self.chunks:
+        done = self.batch.finish(self.step)
+        for request in done:
+            del self.order_of[request]
+        for request, _, tokens in self.chunks:
             job = self.recomputing[request]
             if job[1] < job[0]:
                 continue
@@ -222,16 +214,16 @@ class DecodeWorker:
         """(KV blocks used, requests held or running) as its engine says at `now`."""
         used = self.held_blocks + self.joining_blocks + self.recompute_blocks
         count = self.held + len(self.joining) + len(self.recomputing)
-        if not self.busy or not self.members:
+        batch = self.batch
+        if not self.busy or not batch.size:
             return used, count
-        g = self.step + self._step_at(now - self.run_start)
-        blocks = self._blocks(g)
-        count += self.members
-        if self.finish_steps[0] == g + 1:  # its last step: the requests it finishes have freed their blocks
-            for request in self.finishing.get(g + 1, ()):
-                blocks -= (self.a_of[request] + g) // self.shape.block_size + 1
-                count -= 1
-        return used + blocks, count
+        generation, j, start, end = self._last_step  # `_step_at`, inlined for the router's many questions
+        x = now - self.run_start
+        if generation != self.generation or not start <= x + 1e-9 < end:
+            j = self._step_at(x)
+        g = self.step + j
+        freed, freed_blocks = batch.freed_at(g)  # its last step: they have freed their blocks
+        return used + batch.blocks(g) - freed_blocks, count + batch.size - freed
 
     def observe(self, now: float) -> tuple[int, int, int, int]:
         """(running, waiting, queued tokens to recompute, KV blocks used), as its engine's load says."""
@@ -244,50 +236,21 @@ class DecodeWorker:
         if not self.busy:
             return math.inf
         end = self.run_start + self._elapsed(self.run_steps)
-        if self.finish_steps and self.finish_steps[0] == self.step + self.run_steps:
+        if self.step + self.run_steps in self.batch.finishing:
             last = self.run_start + self._elapsed(self.run_steps - 1)
             if last > now:
                 return last
         return end
 
-    # ---- the batch's sums ------------------------------------------------------------------------------------
-    def _join(self, request: int, prompt: int, decode_tokens: int, order: int) -> None:
-        a = prompt - self.step
-        self.a_of[request] = a
+    def _join(self, request: int, tokens: int, decode_tokens: int, order: int) -> None:
+        self.batch.join(request, tokens, decode_tokens, self.step)
         self.order_of[request] = order
         heapq.heappush(self.newest, (-order, request))
-        self._account(a, 1)
-        done = self.done_of[request] = self.step + decode_tokens
-        if done not in self.finishing:
-            self.finishing[done] = []
-            heapq.heappush(self.finish_steps, done)
-        self.finishing[done].append(request)
-
-    def _leave(self, request: int) -> int:
-        """Out of the batch (finished or preempted); its a."""
-        a = self.a_of.pop(request)
-        self._account(a, -1)
-        del self.order_of[request]
-        del self.done_of[request]
-        return a
-
-    def _account(self, a: int, sign: int) -> None:
-        laps, residue = divmod(a, self.shape.block_size)
-        self.members += sign
-        self.a_sum += sign * a
-        self.q_sum += sign * laps
-        self.residues[residue] += sign
-
-    def _blocks(self, g: int) -> int:
-        """KV blocks of every member at step g, each grown for the token it computes then."""
-        size = self.shape.block_size
-        laps, offset = divmod(g, size)
-        return self.members * (1 + laps) + self.q_sum + (sum(self.residues[size - offset:]) if offset else 0)
 
     def _room(self, g: int) -> int:
         """Blocks free at step g once the members have grown."""
         return (self.shape.num_blocks - self.held_blocks - self.joining_blocks - self.recompute_blocks
-                - (self._blocks(g) if self.members else 0))
+                - self.batch.blocks(g))
 
     def _overflow_step(self, low: int, high: int) -> int:
         """The first step in [low, high) whose growth does not fit (high: none)."""
@@ -312,16 +275,17 @@ class DecodeWorker:
     def _preempt_overflow(self, g: int) -> bool:
         """Preempt the newest running requests until the members' growth at step g fits; whether any was."""
         preempted = False
-        while self.newest and (self.members or self.recomputing) and self._room(g) < 0:
+        while (self.batch.size or self.recomputing) and self._room(g) < 0 and self._preempt_newest(g) is not None:
+            preempted = True
+        return preempted
+
+    def _preempt_newest(self, g: int) -> int | None:
+        """Preempt the running request last in service order at step g: it waits to be recomputed."""
+        while self.newest:
             _, request = heapq.heappop(self.newest)
-            if request in self.a_of:
-                done = self.done_of[request]
-                self.finishing[done].remove(request)
-                if not self.finishing[done]:
-                    del self.finishing[done]
-                order = self.order_of[request]
-                tokens = self._leave(request) + g + 1
-                bisect.insort(self.waiting, (order, request, tokens, done - g))
+            if request in self.batch:
+                tokens, left = self.batch.preempt(request, g)
+                bisect.insort(self.waiting, (self.order_of.pop(request), request, tokens, left))
             elif request in self.recomputing:
                 job = self.recomputing.pop(request)
                 self.recompute_blocks -= blocks_for(job[1], self.shape.block_size)
@@ -329,47 +293,55 @@ class DecodeWorker:
             else:
                 continue
             self.preemptions += 1
-            preempted = True
-        return preempted
+            return request
+        return None
 
-    def _recompute_sums(self, g: int) -> tuple[int, int, int, int]:
-        """Chunks for step g: the recomputes under way, then waiting requests admitted, oldest first, within the
-        token budget, the free blocks and max_num_seqs; their (new, context, pairs, sampled) sums."""
-        budget, room = self.shape.max_num_batched_tokens - self.members, self._room(g)
-        sums = [0, 0, 0, 0]
-        for request, job in self.recomputing.items():
-            grow = self._chunk(request, job, budget, room, sums)
-            if grow < 0:
-                return tuple(sums)
-            budget, room = self.shape.max_num_batched_tokens - self.members - sums[0], room - grow
+    def _recompute_sums(self, g: int, admit: bool) -> tuple[int, int, int, int]:
+        """Chunks for step g: the recomputes under way (a chunk without room preempts the newest, maybe itself), then,
+        if `admit` and none was preempted, waiting requests oldest first; all within the token budget, the free blocks
+        and max_num_seqs. The chunks' (new, context, pairs, sampled) sums."""
+        budget, preempted = self.shape.max_num_batched_tokens - self.batch.size, not admit
+        for request, job in list(self.recomputing.items()):
+            if request not in self.recomputing:
+                continue  # preempted for an older one's chunk
+            n = min(job[0] - job[1], budget)
+            if n <= 0:
+                break
+            grow = blocks_for(job[1] + n, self.shape.block_size) - blocks_for(job[1], self.shape.block_size)
+            while grow > self._room(g) and self._preempt_newest(g) not in (None, request):
+                preempted = True
+            if request not in self.recomputing or grow > self._room(g):
+                preempted = True
+                continue
+            budget -= self._chunk(request, job, n, grow)
         size = self.shape.block_size
-        while self.waiting and budget > 0 and len(self.recomputing) + self.members < self.shape.max_num_seqs:
+        while not preempted and self.waiting and budget > 0 and (
+                len(self.recomputing) + self.batch.size < self.shape.max_num_seqs):
             order, request, tokens, left = self.waiting[0]
-            if blocks_for(min(tokens, budget), size) > room:
+            n = min(tokens, budget)
+            if blocks_for(n, size) > self._room(g):
                 break
             del self.waiting[0]
             job = self.recomputing[request] = [tokens, 0, left]
             self.order_of[request] = order
             heapq.heappush(self.newest, (-order, request))
-            room -= self._chunk(request, job, budget, room, sums)
-            budget = self.shape.max_num_batched_tokens - self.members - sums[0]
-        return tuple(sums)
+            budget -= self._chunk(request, job, n, blocks_for(n, size))
+        sums = [0, 0, 0, 0]
+        for request, n, k in self.chunks:
+            if request in self.recomputing:  # not preempted after its chunk was planned
+                sums[0] += n
+                sums[1] += k
+                sums[2] += n * k - (n * (n - 1) >> 1)
+                sums[3] += k == self.recomputing[request][0]
+        self.chunks = [c for c in self.chunks if c[0] in self.recomputing]
+        return sums[0], sums[1], sums[2], sums[3]
 
-    def _chunk(self, request: int, job: list[int], budget: int, room: int, sums: list[int]) -> int:
-        """Schedule the next chunk of a recompute into `sums`; the blocks it grows by (-1: it does not fit)."""
-        size = self.shape.block_size
-        n = min(job[0] - job[1], budget)
-        grow = blocks_for(job[1] + n, size) - blocks_for(job[1], size)
-        if n <= 0 or grow > room:
-            return -1
+    def _chunk(self, request: int, job: list[int], n: int, grow: int) -> int:
+        """Plan the next n tokens of a recompute, its KV growing by `grow` blocks; n."""
         k = job[1] = job[1] + n
-        self.chunks.append((request, k))
+        self.chunks.append((request, n, k))
         self.recompute_blocks += grow
-        sums[0] += n
-        sums[1] += k
-        sums[2] += n * k - (n * (n - 1) >> 1)
-        sums[3] += k == job[0]
-        return grow
+        return n
 
     def _elapsed(self, k: int) -> float:
         """Seconds of the run's first k steps."""
@@ -381,9 +353,16 @@ class DecodeWorker:
         x += 1e-9
         if self.run_steps <= 1 or x <= 0:
             return 0
-        last = self._last_step
-        if last[0] == self.generation and last[2] <= x < last[3]:
-            return last[1]  # asked again within one step (the router asks for every request it places)
+        generation, j, start, end = self._last_step
+        if generation == self.generation and start <= x:
+            for _ in range(4):  # the router asks about every decode worker for every request: mostly a step on
+                if x < end:
+                    self._last_step = (generation, j, start, end)
+                    return j
+                if j + 1 == self.run_steps:
+                    return j
+                j, start = j + 1, end
+                end = start + self.alpha + self.beta * j
         b = self.alpha - self.beta / 2
         j = min(max(int((math.sqrt(b * b + 2 * self.beta * x) - b) / self.beta), 0), self.run_steps - 1)
         while j > 0 and self._elapsed(j) > x:
@@ -392,5 +371,6 @@ class DecodeWorker:
             j += 1
         self._last_step = (self.generation, j, self._elapsed(j), self._elapsed(j + 1))
         return j
+
 
 Worker = PrefillWorker | DecodeWorker
