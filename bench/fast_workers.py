@@ -222,8 +222,10 @@ class DecodeWorker:
         if generation != self.generation or not start <= x + 1e-9 < end:
             j = self._step_at(x)
         g = self.step + j
-        freed, freed_blocks = batch.freed_at(g)  # its last step: they have freed their blocks
-        return used + batch.blocks(g) - freed_blocks, count + batch.size - freed
+        if g + 1 in batch.finishing:  # its last step: the requests it finishes have freed their blocks
+            freed, freed_blocks = batch.freed_at(g)
+            return used + batch.blocks(g) - freed_blocks, count + batch.size - freed
+        return used + batch.blocks(g), count + batch.size
 
     def observe(self, now: float) -> tuple[int, int, int, int]:
         """(running, waiting, queued tokens to recompute, KV blocks used), as its engine's load says."""
