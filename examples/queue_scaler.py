@@ -11,7 +11,8 @@
         --policy-config '{"add_above": 4}' --min-workers 2 --max-workers 8
 
 It knows nothing of the model or the SLOs: each tick it counts the requests waiting per worker in each pool (prefill:
-those queued on prefill workers plus those waiting at the routers; decode: those queued on decode workers). Above
+those queued on prefill workers; decode: those queued on decode workers plus those waiting at the routers, which
+wait for a decode worker with room for their KV). Above
 `add_above` in a pool, it adds a worker there; once both pools have had no more than `remove_at` waiting for
 `quiet_ticks` ticks in a row, it removes the least loaded worker of the larger pool. While a worker is starting or
 draining it holds. The adapter keeps it within the budget (`min_workers`, `max_workers`, the per-pool bounds).
@@ -77,7 +78,7 @@ class QueueScaler:
         for role in PoolRole:
             workers = observation.active(role)
             waiting = sum(w.waiting for w in workers)
-            if role is PoolRole.PREFILL:
+            if role is PoolRole.DECODE:
                 waiting += observation.traffic.router_waiting
             queued[role] = waiting / max(len(workers), 1)
         return queued

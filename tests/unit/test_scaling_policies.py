@@ -99,8 +99,10 @@ def test_adapters_refuse_what_breaks_the_budget_or_names_no_active_worker():
 
 def test_queue_scaler_adds_where_requests_wait_and_removes_after_quiet_ticks():
     scaler = QueueScaler(context(), {"add_above": 3, "quiet_ticks": 2})
-    busy = scaler.tick(observation(2, 2, router_waiting=10))  # 10 waiting at the router / 2 prefill workers
-    assert busy.action is Action.ADD and busy.add == (PoolRole.PREFILL,) and "5.0 requests wait" in busy.reason
+    busy = scaler.tick(observation(2, 2, router_waiting=10))  # 10 waiting at the router for decode room / 2
+    assert busy.action is Action.ADD and busy.add == (PoolRole.DECODE,) and "5.0 requests wait" in busy.reason
+    prefill_busy = scaler.tick(observation(2, 2, waiting=4))  # 4 queued on each prefill worker
+    assert prefill_busy.add == (PoolRole.PREFILL,)
     assert scaler.tick(observation(2, 2, starting=PoolRole.PREFILL)).action is Action.HOLD
     assert scaler.tick(observation(3, 2)).action is Action.HOLD  # quiet 1 of 2
     quiet = scaler.tick(observation(3, 2))
