@@ -87,9 +87,11 @@ class ControllerConfig:
     decision. Below 1.0 because an added worker serves only after its start (a minute or more on GPUs) while the
     load may still be rising; sized in one step because adding one worker per cooldown and start fell minutes
     behind a morning ramp in `pdserve plan` (BENCHMARKS.md, "Autoscaling")."""
-    scale_down_load: float = 0.6
+    scale_down_load: float = 0.7
     """Remove a worker (within min_workers) when the best split of one worker fewer keeps both pools at or below
-    this: far enough below target_load that a removal does not call for an add on the next rise."""
+    this: below target_load, so that a removal does not call for an add on the next rise, but not far below (the
+    fleet may run target_load / scale_down_load times larger than it needs: at 0.6 the live daily run kept 12
+    workers through an afternoon that needed 9); scale_down_cooldown_s keeps removals apart."""
     scale_down_cooldown_s: float = 120.0
     """No remove within this long of the last move, add or remove (the cooldown for adds and moves is cooldown_s).
     Scaling down waits longer than scaling up: a worker removed too early costs a start (minutes on a GPU node that
