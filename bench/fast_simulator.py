@@ -27,7 +27,6 @@ the next freeing.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import heapq
 import itertools
 import math
@@ -39,10 +38,10 @@ from pdserve.bench.fast_workers import DecodeWorker, PrefillWorker, Shape, Worke
 from pdserve.bench.metrics import RequestRecord
 from pdserve.bench.simulator import PoolSample, SimResult, SimSetup
 from pdserve.bench.workloads import TraceEntry
-from pdserve.controller.decision import Action, Decision
+from pdserve.controller.decision import Decision
 from pdserve.controller.observation import Observation, PoolRole, WorkerObservation
 from pdserve.controller.output_lengths import class_counts
-from pdserve.controller.policy import PolicyContext, load_policy, refusal
+from pdserve.controller.policy import PolicyContext, load_policy, within_budget
 from pdserve.controller.window import Finished, traffic_window
 from pdserve.engine.block_manager import blocks_for
 from pdserve.engine.engine import Engine
@@ -320,11 +319,7 @@ class FastSimulation:
     def _tick(self, _: None) -> None:
         config = self.setup.controller
         observation = self._observe()
-        decision = self._policy.tick(observation)
-        why_not = refusal(decision, observation, config)
-        if why_not:
-            decision = dataclasses.replace(decision, action=Action.HOLD, moves=(), add=(), remove=(),
-                                           reason=f"Refused: {why_not} ({decision.reason})")
+        decision = within_budget(self._policy.tick(observation), observation, config)
         self._decisions.append(decision)
         for move in decision.moves:
             self._worker(move.worker_id).draining = True

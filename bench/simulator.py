@@ -26,7 +26,6 @@ prefilled again and decoded elsewhere, under a new attempt id.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import math
@@ -39,10 +38,10 @@ from pdserve.bench.metrics import SLO, RequestRecord
 from pdserve.bench.sim_views import prompt_affinity, worker_info, worker_observation
 from pdserve.bench.workloads import TraceEntry, make_prompt_ids
 from pdserve.controller.config import ControllerConfig
-from pdserve.controller.decision import Action, Decision
+from pdserve.controller.decision import Decision
 from pdserve.controller.observation import Observation, PoolRole
 from pdserve.controller.output_lengths import class_counts
-from pdserve.controller.policy import PolicyContext, load_policy, refusal
+from pdserve.controller.policy import PolicyContext, load_policy, within_budget
 from pdserve.controller.window import Finished, traffic_window
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.cost_model import Link
@@ -373,11 +372,7 @@ class Simulation:
     def _tick(self) -> None:
         config = self.setup.controller
         observation = self._observe(config.interval_s)
-        decision = self._policy.tick(observation)
-        why_not = refusal(decision, observation, config)
-        if why_not:
-            decision = dataclasses.replace(decision, action=Action.HOLD, moves=(), add=(), remove=(),
-                                           reason=f"Refused: {why_not} ({decision.reason})")
+        decision = within_budget(self._policy.tick(observation), observation, config)
         self._decisions.append(decision)
         for move in decision.moves:
             self._drain(self._worker(move.worker_id))

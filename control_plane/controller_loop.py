@@ -9,7 +9,7 @@ Every `interval_s` (in the control plane's event loop):
              in the registry, sampled each tick and taken per router, so a router that starts again from zero
              counts right) and the requests waiting at the routers
              and the operator's pin (Redis, or the config)
-    -> policy.tick(observation) -> Decision; one that breaks the budget is refused (`policy.refusal`): recorded as
+    -> policy.tick(observation) -> Decision; one that breaks the budget is refused (`policy.within_budget`): recorded as
        a HOLD saying why, and not acted on
     -> record: the decision as JSON on the `decisions` stream (`pdserve status` shows the last ones) and in the log
     -> act (unless dry run), each in the background, the policy seeing the worker in transition meanwhile:
@@ -38,7 +38,7 @@ from pdserve.control_plane.worker_pool import WorkerPool
 from pdserve.controller.config import ControllerConfig
 from pdserve.controller.decision import Action, Decision
 from pdserve.controller.observation import Observation, PoolRole, WorkerObservation
-from pdserve.controller.policy import Policy, refusal
+from pdserve.controller.policy import Policy, within_budget
 from pdserve.controller.window import finished_requests, traffic_window
 from pdserve.registry.entries import Role, RouterInfo, WorkerInfo, WorkerState
 from pdserve.registry.registry import Registry
@@ -85,11 +85,7 @@ class ControllerLoop:
         workers, timings, pin, routers = await asyncio.to_thread(self._read)
         observation = dataclasses.replace(self.observe(workers, timings, routers), pin=pin or self.config.pin)
         self._last = observation
-        decision = self.policy.tick(observation)
-        why_not = refusal(decision, observation, self.config)
-        if why_not:
-            decision = dataclasses.replace(decision, action=Action.HOLD, moves=(), add=(), remove=(),
-                                           reason=f"Refused: {why_not} ({decision.reason})")
+        decision = within_budget(self.policy.tick(observation), observation, self.config)
         await self._record(decision)
         if not self.dry_run:
             await self._act(decision)

@@ -26,6 +26,7 @@ not active is refused (`refusal`), logged, and not acted on, so a policy cannot 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -130,6 +131,15 @@ def refusal(decision: Decision, observation: Observation, config: ControllerConf
         if left < low and any(r is role for _, r, _ in leaving):
             return f"it leaves {left} {role.value} workers, below min_{role.value} ({low})"
     return ""
+
+
+def within_budget(decision: Decision, observation: Observation, config: ControllerConfig) -> Decision:
+    """`decision` if the adapter may act on it; else a HOLD whose reason says why it was refused."""
+    why_not = refusal(decision, observation, config)
+    if not why_not:
+        return decision
+    return dataclasses.replace(decision, action=Action.HOLD, moves=(), add=(), remove=(),
+                               reason=f"Refused: {why_not} ({decision.reason})")
 
 
 def is_change(decision: Decision) -> bool:
