@@ -140,8 +140,3 @@ def within_budget(decision: Decision, observation: Observation, config: Controll
         return decision
     return dataclasses.replace(decision, action=Action.HOLD, moves=(), add=(), remove=(),
                                reason=f"Refused: {why_not} ({decision.reason})")
-
-
-def is_change(decision: Decision) -> bool:
-    """The decision asks the adapter to do something."""
-    return decision.action is not Action.HOLD and bool(decision.moves or decision.add or decision.remove)
