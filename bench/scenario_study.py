@@ -1,0 +1,244 @@
+"""The controller against the best static split on a family of generated scenarios (`bench.scenarios`).
+
+For each scenario: the goodput (the highest rate multiple at which >= 90% of requests meet both SLOs) of the best
+static P:D split, and of the ratio controller starting from the even split, both simulated by the fast planner
+(`bench.fast_simulator`) on the same requests at each rate. The ratio controller / best static is what the
+controller is for; `pdserve plan` does the same for one scenario with every split shown.
+
+Finding the best static split of N workers by searching all N - 1 would cost most of the time, so it is found in two
+stages: the even split's goodput first, then every split's attainment at 1.1x that rate (just past the even split's
+knee, where the splits differ most), and a full search of the three best there (the even split among them). The
+static results do not depend on the controller, so they are kept in `static.json` in the output folder and reused by
+runs that change only the controller's settings (`--set name=value`).
+
+    python -m pdserve.bench.scenario_study --seeds 0-19 --out DIR [--set cooldown_s=10 ...] [--processes 2]
+
+Goodputs are multiples of the scenario's drawn rate; the search brackets the goodput by factors of 1.5 and bisects
+to 2% of it, then interpolates to 90%, so a ratio is good to about +-2%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.bench.metrics import SLO, attainment, goodput_estimate
+from pdserve.bench.planner import TARGET_ATTAINMENT, Candidate, PlanSetup, simulate
+from pdserve.bench.scenarios import KV_FRACTION, Scenario, ScenarioTraffic, cost_model, generate
+from pdserve.controller.config import ControllerConfig
+from pdserve.controller.decision import Action
+from pdserve.engine.config import EngineConfig, SimSettings
+
+GENERATOR_VERSION = 1
+"""Bumped when `bench.scenarios` draws differently, so that cached static results are not reused across versions."""
+FIRST_FACTOR = 0.5
+STEP = 1.5
+RESOLUTION = 0.02
+MAX_RUNS = 12
+ROLE_SWITCH_S = 5.0
+WINDOW_S = 30.0
+
+
+@dataclass(frozen=True)
+class Goodput:
+    factor: float
+    """Interpolated rate multiple at 90% attainment (0: missed even at the lowest rate tried)."""
+    points: tuple[tuple[float, float], ...]
+    moves: int = 0
+    """Controller moves at the highest passing rate."""
+
+
+def plan_setup(scenario: Scenario, settings: Mapping[str, Any]) -> PlanSetup:
+    """The planner's setup for a scenario, with the controller's defaults changed by `settings`."""
+    engine = EngineConfig(backend="sim", model=scenario.model, prefix_caching=False,
+                          sim=SimSettings(hardware=scenario.hardware, tensor_parallel=scenario.tensor_parallel))
+    controller = ControllerConfig(slo_ttft_s=scenario.slo_ttft_s, slo_tpot_s=scenario.slo_tpot_s,
+                                  kv_capacity_tokens=cost_model(scenario).kv_capacity_tokens(KV_FRACTION),
+                                  **settings)
+    return PlanSetup(engine=engine, workers=scenario.workers, slo=SLO(scenario.slo_ttft_s, scenario.slo_tpot_s),
+                     controller=controller, role_switch_s=ROLE_SWITCH_S, window_s=WINDOW_S, routing="load",
+                     fast=True)
+
+
+def search(run: Callable[[float], tuple[float, int]]) -> Goodput:
+    """Bracket the 90% crossing by factors of STEP from FIRST_FACTOR, then bisect it to RESOLUTION."""
+    points: list[tuple[float, float]] = []
+    moves: dict[float, int] = {}
+
+    def passes(factor: float) -> bool:
+        value, moved = run(factor)
+        points.append((factor, value))
+        moves[factor] = moved
+        return value >= TARGET_ATTAINMENT
+
+    low, high = FIRST_FACTOR, FIRST_FACTOR
+    if passes(FIRST_FACTOR):
+        while len(points) < MAX_RUNS and passes(high := high * STEP):
+            low = high
+    else:
+        while len(points) < MAX_RUNS and not passes(low := low / STEP):
+            high = low
+    while len(points) < MAX_RUNS and high - low > RESOLUTION * low:
+        middle = (low + high) / 2
+        if passes(middle):
+            low = middle
+        else:
+            high = middle
+    estimate = goodput_estimate(points, TARGET_ATTAINMENT)
+    return Goodput(estimate.interpolated, tuple(points), moves.get(estimate.rate, 0))
+
+
+def candidate_goodput(scenario: Scenario, candidate: Candidate, settings: Mapping[str, Any]) -> Goodput:
+    setup = plan_setup(scenario, settings)
+    traffic = ScenarioTraffic(scenario)
+
+    def run(factor: float) -> tuple[float, int]:
+        result = simulate(setup, candidate, traffic.at(factor))
+        return (attainment(result.records, setup.slo),
+                sum(1 for d in result.decisions if d.action is Action.MOVE))
+
+    return search(run)
+
+
+def static_best(seed: int) -> dict:
+    """The best static split of a scenario (two stages, see the module's docstring)."""
+    scenario = generate(seed)
+    setup = plan_setup(scenario, {})
+    traffic = ScenarioTraffic(scenario)
+    n = scenario.workers
+    even = Candidate(n // 2, n - n // 2, False)
+    found = {even.prefill: candidate_goodput(scenario, even, {})}
+    probe = traffic.at(max(found[even.prefill].factor, 0.05) * 1.1)
+    scores = {p: attainment(simulate(setup, Candidate(p, n - p, False), probe).records, setup.slo)
+              for p in range(1, n)}
+    for p in sorted(scores, key=lambda p: -scores[p])[:3]:
+        if p not in found:
+            found[p] = candidate_goodput(scenario, Candidate(p, n - p, False), {})
+    best = max(found, key=lambda p: found[p].factor)
+    return {"seed": seed, "best": f"{best}:{n - best}", "goodput": found[best].factor,
+            "searched": {f"{p}:{n - p}": found[p].factor for p in sorted(found)},
+            "probe": {f"{p}:{n - p}": scores[p] for p in sorted(scores)}}
+
+
+def controller_goodput(seed: int, settings: Mapping[str, Any]) -> dict:
+    scenario = generate(seed)
+    n = scenario.workers
+    result = candidate_goodput(scenario, Candidate(n // 2, n - n // 2, True), settings)
+    return {"seed": seed, "goodput": result.factor, "moves": result.moves, "points": result.points}
+
+
+def run_study(seeds: Sequence[int], settings: Mapping[str, Any], out: str, processes: int) -> list[dict]:
+    """Each seed's best static (cached in `out`/static.json) and controller goodput; one row per seed."""
+    os.makedirs(out, exist_ok=True)
+    cache_path = os.path.join(out, "static.json")
+    cache = _read_cache(cache_path)
+    started = time.monotonic()
+    with ProcessPoolExecutor(processes) as pool:
+        jobs = {pool.submit(static_best, s): ("static", s) for s in seeds if str(s) not in cache}
+        jobs.update({pool.submit(controller_goodput, s, settings): ("controller", s) for s in seeds})
+        controlled: dict[int, dict] = {}
+        for done, future in enumerate(as_completed(jobs), 1):
+            kind, seed = jobs[future]
+            if kind == "static":
+                cache[str(seed)] = future.result()
+                _write_json(cache_path, {"version": GENERATOR_VERSION, "static": cache})
+            else:
+                controlled[seed] = future.result()
+            print(f"\r{done}/{len(jobs)} jobs done, {time.monotonic() - started:.0f} s", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    rows = [_row(generate(s), cache[str(s)], controlled[s]) for s in seeds]
+    _write_json(os.path.join(out, "study.json"), {"settings": dict(settings), "rows": rows,
+                                                   "wall_s": time.monotonic() - started})
+    return rows
+
+
+def summary(rows: Sequence[dict]) -> dict:
+    ratios = [r["ratio"] for r in rows]
+    return {"scenarios": len(ratios), "median": statistics.median(ratios), "min": min(ratios),
+            "below_0.95": sum(1 for x in ratios if x < 0.95), "geomean": math.exp(statistics.fmean(
+                math.log(max(x, 1e-3)) for x in ratios))}
+
+
+def print_table(rows: Sequence[dict]) -> None:
+    print("| seed | scenario | SLO TTFT / TPOT | best static | its goodput (x) | controller (x) | ratio | moves |")
+    print("|---:|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['scenario']} | {r['slo_ttft_s']:g} s / {r['slo_tpot_s'] * 1000:g} ms | "
+              f"{r['best_static']} | {r['static_goodput']:.3f} | {r['controller_goodput']:.3f} | "
+              f"{r['ratio']:.2f} | {r['moves']} |")
+    s = summary(rows)
+    print(f"\n{s['scenarios']} scenarios: median {s['median']:.3f}, geomean {s['geomean']:.3f}, min {s['min']:.3f}, "
+          f"{s['below_0.95']} below 0.95")
+
+
+def _row(scenario: Scenario, static: dict, controlled: dict) -> dict:
+    ratio = controlled["goodput"] / static["goodput"] if static["goodput"] > 0 else math.nan
+    return {"seed": scenario.seed, "scenario": scenario.describe(), "slo_ttft_s": scenario.slo_ttft_s,
+            "slo_tpot_s": scenario.slo_tpot_s, "best_static": static["best"], "static_goodput": static["goodput"],
+            "controller_goodput": controlled["goodput"], "ratio": ratio, "moves": controlled["moves"]}
+
+
+def _read_cache(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    return data["static"] if data.get("version") == GENERATOR_VERSION else {}
+
+
+def _write_json(path: str, value: object) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0-19,100,105-107" -> [0, ..., 19, 100, 105, 106, 107]."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        seeds += range(int(first), int(last or first) + 1)
+    return seeds
+
+
+def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
+    """["cooldown_s=10", "shift_ratio=inf"] -> {"cooldown_s": 10.0, "shift_ratio": inf}; ints stay ints."""
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set: {pair!r} is not name=value")
+        settings[name] = int(text) if text.lstrip("-").isdigit() else float(text)
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0-19", help="scenario seeds, e.g. 0-19,100-119 (default 0-19)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="static.json (cache) and study.json go here")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a controller setting (ControllerConfig field) other than its default; repeatable")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    settings = parse_settings(args.set)
+    ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, **settings)  # a bad name or value fails here, naming it
+    rows = run_study(parse_seeds(args.seeds), settings, args.out, args.processes)
+    if args.json:
+        print(json.dumps({"rows": rows, "summary": summary(rows)}, indent=1))
+    else:
+        print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
