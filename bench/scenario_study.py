@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +38,12 @@ from pdserve.controller.config import ControllerConfig
 from pdserve.controller.decision import Action
 from pdserve.engine.config import EngineConfig, SimSettings
 
-GENERATOR_VERSION = 1
-"""Bumped when `bench.scenarios` draws differently, so that cached static results are not reused across versions."""
+STUDY_VERSION = 2
+"""Bumped when `bench.scenarios` draws differently or the simulated setup changes, so that cached static results are
+not reused across versions."""
+MAX_NUM_SEQS = 256
+MAX_NUM_BATCHED_TOKENS = 8192
+"""The engines' batch limits, as `pdserve plan`'s defaults (the controller is told the same max_num_seqs)."""
 FIRST_FACTOR = 0.5
 STEP = 1.5
 RESOLUTION = 0.02
@@ -59,11 +63,12 @@ class Goodput:
 
 def plan_setup(scenario: Scenario, settings: Mapping[str, Any]) -> PlanSetup:
     """The planner's setup for a scenario, with the controller's defaults changed by `settings`."""
-    engine = EngineConfig(backend="sim", model=scenario.model, prefix_caching=False,
+    engine = EngineConfig(backend="sim", model=scenario.model, prefix_caching=False, max_num_seqs=MAX_NUM_SEQS,
+                          max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
                           sim=SimSettings(hardware=scenario.hardware, tensor_parallel=scenario.tensor_parallel))
     controller = ControllerConfig(slo_ttft_s=scenario.slo_ttft_s, slo_tpot_s=scenario.slo_tpot_s,
                                   kv_capacity_tokens=cost_model(scenario).kv_capacity_tokens(KV_FRACTION),
-                                  **settings)
+                                  max_num_seqs=MAX_NUM_SEQS, **settings)
     return PlanSetup(engine=engine, workers=scenario.workers, slo=SLO(scenario.slo_ttft_s, scenario.slo_tpot_s),
                      controller=controller, role_switch_s=ROLE_SWITCH_S, window_s=WINDOW_S, routing="load",
                      fast=True)
@@ -129,62 +134,87 @@ def static_best(seed: int) -> dict:
             "probe": {f"{p}:{n - p}": scores[p] for p in sorted(scores)}}
 
 
-def controller_goodput(seed: int, settings: Mapping[str, Any]) -> dict:
+def controller_goodput(seed: int, settings: Mapping[str, Any], start: tuple[int, int] | None = None) -> dict:
+    """The controller's goodput from `start` (None: the even split)."""
     scenario = generate(seed)
     n = scenario.workers
-    result = candidate_goodput(scenario, Candidate(n // 2, n - n // 2, True), settings)
+    prefill, decode = start or (n // 2, n - n // 2)
+    result = candidate_goodput(scenario, Candidate(prefill, decode, True), settings)
     return {"seed": seed, "goodput": result.factor, "moves": result.moves, "points": result.points}
 
 
 def run_study(seeds: Sequence[int], settings: Mapping[str, Any], out: str, processes: int) -> list[dict]:
-    """Each seed's best static (cached in `out`/static.json) and controller goodput; one row per seed."""
+    """Each seed's best static split (cached in `out`/static.json), and the controller's goodput from the even split
+    and from that best split; one row per seed."""
     os.makedirs(out, exist_ok=True)
     cache_path = os.path.join(out, "static.json")
     cache = _read_cache(cache_path)
     started = time.monotonic()
+    results: dict[tuple[str, int], dict] = {}
     with ProcessPoolExecutor(processes) as pool:
         jobs = {pool.submit(static_best, s): ("static", s) for s in seeds if str(s) not in cache}
-        jobs.update({pool.submit(controller_goodput, s, settings): ("controller", s) for s in seeds})
-        controlled: dict[int, dict] = {}
-        for done, future in enumerate(as_completed(jobs), 1):
-            kind, seed = jobs[future]
-            if kind == "static":
-                cache[str(seed)] = future.result()
-                _write_json(cache_path, {"version": GENERATOR_VERSION, "static": cache})
-            else:
-                controlled[seed] = future.result()
-            print(f"\r{done}/{len(jobs)} jobs done, {time.monotonic() - started:.0f} s", end="", file=sys.stderr)
+        jobs.update({pool.submit(controller_goodput, s, settings): ("even", s) for s in seeds})
+        jobs.update({pool.submit(controller_goodput, s, settings, _split(cache[str(s)]["best"])): ("best", s)
+                     for s in seeds if str(s) in cache})
+        total, done = 3 * len(seeds) - sum(1 for s in seeds if str(s) in cache), 0
+        while jobs:
+            finished, _ = wait(jobs, return_when=FIRST_COMPLETED)
+            for future in finished:
+                kind, seed = jobs.pop(future)
+                done += 1
+                if kind == "static":
+                    cache[str(seed)] = future.result()
+                    _write_json(cache_path, {"version": STUDY_VERSION, "static": cache})
+                    best = _split(cache[str(seed)]["best"])
+                    jobs[pool.submit(controller_goodput, seed, settings, best)] = ("best", seed)
+                else:
+                    results[kind, seed] = future.result()
+            print(f"\r{done}/{total} jobs done, {time.monotonic() - started:.0f} s", end="", file=sys.stderr)
     print(file=sys.stderr)
-    rows = [_row(generate(s), cache[str(s)], controlled[s]) for s in seeds]
+    rows = [_row(generate(s), cache[str(s)], results["even", s], results["best", s]) for s in seeds]
     _write_json(os.path.join(out, "study.json"), {"settings": dict(settings), "rows": rows,
                                                    "wall_s": time.monotonic() - started})
     return rows
 
 
-def summary(rows: Sequence[dict]) -> dict:
-    ratios = [r["ratio"] for r in rows]
+def summary(rows: Sequence[dict], key: str = "ratio") -> dict:
+    """The distribution of one ratio column ("ratio": from the even split; "ratio_from_best")."""
+    ratios = [r[key] for r in rows]
     return {"scenarios": len(ratios), "median": statistics.median(ratios), "min": min(ratios),
             "below_0.95": sum(1 for x in ratios if x < 0.95), "geomean": math.exp(statistics.fmean(
                 math.log(max(x, 1e-3)) for x in ratios))}
 
 
 def print_table(rows: Sequence[dict]) -> None:
-    print("| seed | scenario | SLO TTFT / TPOT | best static | its goodput (x) | controller (x) | ratio | moves |")
-    print("|---:|---|---|---|---:|---:|---:|---:|")
+    print("| seed | scenario | SLO TTFT / TPOT | best static | its goodput (x) | controller from even (x) | ratio | "
+          "moves | controller from best (x) | ratio | moves |")
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['seed']} | {r['scenario']} | {r['slo_ttft_s']:g} s / {r['slo_tpot_s'] * 1000:g} ms | "
               f"{r['best_static']} | {r['static_goodput']:.3f} | {r['controller_goodput']:.3f} | "
-              f"{r['ratio']:.2f} | {r['moves']} |")
-    s = summary(rows)
-    print(f"\n{s['scenarios']} scenarios: median {s['median']:.3f}, geomean {s['geomean']:.3f}, min {s['min']:.3f}, "
-          f"{s['below_0.95']} below 0.95")
+              f"{r['ratio']:.2f} | {r['moves']} | {r['controller_from_best_goodput']:.3f} | "
+              f"{r['ratio_from_best']:.2f} | {r['moves_from_best']} |")
+    print()
+    for key, name in (("ratio", "from the even split"), ("ratio_from_best", "from the best static split")):
+        s = summary(rows, key)
+        print(f"controller {name} / best static, {s['scenarios']} scenarios: median {s['median']:.3f}, geomean "
+              f"{s['geomean']:.3f}, min {s['min']:.3f}, {s['below_0.95']} below 0.95")
 
 
-def _row(scenario: Scenario, static: dict, controlled: dict) -> dict:
-    ratio = controlled["goodput"] / static["goodput"] if static["goodput"] > 0 else math.nan
+def _row(scenario: Scenario, static: dict, even: dict, best: dict) -> dict:
+    def ratio(goodput: float) -> float:
+        return goodput / static["goodput"] if static["goodput"] > 0 else math.nan
+
     return {"seed": scenario.seed, "scenario": scenario.describe(), "slo_ttft_s": scenario.slo_ttft_s,
-            "slo_tpot_s": scenario.slo_tpot_s, "best_static": static["best"], "static_goodput": static["goodput"],
-            "controller_goodput": controlled["goodput"], "ratio": ratio, "moves": controlled["moves"]}
+            "slo_tpot_s": scenario.slo_tpot_s, "workers": scenario.workers, "best_static": static["best"],
+            "static_goodput": static["goodput"], "controller_goodput": even["goodput"], "ratio": ratio(even["goodput"]),
+            "moves": even["moves"], "controller_from_best_goodput": best["goodput"],
+            "ratio_from_best": ratio(best["goodput"]), "moves_from_best": best["moves"]}
+
+
+def _split(name: str) -> tuple[int, int]:
+    prefill, _, decode = name.partition(":")
+    return int(prefill), int(decode)
 
 
 def _read_cache(path: str) -> dict:
@@ -192,7 +222,7 @@ def _read_cache(path: str) -> dict:
         return {}
     with open(path) as f:
         data = json.load(f)
-    return data["static"] if data.get("version") == GENERATOR_VERSION else {}
+    return data["static"] if data.get("version") == STUDY_VERSION else {}
 
 
 def _write_json(path: str, value: object) -> None:
@@ -234,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, **settings)  # a bad name or value fails here, naming it
     rows = run_study(parse_seeds(args.seeds), settings, args.out, args.processes)
     if args.json:
-        print(json.dumps({"rows": rows, "summary": summary(rows)}, indent=1))
+        print(json.dumps({"rows": rows, "summary": summary(rows),
+                          "summary_from_best": summary(rows, "ratio_from_best")}, indent=1))
     else:
         print_table(rows)
     return 0

@@ -11,7 +11,7 @@ on top. `generate(seed)` draws one; the same seed always gives the same scenario
 | workers     | 4 to 16                                                                                             |
 | SLOs        | TPOT 2.5-4x a lone decode step (1.5k context); TTFT 3-6x a lone 4k-token prefill, at least 0.3 s    |
 | phases      | 3 to 5 over 600 s, each a mix: one workload (half the time) or a blend weighted towards one         |
-| load        | each phase's rate is 0.55-1.0 of what the whole fleet could carry of that mix (so that no phase is idle) |
+| load        | each phase's rate 0.55-1.0 of what the whole fleet carries of that mix (no phase idles)            |
 | shifts      | each change of phase is sudden (half the time) or a ramp of 40-150 s into the next phase            |
 | bursts      | none, one or two: 1.5-2.5x the rate for 10-30 s                                                     |
 

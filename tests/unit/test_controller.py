@@ -679,3 +679,23 @@ def test_requests_held_on_decode_count_at_their_own_context() -> None:
     assert at_300["decode_held"] == at_2025["decode_held"] == 160
     assert at_300["decode_held_batch"] > at_2025["decode_held_batch"] == at_2025["decode_batch"]
     assert at_300["decode_need_queue"] < at_2025["decode_need_queue"]
+
+
+@pytest.mark.parametrize("decode_full", [False, True])
+def test_requests_the_router_holds_count_for_the_pool_that_holds_them(decode_full):
+    """The router sends a request on only when a decode worker has room: with every decode worker at max_num_seqs,
+    what it holds waits for decode, not for a prefill worker (and must not send workers to prefill)."""
+    from pdserve.controller.demand import estimate_needs
+
+    config = make_config(max_num_seqs=64)
+    running = 64 if decode_full else 10
+    workers = (WorkerObservation("p0", PoolRole.PREFILL, False, running=1, queued_prefill_tokens=200),
+               WorkerObservation("d0", PoolRole.DECODE, False, running=running, kv_blocks_used=running * 20,
+                                 kv_blocks_total=KV_TOKENS // BLOCK))
+    window = TrafficWindow(window_s=30.0, arrival_rate=10.0, finished=100, mean_input_tokens=200,
+                           mean_output_tokens=100, ttft_p50_s=0.1, ttft_p90_s=0.2, tpot_p50_s=0.01,
+                           tpot_p90_s=0.012, attainment=1.0, router_waiting=50)
+    needs = estimate_needs(config, MODEL, ControllerState(), Observation(100.0, workers, window))
+    held_by_router = 50 * 200
+    assert needs.inputs["prefill_backlog_tokens"] == 200 + (0 if decode_full else held_by_router)
+    assert needs.inputs["decode_held"] == running + (50 if decode_full else 0)
