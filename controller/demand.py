@@ -23,8 +23,9 @@ Decode (see `perf_model` for B* and throughput; the first token comes from prefi
     need_d_steady   = demand_d / (throughput(B*) * decode_max_utilisation)
     need_d_queue    = burst_weight * held / (B*_held * decode_max_utilisation)
                       held = sum(running + waiting), + router_waiting when every decode worker is full
-                      (at max_num_seqs or kv_high_water: the router holds requests for decode room); B*_held = B* at the held requests' own mean context
-                      (their KV tokens / held) when the KV use is known, else B*
+                      (at max_num_seqs or kv_high_water: the router holds requests for decode room);
+                      B*_held = B* at the held requests' own mean context (their KV tokens / held) when the KV
+                      use is known, else B*
     need_d_kv       = burst_weight * D * kv_used_fraction / kv_high_water     (> D only above the high water;
                       0 unless a decode worker has requests waiting: a full cache that admits every arrival is
                       the plan working, not a shortage)
