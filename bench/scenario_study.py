@@ -20,6 +20,7 @@ to 2% of it, then interpolates to 90%, so a ratio is good to about +-2%.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -236,6 +237,8 @@ def parse_seeds(text: str) -> list[int]:
     seeds: list[int] = []
     for part in text.split(","):
         first, _, last = part.partition("-")
+        if not (first.isdigit() and (last.isdigit() or not last)):
+            raise ValueError(f"--scenarios: {part!r} is not a seed or a range of seeds (e.g. 0-19,100)")
         seeds += range(int(first), int(last or first) + 1)
     return seeds
 
@@ -243,11 +246,17 @@ def parse_seeds(text: str) -> list[int]:
 def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
     """["cooldown_s=10", "shift_ratio=inf"] -> {"cooldown_s": 10.0, "shift_ratio": inf}; ints stay ints."""
     settings: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(ControllerConfig)} - {"slo_ttft_s", "slo_tpot_s"}
     for pair in pairs:
         name, sep, text = pair.partition("=")
         if not sep:
             raise ValueError(f"--set: {pair!r} is not name=value")
-        settings[name] = int(text) if text.lstrip("-").isdigit() else float(text)
+        if name not in names:
+            raise ValueError(f"--set: {name!r} is not a controller setting (one of {', '.join(sorted(names))})")
+        try:
+            settings[name] = int(text) if text.lstrip("-").isdigit() else float(text)
+        except ValueError:
+            raise ValueError(f"--set: {name}: {text!r} is not a number") from None
     return settings
 
 
@@ -260,9 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
-    settings = parse_settings(args.set)
-    ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, **settings)  # a bad name or value fails here, naming it
-    rows = run_study(parse_seeds(args.seeds), settings, args.out, args.processes)
+    try:
+        seeds, settings = parse_seeds(args.seeds), parse_settings(args.set)
+        ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, **settings)  # a bad value fails here, naming it
+    except ValueError as e:
+        parser.error(str(e))
+    rows = run_study(seeds, settings, args.out, args.processes)
     if args.json:
         print(json.dumps({"rows": rows, "summary": summary(rows),
                           "summary_from_best": summary(rows, "ratio_from_best")}, indent=1))

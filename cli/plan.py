@@ -7,12 +7,18 @@ and the ratio controller, each run through the real scheduler, routing and contr
     pdserve plan --phases chat:200:10,summarization:200:2,chat:200:10 --workers 8 ...   (workload:seconds:rate, ...)
     pdserve plan ... --workers 12 --min-workers 4 --max-workers 12 --controller-from 2:2   (autoscaling from 4)
     pdserve plan ... --policy pdserve.examples.queue_scaler:QueueScaler --policy-config '{"add_above": 4}'
+    pdserve plan --scenarios 0-19 --out DIR [--set cooldown_s=20 ...]   (the controller on generated scenarios)
 
 Trace files are JSON lines {"arrival_s": float, "input_tokens": int, "output_tokens": int}, optionally with
 "prefix_id" and "prefix_tokens": entries with one prefix_id share their first prefix_tokens prompt tokens (a system
 prompt, a document, a conversation's earlier turns), which the simulated workers' prefix caches reuse and KV-aware
 routing follows, as live. `--compare-caching` runs the best static split again without prefix caching, to show what
 caching is worth for the trace; the "hit" column is the share of prompt tokens served from prefix caches.
+
+`--scenarios SEEDS` runs `bench.scenario_study` instead: each seed a generated scenario (`bench.scenarios`: its own
+hardware, model, worker count, SLOs and ten minutes of shifting traffic), the controller's goodput from the even
+split and from the best static split against the best static split's, with the fast planner; `--set` changes a
+controller setting for the run. The best static splits are cached in DIR/static.json.
 
 The goodput search replays a trace file faster (its phases get shorter); built-in workloads and --phases keep each
 phase's length and raise its rate, which is what a service whose mix shifts over minutes sees when it gets busier.
@@ -36,18 +42,23 @@ def register(commands: argparse._SubParsersAction) -> None:
     source.add_argument("--workload", choices=("chat", "summarization", "code", "shift", "daily"),
                         help="a built-in trace (daily: a day's swing, --rate at its peak, a third at its trough)")
     source.add_argument("--phases", metavar="SPEC", help="workload:duration_s:rate phases, comma-separated")
+    source.add_argument("--scenarios", metavar="SEEDS",
+                        help="generated scenarios by seed (e.g. 0-19,100): the controller against the best static "
+                             "split on each (needs --out; the cluster and SLOs come from each scenario)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="with --scenarios: a controller setting (ControllerConfig field) other than its default")
     p.add_argument("--rate", type=float, default=20.0, help="requests/s of the built-in trace (default 20)")
     p.add_argument("--duration-s", type=float, default=600.0, help="length of the built-in trace (default 600)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, required=True, help="workers in the cluster (P + D)")
+    p.add_argument("--workers", type=int, help="workers in the cluster (P + D); required but with --scenarios")
     p.add_argument("--hardware", default="h100", help="h100, h200 or a100 (default h100)")
     p.add_argument("--model", default="llama-3-8b", help="a model shape: llama-3-8b, llama-3-70b, ...")
     p.add_argument("--tp", type=int, default=1, help="GPUs per worker (tensor parallelism)")
     p.add_argument("--link", choices=("nvlink", "network"), default="network", help="what KV handoffs cross")
     p.add_argument("--layerwise", action="store_true",
                    help="stream each layer's KV as the prefill's last step computes it, not after the step")
-    p.add_argument("--slo-ttft", type=float, required=True, metavar="SECONDS")
-    p.add_argument("--slo-tpot", type=float, required=True, metavar="SECONDS")
+    p.add_argument("--slo-ttft", type=float, metavar="SECONDS", help="required but with --scenarios")
+    p.add_argument("--slo-tpot", type=float, metavar="SECONDS", help="required but with --scenarios")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--interval-s", type=float, default=5.0, help="controller tick (default 5)")
@@ -103,6 +114,13 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.engine.hardware import hardware
     from pdserve.engine.shapes import shape
 
+    if args.scenarios:
+        return _run_scenarios(args)
+    missing = [flag for flag, value in (("--workers", args.workers), ("--slo-ttft", args.slo_ttft),
+                                        ("--slo-tpot", args.slo_tpot)) if value is None]
+    if missing:
+        print(f"pdserve plan: {', '.join(missing)} required (with --trace, --workload or --phases)", file=sys.stderr)
+        return 2
     try:
         if args.workers < 2:
             raise ConfigError(f"--workers: need at least 2 (one prefill, one decode), got {args.workers}")
@@ -166,6 +184,28 @@ def run(args: argparse.Namespace) -> int:
         _print_table(reports, report, best_static(reports))
         if args.compare_caching:
             _print_without_caching(report["without_caching"], best_static(reports))
+    return 0
+
+
+def _run_scenarios(args: argparse.Namespace) -> int:
+    from pdserve.bench.scenario_study import parse_seeds, parse_settings, print_table, run_study, summary
+    from pdserve.controller.config import ControllerConfig, ControllerConfigError
+
+    try:
+        if not args.out:
+            raise ValueError("--out: --scenarios needs a folder for its cache and results")
+        seeds = parse_seeds(args.scenarios)
+        settings = parse_settings(args.set)
+        ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, **settings)
+    except (ValueError, ControllerConfigError) as e:
+        print(f"pdserve plan: {e}", file=sys.stderr)
+        return 2
+    rows = run_study(seeds, settings, args.out, args.processes or os.cpu_count() or 1)
+    if args.json:
+        print(json.dumps({"rows": rows, "summary": summary(rows),
+                          "summary_from_best": summary(rows, "ratio_from_best")}, indent=1))
+    else:
+        print_table(rows)
     return 0
 
 

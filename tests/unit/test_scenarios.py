@@ -97,3 +97,18 @@ def test_seeds_and_settings_parse():
         "cooldown_s": 10.0, "max_moves": 2, "shift_ratio": math.inf}
     with pytest.raises(ValueError, match="name=value"):
         parse_settings(["cooldown_s"])
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["plan", "--scenarios", "0"], "--out"),
+    (["plan", "--scenarios", "0-x", "--out", "OUT"], "--scenarios"),
+    (["plan", "--scenarios", "0", "--out", "OUT", "--set", "cooldown=5"], "'cooldown' is not a controller setting"),
+    (["plan", "--scenarios", "0", "--out", "OUT", "--set", "cooldown_s=-1"], "cooldown_s"),
+    (["plan", "--workload", "chat", "--slo-ttft", "1"], "--workers, --slo-tpot required"),
+])
+def test_plan_refuses_bad_scenario_flags_by_name(argv, named, tmp_path, capsys):
+    from pdserve.cli import main
+
+    assert main([str(tmp_path) if a == "OUT" else a for a in argv]) == 2
+    assert named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
