@@ -94,6 +94,25 @@ def plot_timeline(arrivals: Sequence[float], pool_samples: Sequence, attainment_
     _save(fig, path, title)
 
 
+def plot_scenario_study(rows: Sequence[dict], path: str, title: str = "") -> None:
+    """One column per scenario (ordered by headroom): the model's ceiling for any controller, and the controller's
+    goodput over the best static split's from the even split and from the best static split."""
+    ordered = sorted(rows, key=lambda r: (r["headroom"], r["ratio_from_best"]))
+    fig, (ax,) = _figure(1, 1, (10, 4))
+    xs = range(len(ordered))
+    ax.bar(xs, [r["headroom"] for r in ordered], color="0.85", label="ceiling: each phase on its own best split")
+    ax.plot(xs, [r["ratio_from_best"] for r in ordered], "o", color="tab:blue", label="controller from the best split")
+    ax.plot(xs, [r["ratio"] for r in ordered], "x", color="tab:red", label="controller from the even split")
+    for level, style in ((1.0, "-"), (0.95, ":"), (1.15, "--")):
+        ax.axhline(level, color="0.4", linestyle=style, linewidth=0.8)
+    ax.set_xticks(list(xs), [str(r["seed"]) for r in ordered], fontsize=7)
+    ax.set_xlabel("scenario seed")
+    ax.set_ylabel("goodput / best static split's")
+    ax.set_ylim(0.4, max(1.4, max(r["headroom"] for r in ordered) + 0.05))
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path, title)
+
+
 def _pool_row(sample) -> tuple[float, int, int, int]:
     if hasattr(sample, "n_prefill"):
         return sample.t_s, sample.n_prefill, sample.n_decode, getattr(sample, "n_both", 0)

@@ -34,7 +34,8 @@ from typing import Any
 
 from pdserve.bench.metrics import SLO, attainment, goodput_estimate
 from pdserve.bench.planner import TARGET_ATTAINMENT, Candidate, PlanSetup, simulate
-from pdserve.bench.scenarios import KV_FRACTION, Scenario, ScenarioTraffic, cost_model, generate
+from pdserve.bench.plots import plot_scenario_study
+from pdserve.bench.scenarios import KV_FRACTION, Scenario, ScenarioTraffic, cost_model, generate, switching_headroom
 from pdserve.controller.config import ControllerConfig
 from pdserve.controller.decision import Action
 from pdserve.engine.config import EngineConfig, SimSettings
@@ -187,12 +188,12 @@ def summary(rows: Sequence[dict], key: str = "ratio") -> dict:
 
 
 def print_table(rows: Sequence[dict]) -> None:
-    print("| seed | scenario | SLO TTFT / TPOT | best static | its goodput (x) | controller from even (x) | ratio | "
-          "moves | controller from best (x) | ratio | moves |")
-    print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| seed | scenario | SLO TTFT / TPOT | headroom | best static | its goodput (x) | controller from even (x) | "
+          "ratio | moves | controller from best (x) | ratio | moves |")
+    print("|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['seed']} | {r['scenario']} | {r['slo_ttft_s']:g} s / {r['slo_tpot_s'] * 1000:g} ms | "
-              f"{r['best_static']} | {r['static_goodput']:.3f} | {r['controller_goodput']:.3f} | "
+              f"{r['headroom']:.2f} | {r['best_static']} | {r['static_goodput']:.3f} | {r['controller_goodput']:.3f} | "
               f"{r['ratio']:.2f} | {r['moves']} | {r['controller_from_best_goodput']:.3f} | "
               f"{r['ratio_from_best']:.2f} | {r['moves_from_best']} |")
     print()
@@ -200,6 +201,9 @@ def print_table(rows: Sequence[dict]) -> None:
         s = summary(rows, key)
         print(f"controller {name} / best static, {s['scenarios']} scenarios: median {s['median']:.3f}, geomean "
               f"{s['geomean']:.3f}, min {s['min']:.3f}, {s['below_0.95']} below 0.95")
+    ceiling = statistics.median(r["headroom"] for r in rows)
+    print(f"the model's ceiling for any controller (each phase on its own best split, switched at no cost): median "
+          f"{ceiling:.3f}")
 
 
 def _row(scenario: Scenario, static: dict, even: dict, best: dict) -> dict:
@@ -207,7 +211,8 @@ def _row(scenario: Scenario, static: dict, even: dict, best: dict) -> dict:
         return goodput / static["goodput"] if static["goodput"] > 0 else math.nan
 
     return {"seed": scenario.seed, "scenario": scenario.describe(), "slo_ttft_s": scenario.slo_ttft_s,
-            "slo_tpot_s": scenario.slo_tpot_s, "workers": scenario.workers, "best_static": static["best"],
+            "slo_tpot_s": scenario.slo_tpot_s, "workers": scenario.workers, "headroom": switching_headroom(scenario),
+            "best_static": static["best"],
             "static_goodput": static["goodput"], "controller_goodput": even["goodput"], "ratio": ratio(even["goodput"]),
             "moves": even["moves"], "controller_from_best_goodput": best["goodput"],
             "ratio_from_best": ratio(best["goodput"]), "moves_from_best": best["moves"]}
@@ -275,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     rows = run_study(seeds, settings, args.out, args.processes)
+    plot_scenario_study(rows, os.path.join(args.out, "scenarios.png"), f"{len(rows)} scenarios ({args.seeds})")
     if args.json:
         print(json.dumps({"rows": rows, "summary": summary(rows),
                           "summary_from_best": summary(rows, "ratio_from_best")}, indent=1))

@@ -16,7 +16,9 @@ on top. `generate(seed)` draws one; the same seed always gives the same scenario
 | bursts      | none, one or two: 1.5-2.5x the rate for 10-30 s                                                     |
 
 The fleet's capacity for a mix (`capacity_rps`) uses the controller's own queueing formulas on the roofline cost
-model with an ideal fractional split: it only keeps the phases comparable, the judge is the simulator.
+model with an ideal fractional split: it only keeps the phases comparable, the judge is the simulator. The same model
+says how much any controller could gain on a scenario (`switching_headroom`): when one split suits every phase,
+nothing.
 
 `ScenarioTraffic` makes the requests: a non-homogeneous Poisson process (the rate and the mix piecewise linear in
 time, times the bursts) by time rescaling, so `at(factor)` is the same traffic busier: the same unit-rate events,
@@ -103,10 +105,11 @@ def cost_model(scenario: Scenario) -> CostModel:
     return CostModel(shape(scenario.model), hardware_named(scenario.hardware), scenario.tensor_parallel)
 
 
-def capacity_rps(cost: CostModel, workers: int, shares: Sequence[float], slo_ttft_s: float, slo_tpot_s: float,
-                 max_num_seqs: int = 256) -> float:
-    """Requests/s that `workers` workers carry of this mix within the SLOs, split ideally between the pools."""
-    worker_seconds = 0.0  # per request, prefill + decode, on workers loaded as the controller plans them
+def pool_work(cost: CostModel, shares: Sequence[float], slo_ttft_s: float, slo_tpot_s: float,
+              max_num_seqs: int = 256) -> tuple[float, float]:
+    """Worker-seconds one request of this mix takes on (prefill, decode), on workers loaded as the controller plans
+    them (prefill at the M/D/1 utilisation that meets the TTFT SLO, decode at 0.9 of its SLO-bound throughput)."""
+    prefill = decode = 0.0
     for name, share in zip(MIX, shares):
         workload = WORKLOADS[name]
         prompt, output = workload.input.mean, workload.output.mean
@@ -114,9 +117,32 @@ def capacity_rps(cost: CostModel, workers: int, shares: Sequence[float], slo_ttf
         utilisation, _ = prefill_max_utilisation(service_s, slo_ttft_s, 0.5, 0.9)
         context = int(prompt + output / 2)
         batch_cap = min(max_num_seqs, max(1, cost.kv_capacity_tokens(KV_FRACTION) // (context + int(output))))
-        decode = decode_capacity(cost, context, batch_cap, slo_tpot_s, 1.0)
-        worker_seconds += share * (service_s / utilisation + output / (0.9 * decode.tokens_per_s))
-    return workers / worker_seconds
+        tokens_per_s = decode_capacity(cost, context, batch_cap, slo_tpot_s, 1.0).tokens_per_s
+        prefill += share * service_s / utilisation
+        decode += share * output / (0.9 * tokens_per_s)
+    return prefill, decode
+
+
+def capacity_rps(cost: CostModel, workers: int, shares: Sequence[float], slo_ttft_s: float,
+                 slo_tpot_s: float) -> float:
+    """Requests/s that `workers` workers carry of this mix within the SLOs, split ideally between the pools."""
+    return workers / sum(pool_work(cost, shares, slo_ttft_s, slo_tpot_s))
+
+
+def switching_headroom(scenario: Scenario) -> float:
+    """What a perfect controller could gain over the best static split, by the same model: the busiest phase's
+    capacity multiple with each phase on its own best split (switched at no cost), over the best static split's
+    (each phase's rate a multiple of its flat part's; ramps and bursts ignored). 1.0: one split suits every phase."""
+    cost, n = cost_model(scenario), scenario.workers
+    phases = [(k.rate, pool_work(cost, k.shares, scenario.slo_ttft_s, scenario.slo_tpot_s))
+              for k in _phase_knots(scenario.knots)]
+
+    def headroom(prefill: int, rate: float, work: tuple[float, float]) -> float:
+        return min(prefill / work[0], (n - prefill) / work[1]) / rate
+
+    static = max(min(headroom(p, rate, work) for rate, work in phases) for p in range(1, n))
+    switching = min(max(headroom(p, rate, work) for p in range(1, n)) for rate, work in phases)
+    return switching / static
 
 
 def generate(seed: int) -> Scenario:
