@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pdserve.bench.workloads import WORKLOADS, TraceEntry
+from pdserve.controller.demand import DECODE_UTILISATION, PREFILL_UTILISATION_CAP, PREFILL_UTILISATION_FLOOR
 from pdserve.controller.perf_model import decode_capacity, prefill_max_utilisation
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.hardware import hardware as hardware_named
@@ -114,12 +115,13 @@ def pool_work(cost: CostModel, shares: Sequence[float], slo_ttft_s: float, slo_t
         workload = WORKLOADS[name]
         prompt, output = workload.input.mean, workload.output.mean
         service_s = cost.prefill_seconds(int(prompt))
-        utilisation, _ = prefill_max_utilisation(service_s, slo_ttft_s, 0.5, 0.9)
+        utilisation, _ = prefill_max_utilisation(service_s, slo_ttft_s, PREFILL_UTILISATION_FLOOR,
+                                                 PREFILL_UTILISATION_CAP)
         context = int(prompt + output / 2)
         batch_cap = min(max_num_seqs, max(1, cost.kv_capacity_tokens(KV_FRACTION) // (context + int(output))))
         tokens_per_s = decode_capacity(cost, context, batch_cap, slo_tpot_s, 1.0).tokens_per_s
         prefill += share * service_s / utilisation
-        decode += share * output / (0.9 * tokens_per_s)
+        decode += share * output / (DECODE_UTILISATION * tokens_per_s)
     return prefill, decode
 
 

@@ -62,25 +62,6 @@ class ControllerConfig:
     """KV cache capacity of one decode worker, in tokens; 0 = unlimited."""
     max_num_seqs: int = 256
     """Decode batch cap per worker."""
-    prefill_min_utilisation: float = 0.5
-    """Floor of u_p, used when the prompt alone nearly takes the whole TTFT SLO."""
-    prefill_max_utilisation: float = 0.9
-    """Cap of u_p: headroom for bursts even when the SLO is loose."""
-    decode_max_utilisation: float = 0.9
-    """Share of B* a decode worker is planned to carry on average."""
-    kv_high_water: float = 0.9
-    """Share of a decode worker's KV cache the plan fills; above it, KV use itself raises the decode need."""
-    backlog_horizon_s: float | None = None
-    """A queued backlog must be clearable within this long, on top of the arriving load. None: slo_ttft_s."""
-    burst_weight: float = 1.0
-    """Weight of the queue terms (prefill backlog, decode queue, KV use) against the averages; 0 turns them off."""
-    pressure_min_load: float = 0.7
-    """An observed p90 above its SLO raises a pool's need only if the pool's predicted load is at least this."""
-    max_pressure: float = 1.5
-    """The most an observed p90 above its SLO can multiply a pool's need by."""
-    scale_up_load: float = 1.0
-    """The best split of the workers there are is overloaded above this: the queues then grow whatever the split,
-    so moves follow the averages alone (and a shift in the mix is told from it)."""
     target_load: float = 0.8
     """An autoscaled fleet's load: when the best split of the workers there are is loaded above this (and
     max_workers allows), the controller adds as many workers as bring the best split to it or below, in one
@@ -96,47 +77,28 @@ class ControllerConfig:
     """No remove within this long of the last move, add or remove (the cooldown for adds and moves is cooldown_s).
     Scaling down waits longer than scaling up: a worker removed too early costs a start (minutes on a GPU node that
     Ray must bring up) when the load comes back, while one kept too long costs only its idle time."""
-    correction_min_finished: int = 10
-    """Update the corrections only from windows with at least this many finished requests."""
-    correction_alpha: float = 0.3
-    """EMA weight of the newest observed/predicted ratio."""
-    correction_min: float = 0.5
-    correction_max: float = 4.0
 
     def __post_init__(self) -> None:
-        positive = ("slo_ttft_s", "slo_tpot_s", "interval_s", "max_pressure", "scale_up_load", "target_load",
-                    "correction_min")
+        positive = ("slo_ttft_s", "slo_tpot_s", "interval_s", "target_load")
         if not (isinstance(self.shift_ratio, (int, float)) and self.shift_ratio >= 1):
             raise ControllerConfigError(f"shift_ratio: must be a number >= 1 (inf: never), got {self.shift_ratio!r}")
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ControllerConfigError(f"{name}: must be a positive number, got {value!r}")
-        fractions = ("prefill_min_utilisation", "prefill_max_utilisation", "decode_max_utilisation", "kv_high_water",
-                     "correction_alpha")
-        for name in fractions:
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value <= 1):
-                raise ControllerConfigError(f"{name}: must be in (0, 1], got {value!r}")
-        for name in ("cooldown_s", "scale_down_cooldown_s", "warmup_s", "min_gain", "rebalance_load", "burst_weight",
-                     "pressure_min_load", "scale_down_load"):
+        for name in ("cooldown_s", "scale_down_cooldown_s", "warmup_s", "min_gain", "rebalance_load",
+                     "scale_down_load"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ControllerConfigError(f"{name}: must be a number >= 0, got {value!r}")
-        counts = ("max_moves", "confirm_ticks", "min_prefill", "min_decode", "max_num_seqs", "correction_min_finished")
+        counts = ("max_moves", "confirm_ticks", "min_prefill", "min_decode", "max_num_seqs")
         for name in counts:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ControllerConfigError(f"{name}: must be an integer >= 1, got {getattr(self, name)!r}")
         if not (isinstance(self.kv_capacity_tokens, int) and self.kv_capacity_tokens >= 0):
             raise ControllerConfigError(f"kv_capacity_tokens: must be an integer >= 0, got {self.kv_capacity_tokens!r}")
-        if self.prefill_min_utilisation > self.prefill_max_utilisation:
-            raise ControllerConfigError("prefill_min_utilisation: must not exceed prefill_max_utilisation")
-        if self.correction_max < self.correction_min:
-            raise ControllerConfigError("correction_max: must be at least correction_min")
         if self.scale_down_load >= self.target_load:
             raise ControllerConfigError("scale_down_load: must be below target_load (or the pool size flaps)")
-        if self.backlog_horizon_s is not None and not self.backlog_horizon_s > 0:
-            raise ControllerConfigError(f"backlog_horizon_s: must be positive, got {self.backlog_horizon_s!r}")
         smallest = self.min_prefill + self.min_decode
         for name in ("max_workers", "min_workers"):
             value = getattr(self, name)
@@ -161,11 +123,6 @@ class ControllerConfig:
         low = self.min_prefill if self.max_decode is None else max(self.min_prefill, total - self.max_decode)
         high = total - self.min_decode if self.max_prefill is None else min(total - self.min_decode, self.max_prefill)
         return range(low, high + 1)
-
-    @property
-    def horizon_s(self) -> float:
-        """The backlog horizon in effect."""
-        return self.slo_ttft_s if self.backlog_horizon_s is None else self.backlog_horizon_s
 
     def replace(self, **changes: object) -> ControllerConfig:
         return dataclasses.replace(self, **changes)

@@ -6,9 +6,9 @@ simulator. Every decision carries one sentence saying why, and `inputs`, every n
 The math, per tick (details in `demand`, `perf_model` and `split`):
 
     S        = prefill_seconds(ISL) * c_ttft                   u_p = largest rho with S + rho*S/(2(1-rho)) <= T
-    need_p   = max(lambda*S / u_p,  lambda*S + w*backlog_work/H) * pressure_ttft   (w = burst_weight)
+    need_p   = max(lambda*S / u_p,  lambda*S + backlog_work/T) * pressure_ttft
     B*       = largest B <= min(max_num_seqs, kv_tokens/ctx) with decode_step_seconds(B, ctx) * c_tpot <= tau
-    need_d   = max(lambda*(OSL-1) / (B*/step(B*) * u_d),  w*held/(B*_held u_d),  w*D*kv_used/kv_high_water) * p_tpot
+    need_d   = max(lambda*(OSL-1) / (B*/step(B*) * u_d),  held/(B*_held u_d),  D*kv_used/KV_HIGH_WATER) * p_tpot
                (B*_held: B* at the held requests' own context; the KV term only while a decode worker has a queue;
                the pressures only from a window with no move in it)
     (a move is judged by each need capped at N: a backlog no split could clear must not outweigh everything else)
@@ -37,7 +37,7 @@ with no traffic (nothing arrived, nothing finished), or with no finished request
 the first warmup_s of traffic (the first requests to finish are the short ones, so lengths learned then are too
 short) it moves only for a shift in the mix (below).
 
-When even the averages alone overload the best split (its bottleneck > scale_up_load) and no worker can be added,
+When even the averages alone overload the best split (its bottleneck > 1) and no worker can be added,
 the queue terms are left out of the split: the queue then grows in whichever pool is shorter, so following it would
 move a worker there, grow the queue in the other pool, and move it back. The averages alone decide, and the reason
 says "overloaded". A burst is the other case: the averages fit, and the queue says where the extra work sits.
@@ -62,6 +62,10 @@ from pdserve.controller.demand import PoolNeeds, estimate_needs, update_correcti
 from pdserve.controller.observation import Observation, PoolRole
 from pdserve.controller.perf_model import PerfModel
 from pdserve.controller.split import Split, best_split, evaluate, gain, proportional_prefill
+
+OVERLOADED = 1.0
+"""A pool's load above which its SLO cannot be met on average: the needs are in workers at the SLO-safe load, so
+this is 1 by their definition."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,7 @@ def _mix_shifted(config: ControllerConfig, needs: PoolNeeds, state: ControllerSt
         return False
     now = evaluate(needs.prefill_steady, needs.decode_steady, current)
     best = best_split(config, needs.prefill_steady, needs.decode_steady, sum(current), current)
-    if best is None or not now.bottleneck > config.scale_up_load:
+    if best is None or not now.bottleneck > OVERLOADED:
         return False
     ratio = now.bottleneck / best.bottleneck if best.bottleneck > 0 else math.inf
     inputs["shift_ratio"] = ratio
@@ -266,7 +270,7 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
                    "bottleneck_best": best.bottleneck})
     steady = best_split(config, needs.prefill_steady, needs.decode_steady, total, current)
     inputs["bottleneck_best_steady"] = steady.bottleneck
-    if steady.bottleneck > config.scale_up_load:
+    if steady.bottleneck > OVERLOADED:
         # Overloaded on average: the queues grow wherever the load lands, so they would only chase each other.
         # Split by the averages, and say so.
         traffic = (f"overloaded on average ({total} workers, the best split is loaded {steady.bottleneck:.2f} by the "

@@ -12,28 +12,28 @@ Prefill (see `perf_model` for u_p):
     need_p_steady   = demand_p / u_p                                 workers to keep TTFT (mean) under T
     backlog_tokens  = sum(queued_prefill_tokens) + router_waiting * ISL   (router_waiting: unless decode is full)
     backlog_work    = backlog_tokens / ISL * S                       worker-seconds already queued
-    need_p_backlog  = demand_p + burst_weight * backlog_work / H      serve arrivals and clear the queue within H
+    need_p_backlog  = demand_p + backlog_work / T                     serve arrivals and clear the queue within T
     need_p          = max(need_p_steady, need_p_backlog) * pressure_ttft
 
 Decode (see `perf_model` for B* and throughput; the first token comes from prefill):
 
     ctx             = ISL + OSL / 2                                  mean context over a request's decode
-    batch_cap       = min(max_num_seqs, kv_high_water * kv_capacity_tokens / ctx)
+    batch_cap       = min(max_num_seqs, KV_HIGH_WATER * kv_capacity_tokens / ctx)
     demand_d        = lambda * (OSL - 1)                             tokens per second
-    need_d_steady   = demand_d / (throughput(B*) * decode_max_utilisation)
-    need_d_queue    = burst_weight * held / (B*_held * decode_max_utilisation)
+    need_d_steady   = demand_d / (throughput(B*) * DECODE_UTILISATION)
+    need_d_queue    = held / (B*_held * DECODE_UTILISATION)
                       held = sum(running + waiting), + router_waiting when every decode worker is full
-                      (at max_num_seqs or kv_high_water: the router holds requests for decode room);
+                      (at max_num_seqs or KV_HIGH_WATER: the router holds requests for decode room);
                       B*_held = B* at the held requests' own mean context (their KV tokens / held) when the KV
                       use is known, else B*
-    need_d_kv       = burst_weight * D * kv_used_fraction / kv_high_water     (> D only above the high water;
+    need_d_kv       = D * kv_used_fraction / KV_HIGH_WATER                (> D only above the high water;
                       0 unless a decode worker has requests waiting: a full cache that admits every arrival is
                       the plan working, not a shortage)
     need_d          = max(need_d_steady, need_d_queue, need_d_kv) * pressure_tpot
 
 What the averages hide: the backlog, queue and KV terms read the workers' heartbeats, so a burst raises the need
 while it lasts. The pressure terms read the tail: when the observed p90 is above its SLO and the pool is busy
-(need >= pressure_min_load * size), pressure = min(p90 / SLO, max_pressure); otherwise 1, and 1 within a window of
+(need >= PRESSURE_MIN_LOAD * size), pressure = min(p90 / SLO, MAX_PRESSURE); otherwise 1, and 1 within a window of
 the last move (the window's tail is then the old split's).
 
 `need_p_steady` and `need_d_steady` (the averages alone) are kept apart as well: when no split has room, the queues
@@ -44,13 +44,13 @@ factor on the model's time that makes the predicted p50 match the observed one:
 
     predicted TTFT p50 = S + W(min(lambda * S / P, 0.95))            S = prefill_seconds(ISL) * c_ttft (as above)
     predicted TPOT p50 = decode_step_seconds(b, ctx) * c_tpot        b = mean running per decode worker
-    c <- clamp((1 - alpha) * c + alpha * clamp(c * observed / predicted))   clamps: [correction_min, correction_max]
+    c <- clamp((1 - alpha) * c + alpha * clamp(c * observed / predicted))   clamps: CORRECTION_RANGE
 
 For TPOT, c * observed / predicted is simply observed / model; for TTFT the queueing term makes the prediction grow
 faster than c, and iterating to the fixed point (predicted == observed) keeps that growth from being read as a slower
 prefill (a plain observed/uncorrected ratio would be, and would oversize the pool).
 
-updated only from windows with at least correction_min_finished finished requests, and only from windows that
+updated only from windows with at least CORRECTION_MIN_FINISHED finished requests, and only from windows that
 describe the pools as they are: a window's requests ran under the split and the queues of up to a window (and their
 own latency) ago, so after a move, or after the prefill queue was last long (queued work per prefill worker > T),
 the corrections wait one window (TTFT: two, since a request that queued finishes well after it arrived). Without
@@ -72,6 +72,33 @@ from pdserve.controller.perf_model import PerfModel, decode_capacity, md1_wait, 
 
 PREDICTION_RHO_CAP = 0.95
 """Utilisation at which the predicted TTFT's queueing term stops growing (it is infinite at 1)."""
+
+# The model's own constants. They were settings until the scenario family (BENCHMARKS.md, "The controller on a family
+# of scenarios") showed no reason to tune them per deployment; each keeps the value it had, for the reason given.
+PREFILL_UTILISATION_FLOOR = 0.5
+"""Lowest planned prefill utilisation, used when the prompt alone nearly takes the whole TTFT SLO (the M/D/1 formula
+would then ask for a nearly idle pool, which no number of workers fixes: batching prompts does)."""
+PREFILL_UTILISATION_CAP = 0.9
+"""Highest planned prefill utilisation, however loose the TTFT SLO: a pool planned at 100% has no room for a burst."""
+DECODE_UTILISATION = 0.9
+"""Share of B* a decode worker is planned to carry on average, for the same reason."""
+KV_HIGH_WATER = 0.9
+"""Share of a decode worker's KV cache the plan fills; above it, KV use itself raises the decode need (the engine
+preempts when the cache is full, and a full cache admits no new request)."""
+MAX_PRESSURE = 1.5
+"""The most an observed p90 above its SLO multiplies a pool's need by: the tail says the pool is short, not by how
+much, and a larger factor moved more workers than a burst needed."""
+PRESSURE_MIN_LOAD = 0.7
+"""An observed p90 above its SLO raises a pool's need only if the pool's predicted load is at least this: a lightly
+loaded pool's tail comes from its prompts' own length, not from too few workers."""
+CORRECTION_RANGE = (0.5, 4.0)
+"""Clamps of the observed/predicted corrections: the roofline model is within 2x of every measured engine, and a
+correction outside that says the window was unusual (a backlog clearing), not that the model is wrong."""
+CORRECTION_ALPHA = 0.3
+"""EMA weight of the newest observed/predicted ratio: a window is 30 s, so the corrections follow a real change in
+about a minute and a half and ride out one odd window."""
+CORRECTION_MIN_FINISHED = 10
+"""The corrections learn only from windows with at least this many finished requests (a p50 of fewer is noise)."""
 
 
 @dataclass(frozen=True)
@@ -116,14 +143,14 @@ def _backlog_tokens(obs: Observation, isl: int, decode_full: bool) -> int:
 
 
 def _decode_full(config: ControllerConfig, obs: Observation) -> bool:
-    """Every decode worker is at its admission limit (max_num_seqs requests, or its KV cache at kv_high_water). The
+    """Every decode worker is at its admission limit (max_num_seqs requests, or its KV cache at KV_HIGH_WATER). The
     router sends a request on only once a decode worker has room for it, so what it holds then waits for decode:
     counted as prompts waiting for prefill, it sent more workers to prefill, which starved decode further (seen on
     the scenario family: 12:2 -> 13:1 on a chat phase, and every request after missed its TTFT)."""
     decode = obs.active(PoolRole.DECODE)
     return bool(decode) and all(
         w.running + w.waiting >= config.max_num_seqs
-        or (w.kv_blocks_total > 0 and w.kv_blocks_used >= config.kv_high_water * w.kv_blocks_total) for w in decode)
+        or (w.kv_blocks_total > 0 and w.kv_blocks_used >= KV_HIGH_WATER * w.kv_blocks_total) for w in decode)
 
 
 def _settled(state: ControllerState, obs: Observation) -> bool:
@@ -132,9 +159,10 @@ def _settled(state: ControllerState, obs: Observation) -> bool:
 
 
 def _ema(config: ControllerConfig, old: float, ratio: float) -> float:
-    ratio = min(max(ratio, config.correction_min), config.correction_max)
-    new = (1 - config.correction_alpha) * old + config.correction_alpha * ratio
-    return min(max(new, config.correction_min), config.correction_max)
+    low, high = CORRECTION_RANGE
+    ratio = min(max(ratio, low), high)
+    new = (1 - CORRECTION_ALPHA) * old + CORRECTION_ALPHA * ratio
+    return min(max(new, low), high)
 
 
 def update_corrections(config: ControllerConfig, model: PerfModel, state: ControllerState,
@@ -146,7 +174,7 @@ def update_corrections(config: ControllerConfig, model: PerfModel, state: Contro
     prefill, decode = obs.active(PoolRole.PREFILL), obs.active(PoolRole.DECODE)
     if traffic.finished_by_class:
         state = dataclasses.replace(state, output_by_class=learn(state.output_by_class, traffic.finished_by_class))
-    if traffic.finished < config.correction_min_finished or not traffic.has_lengths:
+    if traffic.finished < CORRECTION_MIN_FINISHED or not traffic.has_lengths:
         return state, inputs
     isl, _, ctx = _lengths(obs)
     ttft_c, tpot_c = state.ttft_correction, state.tpot_correction
@@ -185,14 +213,14 @@ def _held_batch(config: ControllerConfig, model: PerfModel, state: ControllerSta
     if held <= 0 or held_tokens <= 0:
         return arriving_batch
     context = max(1, round(held_tokens / held))
-    cap = min(config.max_num_seqs, max(1, math.floor(config.kv_high_water * config.kv_capacity_tokens / context)))
+    cap = min(config.max_num_seqs, max(1, math.floor(KV_HIGH_WATER * config.kv_capacity_tokens / context)))
     return decode_capacity(model, context, cap, config.slo_tpot_s, state.tpot_correction).batch
 
 
 def _pressure(config: ControllerConfig, p90: float, slo: float, need: float, size: int) -> float:
-    if not (math.isfinite(p90) and p90 > slo and need >= config.pressure_min_load * size):
+    if not (math.isfinite(p90) and p90 > slo and need >= PRESSURE_MIN_LOAD * size):
         return 1.0
-    return min(p90 / slo, config.max_pressure)
+    return min(p90 / slo, MAX_PRESSURE)
 
 
 def estimate_needs(config: ControllerConfig, model: PerfModel, state: ControllerState, obs: Observation) -> PoolNeeds:
@@ -203,11 +231,11 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     prefill_size, decode_size = obs.sizes
     notes: list[str] = []
 
-    # Prefill: the steady M/D/1 need, and the need to clear what is queued within the horizon.
+    # Prefill: the steady M/D/1 need, and the need to clear what is queued within the TTFT SLO.
     service_raw = model.prefill_seconds(isl)
     service = service_raw * state.ttft_correction
-    u_p, ttft_reachable = prefill_max_utilisation(service, config.slo_ttft_s, config.prefill_min_utilisation,
-                                                  config.prefill_max_utilisation)
+    u_p, ttft_reachable = prefill_max_utilisation(service, config.slo_ttft_s, PREFILL_UTILISATION_FLOOR,
+                                                  PREFILL_UTILISATION_CAP)
     if not ttft_reachable:
         notes.append(f"a {isl}-token prompt alone takes {service:.3g}s of the {config.slo_ttft_s:g}s TTFT SLO, "
                      f"so prefill is planned at utilisation {u_p:.2f}")
@@ -216,7 +244,7 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     decode_full = _decode_full(config, obs)
     backlog_tokens = _backlog_tokens(obs, isl, decode_full)
     backlog_work = backlog_tokens / isl * service
-    need_p_backlog = demand_p + config.burst_weight * backlog_work / config.horizon_s
+    need_p_backlog = demand_p + backlog_work / config.slo_ttft_s
     need_p_base = max(need_p_steady, need_p_backlog)
     # A tail over the SLO says the pool is short only once the window holds the split as it is: right after a move
     # its p90 is the old split's, and reading it there sent chat's decode workers back and forth after a shift.
@@ -228,22 +256,22 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     # Decode: the steady need at B*, the requests it holds now, and its KV use.
     batch_cap = config.max_num_seqs
     if config.kv_capacity_tokens > 0:
-        batch_cap = min(batch_cap, max(1, math.floor(config.kv_high_water * config.kv_capacity_tokens / ctx)))
+        batch_cap = min(batch_cap, max(1, math.floor(KV_HIGH_WATER * config.kv_capacity_tokens / ctx)))
     capacity = decode_capacity(model, ctx, batch_cap, config.slo_tpot_s, state.tpot_correction)
     if not capacity.slo_reachable:
         notes.append(f"even one request at context {ctx} takes {capacity.step_s:.3g}s per token, over the "
                      f"{config.slo_tpot_s:g}s TPOT SLO")
     demand_d = rate * max(osl - 1, 0)
-    need_d_steady = demand_d / (capacity.tokens_per_s * config.decode_max_utilisation)
+    need_d_steady = demand_d / (capacity.tokens_per_s * DECODE_UTILISATION)
     decode = obs.active(PoolRole.DECODE)
     held = sum(w.running + w.waiting for w in decode) + (traffic.router_waiting if decode_full else 0)
     kv_used, kv_total = sum(w.kv_blocks_used for w in decode), sum(w.kv_blocks_total for w in decode)
     kv_fraction = kv_used / kv_total if kv_total > 0 else 0.0
     held_batch = _held_batch(config, model, state, held, kv_fraction * config.kv_capacity_tokens * decode_size,
                              capacity.batch)
-    need_d_queue = config.burst_weight * held / (held_batch * config.decode_max_utilisation)
+    need_d_queue = held / (held_batch * DECODE_UTILISATION)
     kv_short = any(w.waiting > 0 for w in decode)
-    need_d_kv = config.burst_weight * decode_size * kv_fraction / config.kv_high_water if kv_short else 0.0
+    need_d_kv = decode_size * kv_fraction / KV_HIGH_WATER if kv_short else 0.0
     need_d_base = max(need_d_steady, need_d_queue, need_d_kv)
     pressure_d = _pressure(config, traffic.tpot_p90_s if settled else math.nan, config.slo_tpot_s, need_d_base,
                            decode_size)

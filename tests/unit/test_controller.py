@@ -24,6 +24,7 @@ from pdserve.controller import (
     tick,
 )
 from pdserve.controller.controller import _same_way
+from pdserve.controller.demand import CORRECTION_RANGE, MAX_PRESSURE
 from pdserve.controller.output_lengths import NUM_CLASSES, class_counts, prompt_class
 from pdserve.controller.perf_model import decode_capacity, md1_wait, prefill_max_utilisation
 from pdserve.controller.split import evaluate
@@ -315,7 +316,7 @@ def test_ttft_p90_over_the_slo_with_busy_prefill_raises_the_prefill_need() -> No
     late = dataclasses.replace(obs.traffic, ttft_p90_s=0.9)
     pressed = tick(config, MODEL, ControllerState(), dataclasses.replace(obs, traffic=late))
     assert calm.inputs["ttft_pressure"] == 1.0
-    assert pressed.inputs["ttft_pressure"] == pytest.approx(min(0.9 / 0.5, config.max_pressure))
+    assert pressed.inputs["ttft_pressure"] == pytest.approx(min(0.9 / 0.5, MAX_PRESSURE))
     assert pressed.inputs["prefill_need"] > calm.inputs["prefill_need"]
     assert pressed.inputs["decode_need"] == pytest.approx(calm.inputs["decode_need"])
     assert "TTFT p90 0.9s over its SLO" in pressed.reason
@@ -529,10 +530,11 @@ def test_corrections_move_toward_observed_over_predicted_and_stay_clamped() -> N
     assert decisions[-1].inputs["predicted_ttft_p50_s"] == pytest.approx(slow.observe().traffic.ttft_p50_s, rel=0.05)
 
     extreme, _ = World(3, 3, (2.0, 200, 400), truth=(10.0, 0.1)).run(config, 30)
-    assert all(d.state.ttft_correction <= config.correction_max and d.state.tpot_correction >= config.correction_min
+    low, high = CORRECTION_RANGE
+    assert all(d.state.ttft_correction <= high and d.state.tpot_correction >= low
                for d in extreme)
-    assert extreme[-1].state.ttft_correction == pytest.approx(config.correction_max, rel=1e-3)
-    assert extreme[-1].state.tpot_correction == pytest.approx(config.correction_min, rel=1e-3)
+    assert extreme[-1].state.ttft_correction == pytest.approx(high, rel=1e-3)
+    assert extreme[-1].state.tpot_correction == pytest.approx(low, rel=1e-3)
 
 
 def test_corrections_ignore_windows_with_few_finished_requests() -> None:
@@ -591,7 +593,6 @@ def test_decision_json_round_trip() -> None:
     ({"slo_ttft_s": 0}, "slo_ttft_s"),
     ({"confirm_ticks": 0}, "confirm_ticks"),
     ({"max_moves": 0}, "max_moves"),
-    ({"prefill_max_utilisation": 1.5}, "prefill_max_utilisation"),
     ({"pin": (0, 3)}, "pin"),
     ({"max_workers": 1}, "max_workers"),
     ({"min_workers": 6, "max_workers": 4}, "min_workers"),
