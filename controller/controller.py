@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 from pdserve.controller.config import ControllerConfig, ControllerState
 from pdserve.controller.decision import Action, Decision, Move
-from pdserve.controller.demand import PoolNeeds, estimate_needs, update_corrections
+from pdserve.controller.demand import CORRECTION_MIN_FINISHED, PoolNeeds, estimate_needs, update_corrections
 from pdserve.controller.observation import Observation, PoolRole
 from pdserve.controller.perf_model import PerfModel
 from pdserve.controller.split import Split, best_split, evaluate, gain, proportional_prefill
@@ -117,18 +117,23 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
 
     warming = obs.now_s - state.traffic_since_s
     shifted = _mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
-    plan = _plan(config, needs, current, inputs)
+    first_fit = (state.fitted_input_tokens == 0 and math.isfinite(obs.traffic.arrived_input_tokens)
+                 and obs.traffic.finished >= CORRECTION_MIN_FINISHED)
+    plan = _plan(config, needs, current, inputs, first_fit)
     if plan.target == current:
         return hold(plan.why, _fitted(dataclasses.replace(state, candidate=None, candidate_ticks=0), obs))
     ticks = state.candidate_ticks + 1 if _same_way(state.candidate, plan.target, current) else 1
     state = dataclasses.replace(state, candidate=plan.target, candidate_ticks=ticks)
     inputs["candidate_ticks"] = float(ticks)
-    shift = plan.action is Action.MOVE and shifted
+    shift = plan.action is Action.MOVE and (shifted or first_fit)
     if warming < config.warmup_s and not shift:
         return hold(f"{plan.why}; warming up ({warming:.0f}s of {config.warmup_s:g}s since traffic began: the first "
                     f"requests to finish are the short ones, so the lengths seen so far are too short), holding at "
                     f"{current} unless the mix is plainly wrong for it.", reset, plan.target)
-    if shift:
+    if shift and not shifted:
+        plan = dataclasses.replace(plan, why=f"{plan.why}; the first fit of the starting split to the traffic, so "
+                                              f"no confirmation or cooldown, all the way at once")
+    elif shift:
         plan = dataclasses.replace(plan, why=f"{plan.why}; the mix has shifted (the averages alone load {current} "
                                               f"{inputs['shift_ratio']:.2f}x its best split), so no confirmation "
                                               f"or cooldown")
@@ -142,7 +147,8 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
         return hold(f"{plan.why}; confirmed, but the last change was {since:.0f}s ago ({name} "
                     f"{cooldown:g}s), holding at {current} for now.", state, plan.target)
     return _act(config, plan.action, plan.target, current, obs, needs, plan.why,
-                _fitted(dataclasses.replace(state, last_move_s=obs.now_s), obs), inputs)
+                _fitted(dataclasses.replace(state, last_move_s=obs.now_s), obs), inputs,
+                max_moves=abs(plan.target[0] - current[0]) if first_fit else config.max_moves)
 
 
 def _follow_shift(config: ControllerConfig, state: ControllerState, obs: Observation, needs: PoolNeeds | None,
@@ -229,8 +235,11 @@ def _describe(split: Split) -> str:
     return f"{split.sizes} (loads {split.prefill_load:.2f}/{split.decode_load:.2f})"
 
 
-def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float]) -> _Plan:
-    """The target before hysteresis: add or remove within the budget, else the best split of the current workers."""
+def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float],
+          first_fit: bool = False) -> _Plan:
+    """The target before hysteresis: add or remove within the budget, else the best split of the current workers.
+    `first_fit`: the starting split has not been fitted to the traffic yet (it was a guess), so even a split that
+    carries the traffic moves to the best one."""
     total = sum(current)
     now = evaluate(needs.prefill, needs.decode, current)
     best = best_split(config, needs.prefill, needs.decode, total, current)
@@ -285,7 +294,7 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
                      f"(loads {now.prefill_load:.2f}/{now.decode_load:.2f}).")
     step = gain(now, best)
     inputs["gain"] = step
-    if now.bottleneck <= config.rebalance_load:
+    if now.bottleneck <= config.rebalance_load and not first_fit:
         return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; it carries that (loads "
                      f"{now.prefill_load:.2f}/{now.decode_load:.2f} <= rebalance_load {config.rebalance_load:g}), "
                      f"though {best.sizes} would be loaded {best.bottleneck:.2f}.")
@@ -345,8 +354,9 @@ def _added_roles(grow_p: int, grow_d: int, count: int, prefill_busier: bool) -> 
 
 def _act(config: ControllerConfig, action: Action, target: tuple[int, int], current: tuple[int, int],
          obs: Observation, needs: PoolNeeds | None, why: str, state: ControllerState,
-         inputs: dict[str, float]) -> Decision:
-    """The step from current toward target: one worker added or removed, or up to max_moves moved."""
+         inputs: dict[str, float], max_moves: int | None = None) -> Decision:
+    """The step from current toward target: one worker added or removed, or up to `max_moves` (config.max_moves)
+    moved."""
     grow_p, grow_d = target[0] - current[0], target[1] - current[1]
     loads = evaluate(needs.prefill, needs.decode, current) if needs is not None else None
     prefill_busier = loads is not None and loads.prefill_load >= loads.decode_load
@@ -365,7 +375,7 @@ def _act(config: ControllerConfig, action: Action, target: tuple[int, int], curr
     by_load = sorted(obs.active(source), key=lambda w: (w.load, w.worker_id))
     worker = by_load[0]
     if action is Action.MOVE:
-        chosen = by_load[:max(1, min(config.max_moves, abs(grow_p)))]
+        chosen = by_load[:max(1, min(max_moves or config.max_moves, abs(grow_p)))]
         names = ", ".join(f"{w.worker_id} (holding {w.load})" for w in chosen)
         return Decision(obs.now_s, action, current, target,
                         moves=tuple(Move(w.worker_id, source.other) for w in chosen),
