@@ -263,8 +263,6 @@ class Controller:
     """Most workers one decision moves (they drain in parallel)."""
     confirm_ticks: int = 2
     """Ticks in a row a new target must be seen before a move (hysteresis)."""
-    rebalance_load: float = 1.0
-    """Move workers only when the busier pool's predicted load is above this (1.0: at its SLO-safe load)."""
     shift_ratio: float = 1.5
     """A change in the arriving prompts' length by this factor (and a split that fits it this much worse) is a shift
     in the mix: move at once, without confirmation or cooldown. .inf: never."""
@@ -308,7 +306,6 @@ class Controller:
         _at_least("window_s", self.window_s, 0.1)
         _at_least("max_moves", self.max_moves, 1)
         _at_least("confirm_ticks", self.confirm_ticks, 1)
-        _at_least("rebalance_load", self.rebalance_load, 0)
         _at_least("warmup_s", self.warmup_s, 0)
         if not (isinstance(self.shift_ratio, (int, float)) and self.shift_ratio >= 1):
             raise ConfigError(f"shift_ratio: must be >= 1 (.inf: never), got {self.shift_ratio!r}")

@@ -193,7 +193,7 @@ class ControlPlane:
         controller_config = ControllerConfig(
             slo_ttft_s=config.slo.ttft_s, slo_tpot_s=config.slo.tpot_s, interval_s=settings.interval_s,
             cooldown_s=settings.cooldown_s, max_moves=settings.max_moves, pin=settings.pin,
-            confirm_ticks=settings.confirm_ticks, rebalance_load=settings.rebalance_load,
+            confirm_ticks=settings.confirm_ticks,
             shift_ratio=settings.shift_ratio, warmup_s=settings.warmup_s, max_num_seqs=decode.max_num_seqs,
             kv_capacity_tokens=info.kv_blocks_total * decode.block_size, min_workers=settings.min_workers,
             max_workers=settings.max_workers, min_prefill=settings.min_prefill, max_prefill=settings.max_prefill,

@@ -35,10 +35,6 @@ class ControllerConfig:
     """A new target must be the target this many ticks in a row before the controller acts (hysteresis)."""
     min_gain: float = 0.05
     """Move only when the predicted bottleneck load falls by at least this much."""
-    rebalance_load: float = 1.0
-    """Move workers between pools only when the current split's bottleneck load is above this. Below it the split
-    carries the traffic; a move would cost a drain and a restart for a predicted gain smaller than the model's error
-    (seen in `pdserve plan`: 7:1 -> 6:2 on summaries at loads 0.71/0.90, and the 6 prefill workers fell behind)."""
     warmup_s: float = 60.0
     """In the first this many seconds of traffic (after a start or an idle spell) move only for a shift in the mix
     (see shift_ratio): the first requests to finish are the short ones, so the lengths learned then are biased."""
@@ -86,8 +82,7 @@ class ControllerConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ControllerConfigError(f"{name}: must be a positive number, got {value!r}")
-        for name in ("cooldown_s", "scale_down_cooldown_s", "warmup_s", "min_gain", "rebalance_load",
-                     "scale_down_load"):
+        for name in ("cooldown_s", "scale_down_cooldown_s", "warmup_s", "min_gain", "scale_down_load"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ControllerConfigError(f"{name}: must be a number >= 0, got {value!r}")

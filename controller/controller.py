@@ -20,12 +20,12 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
     budget   : N+k when the best split of N is above target_load and N < max_workers, k the fewest workers that
                bring the best split to target_load or below (up to max_workers; at least 1);
                N-1 when the best split of N-1 stays at or below scale_down_load and N > min_workers
-    act      : only if bottleneck(current) > rebalance_load (moves: a split that carries the traffic is left alone),
-               and bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
+    act      : only if bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
                the target was seen confirm_ticks ticks in a row (heading the same way; how far may vary), and
                cooldown_s has passed (both skipped when the mix has shifted: the arriving prompts' mean differs
                shift_ratio times either way from the one the split was last fitted to, and the averages alone load
-               the current split shift_ratio times its best);
+               the current split shift_ratio times its best; and skipped for the first fit, all the way at once:
+               a starting split never fitted to the traffic that the best split beats shift_ratio times);
                then up to max_moves workers at once (default 1): the least loaded (fewest running + waiting,
                then worker id) of the pool that shrinks; an add goes to the pool that grows.
 
@@ -117,9 +117,8 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
 
     warming = obs.now_s - state.traffic_since_s
     shifted = _mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
-    first_fit = (state.fitted_input_tokens == 0 and math.isfinite(obs.traffic.arrived_input_tokens)
-                 and obs.traffic.finished >= CORRECTION_MIN_FINISHED)
-    plan = _plan(config, needs, current, inputs, first_fit)
+    plan = _plan(config, needs, current, inputs)
+    first_fit = _first_fit(config, state, obs, plan, inputs)
     if plan.target == current:
         return hold(plan.why, _fitted(dataclasses.replace(state, candidate=None, candidate_ticks=0), obs))
     ticks = state.candidate_ticks + 1 if _same_way(state.candidate, plan.target, current) else 1
@@ -130,7 +129,7 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
         return hold(f"{plan.why}; warming up ({warming:.0f}s of {config.warmup_s:g}s since traffic began: the first "
                     f"requests to finish are the short ones, so the lengths seen so far are too short), holding at "
                     f"{current} unless the mix is plainly wrong for it.", reset, plan.target)
-    if shift and not shifted:
+    if first_fit:
         plan = dataclasses.replace(plan, why=f"{plan.why}; the first fit of the starting split to the traffic, so "
                                               f"no confirmation or cooldown, all the way at once")
     elif shift:
@@ -149,6 +148,21 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
     return _act(config, plan.action, plan.target, current, obs, needs, plan.why,
                 _fitted(dataclasses.replace(state, last_move_s=obs.now_s), obs), inputs,
                 max_moves=abs(plan.target[0] - current[0]) if first_fit else config.max_moves)
+
+
+def _first_fit(config: ControllerConfig, state: ControllerState, obs: Observation, plan: _Plan,
+               inputs: dict[str, float]) -> bool:
+    """The starting split is plainly wrong for the traffic: it has never been fitted to it (it was the operator's
+    guess), enough requests have finished to know their lengths, and the best split would carry the traffic
+    shift_ratio times better. Then the controller goes all the way at once, without warm-up, confirmation or
+    cooldown, as for a shift in the mix: from an even split a fleet that needed 13:2 lost the first minutes moving one
+    worker per cooldown (the scenario family, BENCHMARKS.md). A start that is only a little off (a planned split the
+    model ranks slightly below another) moves as usual, one worker at a time."""
+    if (state.fitted_input_tokens > 0 or not math.isfinite(obs.traffic.arrived_input_tokens)
+            or obs.traffic.finished < CORRECTION_MIN_FINISHED or plan.action is not Action.MOVE):
+        return False
+    best = inputs.get("bottleneck_target", math.inf)
+    return inputs.get("bottleneck_current", 0.0) >= config.shift_ratio * best
 
 
 def _follow_shift(config: ControllerConfig, state: ControllerState, obs: Observation, needs: PoolNeeds | None,
@@ -235,11 +249,8 @@ def _describe(split: Split) -> str:
     return f"{split.sizes} (loads {split.prefill_load:.2f}/{split.decode_load:.2f})"
 
 
-def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float],
-          first_fit: bool = False) -> _Plan:
-    """The target before hysteresis: add or remove within the budget, else the best split of the current workers.
-    `first_fit`: the starting split has not been fitted to the traffic yet (it was a guess), so even a split that
-    carries the traffic moves to the best one."""
+def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float]) -> _Plan:
+    """The target before hysteresis: add or remove within the budget, else the best split of the current workers."""
     total = sum(current)
     now = evaluate(needs.prefill, needs.decode, current)
     best = best_split(config, needs.prefill, needs.decode, total, current)
@@ -294,10 +305,7 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
                      f"(loads {now.prefill_load:.2f}/{now.decode_load:.2f}).")
     step = gain(now, best)
     inputs["gain"] = step
-    if now.bottleneck <= config.rebalance_load and not first_fit:
-        return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; it carries that (loads "
-                     f"{now.prefill_load:.2f}/{now.decode_load:.2f} <= rebalance_load {config.rebalance_load:g}), "
-                     f"though {best.sizes} would be loaded {best.bottleneck:.2f}.")
+    inputs["bottleneck_current"] = now.bottleneck
     if step < config.min_gain:
         return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; the best split {best.sizes} would lower "
                      f"the bottleneck only from {now.bottleneck:.2f} to {best.bottleneck:.2f} "

@@ -47,10 +47,8 @@ MODEL = FakeModel()
 
 
 def make_config(**changes: object) -> ControllerConfig:
-    # warmup_s: the fake world is steady from its first tick; rebalance_load: these tests follow the split with the
-    # lowest bottleneck all the way (test_a_split_that_carries_the_traffic_is_left_alone checks the default).
-    values: dict = {"slo_ttft_s": 0.5, "slo_tpot_s": 0.02, "kv_capacity_tokens": KV_TOKENS,
-                    "warmup_s": 0.0, "rebalance_load": 0.0}
+    # warmup_s: the fake world is steady from its first tick.
+    values: dict = {"slo_ttft_s": 0.5, "slo_tpot_s": 0.02, "kv_capacity_tokens": KV_TOKENS, "warmup_s": 0.0}
     values.update(changes)
     return ControllerConfig(**values)
 
@@ -128,7 +126,8 @@ class World:
 
     def run(self, config: ControllerConfig, ticks: int, state: ControllerState | None = None
             ) -> tuple[list[Decision], ControllerState]:
-        decisions, state = [], state or ControllerState()
+        # A split already fitted to the traffic, unless told otherwise: the first fit has its own tests.
+        decisions, state = [], state or ControllerState(fitted_input_tokens=self.traffic[1])
         for _ in range(ticks):
             decision = tick(config, MODEL, state, self.observe())
             decisions.append(decision)
@@ -187,21 +186,31 @@ def test_steady_noisy_traffic_converges_then_holds_without_flapping() -> None:
     assert "req/s" in last.reason and "(2, 4)" in last.reason
 
 
-def test_a_split_that_carries_the_traffic_is_left_alone() -> None:
-    # From 4:2 under chat the decode pool is overloaded: the controller moves until the split carries the traffic
-    # (bottleneck <= rebalance_load), then stays, though the split with the lowest bottleneck is one move further.
-    config = make_config(rebalance_load=1.0)
-    world = World(4, 2, CHAT)
-    decisions, _ = world.run(config, 30)
-    moves = acted(decisions)
-    assert moves and moves[0].inputs["bottleneck_now"] > 1.0
-    last = decisions[-1]
-    assert last.action is Action.HOLD and last.inputs["bottleneck_now"] <= 1.0
-    assert world.sizes() != best_sizes(last, 6) and "rebalance_load" in last.reason
-    # the same traffic with rebalance_load 0 goes all the way to the best split
-    eager = World(4, 2, CHAT)
-    eager_decisions, _ = eager.run(make_config(), 30)
-    assert eager.sizes() == best_sizes(eager_decisions[-1], 6) and len(acted(eager_decisions)) > len(moves)
+def test_the_first_fit_goes_all_the_way_at_once_when_the_start_is_plainly_wrong() -> None:
+    # 1:5 under summaries (long prompts, short answers): the best split carries them many times better, so the first
+    # tick with lengths moves every worker it takes at once, warm-up, confirmation and max_moves notwithstanding.
+    config = make_config(warmup_s=60.0)
+    world = World(1, 5, SUMMARY)
+    decisions, _ = world.run(config, 6, ControllerState())
+    first = decisions[0]
+    assert first.action is Action.MOVE and "first fit" in first.reason
+    assert len(first.moves) == first.target[0] - 1 > 1 and world.sizes() == first.target
+    assert not acted(decisions[1:])
+    # Fitted once, it is not the first fit again: later moves are one at a time, after confirmation.
+    world.traffic = CHAT
+    later, _ = world.run(config, 12, decisions[-1].state)
+    assert acted(later) and all(len(d.moves) == 1 and "first fit" not in d.reason for d in acted(later))
+
+
+def test_a_start_that_is_only_a_little_off_is_not_a_first_fit() -> None:
+    # One worker off the best split is not shift_ratio times worse: the usual confirmation applies.
+    config = make_config(warmup_s=0.0)
+    probe = tick(config, MODEL, ControllerState(fitted_input_tokens=200), World(3, 3, CHAT).observe())
+    best = best_sizes(probe, 6)
+    world = World(best[0] + 1, best[1] - 1, CHAT)
+    decisions, _ = world.run(config, 4, ControllerState())
+    assert all("first fit" not in d.reason for d in decisions)
+    assert decisions[0].action is Action.HOLD
 
 
 def test_a_backlog_no_split_could_clear_does_not_take_the_other_pools_last_spare_worker() -> None:
