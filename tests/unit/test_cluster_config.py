@@ -29,7 +29,7 @@ def test_default_file_loads_as_the_documented_cluster():
     ({"mode": "colocated"}, "workers.colocated.count"),
     ({"kv_transfer": {"backend": "nccl"}}, "kv_transfer.backend"),
     ({"controller": {"shift_ratio": 0.5}}, "controller.shift_ratio"),
-    ({"controller": {"rebalance_load": -1}}, "controller.rebalance_load"),
+    ({"controller": {"rebalance_load": 1.0}}, "controller.rebalance_load: unknown field"),
     ({"controller": {"confirm_ticks": 0}}, "controller.confirm_ticks"),
     ({"workers": {"prefill": {"engine": {"block_size": 32}}}}, "workers.prefill.engine.block_size: unknown field"),
     ({"workers": {"decode": {"engine": {"max_num_seqs": 0}}}}, "workers.decode.engine.max_num_seqs"),
