@@ -17,24 +17,34 @@ class ControllerConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ControllerConfig:
-    """How the controller sizes the prefill and decode pools."""
+    """How the controller sizes the prefill and decode pools.
+
+    Eleven fields are the deployment's facts (the SLOs, the worker bounds, the pin, a decode worker's KV capacity and
+    batch cap); the other ten are the controller's own settings, each with the reason for its default. The model's
+    constants (planned utilisations, pressure, corrections) are in `demand.py`: the scenario family gave no reason to
+    tune them per deployment (BENCHMARKS.md, "The controller on a family of scenarios")."""
 
     slo_ttft_s: float
     """Time-to-first-token target, seconds."""
     slo_tpot_s: float
     """Time-per-output-token target, seconds."""
     interval_s: float = 5.0
-    """How often the adapter ticks."""
+    """How often the adapter ticks: the heartbeats come every second or two and a move takes seconds to drain, so
+    a tick in between reads fresh queues without deciding on every heartbeat."""
     cooldown_s: float = 30.0
     """No move, add or remove within this long after the last one started, or after a worker was last seen in
-    transition (so it counts from when the move completed)."""
+    transition (so it counts from when the move completed): the traffic window (30 s) must first fill with requests
+    served by the new split, or the controller judges it by the old one's latencies."""
     max_moves: int = 1
     """Most workers one decision moves; they drain in parallel, and the controller holds until all have switched.
     More than one lets a large shift in the mix be followed in one step instead of one cooldown per worker."""
     confirm_ticks: int = 2
-    """A new target must be the target this many ticks in a row before the controller acts (hysteresis)."""
+    """A new target must be the target this many ticks in a row before the controller acts (hysteresis): a burst
+    shorter than that clears by itself sooner than a drain and a switch would help."""
     min_gain: float = 0.05
-    """Move only when the predicted bottleneck load falls by at least this much."""
+    """Move only when the predicted bottleneck load falls by at least this much: a smaller gain is within the
+    model's error, and a move costs a drain. (The scenario family: 0.15 kept planned splits a little better and
+    left bad starts worse.)"""
     warmup_s: float = 60.0
     """In the first this many seconds of traffic (after a start or an idle spell) move only for a shift in the mix
     (see shift_ratio): the first requests to finish are the short ones, so the lengths learned then are biased."""
