@@ -47,11 +47,13 @@ class ControllerConfig:
     left bad starts worse.)"""
     warmup_s: float = 60.0
     """In the first this many seconds of traffic (after a start or an idle spell) move only for a shift in the mix
-    (see shift_ratio): the first requests to finish are the short ones, so the lengths learned then are biased."""
+    or the first fit (see shift_ratio): the first requests to finish are the short ones, so the lengths learned
+    then are biased, and only a plainly wrong split is worth a move on them."""
     shift_ratio: float = 1.5
     """A shift in the mix skips confirm_ticks and the cooldown: when the averages alone (no queue term) overload the
     current split and the best split carries them with a bottleneck at least this many times lower. A burst shows
-    in the queue terms only, so it still waits. math.inf: never skip."""
+    in the queue terms only, so it still waits. The same ratio makes the first fit: a starting split (never fitted
+    to the traffic) that the best split beats this many times goes all the way at once. math.inf: never skip."""
     min_prefill: int = 1
     min_decode: int = 1
     max_prefill: int | None = None
