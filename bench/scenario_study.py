@@ -275,18 +275,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     try:
-        seeds, settings = parse_seeds(args.seeds), parse_settings(args.set)
-        ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, **settings)  # a bad value fails here, naming it
+        seeds, settings = check_arguments(args.seeds, args.set)
     except ValueError as e:
         parser.error(str(e))
     rows = run_study(seeds, settings, args.out, args.processes)
-    plot_scenario_study(rows, os.path.join(args.out, "scenarios.png"), f"{len(rows)} scenarios ({args.seeds})")
-    if args.json:
+    show(rows, args.out, args.seeds, args.json)
+    return 0
+
+
+def check_arguments(seeds_text: str, pairs: Sequence[str]) -> tuple[list[int], dict[str, Any]]:
+    """The seeds and the controller settings, checked (ValueError naming what is wrong)."""
+    seeds, settings = parse_seeds(seeds_text), parse_settings(pairs)
+    ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, **settings)  # a bad value fails here, naming it
+    return seeds, settings
+
+
+def show(rows: Sequence[dict], out: str, seeds_text: str, as_json: bool) -> None:
+    """The plot into `out`/scenarios.png, and the table (or JSON) on stdout."""
+    plot_scenario_study(rows, os.path.join(out, "scenarios.png"), f"{len(rows)} scenarios ({seeds_text})")
+    if as_json:
         print(json.dumps({"rows": rows, "summary": summary(rows),
                           "summary_from_best": summary(rows, "ratio_from_best")}, indent=1))
     else:
         print_table(rows)
-    return 0
 
 
 if __name__ == "__main__":

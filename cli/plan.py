@@ -188,24 +188,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_scenarios(args: argparse.Namespace) -> int:
-    from pdserve.bench.scenario_study import parse_seeds, parse_settings, print_table, run_study, summary
-    from pdserve.controller.config import ControllerConfig, ControllerConfigError
+    from pdserve.bench.scenario_study import check_arguments, run_study, show
 
     try:
         if not args.out:
             raise ValueError("--out: --scenarios needs a folder for its cache and results")
-        seeds = parse_seeds(args.scenarios)
-        settings = parse_settings(args.set)
-        ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, **settings)
-    except (ValueError, ControllerConfigError) as e:
+        seeds, settings = check_arguments(args.scenarios, args.set)
+    except ValueError as e:  # ControllerConfigError included
         print(f"pdserve plan: {e}", file=sys.stderr)
         return 2
     rows = run_study(seeds, settings, args.out, args.processes or os.cpu_count() or 1)
-    if args.json:
-        print(json.dumps({"rows": rows, "summary": summary(rows),
-                          "summary_from_best": summary(rows, "ratio_from_best")}, indent=1))
-    else:
-        print_table(rows)
+    show(rows, args.out, args.scenarios, args.json)
     return 0
 
 
