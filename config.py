@@ -267,7 +267,15 @@ class Controller:
     """A change in the arriving prompts' length by this factor (and a split that fits it this much worse) is a shift
     in the mix: move at once, without confirmation or cooldown. .inf: never."""
     warmup_s: float = 60.0
-    """After traffic begins, move only for a shift for this long (the first requests to finish are the short ones)."""
+    """After traffic begins, move only for a shift (or the first fit) for this long (the first requests to finish
+    are the short ones)."""
+    min_gain: float = 0.05
+    """Move only when the predicted bottleneck load falls by at least this much (a smaller gain is within the
+    model's error, and a move costs a drain)."""
+    target_load: float = 0.8
+    """With max_workers: add workers when even the best split is loaded above this, as many as bring it there."""
+    scale_down_load: float = 0.7
+    """With min_workers: remove a worker when one fewer keeps both pools at or below this (below target_load)."""
     hand_on_after_s: float | None = None
     """A decode worker leaving its pool (moved, removed, drained) hands on the requests it still decodes this long
     after its drain began: each resumes on another decode worker, its prompt and tokens so far prefilled again,
@@ -307,6 +315,12 @@ class Controller:
         _at_least("max_moves", self.max_moves, 1)
         _at_least("confirm_ticks", self.confirm_ticks, 1)
         _at_least("warmup_s", self.warmup_s, 0)
+        _at_least("min_gain", self.min_gain, 0)
+        _at_least("target_load", self.target_load, 0.01)
+        _at_least("scale_down_load", self.scale_down_load, 0)
+        if self.scale_down_load >= self.target_load:
+            raise ConfigError(f"scale_down_load: must be below target_load ({self.target_load}), got "
+                              f"{self.scale_down_load!r} (or the fleet adds and removes in turn)")
         if not (isinstance(self.shift_ratio, (int, float)) and self.shift_ratio >= 1):
             raise ConfigError(f"shift_ratio: must be >= 1 (.inf: never), got {self.shift_ratio!r}")
         if self.hand_on_after_s is not None:

@@ -198,7 +198,8 @@ class ControlPlane:
             kv_capacity_tokens=info.kv_blocks_total * decode.block_size, min_workers=settings.min_workers,
             max_workers=settings.max_workers, min_prefill=settings.min_prefill, max_prefill=settings.max_prefill,
             min_decode=settings.min_decode, max_decode=settings.max_decode,
-            scale_down_cooldown_s=settings.scale_down_cooldown_s)
+            scale_down_cooldown_s=settings.scale_down_cooldown_s, min_gain=settings.min_gain,
+            target_load=settings.target_load, scale_down_load=settings.scale_down_load)
         policy = load_policy(settings.policy, PolicyContext(controller_config, model), settings.policy_config)
         return ControllerLoop(controller_config, policy, registry, scaler, settings.window_s, settings.dry_run,
                               settings.add_timeout_s)
