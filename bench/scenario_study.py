@@ -7,7 +7,8 @@ controller is for; `pdserve plan` does the same for one scenario with every spli
 
 Finding the best static split of N workers by searching all N - 1 would cost most of the time, so it is found in two
 stages: the even split's goodput first, then every split's attainment at 1.1x that rate (just past the even split's
-knee, where the splits differ most), and a full search of the three best there (the even split among them). The
+knee, where the splits differ most; 1.3x busier again while more than three splits still pass there), and a full
+search of the three best at that probe (the even split's search is kept too). The
 static results do not depend on the controller, so they are kept in `static.json` in the output folder and reused by
 runs that change only the controller's settings (`--set name=value`).
 
@@ -50,6 +51,12 @@ FIRST_FACTOR = 0.5
 STEP = 1.5
 RESOLUTION = 0.02
 MAX_RUNS = 12
+SEARCHED = 3
+"""Static splits searched in full: the best ones at the probe rate."""
+PROBE_STEP = 1.3
+PROBE_ROUNDS = 5
+"""When more than SEARCHED splits pass at the probe rate (ties: the even split was far from the best), the probe
+is made PROBE_STEP times busier, up to PROBE_ROUNDS probes."""
 ROLE_SWITCH_S = 5.0
 WINDOW_S = 30.0
 
@@ -124,16 +131,21 @@ def static_best(seed: int) -> dict:
     n = scenario.workers
     even = Candidate(n // 2, n - n // 2, False)
     found = {even.prefill: candidate_goodput(scenario, even, {})}
-    probe = traffic.at(max(found[even.prefill].factor, 0.05) * 1.1)
-    scores = {p: attainment(simulate(setup, Candidate(p, n - p, False), probe).records, setup.slo)
-              for p in range(1, n)}
-    for p in sorted(scores, key=lambda p: -scores[p])[:3]:
+    factor = max(found[even.prefill].factor, 0.05) * 1.1
+    for _ in range(PROBE_ROUNDS):
+        probe = traffic.at(factor)
+        scores = {p: attainment(simulate(setup, Candidate(p, n - p, False), probe).records, setup.slo)
+                  for p in range(1, n)}
+        if sum(1 for value in scores.values() if value >= TARGET_ATTAINMENT) <= SEARCHED:
+            break
+        factor *= PROBE_STEP  # too many splits pass: the even split is far from the best, probe busier
+    for p in sorted(scores, key=lambda p: -scores[p])[:SEARCHED]:
         if p not in found:
             found[p] = candidate_goodput(scenario, Candidate(p, n - p, False), {})
     best = max(found, key=lambda p: found[p].factor)
     return {"seed": seed, "best": f"{best}:{n - best}", "goodput": found[best].factor,
             "searched": {f"{p}:{n - p}": found[p].factor for p in sorted(found)},
-            "probe": {f"{p}:{n - p}": scores[p] for p in sorted(scores)}}
+            "probe_factor": factor, "probe": {f"{p}:{n - p}": scores[p] for p in sorted(scores)}}
 
 
 def controller_goodput(seed: int, settings: Mapping[str, Any], start: tuple[int, int] | None = None) -> dict:
