@@ -35,7 +35,8 @@ ones in transition are going, planned from the split they are heading to); with 
 (clamped to the budget) and the controller moves one worker per tick toward it without confirmation or cooldown;
 with no traffic (nothing arrived, nothing finished), or with no finished request to learn lengths from, it holds; in
 the first warmup_s of traffic (the first requests to finish are the short ones, so lengths learned then are too
-short) it moves only for a shift in the mix (below).
+short) it moves only for a shift in the mix (below) or for the first fit (a starting split the best one beats
+shift_ratio times: the start was a guess made without the traffic, so it goes all the way at once).
 
 When even the averages alone overload the best split (its bottleneck > 1) and no worker can be added,
 the queue terms are left out of the split: the queue then grows in whichever pool is shorter, so following it would
