@@ -17,11 +17,12 @@ import torch
 
 from pdserve.bench.engine_vs_transformers import Ours, Row, decode_rate, make_prompts
 from pdserve.engine import Engine, EngineConfig
+from pdserve.engine.config import QUANTIZATIONS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quantization", nargs="+", default=["none", "int4"], choices=["none", "int8", "int4"])
+    parser.add_argument("--quantization", nargs="+", default=["none", "int4"], choices=QUANTIZATIONS)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))

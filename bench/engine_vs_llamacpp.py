@@ -1,7 +1,7 @@
 """Benchmark: our engine vs llama.cpp (llama-cpp-python) at batch 1, side by side in one process, same GGUF file,
 same threads.
 
-    python -m pdserve.bench.engine_vs_llamacpp [--tokens 64] [--repeats 3] [--quantization none int8 int4]
+    python -m pdserve.bench.engine_vs_llamacpp [--tokens 64] [--repeats 3] [--quantization none int8 int4 w8a8]
 
 llama.cpp computes on the file's own quantised blocks (SmolLM2's Q4_1/Q8_0); we load them as fp32 and, with
 `--quantization`, re-quantise to our int8/int4 layouts. Both decode one request token by token (llama.cpp through
@@ -19,6 +19,7 @@ import torch
 
 from pdserve.bench.engine_vs_transformers import Ours, Row, decode_rate, make_prompts, prefill_rate
 from pdserve.engine import Engine, EngineConfig
+from pdserve.engine.config import QUANTIZATIONS
 from pdserve.engine.model_source import DEFAULT_MODEL, default_gguf_path
 
 
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--quantization", nargs="+", default=["none", "int8", "int4"],
-                        choices=["none", "int8", "int4"])
+                        choices=QUANTIZATIONS)
     args = parser.parse_args()
     rows = run(args)
     print(f"\n{args.threads} threads, torch {torch.__version__}, {DEFAULT_MODEL} ({default_gguf_path()})")

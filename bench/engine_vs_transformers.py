@@ -1,7 +1,7 @@
 """Benchmark: our engine vs transformers `generate`, side by side in one run, same model file, same threads.
 
     python -m pdserve.bench.engine_vs_transformers [--model smollm2-135m-instruct] [--tokens 64] [--repeats 3]
-        [--quantization none int8 int4]
+        [--quantization none int8 int4 w8a8]
 
 Measures, with ours and transformers alternating and the median of each reported (a noisy neighbour hits both):
 - decode tokens/s at 1 and 16 concurrent requests: equal-length prompts, every request forced to `tokens` tokens
@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from pdserve.engine import Engine, EngineConfig, Message, Prompt, SamplingParams
+from pdserve.engine.config import QUANTIZATIONS
 from pdserve.engine.model_source import DEFAULT_MODEL, default_gguf_path
 
 
@@ -165,7 +166,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--chunk", type=int, default=512, help="our max_num_batched_tokens")
-    parser.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8", "int4"],
+    parser.add_argument("--quantization", nargs="+", default=["none"], choices=QUANTIZATIONS,
                         help="our engine's weight quantisation(s); transformers stays fp32")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()

@@ -9,7 +9,7 @@ No Ray, Redis, downloads or model files: random weights of real shapes. Writes `
 - correctness: a small random Llama in transformers and in our engine (same weights, through a Hugging Face
   folder), greedy tokens compared, fp32 and bf16, paged kernels with CUDA graphs and the torch attention path;
 - decode tok/s and MBU (bytes a step must read: weights + each request's KV, over the step time, against the
-  device's peak bandwidth) at batch 1, 8 and 64 for llama-3-8b bf16: CUDA graphs on and off, int8, int4;
+  device's peak bandwidth) at batch 1, 8 and 64 for llama-3-8b bf16: CUDA graphs on and off, int8, int4, w8a8;
 - prefill MFU (model FLOPs over the time to the first token, against the peak bf16 dense rate) at 512, 2k and 8k;
 - speculative decoding's verify step: a forward pass over k + 1 new tokens per request (k = 1, 2, 4, 8 proposals)
   after a 128-token context held in the prefix cache, at batch 1 and 32, against k = 0 (random weights say nothing
@@ -65,7 +65,8 @@ class Plan:
 
 
 FULL_VARIANTS = (("bf16, CUDA graphs", {}), ("bf16, eager", {"cuda_graphs": False}),
-                 ("int8, CUDA graphs", {"quantization": "int8"}), ("int4, CUDA graphs", {"quantization": "int4"}))
+                 ("int8, CUDA graphs", {"quantization": "int8"}), ("int4, CUDA graphs", {"quantization": "int4"}),
+                 ("w8a8, CUDA graphs", {"quantization": "w8a8"}))
 
 
 def plan_for(args: argparse.Namespace) -> Plan:

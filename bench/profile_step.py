@@ -1,6 +1,7 @@
 """Profile one engine step: where a decode step's time goes, per ATen op.
 
     python -m pdserve.bench.profile_step [--batch 16] [--model smollm2-135m-instruct] [--rows 12]
+        [--quantization none|int8|int4|w8a8] [--dtype fp32|bf16]
 
 Starts `batch` requests with 32-token prompts, decodes a few steps, then times 20 steps and prints torch.profiler's
 table for 10 more.
@@ -15,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pdserve.engine import Engine, EngineConfig, SamplingParams
+from pdserve.engine.config import DTYPES, QUANTIZATIONS
 from pdserve.engine.model_source import DEFAULT_MODEL
 
 
@@ -24,9 +26,12 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--rows", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    engine = Engine(EngineConfig(model=args.model, num_kv_blocks=1024, prefix_caching=False))
+    engine = Engine(EngineConfig(model=args.model, num_kv_blocks=1024, prefix_caching=False,
+                                  quantization=args.quantization, dtype=args.dtype))
     params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request(f"r{i}", [100 + i + j for j in range(32)], params)

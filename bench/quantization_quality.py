@@ -1,4 +1,4 @@
-"""What int8 and int4 weights cost in accuracy: greedy agreement with fp32 and perplexity on a fixed text.
+"""What int8, int4 and w8a8 cost in accuracy: greedy agreement with fp32 and perplexity on a fixed text.
 
     python -m pdserve.bench.quantization_quality [--tokens 64]
 
@@ -18,6 +18,7 @@ import torch
 
 from pdserve.bench.engine_vs_transformers import CHAT_QUESTIONS
 from pdserve.engine import Engine, EngineConfig, Message, Prompt, SamplingParams
+from pdserve.engine.config import QUANTIZATIONS
 
 ORACLE_PROMPTS = [
     Prompt(messages=(Message("user", "What is the capital of France?"),)),
@@ -61,13 +62,13 @@ def main() -> None:
     prompts = ORACLE_PROMPTS + [Prompt(messages=(Message("user", q),)) for q in CHAT_QUESTIONS]
     greedy = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
     outputs, ppl = {}, {}
-    for method in ("none", "int8", "int4"):
+    for method in QUANTIZATIONS:
         engine = Engine(EngineConfig(quantization=method, num_kv_blocks=512, max_num_batched_tokens=1024))
         outputs[method] = [o.token_ids for o in engine.generate(prompts, greedy)]
         ppl[method] = perplexity(engine, engine.tokenize(Prompt(text=FIXED_TEXT)))
     print(f"{len(prompts)} prompts x {args.tokens} greedy tokens; perplexity over {FIXED_TEXT[:30]!r}...")
     print(f"{'weights':8s} {'agreement':>10s} {'identical':>10s} {'perplexity':>11s}")
-    for method in ("none", "int8", "int4"):
+    for method in QUANTIZATIONS:
         prefix = sum(next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
                      for ours, ref in zip(outputs[method], outputs["none"]))
         identical = sum(ours == ref for ours, ref in zip(outputs[method], outputs["none"]))

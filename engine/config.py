@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 BACKENDS = ("torch", "sim")
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4", "w8a8")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -198,8 +198,8 @@ class SpeculativeSettings:
     (one step in 16 probes the other way), and speculate only where it pays (`engine.speculation_governor`); false:
     always. (Prompt lookup checks rows only where its n-gram matched, and pauses after misses: it is not measured.)"""
     draft_quantization: str = "int4"
-    """method draft: the draft's linear layers quantised so ("none", "int8", "int4"); it must differ from the
-    model's own `engine.quantization` unless `draft_layers` cuts layers."""
+    """method draft: the draft's linear layers quantised so (one of engine.quantization's values); it must differ
+    from the model's own `engine.quantization` unless `draft_layers` cuts layers."""
     draft_layers: int | None = None
     """method draft: the draft runs only the model's first this many layers (then its final norm and LM head);
     None: all of them."""
@@ -280,7 +280,8 @@ class EngineConfig:
     sim: SimSettings = dataclasses.field(default_factory=SimSettings)
     """What only a simulated engine reads (the hardware it models, ...); ignored by the torch backend."""
     quantization: str = "none"
-    """Weight-only quantisation of the linear layers: none, int8 (per channel) or int4 (groups of 32); see
+    """Quantisation of the linear layers: none; int8 (per channel) or int4 (groups of 32), weight-only; or w8a8
+    (int8 weights and int8 activations scaled per row at run time, the fastest on CPU for batches and prefill); see
     engine.quantization. Changes numerics: greedy output is then close to, not identical with, transformers'."""
     attention: str = "auto"
     """Attention kernels: "torch" (gathers each request's blocks, then SDPA: the CPU path), "triton" (paged kernels

@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 quantisation of the model's linear layers, on torch's own packed matmul ops.
+"""int8 and int4 quantisation of the model's linear layers, on torch's own integer matmul ops.
 
 `engine.quantization: int8` stores each linear weight as int8 with one fp32 scale per output channel
 (`aten._weight_int8pack_mm`); `int4` stores 4-bit values in groups of `INT4_GROUP` input channels, each group with
@@ -9,6 +9,10 @@ Activations enter these ops in bf16 and leave in the model's dtype: on CPU the p
 inputs only (fp32 inputs take a path 4-50x slower on dev-cpu, BENCHMARKS.md), and on CUDA they take bf16 only.
 On CPU the packed kernels are matrix-vector kernels: for a step of `DEQUANTIZE_ROWS` rows or more (a prefill) the
 layer instead dequantises its weight and runs a dense GEMM, where the weight read is small next to the arithmetic.
+`w8a8` keeps int8's weights and also quantises the activations: each row of a layer's input gets its own scale at
+run time (absmax / 127, as llama.cpp's Q8_0 activations and torchao's dynamic int8 do), and the product is one
+int8 x int8 -> int32 matmul (`aten._int_mm`, VNNI on CPU). It is the fastest setting once a step has several rows
+(16-row decode steps, prefill), where the weight-only kernels, being matrix-vector kernels, are not.
 Embeddings and norms stay in the model's dtype. Quantisation changes numerics: greedy output is no longer identical
 to transformers; `bench/quantization_quality.py` measures the agreement and perplexity.
 """
@@ -27,6 +31,8 @@ INT4_GROUP = 32
 """Input channels sharing one int4 scale and zero point (llama.cpp's Q4_0/Q4_1 use 32 too)."""
 DEQUANTIZE_ROWS = 64
 """On CPU, steps of at least this many rows run dense on the dequantised weight."""
+CUDA_INT_MM_MIN_ROWS = 16
+"""On CUDA `aten._int_mm` needs more rows than this; smaller steps are padded with zero rows."""
 INT4_INNER_K_TILES = 8
 """The CUDA int4 layout's tiling of the input dimension (8 suits K a multiple of 1024; 2 and 4 also exist)."""
 
@@ -35,6 +41,7 @@ class Quantization(Enum):
     NONE = "none"
     INT8 = "int8"
     INT4 = "int4"
+    W8A8 = "w8a8"
 
 
 class Int8Linear(nn.Module):
@@ -53,6 +60,30 @@ class Int8Linear(nn.Module):
         if x.shape[0] >= DEQUANTIZE_ROWS and not x.is_cuda:
             return F.linear(x, self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None], self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class W8A8Linear(nn.Module):
+    """y = x @ W.T with W int8 [out, in] (one scale per output channel) and x quantised to int8 per row at run time."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """weight: [in, out] float (our Linear's layout)."""
+        super().__init__()
+        w = weight.t().float().contiguous()  # [out, in]
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)  # [out] fp32
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        x32 = x.float()
+        x_scale = x32.abs().amax(dim=1, keepdim=True).clamp_(min=1e-8) / 127.0  # [M, 1]
+        qx = (x32 / x_scale).round_().to(torch.int8)  # [M, in]
+        if x.is_cuda and rows <= CUDA_INT_MM_MIN_ROWS:
+            qx = F.pad(qx, (0, 0, 0, CUDA_INT_MM_MIN_ROWS + 1 - rows))
+        acc = torch._int_mm(qx, self.qweight.t())[:rows]  # [M, out] int32
+        y = (acc * x_scale * self.scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -117,14 +148,15 @@ def _pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_model(model: nn.Module, method: Quantization) -> None:
-    """Replace the model's linear layers in place (decoder layers by `method`, the LM head by int8)."""
+    """Replace the model's linear layers in place (decoder layers by `method`; the LM head by w8a8 under w8a8, by
+    int8 otherwise)."""
     if method is Quantization.NONE:
         return
-    layer_kind = Int8Linear if method is Quantization.INT8 else Int4Linear
+    layer_kind = {Quantization.INT8: Int8Linear, Quantization.INT4: Int4Linear, Quantization.W8A8: W8A8Linear}[method]
     for layer in model.layers:
         for parent, name in ((layer.attn, "qkv"), (layer.attn, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down")):
             _replace(parent, name, layer_kind)
-    _replace(model, "lm_head", Int8Linear)
+    _replace(model, "lm_head", W8A8Linear if method is Quantization.W8A8 else Int8Linear)
 
 
 def _replace(parent: nn.Module, name: str, kind: type[nn.Module]) -> None:

@@ -40,7 +40,7 @@ def test_cuda_paged_kernels_and_graphs_match_the_torch_path():
 
 
 def test_cuda_quantised_llama3_8b_decodes():
-    for method in ("int8", "int4"):
+    for method in ("int8", "int4", "w8a8"):
         gpu = Engine(EngineConfig(model="random:llama-3-8b", device="cuda", dtype="bf16", num_kv_blocks=256,
                                   quantization=method))
         [out] = gpu.generate([list(range(1000, 1100))], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
