@@ -290,8 +290,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     """Replay captured CUDA graphs for decode-only steps (batch-size buckets); CUDA with triton attention only."""
     compile: bool = False
-    """torch.compile each decoder layer's dense parts (norms, projections, MLP); attention stays eager. Costs a
-    one-off compile at start (BENCHMARKS.md); keeps greedy output identical."""
+    """torch.compile the model. With torch attention (the CPU path): each decode-only step's whole forward as one
+    graph (engine.compiled_decode; prefill stays eager); with the paged kernels: each decoder layer's dense parts
+    (norms, projections, MLP). Costs compiling on first use (tens of seconds on two CPU cores; BENCHMARKS.md)."""
     prefix_caching: bool = True
     """Keep the KV blocks of finished requests, named by a hash of their whole prefix, and let later requests with
     the same prefix take them instead of computing (or receiving) them again; least recently used are evicted first

@@ -27,6 +27,7 @@ import torch
 
 from pdserve.engine.acceleration import compile_layers, kv_blocks_from_free_memory, uses_paged_attention
 from pdserve.engine.block_manager import BlockManager, CacheEvents, blocks_for
+from pdserve.engine.compiled_decode import CompiledDecode
 from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.cuda_graphs import DecodeGraphs
@@ -151,7 +152,7 @@ class Engine:
         quantize_model(self.model, Quantization(config.quantization))
         draft = build_draft(self.model, config.speculative, config.quantization) \
             if config.speculative.method == "draft" else None
-        if config.compile:
+        if config.compile and paged:
             compile_layers(self.model)
         self.tokenizer: Tokenizer | None = load_tokenizer(source)
         self.kv_cache = KVCache(self.model_config, self._num_blocks(), config.block_size, config.torch_dtype,
@@ -161,6 +162,8 @@ class Engine:
             runner.drafter = Drafter(draft, self.kv_cache, runner.prepare, runner.sampler.generator)
         if paged and config.cuda_graphs and self.kv_cache.tensor.is_cuda:
             runner.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, self.max_model_len)
+        elif config.compile and not paged:
+            runner.graphs = CompiledDecode(self.model, self.kv_cache)
         self.runner: ModelRunner | SimRunner = runner
 
     def _build_sim(self, realtime: bool) -> None:

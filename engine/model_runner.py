@@ -4,7 +4,8 @@ Chunks of one token (decoding requests) go first, longer chunks (prefills) follo
 decoding requests share one batched attention call and each prefill has its own; with the paged kernels one call
 serves them all. Only the rows that sample a token go through the final norm and the LM head. Step inputs are
 built per chunk, never per token, and moved to the device in one copy each; the one host sync of a step is the
-sampled tokens coming back. A decode-only step on CUDA replays a captured graph when `graphs` is set.
+sampled tokens coming back. A decode-only step runs through `graphs` when it is set: a captured CUDA graph
+(`engine.cuda_graphs`) on the paged path, a compiled one (`engine.compiled_decode`) on the torch path.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class ModelRunner:
         self.paged = paged
         self.device = kv_cache.tensor.device
         self.graphs = None
-        """An `engine.cuda_graphs.DecodeGraphs`, set by the engine when it captures decode steps."""
+        """Runs decode-only steps when set by the engine: an `engine.cuda_graphs.DecodeGraphs` or an
+        `engine.compiled_decode.CompiledDecode`."""
         self.drafter: Drafter | None = None
         """Speculative decoding's draft model (`engine.draft`), set by the engine when it speculates with one."""
 
