@@ -2,6 +2,7 @@
 same threads.
 
     python -m pdserve.bench.engine_vs_llamacpp [--tokens 64] [--repeats 3] [--quantization none int8 int4 w8a8]
+        [--compile]
 
 llama.cpp computes on the file's own quantised blocks (SmolLM2's Q4_1/Q8_0); we load them as fp32 and, with
 `--quantization`, re-quantise to our int8/int4 layouts. Both decode one request token by token (llama.cpp through
@@ -43,7 +44,7 @@ class LlamaCpp:
 def run(args: argparse.Namespace) -> list[Row]:
     torch.set_num_threads(args.threads)
     engines = {q: Engine(EngineConfig(model=DEFAULT_MODEL, num_kv_blocks=256, quantization=q,
-                                       prefix_caching=False))
+                                       prefix_caching=False, compile=args.compile))
                for q in args.quantization}
     ours = {q: Ours(e) for q, e in engines.items()}
     theirs = LlamaCpp(default_gguf_path(), args.threads)
@@ -69,9 +70,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--quantization", nargs="+", default=["none", "int8", "int4"],
                         choices=QUANTIZATIONS)
+    parser.add_argument("--compile", action="store_true", help="our engines with engine.compile on")
     args = parser.parse_args()
     rows = run(args)
-    print(f"\n{args.threads} threads, torch {torch.__version__}, {DEFAULT_MODEL} ({default_gguf_path()})")
+    print(f"\n{args.threads} threads, torch {torch.__version__}, {DEFAULT_MODEL} ({default_gguf_path()}), "
+          f"compile {args.compile}")
     print(f"{'measure':40s} {'ours':>8s} {'llama.cpp':>10s} {'ratio':>7s}")
     for row in rows:
         print(f"{row.name:40s} {row.ours:8.1f} {row.baseline:10.1f} {row.ratio:6.2f}x")

@@ -1,7 +1,7 @@
 """Benchmark: our engine vs transformers `generate`, side by side in one run, same model file, same threads.
 
     python -m pdserve.bench.engine_vs_transformers [--model smollm2-135m-instruct] [--tokens 64] [--repeats 3]
-        [--quantization none int8 int4 w8a8]
+        [--quantization none int8 int4 w8a8] [--compile]
 
 Measures, with ours and transformers alternating and the median of each reported (a noisy neighbour hits both):
 - decode tokens/s at 1 and 16 concurrent requests: equal-length prompts, every request forced to `tokens` tokens
@@ -11,7 +11,8 @@ Measures, with ours and transformers alternating and the median of each reported
   output tokens/s. transformers pads the batch and runs until the longest finishes (static batching); we batch
   continuously.
 Each measure runs transformers (fp32) once and our engine once per `--quantization` method, all against the same
-transformers figure. Prints a table with the ratios and writes JSON with --out.
+transformers figure. `--compile` turns on `engine.compile` for ours (its graphs compile in the warm-up). Prints a
+table with the ratios and writes JSON with --out.
 """
 
 from __future__ import annotations
@@ -133,12 +134,14 @@ def prefill_rate(system, prompt: list[int], repeats: int) -> float:
 def run(args: argparse.Namespace) -> list[Row]:
     torch.set_num_threads(args.threads)
     engines = {q: Engine(EngineConfig(model=args.model, max_num_batched_tokens=args.chunk, num_kv_blocks=1024,
-                                      quantization=q, prefix_caching=False)) for q in args.quantization}
+                                      quantization=q, prefix_caching=False, compile=args.compile))
+               for q in args.quantization}
     engine = next(iter(engines.values()))
     ours, theirs = {q: Ours(e) for q, e in engines.items()}, Transformers(default_gguf_path())
     prompts = make_prompts(engine, 16, 32)
     long_prompt = make_prompts(engine, 1, 1024)[0]
-    for system in (*ours.values(), theirs):  # warm up all
+    for system in (*ours.values(), theirs):  # warm up all (compiled: the batch-of-one graph and the larger one)
+        system.generate(prompts[:1], 4)
         system.generate(prompts[:2], 4)
     rows: list[Row] = []
 
@@ -168,11 +171,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512, help="our max_num_batched_tokens")
     parser.add_argument("--quantization", nargs="+", default=["none"], choices=QUANTIZATIONS,
                         help="our engine's weight quantisation(s); transformers stays fp32")
+    parser.add_argument("--compile", action="store_true", help="our engines with engine.compile on")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     rows = run(args)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-          f"{args.threads} torch threads, torch {torch.__version__}, fp32, {args.model}")
+          f"{args.threads} torch threads, torch {torch.__version__}, fp32, {args.model}, compile {args.compile}")
     print(f"{'measure':44s} {'ours':>10s} {'transformers':>13s} {'ratio':>7s}")
     for row in rows:
         print(f"{row.name:44s} {row.ours:10.1f} {row.baseline:13.1f} {row.ratio:6.2f}x")
