@@ -44,16 +44,22 @@ class Quantization(Enum):
     W8A8 = "w8a8"
 
 
+def _int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight: [in, out] float (our Linear's layout) -> int8 [out, in] and one fp32 scale per output channel [out]."""
+    w = weight.t().float().contiguous()  # [out, in]
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """y = x @ W.T with W int8 [out, in] and one scale per output channel."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """weight: [in, out] float (our Linear's layout)."""
         super().__init__()
-        w = weight.t().float().contiguous()  # [out, in]
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        qweight, scale = _int8_per_channel(weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale.to(torch.bfloat16))  # the packed kernel's dtype
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,10 +75,9 @@ class W8A8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """weight: [in, out] float (our Linear's layout)."""
         super().__init__()
-        w = weight.t().float().contiguous()  # [out, in]
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale)  # [out] fp32
+        qweight, scale = _int8_per_channel(weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
