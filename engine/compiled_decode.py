@@ -43,6 +43,7 @@ class CompiledDecode:
         self.model = model
         self.kv_cache = kv_cache
         self._forward = torch.compile(self._decode)
+        log.info("decode steps run compiled: the first step of batch 1, and of a larger batch, compiles a graph")
 
     def serves(self, chunks: Sequence[ScheduledChunk]) -> bool:
         """Every chunk decodes one token and samples."""
