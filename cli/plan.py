@@ -7,6 +7,7 @@ and the ratio controller, each run through the real scheduler, routing and contr
     pdserve plan --phases chat:200:10,summarization:200:2,chat:200:10 --workers 8 ...   (workload:seconds:rate, ...)
     pdserve plan ... --workers 12 --min-workers 4 --max-workers 12 --controller-from 2:2   (autoscaling from 4)
     pdserve plan ... --policy pdserve.examples.queue_scaler:QueueScaler --policy-config '{"add_above": 4}'
+    pdserve plan ... --set target_load=0.9 --set scale_down_load=0.8   (any controller setting, any run)
     pdserve plan --scenarios 0-19 --out DIR [--set cooldown_s=20 ...]   (the controller on generated scenarios)
 
 Trace files are JSON lines {"arrival_s": float, "input_tokens": int, "output_tokens": int}, optionally with
@@ -46,7 +47,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="generated scenarios by seed (e.g. 0-19,100): the controller against the best static "
                              "split on each (needs --out; the cluster and SLOs come from each scenario)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="with --scenarios: a controller setting (ControllerConfig field) other than its default")
+                   help="a controller setting (ControllerConfig field) other than its default; repeatable")
     p.add_argument("--rate", type=float, default=20.0, help="requests/s of the built-in trace (default 20)")
     p.add_argument("--duration-s", type=float, default=600.0, help="length of the built-in trace (default 600)")
     p.add_argument("--seed", type=int, default=0)
@@ -107,6 +108,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pdserve.bench.metrics import SLO
     from pdserve.bench.planner import PlanSetup, best_static, plan
+    from pdserve.bench.scenario_study import parse_settings
     from pdserve.bench.workloads import TraceError, mean_rate
     from pdserve.controller.config import ControllerConfig, ControllerConfigError
     from pdserve.engine.config import ConfigError, EngineConfig, SimSettings
@@ -137,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
                                       cooldown_s=args.cooldown_s, max_moves=args.max_moves,
                                       max_num_seqs=args.max_num_seqs, min_workers=args.min_workers,
                                       max_workers=args.max_workers, scale_down_cooldown_s=args.scale_down_cooldown_s,
-                                      kv_capacity_tokens=cost.kv_capacity_tokens(engine.sim.gpu_memory_fraction))
+                                      kv_capacity_tokens=cost.kv_capacity_tokens(engine.sim.gpu_memory_fraction)
+                                      ).replace(**parse_settings(args.set))
         start = _start(args.controller_from, args.workers, controller)
         policy_config = _policy_config(args.policy_config)
         _check_policy(args.policy, controller, cost, policy_config)

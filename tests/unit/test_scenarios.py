@@ -105,6 +105,8 @@ def test_seeds_and_settings_parse():
     (["plan", "--scenarios", "0", "--out", "OUT", "--set", "cooldown=5"], "'cooldown' is not a controller setting"),
     (["plan", "--scenarios", "0", "--out", "OUT", "--set", "cooldown_s=-1"], "cooldown_s"),
     (["plan", "--workload", "chat", "--slo-ttft", "1"], "--workers, --slo-tpot required"),
+    (["plan", "--workload", "chat", "--workers", "4", "--slo-ttft", "1", "--slo-tpot", "0.05",
+      "--set", "scale_down_load=0.9"], "scale_down_load: must be below target_load"),
 ])
 def test_plan_refuses_bad_scenario_flags_by_name(argv, named, tmp_path, capsys):
     from pdserve.cli import main
