@@ -11,7 +11,7 @@ Measures, with ours and transformers alternating and the median of each reported
   output tokens/s. transformers pads the batch and runs until the longest finishes (static batching); we batch
   continuously.
 Each measure runs transformers (fp32) once and our engine once per `--quantization` method, all against the same
-transformers figure. `--compile` turns on `engine.compile` for ours (its graphs compile in the warm-up). Prints a
+transformers figure. `--compile` turns on `engine.compile` for ours (its graphs compile as each engine starts). Prints a
 table with the ratios and writes JSON with --out.
 """
 
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     ours, theirs = {q: Ours(e) for q, e in engines.items()}, Transformers(default_gguf_path())
     prompts = make_prompts(engine, 16, 32)
     long_prompt = make_prompts(engine, 1, 1024)[0]
-    for system in (*ours.values(), theirs):  # warm up all (compiled: the batch-of-one graph and the larger one)
+    for system in (*ours.values(), theirs):  # warm up all
         system.generate(prompts[:1], 4)
         system.generate(prompts[:2], 4)
     rows: list[Row] = []

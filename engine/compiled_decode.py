@@ -14,13 +14,15 @@ by the block table, plus the new token's own key and value, and the graph return
 Life of a step: `serves(chunks)` (every chunk decodes one token and samples) -> `run(chunks)`: token ids, positions
 and block tables (padded to at least two blocks) in; the compiled forward; the KV write; logits `[B, V]` out.
 The batch and the table width are dynamic sizes: torch.compile builds one graph for batch 1 and one for larger
-batches (a size of one is always specialised), each compiled on first use (tens of seconds on two cores, a few once
-inductor's on-disk cache has them). Prefill and mixed steps run eager.
+batches (a size of one is always specialised). The engine compiles both before it reports ready (`warm_up`: tens of
+seconds on two cores, a few once inductor's on-disk cache has them), so that no request waits for a compile.
+Prefill and mixed steps run eager.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -43,7 +45,6 @@ class CompiledDecode:
         self.model = model
         self.kv_cache = kv_cache
         self._forward = torch.compile(self._decode)
-        log.info("decode steps run compiled: the first step of batch 1, and of a larger batch, compiles a graph")
 
     def serves(self, chunks: Sequence[ScheduledChunk]) -> bool:
         """Every chunk decodes one token and samples."""
@@ -60,12 +61,27 @@ class CompiledDecode:
         input_ids = torch.tensor([c.token_ids[0] for c in chunks], device=device)  # [B]
         rows = torch.arange(len(chunks), device=device)
         slots = tables[rows, positions // block_size] * block_size + positions % block_size  # [B]
-        mark_dynamic_sizes(input_ids, positions, tables)
-        logits, keys, values = self._forward(input_ids, positions, tables)
+        logits, keys, values = self._compiled(input_ids, positions, tables)
         flat = self.kv_cache.tensor.flatten(2, 3)  # [2, L, NB * BS, KVH, D], a view
         flat[0].index_copy_(1, slots, keys)
         flat[1].index_copy_(1, slots, values)
         return logits
+
+    @torch.inference_mode()  # as the steps run: grad mode is part of the graphs' guards
+    def warm_up(self) -> float:
+        """Compile both graphs (batch 1 and larger) now, on a step's worth of dummy inputs, so that no request waits
+        for a compile; returns the seconds it took. Nothing is written: the graph leaves the cache alone."""
+        started = time.monotonic()
+        device = self.kv_cache.tensor.device
+        for batch in (1, 2):
+            zeros = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+            self._compiled(zeros, zeros.clone(), torch.zeros(batch, MIN_WIDTH, dtype=torch.long, device=device))
+        return time.monotonic() - started
+
+    def _compiled(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                  tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mark_dynamic_sizes(input_ids, positions, tables)
+        return self._forward(input_ids, positions, tables)
 
     def _decode(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

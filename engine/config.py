@@ -292,7 +292,9 @@ class EngineConfig:
     compile: bool = False
     """torch.compile the model. With torch attention (the CPU path): each decode-only step's whole forward as one
     graph (engine.compiled_decode; prefill stays eager); with the paged kernels: each decoder layer's dense parts
-    (norms, projections, MLP). Costs compiling on first use (tens of seconds on two CPU cores; BENCHMARKS.md)."""
+    (norms, projections, MLP). Costs compiling: on the CPU path the engine compiles its decode graphs before it
+    reports ready (tens of seconds on two CPU cores, a few from inductor's disk cache; BENCHMARKS.md); the paged
+    path compiles on first use."""
     prefix_caching: bool = True
     """Keep the KV blocks of finished requests, named by a hash of their whole prefix, and let later requests with
     the same prefix take them instead of computing (or receiving) them again; least recently used are evicted first

@@ -164,6 +164,8 @@ class Engine:
             runner.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, self.max_model_len)
         elif config.compile and not paged:
             runner.graphs = CompiledDecode(self.model, self.kv_cache)
+            log.info("compiling the decode graphs (batch 1 and larger) before the first request")
+            log.info("decode graphs compiled in %.1f s", runner.graphs.warm_up())
         self.runner: ModelRunner | SimRunner = runner
 
     def _build_sim(self, realtime: bool) -> None:

@@ -4,6 +4,7 @@
 import dataclasses
 
 import torch
+from torch._dynamo.utils import counters
 
 from pdserve.engine import Engine, EngineConfig, SamplingParams
 from pdserve.engine.compiled_decode import CompiledDecode, past_and_new_mask
@@ -16,6 +17,7 @@ def test_compiled_engine_matches_transformers(tmp_path, monkeypatch):
     engine = Engine(EngineConfig(model=str(tmp_path), compile=True, max_num_batched_tokens=48, num_kv_blocks=64,
                                  block_size=8))
     assert isinstance(engine.runner.graphs, CompiledDecode)
+    compiled_before = dict(counters["stats"])  # the engine compiled both graphs before its first request
     batches = []
     run = CompiledDecode.run
     monkeypatch.setattr(CompiledDecode, "run", lambda self, chunks: batches.append(len(chunks)) or run(self, chunks))
@@ -26,6 +28,7 @@ def test_compiled_engine_matches_transformers(tmp_path, monkeypatch):
         assert list(output.token_ids) == _greedy(reference, prompt, 12)
     assert engine.blocks.num_used == 0
     assert 1 in batches and max(batches) == 4  # the batch-of-one graph and the larger one both served steps
+    assert dict(counters["stats"]) == compiled_before  # and no step compiled anything
 
 
 def test_compiled_decode_writes_the_kv_and_tokens_of_eager_steps(tmp_path):
