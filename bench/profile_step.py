@@ -1,7 +1,7 @@
 """Profile one engine step: where a decode step's time goes, per ATen op.
 
     python -m pdserve.bench.profile_step [--batch 16] [--model smollm2-135m-instruct] [--rows 12]
-        [--quantization none|int8|int4|w8a8] [--dtype fp32|bf16]
+        [--quantization none|int8|int4|w8a8] [--dtype fp32|bf16] [--compile]
 
 Starts `batch` requests with 32-token prompts, decodes a few steps, then times 20 steps and prints torch.profiler's
 table for 10 more.
@@ -28,10 +28,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--compile", action="store_true", help="engine.compile on (the engine compiles as it starts)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = Engine(EngineConfig(model=args.model, num_kv_blocks=1024, prefix_caching=False,
-                                  quantization=args.quantization, dtype=args.dtype))
+                                  quantization=args.quantization, dtype=args.dtype, compile=args.compile))
     params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request(f"r{i}", [100 + i + j for j in range(32)], params)
