@@ -121,11 +121,16 @@ def past_and_new_mask(positions: torch.Tensor, past_slots: int, dtype: torch.dty
 
 def attend_past_and_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q: [B, H, D]; k, v: [B, KVH, D] the new token's; caches [NB, BS, KVH, D]; tables [B, W] -> [B, H, D]."""
+    """q: [B, H, D]; k, v: [B, KVH, D] the new token's; caches [NB, BS, KVH, D]; tables [B, W] -> [B, H, D].
+
+    Two matmuls and a softmax rather than scaled_dot_product_attention: with one query row per kv-head group, CPU
+    SDPA's flash kernel spent ~180 us a call on blocking and threads (5 ms of a 28 ms step at 16 requests), while
+    inductor fuses the scale, mask and softmax here around two small bmms (decode 1.05-1.11x faster at 16 requests,
+    w8a8; BENCHMARKS.md)."""
     batch, heads, dim = q.shape
     kv_heads = k.shape[1]
     keys = torch.cat([gather_blocks(k_cache, tables), k[:, :, None, :]], dim=2)  # [B, KVH, S + 1, D]
     values = torch.cat([gather_blocks(v_cache, tables), v[:, :, None, :]], dim=2)
-    queries = q.view(batch, kv_heads, heads // kv_heads, dim)  # [B, KVH, G, D]
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-    return out.reshape(batch, heads, dim)
+    queries = q.view(batch, kv_heads, heads // kv_heads, dim) * dim ** -0.5  # [B, KVH, G, D]
+    weights = torch.softmax(queries @ keys.transpose(-1, -2) + mask, dim=-1)  # [B, KVH, G, S + 1]
+    return (weights @ values).reshape(batch, heads, dim)
