@@ -23,34 +23,22 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
-
-from pdserve.engine.acceleration import compile_layers, kv_blocks_from_free_memory, uses_paged_attention
 from pdserve.engine.block_manager import BlockManager, CacheEvents, blocks_for
-from pdserve.engine.compiled_decode import CompiledDecode
 from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
-from pdserve.engine.cost_model import CostModel
-from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.detokenizer import Detokenizer, Finish
-from pdserve.engine.draft import Drafter, build_draft
-from pdserve.engine.fingerprint import model_fingerprint
+from pdserve.engine.engine_parts import build_parts
 from pdserve.engine.grammar_state import Grammars, GrammarState
-from pdserve.engine.hardware import hardware
-from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.layer_progress import LayerProgress
 from pdserve.engine.logprobs import Sampled, TokenLogprobs
 from pdserve.engine.lookahead import LookaheadState
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.model_source import ModelSource, resolve_engine_model
+from pdserve.engine.model_source import resolve_engine_model
 from pdserve.engine.prompt_lookup import pause_after
-from pdserve.engine.quantization import Quantization, quantize_model
 from pdserve.engine.request import ONLINE_PRIORITY, FinishReason, Prompt, Request, RequestOutput, RequestStatus
-from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
 from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
-from pdserve.engine.sim_runner import SimRunner
-from pdserve.engine.tokenizer import Tokenizer, load_tokenizer, tokenize_prompt
-from pdserve.engine.weights import load_model, read_model_config
+from pdserve.engine.tokenizer import tokenize_prompt
+from pdserve.engine.weights import read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +94,13 @@ class Engine:
         source = resolve_engine_model(config)
         self.model_config: ModelConfig = read_model_config(source)
         self.max_model_len = context_length(config, self.model_config)
-        if config.simulated:
-            self._build_sim(realtime)
-        else:
-            self._build_torch(source)
+        parts = build_parts(config, source, self.model_config, self.max_model_len, realtime)
+        self.model = parts.model
+        self.tokenizer = parts.tokenizer
+        self.fingerprint = parts.fingerprint
+        self.kv_cache = parts.kv_cache
+        self.runner = parts.runner
+        self.cost_model = parts.cost_model
         self.blocks = BlockManager(self.kv_cache.num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.speculative)
@@ -140,49 +131,6 @@ class Engine:
         log.info("engine ready: %s (%s), %d layers, %d KV blocks of %d tokens, max_model_len %d", config.model,
                  config.backend, self.model_config.num_layers, self.kv_cache.num_blocks, config.block_size,
                  self.max_model_len)
-
-    def _build_torch(self, source: ModelSource) -> None:
-        config = self.config
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
-        paged = uses_paged_attention(config)
-        self.model = load_model(source, self.model_config, config.torch_dtype, config.device, self.max_model_len,
-                                config.seed)
-        self.fingerprint = model_fingerprint(self.model_config, self.model.embed)
-        quantize_model(self.model, Quantization(config.quantization))
-        draft = build_draft(self.model, config.speculative, config.quantization) \
-            if config.speculative.method == "draft" else None
-        if config.compile and paged:
-            compile_layers(self.model)
-        self.tokenizer: Tokenizer | None = load_tokenizer(source)
-        self.kv_cache = KVCache(self.model_config, self._num_blocks(), config.block_size, config.torch_dtype,
-                                config.device)
-        runner = ModelRunner(self.model, self.kv_cache, Sampler(config.seed, config.device), paged=paged)
-        if draft is not None:
-            runner.drafter = Drafter(draft, self.kv_cache, runner.prepare, runner.sampler.generator)
-        if paged and config.cuda_graphs and self.kv_cache.tensor.is_cuda:
-            runner.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, self.max_model_len)
-        elif config.compile and not paged:
-            runner.graphs = CompiledDecode(self.model, self.kv_cache)
-            log.info("compiling the decode graphs (batch 1 and larger) before the first request")
-            log.info("decode graphs compiled in %.1f s", runner.graphs.warm_up())
-        self.runner: ModelRunner | SimRunner = runner
-
-    def _build_sim(self, realtime: bool) -> None:
-        """No weights and no tokenizer; a KV tensor of one float per token slot, so KV connectors still move blocks
-        (and keep their protocol) while the cost model says how long the real bytes would take."""
-        config = self.config
-        self.fingerprint = model_fingerprint(self.model_config, None)
-        sim = config.sim
-        cost_model = CostModel(self.model_config, hardware(sim.hardware), sim.tensor_parallel)
-        self.cost_model = cost_model
-        num_blocks = config.num_kv_blocks or max(
-            1, cost_model.kv_capacity_tokens(sim.gpu_memory_fraction) // config.block_size)
-        self.model = None
-        self.tokenizer = None
-        placeholder = dataclasses.replace(self.model_config, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=1)
-        self.kv_cache = KVCache(placeholder, num_blocks, config.block_size, torch.float32, "cpu")
-        self.runner = SimRunner(cost_model, realtime, sim.time_scale)
 
     # ---- requests --------------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -519,14 +467,6 @@ class Engine:
         if sampling.adjusts_logits or sampling.logprobs is not None or sampling.structured_output is not None:
             return False
         return sampling.greedy or (sampling.seed is None and spec.method != "lookahead")
-
-    def _num_blocks(self) -> int:
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
-        per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, self.config.torch_dtype)
-        if self.config.device.startswith("cuda"):
-            return kv_blocks_from_free_memory(self.config, per_block)
-        return max(1, int(self.config.kv_cache_gib * 2**30 // per_block))
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.model_config.eos_token_ids)
