@@ -6,6 +6,7 @@ and the ratio controller, each run through the real scheduler, routing and contr
     pdserve plan --workload shift --rate 20 --duration-s 600 --workers 8 ...     (a built-in trace instead of a file)
     pdserve plan --phases chat:200:10,summarization:200:2,chat:200:10 --workers 8 ...   (workload:seconds:rate, ...)
     pdserve plan ... --workers 12 --min-workers 4 --max-workers 12 --controller-from 2:2   (autoscaling from 4)
+    pdserve plan ... --peak-fleet      (and the static fleet the peak needs, to judge the autoscaler's saving by)
     pdserve plan ... --policy pdserve.examples.queue_scaler:QueueScaler --policy-config '{"add_above": 4}'
     pdserve plan ... --set target_load=0.9 --set scale_down_load=0.8   (any controller setting, any run)
     pdserve plan --scenarios 0-19 --out DIR [--set cooldown_s=20 ...]   (the controller on generated scenarios)
@@ -99,6 +100,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--search", type=float, nargs=2, default=(0.5, 3.0), metavar=("LOW", "HIGH"),
                    help="goodput search range, as multiples of the trace's rate (default 0.5 3)")
     p.add_argument("--search-runs", type=int, default=6, help="simulations per candidate in the search (default 6)")
+    p.add_argument("--peak-fleet", action="store_true",
+                   help="also find the static fleet sized for the peak (the fewest workers, up to --workers, whose "
+                        "best split holds 90%% attainment in every --peak-window-s window) and compare the "
+                        "controller's worker-seconds with it (bench/fleet_sizing.py)")
+    p.add_argument("--peak-window-s", type=float, default=60.0,
+                   help="the window --peak-fleet judges attainment in (default 60 s)")
     p.add_argument("--processes", type=int, default=None, help="parallel simulations (default: CPU count)")
     p.add_argument("--out", metavar="DIR", help="write report.json and plots here")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -178,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
               "best_static": best_static(reports).name}
     if args.compare_caching:
         report["without_caching"] = _without_caching(setup, reports, traffic).to_dict()
+    if args.peak_fleet:
+        report["peak_fleet"] = _peak_fleet(setup, trace, reports, args, _progress(started))
     if args.out:
         _write(args.out, report, reports, trace, args)
     if args.json:
@@ -187,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
         _print_table(reports, report, best_static(reports))
         if args.compare_caching:
             _print_without_caching(report["without_caching"], best_static(reports))
+        if args.peak_fleet:
+            _print_peak_fleet(report["peak_fleet"], reports, args.workers, args.peak_window_s)
     return 0
 
 
@@ -236,6 +247,33 @@ def _without_caching(setup, reports, traffic):
     plain = dataclasses.replace(setup, engine=dataclasses.replace(setup.engine, prefix_caching=False),
                                 routing="load")
     return evaluate(plain, Candidate(best.prefill, best.decode, False), traffic)
+
+
+def _peak_fleet(setup, trace, reports, args, progress) -> dict | None:
+    from pdserve.bench.fleet_sizing import size_static_fleet
+    from pdserve.bench.planner import best_static
+
+    best = best_static(reports)
+    fleet = size_static_fleet(setup, trace, args.workers, best.prefill / (best.prefill + best.decode),
+                              args.peak_window_s, args.processes or os.cpu_count() or 1, progress)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # past the status line
+    return None if fleet is None else {"prefill": fleet.prefill, "decode": fleet.decode, "workers": fleet.workers,
+                                       "worst_window": fleet.worst_window, "attainment": fleet.attainment}
+
+
+def _print_peak_fleet(fleet: dict | None, reports, workers: int, window_s: float) -> None:
+    if fleet is None:
+        print(f"static fleet for the peak: no split of {workers} workers holds 90% "
+              f"attainment in every {window_s:g} s window")
+        return
+    print(f"static fleet for the peak: {fleet['workers']} workers ({fleet['prefill']}:{fleet['decode']}), the fewest "
+          f"holding 90% attainment in every {window_s:g} s window (worst {fleet['worst_window']:.3f}, "
+          f"{fleet['attainment']:.3f} overall)")
+    for r in reports:
+        if r.controlled:
+            print(f"{r.name}: {r.mean_workers:.2f} workers on average, {r.mean_workers / fleet['workers']:.2f} of "
+                  f"the peak fleet's worker-seconds, attainment {r.attainment:.3f}")
 
 
 def _print_without_caching(without: dict, best) -> None:
