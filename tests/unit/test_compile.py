@@ -59,3 +59,29 @@ def test_the_new_token_sees_its_past_and_itself_only():
     mask = past_and_new_mask(torch.tensor([0, 3]), past_slots=4, dtype=torch.float32)  # [2, 1, 1, 5]
     visible = (mask[:, 0, 0] == 0).tolist()
     assert visible == [[False, False, False, False, True], [True, True, True, False, True]]
+
+
+def test_a_second_engine_shares_the_graphs_and_keeps_its_own_weights_and_cache(tmp_path):
+    """Two compiled engines of one shape in a process: the second compiles nothing (torch.compile's cache serves
+    it), yet its graph reads its own cache, not the first's: stepped in turn with the first on other prompts, its
+    whole KV cache equals an eager engine's after every step."""
+    _reference(CASES["llama-untied"], tmp_path)
+    config = EngineConfig(model=str(tmp_path), num_kv_blocks=64, block_size=8, prefix_caching=False)
+    first = Engine(dataclasses.replace(config, compile=True))
+    compiled_before = dict(counters["stats"])
+    second, eager = Engine(dataclasses.replace(config, compile=True)), Engine(config)
+    assert dict(counters["stats"]) == compiled_before
+    gen = torch.Generator().manual_seed(5)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    for i, n in enumerate((7, 20)):
+        first.add_request(f"a{i}", torch.randint(0, 256, (n,), generator=gen).tolist(), params)
+    for i, n in enumerate((9, 33)):
+        prompt = torch.randint(0, 256, (n,), generator=gen).tolist()
+        second.add_request(f"b{i}", prompt, params)
+        eager.add_request(f"b{i}", prompt, params)
+    while eager.has_unfinished():
+        first.step()
+        got = [(o.request_id, list(o.token_ids)) for o in second.step()]
+        assert got == [(o.request_id, list(o.token_ids)) for o in eager.step()]
+        assert torch.allclose(second.kv_cache.tensor, eager.kv_cache.tensor, atol=1e-5)
+    assert not second.has_unfinished()
