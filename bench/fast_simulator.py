@@ -36,7 +36,7 @@ from typing import Any
 
 from pdserve.bench.fast_workers import DecodeWorker, PrefillWorker, Shape, Worker
 from pdserve.bench.metrics import RequestRecord
-from pdserve.bench.simulator import PoolSample, SimResult, SimSetup
+from pdserve.bench.sim_setup import PoolSample, SimResult, SimSetup
 from pdserve.bench.workloads import TraceEntry
 from pdserve.controller.decision import Decision
 from pdserve.controller.observation import Observation, PoolRole, WorkerObservation

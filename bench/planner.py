@@ -20,7 +20,8 @@ from typing import Any
 
 from pdserve.bench.fast_simulator import FastSimulation
 from pdserve.bench.metrics import SLO, attainment, attainment_series, find_goodput, percentiles
-from pdserve.bench.simulator import PoolSample, SimResult, SimSetup, Simulation
+from pdserve.bench.sim_setup import PoolSample, SimResult, SimSetup
+from pdserve.bench.simulator import Simulation
 from pdserve.bench.traffic import Traffic
 from pdserve.bench.workloads import TraceEntry, mean_rate
 from pdserve.controller.config import ControllerConfig

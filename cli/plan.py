@@ -219,7 +219,7 @@ def _run_scenarios(args: argparse.Namespace) -> int:
 def _fast_refusal(setup, trace) -> str:
     """Why the fast simulator cannot plan this ("" when it can)."""
     from pdserve.bench.fast_simulator import refuse_unmodelled
-    from pdserve.bench.simulator import SimSetup
+    from pdserve.bench.sim_setup import SimSetup
 
     try:
         refuse_unmodelled(SimSetup(setup.engine, 1, 1, setup.slo, hand_on_after_s=setup.hand_on_after_s), trace)

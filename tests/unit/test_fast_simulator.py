@@ -11,7 +11,8 @@ import pytest
 from pdserve.bench.fast_simulator import FastSimulation
 from pdserve.bench.metrics import SLO, attainment
 from pdserve.bench.planner import Candidate, PlanSetup, evaluate
-from pdserve.bench.simulator import SimResult, SimSetup, Simulation
+from pdserve.bench.sim_setup import SimResult, SimSetup
+from pdserve.bench.simulator import Simulation
 from pdserve.bench.traffic import traffic_of
 from pdserve.bench.workloads import WORKLOADS, Phase, TraceEntry, phase_trace
 from pdserve.controller.config import ControllerConfig

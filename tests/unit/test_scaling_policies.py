@@ -9,7 +9,8 @@ import math
 import pytest
 
 from pdserve.bench.metrics import SLO, attainment
-from pdserve.bench.simulator import SimSetup, Simulation
+from pdserve.bench.sim_setup import SimSetup
+from pdserve.bench.simulator import Simulation
 from pdserve.bench.workloads import TraceEntry
 from pdserve.controller.config import ControllerConfig, ControllerConfigError
 from pdserve.controller.decision import Action, Decision, Move

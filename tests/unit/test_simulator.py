@@ -6,7 +6,8 @@ import pytest
 
 from pdserve.bench.metrics import SLO
 from pdserve.bench.planner import PlanSetup, best_static, candidates, plan
-from pdserve.bench.simulator import SimSetup, Simulation
+from pdserve.bench.sim_setup import SimSetup
+from pdserve.bench.simulator import Simulation
 from pdserve.bench.traffic import traffic_of
 from pdserve.bench.workloads import WORKLOADS, Phase, TraceEntry, phase_trace
 from pdserve.controller.config import ControllerConfig

@@ -4,7 +4,8 @@ caches reuse them, KV-aware routing follows them, and a decode worker's cached p
 import dataclasses
 
 from pdserve.bench.metrics import SLO, percentiles
-from pdserve.bench.simulator import SimSetup, Simulation
+from pdserve.bench.sim_setup import SimSetup
+from pdserve.bench.simulator import Simulation
 from pdserve.bench.workloads import TraceEntry, make_prompt_ids
 from pdserve.engine import EngineConfig
 from pdserve.engine.config import SimSettings
