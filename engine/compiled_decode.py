@@ -21,7 +21,6 @@ Prefill and mixed steps run eager.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 
@@ -32,8 +31,6 @@ from pdserve.engine.attention import gather_blocks
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.model import LlamaModel
 from pdserve.engine.scheduler import ScheduledChunk
-
-log = logging.getLogger(__name__)
 
 MIN_WIDTH = 2
 """Block tables are padded to at least this many blocks: torch.compile specialises a size of 1, and a graph for the
