@@ -25,9 +25,10 @@ def alive(pid: int | None, expect: str = "") -> bool:
     return _process(pid, expect) is not None
 
 
-def end_tree(pid: int | None, expect: str, grace_s: float = 5.0, what: str = "process") -> None:
+def end_tree(pid: int | None, expect: str, grace_s: float = 5.0, what: str = "process",
+             kill_log_level: int = logging.WARNING) -> None:
     """End `pid` (if it runs `expect`) and all its descendants: SIGTERM, then SIGKILL for whatever still runs after
-    `grace_s`."""
+    `grace_s` (said in the log at `kill_log_level`)."""
     root = _process(pid, expect)
     if root is None:
         return
@@ -38,8 +39,8 @@ def end_tree(pid: int | None, expect: str, grace_s: float = 5.0, what: str = "pr
     _signal(tree, signal.SIGTERM)
     _, left = psutil.wait_procs(tree, timeout=grace_s)
     if left:
-        log.warning("%s (pid %d): %d processes still up %.0f s after SIGTERM; killing them", what, pid, len(left),
-                    grace_s)
+        log.log(kill_log_level, "%s (pid %d): %d processes still up %.0f s after SIGTERM; killing them", what, pid,
+                len(left), grace_s)
         _signal(left, signal.SIGKILL)
         psutil.wait_procs(left, timeout=grace_s)
 

@@ -28,6 +28,12 @@ from pdserve.control_plane.processes import alive, end_tree
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE_S = 1.0
+"""How long the head's processes get between SIGTERM and SIGKILL when the control plane stops it, after it has
+stopped the workers. What is left then is Ray's own (gcs_server, raylet, its agents, `ray start --block`), and in
+every stop we logged here eight of them were still up 5 s after SIGTERM and were killed anyway: a longer grace only
+made each `pdserve down` wait. They hold nothing of ours (the cluster's state is in Redis)."""
+
 START_TIMEOUT_S = 120.0
 MARK = "ray.scripts.scripts"
 """A word of the head's command line: a pid from a state file that lacks it is another process now."""
@@ -96,9 +102,9 @@ class RayHead:
                               capture_output=True, timeout=60, env={**os.environ, **auth_env(self.token_file)})
         return done.returncode == 0
 
-    def stop(self, grace_s: float = 5.0) -> None:
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """End the head and everything it runs (its workers included); its token goes with it."""
-        end_tree(self.pid, MARK, grace_s, what="Ray head")
+        end_tree(self.pid, MARK, grace_s, what="Ray head", kill_log_level=logging.INFO)
         if os.path.exists(self.token_file):
             os.remove(self.token_file)
 
