@@ -44,9 +44,9 @@ def worst_window(records: Sequence[RequestRecord], slo: SLO, window_s: float) ->
     if not records:
         return math.nan
     start = min(r.arrival_s for r in records)
-    last = int((max(r.arrival_s for r in records) - start) // window_s)
-    span_of_last = max(r.arrival_s for r in records) - start - last * window_s
-    merge_last = last > 0 and span_of_last < window_s / 2
+    span = max(r.arrival_s for r in records) - start
+    last = int(span // window_s)
+    merge_last = last > 0 and span - last * window_s < window_s / 2
     windows: dict[int, list[RequestRecord]] = {}
     for r in records:
         index = int((r.arrival_s - start) // window_s)
