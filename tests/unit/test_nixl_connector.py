@@ -18,7 +18,8 @@ from pdserve.kv_transfer.layout import PairRefused
 from pdserve.kv_transfer.send_delay import InjectedPause
 
 pytest.importorskip("nixl._api")
-from pdserve.kv_transfer.nixl_connector import NixlConnector, _common_runs  # noqa: E402
+from pdserve.kv_transfer.nixl_connector import NixlConnector  # noqa: E402
+from pdserve.kv_transfer.one_sided import common_runs  # noqa: E402
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
                    num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position=256,
@@ -74,9 +75,9 @@ def outcomes(*sides: NixlConnector, count: int, limit_s: float = 20.0) -> dict:
 
 
 def test_common_runs_cut_where_either_side_breaks():
-    assert _common_runs((1, 2, 3, 4), (7, 8, 20, 21)) == [(0, 2), (2, 2)]
-    assert _common_runs((5, 9), (1, 2)) == [(0, 1), (1, 1)]
-    assert _common_runs((), ()) == []
+    assert common_runs((1, 2, 3, 4), (7, 8, 20, 21)) == [(0, 2), (2, 2)]
+    assert common_runs((5, 9), (1, 2)) == [(0, 1), (1, 1)]
+    assert common_runs((), ()) == []
 
 
 def test_blocks_move_in_place_whichever_comes_first():
