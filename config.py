@@ -111,10 +111,14 @@ class Workers:
         _at_least("hung_after_s", self.hung_after_s, 1)
 
 
+KV_BACKENDS = ("gloo", "nccl", "nixl", "ipc")
+
+
 @dataclass(frozen=True)
 class KVTransfer:
     backend: str = "gloo"
-    """gloo (CPU tensors), nccl (CUDA tensors) or nixl (either: NIXL over UCX; `pip install 'pdserve[nixl]'`)."""
+    """gloo (CPU tensors), nccl (CUDA tensors), nixl (either: NIXL over UCX; `pip install 'pdserve[nixl]'`), or ipc
+    (either, workers on one node only: CUDA IPC on GPUs, shared memory on CPUs)."""
     timeout_s: float = 30.0
     """A handoff that takes longer fails; the blocks are freed on both sides."""
     layerwise: bool = False
@@ -125,14 +129,16 @@ class KVTransfer:
     computed again). Costs a pass over the KV on each side (CRC-32 at ~2 GiB/s on the dev box's CPU); on in tests."""
 
     def __post_init__(self) -> None:
-        if self.backend not in ("gloo", "nccl", "nixl"):
-            raise ConfigError(f"backend: {self.backend!r} is not one of ['gloo', 'nccl', 'nixl']")
+        if self.backend not in KV_BACKENDS:
+            raise ConfigError(f"backend: {self.backend!r} is not one of {list(KV_BACKENDS)}")
         if self.backend == "nixl" and importlib.util.find_spec("nixl") is None:
             raise ConfigError("backend: nixl needs the nixl package (pip install 'pdserve[nixl]')")
-        if self.backend == "nixl" and self.layerwise:
-            raise ConfigError("layerwise: not supported with backend nixl (a read needs the whole KV computed)")
-        if self.backend == "nixl" and self.checksums:
-            raise ConfigError("checksums: not supported with backend nixl (its reads land in place, unchecked)")
+        if self.backend in ("nixl", "ipc") and self.layerwise:
+            raise ConfigError(f"layerwise: not supported with backend {self.backend} (a read needs the whole KV "
+                              f"computed)")
+        if self.backend in ("nixl", "ipc") and self.checksums:
+            raise ConfigError(f"checksums: not supported with backend {self.backend} (its reads land in place, "
+                              f"unchecked)")
         _at_least("timeout_s", self.timeout_s, 0.001)
 
 

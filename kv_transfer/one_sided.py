@@ -262,6 +262,14 @@ class OneSidedConnector(PairedConnector):
         self._reported.append(TransferResult(t.transfer_id, status, error, time.monotonic() - receive.started,
                                              nbytes))
 
+    def _pair_broke(self, peer: str) -> None:
+        """Fail at once what a broken pair can no longer finish: receives whose "send" notice has not come, sends not
+        announced yet. A send announced may still be read by the peer: it ends by its deadline, as always."""
+        for receive in [r for r in self._receives.values() if r.transfer.peer == peer and r.source is None]:
+            self._finish_receive(receive, TransferStatus.FAILED, "the pair broke")
+        for send in [s for s in self._sends.values() if s.transfer.peer == peer and not s.noticed]:
+            self._report_send(send.transfer.transfer_id, TransferStatus.FAILED, "the pair broke")
+
     # ---- notices -----------------------------------------------------------------------------------------------
     def _read_notices(self) -> None:
         for peer, notice in self._new_notices():

@@ -1,7 +1,9 @@
-"""The NIXL connector (`kv_transfer.backend: nixl`): two real NIXL agents (UCX) in this process, each with its own KV
-cache, paired over one store. Blocks move by one-sided READs, in place, whatever the order of receive and
-notification; every outcome is reported once on each side; a receive that expected another size, one cancelled
-and one timed out tell the sender not to wait. Skipped where the nixl package is not installed."""
+"""The one-sided connectors (`kv_transfer.one_sided`), each with two real ends in this process, each end with its own
+KV cache, paired over one store: NIXL (two NIXL agents over UCX; skipped where the nixl package is not installed)
+and same-node IPC (each end maps the other's shared-memory cache and they talk over a real Unix socket). Blocks move
+by one-sided READs, in place, whatever the order of receive and notice; every outcome is reported once on each
+side; a receive that expected another size, one cancelled and one timed out tell the sender not to wait. Then what
+only IPC has: pairs across nodes refused, a peer whose line closes forgotten, no room in /dev/shm said by name."""
 
 import threading
 import time
@@ -12,14 +14,13 @@ import torch.distributed as dist
 
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import KVCache
+from pdserve.kv_transfer import shared_cache
 from pdserve.kv_transfer.channel import PEER_ABORTED
-from pdserve.kv_transfer.connector import Transfer, TransferStatus
+from pdserve.kv_transfer.connector import Transfer, TransferError, TransferStatus
+from pdserve.kv_transfer.ipc_connector import IpcConnector
 from pdserve.kv_transfer.layout import PairRefused
+from pdserve.kv_transfer.one_sided import OneSidedConnector, common_runs
 from pdserve.kv_transfer.send_delay import InjectedPause
-
-pytest.importorskip("nixl._api")
-from pdserve.kv_transfer.nixl_connector import NixlConnector  # noqa: E402
-from pdserve.kv_transfer.one_sided import common_runs  # noqa: E402
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
                    num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position=256,
@@ -35,17 +36,31 @@ def cache(seed: int, num_blocks: int) -> KVCache:
 _agents = iter(range(1_000_000))
 
 
-def pair(model: str = "m") -> tuple[NixlConnector, NixlConnector]:
+@pytest.fixture(params=["ipc", "nixl"])
+def kind(request) -> str:
+    if request.param == "nixl":
+        pytest.importorskip("nixl._api")
+    return request.param
+
+
+def connector(kind: str, worker_id: str) -> OneSidedConnector:
+    if kind == "nixl":
+        from pdserve.kv_transfer.nixl_connector import NixlConnector
+        return NixlConnector(worker_id)
+    return IpcConnector(worker_id)
+
+
+def pair(kind: str, model: str = "m") -> tuple[OneSidedConnector, OneSidedConnector]:
     """A prefill and a decode connector (agent names unique in this process), paired; the decode cache is larger,
     so block addresses differ between the two."""
     n = next(_agents)
-    prefill, decode = NixlConnector(f"prefill-{n}"), NixlConnector(f"decode-{n}")
+    prefill, decode = connector(kind, f"prefill-{n}"), connector(kind, f"decode-{n}")
     prefill.register(cache(1, 24))
     decode.register(cache(2, 40))
     prefill.model_fingerprint, decode.model_fingerprint = "m", model
     store, errors = dist.HashStore(), []
 
-    def join(side: NixlConnector, peer: str, rank: int) -> None:
+    def join(side: OneSidedConnector, peer: str, rank: int) -> None:
         try:
             side.connect(peer, store, rank)
         except PairRefused as e:
@@ -62,7 +77,7 @@ def pair(model: str = "m") -> tuple[NixlConnector, NixlConnector]:
     return prefill, decode
 
 
-def outcomes(*sides: NixlConnector, count: int, limit_s: float = 20.0) -> dict:
+def outcomes(*sides: OneSidedConnector, count: int, limit_s: float = 20.0) -> dict:
     found, deadline = {}, time.monotonic() + limit_s
     while len(found) < count and time.monotonic() < deadline:
         for side in sides:
@@ -80,8 +95,8 @@ def test_common_runs_cut_where_either_side_breaks():
     assert common_runs((), ()) == []
 
 
-def test_blocks_move_in_place_whichever_comes_first():
-    prefill, decode = pair()
+def test_blocks_move_in_place_whichever_comes_first(kind):
+    prefill, decode = pair(kind)
     sources = {"a": (3, 4, 5, 9), "b": (0, 20, 7), "c": (11,)}
     targets = {"a": (30, 31, 2, 3), "b": (12, 13, 14), "c": (39,)}
     decode.start_recv(Transfer("a", prefill.worker_id, targets["a"], tag=1, timeout_s=10))  # posted first
@@ -100,8 +115,8 @@ def test_blocks_move_in_place_whichever_comes_first():
     decode.shutdown()
 
 
-def test_every_outcome_is_reported_once_and_the_sender_is_told_not_to_wait():
-    prefill, decode = pair()
+def test_every_outcome_is_reported_once_and_the_sender_is_told_not_to_wait(kind):
+    prefill, decode = pair(kind)
     peer_p, peer_d = prefill.worker_id, decode.worker_id
     prefill.start_send(Transfer("wrong-size", peer_d, (1, 2), tag=1, timeout_s=10))
     decode.start_recv(Transfer("wrong-size", peer_p, (5, 6, 7), tag=1, timeout_s=10))
@@ -125,14 +140,14 @@ def test_every_outcome_is_reported_once_and_the_sender_is_told_not_to_wait():
     decode.shutdown()
 
 
-def test_workers_of_different_models_refuse_to_pair():
+def test_workers_of_different_models_refuse_to_pair(kind):
     with pytest.raises(PairRefused, match="model"):
-        pair(model="another")
+        pair(kind, model="another")
 
 
-def test_a_send_held_past_its_receive_deadline_is_dropped_by_both():
+def test_a_send_held_past_its_receive_deadline_is_dropped_by_both(kind):
     """Fault injection holds a send's notification (as `faults.kv_send_pause_s` does on a cluster)."""
-    prefill, decode = pair()
+    prefill, decode = pair(kind)
     prefill.send_delay = InjectedPause(1.0, count=1)
     prefill.start_send(Transfer("held", decode.worker_id, (1, 2), tag=1, timeout_s=10))
     decode.start_recv(Transfer("held", prefill.worker_id, (3, 4), tag=1, timeout_s=0.3))
@@ -145,3 +160,71 @@ def test_a_send_held_past_its_receive_deadline_is_dropped_by_both():
     assert {r.status for r in outcomes(prefill, decode, count=2).values()} == {TransferStatus.DONE}
     prefill.shutdown()
     decode.shutdown()
+
+
+def test_ipc_views_taken_before_sharing_see_what_a_peer_writes():
+    """The engine takes its per-layer views of the cache before the connector moves it into shared memory."""
+    prefill, decode = IpcConnector("prefill-v"), IpcConnector("decode-v")
+    source, target = cache(1, 24), cache(2, 40)
+    k_before, v_before = target.layer(2)  # [blocks, BS, H_kv, D] views
+    prefill.register(source)
+    decode.register(target)
+    assert target.tensor.is_shared()
+    prefill.model_fingerprint = decode.model_fingerprint = "m"
+    store = dist.HashStore()
+    joining = threading.Thread(target=prefill.connect, args=(decode.worker_id, store, 0))
+    joining.start()
+    decode.connect(prefill.worker_id, store, 1)
+    joining.join(20)
+    prefill.start_send(Transfer("x", decode.worker_id, (7,), tag=1, timeout_s=10))
+    decode.start_recv(Transfer("x", prefill.worker_id, (33,), tag=1, timeout_s=10))
+    assert {r.status for r in outcomes(prefill, decode, count=2).values()} == {TransferStatus.DONE}
+    assert torch.equal(k_before[33], source.tensor[0, 2, 7]) and torch.equal(v_before[33], source.tensor[1, 2, 7])
+    prefill.shutdown()
+    decode.shutdown()
+
+
+def test_ipc_refuses_a_pair_across_nodes_on_both_sides():
+    prefill, decode = IpcConnector("prefill-n"), IpcConnector("decode-n")
+    prefill.register(cache(1, 24))
+    decode.register(cache(2, 40))
+    prefill.model_fingerprint = decode.model_fingerprint = "m"
+    decode.node = "another-host/another-boot"
+    store, errors = dist.HashStore(), []
+
+    def join(side: IpcConnector, peer: str, rank: int) -> None:
+        try:
+            side.connect(peer, store, rank)
+        except PairRefused as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=join, args=(prefill, decode.worker_id, 0)),
+               threading.Thread(target=join, args=(decode, prefill.worker_id, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert len(errors) == 2 and all("different nodes" in str(e) for e in errors), errors
+    assert prefill.pairs == {} and decode.pairs == {}
+
+
+def test_ipc_forgets_a_peer_whose_line_closed_and_fails_what_waits_on_it():
+    prefill, decode = pair("ipc")
+    decode.start_recv(Transfer("waiting", prefill.worker_id, (1, 2), tag=1, timeout_s=30))
+    prefill.start_send(Transfer("sent", decode.worker_id, (3,), tag=2, timeout_s=30))
+    prefill.shutdown()  # closes its end of the line, as a worker that stops or dies does
+    found = outcomes(decode, count=1, limit_s=5)
+    assert found[("decode", "waiting")].status is TransferStatus.FAILED
+    assert found[("decode", "waiting")].error == "the pair broke"
+    assert prefill.worker_id not in decode.pairs  # out of its heartbeat: the router forms the pair again
+    with pytest.raises(TransferError, match="connect first"):
+        decode.start_recv(Transfer("after", prefill.worker_id, (4,), tag=3))
+    decode.shutdown()
+
+
+def test_ipc_says_when_shared_memory_has_no_room(monkeypatch):
+    monkeypatch.setattr(shared_cache, "SHM_HEADROOM", 1e12)
+    kv = cache(1, 24)
+    with pytest.raises(TransferError, match="/dev/shm has .* MiB free"):
+        IpcConnector("prefill-full").register(kv)
+    assert not kv.tensor.is_shared()  # left where it was
