@@ -25,8 +25,8 @@ TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermed
                    tie_word_embeddings=True)
 
 
-def filled_cache(seed: int) -> KVCache:
-    cache = KVCache(TINY, num_blocks=12, block_size=4, dtype=torch.float32, device="cpu")
+def filled_cache(seed: int, device: str = "cpu") -> KVCache:
+    cache = KVCache(TINY, num_blocks=12, block_size=4, dtype=torch.float32, device=device)
     cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=torch.Generator().manual_seed(seed)))
     return cache
 
