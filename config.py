@@ -111,14 +111,15 @@ class Workers:
         _at_least("hung_after_s", self.hung_after_s, 1)
 
 
-KV_BACKENDS = ("gloo", "nccl", "nixl", "ipc")
+KV_BACKENDS = ("gloo", "nccl", "nixl", "ipc", "auto")
 
 
 @dataclass(frozen=True)
 class KVTransfer:
     backend: str = "gloo"
-    """gloo (CPU tensors), nccl (CUDA tensors), nixl (either: NIXL over UCX; `pip install 'pdserve[nixl]'`), or ipc
-    (either, workers on one node only: CUDA IPC on GPUs, shared memory on CPUs)."""
+    """gloo (CPU tensors), nccl (CUDA tensors), nixl (either: NIXL over UCX; `pip install 'pdserve[nixl]'`), ipc
+    (either, workers on one node only: CUDA IPC on GPUs, shared memory on CPUs), or auto: each pair chooses, ipc when
+    both workers are on one node, else gloo or nccl by where the cache lives."""
     timeout_s: float = 30.0
     """A handoff that takes longer fails; the blocks are freed on both sides."""
     layerwise: bool = False

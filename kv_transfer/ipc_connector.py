@@ -37,6 +37,11 @@ from pdserve.kv_transfer.shared_cache import node_id, open_shared, share
 log = logging.getLogger(__name__)
 
 
+class IpcUnavailable(PairRefused):
+    """The two workers cannot pair over IPC (other nodes, a cache that cannot be mapped); raised on both sides, so
+    `backend: auto` pairs them over the network instead."""
+
+
 @dataclass
 class _Peer:
     cache: torch.Tensor
@@ -71,7 +76,7 @@ class IpcConnector(OneSidedConnector):
         pair_store.set(f"mapped/{rank}", json.dumps(problem))  # "" if it worked
         problem = problem or json.loads(pair_store.get(f"mapped/{1 - rank}"))
         if problem:
-            raise PairRefused(f"KV pair {self.worker_id} <-> {peer} cannot use ipc: {problem}")
+            raise IpcUnavailable(f"KV pair {self.worker_id} <-> {peer} cannot use ipc: {problem}")
         if rank == 0:
             listener, address = notice_line.listen()
             pair_store.set("line", address)
