@@ -116,7 +116,7 @@ KV_BACKENDS = ("gloo", "nccl", "nixl", "ipc", "auto")
 
 @dataclass(frozen=True)
 class KVTransfer:
-    backend: str = "gloo"
+    backend: str = "auto"
     """gloo (CPU tensors), nccl (CUDA tensors), nixl (either: NIXL over UCX; `pip install 'pdserve[nixl]'`), ipc
     (either, workers on one node only: CUDA IPC on GPUs, shared memory on CPUs), or auto: each pair chooses, ipc when
     both workers are on one node, else gloo or nccl by where the cache lives."""

@@ -1,11 +1,13 @@
 """A worker's KV cache made readable by other processes on its node, and a peer's cache mapped into this one: the
 memory side of the same-node connector (`ipc_connector`).
 
-- CPU: the cache's storage moves, in place, into a shared-memory file (torch's own file-system sharing, the one
-  `torch.multiprocessing` uses; its `torch_shm_manager` unlinks the file once no process holds it). Every view the
-  engine took before follows, as the storage object stays the same. The file lives in /dev/shm, which containers
-  often keep small (Docker's default is 64 MiB), so `share` first checks there is room and says so if not (a write
-  past a full tmpfs would kill the worker with SIGBUS, not raise).
+- CPU: the cache's storage moves, in place, into a shared-memory file that is unlinked at once and kept open
+  (torch's own file-descriptor sharing, the one `torch.multiprocessing` uses by default): the memory goes when the
+  last process holding it does, however they end, so nothing is left in /dev/shm even after a SIGKILL. A peer opens
+  it through `/proc/<owner pid>/fd/<fd>` (allowed between processes of one user). Every view the engine took before
+  follows, as the storage object stays the same. The memory counts against /dev/shm, which containers often keep
+  small (Docker's default is 64 MiB), so `share` first checks there is room and says so if not (a write past a full
+  tmpfs would kill the worker with SIGBUS, not raise).
 - CUDA: a CUDA IPC handle of the cache's allocation (what `torch.multiprocessing` sends for a CUDA tensor). The peer
   opens it on the GPU with the same UUID (Ray gives each worker its own CUDA_VISIBLE_DEVICES, so the index may
   differ), and copies between the two caches are device-to-device: no host round trip.
@@ -54,8 +56,8 @@ def share(tensor: torch.Tensor) -> dict:
         raise TransferError(f"a KV cache on {tensor.device.type} cannot be shared")
     if not storage.is_shared():
         _check_shm_room(storage.nbytes())
-    manager, name, size = storage._share_filename_cpu_()
-    return {**geometry, "kind": "cpu", "manager": manager.decode(), "name": name.decode(), "size": size}
+    fd, size = storage._share_fd_cpu_()
+    return {**geometry, "kind": "cpu", "pid": os.getpid(), "fd": fd, "size": size}
 
 
 def open_shared(description: dict) -> torch.Tensor:
@@ -64,14 +66,24 @@ def open_shared(description: dict) -> torch.Tensor:
     if description["kind"] == "cuda":
         storage = _open_cuda(description)
     else:
-        try:
-            storage = torch.UntypedStorage._new_shared_filename_cpu(
-                description["manager"].encode(), description["name"].encode(), description["size"])
-        except RuntimeError as e:
-            raise TransferError(f"cannot map the peer's KV cache ({description['name']}): {e}") from e
+        storage = _open_cpu(description)
     shape = description["shape"]
     return torch.empty((0,), dtype=dtype, device=storage.device).set_(storage, 0, shape,
                                                                        _contiguous_strides(shape))
+
+
+def _open_cpu(description: dict) -> torch.UntypedStorage:
+    path = f"/proc/{description['pid']}/fd/{description['fd']}"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as e:
+        raise TransferError(f"cannot open the peer's KV cache ({path}): {e}") from e
+    try:
+        return torch.UntypedStorage._new_shared_fd_cpu(fd, description["size"])  # maps a duplicate of `fd`
+    except RuntimeError as e:
+        raise TransferError(f"cannot map the peer's KV cache ({path}): {e}") from e
+    finally:
+        os.close(fd)
 
 
 def _open_cuda(description: dict) -> torch.UntypedStorage:

@@ -1,7 +1,7 @@
 """The same-node IPC connector between two real processes: this one is "prefill-0", tests/integration/ipc_peer.py
 "decode-0" in a subprocess. Each maps the other's cache (shared memory on CPU, a CUDA IPC handle on a GPU: that
 case skips without CUDA), blocks move both ways, and when the peer's process dies the pair is forgotten and a receive
-waiting on it fails at once instead of at its deadline."""
+waiting on it fails at once instead of at its deadline; nothing is left in /dev/shm."""
 
 import json
 import os
@@ -24,6 +24,7 @@ from kv_peer import filled_cache, wait_for  # noqa: E402
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA IPC needs a GPU"))])
 def test_blocks_move_both_ways_between_processes_and_a_dead_peer_is_forgotten(tmp_path, device):
+    shm_before = set(os.listdir("/dev/shm"))
     store_file = str(tmp_path / "store")
     store = dist.FileStore(store_file, 2)
     store.set_timeout(timedelta(seconds=60))
@@ -55,6 +56,7 @@ def test_blocks_move_both_ways_between_processes_and_a_dead_peer_is_forgotten(tm
         assert "decode-0" not in connector.pairs
         assert torch.equal(cache.read_blocks((6,)), filled_cache(seed=1, device=device).read_blocks((6,)))
         connector.shutdown()
+        assert set(os.listdir("/dev/shm")) <= shm_before  # the caches' memory has no name to leave behind
     finally:
         if peer.poll() is None:
             peer.kill()

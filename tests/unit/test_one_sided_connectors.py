@@ -228,3 +228,9 @@ def test_ipc_says_when_shared_memory_has_no_room(monkeypatch):
     with pytest.raises(TransferError, match="/dev/shm has .* MiB free"):
         IpcConnector("prefill-full").register(kv)
     assert not kv.tensor.is_shared()  # left where it was
+
+
+def test_ipc_says_when_the_peers_cache_cannot_be_opened():
+    with pytest.raises(TransferError, match=r"cannot open the peer's KV cache \(/proc/"):
+        shared_cache.open_shared({"kind": "cpu", "pid": 2**22 + 1, "fd": 3, "size": 64, "shape": [16],
+                                  "dtype": "float32"})
