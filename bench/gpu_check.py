@@ -14,8 +14,9 @@ No Ray, Redis, downloads or model files: random weights of real shapes. Writes `
 - speculative decoding's verify step: a forward pass over k + 1 new tokens per request (k = 1, 2, 4, 8 proposals)
   after a 128-token context held in the prefix cache, at batch 1 and 32, against k = 0 (random weights say nothing
   of acceptance; this cost is what decides when speculation pays);
-- KV handoff (`bench.gpu_kv_check`): our connector's in-place handoff of 1 GiB of llama-3-8b KV and a CUDA IPC copy
-  between two processes, each against a plain device copy, and decode steps with handoffs running beside them.
+- KV handoff (`bench.gpu_kv_check`): our connector's in-place handoff of 1 GiB of llama-3-8b KV and the IPC
+  connector's handoff between two processes, each against a plain device copy, and decode steps with handoffs
+  running beside them.
 A row that fails records its error and the rest go on.
 """
 
@@ -270,7 +271,7 @@ def kv(checks: list[Check], plan: Plan) -> None:
         return
     blocks = handoff_blocks(engine)
     for name, row in (("handoff in place over the loopback", channel_row),
-                      ("IPC copy, two processes (CUDA IPC on a GPU)", ipc_row),
+                      ("IPC handoff, two processes (CUDA IPC on a GPU)", ipc_row),
                       (f"decode batch {DECODE_BATCH} beside handoffs", beside_decode_row)):
         def run(check: Check, row=row) -> None:
             check.value, check.detail = row(engine, blocks)

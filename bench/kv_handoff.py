@@ -1,9 +1,11 @@
 """Benchmark: KV handoff through our connector vs a raw torch.distributed send/recv of the same bytes.
 
-    python -m pdserve.bench.kv_handoff [--backend gloo|nixl] [--blocks 16 64 128] [--repeats 5]
+    python -m pdserve.bench.kv_handoff [--backend gloo|nixl|ipc] [--blocks 16 64 128] [--repeats 5]
 
-Two processes on loopback (this one sends, a child receives), one gloo pair group (and, with --backend nixl, a NIXL
-pair beside it: ours then goes over NIXL, raw stays gloo's). Each round, the sender times
+Two processes on loopback (this one sends, a child receives), one gloo pair group (and, with --backend nixl or ipc, a
+NIXL or same-node IPC pair beside it: ours then goes over that, raw stays gloo's; with ipc a third figure, "copy",
+is one process copying the same bytes from one tensor into another, what a same-node move cannot beat). Each round,
+the sender times
 from the start of the send until the receiver's 1-element acknowledgement arrives; the receiver acknowledges once
 the data is in place: in its buffer (raw, one message), or in its KV blocks (ours). Ours moves the blocks twice:
 consecutive on both sides (sent and received in place, the common case) and scattered (every other block on both
@@ -86,12 +88,13 @@ def run_side(port: int, sizes: list[int], repeats: int, backend: str, sending: b
     me, peer, rank = ("sender", "receiver", 0) if sending else ("receiver", "sender", 1)
     gloo = TorchDistConnector(me, "gloo")
     kv = cache(2 * max(sizes))
+    ours: PairedConnector = gloo
+    if backend != "gloo":
+        ours = make_connector(me, backend)
+        ours.register(kv)  # first: ipc moves the cache into shared memory
     gloo.register(kv)
     gloo.connect(peer, store, rank)
-    ours: PairedConnector = gloo
-    if backend == "nixl":
-        ours = make_connector(me, "nixl")
-        ours.register(kv)
+    if ours is not gloo:
         ours.connect(peer, store, rank, generation=1)
     timings = rounds(gloo, ours, kv, sizes, repeats, sending)
     for connector in {gloo, ours}:
@@ -101,7 +104,7 @@ def run_side(port: int, sizes: list[int], repeats: int, backend: str, sending: b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="gloo", choices=["gloo", "nixl"])
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nixl", "ipc"])
     parser.add_argument("--blocks", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peer", type=int, help=argparse.SUPPRESS)
@@ -117,13 +120,29 @@ def main() -> None:
     child.wait(timeout=120)
     block_bytes = cache(1).tensor.numel() * 4
     print(f"{args.backend}, two processes on 127.0.0.1, SmolLM2 KV blocks of {block_bytes / 2**10:.0f} KiB")
+    copies = {n: copy_rate(n * block_bytes, args.repeats) for n in args.blocks} if args.backend == "ipc" else {}
     print(f"{'blocks':>6s} {'MiB':>7s} {'raw GB/s':>9s} {'consecutive':>12s} {'/raw':>5s} {'scattered':>10s} "
-          f"{'/raw':>5s}")
+          f"{'/raw':>5s}" + (f" {'copy GB/s':>10s} {'consecutive/copy':>17s}" if copies else ""))
     for n in args.blocks:
         nbytes = n * block_bytes
         raw, consecutive, scattered = (nbytes / statistics.median(timings[(way, n)]) / 1e9 for way in WAYS)
-        print(f"{n:6d} {nbytes / 2**20:7.1f} {raw:9.2f} {consecutive:12.2f} {consecutive / raw:5.2f} "
-              f"{scattered:10.2f} {scattered / raw:5.2f}")
+        line = (f"{n:6d} {nbytes / 2**20:7.1f} {raw:9.2f} {consecutive:12.2f} {consecutive / raw:5.2f} "
+                f"{scattered:10.2f} {scattered / raw:5.2f}")
+        if copies:
+            line += f" {copies[n]:10.2f} {consecutive / copies[n]:17.2f}"
+        print(line)
+
+
+def copy_rate(nbytes: int, repeats: int) -> float:
+    """GB/s of one process copying `nbytes` from one tensor into another (median of `repeats`)."""
+    source, target = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+    target.copy_(source)  # both touched once, as a cache's pages are
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        seconds.append(time.perf_counter() - start)
+    return nbytes / statistics.median(seconds) / 1e9
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python -m pdserve.bench.serving overhead [--json]   # router + Ray overhead at 1 and at 32 concurrent requests
     python -m pdserve.bench.serving mixed [--json]      # disaggregated vs colocated on a mixed workload
     python -m pdserve.bench.serving layerwise [--json]  # KV handed over after the prefill, or streamed during it
+    python -m pdserve.bench.serving handoff [--json]    # KV over gloo sockets, or copied over IPC (same node)
 
 overhead: on a 1 prefill + 1 decode cluster, client TTFT minus the prefill worker's own prefill time (first chunk ->
 first token), for 16 requests one at a time and for 32 at once. At 32 the difference is mostly queueing, so it is
@@ -15,6 +16,8 @@ Poisson arrivals. TTFT and TPOT are measured at the client; p50/p90/p99.
 layerwise: 1 prefill + 1 decode worker, 1 core each; 12 prompts of 1-2k tokens, one at a time, 4 output tokens;
 clusters with `kv_transfer.layerwise` off and on, twice each in turn (off, on, off, on). The handoff lies between the
 first token (sent by the prefill worker) and the second: both are timed at the client.
+
+handoff: the same run, with `kv_transfer.backend` gloo and auto (ipc: both workers are on this machine), in turn.
 """
 
 from __future__ import annotations
@@ -154,11 +157,17 @@ def layerwise_prompts(count: int = 12, seed: int = 1) -> list[Prompt]:
             for _ in range(count)]
 
 
-def layerwise_report(prompts: list[Prompt], rounds: int = 2) -> dict:
-    found: dict[str, dict[str, list[float]]] = {"after the prefill": {}, "streamed": {}}
+LAYERWISE = {"after the prefill": {"backend": "gloo", "layerwise": False},
+             "streamed": {"backend": "gloo", "layerwise": True}}
+BACKENDS = {"gloo": {"backend": "gloo"}, "ipc": {"backend": "auto"}}
+
+
+def layerwise_report(prompts: list[Prompt], variants: dict[str, dict], rounds: int = 2) -> dict:
+    """Each `variants` entry (a `kv_transfer:` section) on a cluster of its own, in turn, `rounds` times."""
+    found: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
     for _ in range(rounds):
-        for name, layerwise in (("after the prefill", False), ("streamed", True)):
-            config = {**DISAGGREGATED, "kv_transfer": {"layerwise": layerwise}}
+        for name, kv_transfer in variants.items():
+            config = {**DISAGGREGATED, "kv_transfer": kv_transfer}
             run = with_cluster(config, lambda address: layerwise_run(address, prompts))
             for metric, values in run.items():
                 found[name].setdefault(metric, []).extend(values)
@@ -187,7 +196,7 @@ def print_table(title: str, rows: dict[str, dict[str, dict[str, float]]]) -> Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pdserve.bench.serving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["overhead", "mixed", "layerwise"])
+    parser.add_argument("which", choices=["overhead", "mixed", "layerwise", "handoff"])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--rate", type=float, default=0.8, help="mixed: arrivals per second")
     parser.add_argument("--slo-ttft", type=float, default=10.0, help="mixed: TTFT SLO for attainment (s)")
@@ -198,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         flat = {f"{k}": v for k, v in report["disaggregated"].items()}
         print_table("router + Ray overhead (1 prefill + 1 decode, SmolLM2, CPU)", flat)
     elif args.which == "layerwise":
-        report = layerwise_report(layerwise_prompts())
+        report = layerwise_report(layerwise_prompts(), LAYERWISE)
         print_table("KV handoff after the prefill vs streamed layer by layer (1P + 1D, 1-2k-token prompts)", report)
+    elif args.which == "handoff":
+        report = layerwise_report(layerwise_prompts(), BACKENDS)
+        print_table("KV handoff over gloo vs IPC (1P + 1D on one machine, 1-2k-token prompts)", report)
     else:
         workload = mixed_workload(rate=args.rate)
         report, met = {}, {}
