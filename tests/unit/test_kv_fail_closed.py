@@ -3,19 +3,16 @@ naming every difference; a header of another layout (a stream out of step) is re
 checksums on, bytes changed on the wire fail that transfer only, and the pair goes on. Two real gloo ranks, one per
 thread, in this process."""
 
-import threading
-import time
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from pdserve.engine.fingerprint import model_fingerprint
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.shapes import shape
 from pdserve.kv_transfer.connector import Transfer, TransferStatus
-from pdserve.kv_transfer.layout import HeaderMismatch, KVLayout, PairRefused, check_header
+from pdserve.kv_transfer.layout import HeaderMismatch, KVLayout, check_header
 from pdserve.kv_transfer.torch_dist import TorchDistConnector
+from tests.unit.kv_pairing import join, outcomes
 
 MODEL = shape("smollm2-135m")
 BLOCKS = 8
@@ -34,34 +31,6 @@ def connector(worker_id: str, kv: KVCache, checksums: bool = True, model: str = 
     return made
 
 
-def pair(sender: TorchDistConnector, receiver: TorchDistConnector) -> list[BaseException]:
-    """Connect both over one store (a thread each, as two workers do); returns what each raised."""
-    store, errors = dist.HashStore(), []
-
-    def join(side: TorchDistConnector, peer: str, rank: int) -> None:
-        try:
-            side.connect(peer, store, rank, timeout_s=10)
-        except PairRefused as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=join, args=(sender, receiver.worker_id, 0)),
-               threading.Thread(target=join, args=(receiver, sender.worker_id, 1))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
-    return errors
-
-
-def outcomes(*sides: TorchDistConnector, count: int) -> dict:
-    found, deadline = {}, time.monotonic() + 20
-    while len(found) < count and time.monotonic() < deadline:
-        for side in sides:
-            found.update({(side.worker_id, r.transfer_id): r for r in side.poll()})
-        time.sleep(0.01)
-    return found
-
-
 def move(sender, receiver, transfer_id: str, tag: int, source=(1, 2, 3), target=(4, 5, 6)) -> dict:
     receiver.start_recv(Transfer(transfer_id, sender.worker_id, target, tag=tag, timeout_s=10))
     sender.start_send(Transfer(transfer_id, receiver.worker_id, source, tag=tag, timeout_s=10))
@@ -70,7 +39,7 @@ def move(sender, receiver, transfer_id: str, tag: int, source=(1, 2, 3), target=
 
 def test_blocks_move_with_checksums_and_land_intact():
     prefill, decode = connector("prefill-0", cache(1)), connector("decode-0", cache(2))
-    assert pair(prefill, decode) == []
+    assert join(prefill, decode) == []
     results = move(prefill, decode, "t1", tag=1)
     assert {r.status for r in results.values()} == {TransferStatus.DONE}
     assert torch.equal(decode.kv_cache.read_blocks((4, 5, 6)), prefill.kv_cache.read_blocks((1, 2, 3)))
@@ -79,7 +48,7 @@ def test_blocks_move_with_checksums_and_land_intact():
 def test_workers_of_different_models_or_layouts_refuse_to_pair_naming_the_difference():
     prefill = connector("prefill-0", cache(1), model="m1")
     decode = connector("decode-0", cache(2, block_size=32), checksums=False, model="m2")
-    errors = pair(prefill, decode)
+    errors = join(prefill, decode)
     assert len(errors) == 2 and prefill.pairs == {} and decode.pairs == {}
     for error in errors:
         for field in ("model", "block_size", "checksums"):
@@ -107,7 +76,7 @@ class CorruptingGroup:
 
 def test_bytes_changed_on_the_wire_fail_that_transfer_only():
     prefill, decode = connector("prefill-0", cache(1)), connector("decode-0", cache(2))
-    assert pair(prefill, decode) == []
+    assert join(prefill, decode) == []
     prefill.pairs["decode-0"].group = CorruptingGroup(prefill.pairs["decode-0"].group)
     first = move(prefill, decode, "t1", tag=1)
     assert first[("decode-0", "t1")].status is TransferStatus.FAILED

@@ -5,12 +5,10 @@ by one-sided READs, in place, whatever the order of receive and notice; every ou
 side; a receive that expected another size, one cancelled and one timed out tell the sender not to wait. Then what
 only IPC has: pairs across nodes refused, a peer whose line closes forgotten, no room in /dev/shm said by name."""
 
-import threading
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import KVCache
@@ -21,6 +19,8 @@ from pdserve.kv_transfer.ipc_connector import IpcConnector
 from pdserve.kv_transfer.layout import PairRefused
 from pdserve.kv_transfer.one_sided import OneSidedConnector, common_runs
 from pdserve.kv_transfer.send_delay import InjectedPause
+from tests.unit import kv_pairing
+from tests.unit.kv_pairing import join
 
 TINY = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
                    num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position=256,
@@ -50,43 +50,30 @@ def connector(kind: str, worker_id: str) -> OneSidedConnector:
     return IpcConnector(worker_id)
 
 
-def pair(kind: str, model: str = "m") -> tuple[OneSidedConnector, OneSidedConnector]:
-    """A prefill and a decode connector (agent names unique in this process), paired; the decode cache is larger,
-    so block addresses differ between the two."""
-    n = next(_agents)
+def registered(kind: str, model: str = "m", n: int | None = None) -> tuple[OneSidedConnector, OneSidedConnector]:
+    """A prefill and a decode connector (names unique in this process), each with its cache; the decode cache is
+    larger, so block addresses differ between the two."""
+    n = next(_agents) if n is None else n
     prefill, decode = connector(kind, f"prefill-{n}"), connector(kind, f"decode-{n}")
     prefill.register(cache(1, 24))
     decode.register(cache(2, 40))
     prefill.model_fingerprint, decode.model_fingerprint = "m", model
-    store, errors = dist.HashStore(), []
+    return prefill, decode
 
-    def join(side: OneSidedConnector, peer: str, rank: int) -> None:
-        try:
-            side.connect(peer, store, rank)
-        except PairRefused as e:
-            errors.append(e)
 
-    threads = [threading.Thread(target=join, args=(prefill, decode.worker_id, 0)),
-               threading.Thread(target=join, args=(decode, prefill.worker_id, 1))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
+def pair(kind: str, model: str = "m") -> tuple[OneSidedConnector, OneSidedConnector]:
+    """`registered`, and paired."""
+    prefill, decode = registered(kind, model)
+    errors = join(prefill, decode)
     if errors:
         raise errors[0]
     return prefill, decode
 
 
 def outcomes(*sides: OneSidedConnector, count: int, limit_s: float = 20.0) -> dict:
-    found, deadline = {}, time.monotonic() + limit_s
-    while len(found) < count and time.monotonic() < deadline:
-        for side in sides:
-            for result in side.poll():
-                key = (side.worker_id.split("-")[0], result.transfer_id)
-                assert key not in found, "reported twice"
-                found[key] = result
-        time.sleep(0.001)
-    return found
+    """(role, transfer id) -> result."""
+    found = kv_pairing.outcomes(*sides, count=count, limit_s=limit_s)
+    return {(worker.split("-")[0], transfer): result for (worker, transfer), result in found.items()}
 
 
 def test_common_runs_cut_where_either_side_breaks():
@@ -171,11 +158,7 @@ def test_ipc_views_taken_before_sharing_see_what_a_peer_writes():
     decode.register(target)
     assert target.tensor.is_shared()
     prefill.model_fingerprint = decode.model_fingerprint = "m"
-    store = dist.HashStore()
-    joining = threading.Thread(target=prefill.connect, args=(decode.worker_id, store, 0))
-    joining.start()
-    decode.connect(prefill.worker_id, store, 1)
-    joining.join(20)
+    assert join(prefill, decode) == []
     prefill.start_send(Transfer("x", decode.worker_id, (7,), tag=1, timeout_s=10))
     decode.start_recv(Transfer("x", prefill.worker_id, (33,), tag=1, timeout_s=10))
     assert {r.status for r in outcomes(prefill, decode, count=2).values()} == {TransferStatus.DONE}
@@ -185,25 +168,9 @@ def test_ipc_views_taken_before_sharing_see_what_a_peer_writes():
 
 
 def test_ipc_refuses_a_pair_across_nodes_on_both_sides():
-    prefill, decode = IpcConnector("prefill-n"), IpcConnector("decode-n")
-    prefill.register(cache(1, 24))
-    decode.register(cache(2, 40))
-    prefill.model_fingerprint = decode.model_fingerprint = "m"
+    prefill, decode = registered("ipc")
     decode.node = "another-host/another-boot"
-    store, errors = dist.HashStore(), []
-
-    def join(side: IpcConnector, peer: str, rank: int) -> None:
-        try:
-            side.connect(peer, store, rank)
-        except PairRefused as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=join, args=(prefill, decode.worker_id, 0)),
-               threading.Thread(target=join, args=(decode, prefill.worker_id, 1))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
+    errors = join(prefill, decode)
     assert len(errors) == 2 and all("different nodes" in str(e) for e in errors), errors
     assert prefill.pairs == {} and decode.pairs == {}
 
