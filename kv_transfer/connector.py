@@ -126,3 +126,7 @@ class PairedConnector(KVConnector):
     @abc.abstractmethod
     def disconnect(self, peer: str) -> None:
         """Let go of the pair with `peer`."""
+
+    @abc.abstractmethod
+    def transport(self, peer: str) -> str:
+        """How the pair with `peer` moves KV ("gloo", "nccl", "nixl", "ipc"); what the worker's metrics count."""

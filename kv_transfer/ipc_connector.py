@@ -92,6 +92,9 @@ class IpcConnector(OneSidedConnector):
         if old is not None:
             old.line.close()
 
+    def transport(self, peer: str) -> str:
+        return "ipc"
+
     def shutdown(self) -> None:
         super().shutdown()
         if self._copier is not None:

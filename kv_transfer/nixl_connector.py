@@ -74,6 +74,9 @@ class NixlConnector(OneSidedConnector):
         if self.pairs.pop(peer, None) is not None:
             self._agent.remove_remote_agent(peer)
 
+    def transport(self, peer: str) -> str:
+        return "nixl"
+
     def shutdown(self) -> None:
         super().shutdown()
         if self._registered is not None:

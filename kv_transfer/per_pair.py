@@ -92,7 +92,7 @@ class PerPairConnector(PairedConnector):
             self.network.connect(peer, store, rank, timeout_s, generation)
         self.disconnect(peer)
         self.pairs = {**self.pairs, peer: connector}
-        log.info("KV pair %s <-> %s over %s", self.worker_id, peer, "ipc" if connector is self.ipc else "the network")
+        log.info("KV pair %s <-> %s over %s", self.worker_id, peer, connector.transport(peer))
 
     def disconnect(self, peer: str) -> None:
         connector = self.pairs.get(peer)
@@ -126,10 +126,9 @@ class PerPairConnector(PairedConnector):
         self.pairs = {}
         self._owners.clear()
 
-    def over(self, peer: str) -> str:
-        """How the pair with `peer` moves KV: "ipc", "network", or "" if there is no pair."""
+    def transport(self, peer: str) -> str:
         connector = self.pairs.get(peer)
-        return "" if connector is None else "ipc" if connector is self.ipc else "network"
+        return "" if connector is None else connector.transport(peer)
 
     def _route(self, transfer: Transfer) -> PairedConnector:
         if transfer.transfer_id in self._owners:

@@ -112,6 +112,9 @@ class TorchDistConnector(PairedConnector):
         if channel is not None:
             channel.close()
 
+    def transport(self, peer: str) -> str:
+        return self.backend
+
     def register(self, kv_cache: KVCache) -> None:
         self.kv_cache = kv_cache
         self.streams = TransferStreams.of(kv_cache.tensor.device)

@@ -107,10 +107,12 @@ class Buckets:
 
 class WorkerMetrics:
     def __init__(self, worker_id: str, role: str, load: Callable[[], EngineLoad | None],
-                 window: int = MFU_WINDOW_STEPS) -> None:
-        """`load`: the engine's latest load (None before it is built), read at every scrape."""
+                 window: int = MFU_WINDOW_STEPS, pairs: Callable[[], dict[str, int]] = dict) -> None:
+        """`load`: the engine's latest load (None before it is built); `pairs`: this worker's KV pairs now, counted
+        by how each moves KV ("ipc", "gloo", ...). Both read at every scrape."""
         self.label_values = (worker_id, role)
         self._load = load
+        self._pairs = pairs
         self.step_seconds = Buckets(LATENCY_BUCKETS)
         self.step_requests = Buckets(BATCH_BUCKETS)
         self.prefill_tokens = 0
@@ -197,6 +199,12 @@ class WorkerMetrics:
         for status, count in list(self.transfers.items()):
             transfers.add_metric((*labels, status.value), count)
         yield transfers
+        pairs = GaugeMetricFamily("pdserve_worker_kv_pairs", "KV pairs this worker has now, by how each moves KV "
+                                  "(ipc: a copy on one node; gloo, nccl, nixl: over the network).",
+                                  labels=(*LABELS, "transport"))
+        for transport, count in self._pairs().items():
+            pairs.add_metric((*labels, transport), count)
+        yield pairs
         yield _histogram("pdserve_worker_kv_transfer_seconds", "A KV handoff that moved KV, start to done.", labels,
                          self.transfer_seconds)
         yield _counter("pdserve_worker_kv_transfer_bytes", "Bytes of KV handoffs.", labels, self.transfer_bytes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,7 +71,8 @@ class WorkerRuntime:
         self.spec = spec
         self.connector = connector or make_connector(spec.worker_id, spec.kv_transfer.backend,
                                                      checksums=spec.kv_transfer.checksums)
-        self.metrics = WorkerMetrics(spec.worker_id, spec.role.value, lambda: self.thread.load)
+        self.metrics = WorkerMetrics(spec.worker_id, spec.role.value, lambda: self.thread.load,
+                                     pairs=self.pair_transports)
         self.metrics_server: MetricsServer | None = None
         self._role_after_step = after_step
         self.cache_events: CacheEventPublisher | None = None
@@ -122,6 +124,12 @@ class WorkerRuntime:
     def paired(self) -> set[str]:
         """The workers this one has a working KV pair with now."""
         return set(self.connector.pairs) if isinstance(self.connector, PairedConnector) else set()
+
+    def pair_transports(self) -> dict[str, int]:
+        """This worker's KV pairs now, counted by how each moves KV (read on the metrics thread)."""
+        if not isinstance(self.connector, PairedConnector):
+            return {}
+        return dict(Counter(self.connector.transport(peer) for peer in list(self.connector.pairs)))
 
     async def disconnect(self, peer: str) -> None:
         """Let go of the KV pair with `peer` (it left, or its side of the pair broke); between two steps, as the

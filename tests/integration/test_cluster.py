@@ -1,12 +1,15 @@
 """The disaggregated cluster end to end on the real parts: `pdserve up` (redis-server, local Ray, a prefill and a
-decode worker on SmolLM2, KV over gloo), the router over gRPC on 127.0.0.1, `pdserve status`, `pdserve down`."""
+decode worker on SmolLM2, KV over IPC: both are on this machine, and `kv_transfer.backend` is auto), the router over
+gRPC on 127.0.0.1, `pdserve status`, `pdserve down`."""
 
 import asyncio
 import json
 import time
+import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.client import Client
 from pdserve.engine import Prompt, SamplingParams
@@ -122,6 +125,20 @@ def test_status_json_lists_every_worker(cluster):
     assert set(workers) == {"prefill-0", "decode-0"}
     for w in workers.values():
         assert w["state"] == "ready" and w["pid"] > 0 and w["kv_blocks_total"] == 1024
+
+
+def test_the_pair_on_one_machine_moves_kv_over_ipc(cluster):
+    """The workers' own metrics, through the router's /metrics/workers: each counts its pair as ipc, and the decode
+    worker has received KV (the tests before this one handed off requests)."""
+    url = cluster.http_url.removesuffix("/v1") + "/metrics/workers"
+    text = urllib.request.urlopen(url, timeout=30).read().decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    pairs = {(s.labels["worker_id"], s.labels["transport"]): s.value for s in samples
+             if s.name == "pdserve_worker_kv_pairs"}
+    assert pairs == {("prefill-0", "ipc"): 1, ("decode-0", "ipc"): 1}, pairs
+    received = sum(s.value for s in samples if s.name == "pdserve_worker_kv_transfer_bytes_total"
+                   and s.labels["worker_id"] == "decode-0")
+    assert received > 0
 
 
 def test_generate_cli_through_the_router_matches_local(cluster, tmp_path):

@@ -140,6 +140,16 @@ def test_worker_load_gauges_read_the_latest_load():
     assert sample(r, "pdserve_worker_kv_blocks_total", **labels) == 64
 
 
+def test_worker_kv_pairs_counted_by_transport_at_each_scrape():
+    pairs: dict[str, int] = {}
+    metrics = WorkerMetrics("decode-0", "decode", lambda: None, pairs=lambda: dict(pairs))
+    labels = {"worker_id": "decode-0", "role": "decode"}
+    assert sample(metrics.registry, "pdserve_worker_kv_pairs", **labels, transport="ipc") is None  # none yet
+    pairs.update(ipc=2, gloo=1)
+    assert sample(metrics.registry, "pdserve_worker_kv_pairs", **labels, transport="ipc") == 2
+    assert sample(metrics.registry, "pdserve_worker_kv_pairs", **labels, transport="gloo") == 1
+
+
 def test_worker_step_read_off_the_outputs():
     metrics = WorkerMetrics("both-0", "both", lambda: None)
     engine = fake_engine()

@@ -42,7 +42,7 @@ def hand_off(prefill: PerPairConnector, decode: PerPairConnector) -> dict:
 
 def check_pair(prefill: PerPairConnector, decode: PerPairConnector, over: str) -> None:
     assert join(prefill, decode) == []
-    assert prefill.over(decode.worker_id) == decode.over(prefill.worker_id) == over
+    assert prefill.transport(decode.worker_id) == decode.transport(prefill.worker_id) == over
     assert set(prefill.pairs) == {decode.worker_id} and set(decode.pairs) == {prefill.worker_id}
     assert set(hand_off(prefill, decode).values()) == {TransferStatus.DONE}
     prefill.shutdown()
@@ -56,7 +56,7 @@ def test_workers_of_one_node_pair_over_ipc():
 def test_workers_of_other_nodes_pair_over_the_network():
     prefill, decode = registered("prefill", 1), registered("decode", 2)
     decode.ipc.node = "another-host/another-boot"
-    check_pair(prefill, decode, "network")
+    check_pair(prefill, decode, "gloo")
 
 
 def test_a_worker_that_cannot_share_its_cache_pairs_over_the_network(monkeypatch):
@@ -64,11 +64,11 @@ def test_a_worker_that_cannot_share_its_cache_pairs_over_the_network(monkeypatch
     monkeypatch.setattr(shared_cache, "SHM_HEADROOM", 1e12)  # this one's /dev/shm "has no room"
     decode = registered("decode", 2)
     assert decode.ipc is None and not decode.network.kv_cache.tensor.is_shared()
-    check_pair(prefill, decode, "network")
+    check_pair(prefill, decode, "gloo")
 
 
 def test_checksums_keep_every_pair_on_the_network():
-    check_pair(registered("prefill", 1, checksums=True), registered("decode", 2, checksums=True), "network")
+    check_pair(registered("prefill", 1, checksums=True), registered("decode", 2, checksums=True), "gloo")
 
 
 def test_a_layout_refusal_is_not_hidden_by_the_fallback():
