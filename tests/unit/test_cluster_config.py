@@ -10,7 +10,7 @@ def test_default_file_loads_as_the_documented_cluster():
     cfg = load_config()
     assert cfg.mode is Mode.DISAGGREGATED and cfg.engine.model == "smollm2-135m-instruct"
     assert (cfg.workers.prefill.count, cfg.workers.decode.count) == (1, 1)
-    assert cfg.kv_transfer.backend == "gloo" and cfg.router.host == "127.0.0.1" and cfg.redis_url is None
+    assert cfg.kv_transfer.backend == "auto" and cfg.router.host == "127.0.0.1" and cfg.redis_url is None
     assert cfg == parse_config({})  # the file states the defaults
 
 
