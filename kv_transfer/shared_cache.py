@@ -47,17 +47,24 @@ def share(tensor: torch.Tensor) -> dict:
         raise TransferError("only a whole, contiguous KV cache can be shared")
     geometry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
     storage = tensor.untyped_storage()
-    if tensor.device.type == "cuda":
-        device, handle, size, offset, counter, counter_offset, event, event_sync = storage._share_cuda_()
-        return {**geometry, "kind": "cuda", "gpu": str(torch.cuda.get_device_properties(device).uuid),
+    try:
+        return {**geometry, **_share_storage(storage, tensor.device)}
+    except RuntimeError as e:  # what torch raises where the memory cannot be shared
+        raise TransferError(f"the KV cache cannot be shared with other processes: {e}") from e
+
+
+def _share_storage(storage: torch.UntypedStorage, device: torch.device) -> dict:
+    if device.type == "cuda":
+        index, handle, size, offset, counter, counter_offset, event, event_sync = storage._share_cuda_()
+        return {"kind": "cuda", "gpu": str(torch.cuda.get_device_properties(index).uuid),
                 "handle": handle.hex(), "size": size, "offset": offset, "counter": counter.hex(),
                 "counter_offset": counter_offset, "event": event.hex() if event else "", "event_sync": event_sync}
-    if tensor.device.type != "cpu":
-        raise TransferError(f"a KV cache on {tensor.device.type} cannot be shared")
+    if device.type != "cpu":
+        raise TransferError(f"a KV cache on {device.type} cannot be shared")
     if not storage.is_shared():
         _check_shm_room(storage.nbytes())
     fd, size = storage._share_fd_cpu_()
-    return {**geometry, "kind": "cpu", "pid": os.getpid(), "fd": fd, "size": size}
+    return {"kind": "cpu", "pid": os.getpid(), "fd": fd, "size": size}
 
 
 def open_shared(description: dict) -> torch.Tensor:
@@ -93,10 +100,13 @@ def _open_cuda(description: dict) -> torch.UntypedStorage:
     if description["gpu"] not in uuids:
         raise TransferError(f"the peer's GPU ({description['gpu']}) is not visible to this process")
     event = bytes.fromhex(description["event"]) if description["event"] else None
-    return torch.UntypedStorage._new_shared_cuda(
-        uuids.index(description["gpu"]), bytes.fromhex(description["handle"]), description["size"],
-        description["offset"], bytes.fromhex(description["counter"]), description["counter_offset"], event,
-        description["event_sync"])
+    try:
+        return torch.UntypedStorage._new_shared_cuda(
+            uuids.index(description["gpu"]), bytes.fromhex(description["handle"]), description["size"],
+            description["offset"], bytes.fromhex(description["counter"]), description["counter_offset"], event,
+            description["event_sync"])
+    except RuntimeError as e:  # cudaIpcOpenMemHandle refused (another container's GPU, no peer access)
+        raise TransferError(f"cannot open the peer's CUDA IPC handle: {e}") from e
 
 
 def _check_shm_room(nbytes: int) -> None:
