@@ -1,9 +1,9 @@
-"""A short soak on a live cluster (real redis-server, Ray, SmolLM2, KV over gloo, gRPC on 127.0.0.1): short
-requests (120) with a third cancelled by the client at random points (queued, prefilling, in the handoff, decoding).
-None fails, and once idle no KV block is in use on any worker. Prefix caching is on (the default) and the prompts
-share their chat template's leading blocks (eight topics), so cached blocks are shared by requests cancelled at every
-stage, and still none leaks. (`python -m pdserve.bench.soak` is the 2,000-request run with memory samples, in
-RELIABILITY.md.)"""
+"""A short soak on a live cluster (real redis-server, Ray, SmolLM2, KV over IPC between this machine's two workers,
+gRPC on 127.0.0.1): short requests (120) with a third cancelled by the client at random points (queued, prefilling,
+in the handoff, decoding). None fails, and once idle no KV block is in use on any worker. Prefix caching is on (the
+default) and the prompts share their chat template's leading blocks (eight topics), so cached blocks are shared by
+requests cancelled at every stage, and still none leaks. (`python -m pdserve.bench.soak` is the 2,000-request run
+with memory samples, in RELIABILITY.md.)"""
 
 import asyncio
 
