@@ -1,9 +1,9 @@
 """A KV transfer that stalls, on a live cluster (real redis-server, Ray, SmolLM2, gRPC on 127.0.0.1), with KV over
-gloo and over NIXL.
+gloo, over NIXL and over IPC.
 
 The prefill worker's first send pauses past the transfer timeout (fault injection). The decode worker's receive
-times out (nothing hangs); over gloo the pair closes, both sides drop it and it is formed again; over NIXL the
-receiver tells the sender it dropped the transfer; the request resumes
+times out (nothing hangs); over gloo the pair closes, both sides drop it and it is formed again; over NIXL and IPC
+the receiver tells the sender it dropped the transfer; the request resumes
 (its prompt prefilled again) and finishes token-identical to the local engine; later requests are unaffected, and
 no KV block stays in use.
 """
@@ -28,12 +28,13 @@ CONFIG = {"engine": {"num_kv_blocks": 1024, "max_num_batched_tokens": 256},
 SAMPLING = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=["gloo", "nixl"])
+@pytest.fixture(scope="module", params=["gloo", "nixl", "ipc"])
 def cluster(request, tmp_path_factory):
     config = CONFIG
     if request.param == "nixl":
         pytest.importorskip("nixl._api")
-        config = {**CONFIG, "kv_transfer": {"timeout_s": 2.0, "backend": "nixl"}}  # reads land unchecked
+    if request.param != "gloo":
+        config = {**CONFIG, "kv_transfer": {"timeout_s": 2.0, "backend": request.param}}  # reads land unchecked
     running = start_cluster(str(tmp_path_factory.mktemp("stall")), config)
     yield running
     stop_cluster(running)
