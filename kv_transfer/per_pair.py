@@ -79,6 +79,7 @@ class PerPairConnector(PairedConnector):
     def connect(self, peer: str, store: dist.Store, rank: int, timeout_s: float = 60.0, generation: int = 0) -> None:
         if self.network is None:
             raise TransferError(f"{self.worker_id}: register a KV cache before pairing")
+        self.disconnect(peer)  # a pair formed before with this peer goes first, whichever way it went
         name = self.pair_name(peer, generation)
         store.set(f"pdserve/route/{name}/{rank}", "ipc" if self.ipc is not None else "network")
         connector: PairedConnector = self.network
@@ -90,7 +91,6 @@ class PerPairConnector(PairedConnector):
                 log.info("%s; it goes over the network", e)
         if connector is self.network:
             self.network.connect(peer, store, rank, timeout_s, generation)
-        self.disconnect(peer)
         self.pairs = {**self.pairs, peer: connector}
         log.info("KV pair %s <-> %s over %s", self.worker_id, peer, connector.transport(peer))
 

@@ -10,13 +10,14 @@ from pdserve.kv_transfer.connector import PairedConnector, TransferResult
 from pdserve.kv_transfer.layout import PairRefused
 
 
-def join(first: PairedConnector, second: PairedConnector, timeout_s: float = 20.0) -> list[PairRefused]:
+def join(first: PairedConnector, second: PairedConnector, timeout_s: float = 20.0,
+         generation: int = 0) -> list[PairRefused]:
     """Connect both over one store (a thread each, ranks 0 and 1, as two workers do); returns what each raised."""
     store, errors = dist.HashStore(), []
 
     def connect(side: PairedConnector, peer: str, rank: int) -> None:
         try:
-            side.connect(peer, store, rank, timeout_s=timeout_s)
+            side.connect(peer, store, rank, timeout_s=timeout_s, generation=generation)
         except PairRefused as e:
             errors.append(e)
 

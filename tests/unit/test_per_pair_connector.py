@@ -91,3 +91,16 @@ def test_transfers_go_only_to_a_paired_peer_and_once():
     assert prefill._owners == {} and decode._owners == {}
     prefill.shutdown()
     decode.shutdown()
+
+
+@pytest.mark.parametrize("nodes", ["one node", "two nodes"])
+def test_a_pair_formed_again_replaces_the_one_before(nodes):
+    prefill, decode = registered("prefill", 1), registered("decode", 2)
+    if nodes == "two nodes":
+        decode.ipc.node = "another-host/another-boot"
+    assert join(prefill, decode, generation=1) == []
+    assert join(prefill, decode, generation=2) == []  # as the workers do when the router forms it again
+    assert set(hand_off(prefill, decode).values()) == {TransferStatus.DONE}
+    assert len(prefill.pairs) == len(decode.pairs) == 1
+    prefill.shutdown()
+    decode.shutdown()
