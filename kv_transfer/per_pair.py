@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 
 class PerPairConnector(PairedConnector):
+    streams_layers = True
+    """Network pairs stream layer by layer; a layer-wise send to an IPC pair waits for the whole KV, then goes."""
+
     def __init__(self, worker_id: str, checksums: bool = False) -> None:
         self.checksums = checksums
         self.ipc: IpcConnector | None = None
@@ -36,10 +39,6 @@ class PerPairConnector(PairedConnector):
         super().__init__(worker_id)
         self._owners: dict[str, PairedConnector] = {}
         """The connector of each transfer under way, by its id."""
-
-    @property
-    def streams_layers(self) -> bool:  # (a layer-wise send to an IPC pair waits for the whole KV, then goes)
-        return True
 
     # the worker sets these after `register`; each goes on to both connectors
     @property
