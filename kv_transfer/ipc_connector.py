@@ -30,7 +30,7 @@ from pdserve.engine.kv_cache import KVCache
 from pdserve.kv_transfer import notice_line
 from pdserve.kv_transfer.connector import TransferError
 from pdserve.kv_transfer.layout import PairRefused, agree
-from pdserve.kv_transfer.notice_line import LineBroken, NoticeLine
+from pdserve.kv_transfer.notice_line import LineBroken, NoticeLine, ProcessId, WrongPeer
 from pdserve.kv_transfer.one_sided import OneSidedConnector, ReadState, Receive, common_runs
 from pdserve.kv_transfer.shared_cache import node_id, open_shared, share
 
@@ -70,21 +70,29 @@ class IpcConnector(OneSidedConnector):
         name = self.pair_name(peer, generation)
         agree(dist.PrefixStore(f"pdserve/ipc-layout/{name}", store), rank, self.layout, self.worker_id, peer)
         pair_store = dist.PrefixStore(f"pdserve/ipc/{name}", store)
-        pair_store.set(f"cache/{rank}", json.dumps({"node": self.node, "cache": self._shared}))
+        pair_store.set(f"cache/{rank}", json.dumps({"node": self.node, "cache": self._shared,
+                                                    "process": notice_line.me().to_json()}))
         theirs = json.loads(pair_store.get(f"cache/{1 - rank}"))
         cache, problem = self._map(theirs)
         pair_store.set(f"mapped/{rank}", json.dumps(problem))  # "" if it worked
         problem = problem or json.loads(pair_store.get(f"mapped/{1 - rank}"))
         if problem:
             raise IpcUnavailable(f"KV pair {self.worker_id} <-> {peer} cannot use ipc: {problem}")
+        line = self._open_line(pair_store, rank, timeout_s, ProcessId.from_json(theirs["process"]))
+        self.disconnect(peer)
+        self.pairs[peer] = _Peer(cache, line)
+
+    @staticmethod
+    def _open_line(pair_store: dist.Store, rank: int, timeout_s: float, peer: ProcessId) -> NoticeLine:
+        """The pair's notice line: rank 0 listens, rank 1 dials; each end checks the other is the peer's process."""
         if rank == 0:
             listener, address = notice_line.listen()
             pair_store.set("line", address)
-            line = notice_line.accept(listener, timeout_s)
-        else:
-            line = notice_line.dial(pair_store.get("line").decode(), timeout_s)
-        self.disconnect(peer)
-        self.pairs[peer] = _Peer(cache, line)
+            return notice_line.accept(listener, timeout_s, peer)
+        try:
+            return notice_line.dial(pair_store.get("line").decode(), timeout_s, peer)
+        except WrongPeer as e:
+            raise TransferError(f"the KV pair's notice line is not its peer's: {e}") from e
 
     def disconnect(self, peer: str) -> None:
         """Let go of the pair; a READ still copying from the peer's cache keeps it mapped until it ends."""
