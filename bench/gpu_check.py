@@ -72,7 +72,7 @@ FULL_VARIANTS = (("bf16, CUDA graphs", {}), ("bf16, eager", {"cuda_graphs": Fals
 
 def plan_for(args: argparse.Namespace) -> Plan:
     if args.quick:
-        return Plan(args.device, "smollm2-135m", (1, 4), (64,), 16,
+        return Plan(args.device, "smollm2-135m", (1, 4), (64,), 8,
                     (("fp32", {}), ("int8", {"quantization": "int8"})), verify_batches=(1, 4), dtype="fp32")
     return Plan(args.device, args.shape, (1, 8, 64), (512, 2048, 8192), 64, FULL_VARIANTS)
 

@@ -60,10 +60,10 @@ def cluster(cluster_and_redis):
     return cluster_and_redis[0]
 
 
-def test_the_only_decode_worker_killed_mid_stream_loses_no_request(cluster, engine):
+def test_the_only_decode_worker_killed_mid_stream_loses_no_request(cluster, expected):
     decode_id, decode = next((i, w) for i, w in cluster.workers().items() if w["role"] == "decode")
     outputs = run_streams(cluster, lambda: os.kill(decode["pid"], signal.SIGKILL), "killed")
-    assert outputs == expected_outputs(engine)
+    assert outputs == expected
     assert cluster.router_metric("pdserve_request_migrations_total") >= len(PROMPTS)
     assert_replaced_and_idle(cluster, decode_id)
     assert decode_counter(cluster, "pdserve_worker_speculative_accepted_tokens_total") > 0  # the replacement drafted
@@ -77,7 +77,7 @@ def decode_counter(cluster, name: str) -> float:
                if s.name == name and s.labels.get("role") == "decode")
 
 
-def test_a_stopped_decode_worker_is_found_hung_killed_and_replaced(cluster, engine):
+def test_a_stopped_decode_worker_is_found_hung_killed_and_replaced(cluster, expected):
     decode_id, decode = next((i, w) for i, w in cluster.workers().items() if w["role"] == "decode")
     migrations_before = cluster.router_metric("pdserve_request_migrations_total")
     stopped_at: list[float] = []
@@ -89,7 +89,7 @@ def test_a_stopped_decode_worker_is_found_hung_killed_and_replaced(cluster, engi
     try:
         outputs = run_streams(cluster, stop, "stopped")
         resumed_after_s = time.monotonic() - stopped_at[0]
-        assert outputs == expected_outputs(engine)
+        assert outputs == expected
         assert cluster.router_metric("pdserve_request_migrations_total") >= migrations_before + len(PROMPTS)
         assert_replaced_and_idle(cluster, decode_id)
         assert not _alive(decode["pid"]), "the hung worker's process was not killed"
@@ -99,7 +99,7 @@ def test_a_stopped_decode_worker_is_found_hung_killed_and_replaced(cluster, engi
             os.kill(decode["pid"], signal.SIGKILL)
 
 
-def test_a_hung_redis_stalls_neither_streams_nor_health(cluster, engine):
+def test_a_hung_redis_stalls_neither_streams_nor_health(cluster, expected):
     """Redis stopped (SIGSTOP) for 10 s mid-stream, twice its clients' socket timeout (the probe: /health took 14 s
     and every stream stalled 14 s, the router's Redis calls being on its event loop)."""
     redis_pid = cluster.state()["redis_pid"]
@@ -120,7 +120,7 @@ def test_a_hung_redis_stalls_neither_streams_nor_health(cluster, engine):
     gaps: list[float] = []
     outputs = run_streams(cluster, lambda: asyncio.get_running_loop().run_in_executor(None, hang_redis),
                           "redis-hung", gaps)
-    assert outputs == expected_outputs(engine)
+    assert outputs == expected
     assert len(health_s) == 5 and max(health_s) < 2.0, health_s
     assert max(gaps) < 4.0, max(gaps)
     assert_replaced_and_idle(cluster, "none")
@@ -128,7 +128,7 @@ def test_a_hung_redis_stalls_neither_streams_nor_health(cluster, engine):
           f"{max(gaps):.2f} s")
 
 
-def test_a_decode_worker_replaced_while_redis_is_down_serves_at_once(cluster_and_redis, engine):
+def test_a_decode_worker_replaced_while_redis_is_down_serves_at_once(cluster_and_redis, expected):
     cluster, start_empty_redis = cluster_and_redis
     decode_id, decode = next((i, w) for i, w in cluster.workers().items() if w["role"] == "decode")
     state = cluster.state()
@@ -138,13 +138,15 @@ def test_a_decode_worker_replaced_while_redis_is_down_serves_at_once(cluster_and
     killed_at = time.monotonic()
     outputs = run_streams(cluster, lambda: None, "redis-down")
     served_after_s = time.monotonic() - killed_at
-    assert outputs == expected_outputs(engine)
+    assert outputs == expected
     start_empty_redis()
     assert_replaced_and_idle(cluster, decode_id)
     print(f"8 new streams served {served_after_s:.1f} s after the kill, with Redis down")
 
 
-def expected_outputs(engine) -> list[tuple[tuple[int, ...], str]]:
+@pytest.fixture(scope="module")
+def expected(engine) -> list[tuple[tuple[int, ...], str]]:
+    """Every prompt's tokens and text from the local engine, uninterrupted (the same for each test: made once)."""
     return [(tuple(r.token_ids), r.text) for r in engine.generate(PROMPTS, SAMPLINGS)]
 
 

@@ -25,24 +25,31 @@ PROMPTS = [COPY, Prompt(messages=(Message("user", "Repeat this code exactly:\n" 
            Prompt(messages=(Message("user", "Write a haiku about the sea."),))]
 
 
+GREEDY = SamplingParams(max_tokens=48, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def expected(engine):
+    """Every prompt's greedy output without speculation (made once for the module)."""
+    return engine.generate(PROMPTS, GREEDY)
+
+
 @pytest.fixture(scope="module")
 def speculating() -> Engine:
     return Engine(EngineConfig(speculative=SpeculativeSettings(method="prompt_lookup", k=4, max_batch=4,
                                                                adaptive=False)))
 
 
-def test_greedy_output_is_token_identical_with_prompt_lookup(engine, speculating):
-    greedy = SamplingParams(max_tokens=48, temperature=0)
-    expected = engine.generate(PROMPTS, greedy)
+def test_greedy_output_is_token_identical_with_prompt_lookup(expected, speculating):
     for prompt, want in zip(PROMPTS, expected):  # alone
         before = speculating.speculative_accepted_total, speculating.speculative_proposed_total
-        (got,) = speculating.generate([prompt], greedy)
+        (got,) = speculating.generate([prompt], GREEDY)
         assert got.token_ids == want.token_ids and got.text == want.text
         if prompt is COPY:  # copying its prompt, most proposals are what the model would write
             accepted = speculating.speculative_accepted_total - before[0]
             assert accepted > (speculating.speculative_proposed_total - before[1]) // 2 > 0
     for batch in (3, 5):  # three speculate together; five are past max_batch 4 and decode one token a step
-        together = speculating.generate(PROMPTS[:batch], greedy)
+        together = speculating.generate(PROMPTS[:batch], GREEDY)
         assert [o.token_ids for o in together] == [o.token_ids for o in expected[:batch]]
 
 
@@ -63,16 +70,14 @@ def drafting() -> Engine:
     return Engine(EngineConfig(speculative=SpeculativeSettings(method="draft", k=4, max_batch=4, adaptive=False)))
 
 
-def test_greedy_output_is_token_identical_with_a_draft_model(engine, drafting):
-    greedy = SamplingParams(max_tokens=48, temperature=0)
-    expected = engine.generate(PROMPTS, greedy)
+def test_greedy_output_is_token_identical_with_a_draft_model(expected, drafting):
     before = drafting.speculative_accepted_total, drafting.speculative_proposed_total
     for prompt, want in zip(PROMPTS, expected):
-        (got,) = drafting.generate([prompt], greedy)
+        (got,) = drafting.generate([prompt], GREEDY)
         assert got.token_ids == want.token_ids and got.text == want.text
     accepted = drafting.speculative_accepted_total - before[0]
     assert accepted > (drafting.speculative_proposed_total - before[1]) * 3 // 4  # int4 layers agree most times
-    together = drafting.generate(PROMPTS[:3], greedy)
+    together = drafting.generate(PROMPTS[:3], GREEDY)
     assert [o.token_ids for o in together] == [o.token_ids for o in expected[:3]]
 
 
@@ -92,14 +97,12 @@ def looking_ahead() -> Engine:
                                                                lookahead_ngram=3, adaptive=False)))
 
 
-def test_greedy_output_is_token_identical_with_lookahead(engine, looking_ahead):
-    greedy = SamplingParams(max_tokens=48, temperature=0)
-    expected = engine.generate(PROMPTS, greedy)
+def test_greedy_output_is_token_identical_with_lookahead(expected, looking_ahead):
     before = looking_ahead.speculative_accepted_total
     for prompt, want in zip(PROMPTS, expected):
-        (got,) = looking_ahead.generate([prompt], greedy)
+        (got,) = looking_ahead.generate([prompt], GREEDY)
         assert got.token_ids == want.token_ids and got.text == want.text
     assert looking_ahead.speculative_accepted_total > before  # some n-grams were right
-    together = looking_ahead.generate(PROMPTS[:3], greedy)
+    together = looking_ahead.generate(PROMPTS[:3], GREEDY)
     assert [o.token_ids for o in together] == [o.token_ids for o in expected[:3]]
     assert looking_ahead.num_requests == 0 and looking_ahead.blocks.num_used == 0
