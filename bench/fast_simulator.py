@@ -14,10 +14,13 @@ clock, the router and the controller; the workers' models are in `bench.fast_wor
   When the batch's growth overflows the blocks, the newest requests are preempted and later recomputed in chunks
   beside the decode tokens, as the scheduler does.
 - controller: the same policy `tick` on an `Observation` built as the exact simulator builds it; MOVE drains, then
-  `role_switch_s` before serving the other pool; ADD serves after `worker_start_s`; REMOVE drains and leaves.
+  `role_switch_s` before serving the other pool; ADD serves after `worker_start_s`; REMOVE drains and leaves. With
+  `hand_on_after_s`, a decode worker still decoding that long into its drain hands its requests on at its next step
+  boundary: each goes back to the front of the router's queue, its tokens so far joined to its prompt (the router's
+  `migration.continuation`), as in the exact simulator.
 
 Refused (a `ValueError` names the setting): prefix caching on a trace with prefix ids (KV-aware routing with it),
-`hand_on_after_s`, `engine.speculative`. Not modelled: a preempted request resuming from its own cached blocks (with
+`engine.speculative`. Not modelled: a preempted request resuming from its own cached blocks (with
 `engine.prefix_caching` the engine may; here it recomputes them all), the prefill workers' KV blocks (never short: a
 step adds at most `max_num_batched_tokens`), `max_model_len`, ITLs (`itl_s` is empty). The live router retries after
 every step; here the queue retries when room is freed, so a choice that changes only because batches grew is seen at
@@ -46,15 +49,15 @@ from pdserve.controller.window import Finished, traffic_window
 from pdserve.engine.block_manager import blocks_for
 from pdserve.engine.engine import Engine
 
+HAND_ON_RECHECK_S = 1.0
+"""A leaving decode worker that still holds reservations is checked again this much later (the exact simulator's
+interval; the live control plane asks every `IDLE_POLL_S`)."""
 WINDOW_RECORDS = 5000
 """The controller's window reads at most this many of the latest finished requests (as the exact simulator)."""
 
 
 def refuse_unmodelled(setup: SimSetup, trace: Sequence[TraceEntry]) -> None:
     """Raise ValueError naming a setting whose effect the fast model leaves out."""
-    if setup.hand_on_after_s is not None:
-        raise ValueError("hand_on_after_s: the fast simulator does not hand decode requests on; leave it unset or "
-                         "use the exact simulator")
     if setup.engine.prefix_caching and any(e.prefix_id is not None for e in trace):
         raise ValueError("engine.prefix_caching: the fast simulator has no prefix caches, and this trace shares "
                          "prefixes; turn caching off or use the exact simulator")
@@ -74,6 +77,7 @@ class FastSimulation:
         n = len(self.trace)
         self._prompt = [e.input_tokens for e in self.trace]
         self._output = [e.output_tokens for e in self.trace]
+        """Of each request's current attempt: a request handed on resumes with its tokens so far in its prompt."""
         self._dispatched = [math.nan] * n
         self._first = [math.nan] * n
         self._last = [math.nan] * n
@@ -233,7 +237,9 @@ class FastSimulation:
             prompt = self._prompt[request]
             worker.in_flight -= prompt
             self._prompt_tokens += prompt
-            self._first[request] = self._last[request] = self.now
+            if math.isnan(self._first[request]):  # not a request handed on, whose first token came before
+                self._first[request] = self.now
+            self._last[request] = self.now
             if self._output[request] <= 1:  # done at its first token: its reservation is let go
                 decode = self._decode_of[request]
                 blocks = blocks_for(prompt, self.shape.block_size)
@@ -279,6 +285,13 @@ class FastSimulation:
             self._last[request] = self.now
             self._finish(request)
             self._blocked = False
+        if worker.handing_on:
+            worker.handing_on = False
+            for request, left in worker.release_all():
+                self._continue_elsewhere(request, left)
+            self._blocked = False
+            if worker.held:  # reserved, its KV still arriving: handed on at the next check
+                self._at(self.now + HAND_ON_RECHECK_S, self._hand_on, worker)
         end = worker.start_run(self.now)
         if worker.preemptions != preemptions:
             self._blocked = False
@@ -291,14 +304,35 @@ class FastSimulation:
         if self._queue:
             self._dispatch()
 
+    def _hand_on(self, worker: DecodeWorker) -> None:
+        """A leaving decode worker still decoding `hand_on_after_s` into its drain hands what it decodes on at its
+        next step boundary; a request whose KV is still arriving then follows at the next check."""
+        if not worker.draining:
+            return
+        worker.handing_on = True
+        if not worker.busy:
+            self._decode_run_end((worker, worker.generation))
+            return
+        end = worker.cut_short(self.now)
+        if end is not None:
+            self._at(end, self._decode_run_end, (worker, worker.generation))
+
+    def _continue_elsewhere(self, request: int, left: int) -> None:
+        """The router's `migration.continuation`: the tokens so far join the prompt, and the request goes to the
+        front of the queue with `left` tokens still to come (the first of them from its prefill)."""
+        entry = self.trace[request]
+        self._prompt[request] = entry.input_tokens + entry.output_tokens - left
+        self._output[request] = left
+        self._queue.appendleft(request)
+
     def _finish(self, request: int) -> None:
         self._done.append(request)
         if self._policy is not None:
-            first, arrival = self._first[request], self.trace[request].arrival_s
-            output = self._output[request]
+            entry, first = self.trace[request], self._first[request]
+            output = entry.output_tokens
             tpot = (self.now - first) / (output - 1) if output > 1 else 0.0
             self._finish_times.append(self.now)
-            self._finished_rows.append(Finished(self._prompt[request], output, first - arrival, tpot))
+            self._finished_rows.append(Finished(entry.input_tokens, output, first - entry.arrival_s, tpot))
 
     def _records(self) -> tuple[RequestRecord, ...]:
         """The finished requests in the order they finished, then those lost at the horizon."""
@@ -322,10 +356,10 @@ class FastSimulation:
         decision = within_budget(self._policy.tick(observation), observation, config)
         self._decisions.append(decision)
         for move in decision.moves:
-            self._worker(move.worker_id).draining = True
+            self._drain(self._worker(move.worker_id))
             self._moving[move.worker_id] = move.to_role
         for worker_id in decision.remove:
-            self._worker(worker_id).draining = True
+            self._drain(self._worker(worker_id))
             self._leaving.add(worker_id)
         for role in decision.add:
             self._start(role)
@@ -339,6 +373,11 @@ class FastSimulation:
 
     def _worker(self, worker_id: str) -> Worker:
         return next(w for w in self.workers if w.worker_id == worker_id)
+
+    def _drain(self, worker: Worker) -> None:
+        worker.draining = True
+        if isinstance(worker, DecodeWorker) and self.setup.hand_on_after_s is not None:
+            self._at(self.now + self.setup.hand_on_after_s, self._hand_on, worker)
 
     def _start(self, role: PoolRole) -> None:
         """An added worker: it holds a machine at once, and serves after `worker_start_s`."""

@@ -132,6 +132,8 @@ class DecodeWorker:
         self.run_steps = 0
         self.generation = 0
         """Tells the current run's end event from one that was cut short."""
+        self.handing_on = False
+        """Leaving with `hand_on_after_s` passed: what it decodes goes elsewhere at its next run boundary."""
         self._last_step = (-1, 0, 0.0, 0.0)
         """(generation, step, its start, its end) of the last `_step_at`, seconds into the run."""
 
@@ -209,6 +211,18 @@ class DecodeWorker:
             self._join(*joining)
         self.joining, self.joining_blocks = [], 0
         return done
+
+    def release_all(self) -> list[tuple[int, int]]:
+        """At a run boundary, take out every request it decodes, recomputes or is about to take in (a leaving worker
+        hands them on): (request, tokens it had still to produce), oldest in service order first."""
+        left = [(self.order_of[r], r, self.batch.preempt(r, self.step)[1]) for r in list(self.batch.a_of)]
+        left += [(order, r, remaining) for order, r, _, remaining in self.waiting]
+        left += [(self.order_of[r], r, job[2]) for r, job in self.recomputing.items()]
+        left += [(order, r, decode_tokens) for r, _, decode_tokens, order in self.joining]
+        self.waiting, self.recomputing, self.joining, self.chunks, self.newest = [], {}, [], [], []
+        self.recompute_blocks = self.joining_blocks = 0
+        self.order_of.clear()
+        return [(r, remaining) for _, r, remaining in sorted(left)]
 
     def load(self, now: float) -> tuple[int, int]:
         """(KV blocks used, requests held or running) as its engine says at `now`."""

@@ -107,8 +107,30 @@ def test_goodput_agrees_with_the_exact_simulator():
     assert fast.attainment == pytest.approx(exact.attainment, abs=0.02)
 
 
+def test_a_leaving_decode_worker_hands_its_requests_on_as_in_the_exact_simulator():
+    """Long answers, then long prompts: the controller moves decode workers to prefill, and each one still decoding a
+    second into its drain hands its requests on (prefilled again with their tokens so far)."""
+    trace, start = [], 0.0
+    for duration_s, rate, prompt, output in ((30, 20, 200, 600), (40, 12, 4000, 20)):
+        trace += [TraceEntry(start + i / rate, prompt, output) for i in range(int(duration_s * rate))]
+        start += duration_s
+    config = ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.05, interval_s=2, cooldown_s=4)
+    waiting = SimSetup(SIM, 1, 3, SLO_, controller=config, role_switch_s=1.0)
+    handing_on = dataclasses.replace(waiting, hand_on_after_s=1.0)
+    exact = Simulation(handing_on, trace).run()
+    fast = FastSimulation(handing_on, trace).run()
+    assert all(r.ok for r in fast.records) and len(fast.records) == len(exact.records) == len(trace)
+    assert attainment(fast.records, SLO_) == pytest.approx(attainment(exact.records, SLO_), abs=0.02)
+    (exact_ttft, exact_tpot), (fast_ttft, fast_tpot) = _means(exact), _means(fast)
+    assert fast_ttft == pytest.approx(exact_ttft, rel=0.1) and fast_tpot == pytest.approx(exact_tpot, rel=0.05)
+    moves = [[(d.now_s, m.to_role) for d in result.decisions for m in d.moves] for result in (exact, fast)]
+    assert moves[0] and moves[0] == moves[1]
+    recomputed = [result.prompt_tokens - sum(e.input_tokens for e in trace) for result in (exact, fast)]
+    assert recomputed[0] > 0 and recomputed[1] == pytest.approx(recomputed[0], rel=0.5)  # requests were handed on
+    assert FastSimulation(waiting, trace).run().prompt_tokens == sum(e.input_tokens for e in trace)  # and not without
+
+
 @pytest.mark.parametrize("change, field", [
-    ({"hand_on_after_s": 1.0}, "hand_on_after_s"),
     ({"engine": dataclasses.replace(SIM, speculative=dataclasses.replace(SIM.speculative, method="prompt_lookup"))},
      "engine.speculative"),
 ])
