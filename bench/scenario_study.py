@@ -70,8 +70,9 @@ class Goodput:
     """Controller moves at the highest passing rate."""
 
 
-def plan_setup(scenario: Scenario, settings: Mapping[str, Any]) -> PlanSetup:
-    """The planner's setup for a scenario, with the controller's defaults changed by `settings`."""
+def plan_setup(scenario: Scenario, settings: Mapping[str, Any], hand_on_after_s: float | None = None) -> PlanSetup:
+    """The planner's setup for a scenario, with the controller's defaults changed by `settings` (and leaving decode
+    workers handing their requests on after `hand_on_after_s`, the live `controller.hand_on_after_s`)."""
     engine = EngineConfig(backend="sim", model=scenario.model, prefix_caching=False, max_num_seqs=MAX_NUM_SEQS,
                           max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
                           sim=SimSettings(hardware=scenario.hardware, tensor_parallel=scenario.tensor_parallel))
@@ -80,7 +81,7 @@ def plan_setup(scenario: Scenario, settings: Mapping[str, Any]) -> PlanSetup:
                                   max_num_seqs=MAX_NUM_SEQS, **settings)
     return PlanSetup(engine=engine, workers=scenario.workers, slo=SLO(scenario.slo_ttft_s, scenario.slo_tpot_s),
                      controller=controller, role_switch_s=ROLE_SWITCH_S, window_s=WINDOW_S, routing="load",
-                     fast=True)
+                     hand_on_after_s=hand_on_after_s, fast=True)
 
 
 def search(run: Callable[[float], tuple[float, int]]) -> Goodput:
@@ -111,8 +112,9 @@ def search(run: Callable[[float], tuple[float, int]]) -> Goodput:
     return Goodput(estimate.interpolated, tuple(points), moves.get(estimate.rate, 0))
 
 
-def candidate_goodput(scenario: Scenario, candidate: Candidate, settings: Mapping[str, Any]) -> Goodput:
-    setup = plan_setup(scenario, settings)
+def candidate_goodput(scenario: Scenario, candidate: Candidate, settings: Mapping[str, Any],
+                      hand_on_after_s: float | None = None) -> Goodput:
+    setup = plan_setup(scenario, settings, hand_on_after_s)
     traffic = ScenarioTraffic(scenario)
 
     def run(factor: float) -> tuple[float, int]:
@@ -148,18 +150,20 @@ def static_best(seed: int) -> dict:
             "probe_factor": factor, "probe": {f"{p}:{n - p}": scores[p] for p in sorted(scores)}}
 
 
-def controller_goodput(seed: int, settings: Mapping[str, Any], start: tuple[int, int] | None = None) -> dict:
+def controller_goodput(seed: int, settings: Mapping[str, Any], start: tuple[int, int] | None = None,
+                       hand_on_after_s: float | None = None) -> dict:
     """The controller's goodput from `start` (None: the even split)."""
     scenario = generate(seed)
     n = scenario.workers
     prefill, decode = start or (n // 2, n - n // 2)
-    result = candidate_goodput(scenario, Candidate(prefill, decode, True), settings)
+    result = candidate_goodput(scenario, Candidate(prefill, decode, True), settings, hand_on_after_s)
     return {"seed": seed, "goodput": result.factor, "moves": result.moves, "points": result.points}
 
 
-def run_study(seeds: Sequence[int], settings: Mapping[str, Any], out: str, processes: int) -> list[dict]:
+def run_study(seeds: Sequence[int], settings: Mapping[str, Any], out: str, processes: int,
+              hand_on_after_s: float | None = None) -> list[dict]:
     """Each seed's best static split (cached in `out`/static.json), and the controller's goodput from the even split
-    and from that best split; one row per seed."""
+    and from that best split (`hand_on_after_s`: for the controller's moves); one row per seed."""
     os.makedirs(out, exist_ok=True)
     cache_path = os.path.join(out, "static.json")
     cache = _read_cache(cache_path)
@@ -167,9 +171,9 @@ def run_study(seeds: Sequence[int], settings: Mapping[str, Any], out: str, proce
     results: dict[tuple[str, int], dict] = {}
     with ProcessPoolExecutor(processes) as pool:
         jobs = {pool.submit(static_best, s): ("static", s) for s in seeds if str(s) not in cache}
-        jobs.update({pool.submit(controller_goodput, s, settings): ("even", s) for s in seeds})
-        jobs.update({pool.submit(controller_goodput, s, settings, _split(cache[str(s)]["best"])): ("best", s)
-                     for s in seeds if str(s) in cache})
+        jobs.update({pool.submit(controller_goodput, s, settings, None, hand_on_after_s): ("even", s) for s in seeds})
+        jobs.update({pool.submit(controller_goodput, s, settings, _split(cache[str(s)]["best"]), hand_on_after_s):
+                     ("best", s) for s in seeds if str(s) in cache})
         total, done = 3 * len(seeds) - sum(1 for s in seeds if str(s) in cache), 0
         while jobs:
             finished, _ = wait(jobs, return_when=FIRST_COMPLETED)
@@ -180,13 +184,14 @@ def run_study(seeds: Sequence[int], settings: Mapping[str, Any], out: str, proce
                     cache[str(seed)] = future.result()
                     _write_json(cache_path, {"version": STUDY_VERSION, "static": cache})
                     best = _split(cache[str(seed)]["best"])
-                    jobs[pool.submit(controller_goodput, seed, settings, best)] = ("best", seed)
+                    jobs[pool.submit(controller_goodput, seed, settings, best, hand_on_after_s)] = ("best", seed)
                 else:
                     results[kind, seed] = future.result()
             print(f"\r{done}/{total} jobs done, {time.monotonic() - started:.0f} s", end="", file=sys.stderr)
     print(file=sys.stderr)
     rows = [_row(generate(s), cache[str(s)], results["even", s], results["best", s]) for s in seeds]
-    _write_json(os.path.join(out, "study.json"), {"settings": dict(settings), "rows": rows,
+    _write_json(os.path.join(out, "study.json"), {"settings": dict(settings), "hand_on_after_s": hand_on_after_s,
+                                                   "rows": rows,
                                                    "wall_s": time.monotonic() - started})
     return rows
 

@@ -211,7 +211,7 @@ def _run_scenarios(args: argparse.Namespace) -> int:
     except ValueError as e:  # ControllerConfigError included
         print(f"pdserve plan: {e}", file=sys.stderr)
         return 2
-    rows = run_study(seeds, settings, args.out, args.processes or os.cpu_count() or 1)
+    rows = run_study(seeds, settings, args.out, args.processes or os.cpu_count() or 1, args.hand_on_after_s)
     show(rows, args.out, args.scenarios, args.json)
     return 0
 
