@@ -37,12 +37,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pdserve.bench.fast_views import records, worker_observation
 from pdserve.bench.fast_workers import DecodeWorker, PrefillWorker, Shape, Worker
-from pdserve.bench.metrics import RequestRecord
 from pdserve.bench.sim_setup import PoolSample, SimResult, SimSetup
 from pdserve.bench.workloads import TraceEntry
 from pdserve.controller.decision import Decision
-from pdserve.controller.observation import Observation, PoolRole, WorkerObservation
+from pdserve.controller.observation import Observation, PoolRole
 from pdserve.controller.output_lengths import class_counts
 from pdserve.controller.policy import PolicyContext, load_policy, within_budget
 from pdserve.controller.window import Finished, traffic_window
@@ -131,7 +131,8 @@ class FastSimulation:
             self.now, _, action, argument = heapq.heappop(events)
             action(argument)
         first = arrivals[0] if trace else 0.0
-        return SimResult(self._records(), tuple(self._decisions), tuple(self._samples), self.now - first,
+        return SimResult(records(self.trace, self._done, self._dispatched, self._first, self._last),
+                         tuple(self._decisions), tuple(self._samples), self.now - first,
                          self._prompt_tokens, 0)
 
     def _at(self, t: float, action: Callable[[Any], None], argument: Any) -> None:
@@ -334,21 +335,6 @@ class FastSimulation:
             self._finish_times.append(self.now)
             self._finished_rows.append(Finished(entry.input_tokens, output, first - entry.arrival_s, tpot))
 
-    def _records(self) -> tuple[RequestRecord, ...]:
-        """The finished requests in the order they finished, then those lost at the horizon."""
-        records = []
-        for i in self._done:
-            e, first, last = self.trace[i], self._first[i], self._last[i]
-            tpot = (last - first) / (e.output_tokens - 1) if e.output_tokens > 1 else 0.0
-            records.append(RequestRecord(f"r{i}", e.arrival_s, e.input_tokens, e.output_tokens,
-                                         self._dispatched[i] - e.arrival_s, first - e.arrival_s, tpot,
-                                         last - e.arrival_s, (), True))
-        finished, nan = set(self._done), math.nan
-        records += [RequestRecord(f"r{i}", e.arrival_s, e.input_tokens, int(not math.isnan(self._first[i])), nan, nan,
-                                  nan, nan, (), False, "unfinished at the horizon")
-                    for i, e in enumerate(self.trace) if i not in finished]
-        return tuple(records)
-
     # ---- the controller --------------------------------------------------------------------------------------
     def _tick(self, _: None) -> None:
         config = self.setup.controller
@@ -420,24 +406,12 @@ class FastSimulation:
         arrived_isl = sum(tokens for _, tokens in self._arrivals) / arrived if arrived else math.nan
         arrived_classes = class_counts(tokens for _, tokens in self._arrivals)
         start = max(len(self._finished_rows) - WINDOW_RECORDS, bisect.bisect_left(self._finish_times, now - window))
-        workers = tuple(self._worker_observation(w) for w in self.workers)
+        workers = tuple(worker_observation(w, now, self._moving.get(w.worker_id)) for w in self.workers)
         return Observation(now_s=now, workers=workers,
                            traffic=traffic_window(self._finished_rows[start:], arrived / window, window,
                                                   self.setup.slo.ttft_s, self.setup.slo.tpot_s,
                                                   router_waiting=len(self._queue), arrived_input_tokens=arrived_isl,
                                                   arrived_by_class=arrived_classes))
-
-    def _worker_observation(self, worker: Worker) -> WorkerObservation:
-        """As `sim_views.worker_observation` reads an engine's load."""
-        if isinstance(worker, PrefillWorker):
-            running, waiting, queued, used = worker.observe()
-        else:
-            running, waiting, queued, used = worker.observe(self.now)
-        in_transition = worker.draining or not worker.available
-        joining = (self._moving.get(worker.worker_id) or worker.role) if in_transition else None
-        return WorkerObservation(worker_id=worker.worker_id, role=worker.role, draining=in_transition,
-                                 joining=joining, running=running, waiting=waiting, queued_prefill_tokens=queued,
-                                 kv_blocks_used=used, kv_blocks_total=self.shape.num_blocks)
 
     def _sample(self) -> None:
         counts = {role: sum(1 for w in self.workers if w.role is role and w.available) for role in PoolRole}
