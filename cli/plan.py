@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.workers < 2:
             raise ConfigError(f"--workers: need at least 2 (one prefill, one decode), got {args.workers}")
+        _check_numbers(args)
         traffic = _traffic(args)
         trace = traffic.at(1.0)
         engine = EngineConfig(backend="sim", model=args.model, max_num_seqs=args.max_num_seqs,
@@ -214,6 +215,22 @@ def _run_scenarios(args: argparse.Namespace) -> int:
     rows = run_study(seeds, settings, args.out, args.processes or os.cpu_count() or 1, args.hand_on_after_s)
     show(rows, args.out, args.scenarios, args.json)
     return 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Raises ValueError naming a flag whose number the simulation cannot run with (the controller's own settings
+    are checked by its config)."""
+    for flag, value, lowest, strict in (("--window-s", args.window_s, 0, True),
+                                        ("--peak-window-s", args.peak_window_s, 0, True),
+                                        ("--role-switch-s", args.role_switch_s, 0, False),
+                                        ("--worker-start-s", args.worker_start_s, 0, False),
+                                        ("--hand-on-after-s", args.hand_on_after_s, 0, False),
+                                        ("--search-runs", args.search_runs, 2, False)):
+        if value is not None and not (math.isfinite(value) and (value > lowest if strict else value >= lowest)):
+            raise ValueError(f"{flag}: must be a finite number {'>' if strict else '>='} {lowest}, got {value}")
+    low, high = args.search
+    if not (0 < low < high and math.isfinite(high)):
+        raise ValueError(f"--search: need 0 < LOW < HIGH, got {low:g} {high:g}")
 
 
 def _fast_refusal(setup, trace) -> str:

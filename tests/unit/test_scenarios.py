@@ -107,6 +107,10 @@ def test_seeds_and_settings_parse():
     (["plan", "--workload", "chat", "--slo-ttft", "1"], "--workers, --slo-tpot required"),
     (["plan", "--workload", "chat", "--workers", "4", "--slo-ttft", "1", "--slo-tpot", "0.05",
       "--set", "scale_down_load=0.9"], "scale_down_load: must be below target_load"),
+    *[(["plan", "--workload", "chat", "--workers", "2", "--slo-ttft", "1", "--slo-tpot", "0.05", "--fast", *flag],
+       flag[0]) for flag in (["--window-s", "0"], ["--peak-window-s", "0", "--peak-fleet"],
+                             ["--hand-on-after-s", "-1"], ["--role-switch-s", "nan"], ["--worker-start-s", "-5"],
+                             ["--search-runs", "1"], ["--search", "2", "1"])],  # were a traceback, or ran
 ])
 def test_plan_refuses_bad_scenario_flags_by_name(argv, named, tmp_path, capsys):
     from pdserve.cli import main
