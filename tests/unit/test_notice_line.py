@@ -28,21 +28,27 @@ def _accept_in_thread(listener, expected, timeout_s=10.0):
     return thread, result
 
 
-def test_the_peer_process_gets_a_line_and_its_notices_arrive():
-    listener, address = notice_line.listen()
-    thread, result = _accept_in_thread(listener, notice_line.me())
+def _dial_and_send(address, thread, result, notice) -> list[dict]:
+    """Dial as this process, send `notice`; what the accepting end received."""
     dialled = notice_line.dial(address, 5.0, notice_line.me())
     thread.join(10)
     accepted = result["line"]
-    dialled.send({"op": "send", "id": "r1"})
+    dialled.send(notice)
+    notices = []
     for _ in range(100):
         notices = accepted.receive()
         if notices:
             break
         threading.Event().wait(0.01)
-    assert notices == [{"op": "send", "id": "r1"}]
     accepted.close()
     dialled.close()
+    return notices
+
+
+def test_the_peer_process_gets_a_line_and_its_notices_arrive():
+    listener, address = notice_line.listen()
+    thread, result = _accept_in_thread(listener, notice_line.me())
+    assert _dial_and_send(address, thread, result, {"op": "send", "id": "r1"}) == [{"op": "send", "id": "r1"}]
 
 
 def test_a_connection_from_another_pid_is_closed_and_the_listener_waits_on():
@@ -88,15 +94,5 @@ def test_another_user_who_found_the_name_is_refused_and_the_peer_still_gets_thro
     intruder = subprocess.run([sys.executable, "-c", INTRUDER, address], capture_output=True, text=True,
                               timeout=30)
     assert intruder.stdout.strip() == "closed", intruder.stderr
-    dialled = notice_line.dial(address, 5.0, notice_line.me())
-    thread.join(10)
-    accepted = result["line"]
-    dialled.send({"op": "done", "id": "r1"})
-    for _ in range(100):
-        notices = accepted.receive()
-        if notices:
-            break
-        threading.Event().wait(0.01)
+    notices = _dial_and_send(address, thread, result, {"op": "done", "id": "r1"})
     assert notices == [{"op": "done", "id": "r1"}]  # nothing forged came through
-    accepted.close()
-    dialled.close()
