@@ -1,6 +1,6 @@
 """Short JSON notices between the two workers of a same-node KV pair: one Unix stream socket per pair, in Linux's
-abstract namespace (no file to clean up; gone when both ends close), under a random name that only the pair's store
-tells. One line of JSON per notice.
+abstract namespace (no file to clean up; gone when both ends close), under a random name that the pair's store
+gives the peer. One line of JSON per notice.
 
     listener, address = listen()              # one side: put `address` and `me()` in the pair's store
     line = accept(listener, 60.0, their_id)   # ... and wait for the peer (their `me()`, from the store)
