@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 import uuid
 
@@ -89,7 +90,7 @@ class RouterProcess:
         raise_file_limit(2 * config.router.max_connections + RESERVED_FILES)
         access = load_access(config.router)
         if not ray.is_initialized():
-            ray.init(address=settings.ray_address, namespace=settings.namespace, logging_level=logging.WARNING)
+            _join_ray(settings)
         builder = RequestBuilder(config.engine)
         follower = self._kv_index_follower(config)
         orchestrator = Orchestrator(self.registry, settings.namespace, config.mode is Mode.COLOCATED,
@@ -187,6 +188,16 @@ class RouterProcess:
             self.registry.remove_router(self.router_id)
         except redis.RedisError as e:
             log.warning("router %s could not leave the registry: %s", self.router_id, e)
+
+
+def _join_ray(settings: ClusterSettings) -> None:
+    """Join the cluster's Ray as a driver, keeping this process's SIGTERM handler: `ray.init` on the main thread
+    replaces it with one that exits at once, which skipped the stop above (no grace for running streams, no leaving
+    the registry) whenever a router was sent SIGTERM (`pdserve down`, Kubernetes ending a pod)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    ray.init(address=settings.ray_address, namespace=settings.namespace, logging_level=logging.WARNING)
+    if handler is not None and signal.getsignal(signal.SIGTERM) is not handler:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _port(given: int | None, configured: int | None) -> int | None:

@@ -8,14 +8,24 @@ block stays held. The faults are `bench.router_failover`'s (which prints their f
 - a second router (`pdserve router`) serves the same workers; clients given both routers lose one of them to
   SIGKILL and go on through the other;
 - a router killed for good, whose clients never come back: the decode worker reaps their requests when the lease
-  lapses (`router.lease_s`), and every block is free again.
+  lapses (`router.lease_s`), and every block is free again;
+- a router sent SIGTERM (as `pdserve down` and Kubernetes stop one) stops as it should: its running stream ends
+  whole within the grace period, a new call is refused, it leaves the registry and exits.
 """
 
+import os
+import signal
+import time
+
+import grpc
 import pytest
 
 from pdserve.bench import router_failover as faults
 from pdserve.bench.local_cluster import start_cluster, stop_cluster
+from pdserve.control_plane.processes import alive
 from pdserve.engine import SamplingParams
+from pdserve.proto import generation_pb2 as pb
+from pdserve.proto import generation_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.model
 
@@ -57,3 +67,25 @@ def test_the_requests_of_a_router_gone_for_good_are_reaped_when_its_lease_lapses
     report = faults.abandon_router(cluster, requests=4)
     assert report.held > 0 and report.blocks_after == 0, report
     assert report.reaped == 4 and report.freed_s < faults.LEASE_S + 30, report
+
+
+def test_a_router_sent_sigterm_ends_its_running_stream_whole_then_leaves_the_registry(cluster):
+    router = faults.start_router(cluster)
+    sampling = pb.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    with grpc.insecure_channel(router.address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        call = stub.Generate(pb.GenerateRequest(text="Count to 5:", sampling=sampling), timeout=60)
+        messages = [next(call)]  # decoding now
+        os.kill(router.pid, signal.SIGTERM)
+        messages += list(call)  # the stream goes on to its end within the grace period
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(pb.GenerateRequest(text="Too late", sampling=sampling), timeout=10))
+    assert sum(len(m.token_ids) for m in messages) == 12
+    assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    deadline = time.monotonic() + 30
+    while alive(router.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(router.pid)
+    assert router.address not in {r["address"] for r in faults.status(cluster)["routers"]}
+    assert cluster.wait_until_idle()["decode-0"]["used"] == 0
