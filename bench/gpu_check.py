@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.bench.gpu_kv_check import DECODE_BATCH, beside_decode_row, channel_row, handoff_blocks, ipc_row
+from pdserve.bench.step_timing import best_of, decode_step_s
 from pdserve.engine import Engine, EngineConfig, SamplingParams
 from pdserve.engine.quantization import weight_bytes
 from pdserve.engine.shapes import shape
@@ -173,16 +174,6 @@ def loaded_engine(checks: list[Check], section: str, label: str, plan: Plan, ove
     return engines[0] if engines else None
 
 
-def timed(fn: Callable[[], object]) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def decode(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) -> None:
     cfg = shape(plan.shape)
     kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (2 if plan.dtype == "bf16" else 4)
@@ -196,12 +187,8 @@ def decode(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) ->
             def run(check: Check, batch=batch, engine=engine, gen=gen) -> None:
                 prompts = [torch.randint(10, cfg.vocab_size, (prompt_len,), generator=gen).tolist()
                            for _ in range(batch)]
-                greedy = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-                engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm up
-                first = min(timed(lambda: engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0)))
-                            for _ in range(2))
-                full = min(timed(lambda: engine.generate(prompts, greedy)) for _ in range(2))
-                step = (full - first) / (tokens - 1)
+                decode_step_s(engine, prompts, 4)  # warm up (CUDA graphs are captured on first use)
+                step = decode_step_s(engine, prompts, tokens)
                 read = (weight_bytes(engine.model) - engine.model.embed.numel() * engine.model.embed.element_size()
                         + batch * (prompt_len + tokens / 2) * kv_bytes_per_token)
                 check.detail = {"tok_s": batch / step, "step_ms": step * 1e3, "bytes_per_step": read}
@@ -225,7 +212,7 @@ def prefill(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) -
             prompt = torch.randint(10, cfg.vocab_size, (length,), generator=gen).tolist()
             once = SamplingParams(max_tokens=1, temperature=0)
             engine.generate([prompt], once)  # warm up
-            seconds = min(timed(lambda: engine.generate([prompt], once)) for _ in range(3))
+            seconds = best_of(3, lambda: engine.generate([prompt], once), engine.kv_cache.tensor.device)
             attention = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * length * length  # causal QK^T and PV
             flops = 2 * dense * length + attention
             check.detail = {"tok_s": length / seconds, "ms": seconds * 1e3, "flops": flops}
@@ -257,7 +244,7 @@ def verify(checks: list[Check], plan: Plan) -> None:
             def run(check: Check, k=k, contexts=contexts, plain=plain) -> None:
                 prompts = [c + c[:k + 1] for c in contexts]
                 engine.generate(prompts, once)  # warm up this shape
-                seconds = min(timed(lambda: engine.generate(prompts, once)) for _ in range(3))
+                seconds = best_of(3, lambda: engine.generate(prompts, once), engine.kv_cache.tensor.device)
                 if k == 0:
                     plain.append(seconds)
                 check.detail = {"ms": seconds * 1e3, "vs_k0": seconds / plain[0]}

@@ -18,13 +18,13 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pdserve.engine import Engine, SamplingParams
+from pdserve.bench.step_timing import best_of, decode_step_s
+from pdserve.engine import Engine
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import KVCache
 from pdserve.kv_transfer.connector import KVConnector, Transfer, TransferStatus
@@ -38,22 +38,6 @@ DECODE_BATCH = 8
 IPC_ROUNDS = 4
 """IPC handoffs timed (the first warms up)."""
 FINGERPRINT = "gpu-check"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_of(repeats: int, fn: Callable[[], None], device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 class Handoff:
@@ -183,15 +167,8 @@ def beside_decode_row(engine: Engine, blocks: int) -> tuple[str, dict]:
     prompt_len, tokens = (128, 32) if on_gpu else (16, 6)  # a CPU runs this only to keep the code from rotting
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(10, cfg.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(DECODE_BATCH)]
-    greedy = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    device = engine.kv_cache.tensor.device
-
-    def step_s() -> float:
-        first = best_of(2, lambda: engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0)), device)
-        return (best_of(2, lambda: engine.generate(prompts, greedy), device) - first) / (tokens - 1)
-
-    engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm up
-    alone = step_s()
+    decode_step_s(engine, prompts, 4)  # warm up
+    alone = decode_step_s(engine, prompts, tokens)
     handoff, stop = Handoff(engine, blocks), threading.Event()
 
     def transfer_loop() -> None:
@@ -201,7 +178,7 @@ def beside_decode_row(engine: Engine, blocks: int) -> tuple[str, dict]:
     mover = threading.Thread(target=transfer_loop, daemon=True)
     mover.start()
     try:
-        beside = step_s()
+        beside = decode_step_s(engine, prompts, tokens)
     finally:
         stop.set()
         mover.join(60)
