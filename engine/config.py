@@ -13,14 +13,17 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("torch", "sim")
 QUANTIZATIONS = ("none", "int8", "int4", "w8a8")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""engine.dtype's names, and torch's for them. This module does not import torch: reading a config (every CLI
+command does) must not cost torch's second of import."""
 
 
 class ConfigError(ValueError):
@@ -348,7 +351,9 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch  # here, not at the top: see DTYPES
+
+        return getattr(torch, DTYPES[self.dtype])
 
     @staticmethod
     def from_dict(values: Mapping[str, Any]) -> "EngineConfig":

@@ -14,11 +14,14 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pdserve.engine.grammar_state import GrammarState
-from pdserve.engine.logprobs import TokenLogprobs
-from pdserve.engine.lookahead import LookaheadState
 from pdserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # types only: a request's fields, made by the engine; reading a prompt does not load torch
+    from pdserve.engine.grammar_state import GrammarState
+    from pdserve.engine.logprobs import TokenLogprobs
+    from pdserve.engine.lookahead import LookaheadState
 
 
 class PromptError(ValueError):
