@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ from pdserve.config import ClusterConfig, config_to_json
 from pdserve.control_plane.control_service import start_control_service
 from pdserve.control_plane.controller_loop import ControllerLoop
 from pdserve.control_plane.local_redis import LocalRedis, free_port
-from pdserve.control_plane.ray_head import RayHead
+from pdserve.control_plane.ray_head import RayHead, StartingHead, local_cpus
 from pdserve.control_plane.router_pool import RouterPool, RouterSlot
 from pdserve.control_plane.scaler import Scaler
 from pdserve.control_plane.state_file import ClusterState
@@ -49,9 +48,6 @@ log = logging.getLogger(__name__)
 NAMESPACE = "pdserve"
 PROFILE_WAIT_S = 120.0
 """How long the controller waits for an idle worker to profile at start."""
-LOCAL_CPU_OVERSUBSCRIPTION = 4
-"""A local Ray gets this many times the machine's cores as logical CPUs: workers share cores once there are more
-of them than cores (`pdserve scale` up to 4x)."""
 
 
 @dataclass
@@ -63,15 +59,19 @@ class _Started:
 
 
 class ControlPlane:
-    def __init__(self, config: ClusterConfig, state_path: str, ray_token_file: str = "") -> None:
+    def __init__(self, config: ClusterConfig, state_path: str, ray_token_file: str = "",
+                 starting_head: StartingHead | None = None) -> None:
         """`ray_token_file`: the token a Ray head of the cluster's own asks for (`ray_head.token_for`); this
-        process's environment must name it already (`ray_head.auth_env`), as Ray reads it on import."""
+        process's environment must name it already (`ray_head.auth_env`), as Ray reads it on import.
+        `starting_head`: the cluster's new head, launched already (`control_plane.main`); it is this control plane's
+        to wait for and to stop."""
         self.config = config
         self.state_path = state_path
         self.ray_token_file = ray_token_file
         self.previous = ClusterState.read(state_path) if os.path.exists(state_path) else None
         """The state a previous control plane left: what may still run, to adopt."""
-        self.started = _Started()
+        self.started = _Started(ray_head=starting_head.head if starting_head else None)
+        self.starting_head = starting_head
         self.workers: WorkerPool | None = None
         self.routers: RouterPool | None = None
         self.state: ClusterState | None = None
@@ -143,23 +143,22 @@ class ControlPlane:
         if self.config.ray_address is not None:
             ray.init(address=self.config.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING)
             return self.config.ray_address, None
-        previous = self.previous
-        head = None
-        if previous is not None and previous.ray_head_pid is not None:
-            head = RayHead.adopt(previous.ray_address, previous.ray_head_pid, previous.ray_token_file)
-            if head is not None:
-                log.warning("adopted the running Ray head at %s (pid %d)", head.address, head.pid)
+        head = self._adopted_head() if self.starting_head is None else self.starting_head.wait_ready()
         if head is None:
-            head = RayHead.start(self._ray_cpus(), self.ray_token_file)
+            head = RayHead.start(local_cpus(self.config), self.ray_token_file)
         self.started.ray_head = head
         ray.init(address=head.address, namespace=NAMESPACE, logging_level=logging.WARNING)
         return head.address, head.pid
 
-    def _ray_cpus(self) -> int:
-        pools = self.config.workers
-        wanted = sum(p.count * p.resources.cpus for p in (pools.prefill, pools.decode, pools.colocated))
-        # Ray's CPUs only place actors here (the workers pin their own cores), so leave room for `pdserve scale`.
-        return max(os.cpu_count() or 1, math.ceil(wanted)) * LOCAL_CPU_OVERSUBSCRIPTION
+    def _adopted_head(self) -> RayHead | None:
+        """The head a previous control plane left, if it still runs and answers."""
+        previous = self.previous
+        if previous is None or previous.ray_head_pid is None:
+            return None
+        head = RayHead.adopt(previous.ray_address, previous.ray_head_pid, previous.ray_token_file)
+        if head is not None:
+            log.warning("adopted the running Ray head at %s (pid %d)", head.address, head.pid)
+        return head
 
     def _publish(self, registry: Registry, ray_address: str) -> None:
         registry.clear_stop()

@@ -16,7 +16,9 @@ import os
 import signal
 
 from pdserve.config import ClusterConfig, load_config
-from pdserve.control_plane.ray_head import auth_env, token_for
+from pdserve.control_plane import ray_head
+from pdserve.control_plane.processes import alive
+from pdserve.control_plane.ray_head import RayHead, auth_env, local_cpus, token_for
 from pdserve.control_plane.state_file import ClusterState
 
 
@@ -34,11 +36,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: ClusterConfig, state_path: str) -> int:
-    token_file = ""
+    token_file, starting_head = "", None
     if config.ray_address is None:  # a Ray head of the cluster's own, asking for its token
         previous = ClusterState.read(state_path) if os.path.exists(state_path) else None
-        token_file = token_for(state_path, previous.ray_head_pid if previous else None)
+        head_pid = previous.ray_head_pid if previous else None
+        token_file = token_for(state_path, head_pid)
         os.environ.update(auth_env(token_file))  # before Ray is imported: it reads them then
+        if not alive(head_pid, ray_head.MARK):  # none to adopt: launch ours now, to start while the rest imports
+            starting_head = RayHead.launch(local_cpus(config), token_file)
     from pdserve.control_plane.control_plane import ControlPlane
 
     async def go() -> None:
@@ -46,7 +51,7 @@ def run(config: ClusterConfig, state_path: str) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await ControlPlane(config, state_path, token_file).serve(stop)
+        await ControlPlane(config, state_path, token_file, starting_head).serve(stop)
 
     asyncio.run(go())
     return 0

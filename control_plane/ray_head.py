@@ -14,6 +14,7 @@ reads that environment when it is imported: set it first.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import socket
@@ -22,9 +23,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pdserve.control_plane.local_redis import free_port
 from pdserve.control_plane.processes import alive, end_tree
+
+if TYPE_CHECKING:
+    from pdserve.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,10 @@ every stop we logged here eight of them were still up 5 s after SIGTERM and were
 made each `pdserve down` wait. They hold nothing of ours (the cluster's state is in Redis)."""
 
 START_TIMEOUT_S = 120.0
+READY_POLL_S = 0.2
+LOCAL_CPU_OVERSUBSCRIPTION = 4
+"""A local Ray gets this many times the machine's cores as logical CPUs: workers share cores once there are more
+of them than cores (`pdserve scale` up to 4x)."""
 MARK = "ray.scripts.scripts"
 """A word of the head's command line: a pid from a state file that lacks it is another process now."""
 PORT_FLAGS = ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
@@ -74,8 +83,13 @@ class RayHead:
 
     @staticmethod
     def start(num_cpus: int, token_file: str) -> RayHead:
-        """A new head asking for the token in `token_file`. Its own output goes nowhere: Ray logs to its session
-        folder (`ray_logs_dir` in the state file)."""
+        """A new head asking for the token in `token_file`, once it answers."""
+        return RayHead.launch(num_cpus, token_file).wait_ready()
+
+    @staticmethod
+    def launch(num_cpus: int, token_file: str) -> StartingHead:
+        """A new head asking for the token in `token_file`, on its way up (`StartingHead.wait_ready`). Its own output
+        goes nowhere: Ray logs to its session folder (`ray_logs_dir` in the state file)."""
         port = free_port()
         temp_dir = tempfile.mkdtemp(prefix="pdserve-ray-")  # short: Ray's socket paths must fit in 107 characters
         command = [sys.executable, "-m", MARK, "start", "--head", "--block",
@@ -86,10 +100,7 @@ class RayHead:
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **auth_env(token_file)}
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-        head = RayHead(f"127.0.0.1:{port}", process.pid, token_file)
-        head._wait_ready(process)
-        log.info("Ray head at %s (pid %d)", head.address, head.pid)
-        return head
+        return StartingHead(RayHead(f"127.0.0.1:{port}", process.pid, token_file), process)
 
     @staticmethod
     def adopt(address: str, pid: int, token_file: str) -> RayHead | None:
@@ -108,16 +119,6 @@ class RayHead:
         if os.path.exists(self.token_file):
             os.remove(self.token_file)
 
-    def _wait_ready(self, process: subprocess.Popen) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (self._listening() and self.healthy()):
-            if process.poll() is not None:
-                raise RayHeadError(f"ray start exited with code {process.returncode} (see the cluster log)")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RayHeadError(f"the Ray head at {self.address} did not answer in {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.5)
-
     def _listening(self) -> bool:
         """Its GCS port takes connections (cheap; `healthy` then asks Ray itself)."""
         host, port = self.address.rsplit(":", 1)
@@ -126,3 +127,36 @@ class RayHead:
                 return True
         except OSError:
             return False
+
+
+@dataclass(frozen=True)
+class StartingHead:
+    """A head `RayHead.launch` started that may not answer yet: the control plane launches it before its own slow
+    imports (torch, Ray: ~2 s), which then overlap the head's start (~2.5 s)."""
+
+    head: RayHead
+    process: subprocess.Popen
+
+    def wait_ready(self) -> RayHead:
+        """The head, once its GCS takes connections and Ray says it is healthy; stopped and RayHeadError if it exits or
+        does not answer within START_TIMEOUT_S."""
+        head = self.head
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (head._listening() and head.healthy()):
+            if self.process.poll() is not None:
+                raise RayHeadError(f"ray start exited with code {self.process.returncode} (see the cluster log)")
+            if time.monotonic() > deadline:
+                head.stop()
+                raise RayHeadError(f"the Ray head at {head.address} did not answer in {START_TIMEOUT_S:.0f} s")
+            time.sleep(READY_POLL_S)
+        log.info("Ray head at %s (pid %d)", head.address, head.pid)
+        return head
+
+
+def local_cpus(config: ClusterConfig) -> int:
+    """The logical CPUs a head of the cluster's own offers: the machine's cores (or what the configured workers ask
+    for, if more) times LOCAL_CPU_OVERSUBSCRIPTION. Ray's CPUs only place actors here (the workers pin their own
+    cores), so this leaves room for `pdserve scale`."""
+    pools = config.workers
+    wanted = sum(p.count * p.resources.cpus for p in (pools.prefill, pools.decode, pools.colocated))
+    return max(os.cpu_count() or 1, math.ceil(wanted)) * LOCAL_CPU_OVERSUBSCRIPTION
