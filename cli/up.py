@@ -26,6 +26,7 @@ from pdserve.control_plane.state_file import ClusterState
 from pdserve.engine.config import ConfigError
 
 HEALTHY_TIMEOUT_S = 900
+HEALTHY_POLL_S = 0.2
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -95,7 +96,7 @@ def _detach(config: str | None, ray_address: str | None, path: str) -> int:
             http = f"; OpenAI API at http://{state.http_address}/v1" if state.http_address else ""
             print(f"pdserve: router at {state.router_address} ({state.mode}){http}; pid {state.pid}; logs {log}")
             return 0
-        time.sleep(0.5)
+        time.sleep(HEALTHY_POLL_S)
     print(f"pdserve up: not healthy after {HEALTHY_TIMEOUT_S} s; see {log}", file=sys.stderr)
     return 1
 
