@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 1.0
 """How long the head's processes get between SIGTERM and SIGKILL when the control plane stops it, after it has
-stopped the workers. What is left then is Ray's own (gcs_server, raylet, its agents, `ray start --block`), and in
-every stop we logged here eight of them were still up 5 s after SIGTERM and were killed anyway: a longer grace only
-made each `pdserve down` wait. They hold nothing of ours (the cluster's state is in Redis)."""
+stopped the workers. What is left then is Ray's own (gcs_server, raylet, its agents, `ray start --block`); in the
+stops we logged, two to five of them were still running 1 s after SIGTERM and were killed anyway (a count that once
+read eight at 5 s included zombies: `processes.end_tree`), so a longer grace only made each `pdserve down` wait.
+They hold nothing of ours (the cluster's state is in Redis)."""
 
 START_TIMEOUT_S = 120.0
 READY_POLL_S = 0.2
