@@ -32,8 +32,8 @@ from pdserve.control_plane.router_pool import RouterPool, RouterSlot
 from pdserve.control_plane.scaler import Scaler
 from pdserve.control_plane.state_file import ClusterState
 from pdserve.control_plane.worker_pool import WorkerPool
-from pdserve.controller.config import ControllerConfig
-from pdserve.controller.policy import PolicyContext, load_policy
+from pdserve.controller.config import ControllerConfig, ControllerConfigError
+from pdserve.controller.policy import BUILT_IN, PolicyContext, load_policy, policy_class
 from pdserve.controller.scaled_model import ScaledModel
 from pdserve.engine.cost_model import CostModel
 from pdserve.engine.hardware import hardware
@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "pdserve"
 PROFILE_WAIT_S = 120.0
-"""How long the controller waits for an idle worker to profile at start."""
+"""How long the controller waits for an idle worker to profile at start (then it waits CONTROLLER_RETRY_S, and
+tries again)."""
+CONTROLLER_RETRY_S = 10.0
 
 
 @dataclass
@@ -74,6 +76,7 @@ class ControlPlane:
         self.starting_head = starting_head
         self.workers: WorkerPool | None = None
         self.routers: RouterPool | None = None
+        self.controller: ControllerLoop | None = None
         self.state: ClusterState | None = None
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -102,9 +105,9 @@ class ControlPlane:
         tasks = [asyncio.create_task(self.workers.watch(), name="workers"),
                  asyncio.create_task(self.routers.watch(self._rewrite_state), name="routers"),
                  asyncio.create_task(_announce(registry, control_address), name="announce")]
-        controller = await self._controller(registry, scaler) if config.controller.enabled else None
-        if controller is not None:
-            tasks.append(asyncio.create_task(controller.run(), name="controller"))
+        if config.controller.enabled:
+            policy_class(config.controller.policy)  # a policy that cannot be loaded fails `up` at once, by name
+            tasks.append(asyncio.create_task(self._control(registry, scaler), name="controller"))
         log.warning("pdserve control plane up (%s): %d workers%s, routers on %s, control service on %s",
                     config.mode.value, len(self.workers.specs), " adopted" if adopted else "",
                     ", ".join(s.address for s in self.routers.slots), control_address)
@@ -114,8 +117,8 @@ class ControlPlane:
             log.warning("pdserve shutting down")
             for task in tasks:
                 task.cancel()
-            if controller is not None:
-                await controller.close()
+            if self.controller is not None:
+                await self.controller.close()
             await control.stop(grace=1)
             await asyncio.to_thread(_withdraw, registry)
 
@@ -174,6 +177,23 @@ class ControlPlane:
         previous_metrics = self.previous.metrics_address.rsplit(":", 1)[-1] if self.previous else ""
         metrics_port = router.metrics_port or (int(previous_metrics) if previous_metrics else free_port())
         return [RouterSlot(router.host, router.port, router.http_port, metrics_port)]
+
+    async def _control(self, registry: Registry, scaler: Scaler) -> None:
+        """Make the controller, then run it. Making it can wait (a real engine's profile needs an idle worker, and
+        a cluster adopted under load may have none for a while) or fail for a moment (a worker dies meanwhile): the
+        cluster serves on regardless, and it is tried again every CONTROLLER_RETRY_S. (It used to be made before
+        the control plane settled, and a failure there stopped the whole cluster, adopted ones included.)"""
+        while self.controller is None:
+            try:
+                self.controller = await self._controller(registry, scaler)
+            except (EngineBusy, ray.exceptions.RayError) as e:
+                log.warning("controller: not started yet (%s); trying again in %g s", e, CONTROLLER_RETRY_S)
+                await asyncio.sleep(CONTROLLER_RETRY_S)
+            except ControllerConfigError as e:  # the policy refused its settings: no controller, said plainly
+                log.error("controller: not started: %s", e)
+                return
+        log.warning("controller: started (policy %s)", self.config.controller.policy or BUILT_IN)
+        await self.controller.run()
 
     async def _controller(self, registry: Registry, scaler: Scaler) -> ControllerLoop:
         """The controller's policy (the built-in ratio controller unless `controller.policy` names another), with the

@@ -80,9 +80,14 @@ class RatioPolicy:
 def load_policy(name: str, context: PolicyContext, settings: Mapping[str, Any] | None = None) -> Policy:
     """The policy `name` names ("" or "ratio": the built-in; else "package.module:Class"), made with `context`
     and its `settings`. Raises `ControllerConfigError` naming `policy` when it cannot be found or made."""
-    settings = dict(settings or {})
+    return policy_class(name)(context, dict(settings or {}))
+
+
+def policy_class(name: str) -> type:
+    """The class `name` names, checked (its API version, a tick method); `ControllerConfigError` naming `policy`
+    when it cannot be found. Cheap: the control plane checks the name before it has what a policy is made with."""
     if name in ("", BUILT_IN):
-        return RatioPolicy(context, settings)
+        return RatioPolicy
     module_name, _, class_name = name.partition(":")
     if not module_name or not class_name:
         raise ControllerConfigError(f"policy: expected 'package.module:Class' (or '{BUILT_IN}'), got {name!r}")
@@ -99,7 +104,7 @@ def load_policy(name: str, context: PolicyContext, settings: Mapping[str, Any] |
                                     f"speaks version {POLICY_API_VERSION}")
     if not callable(getattr(cls, "tick", None)):
         raise ControllerConfigError(f"policy: {name} has no tick(observation) method")
-    return cls(context, settings)
+    return cls
 
 
 def refusal(decision: Decision, observation: Observation, config: ControllerConfig) -> str:
