@@ -15,6 +15,8 @@ again adopts them. Stopped (SIGTERM, SIGINT), it stops everything it started, in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -107,7 +109,7 @@ class ControlPlane:
                  asyncio.create_task(_announce(registry, control_address), name="announce")]
         if config.controller.enabled:
             policy_class(config.controller.policy)  # a policy that cannot be loaded fails `up` at once, by name
-            tasks.append(asyncio.create_task(self._control(registry, scaler), name="controller"))
+            tasks.append(asyncio.create_task(self._control(registry, scaler, adopted), name="controller"))
         log.warning("pdserve control plane up (%s): %d workers%s, routers on %s, control service on %s",
                     config.mode.value, len(self.workers.specs), " adopted" if adopted else "",
                     ", ".join(s.address for s in self.routers.slots), control_address)
@@ -178,15 +180,15 @@ class ControlPlane:
         metrics_port = router.metrics_port or (int(previous_metrics) if previous_metrics else free_port())
         return [RouterSlot(router.host, router.port, router.http_port, metrics_port)]
 
-    async def _control(self, registry: Registry, scaler: Scaler) -> None:
+    async def _control(self, registry: Registry, scaler: Scaler, adopted: bool) -> None:
         """Make the controller, then run it. Making it can wait (a real engine's profile needs an idle worker, and
         a cluster adopted under load may have none for a while) or fail for a moment (a worker dies meanwhile): the
         cluster serves on regardless, and it is tried again every CONTROLLER_RETRY_S. (It used to be made before
         the control plane settled, and a failure there stopped the whole cluster, adopted ones included.)"""
         while self.controller is None:
             try:
-                self.controller = await self._controller(registry, scaler)
-            except (EngineBusy, ray.exceptions.RayError) as e:
+                self.controller = await self._controller(registry, scaler, adopted)
+            except (EngineBusy, ray.exceptions.RayError, redis.RedisError) as e:
                 log.warning("controller: not started yet (%s); trying again in %g s", e, CONTROLLER_RETRY_S)
                 await asyncio.sleep(CONTROLLER_RETRY_S)
             except ControllerConfigError as e:  # the policy refused its settings: no controller, said plainly
@@ -195,7 +197,7 @@ class ControlPlane:
         log.warning("controller: started (policy %s)", self.config.controller.policy or BUILT_IN)
         await self.controller.run()
 
-    async def _controller(self, registry: Registry, scaler: Scaler) -> ControllerLoop:
+    async def _controller(self, registry: Registry, scaler: Scaler, adopted: bool) -> ControllerLoop:
         """The controller's policy (the built-in ratio controller unless `controller.policy` names another), with the
         cost model of a sim engine or a profile of a real one."""
         config = self.config
@@ -205,7 +207,7 @@ class ControlPlane:
             model = ScaledModel(CostModel(shape(decode.model.removeprefix("random:")), hardware(sim.hardware),
                                           sim.tensor_parallel), sim.time_scale)
         else:
-            model = await self._profile()
+            model = await self._profile(registry, adopted)
         decode_actor = next(self.workers.actors[i] for i, s in self.workers.specs.items() if s.role is Role.DECODE)
         info = await decode_actor.info.remote()  # its KV capacity, as its engine sized it
         settings = config.controller
@@ -223,18 +225,29 @@ class ControlPlane:
         return ControllerLoop(controller_config, policy, registry, scaler, settings.window_s, settings.dry_run,
                               settings.add_timeout_s)
 
-    async def _profile(self) -> StepProfile:
-        """A profile of a worker's engine. The routers serve before the controller starts, so each worker may be
-        busy: try each in turn until one is idle (up to PROFILE_WAIT_S)."""
+    async def _profile(self, registry: Registry, adopted: bool) -> StepProfile:
+        """A profile of the workers' engine: with adopted workers (the same engines), the one the last control plane
+        measured and kept in the registry; else measured now on a worker, and kept. The routers serve before the
+        controller starts, so each worker may be busy: try each in turn until one is idle (up to PROFILE_WAIT_S)."""
+        if adopted:
+            kept = await asyncio.to_thread(registry.step_profile)
+            try:
+                profile = StepProfile(**json.loads(kept)) if kept is not None else None
+            except (TypeError, ValueError):  # kept by another version: measure it again
+                profile = None
+            if profile is not None:
+                log.warning("controller: the adopted workers' profile, as measured before: %s", profile)
+                return profile
         deadline = asyncio.get_running_loop().time() + PROFILE_WAIT_S
         while True:
             for worker_id, actor in list(self.workers.actors.items()):
                 try:
-                    model = await actor.profile.remote()
+                    profile = await actor.profile.remote()
                 except EngineBusy:
                     continue
-                log.warning("controller: profiled %s: %s", worker_id, model)
-                return model
+                log.warning("controller: profiled %s: %s", worker_id, profile)
+                await asyncio.to_thread(registry.publish_step_profile, json.dumps(dataclasses.asdict(profile)))
+                return profile
             if asyncio.get_running_loop().time() > deadline:
                 raise EngineBusy(f"controller: no worker was idle to profile within {PROFILE_WAIT_S:g} s")
             await asyncio.sleep(0.2)

@@ -83,6 +83,13 @@ class Registry:
         value = self.redis.get(f"{self.prefix}:settings")
         return None if value is None else ClusterSettings.from_json(value)
 
+    def publish_step_profile(self, profile: str) -> None:
+        """The controller's profile of the workers' engine (JSON), for a control plane that adopts them later."""
+        self.redis.set(f"{self.prefix}:step_profile", profile)
+
+    def step_profile(self) -> str | None:
+        return self.redis.get(f"{self.prefix}:step_profile")
+
     def request_stop(self) -> None:
         self.redis.set(f"{self.prefix}:stop", "1", ex=STOP_TTL_S)
 

@@ -1,9 +1,13 @@
 """The control plane starts its controller in the background: a start that has to wait (no idle worker to profile)
 or fails for a moment (a worker died) is tried again while the cluster serves on; a policy that refuses its settings
-leaves the cluster without a controller, said in the log; none of them stops the cluster."""
+leaves the cluster without a controller, said in the log; none of them stops the cluster. A control plane that
+adopts the workers takes the profile the last one measured from the registry instead of waiting for an idle one."""
 
 import asyncio
+import dataclasses
+import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -12,7 +16,7 @@ from pdserve.config import ClusterConfig
 from pdserve.control_plane import control_plane as module
 from pdserve.control_plane.control_plane import ControlPlane
 from pdserve.controller.config import ControllerConfigError
-from pdserve.engine.step_profile import EngineBusy
+from pdserve.engine.step_profile import EngineBusy, StepProfile
 
 
 class FakeLoop:
@@ -32,7 +36,7 @@ def control_plane(tmp_path, outcomes: list) -> ControlPlane:
     plane = ControlPlane(ClusterConfig(), str(tmp_path / "cluster.json"))
     calls = iter(outcomes)
 
-    async def make(registry, scaler):
+    async def make(registry, scaler, adopted):
         outcome = next(calls)
         if isinstance(outcome, Exception):
             raise outcome
@@ -49,7 +53,7 @@ def test_a_start_that_must_wait_or_fails_for_a_moment_is_tried_again(tmp_path, m
                                      loop])
 
     async def go():
-        task = asyncio.create_task(plane._control(None, None))
+        task = asyncio.create_task(plane._control(None, None, False))
         await asyncio.wait_for(loop.ran.wait(), timeout=5)
         task.cancel()
 
@@ -62,7 +66,7 @@ def test_a_start_that_must_wait_or_fails_for_a_moment_is_tried_again(tmp_path, m
 def test_a_policy_that_refuses_its_settings_leaves_no_controller_and_returns(tmp_path, caplog):
     plane = control_plane(tmp_path, [ControllerConfigError("policy_config: unknown setting(s) ['x']")])
     with caplog.at_level(logging.ERROR):
-        asyncio.run(asyncio.wait_for(plane._control(None, None), timeout=5))
+        asyncio.run(asyncio.wait_for(plane._control(None, None, False), timeout=5))
     assert plane.controller is None
     assert any("unknown setting(s) ['x']" in r.message for r in caplog.records)
 
@@ -70,4 +74,60 @@ def test_a_policy_that_refuses_its_settings_leaves_no_controller_and_returns(tmp
 def test_any_other_failure_is_not_swallowed(tmp_path):
     plane = control_plane(tmp_path, [ValueError("a bug")])
     with pytest.raises(ValueError):
-        asyncio.run(asyncio.wait_for(plane._control(None, None), timeout=5))
+        asyncio.run(asyncio.wait_for(plane._control(None, None, False), timeout=5))
+
+
+PROFILE = StepProfile(prefill_fixed_s=0.05, prefill_s_per_token=0.001, decode_fixed_s=0.02, decode_s_per_seq=0.001,
+                      decode_s_per_kv_token=1e-6)
+
+
+class KeptProfiles:
+    """The registry's step profile slot."""
+
+    def __init__(self, kept: str | None = None) -> None:
+        self.kept = kept
+
+    def publish_step_profile(self, profile: str) -> None:
+        self.kept = profile
+
+    def step_profile(self) -> str | None:
+        return self.kept
+
+
+def busy_then_idle_worker(busy_times: int) -> SimpleNamespace:
+    """A worker actor whose `profile` is busy `busy_times` times, then measures PROFILE; counts its calls."""
+    calls = []
+
+    async def profile():
+        calls.append(1)
+        if len(calls) <= busy_times:
+            raise EngineBusy("the engine must be idle")
+        return PROFILE
+
+    return SimpleNamespace(profile=SimpleNamespace(remote=profile), calls=calls)
+
+
+def plane_with(tmp_path, worker) -> ControlPlane:
+    plane = ControlPlane(ClusterConfig(), str(tmp_path / "cluster.json"))
+    plane.workers = SimpleNamespace(actors={"decode-0": worker})
+    return plane
+
+
+def test_a_measured_profile_is_kept_and_an_adopting_control_plane_takes_it_without_asking_a_worker(tmp_path):
+    registry, worker = KeptProfiles(), busy_then_idle_worker(busy_times=2)
+    assert asyncio.run(plane_with(tmp_path, worker)._profile(registry, adopted=False)) == PROFILE
+    assert len(worker.calls) == 3 and json.loads(registry.kept) == dataclasses.asdict(PROFILE)
+    never_idle = busy_then_idle_worker(busy_times=10**9)
+    assert asyncio.run(plane_with(tmp_path, never_idle)._profile(registry, adopted=True)) == PROFILE
+    assert never_idle.calls == []
+
+
+def test_fresh_workers_are_profiled_again_and_a_kept_profile_of_another_shape_is_not_taken(tmp_path):
+    kept = json.dumps(dataclasses.asdict(PROFILE))
+    worker = busy_then_idle_worker(busy_times=0)
+    assert asyncio.run(plane_with(tmp_path, worker)._profile(KeptProfiles(kept), adopted=False)) == PROFILE
+    assert len(worker.calls) == 1  # not adopted: new engines, measured
+    other = KeptProfiles(json.dumps({"prefill_s": 1.0}))  # written by another version
+    worker = busy_then_idle_worker(busy_times=0)
+    assert asyncio.run(plane_with(tmp_path, worker)._profile(other, adopted=True)) == PROFILE
+    assert len(worker.calls) == 1 and json.loads(other.kept) == dataclasses.asdict(PROFILE)
