@@ -9,7 +9,9 @@ routers -> the ratio controller, if enabled -> the state file (`pdserve status`,
 
 While it runs it replaces workers that die (`WorkerPool.watch`) and starts again routers that exit
 (`RouterPool.watch`). Killed, it leaves the cluster serving: workers, routers, Redis and Ray run on, and `pdserve up`
-again adopts them. Stopped (SIGTERM, SIGINT), it stops everything it started, in reverse order.
+again adopts them. Stopped (SIGTERM, SIGINT), it stops everything it started, in reverse order. Failing (an error
+it did not expect), it stops what it started for a new cluster, but a cluster it adopted is left serving, as if it
+had been killed: a control plane restarted on a live cluster must never be what takes it down.
 """
 
 from __future__ import annotations
@@ -80,12 +82,22 @@ class ControlPlane:
         self.routers: RouterPool | None = None
         self.controller: ControllerLoop | None = None
         self.state: ClusterState | None = None
+        self.adopted = False
+        """It adopted a running cluster (its Redis, Ray head or workers)."""
 
     async def serve(self, stop: asyncio.Event) -> None:
+        failed = False
         try:
             await self._serve(stop)
+        except Exception:
+            failed = True
+            raise
         finally:
-            await self._stop_all()
+            if failed and self.adopted:
+                log.error("the control plane failed; the cluster it adopted is left serving (`pdserve up` adopts it "
+                          "again, `pdserve down` stops it)")
+            else:
+                await self._stop_all()
 
     async def _serve(self, stop: asyncio.Event) -> None:
         config = self.config
@@ -98,6 +110,7 @@ class ControlPlane:
         self.workers = WorkerPool(config, NAMESPACE, CLUSTER, registry)
         scaler = Scaler(self.workers, config, redis_url, self._cores(), self.workers.running)
         adopted = await self.workers.adopt()
+        self.adopted = self.adopted or adopted
         self.routers = RouterPool(redis_url, self._slots())
         self.routers.start(await asyncio.to_thread(registry.routers))
         self._write_state(redis_url, redis_pid, ray_address, ray_head_pid)
@@ -134,6 +147,7 @@ class ControlPlane:
             adopted = LocalRedis.adopt(previous.redis_url, previous.redis_pid)
             if adopted is not None:
                 log.warning("adopted the running redis-server at %s (pid %d)", adopted.url, adopted.pid)
+                self.adopted = True
                 self.started.redis = adopted
                 return adopted.url, adopted.pid
         if self.config.ray_address is not None:
@@ -163,6 +177,7 @@ class ControlPlane:
         head = RayHead.adopt(previous.ray_address, previous.ray_head_pid, previous.ray_token_file)
         if head is not None:
             log.warning("adopted the running Ray head at %s (pid %d)", head.address, head.pid)
+            self.adopted = True
         return head
 
     def _publish(self, registry: Registry, ray_address: str) -> None:

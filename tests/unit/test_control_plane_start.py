@@ -1,7 +1,8 @@
 """The control plane starts its controller in the background: a start that has to wait (no idle worker to profile)
 or fails for a moment (a worker died) is tried again while the cluster serves on; a policy that refuses its settings
 leaves the cluster without a controller, said in the log; none of them stops the cluster. A control plane that
-adopts the workers takes the profile the last one measured from the registry instead of waiting for an idle one."""
+adopts the workers takes the profile the last one measured from the registry instead of waiting for an idle one.
+And a control plane that fails after adopting a running cluster leaves it serving."""
 
 import asyncio
 import dataclasses
@@ -131,3 +132,27 @@ def test_fresh_workers_are_profiled_again_and_a_kept_profile_of_another_shape_is
     worker = busy_then_idle_worker(busy_times=0)
     assert asyncio.run(plane_with(tmp_path, worker)._profile(other, adopted=True)) == PROFILE
     assert len(worker.calls) == 1 and json.loads(other.kept) == dataclasses.asdict(PROFILE)
+
+
+class Failing(ControlPlane):
+    """A control plane whose start fails, after adopting a running cluster or not; records whether it stopped it."""
+
+    def __init__(self, tmp_path, adopts: bool) -> None:
+        super().__init__(ClusterConfig(), str(tmp_path / "cluster.json"))
+        self.adopts = adopts
+        self.stopped = False
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        self.adopted = self.adopts
+        raise RuntimeError("a bug after adopting")
+
+    async def _stop_all(self) -> None:
+        self.stopped = True
+
+
+def test_a_control_plane_that_fails_leaves_a_cluster_it_adopted_serving_and_stops_a_new_one(tmp_path):
+    for adopts in (True, False):
+        plane = Failing(tmp_path, adopts)
+        with pytest.raises(RuntimeError):
+            asyncio.run(plane.serve(asyncio.Event()))
+        assert plane.stopped is not adopts
