@@ -123,6 +123,8 @@ class ControlPlane:
         if config.controller.enabled:
             policy_class(config.controller.policy)  # a policy that cannot be loaded fails `up` at once, by name
             tasks.append(asyncio.create_task(self._control(registry, scaler, adopted), name="controller"))
+        for task in tasks:
+            task.add_done_callback(_log_failure)
         log.warning("pdserve control plane up (%s): %d workers%s, routers on %s, control service on %s",
                     config.mode.value, len(self.workers.specs), " adopted" if adopted else "",
                     ", ".join(s.address for s in self.routers.slots), control_address)
@@ -315,6 +317,13 @@ async def _announce(registry: Registry, address: str) -> None:
                 log.warning("control plane: registry unreachable: %s", e)
             failing = True
         await asyncio.sleep(HEARTBEAT_S)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """A task of the control plane (watching workers or routers, announcing, the controller) ended by an error it
+    did not expect: said in the log at once, not at exit."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("control plane: its %s task failed", task.get_name(), exc_info=task.exception())
 
 
 def _withdraw(registry: Registry) -> None:

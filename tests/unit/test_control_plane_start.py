@@ -156,3 +156,18 @@ def test_a_control_plane_that_fails_leaves_a_cluster_it_adopted_serving_and_stop
         with pytest.raises(RuntimeError):
             asyncio.run(plane.serve(asyncio.Event()))
         assert plane.stopped is not adopts
+
+
+def test_a_task_that_fails_is_logged_at_once(caplog):
+    async def fails():
+        raise ValueError("a bug in a watch loop")
+
+    async def go():
+        task = asyncio.create_task(fails(), name="workers")
+        task.add_done_callback(module._log_failure)
+        await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(go())
+    (record,) = [r for r in caplog.records if "workers task failed" in r.message]
+    assert isinstance(record.exc_info[1], ValueError)
