@@ -62,6 +62,8 @@ class Plan:
     decode_tokens: int
     variants: tuple[tuple[str, dict], ...]
     verify_batches: tuple[int, ...] = (1, 32)
+    verify_proposals: tuple[int, ...] = (0, 1, 2, 4, 8)
+    """k, the proposals a verify step checks per request (0: a plain decode step, what the others are compared with)."""
     dtype: str = "bf16"
     """Of the decode and prefill engines (fp32 on CPU, where bf16 arithmetic is emulated and slow)."""
 
@@ -74,7 +76,8 @@ FULL_VARIANTS = (("bf16, CUDA graphs", {}), ("bf16, eager", {"cuda_graphs": Fals
 def plan_for(args: argparse.Namespace) -> Plan:
     if args.quick:
         return Plan(args.device, "smollm2-135m", (1, 4), (64,), 8,
-                    (("fp32", {}), ("int8", {"quantization": "int8"})), verify_batches=(1, 4), dtype="fp32")
+                    (("fp32", {}), ("int8", {"quantization": "int8"})), verify_batches=(1, 4),
+                    verify_proposals=(0, 8), dtype="fp32")
     return Plan(args.device, args.shape, (1, 8, 64), (512, 2048, 8192), 64, FULL_VARIANTS)
 
 
@@ -224,7 +227,6 @@ def prefill(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) -
 
 
 VERIFY_CONTEXT = 128
-VERIFY_PROPOSALS = (0, 1, 2, 4, 8)
 
 
 def verify(checks: list[Check], plan: Plan) -> None:
@@ -240,7 +242,7 @@ def verify(checks: list[Check], plan: Plan) -> None:
         contexts = [torch.randint(10, cfg.vocab_size, (VERIFY_CONTEXT,), generator=gen).tolist() for _ in range(batch)]
         engine.generate(contexts, once)  # their KV is cached from now on (whole blocks)
         plain: list[float] = []
-        for k in VERIFY_PROPOSALS:
+        for k in plan.verify_proposals:
             def run(check: Check, k=k, contexts=contexts, plain=plain) -> None:
                 prompts = [c + c[:k + 1] for c in contexts]
                 engine.generate(prompts, once)  # warm up this shape
