@@ -155,6 +155,12 @@ class ControllerState:
     """When traffic began (after the cluster started or after an idle window); inf while idle."""
     output_by_class: tuple[float, ...] = ()
     """Learned mean output tokens per prompt-length class (0: not seen yet); see `output_lengths`."""
+    rate_samples: tuple[tuple[float, float], ...] = ()
+    """(now_s, arrival rate) of the recent ticks, for the rate's trend (`trend`)."""
+    add_issued_s: float = -math.inf
+    """When the last ADD was issued, until no worker is in transition any more (-inf: none pending)."""
+    start_s: float = 0.0
+    """How long an add takes to serve, as last observed (smoothed); 0 until an add has been seen to serve."""
     fitted_input_tokens: float = 0.0
     """The arrivals' mean prompt when the split was last fitted to the traffic (a move, or a hold that found the
     split good enough); a shift in the mix is measured from it. 0: not yet (or the arrivals' prompts unknown)."""

@@ -57,6 +57,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from pdserve.controller import trend
 from pdserve.controller.config import ControllerConfig, ControllerState
 from pdserve.controller.decision import Action, Decision, Move
 from pdserve.controller.demand import CORRECTION_MIN_FINISHED, PoolNeeds, estimate_needs, update_corrections
@@ -80,6 +81,11 @@ class _Plan:
 
 def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs: Observation) -> Decision:
     """Decide this tick's action from the observation; pass `decision.state` to the next tick."""
+    decision = _decide(config, model, trend.record(state, obs), obs)
+    return dataclasses.replace(decision, state=trend.issued(decision.state, decision.action, obs.now_s))
+
+
+def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, obs: Observation) -> Decision:
     current = obs.sizes
     state, inputs = update_corrections(config, model, state, obs)
     inputs.update({"now_s": obs.now_s, "current_prefill": float(current[0]), "current_decode": float(current[1]),
@@ -118,7 +124,7 @@ def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs
 
     warming = obs.now_s - state.traffic_since_s
     shifted = _mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
-    plan = _plan(config, needs, current, inputs)
+    plan = _plan(config, needs, current, inputs, trend.growth(state, obs, inputs))
     first_fit = _first_fit(config, state, obs, plan, inputs)
     if plan.target == current:
         return hold(plan.why, _fitted(dataclasses.replace(state, candidate=None, candidate_ticks=0), obs))
@@ -250,18 +256,21 @@ def _describe(split: Split) -> str:
     return f"{split.sizes} (loads {split.prefill_load:.2f}/{split.decode_load:.2f})"
 
 
-def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float]) -> _Plan:
-    """The target before hysteresis: add or remove within the budget, else the best split of the current workers."""
+def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float],
+          growth: float = 1.0) -> _Plan:
+    """The target before hysteresis: add or remove within the budget (sized for the needs times `growth`, the
+    trend one start ahead), else the best split of the current workers."""
     total = sum(current)
     now = evaluate(needs.prefill, needs.decode, current)
-    best = best_split(config, needs.prefill, needs.decode, total, current)
+    ahead = dataclasses.replace(needs, prefill=needs.prefill * growth, decode=needs.decode * growth)
+    best = best_split(config, ahead.prefill, ahead.decode, total, current)
     traffic = _traffic(needs)
     if best is not None:
         inputs.update({"best_prefill": float(best.prefill), "best_decode": float(best.decode),
                        "bottleneck_best": best.bottleneck})
 
     if config.max_workers is not None and total < config.max_workers:
-        bigger = _grown(config, needs, total, current)
+        bigger = _grown(config, ahead, total, current)
         over = best is None or best.bottleneck > config.target_load
         if bigger is not None and over and (best is None or gain(best, bigger) >= config.min_gain):
             inputs["bottleneck_target"] = bigger.bottleneck
@@ -271,7 +280,7 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
                          f"target_load {config.target_load:g}, {bigger.total} as {_describe(bigger)} "
                          f"(budget {config.max_workers})")
     if config.min_workers is not None and total > config.min_workers:
-        smaller = best_split(config, needs.prefill, needs.decode, total - 1, current)
+        smaller = best_split(config, ahead.prefill, ahead.decode, total - 1, current)
         if smaller is not None and smaller.bottleneck <= config.scale_down_load:
             inputs["bottleneck_target"] = smaller.bottleneck
             return _Plan(Action.REMOVE, smaller.sizes, f"Remove a worker: {traffic}; {total - 1} workers as "

@@ -75,6 +75,9 @@ class Decision:
                 "traffic_since_s": _num(state.traffic_since_s),
                 "output_by_class": [_num(v) for v in state.output_by_class],
                 "fitted_input_tokens": _num(state.fitted_input_tokens),
+                "rate_samples": [[_num(t), _num(rate)] for t, rate in state.rate_samples],
+                "add_issued_s": _num(state.add_issued_s),
+                "start_s": _num(state.start_s),
             },
         }, allow_nan=False)
 
@@ -102,6 +105,9 @@ class Decision:
                 traffic_since_s=float(state.get("traffic_since_s", "inf")),
                 output_by_class=tuple(float(v) for v in state.get("output_by_class", ())),
                 fitted_input_tokens=float(state.get("fitted_input_tokens", 0.0)),
+                rate_samples=tuple((float(t), float(rate)) for t, rate in state.get("rate_samples", ())),
+                add_issued_s=float(state.get("add_issued_s", "-inf")),
+                start_s=float(state.get("start_s", 0.0)),
             ),
         )
 

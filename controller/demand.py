@@ -10,7 +10,7 @@ Prefill (see `perf_model` for u_p):
     S               = prefill_seconds(ISL) * c_ttft                 corrected service time of one prompt
     demand_p        = lambda * S                                     worker-seconds of prefill per second
     need_p_steady   = demand_p / u_p                                 workers to keep TTFT (mean) under T
-    backlog_tokens  = sum(queued_prefill_tokens) + router_waiting * ISL   (router_waiting: unless decode is full)
+    backlog_tokens  = sum(queued_prefill_tokens)                     (the router's queue waits for decode, not prefill)
     backlog_work    = backlog_tokens / ISL * S                       worker-seconds already queued
     need_p_backlog  = demand_p + backlog_work / T                     serve arrivals and clear the queue within T
     need_p          = max(need_p_steady, need_p_backlog) * pressure_ttft
@@ -22,8 +22,8 @@ Decode (see `perf_model` for B* and throughput; the first token comes from prefi
     demand_d        = lambda * (OSL - 1)                             tokens per second
     need_d_steady   = demand_d / (throughput(B*) * DECODE_UTILISATION)
     need_d_queue    = held / (B*_held * DECODE_UTILISATION)
-                      held = sum(running + waiting), + router_waiting when every decode worker is full
-                      (at max_num_seqs or KV_HIGH_WATER: the router holds requests for decode room);
+                      held = sum(running + waiting) + router_waiting (the router holds a request until a decode
+                      worker has reserved room for it);
                       B*_held = B* at the held requests' own mean context (their KV tokens / held) when the KV
                       use is known, else B*
     need_d_kv       = D * kv_used_fraction / KV_HIGH_WATER                (> D only above the high water;
@@ -136,21 +136,14 @@ def _demand_lengths(obs: Observation, state: ControllerState) -> tuple[int, int,
     return isl, osl, max(1, round(isl + osl / 2))
 
 
-def _backlog_tokens(obs: Observation, isl: int, decode_full: bool) -> int:
-    """Prompt tokens waiting for prefill: the prefill workers' queues, and the router's unless decode holds it."""
-    queued = sum(w.queued_prefill_tokens for w in obs.workers if w.role is PoolRole.PREFILL)
-    return queued + (0 if decode_full else obs.traffic.router_waiting * isl)
-
-
-def _decode_full(config: ControllerConfig, obs: Observation) -> bool:
-    """Every decode worker is at its admission limit (max_num_seqs requests, or its KV cache at KV_HIGH_WATER). The
-    router sends a request on only once a decode worker has room for it, so what it holds then waits for decode:
-    counted as prompts waiting for prefill, it sent more workers to prefill, which starved decode further (seen on
-    the scenario family: 12:2 -> 13:1 on a chat phase, and every request after missed its TTFT)."""
-    decode = obs.active(PoolRole.DECODE)
-    return bool(decode) and all(
-        w.running + w.waiting >= config.max_num_seqs
-        or (w.kv_blocks_total > 0 and w.kv_blocks_used >= KV_HIGH_WATER * w.kv_blocks_total) for w in decode)
+def _backlog_tokens(obs: Observation) -> int:
+    """Prompt tokens waiting for prefill: the prefill workers' queues. The router's queue is not prefill's: the
+    router sends a request on only once a decode worker has reserved room for it (and a prefill worker always takes
+    it), so what the router holds waits for decode. Counted as prompts waiting for prefill it sent more workers to
+    prefill, which starved decode further: first only while every decode worker was at its limit (the scenario
+    family: 12:2 -> 13:1 on a chat phase), then whenever one of them had a few slots left (a daily day on 8B: after a
+    burst the fleet went 8:4 where 4:7 was enough, and its attainment stayed at 0 for a quarter of an hour)."""
+    return sum(w.queued_prefill_tokens for w in obs.workers if w.role is PoolRole.PREFILL)
 
 
 def _settled(state: ControllerState, obs: Observation) -> bool:
@@ -185,7 +178,7 @@ def update_corrections(config: ControllerConfig, model: PerfModel, state: Contro
         rho = min(traffic.arrival_rate * service / len(prefill), PREDICTION_RHO_CAP)
         predicted = service + md1_wait(rho, service)
         inputs["predicted_ttft_p50_s"] = predicted
-        if _backlog_tokens(obs, isl, _decode_full(config, obs)) / isl * service / len(prefill) > config.slo_ttft_s:
+        if _backlog_tokens(obs) / isl * service / len(prefill) > config.slo_ttft_s:
             state = dataclasses.replace(state, backlog_seen_s=obs.now_s)
         drained = obs.now_s - state.backlog_seen_s >= 2 * traffic.window_s
         observed = traffic.ttft_p50_s
@@ -241,8 +234,7 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
                      f"so prefill is planned at utilisation {u_p:.2f}")
     demand_p = rate * service
     need_p_steady = demand_p / u_p
-    decode_full = _decode_full(config, obs)
-    backlog_tokens = _backlog_tokens(obs, isl, decode_full)
+    backlog_tokens = _backlog_tokens(obs)
     backlog_work = backlog_tokens / isl * service
     need_p_backlog = demand_p + backlog_work / config.slo_ttft_s
     need_p_base = max(need_p_steady, need_p_backlog)
@@ -264,7 +256,7 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     demand_d = rate * max(osl - 1, 0)
     need_d_steady = demand_d / (capacity.tokens_per_s * DECODE_UTILISATION)
     decode = obs.active(PoolRole.DECODE)
-    held = sum(w.running + w.waiting for w in decode) + (traffic.router_waiting if decode_full else 0)
+    held = sum(w.running + w.waiting for w in decode) + traffic.router_waiting
     kv_used, kv_total = sum(w.kv_blocks_used for w in decode), sum(w.kv_blocks_total for w in decode)
     kv_fraction = kv_used / kv_total if kv_total > 0 else 0.0
     held_batch = _held_batch(config, model, state, held, kv_fraction * config.kv_capacity_tokens * decode_size,
@@ -290,7 +282,6 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
         "decode_ctx": float(ctx), "decode_batch_cap": float(capacity.batch_cap), "decode_batch": float(capacity.batch),
         "decode_step_s_corrected": capacity.step_s, "decode_tokens_per_s": capacity.tokens_per_s,
         "decode_demand_tokens_per_s": demand_d, "decode_need_steady": need_d_steady,
-        "decode_full": float(decode_full),
         "decode_held": float(held), "decode_held_batch": float(held_batch), "decode_need_queue": need_d_queue,
         "kv_used_fraction": kv_fraction, "kv_short": float(kv_short), "decode_need_kv": need_d_kv,
         "tpot_pressure": pressure_d,
