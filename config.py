@@ -279,9 +279,10 @@ class Controller:
     min_gain: float = 0.05
     """Move only when the predicted bottleneck load falls by at least this much (a smaller gain is within the
     model's error, and a move costs a drain)."""
-    target_load: float = 0.8
-    """With max_workers: add workers when even the best split is loaded above this, as many as bring it there."""
-    scale_down_load: float = 0.7
+    target_load: float = 0.95
+    """With max_workers: add workers when even the best split is loaded above this, as many as bring it there
+    (judged at the arrival rate projected one worker start ahead)."""
+    scale_down_load: float = 0.85
     """With min_workers: remove a worker when one fewer keeps both pools at or below this (below target_load)."""
     hand_on_after_s: float | None = None
     """A decode worker leaving its pool (moved, removed, drained) hands on the requests it still decodes this long

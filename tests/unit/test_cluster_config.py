@@ -32,7 +32,7 @@ def test_default_file_loads_as_the_documented_cluster():
     ({"controller": {"rebalance_load": 1.0}}, "controller.rebalance_load: unknown field"),
     ({"controller": {"confirm_ticks": 0}}, "controller.confirm_ticks"),
     ({"controller": {"min_gain": -0.1}}, "controller.min_gain"),
-    ({"controller": {"scale_down_load": 0.9}}, "controller.scale_down_load: must be below target_load"),
+    ({"controller": {"scale_down_load": 0.96}}, "controller.scale_down_load: must be below target_load"),
     ({"workers": {"prefill": {"engine": {"block_size": 32}}}}, "workers.prefill.engine.block_size: unknown field"),
     ({"workers": {"decode": {"engine": {"max_num_seqs": 0}}}}, "workers.decode.engine.max_num_seqs"),
     ({"workers": {"decode": {"engine": {"kv_cache_gib": "lots"}}}}, "workers.decode.engine.kv_cache_gib"),

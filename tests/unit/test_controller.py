@@ -692,13 +692,14 @@ def test_requests_held_on_decode_count_at_their_own_context() -> None:
 
 
 @pytest.mark.parametrize("decode_full", [False, True])
-def test_requests_the_router_holds_count_for_the_pool_that_holds_them(decode_full):
-    """The router sends a request on only when a decode worker has room: with every decode worker at max_num_seqs,
-    what it holds waits for decode, not for a prefill worker (and must not send workers to prefill)."""
+def test_requests_the_router_holds_count_for_decode_never_for_prefill(decode_full):
+    """The router sends a request on only once a decode worker has reserved room for it, so what it holds waits for
+    decode, whether every decode worker is at max_num_seqs or one has a few slots left; counted as prefill backlog it
+    sent workers to prefill and starved decode further."""
     from pdserve.controller.demand import estimate_needs
 
     config = make_config(max_num_seqs=64)
-    running = 64 if decode_full else 10
+    running = 64 if decode_full else 60
     workers = (WorkerObservation("p0", PoolRole.PREFILL, False, running=1, queued_prefill_tokens=200),
                WorkerObservation("d0", PoolRole.DECODE, False, running=running, kv_blocks_used=running * 20,
                                  kv_blocks_total=KV_TOKENS // BLOCK))
@@ -706,6 +707,5 @@ def test_requests_the_router_holds_count_for_the_pool_that_holds_them(decode_ful
                            mean_output_tokens=100, ttft_p50_s=0.1, ttft_p90_s=0.2, tpot_p50_s=0.01,
                            tpot_p90_s=0.012, attainment=1.0, router_waiting=50)
     needs = estimate_needs(config, MODEL, ControllerState(), Observation(100.0, workers, window))
-    held_by_router = 50 * 200
-    assert needs.inputs["prefill_backlog_tokens"] == 200 + (0 if decode_full else held_by_router)
-    assert needs.inputs["decode_held"] == running + (50 if decode_full else 0)
+    assert needs.inputs["prefill_backlog_tokens"] == 200  # the prefill worker's own queue only
+    assert needs.inputs["decode_held"] == running + 50

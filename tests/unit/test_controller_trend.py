@@ -80,7 +80,7 @@ def test_the_start_time_is_learned_from_an_add_until_it_serves() -> None:
 def test_a_rising_load_adds_before_the_fleet_is_above_target_load() -> None:
     """The same traffic tick by tick, once rising and once flat at each tick's rate: the rising fleet adds while
     the load it has is still within target_load, because the rate one start ahead is not."""
-    config = make_config(max_workers=12, cooldown_s=10.0, target_load=0.8)
+    config = make_config(max_workers=12, cooldown_s=10.0, target_load=0.8, scale_down_load=0.7)
     rising = World(2, 4, (30.0, 200, 400))
     state = ControllerState(fitted_input_tokens=200, start_s=60.0)
     first_add = None
