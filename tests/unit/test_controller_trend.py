@@ -8,8 +8,16 @@ import math
 
 import pytest
 
-from pdserve.controller import Action, ControllerState, Observation, PoolRole, TrafficWindow, WorkerObservation, tick
-from pdserve.controller import trend
+from pdserve.controller import (
+    Action,
+    ControllerState,
+    Observation,
+    PoolRole,
+    TrafficWindow,
+    WorkerObservation,
+    tick,
+    trend,
+)
 from tests.unit.test_controller import MODEL, World, make_config
 
 
