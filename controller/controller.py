@@ -19,7 +19,8 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
     target   = the split of N with the lowest bottleneck          (N = active workers; see budget below)
     budget   : N+k when the best split of N is above target_load and N < max_workers, k the fewest workers that
                bring the best split to target_load or below (up to max_workers; at least 1);
-               N-1 when the best split of N-1 stays at or below scale_down_load and N > min_workers
+               N-1 when the best split of N-1 stays at or below scale_down_load and N > min_workers;
+               both judged at the needs times the rate's growth one worker start ahead (`trend`)
     act      : only if bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
                the target was seen confirm_ticks ticks in a row (heading the same way; how far may vary), and
                cooldown_s has passed (both skipped when the mix has shifted: the arriving prompts' mean differs
@@ -277,15 +278,15 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
             added = bigger.total - total
             return _Plan(Action.ADD, bigger.sizes, f"Add {added} worker{'s' if added > 1 else ''}: {traffic}; the "
                          f"best split of {total} is loaded {best.bottleneck if best else math.inf:.2f} > "
-                         f"target_load {config.target_load:g}, {bigger.total} as {_describe(bigger)} "
-                         f"(budget {config.max_workers})")
+                         f"target_load {config.target_load:g}{trend.describe(growth, inputs)}, {bigger.total} as "
+                         f"{_describe(bigger)} (budget {config.max_workers})")
     if config.min_workers is not None and total > config.min_workers:
         smaller = best_split(config, ahead.prefill, ahead.decode, total - 1, current)
         if smaller is not None and smaller.bottleneck <= config.scale_down_load:
             inputs["bottleneck_target"] = smaller.bottleneck
             return _Plan(Action.REMOVE, smaller.sizes, f"Remove a worker: {traffic}; {total - 1} workers as "
-                         f"{_describe(smaller)} stay at or below {config.scale_down_load:g} "
-                         f"(floor {config.min_workers})")
+                         f"{_describe(smaller)} stay at or below {config.scale_down_load:g}"
+                         f"{trend.describe(growth, inputs)} (floor {config.min_workers})")
     if best is None:
         return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; {total} workers cannot hold "
                      f"{config.min_prefill}-{config.max_prefill or total} prefill and "

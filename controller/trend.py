@@ -74,6 +74,13 @@ def growth(state: ControllerState, obs: Observation, inputs: dict[str, float]) -
     return factor
 
 
+def describe(growth: float, inputs: dict[str, float]) -> str:
+    """A decision reason's note on the projection, when it changed the needs ("" when it did not)."""
+    if growth == 1.0:
+        return ""
+    return f" (at the rate {inputs.get('trend_lead_s', 0.0):.0f}s ahead, {growth:.2f}x the window's)"
+
+
 def _fitted_slope(samples: tuple[tuple[float, float], ...]) -> float:
     """Least-squares slope of rate against time."""
     n = len(samples)

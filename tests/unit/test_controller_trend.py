@@ -102,6 +102,7 @@ def test_a_rising_load_adds_before_the_fleet_is_above_target_load() -> None:
             first_add = decision
             break
     assert first_add is not None and first_add.inputs["trend_growth"] > 1.0
+    assert "s ahead" in first_add.reason  # the reason says the projection decided it
     flat = World(2, 4, (first_add.inputs["arrival_rate"], 200, 400))
     flat_decision = tick(config, MODEL, ControllerState(fitted_input_tokens=200), flat.observe())
     assert flat_decision.action is not Action.ADD  # the same rate with no trend is within target_load
