@@ -106,7 +106,7 @@ def test_seeds_and_settings_parse():
     (["plan", "--scenarios", "0", "--out", "OUT", "--set", "cooldown_s=-1"], "cooldown_s"),
     (["plan", "--workload", "chat", "--slo-ttft", "1"], "--workers, --slo-tpot required"),
     (["plan", "--workload", "chat", "--workers", "4", "--slo-ttft", "1", "--slo-tpot", "0.05",
-      "--set", "scale_down_load=0.9"], "scale_down_load: must be below target_load"),
+      "--set", "scale_down_load=0.96"], "scale_down_load: must be below target_load"),
     *[(["plan", "--workload", "chat", "--workers", "2", "--slo-ttft", "1", "--slo-tpot", "0.05", "--fast", *flag],
        flag[0]) for flag in (["--window-s", "0"], ["--peak-window-s", "0", "--peak-fleet"],
                              ["--hand-on-after-s", "-1"], ["--role-switch-s", "nan"], ["--worker-start-s", "-5"],
