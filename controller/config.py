@@ -162,6 +162,9 @@ class ControllerState:
     """(now_s, arrival rate) of the recent ticks, for the rate's trend (`trend`)."""
     add_issued_s: float = -math.inf
     """When the last ADD was issued, until no worker is in transition any more (-inf: none pending)."""
+    add_from_workers: int = 0
+    """How many workers the fleet had when the last ADD was issued: an add counts as a start only if the fleet grew
+    (one the cluster refused, or could not place, teaches nothing)."""
     start_s: float = 0.0
     """How long an add takes to serve, as last observed (smoothed); 0 until an add has been seen to serve."""
     fitted_input_tokens: float = 0.0

@@ -83,7 +83,7 @@ class _Plan:
 def tick(config: ControllerConfig, model: PerfModel, state: ControllerState, obs: Observation) -> Decision:
     """Decide this tick's action from the observation; pass `decision.state` to the next tick."""
     decision = _decide(config, model, trend.record(state, obs), obs)
-    return dataclasses.replace(decision, state=trend.issued(decision.state, decision.action, obs.now_s))
+    return dataclasses.replace(decision, state=trend.issued(decision.state, decision.action, obs))
 
 
 def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, obs: Observation) -> Decision:

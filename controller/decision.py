@@ -77,6 +77,7 @@ class Decision:
                 "fitted_input_tokens": _num(state.fitted_input_tokens),
                 "rate_samples": [[_num(t), _num(rate)] for t, rate in state.rate_samples],
                 "add_issued_s": _num(state.add_issued_s),
+                "add_from_workers": state.add_from_workers,
                 "start_s": _num(state.start_s),
             },
         }, allow_nan=False)
@@ -107,6 +108,7 @@ class Decision:
                 fitted_input_tokens=float(state.get("fitted_input_tokens", 0.0)),
                 rate_samples=tuple((float(t), float(rate)) for t, rate in state.get("rate_samples", ())),
                 add_issued_s=float(state.get("add_issued_s", "-inf")),
+                add_from_workers=int(state.get("add_from_workers", 0)),
                 start_s=float(state.get("start_s", 0.0)),
             ),
         )

@@ -16,7 +16,8 @@ a daily swing's. A burst raises the slope too; the clamp keeps that from adding 
 queue terms already carry a burst. Samples start one window after traffic begins (before that the window is not yet
 full, and its rate reads low).
 
-Until an add has been seen to serve, start_s is 0 and only the half window is looked ahead.
+Until an add has been seen to serve, start_s is 0 and only the half window is looked ahead. An add the cluster
+refused or could not place (the fleet did not grow by the time nothing is in transition) teaches nothing.
 """
 
 from __future__ import annotations
@@ -47,16 +48,18 @@ def record(state: ControllerState, obs: Observation) -> ControllerState:
         samples += ((now, obs.traffic.arrival_rate),)
     state = dataclasses.replace(state, rate_samples=samples)
     if math.isfinite(state.add_issued_s) and not obs.draining:
-        took = now - state.add_issued_s
-        start = took if state.start_s <= 0 else (1 - START_ALPHA) * state.start_s + START_ALPHA * took
-        state = dataclasses.replace(state, start_s=start, add_issued_s=-math.inf)
+        if len(obs.workers) > state.add_from_workers:
+            took = now - state.add_issued_s
+            start = took if state.start_s <= 0 else (1 - START_ALPHA) * state.start_s + START_ALPHA * took
+            state = dataclasses.replace(state, start_s=start)
+        state = dataclasses.replace(state, add_issued_s=-math.inf)
     return state
 
 
-def issued(state: ControllerState, action: Action, now_s: float) -> ControllerState:
+def issued(state: ControllerState, action: Action, obs: Observation) -> ControllerState:
     """The state after a decision: an ADD starts the clock on its start time."""
     if action is Action.ADD:
-        return dataclasses.replace(state, add_issued_s=now_s)
+        return dataclasses.replace(state, add_issued_s=obs.now_s, add_from_workers=len(obs.workers))
     return state
 
 

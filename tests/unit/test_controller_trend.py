@@ -27,9 +27,9 @@ def window(rate: float) -> TrafficWindow:
                          attainment=1.0)
 
 
-def observe(now_s: float, rate: float, starting: int = 0) -> Observation:
+def observe(now_s: float, rate: float, starting: int = 0, fleet: int = 3) -> Observation:
     workers = tuple(WorkerObservation(f"w{i}", PoolRole.DECODE, draining=i < starting, joining=PoolRole.DECODE)
-                    for i in range(3))
+                    for i in range(fleet))
     return Observation(now_s, workers, window(rate))
 
 
@@ -74,15 +74,29 @@ def test_samples_start_a_window_after_traffic_begins_and_stop_when_idle() -> Non
 
 
 def test_the_start_time_is_learned_from_an_add_until_it_serves() -> None:
-    state = trend.issued(ControllerState(), Action.ADD, 100.0)
-    assert state.add_issued_s == 100.0
+    state = trend.issued(ControllerState(), Action.ADD, observe(100.0, 10.0, fleet=2))
+    assert state.add_issued_s == 100.0 and state.add_from_workers == 2
     state = trend.record(state, observe(130.0, 10.0, starting=1))  # still starting
     assert state.start_s == 0.0
     state = trend.record(state, observe(160.0, 10.0))
     assert state.start_s == 60.0 and state.add_issued_s == -math.inf
-    state = trend.record(trend.issued(state, Action.ADD, 200.0), observe(240.0, 10.0))  # a faster start: smoothed
+    state = trend.issued(state, Action.ADD, observe(200.0, 10.0))
+    state = trend.record(state, observe(240.0, 10.0, fleet=4))  # a faster start: smoothed
     assert state.start_s == pytest.approx((1 - trend.START_ALPHA) * 60.0 + trend.START_ALPHA * 40.0)
-    assert trend.issued(state, Action.MOVE, 300.0) == state
+    assert trend.issued(state, Action.MOVE, observe(300.0, 10.0)) == state
+
+
+def test_an_add_the_cluster_never_placed_teaches_no_start_time() -> None:
+    """An ADD refused at once, or one Ray could not place before it timed out, leaves the fleet as it was: the time
+    until nothing is in transition is not a start."""
+    learned = dataclasses.replace(ControllerState(), start_s=60.0)
+    refused = trend.issued(learned, Action.ADD, observe(100.0, 10.0))
+    refused = trend.record(refused, observe(105.0, 10.0))  # the next tick: no worker ever appeared
+    assert refused.start_s == 60.0 and refused.add_issued_s == -math.inf
+    timed_out = trend.issued(learned, Action.ADD, observe(100.0, 10.0))
+    timed_out = trend.record(timed_out, observe(150.0, 10.0, starting=1, fleet=4))  # placing, not yet serving
+    timed_out = trend.record(timed_out, observe(400.0, 10.0))  # gone again after the placement timed out
+    assert timed_out.start_s == 60.0 and timed_out.add_issued_s == -math.inf
 
 
 def test_a_rising_load_adds_before_the_fleet_is_above_target_load() -> None:
