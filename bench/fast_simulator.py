@@ -406,7 +406,8 @@ class FastSimulation:
         arrived_isl = sum(tokens for _, tokens in self._arrivals) / arrived if arrived else math.nan
         arrived_classes = class_counts(tokens for _, tokens in self._arrivals)
         start = max(len(self._finished_rows) - WINDOW_RECORDS, bisect.bisect_left(self._finish_times, now - window))
-        workers = tuple(worker_observation(w, now, self._moving.get(w.worker_id)) for w in self.workers)
+        workers = tuple(worker_observation(w, now, self._moving.get(w.worker_id), w.worker_id in self._leaving)
+                        for w in self.workers)
         return Observation(now_s=now, workers=workers,
                            traffic=traffic_window(self._finished_rows[start:], arrived / window, window,
                                                   self.setup.slo.ttft_s, self.setup.slo.tpot_s,

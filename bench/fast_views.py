@@ -13,15 +13,17 @@ from pdserve.bench.workloads import TraceEntry
 from pdserve.controller.observation import PoolRole, WorkerObservation
 
 
-def worker_observation(worker: Worker, now: float, moving_to: PoolRole | None) -> WorkerObservation:
-    """As `sim_views.worker_observation` reads an engine's load; `moving_to`: the pool a moved worker joins."""
+def worker_observation(worker: Worker, now: float, moving_to: PoolRole | None, leaving: bool) -> WorkerObservation:
+    """As `sim_views.worker_observation` reads an engine's load; `moving_to`: the pool a moved worker joins;
+    `leaving`: it drains to be removed."""
     if isinstance(worker, PrefillWorker):
         running, waiting, queued, used = worker.observe()
     else:
         running, waiting, queued, used = worker.observe(now)
     in_transition = worker.draining or not worker.available
-    joining = (moving_to or worker.role) if in_transition else None
+    joining = (moving_to or worker.role) if in_transition and not leaving else None
     return WorkerObservation(worker_id=worker.worker_id, role=worker.role, draining=in_transition, joining=joining,
+                             leaving=leaving,
                              running=running, waiting=waiting, queued_prefill_tokens=queued, kv_blocks_used=used,
                              kv_blocks_total=worker.shape.num_blocks)
 

@@ -33,12 +33,14 @@ def worker_info(w: SimWorker) -> WorkerInfo:
                       kv_blocks_total=load.kv_blocks_total)
 
 
-def worker_observation(w: SimWorker, joining: PoolRole | None) -> WorkerObservation:
-    """`joining`: the pool a worker being moved will serve (a restarting worker's role is already its new one)."""
+def worker_observation(w: SimWorker, joining: PoolRole | None, leaving: bool) -> WorkerObservation:
+    """`joining`: the pool a worker being moved will serve (a restarting worker's role is already its new one);
+    `leaving`: it drains to be removed."""
     load = w.engine.load()
     in_transition = w.draining or not w.available
     return WorkerObservation(worker_id=w.worker_id, role=w.role, draining=in_transition,
-                             joining=(joining or w.role) if in_transition else None,
+                             joining=(joining or w.role) if in_transition and not leaving else None,
+                             leaving=leaving,
                              running=load.running + load.held, waiting=load.waiting,
                              queued_prefill_tokens=load.queued_prefill_tokens, kv_blocks_used=load.kv_blocks_used,
                              kv_blocks_total=load.kv_blocks_total)

@@ -385,7 +385,8 @@ class Simulation:
         arrived_classes = class_counts(tokens for _, tokens in self._arrivals)
         recent = [Finished(r.input_tokens, r.output_tokens, r.ttft_s, r.tpot_s) for r in self._records[-5000:]
                   if r.ok and r.arrival_s + r.e2e_s >= self.now - window]
-        workers = tuple(worker_observation(w, self._moving.get(w.worker_id)) for w in self.workers)
+        workers = tuple(worker_observation(w, self._moving.get(w.worker_id), w.worker_id in self._leaving)
+                        for w in self.workers)
         return Observation(now_s=self.now, workers=workers,
                            traffic=traffic_window(recent, arrived / window, window, self.setup.slo.ttft_s,
                                                   self.setup.slo.tpot_s, router_waiting=len(self._queue),

@@ -3,7 +3,8 @@ controller, the pure `controller.tick`, or a plug-in of the same shape).
 
 Every `interval_s` (in the control plane's event loop):
 
-    observe: the workers from the registry (a worker draining, or being moved, counts as in transition), the last
+    observe: the workers from the registry (a worker draining, or being moved, counts as in transition; one being
+             removed as leaving), the last
              `window_s` of the Redis timings stream (what finished: lengths, TTFT/TPOT percentiles, attainment), the
              arrival rate and the arrivals' mean prompt length over the same window (from every router's counters
              in the registry, sampled each tick and taken per router, so a router that starts again from zero
@@ -99,11 +100,15 @@ class ControllerLoop:
     def observe(self, workers: list[WorkerInfo], timings: list[dict[str, str]],
                 routers: list[RouterInfo]) -> Observation:
         now = time.monotonic()
-        seen = [_worker(w, self._joining.get(w.worker_id)) for w in workers if w.role in _POOL_ROLES]
+        leaving = {worker_id for worker_id in self._moving if worker_id not in self._joining}  # being removed
+        seen = [_worker(w, self._joining.get(w.worker_id), w.worker_id in leaving)
+                for w in workers if w.role in _POOL_ROLES]
         present = {w.worker_id for w in seen}
         # a worker being moved is gone from the registry while it restarts: still count it, in transition, joining
-        # no known pool (its successor registers under a new id, which would count it twice in `heading`)
-        seen += [WorkerObservation(worker_id, _POOL_ROLES[self.pool.specs[worker_id].role], draining=True)
+        # no known pool (its successor registers under a new id, which would count it twice in `heading`); one
+        # being removed is gone from the registry while it stops, and still holds its machine
+        seen += [WorkerObservation(worker_id, _POOL_ROLES[self.pool.specs[worker_id].role], draining=True,
+                                   leaving=worker_id in leaving)
                  for worker_id in self._moving if worker_id not in present and worker_id in self.pool.specs]
         # a worker being added is in transition, joining its pool, before it registers (Ray placing it)
         seen += [WorkerObservation(worker_id, role, draining=True, joining=role)
@@ -201,14 +206,16 @@ class ControllerLoop:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _worker(w: WorkerInfo, joining: PoolRole | None) -> WorkerObservation:
-    """`joining`: the pool it is being moved to (None: not being moved). A worker still starting will serve the
-    pool it registered in; one draining for any other reason (`pdserve drain`) is leaving, for no known pool."""
+def _worker(w: WorkerInfo, joining: PoolRole | None, leaving: bool) -> WorkerObservation:
+    """`joining`: the pool it is being moved to (None: not being moved); `leaving`: the controller is removing it.
+    A worker still starting will serve the pool it registered in; one draining for any other reason (`pdserve
+    drain`) is in transition for no known pool, and waited for: it may come back."""
     moving = joining is not None
     if not moving and w.state is WorkerState.STARTING:
         joining = _POOL_ROLES[w.role]
     return WorkerObservation(worker_id=w.worker_id, role=_POOL_ROLES[w.role],
-                             draining=moving or w.state is not WorkerState.READY, joining=joining,
+                             draining=moving or leaving or w.state is not WorkerState.READY, joining=joining,
+                             leaving=leaving,
                              running=w.running,
                              waiting=w.waiting, queued_prefill_tokens=w.queued_prefill_tokens,
                              kv_blocks_used=w.kv_blocks_used, kv_blocks_total=w.kv_blocks_total)

@@ -30,8 +30,10 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
                then up to max_moves workers at once (default 1): the least loaded (fewest running + waiting,
                then worker id) of the pool that shrinks; an add goes to the pool that grows.
 
-Before any of that: while a worker is in transition (draining, restarting, starting) the controller holds, and the
-cooldown restarts, so moves happen one at a time (except that a shift in the mix may send more workers the way the
+Before any of that: while a worker is in transition (draining for a move, restarting, starting) the controller holds,
+and the cooldown restarts, so moves happen one at a time (a worker draining to leave is not waited for: it takes no
+new requests, so the pools' loads already show the fleet without it, and the scale-down cooldown counts from the
+remove) (except that a shift in the mix may send more workers the way the
 ones in transition are going, planned from the split they are heading to); with `pin` set the target is the pin
 (clamped to the budget) and the controller moves one worker per tick toward it without confirmation or cooldown;
 with no traffic (nothing arrived, nothing finished), or with no finished request to learn lengths from, it holds; in
@@ -105,8 +107,8 @@ def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, 
         return Decision(obs.now_s, Action.HOLD, current, target, reason=why, inputs=inputs, state=new_state)
 
     reset = dataclasses.replace(state, candidate=None, candidate_ticks=0)
-    if obs.draining:
-        names = ", ".join(sorted(w.worker_id for w in obs.draining))
+    if obs.settling:
+        names = ", ".join(sorted(w.worker_id for w in obs.settling))
         follow = _follow_shift(config, state, obs, needs, inputs, names)
         if follow is not None:
             return follow
@@ -125,7 +127,7 @@ def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, 
 
     warming = obs.now_s - state.traffic_since_s
     shifted = _mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
-    plan = _plan(config, needs, current, inputs, trend.growth(state, obs, inputs))
+    plan = _plan(config, needs, current, inputs, trend.growth(state, obs, inputs), trend.lead_s(state, obs))
     first_fit = _first_fit(config, state, obs, plan, inputs)
     if plan.target == current:
         return hold(plan.why, _fitted(dataclasses.replace(state, candidate=None, candidate_ticks=0), obs))
@@ -182,7 +184,7 @@ def _follow_shift(config: ControllerConfig, state: ControllerState, obs: Observa
     heading = obs.heading
     if config.pin is not None or needs is None or heading is None or obs.traffic.idle:
         return None
-    joining = {w.joining for w in obs.draining}
+    joining = {w.joining for w in obs.settling}
     warming = obs.now_s - state.traffic_since_s < config.warmup_s
     if len(joining) != 1 or not _mix_shifted(config, needs, state, obs, heading, inputs, warming):
         return None
@@ -258,20 +260,22 @@ def _describe(split: Split) -> str:
 
 
 def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], inputs: dict[str, float],
-          growth: float = 1.0) -> _Plan:
+          growth: float = 1.0, lead: float = 0.0) -> _Plan:
     """The target before hysteresis: add or remove within the budget (sized for the needs times `growth`, the
-    trend one start ahead), else the best split of the current workers."""
+    trend one start ahead; an add not for a backlog the pool clears within `lead`: `trend.budget_needs`), else the
+    best split of the current workers."""
     total = sum(current)
     now = evaluate(needs.prefill, needs.decode, current)
     ahead = dataclasses.replace(needs, prefill=needs.prefill * growth, decode=needs.decode * growth)
-    best = best_split(config, ahead.prefill, ahead.decode, total, current)
+    growing = trend.budget_needs(needs, growth, lead, inputs)
+    best = best_split(config, growing.prefill, growing.decode, total, current)
     traffic = _traffic(needs)
     if best is not None:
         inputs.update({"best_prefill": float(best.prefill), "best_decode": float(best.decode),
                        "bottleneck_best": best.bottleneck})
 
     if config.max_workers is not None and total < config.max_workers:
-        bigger = _grown(config, ahead, total, current)
+        bigger = _grown(config, growing, total, current)
         over = best is None or best.bottleneck > config.target_load
         if bigger is not None and over and (best is None or gain(best, bigger) >= config.min_gain):
             inputs["bottleneck_target"] = bigger.bottleneck

@@ -13,6 +13,8 @@ Prefill (see `perf_model` for u_p):
     backlog_tokens  = sum(queued_prefill_tokens)                     (the router's queue waits for decode, not prefill)
     backlog_work    = backlog_tokens / ISL * S                       worker-seconds already queued
     need_p_backlog  = demand_p + backlog_work / T                     serve arrivals and clear the queue within T
+    clear_s         = backlog_work / (P - demand_p)                  how long the pool as it is takes to clear it
+                                                                     (for the budget: `trend.budget_needs`)
     need_p          = max(need_p_steady, need_p_backlog) * pressure_ttft
 
 Decode (see `perf_model` for B* and throughput; the first token comes from prefill):
@@ -238,6 +240,8 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
     backlog_work = backlog_tokens / isl * service
     need_p_backlog = demand_p + backlog_work / config.slo_ttft_s
     need_p_base = max(need_p_steady, need_p_backlog)
+    spare_p = prefill_size - demand_p
+    clear_s = 0.0 if backlog_work <= 0 else backlog_work / spare_p if spare_p > 0 else math.inf
     # A tail over the SLO says the pool is short only once the window holds the split as it is: right after a move
     # its p90 is the old split's, and reading it there sent chat's decode workers back and forth after a shift.
     settled = _settled(state, obs)
@@ -278,7 +282,8 @@ def estimate_needs(config: ControllerConfig, model: PerfModel, state: Controller
         "prefill_s": service_raw, "prefill_s_corrected": service, "prefill_max_utilisation": u_p,
         "prefill_demand": demand_p, "prefill_need_steady": need_p_steady,
         "prefill_backlog_tokens": float(backlog_tokens), "prefill_backlog_work_s": backlog_work,
-        "prefill_need_backlog": need_p_backlog, "ttft_pressure": pressure_p, "prefill_need": need_p,
+        "prefill_need_backlog": need_p_backlog, "prefill_backlog_clear_s": clear_s, "ttft_pressure": pressure_p,
+        "prefill_need": need_p,
         "decode_ctx": float(ctx), "decode_batch_cap": float(capacity.batch_cap), "decode_batch": float(capacity.batch),
         "decode_step_s_corrected": capacity.step_s, "decode_tokens_per_s": capacity.tokens_per_s,
         "decode_demand_tokens_per_s": demand_d, "decode_need_steady": need_d_steady,

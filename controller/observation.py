@@ -31,11 +31,14 @@ class WorkerObservation:
     role: PoolRole
     """The pool it serves, or, while it restarts after a move, the pool it is joining."""
     draining: bool
-    """In transition: draining before a move, restarting in its new role, or starting after an add. A worker in
-    transition counts in neither pool, and while any worker is in transition the controller holds (unless a shift in
-    the mix sends more workers the way they are going: `joining`)."""
+    """In transition: draining before a move or a remove, restarting in its new role, or starting after an add. A
+    worker in transition counts in neither pool, and while any worker is in transition, other than one `leaving`, the
+    controller holds (unless a shift in the mix sends more workers the way they are going: `joining`)."""
     joining: PoolRole | None = None
     """While in transition, the pool it will serve once ready (None: not in transition, or not known)."""
+    leaving: bool = False
+    """Draining to be removed: it takes no new requests and will not serve again, so the controller does not wait
+    for it (it still holds its machine until it is gone). Added in policy API version 1 with a default."""
     running: int = 0
     """Requests decoding on it (decode) or being prefilled / held for KV pickup (prefill)."""
     waiting: int = 0
@@ -117,10 +120,16 @@ class Observation:
         return tuple(w for w in self.workers if w.draining)
 
     @property
+    def settling(self) -> tuple[WorkerObservation, ...]:
+        """The workers in transition that will serve again (starting, or moving between the pools): what the
+        controller waits for before its next change. A worker leaving is not one."""
+        return tuple(w for w in self.workers if w.draining and not w.leaving)
+
+    @property
     def heading(self) -> tuple[int, int] | None:
-        """(prefill, decode) once every worker in transition has joined its pool; None if any has no known pool."""
-        if any(w.joining is None for w in self.draining):
+        """(prefill, decode) once every worker settling has joined its pool; None if any has no known pool."""
+        if any(w.joining is None for w in self.settling):
             return None
         prefill, decode = self.sizes
-        joining_prefill = sum(w.joining is PoolRole.PREFILL for w in self.draining)
-        return prefill + joining_prefill, decode + len(self.draining) - joining_prefill
+        joining_prefill = sum(w.joining is PoolRole.PREFILL for w in self.settling)
+        return prefill + joining_prefill, decode + len(self.settling) - joining_prefill

@@ -110,7 +110,8 @@ def policy_class(name: str) -> type:
 def refusal(decision: Decision, observation: Observation, config: ControllerConfig) -> str:
     """Why the adapter must not act on `decision` ("" when it may): an add past the budget or a pool's bound, a
     remove below them, or a worker that is not active in the pool it is moved or removed from."""
-    workers = len(observation.workers)  # those in transition count: they will serve, or are about to leave
+    workers = len(observation.workers)  # those in transition count: they will serve, or still hold a machine
+    staying = sum(not w.leaving for w in observation.workers)  # a worker already leaving cannot be removed again
     sizes = dict(zip(PoolRole, observation.sizes))
     active = {w.worker_id: w.role for w in observation.workers if not w.draining}
     if sum(bool(part) for part in (decision.moves, decision.add, decision.remove)) > 1:
@@ -123,8 +124,9 @@ def refusal(decision: Decision, observation: Observation, config: ControllerConf
             if high is not None and sizes[role] + decision.add.count(role) > high:
                 return f"adding a {role.value} worker exceeds max_{role.value} ({high})"
     if decision.remove:
-        if config.min_workers is None or workers - len(decision.remove) < config.min_workers:
-            return f"removing {len(decision.remove)} of {workers} workers goes below min_workers ({config.min_workers})"
+        if config.min_workers is None or staying - len(decision.remove) < config.min_workers:
+            return (f"removing {len(decision.remove)} of {staying} workers (not counting those already leaving) goes "
+                    f"below min_workers ({config.min_workers})")
     leaving = [(m.worker_id, active.get(m.worker_id), m.to_role) for m in decision.moves]
     leaving += [(worker_id, active.get(worker_id), None) for worker_id in decision.remove]
     for worker_id, role, _ in leaving:

@@ -27,6 +27,7 @@ import math
 
 from pdserve.controller.config import ControllerState
 from pdserve.controller.decision import Action
+from pdserve.controller.demand import PoolNeeds
 from pdserve.controller.observation import Observation
 
 TREND_SPAN_S = 120.0
@@ -47,7 +48,7 @@ def record(state: ControllerState, obs: Observation) -> ControllerState:
     elif now - state.traffic_since_s >= obs.traffic.window_s:
         samples += ((now, obs.traffic.arrival_rate),)
     state = dataclasses.replace(state, rate_samples=samples)
-    if math.isfinite(state.add_issued_s) and not obs.draining:
+    if math.isfinite(state.add_issued_s) and not obs.settling:
         if len(obs.workers) > state.add_from_workers:
             took = now - state.add_issued_s
             start = took if state.start_s <= 0 else (1 - START_ALPHA) * state.start_s + START_ALPHA * took
@@ -63,6 +64,24 @@ def issued(state: ControllerState, action: Action, obs: Observation) -> Controll
     return state
 
 
+def lead_s(state: ControllerState, obs: Observation) -> float:
+    """How far ahead the budget looks: the last add's start, and half the window (its rate is half a window old)."""
+    return state.start_s + obs.traffic.window_s / 2
+
+
+def budget_needs(needs: PoolNeeds, growth: float, lead: float, inputs: dict[str, float]) -> PoolNeeds:
+    """The needs the budget is sized for: the needs times `growth`, except that a prefill backlog the pool clears
+    before an added worker would serve (`lead`) does not count, nor does the TTFT tail it causes. A burst's queue is
+    gone by the time the worker it called for serves, and that worker then waits out scale_down_cooldown_s (seen
+    in `pdserve plan` on a daily day: a 25 s burst of 1.5x added four prefill workers that started after it)."""
+    prefill = needs.prefill
+    clear_s = needs.inputs.get("prefill_backlog_clear_s", 0.0)
+    if 0 < clear_s < lead and needs.prefill > needs.prefill_steady:
+        prefill = needs.prefill_steady
+        inputs["budget_ignores_backlog"] = 1.0
+    return dataclasses.replace(needs, prefill=prefill * growth, decode=needs.decode * growth)
+
+
 def growth(state: ControllerState, obs: Observation, inputs: dict[str, float]) -> float:
     """The projected arrival rate one lead ahead over the rate now (1.0 when the trend is unknown)."""
     samples = state.rate_samples
@@ -70,7 +89,7 @@ def growth(state: ControllerState, obs: Observation, inputs: dict[str, float]) -
     if len(samples) < 3 or rate <= 0 or samples[-1][0] - samples[0][0] < TREND_SPAN_S / 2:
         return 1.0
     slope = _fitted_slope(samples)
-    lead = state.start_s + obs.traffic.window_s / 2
+    lead = lead_s(state, obs)
     low, high = GROWTH_RANGE
     factor = min(max((rate + slope * lead) / rate, low), high)
     inputs.update({"rate_slope": slope, "trend_lead_s": lead, "trend_growth": factor})

@@ -511,6 +511,33 @@ def test_scale_down_waits_its_own_longer_cooldown_after_scaling_up() -> None:
     assert waiting
 
 
+def test_a_worker_leaving_is_not_waited_for_but_one_starting_is() -> None:
+    """A removed worker takes no new requests while its last ones finish (tens of seconds on a decode worker): the
+    next remove waits scale_down_cooldown_s from the remove, not from the end of its drain. A worker starting (or
+    moving) still holds the controller."""
+    config = make_config(min_workers=3, scale_down_cooldown_s=20.0)
+    world = World(2, 4, (10.0, 200, 400))  # needs ~0.3 prefill + ~0.6 decode: room to remove
+
+    def with_worker(now_s: float, **transition: object) -> Observation:
+        world.now = now_s
+        obs = world.observe()
+        extra = WorkerObservation("w99", PoolRole.DECODE, True, running=8, **transition)
+        return dataclasses.replace(obs, workers=(*obs.workers, extra))
+
+    start = ControllerState(last_move_s=0.0, traffic_since_s=-1000.0, fitted_input_tokens=200)
+    state = start
+    for t in (10.0, 15.0):  # confirming, then the cooldown from the last change at 0 s
+        state = tick(config, MODEL, state, with_worker(t, leaving=True)).state
+    decision = tick(config, MODEL, state, with_worker(20.0, leaving=True))
+    assert decision.action is Action.REMOVE  # 20 s after the last change, w99 still draining
+    assert decision.remove != ("w99",)
+    state = start
+    for t in (10.0, 15.0):
+        state = tick(config, MODEL, state, with_worker(t, joining=PoolRole.DECODE)).state
+    starting = tick(config, MODEL, state, with_worker(20.0, joining=PoolRole.DECODE))
+    assert starting.action is Action.HOLD and "w99 in transition" in starting.reason
+
+
 def test_per_pool_bounds_hold_in_moves_and_adds() -> None:
     """Chat wants many decode workers; max_decode caps them, so an add goes to prefill and no move passes the cap."""
     config = make_config(max_workers=9, cooldown_s=10.0, max_decode=4)

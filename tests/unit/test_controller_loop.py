@@ -69,18 +69,21 @@ def test_arrivals_add_up_over_routers_and_a_restarted_router_counts_from_zero():
 
 def test_workers_in_transition_say_which_pool_they_are_joining():
     # moved by the controller: the pool it was sent to; still starting: the pool it registered in; drained by an
-    # operator (`pdserve drain`): leaving, for no known pool; ready: not in transition at all.
+    # operator (`pdserve drain`): in transition for no known pool; removed by the controller: leaving, whatever
+    # its registry state; ready: not in transition at all.
     def info(worker_id: str, role: Role, state: WorkerState) -> WorkerInfo:
         return WorkerInfo(worker_id, role, actor_name=worker_id, pid=1, state=state)
 
-    moved = _worker(info("w0", Role.DECODE, WorkerState.DRAINING), PoolRole.PREFILL)
-    starting = _worker(info("w1", Role.PREFILL, WorkerState.STARTING), None)
-    drained = _worker(info("w2", Role.DECODE, WorkerState.DRAINING), None)
-    ready = _worker(info("w3", Role.DECODE, WorkerState.READY), None)
-    assert (moved.draining, moved.joining) == (True, PoolRole.PREFILL)
-    assert (starting.draining, starting.joining) == (True, PoolRole.PREFILL)
-    assert (drained.draining, drained.joining) == (True, None)
-    assert (ready.draining, ready.joining) == (False, None)
+    moved = _worker(info("w0", Role.DECODE, WorkerState.DRAINING), PoolRole.PREFILL, False)
+    starting = _worker(info("w1", Role.PREFILL, WorkerState.STARTING), None, False)
+    drained = _worker(info("w2", Role.DECODE, WorkerState.DRAINING), None, False)
+    ready = _worker(info("w3", Role.DECODE, WorkerState.READY), None, False)
+    removed = _worker(info("w4", Role.DECODE, WorkerState.READY), None, True)  # the drain not yet registered
+    assert (moved.draining, moved.joining, moved.leaving) == (True, PoolRole.PREFILL, False)
+    assert (starting.draining, starting.joining, starting.leaving) == (True, PoolRole.PREFILL, False)
+    assert (drained.draining, drained.joining, drained.leaving) == (True, None, False)
+    assert (ready.draining, ready.joining, ready.leaving) == (False, None, False)
+    assert (removed.draining, removed.joining, removed.leaving) == (True, None, True)
 
 
 # --- acting on adds and removes (a fake registry and scaler; the live path is tests/integration) ------------------

@@ -148,3 +148,21 @@ def acted_moves(world: World) -> int:
     """Workers whose role differs from the start's 3:3."""
     return sum(1 for worker_id, role in world.roles.items()
                if role is not (PoolRole.PREFILL if int(worker_id[1:]) < 3 else PoolRole.DECODE))
+
+
+def test_the_budget_ignores_a_prefill_backlog_the_pool_clears_before_an_added_worker_would_serve() -> None:
+    from pdserve.controller.demand import PoolNeeds
+
+    def needs(clear_s: float) -> PoolNeeds:
+        return PoolNeeds(prefill=6.0, decode=4.0, prefill_steady=3.0, decode_steady=4.0,
+                         inputs={"prefill_backlog_clear_s": clear_s})
+
+    inputs: dict[str, float] = {}
+    burst = trend.budget_needs(needs(20.0), 1.1, 75.0, inputs)  # gone in 20 s, the worker serves in 75 s
+    assert (burst.prefill, burst.decode) == pytest.approx((3.0 * 1.1, 4.0 * 1.1))
+    assert inputs["budget_ignores_backlog"] == 1.0
+    lasting = trend.budget_needs(needs(200.0), 1.1, 75.0, {})  # still there when the worker serves
+    assert (lasting.prefill, lasting.decode) == pytest.approx((6.0 * 1.1, 4.0 * 1.1))
+    growing = trend.budget_needs(needs(math.inf), 1.0, 75.0, {})  # the pool cannot clear it at all
+    assert growing.prefill == 6.0
+    assert trend.budget_needs(needs(0.0), 1.0, 75.0, {}).prefill == 6.0  # no backlog: the needs as they are

@@ -93,6 +93,12 @@ def test_adapters_refuse_what_breaks_the_budget_or_names_no_active_worker():
     assert refusal(move, obs, config()) == ""
     starting = observation(2, 2, starting=PoolRole.DECODE)  # one being added counts against the budget
     assert "max_workers (5)" in refusal(decision(add=(PoolRole.DECODE,)), starting, config(max_workers=5))
+    # one being removed still holds its machine (an add counts it), but is not removed twice (a remove does not)
+    leaving = dataclasses.replace(obs, workers=(*obs.workers, WorkerObservation("old", PoolRole.DECODE, True,
+                                                                                leaving=True)))
+    assert "max_workers (5)" in refusal(decision(add=(PoolRole.DECODE,)), leaving, config(max_workers=5))
+    assert refusal(decision(remove=("d1",)), leaving, config(min_workers=3)) == ""
+    assert "min_workers (4)" in refusal(decision(remove=("d1",)), leaving, config(min_workers=4))
 
 
 # --- the example policy -------------------------------------------------------------------------------------------
