@@ -64,13 +64,10 @@ from pdserve.controller import trend
 from pdserve.controller.config import ControllerConfig, ControllerState
 from pdserve.controller.decision import Action, Decision, Move
 from pdserve.controller.demand import CORRECTION_MIN_FINISHED, PoolNeeds, estimate_needs, update_corrections
+from pdserve.controller.mix_shift import mix_shifted
 from pdserve.controller.observation import Observation, PoolRole
 from pdserve.controller.perf_model import PerfModel
-from pdserve.controller.split import Split, best_split, evaluate, gain, proportional_prefill
-
-OVERLOADED = 1.0
-"""A pool's load above which its SLO cannot be met on average: the needs are in workers at the SLO-safe load, so
-this is 1 by their definition."""
+from pdserve.controller.split import OVERLOADED, Split, best_split, evaluate, gain, proportional_prefill
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,7 @@ def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, 
                     f"{obs.traffic.window_s:g}s, so the lengths are unknown.", reset)
 
     warming = obs.now_s - state.traffic_since_s
-    shifted = _mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
+    shifted = mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
     plan = _plan(config, needs, current, inputs, trend.growth(state, obs, inputs), trend.lead_s(state, obs))
     first_fit = _first_fit(config, state, obs, plan, inputs)
     if plan.target == current:
@@ -186,7 +183,7 @@ def _follow_shift(config: ControllerConfig, state: ControllerState, obs: Observa
         return None
     joining = {w.joining for w in obs.settling}
     warming = obs.now_s - state.traffic_since_s < config.warmup_s
-    if len(joining) != 1 or not _mix_shifted(config, needs, state, obs, heading, inputs, warming):
+    if len(joining) != 1 or not mix_shifted(config, needs, state, obs, heading, inputs, warming):
         return None
     plan = _plan(config, needs, heading, inputs)
     grows = PoolRole.PREFILL if plan.target[0] > heading[0] else PoolRole.DECODE
@@ -212,29 +209,6 @@ def _same_way(candidate: tuple[int, int] | None, target: tuple[int, int], curren
         return False
     return (candidate[0] > current[0]) == (target[0] > current[0]) and (candidate[0] == current[0]) == (
         target[0] == current[0])
-
-
-def _mix_shifted(config: ControllerConfig, needs: PoolNeeds, state: ControllerState, obs: Observation,
-                 current: tuple[int, int], inputs: dict[str, float], warming: bool) -> bool:
-    """The mix has changed (a phase shift), which waiting only makes worse: the averages alone overload the current
-    split, the best split carries them `shift_ratio` times better, and either the arrivals' mean prompt differs
-    by at least `shift_ratio` either way from when the split was last fitted (`fitted_input_tokens`; the finished
-    requests' before that), or traffic has only just begun. A burst raises only the queue terms; a correction grown
-    from an overload (a pool observed slower than modelled) changes the needs but not the mix, and must not flip
-    the split."""
-    arrived = obs.traffic.arrived_input_tokens
-    fitted = state.fitted_input_tokens if state.fitted_input_tokens > 0 else obs.traffic.mean_input_tokens
-    if math.isfinite(arrived) and arrived > 0 and fitted > 0:
-        inputs["prompt_shift"] = max(arrived / fitted, fitted / arrived)
-    if not warming and inputs.get("prompt_shift", 1.0) < config.shift_ratio:
-        return False
-    now = evaluate(needs.prefill_steady, needs.decode_steady, current)
-    best = best_split(config, needs.prefill_steady, needs.decode_steady, sum(current), current)
-    if best is None or not now.bottleneck > OVERLOADED:
-        return False
-    ratio = now.bottleneck / best.bottleneck if best.bottleneck > 0 else math.inf
-    inputs["shift_ratio"] = ratio
-    return ratio >= config.shift_ratio
 
 
 def _traffic(needs: PoolNeeds) -> str:

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pdserve.controller.config import ControllerConfig
 
 TIE = 1e-9
+OVERLOADED = 1.0
+"""A pool's load above which its SLO cannot be met on average: the needs are in workers at the SLO-safe load, so
+this is 1 by their definition."""
 
 
 def pool_load(need: float, size: int) -> float:
