@@ -20,7 +20,8 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
     budget   : N+k when the best split of N is above target_load and N < max_workers, k the fewest workers that
                bring the best split to target_load or below (up to max_workers; at least 1);
                N-1 when the best split of N-1 stays at or below scale_down_load and N > min_workers;
-               both judged at the needs times the rate's growth one worker start ahead (`trend`)
+               both judged at the needs times the rate's growth one worker start ahead (`trend`); an add not
+               for a prefill backlog the pool clears within that lead (`trend.budget_needs`)
     act      : only if bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
                the target was seen confirm_ticks ticks in a row (heading the same way; how far may vary), and
                cooldown_s has passed (both skipped when the mix has shifted: the arriving prompts' mean differs

@@ -10,9 +10,11 @@ pools) for the rate projected one lead ahead:
                                                              the window's rate is the rate half a window ago
     growth    = clamp((rate_now + slope * lead) / rate_now, GROWTH_RANGE)
 
-`growth` multiplies both pools' needs for the budget only. The slope is fitted over TREND_SPAN_S, not taken between
-two ticks: a window's arrival count is Poisson, and over two minutes the noise in the slope is a few times smaller than
-a daily swing's. A burst raises the slope too; the clamp keeps that from adding more than GROWTH_RANGE allows, and the
+`growth` multiplies both pools' needs for the budget only. For an add, a prefill backlog that the pool as it is
+clears within the lead does not count either (`budget_needs`): the worker it would call for serves after it.
+
+The slope is fitted over TREND_SPAN_S, not taken between two ticks: a window's arrival count is Poisson, and over
+two minutes the noise in the slope is a few times smaller than a daily swing's. A burst raises the slope too; the clamp keeps that from adding more than GROWTH_RANGE allows, and the
 queue terms already carry a burst. Samples start one window after traffic begins (before that the window is not yet
 full, and its rate reads low).
 
