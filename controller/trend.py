@@ -13,10 +13,10 @@ pools) for the rate projected one lead ahead:
 `growth` multiplies both pools' needs for the budget only. For an add, a prefill backlog that the pool as it is
 clears within the lead does not count either (`budget_needs`): the worker it would call for serves after it.
 
-The slope is fitted over TREND_SPAN_S, not taken between two ticks: a window's arrival count is Poisson, and over
-two minutes the noise in the slope is a few times smaller than a daily swing's. A burst raises the slope too; the clamp keeps that from adding more than GROWTH_RANGE allows, and the
-queue terms already carry a burst. Samples start one window after traffic begins (before that the window is not yet
-full, and its rate reads low).
+The slope is fitted over TREND_SPAN_S, not taken between two ticks: a window's arrival count is Poisson, and over two
+minutes the noise in the slope is a few times smaller than a daily swing's. A burst raises the slope too; the clamp
+keeps that from adding more than GROWTH_RANGE allows, and the queue terms already carry a burst. Samples start one
+window after traffic begins (before that the window is not yet full, and its rate reads low).
 
 Until an add has been seen to serve, start_s is 0 and only the half window is looked ahead. An add the cluster
 refused or could not place (the fleet did not grow by the time nothing is in transition) teaches nothing.
