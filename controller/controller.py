@@ -31,16 +31,16 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
                then up to max_moves workers at once (default 1): the least loaded (fewest running + waiting,
                then worker id) of the pool that shrinks; an add goes to the pool that grows.
 
-Before any of that: while a worker is in transition (draining for a move, restarting, starting) the controller holds,
-and the cooldown restarts, so moves happen one at a time (a worker draining to leave is not waited for: it takes no
-new requests, so the pools' loads already show the fleet without it, and the scale-down cooldown counts from the
-remove) (except that a shift in the mix may send more workers the way the
-ones in transition are going, planned from the split they are heading to); with `pin` set the target is the pin
-(clamped to the budget) and the controller moves one worker per tick toward it without confirmation or cooldown;
-with no traffic (nothing arrived, nothing finished), or with no finished request to learn lengths from, it holds; in
-the first warmup_s of traffic (the first requests to finish are the short ones, so lengths learned then are too
-short) it moves only for a shift in the mix (below) or for the first fit (a starting split the best one beats
-shift_ratio times: the start was a guess made without the traffic, so it goes all the way at once).
+Before any of that: while a worker is in transition (draining for a move, restarting, starting) the controller
+holds, and the cooldown restarts, so moves happen one at a time (except that a shift in the mix may send more
+workers the way the ones in transition are going, planned from the split they are heading to); a worker draining to
+leave is not waited for (it takes no new requests, so the pools' loads already show the fleet without it, and the
+scale-down cooldown counts from the remove); with `pin` set the target is the pin (clamped to the budget) and the
+controller moves one worker per tick toward it without confirmation or cooldown; with no traffic (nothing arrived,
+nothing finished), or with no finished request to learn lengths from, it holds; in the first warmup_s of traffic
+(the first requests to finish are the short ones, so lengths learned then are too short) it moves only for a shift
+in the mix (below) or for the first fit (a starting split the best one beats shift_ratio times: the start was a
+guess made without the traffic, so it goes all the way at once).
 
 When even the averages alone overload the best split (its bottleneck > 1) and no worker can be added,
 the queue terms are left out of the split: the queue then grows in whichever pool is shorter, so following it would
