@@ -20,6 +20,10 @@ it work of the wrong role (`prefill` on a decode worker) is refused with `WrongR
 
 An actor whose engine thread died (a bug in a step) exits at the next `info` or `events` call, so that it is
 treated as a crashed worker (replaced; its requests resumed elsewhere) instead of answering while serving nothing.
+
+The role packages (and with them the engine and torch) are imported when an actor is made, not with this module:
+every process that looks an actor up by name imports this module (Ray does, to read the class's methods), routers
+included, and a router has no use for torch.
 """
 
 from __future__ import annotations
@@ -27,14 +31,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
 import ray
 
-from pdserve.decode_worker.worker import DecodeWorker
-from pdserve.engine.step_profile import StepProfile
-from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.registry.entries import Role, WorkerInfo, WorkerState
-from pdserve.worker.engine_thread import EngineThread
 from pdserve.worker.messages import (
     Adoption,
     DecodeTask,
@@ -45,7 +46,13 @@ from pdserve.worker.messages import (
     Reservation,
     TokenEvent,
 )
-from pdserve.worker.runtime import WorkerSpec
+
+if TYPE_CHECKING:
+    from pdserve.decode_worker.worker import DecodeWorker
+    from pdserve.engine.step_profile import StepProfile
+    from pdserve.prefill_worker.worker import PrefillWorker
+    from pdserve.worker.engine_thread import EngineThread
+    from pdserve.worker.runtime import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,11 @@ class RoleSwitchError(RuntimeError):
 
 
 def role_front(spec: WorkerSpec, thread: EngineThread | None = None) -> PrefillWorker | DecodeWorker:
-    """The worker object for `spec`'s role, on `thread`'s engine when given."""
+    """The worker object for `spec`'s role, on `thread`'s engine when given: a PrefillWorker for prefill, a
+    DecodeWorker for decode and colocated."""
+    from pdserve.decode_worker.worker import DecodeWorker
+    from pdserve.prefill_worker.worker import PrefillWorker
+
     if spec.role is Role.PREFILL:
         return PrefillWorker(spec, thread=thread)
     return DecodeWorker(spec, thread=thread)
@@ -120,7 +131,7 @@ class Worker:
 
     async def abort_prefill(self, request_id: str) -> None:
         """An abort for the role this actor no longer has finds nothing."""
-        if isinstance(self.front, PrefillWorker):
+        if not self._decodes():
             await self.front.abort(request_id)
 
     # ---- decode ----------------------------------------------------------------------------------------------
@@ -137,11 +148,11 @@ class Worker:
         await self._decode_front("generate").generate(task)
 
     async def abort_decode(self, request_id: str, router_id: str) -> None:
-        if isinstance(self.front, DecodeWorker):
+        if self._decodes():
             await self.front.abort(request_id, router_id)
 
     async def adopt(self, client_request_id: str, router_id: str, client_has: int) -> Adoption | None:
-        if isinstance(self.front, DecodeWorker):
+        if self._decodes():
             return await self.front.adopt(client_request_id, router_id, client_has)
         return None
 
@@ -150,7 +161,7 @@ class Worker:
 
     async def events(self, router_id: str, timeout_s: float = 1.0, done: Iterable[str] = ()) -> list[TokenEvent]:
         self._exit_if_engine_died()  # routers poll this without pause: they learn of it at once
-        if isinstance(self.front, DecodeWorker):
+        if self._decodes():
             return await self.front.events(router_id, timeout_s, done)
         await asyncio.sleep(timeout_s)  # a poll for the decode worker this actor was before a switch
         return []
@@ -162,12 +173,16 @@ class Worker:
                          type(failure).__name__, failure)
             ray.actor.exit_actor()
 
+    def _decodes(self) -> bool:
+        """Whether the role now is one a DecodeWorker serves (decode or colocated: `role_front`)."""
+        return self.front.runtime.spec.role is not Role.PREFILL
+
     def _prefill_front(self, call: str) -> PrefillWorker:
-        if not isinstance(self.front, PrefillWorker):
+        if self._decodes():
             raise WrongRole(f"{call}: worker {self.front.runtime.spec.worker_id} is not a prefill worker")
-        return self.front
+        return cast("PrefillWorker", self.front)
 
     def _decode_front(self, call: str) -> DecodeWorker:
-        if not isinstance(self.front, DecodeWorker):
+        if not self._decodes():
             raise WrongRole(f"{call}: worker {self.front.runtime.spec.worker_id} is not a decode worker")
-        return self.front
+        return cast("DecodeWorker", self.front)

@@ -89,23 +89,31 @@ def output_json(line: InputLine, output: RequestOutput) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdserve.engine.engine import Engine, RequestError
-
     try:
         lines = _inputs(args)
         sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
         if args.router:
             return _through_router(args, lines, sampling)
-        engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                     speculative=SpeculativeSettings(method=args.speculative)))
-        outputs = engine.generate([line.prompt for line in lines], sampling)
-    except (InputError, ConfigError, SamplingError, PromptError, RequestError, OSError) as e:
+        outputs = _generate_here(args, lines, sampling)
+    except (InputError, ConfigError, SamplingError, PromptError, OSError) as e:
         print(f"pdserve generate: {e}", file=sys.stderr)
         return 2
     for line, output in zip(lines, outputs):
         print(output_json(line, output) if args.json else output.text, flush=True)
     return 0
+
+
+def _generate_here(args: argparse.Namespace, lines: list[InputLine], sampling: SamplingParams) -> list[RequestOutput]:
+    """On an engine in this process (the engine, and torch, are imported only here: `--router` needs neither)."""
+    from pdserve.engine.engine import Engine, RequestError
+
+    engine = Engine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                 speculative=SpeculativeSettings(method=args.speculative)))
+    try:
+        return engine.generate([line.prompt for line in lines], sampling)
+    except RequestError as e:
+        raise InputError(str(e)) from e
 
 
 def _inputs(args: argparse.Namespace) -> list[InputLine]:

@@ -32,18 +32,14 @@ from pdserve.engine.layer_progress import LayerProgress
 from pdserve.engine.logprobs import Sampled, TokenLogprobs
 from pdserve.engine.lookahead import LookaheadState
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.model_source import resolve_engine_model
+from pdserve.engine.model_source import context_length, read_model_config, resolve_engine_model
 from pdserve.engine.prompt_lookup import pause_after
 from pdserve.engine.request import ONLINE_PRIORITY, FinishReason, Prompt, Request, RequestOutput, RequestStatus
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
 from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from pdserve.engine.tokenizer import tokenize_prompt
-from pdserve.engine.weights import read_model_config
 
 log = logging.getLogger(__name__)
-
-MAX_DEFAULT_LEN = 32768
-
 
 class RequestError(ValueError):
     """A request cannot be served as given; the message names the field."""
@@ -77,14 +73,6 @@ def retunable(built: EngineConfig, wanted: EngineConfig) -> bool:
     """Whether an engine built with `built` can serve as `wanted` by `retune`."""
     return all(getattr(built, f.name) == getattr(wanted, f.name) for f in dataclasses.fields(EngineConfig)
                if f.name not in RETUNABLE)
-
-
-def context_length(config: EngineConfig, model_config: ModelConfig) -> int:
-    """The longest prompt + output an engine with this config serves."""
-    length = config.max_model_len or min(model_config.max_position, MAX_DEFAULT_LEN)
-    if length > model_config.max_position:
-        raise ConfigError(f"engine.max_model_len: {length} is beyond the model's {model_config.max_position}")
-    return length
 
 
 class Engine:

@@ -3,14 +3,13 @@ the raw logits (before penalties, bias, temperature and the top-k/top-p/min-p fi
 default), for the token picked and the `logprobs` most likely alternatives.
 
     sampled = runner.run(chunks)        # request id -> Sampled(token_id, logprobs or None)
+
+The types only (the router and workers pass them on without torch); `engine.sampler.logprobs_of` computes them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
 
 MAX_TOP_LOGPROBS = 20
 """Alternatives per token at most (OpenAI's bound)."""
@@ -44,15 +43,3 @@ class StepResult:
     """Request id -> its token, for the chunks that sample."""
     prompt_logprobs: dict[str, tuple[TokenLogprobs, ...]]
     """Request id -> the logprobs of the prompt tokens its chunk predicts (`ScheduledChunk.prompt_targets`)."""
-
-
-def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int], top: Sequence[int]) -> list[TokenLogprobs]:
-    """logits: [R, V] raw fp32; the token picked in each row and how many alternatives it wants -> one entry per
-    row (one host sync for all)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
-    picked = logprobs.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])[:, 0].tolist()  # [R]
-    k = max(top, default=0)
-    best_values, best_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-    best_values, best_ids = best_values.tolist(), best_ids.tolist()
-    return [TokenLogprobs(token, value, tuple(zip(best_ids[r][:n], best_values[r][:n])))
-            for r, (token, value, n) in enumerate(zip(token_ids, picked, top))]

@@ -19,11 +19,11 @@ from pdserve.engine.draft import Drafter
 from pdserve.engine.grammar_state import PendingMasks
 from pdserve.engine.kv_cache import AttentionMetadata, DecodeGroup, KVCache, PagedBatch, PrefillSegment
 from pdserve.engine.layer_progress import LayerProgress
-from pdserve.engine.logprobs import Sampled, StepResult, TokenLogprobs, logprobs_of
+from pdserve.engine.logprobs import Sampled, StepResult, TokenLogprobs
 from pdserve.engine.model import LlamaModel
 from pdserve.engine.prompt_lookup import verify
 from pdserve.engine.rejection import accept, certain
-from pdserve.engine.sampler import Sampler, filter_rows
+from pdserve.engine.sampler import Sampler, filter_rows, logprobs_of
 from pdserve.engine.scheduler import ScheduledChunk
 
 

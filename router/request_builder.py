@@ -10,13 +10,11 @@ import uuid
 from dataclasses import dataclass
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.engine import context_length
-from pdserve.engine.model_source import resolve_engine_model
+from pdserve.engine.model_source import context_length, read_model_config, resolve_engine_model
 from pdserve.engine.request import ONLINE_PRIORITY, Message, Prompt, PromptError
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
 from pdserve.engine.structured_output import GuideKind, StructuredOutput
 from pdserve.engine.tokenizer import Tokenizer, load_tokenizer, tokenize_prompt
-from pdserve.engine.weights import read_model_config
 from pdserve.proto import generation_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pdserve.engine import Engine, EngineConfig, SamplingParams
-from pdserve.engine.logprobs import logprobs_of
+from pdserve.engine.sampler import logprobs_of
 from pdserve.engine.sampling_params import SamplingError
 
 
