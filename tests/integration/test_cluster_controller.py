@@ -51,9 +51,20 @@ def all_workers_up(cluster, timeout_s: float = 180) -> dict[str, dict]:
         time.sleep(0.5)
 
 
+def controller_started(registry: Registry, timeout_s: float = 180) -> None:
+    """Until the controller has decided once. It starts after profiling an idle worker: under this test's load no
+    worker may be idle for a while, and on a slow machine the pin then waited out the whole deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not registry.read_decisions(1):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the controller made no decision within {timeout_s} s")
+        time.sleep(0.5)
+
+
 def test_pinned_move_under_load_loses_nothing(cluster, engine):
     registry = Registry(cluster.state()["redis_url"])
     before = all_workers_up(cluster)
+    controller_started(registry)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(12)]
     sampling = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
 
@@ -64,9 +75,9 @@ def test_pinned_move_under_load_loses_nothing(cluster, engine):
             await asyncio.to_thread(registry.set_pin, 2, 1)
             second = []
             deadline = time.monotonic() + MOVE_DEADLINE_S
-            while sorted((await asyncio.to_thread(roles, cluster)).values()) != ["decode", "prefill", "prefill"]:
+            while sorted((now := await asyncio.to_thread(roles, cluster)).values()) != ["decode", "prefill", "prefill"]:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"no move within {MOVE_DEADLINE_S} s: {roles(cluster)}")
+                    raise TimeoutError(f"no move within {MOVE_DEADLINE_S} s: {now}")
                 if len(second) < 6:  # keep requests arriving while the decode worker drains
                     second.append(asyncio.create_task(client.generate(prompts[6 + len(second)], sampling)))
                 await asyncio.sleep(0.5)
