@@ -79,11 +79,12 @@ class ControllerConfig:
     daily trace: 87.9% attainment; with it 95.8%, BENCHMARKS.md "Autoscaling"). Sized in one step because adding one
     worker per cooldown and start fell minutes behind a morning ramp."""
     scale_down_load: float = 0.85
-    """Remove a worker (within min_workers) when the best split of one worker fewer keeps both pools at or below
-    this, at the projected rate: below target_load, so that a removal does not call for an add on the next rise, but
-    not far below (the fleet may run target_load / scale_down_load times larger than it needs, 1.12 here: at 0.6 / 0.8
-    the live daily run kept 12 workers through an afternoon that needed 9); scale_down_cooldown_s keeps removals
-    apart."""
+    """Remove workers (within min_workers) when the best split of one worker fewer keeps both pools at or below
+    this, at the projected rate; as many as keep it so, in one decision (one per scale_down_cooldown_s trailed the
+    live daily run's afternoon fall by 2-3 workers). Below target_load, so that a removal does not call for an add
+    on the next rise, but not far below (the fleet may run target_load / scale_down_load times larger than it needs,
+    1.12 here: at 0.6 / 0.8 the live daily run kept 12 workers through an afternoon that needed 9);
+    scale_down_cooldown_s keeps removals apart."""
     scale_down_cooldown_s: float = 120.0
     """No remove within this long of the last move, add or remove (the cooldown for adds and moves is cooldown_s).
     Scaling down waits longer than scaling up: a worker removed too early costs a start (minutes on a GPU node that

@@ -19,7 +19,8 @@ The math, per tick (details in `demand`, `perf_model` and `split`):
     target   = the split of N with the lowest bottleneck          (N = active workers; see budget below)
     budget   : N+k when the best split of N is above target_load and N < max_workers, k the fewest workers that
                bring the best split to target_load or below (up to max_workers; at least 1);
-               N-1 when the best split of N-1 stays at or below scale_down_load and N > min_workers;
+               N-k when the best splits of N-1 down to N-k all stay at or below scale_down_load, k the most
+               that do (down to min_workers; a falling load is shed in one decision, as a rising one is added);
                both judged at the needs times the rate's growth one worker start ahead (`trend`); an add not
                for a prefill backlog the pool clears within that lead (`trend.budget_needs`)
     act      : only if bottleneck(current) - bottleneck(target) >= min_gain (moves; adds likewise),
@@ -260,11 +261,12 @@ def _plan(config: ControllerConfig, needs: PoolNeeds, current: tuple[int, int], 
                          f"target_load {config.target_load:g}{trend.describe(growth, inputs)}, {bigger.total} as "
                          f"{_describe(bigger)} (budget {config.max_workers})")
     if config.min_workers is not None and total > config.min_workers:
-        smaller = best_split(config, ahead.prefill, ahead.decode, total - 1, current)
-        if smaller is not None and smaller.bottleneck <= config.scale_down_load:
+        smaller = _shrunk(config, ahead, total, current)
+        if smaller is not None:
             inputs["bottleneck_target"] = smaller.bottleneck
-            return _Plan(Action.REMOVE, smaller.sizes, f"Remove a worker: {traffic}; {total - 1} workers as "
-                         f"{_describe(smaller)} stay at or below {config.scale_down_load:g}"
+            removed = total - smaller.total
+            return _Plan(Action.REMOVE, smaller.sizes, f"Remove {_workers(removed)}: {traffic}; {smaller.total} "
+                         f"workers as {_describe(smaller)} stay at or below {config.scale_down_load:g}"
                          f"{trend.describe(growth, inputs)} (floor {config.min_workers})")
     if best is None:
         return _Plan(Action.HOLD, current, f"Hold at {current}: {traffic}; {total} workers cannot hold "
@@ -314,6 +316,22 @@ def _grown(config: ControllerConfig, needs: PoolNeeds, total: int, current: tupl
     return grown
 
 
+def _shrunk(config: ControllerConfig, needs: PoolNeeds, total: int, current: tuple[int, int]) -> Split | None:
+    """The best split of the fewest workers below `total` (down to min_workers) loaded at most scale_down_load,
+    every size between staying at or below it too; None if `total` - 1 is loaded above it."""
+    shrunk = None
+    for size in range(total - 1, config.min_workers - 1, -1):
+        split = best_split(config, needs.prefill, needs.decode, size, current)
+        if split is None or split.bottleneck > config.scale_down_load:
+            break
+        shrunk = split
+    return shrunk
+
+
+def _workers(count: int) -> str:
+    return "a worker" if count == 1 else f"{count} workers"
+
+
 def _pinned(config: ControllerConfig, state: ControllerState, obs: Observation, current: tuple[int, int],
             needs: PoolNeeds | None, inputs: dict[str, float]) -> Decision:
     """Head for the operator's pin, one worker per tick, clamped to the budget."""
@@ -353,8 +371,8 @@ def _added_roles(grow_p: int, grow_d: int, count: int, prefill_busier: bool) -> 
 def _act(config: ControllerConfig, action: Action, target: tuple[int, int], current: tuple[int, int],
          obs: Observation, needs: PoolNeeds | None, why: str, state: ControllerState,
          inputs: dict[str, float], max_moves: int | None = None) -> Decision:
-    """The step from current toward target: one worker added or removed, or up to `max_moves` (config.max_moves)
-    moved."""
+    """The step from current toward target: every worker added or removed at once, or up to `max_moves`
+    (config.max_moves) moved."""
     grow_p, grow_d = target[0] - current[0], target[1] - current[1]
     loads = evaluate(needs.prefill, needs.decode, current) if needs is not None else None
     prefill_busier = loads is not None and loads.prefill_load >= loads.decode_load
@@ -364,21 +382,27 @@ def _act(config: ControllerConfig, action: Action, target: tuple[int, int], curr
         return Decision(obs.now_s, action, current, target, add=roles,
                         reason=f"{why}; starting {named} worker{'s' if len(roles) > 1 else ''}.", inputs=inputs,
                         state=state)
-    if action is Action.MOVE:
-        source = PoolRole.DECODE if grow_p > 0 else PoolRole.PREFILL
-    else:  # REMOVE: from the pool that shrinks most, else the one with more slack
-        shrink_p, shrink_d = -grow_p, -grow_d
-        pick_prefill = shrink_p > shrink_d or (shrink_p == shrink_d and loads is not None and not prefill_busier)
-        source = PoolRole.PREFILL if pick_prefill else PoolRole.DECODE
+    if action is Action.REMOVE:
+        return _removal(target, current, obs, why, state, inputs)
+    source = PoolRole.DECODE if grow_p > 0 else PoolRole.PREFILL
     by_load = sorted(obs.active(source), key=lambda w: (w.load, w.worker_id))
-    worker = by_load[0]
-    if action is Action.MOVE:
-        chosen = by_load[:max(1, min(max_moves or config.max_moves, abs(grow_p)))]
-        names = ", ".join(f"{w.worker_id} (holding {w.load})" for w in chosen)
-        return Decision(obs.now_s, action, current, target,
-                        moves=tuple(Move(w.worker_id, source.other) for w in chosen),
-                        reason=f"{why}; moving {source.value} worker{'s' if len(chosen) > 1 else ''} {names} "
-                               f"to {source.other.value}.", inputs=inputs, state=state)
-    return Decision(obs.now_s, action, current, target, remove=(worker.worker_id,),
-                    reason=f"{why}; removing {source.value} worker {worker.worker_id} (holding {worker.load}).",
-                    inputs=inputs, state=state)
+    chosen = by_load[:max(1, min(max_moves or config.max_moves, abs(grow_p)))]
+    names = ", ".join(f"{w.worker_id} (holding {w.load})" for w in chosen)
+    return Decision(obs.now_s, action, current, target, moves=tuple(Move(w.worker_id, source.other) for w in chosen),
+                    reason=f"{why}; moving {source.value} worker{'s' if len(chosen) > 1 else ''} {names} "
+                           f"to {source.other.value}.", inputs=inputs, state=state)
+
+
+def _removal(target: tuple[int, int], current: tuple[int, int], obs: Observation, why: str, state: ControllerState,
+             inputs: dict[str, float]) -> Decision:
+    """Remove sum(current) - sum(target) workers, the least loaded of the pools that shrink (prefill first as far
+    as it shrinks, the rest from decode)."""
+    count = sum(current) - sum(target)
+    shrink_p = current[0] - target[0]
+    from_prefill = min(max(0, shrink_p), count)
+    chosen = []
+    for role, n in ((PoolRole.PREFILL, from_prefill), (PoolRole.DECODE, count - from_prefill)):
+        chosen += sorted(obs.active(role), key=lambda w: (w.load, w.worker_id))[:n]
+    names = ", ".join(f"{w.role.value} worker {w.worker_id} (holding {w.load})" for w in chosen)
+    return Decision(obs.now_s, Action.REMOVE, current, target, remove=tuple(w.worker_id for w in chosen),
+                    reason=f"{why}; removing {names}.", inputs=inputs, state=state)

@@ -478,26 +478,41 @@ def test_overloaded_at_the_budget_splits_by_the_averages_and_does_not_chase_its_
                                 key=lambda s: evaluate(need_p, need_d, s).bottleneck)
 
 
-def test_budget_removes_the_least_loaded_worker_of_the_pool_with_most_slack() -> None:
+def test_budget_sheds_a_fallen_load_at_once_taking_the_least_loaded_workers() -> None:
     config = make_config(min_workers=3)
-    world = World(2, 4, (10.0, 200, 400))  # needs ~0.3 prefill + ~0.6 decode
+    world = World(2, 4, (10.0, 200, 400))  # needs ~0.3 prefill + ~0.6 decode: 3 workers are plenty
     obs = world.observe()
-    workers = tuple(dataclasses.replace(w, running=w.running + 1) if w.worker_id == "w02" else w
+    workers = tuple(dataclasses.replace(w, running=w.running + 1) if w.worker_id in ("w00", "w02") else w
                     for w in obs.workers)
     first = tick(config, MODEL, ControllerState(), dataclasses.replace(obs, workers=workers))
     second = tick(config, MODEL, first.state, dataclasses.replace(obs, workers=workers, now_s=5.0))
     assert first.action is Action.HOLD and second.action is Action.REMOVE
-    assert second.remove == ("w03",)  # a decode worker (4 of them, little need), not the busier w02
-    decisions, _ = world.run(config, 60)
-    assert sum(world.sizes()) == 3
+    assert second.target == (1, 2) and second.reason.startswith("Remove 3 workers")
+    assert second.remove == ("w01", "w03", "w04")  # down to the floor in one decision, never the busier w00, w02
+
+
+def test_budget_removes_only_as_many_as_keep_every_smaller_split_at_scale_down_load() -> None:
+    config = make_config(min_workers=2)
+    world = World(3, 5, (75.0, 200, 400))  # needs ~2.5 prefill + ~4.3 decode: 8 workers, (3, 5), loaded ~0.86
+    need_p, need_d = 2.5, 4.3
+    decisions, _ = world.run(config, 3)
+    assert not acted(decisions)  # 7 workers would be loaded above scale_down_load 0.85
+    world.traffic = (45.0, 200, 400)  # 0.6 of it
+    decisions, _ = world.run(config, 3)
+    (removal,) = [d for d in decisions if d.action is Action.REMOVE]
+    kept = sum(removal.target)
+    need_p, need_d = removal.inputs["prefill_need"], removal.inputs["decode_need"]
+    loads = {n: min(evaluate(need_p, need_d, (p, n - p)).bottleneck for p in range(1, n)) for n in range(2, 9)}
+    assert all(loads[n] <= 0.85 for n in range(kept, 8)) and loads[kept - 1] > 0.85
+    assert len(removal.remove) == 8 - kept >= 2 and world.sizes() == removal.target
 
 
 def test_scale_down_waits_its_own_longer_cooldown_after_scaling_up() -> None:
-    """Load comes, workers are added (and moved: moves wait only cooldown_s); the load goes at once. The removes
+    """Load comes, workers are added (and moved: moves wait only cooldown_s); the load goes right after. The removes
     wait scale_down_cooldown_s after the last change."""
     config = make_config(max_workers=8, min_workers=4, cooldown_s=10.0, scale_down_cooldown_s=60.0)
     world = World(2, 4, (75.0, 200, 400))
-    decisions, state = world.run(config, 20)
+    decisions, state = world.run(config, 4)
     adds = [d.now_s for d in decisions if d.action is Action.ADD]
     moves = [d.now_s for d in decisions if d.action is Action.MOVE]
     assert adds and moves and moves[0] - adds[-1] < 60.0
