@@ -67,7 +67,7 @@ from pdserve.controller.config import ControllerConfig, ControllerState
 from pdserve.controller.decision import Action, Decision, Move
 from pdserve.controller.demand import CORRECTION_MIN_FINISHED, PoolNeeds, estimate_needs, update_corrections
 from pdserve.controller.mix_shift import mix_shifted
-from pdserve.controller.observation import Observation, PoolRole
+from pdserve.controller.observation import Observation, PoolRole, WorkerObservation
 from pdserve.controller.perf_model import PerfModel
 from pdserve.controller.split import OVERLOADED, Split, best_split, evaluate, gain, proportional_prefill
 
@@ -374,9 +374,9 @@ def _act(config: ControllerConfig, action: Action, target: tuple[int, int], curr
     """The step from current toward target: every worker added or removed at once, or up to `max_moves`
     (config.max_moves) moved."""
     grow_p, grow_d = target[0] - current[0], target[1] - current[1]
-    loads = evaluate(needs.prefill, needs.decode, current) if needs is not None else None
-    prefill_busier = loads is not None and loads.prefill_load >= loads.decode_load
     if action is Action.ADD:
+        loads = evaluate(needs.prefill, needs.decode, current) if needs is not None else None
+        prefill_busier = loads is not None and loads.prefill_load >= loads.decode_load
         roles = _added_roles(grow_p, grow_d, target[0] + target[1] - sum(current), prefill_busier)
         named = ", ".join(f"{roles.count(r)} {r.value}" for r in PoolRole if r in roles)
         return Decision(obs.now_s, action, current, target, add=roles,
@@ -385,8 +385,7 @@ def _act(config: ControllerConfig, action: Action, target: tuple[int, int], curr
     if action is Action.REMOVE:
         return _removal(target, current, obs, why, state, inputs)
     source = PoolRole.DECODE if grow_p > 0 else PoolRole.PREFILL
-    by_load = sorted(obs.active(source), key=lambda w: (w.load, w.worker_id))
-    chosen = by_load[:max(1, min(max_moves or config.max_moves, abs(grow_p)))]
+    chosen = _least_loaded(obs, source)[:max(1, min(max_moves or config.max_moves, abs(grow_p)))]
     names = ", ".join(f"{w.worker_id} (holding {w.load})" for w in chosen)
     return Decision(obs.now_s, action, current, target, moves=tuple(Move(w.worker_id, source.other) for w in chosen),
                     reason=f"{why}; moving {source.value} worker{'s' if len(chosen) > 1 else ''} {names} "
@@ -402,7 +401,12 @@ def _removal(target: tuple[int, int], current: tuple[int, int], obs: Observation
     from_prefill = min(max(0, shrink_p), count)
     chosen = []
     for role, n in ((PoolRole.PREFILL, from_prefill), (PoolRole.DECODE, count - from_prefill)):
-        chosen += sorted(obs.active(role), key=lambda w: (w.load, w.worker_id))[:n]
+        chosen += _least_loaded(obs, role)[:n]
     names = ", ".join(f"{w.role.value} worker {w.worker_id} (holding {w.load})" for w in chosen)
     return Decision(obs.now_s, Action.REMOVE, current, target, remove=tuple(w.worker_id for w in chosen),
                     reason=f"{why}; removing {names}.", inputs=inputs, state=state)
+
+
+def _least_loaded(obs: Observation, role: PoolRole) -> list[WorkerObservation]:
+    """The pool's active workers, least loaded first (fewest running + waiting, then worker id)."""
+    return sorted(obs.active(role), key=lambda w: (w.load, w.worker_id))
