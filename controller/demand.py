@@ -44,7 +44,8 @@ are everywhere and the controller splits by these (see `controller`).
 Corrections (the model is a profile; the hardware, the KV handoff and the router add their own time). Each is the
 factor on the model's time that makes the predicted p50 match the observed one:
 
-    predicted TTFT p50 = S + W(min(lambda * S / P, 0.95))            S = prefill_seconds(ISL) * c_ttft (as above)
+    predicted TTFT p50 = mean over the window's ticks of  S + W(min(lambda * S / P_tick, 0.95))
+                         S = prefill_seconds(ISL) * c_ttft (as above), P_tick = the prefill pool at that tick
     predicted TPOT p50 = decode_step_seconds(b, ctx) * c_tpot        b = mean running per decode worker
     c <- clamp((1 - alpha) * c + alpha * clamp(c * observed / predicted))   clamps: CORRECTION_RANGE
 
@@ -52,13 +53,17 @@ For TPOT, c * observed / predicted is simply observed / model; for TTFT the queu
 faster than c, and iterating to the fixed point (predicted == observed) keeps that growth from being read as a slower
 prefill (a plain observed/uncorrected ratio would be, and would oversize the pool).
 
-updated only from windows with at least CORRECTION_MIN_FINISHED finished requests, and only from windows that
-describe the pools as they are: a window's requests ran under the split and the queues of up to a window (and their
-own latency) ago, so after a move, or after the prefill queue was last long (queued work per prefill worker > T),
-the corrections wait one window (TTFT: two, since a request that queued finishes well after it arrived). Without
-that, the TTFTs of a backlog that has just cleared, or the TPOTs of a batch that a move has just halved, would be
-read as a slower model and oversize one pool for minutes after (seen in `pdserve plan` at phase changes). A queue
-that is long now is the backlog term's job, not the correction's.
+Both learn only from windows with at least CORRECTION_MIN_FINISHED finished requests, and only from windows whose
+requests the prediction describes:
+- TTFT is predicted for the prefill pools the window's requests ran under (the pool sampled at each tick of the
+  window), so it learns through adds, removes and moves. It waits two windows after the prefill queue was last long
+  (queued work per prefill worker > T): the TTFTs of a backlog that has just cleared would be read as a slower model
+  and oversize the pool for minutes (seen in `pdserve plan` at phase changes); a queue that is long now is the
+  backlog term's job. (Until 2026-12-06 it also waited a window after every change of the fleet; live, an
+  afternoon of removes a drain apart then left it for minutes at a value learned in the peak's queues, and the
+  afternoon's prefill need read twice the morning's at the same rate.)
+- TPOT waits a window after a move or a worker in transition: the TPOTs of a batch that a move has just halved
+  are the old split's, and the batch per worker is read from the pool as it is now.
 """
 
 from __future__ import annotations
@@ -160,12 +165,27 @@ def _ema(config: ControllerConfig, old: float, ratio: float) -> float:
     return min(max(new, low), high)
 
 
+def _predicted_ttft(model: PerfModel, isl: int, correction: float, rate: float, size: int) -> float:
+    """The M/D/1 TTFT p50 of `size` prefill workers at `rate`, with the prefill time corrected."""
+    service = model.prefill_seconds(isl) * correction
+    rho = min(rate * service / size, PREDICTION_RHO_CAP)
+    return service + md1_wait(rho, service)
+
+
+def _ran_under(state: ControllerState, obs: Observation) -> ControllerState:
+    """The state with this tick's prefill pool sampled, keeping the samples within the traffic window."""
+    now = obs.now_s
+    kept = tuple(s for s in state.prefill_samples if now - s[0] < obs.traffic.window_s)
+    return dataclasses.replace(state, prefill_samples=(*kept, (now, len(obs.active(PoolRole.PREFILL)))))
+
+
 def update_corrections(config: ControllerConfig, model: PerfModel, state: ControllerState,
                        obs: Observation) -> tuple[ControllerState, dict[str, float]]:
     """Move the corrections toward observed / predicted p50, when the window has enough to say."""
     traffic = obs.traffic
     inputs = {"predicted_ttft_p50_s": math.nan, "predicted_tpot_p50_s": math.nan,
               "ttft_correction_updated": 0.0, "tpot_correction_updated": 0.0}
+    state = _ran_under(state, obs)
     prefill, decode = obs.active(PoolRole.PREFILL), obs.active(PoolRole.DECODE)
     if traffic.finished_by_class:
         state = dataclasses.replace(state, output_by_class=learn(state.output_by_class, traffic.finished_by_class))
@@ -173,22 +193,23 @@ def update_corrections(config: ControllerConfig, model: PerfModel, state: Contro
         return state, inputs
     isl, _, ctx = _lengths(obs)
     ttft_c, tpot_c = state.ttft_correction, state.tpot_correction
-    settled = _settled(state, obs)
 
     if prefill:
         service = model.prefill_seconds(isl) * ttft_c
-        rho = min(traffic.arrival_rate * service / len(prefill), PREDICTION_RHO_CAP)
-        predicted = service + md1_wait(rho, service)
-        inputs["predicted_ttft_p50_s"] = predicted
         if _backlog_tokens(obs) / isl * service / len(prefill) > config.slo_ttft_s:
             state = dataclasses.replace(state, backlog_seen_s=obs.now_s)
         drained = obs.now_s - state.backlog_seen_s >= 2 * traffic.window_s
+        # The window's requests ran under the pools of its ticks, not only the pool as it is now.
+        sizes = [size for _, size in state.prefill_samples if size > 0]
+        predicted = sum(_predicted_ttft(model, isl, ttft_c, traffic.arrival_rate, size) for size in sizes) / len(sizes)
+        inputs["predicted_ttft_p50_s"] = predicted
+        inputs["prefill_ran_under"] = sum(sizes) / len(sizes)
         observed = traffic.ttft_p50_s
-        if math.isfinite(observed) and observed > 0 and predicted > 0 and settled and drained:
+        if math.isfinite(observed) and observed > 0 and predicted > 0 and drained:
             ttft_c = _ema(config, ttft_c, ttft_c * observed / predicted)
             inputs["ttft_correction_updated"] = 1.0
 
-    if decode and settled:
+    if decode and _settled(state, obs):
         batch = min(max(1, round(sum(w.running for w in decode) / len(decode))), config.max_num_seqs)
         predicted = model.decode_step_seconds(batch, ctx) * tpot_c
         inputs["predicted_tpot_p50_s"] = predicted

@@ -22,6 +22,7 @@ from pdserve.controller import (
     TrafficWindow,
     WorkerObservation,
     tick,
+    update_corrections,
 )
 from pdserve.controller.controller import _same_way
 from pdserve.controller.demand import CORRECTION_RANGE, MAX_PRESSURE
@@ -591,6 +592,40 @@ def test_corrections_move_toward_observed_over_predicted_and_stay_clamped() -> N
 def test_corrections_ignore_windows_with_few_finished_requests() -> None:
     _, state = World(3, 3, CHAT, truth=(2.0, 2.0), finished=5).run(make_config(), 5)
     assert state.ttft_correction == 1.0 and state.tpot_correction == 1.0
+
+
+def test_ttft_correction_learns_while_the_prefill_pool_keeps_changing() -> None:
+    """Live, an afternoon of removes a drain apart left no window without a change, and a TTFT correction learned in
+    the peak's queues (1.5) stayed for minutes. Each window's TTFTs are those of the pools its requests ran under:
+    predicted for those pools, the correction comes back to the truth (1.0) though the pool changes every window."""
+    config = make_config()
+    window_s = World(3, 3, CHAT).observe().traffic.window_s
+    sizes = [3, 3, 2, 2, 2, 3, 3, 2] * 8  # the pool at each tick: a change at least every window
+    ticks_per_window = round(window_s / config.interval_s)
+
+    def ran_under(tick_no: int) -> list[int]:
+        return sizes[max(0, tick_no - ticks_per_window + 1):tick_no + 1]
+
+    def observed(tick_no: int) -> Observation:
+        """The world at this tick's pool, with the TTFT p50 of the window's ticks' pools (the requests ran there)."""
+        world = World(sizes[tick_no], 3, CHAT)
+        world.now = tick_no * config.interval_s
+        obs = world.observe()
+        recent = ran_under(tick_no)
+        ttft = sum(World(size, 3, CHAT).observe().traffic.ttft_p50_s for size in recent) / len(recent)
+        return dataclasses.replace(obs, traffic=dataclasses.replace(obs.traffic, ttft_p50_s=ttft))
+
+    state = ControllerState(ttft_correction=1.5, traffic_since_s=-1000.0)
+    corrections = []
+    for tick_no in range(len(sizes)):
+        obs = observed(tick_no)
+        state = dataclasses.replace(state, last_move_s=obs.now_s)  # never a settled window
+        state, inputs = update_corrections(config, MODEL, state, obs)
+        corrections.append(state.ttft_correction)
+        assert inputs["prefill_ran_under"] == pytest.approx(sum(ran_under(tick_no)) / len(ran_under(tick_no)))
+    assert corrections[0] < 1.5
+    assert all(c == pytest.approx(1.0, abs=0.02) for c in corrections[len(sizes) // 2:])
+    assert state.tpot_correction == 1.0  # TPOT still waits for a settled window
 
 
 def test_corrections_steer_the_split() -> None:
