@@ -161,9 +161,9 @@ class ControllerState:
     """Learned mean output tokens per prompt-length class (0: not seen yet); see `output_lengths`."""
     rate_samples: tuple[tuple[float, float], ...] = ()
     """(now_s, arrival rate) of the recent ticks, for the rate's trend (`trend`)."""
-    prefill_samples: tuple[tuple[float, int], ...] = ()
-    """(now_s, active prefill workers) of the ticks within the traffic window: the pool the window's requests ran
-    under, for the TTFT correction (`demand.update_corrections`)."""
+    pool_samples: tuple[tuple[float, int, int], ...] = ()
+    """(now_s, active prefill workers, active decode workers) of the ticks within the traffic window: the pools the
+    window's requests ran under, for the TTFT correction (`demand.update_corrections`)."""
     add_issued_s: float = -math.inf
     """When the last ADD was issued, until no worker is in transition any more (-inf: none pending)."""
     add_from_workers: int = 0

@@ -56,12 +56,14 @@ prefill (a plain observed/uncorrected ratio would be, and would oversize the poo
 Both learn only from windows with at least CORRECTION_MIN_FINISHED finished requests, and only from windows whose
 requests the prediction describes:
 - TTFT is predicted for the prefill pools the window's requests ran under (the pool sampled at each tick of the
-  window), so it learns through adds, removes and moves. It waits two windows after the prefill queue was last long
-  (queued work per prefill worker > T): the TTFTs of a backlog that has just cleared would be read as a slower model
-  and oversize the pool for minutes (seen in `pdserve plan` at phase changes); a queue that is long now is the
-  backlog term's job. (Until 2026-12-06 it also waited a window after every change of the fleet; live, an
-  afternoon of removes a drain apart then left it for minutes at a value learned in the peak's queues, and the
-  afternoon's prefill need read twice the morning's at the same rate.)
+  window). It waits a window after a move or an add: moves and adds come with shifts in the mix and with queues,
+  whose TTFTs the M/D/1 term does not describe (learning there cost the scenario family up to 0.13 of goodput at
+  phase changes); a window whose only changes were removes, made because the load fell, it learns from, since its
+  requests ran under pools it knows (until 2026-12-06 it waited there too, and live an afternoon of removes a drain
+  apart left it for minutes at a value learned in the peak's queues: the afternoon's prefill need read twice the
+  morning's at the same rate). It also waits two windows after the prefill queue was last long (queued work per
+  prefill worker > T): the TTFTs of a backlog that has just cleared would be read as a slower model and oversize
+  the pool for minutes (seen in `pdserve plan` at phase changes); a queue that is long now is the backlog term's job.
 - TPOT waits a window after a move or a worker in transition: the TPOTs of a batch that a move has just halved
   are the old split's, and the batch per worker is read from the pool as it is now.
 """
@@ -172,11 +174,18 @@ def _predicted_ttft(model: PerfModel, isl: int, correction: float, rate: float, 
     return service + md1_wait(rho, service)
 
 
-def _ran_under(state: ControllerState, obs: Observation) -> ControllerState:
-    """The state with this tick's prefill pool sampled, keeping the samples within the traffic window."""
+def _sampled(state: ControllerState, obs: Observation) -> ControllerState:
+    """The state with this tick's pools sampled, keeping the samples within the traffic window."""
     now = obs.now_s
-    kept = tuple(s for s in state.prefill_samples if now - s[0] < obs.traffic.window_s)
-    return dataclasses.replace(state, prefill_samples=(*kept, (now, len(obs.active(PoolRole.PREFILL)))))
+    kept = tuple(s for s in state.pool_samples if now - s[0] < obs.traffic.window_s)
+    return dataclasses.replace(state, pool_samples=(*kept, (now, *obs.sizes)))
+
+
+def _only_shrank(state: ControllerState, obs: Observation) -> bool:
+    """Within the window no pool grew and no worker is starting or moving: its only changes were removes."""
+    samples = state.pool_samples
+    grew = any(b[1] > a[1] or b[2] > a[2] for a, b in zip(samples, samples[1:]))
+    return not grew and not obs.settling
 
 
 def update_corrections(config: ControllerConfig, model: PerfModel, state: ControllerState,
@@ -185,7 +194,7 @@ def update_corrections(config: ControllerConfig, model: PerfModel, state: Contro
     traffic = obs.traffic
     inputs = {"predicted_ttft_p50_s": math.nan, "predicted_tpot_p50_s": math.nan,
               "ttft_correction_updated": 0.0, "tpot_correction_updated": 0.0}
-    state = _ran_under(state, obs)
+    state = _sampled(state, obs)
     prefill, decode = obs.active(PoolRole.PREFILL), obs.active(PoolRole.DECODE)
     if traffic.finished_by_class:
         state = dataclasses.replace(state, output_by_class=learn(state.output_by_class, traffic.finished_by_class))
@@ -193,6 +202,7 @@ def update_corrections(config: ControllerConfig, model: PerfModel, state: Contro
         return state, inputs
     isl, _, ctx = _lengths(obs)
     ttft_c, tpot_c = state.ttft_correction, state.tpot_correction
+    settled, only_shrank = _settled(state, obs), _only_shrank(state, obs)
 
     if prefill:
         service = model.prefill_seconds(isl) * ttft_c
@@ -200,16 +210,16 @@ def update_corrections(config: ControllerConfig, model: PerfModel, state: Contro
             state = dataclasses.replace(state, backlog_seen_s=obs.now_s)
         drained = obs.now_s - state.backlog_seen_s >= 2 * traffic.window_s
         # The window's requests ran under the pools of its ticks, not only the pool as it is now.
-        sizes = [size for _, size in state.prefill_samples if size > 0]
+        sizes = [size for _, size, _ in state.pool_samples if size > 0]
         predicted = sum(_predicted_ttft(model, isl, ttft_c, traffic.arrival_rate, size) for size in sizes) / len(sizes)
         inputs["predicted_ttft_p50_s"] = predicted
         inputs["prefill_ran_under"] = sum(sizes) / len(sizes)
         observed = traffic.ttft_p50_s
-        if math.isfinite(observed) and observed > 0 and predicted > 0 and drained:
+        if math.isfinite(observed) and observed > 0 and predicted > 0 and drained and (settled or only_shrank):
             ttft_c = _ema(config, ttft_c, ttft_c * observed / predicted)
             inputs["ttft_correction_updated"] = 1.0
 
-    if decode and _settled(state, obs):
+    if decode and settled:
         batch = min(max(1, round(sum(w.running for w in decode) / len(decode))), config.max_num_seqs)
         predicted = model.decode_step_seconds(batch, ctx) * tpot_c
         inputs["predicted_tpot_p50_s"] = predicted

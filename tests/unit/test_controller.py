@@ -594,13 +594,15 @@ def test_corrections_ignore_windows_with_few_finished_requests() -> None:
     assert state.ttft_correction == 1.0 and state.tpot_correction == 1.0
 
 
-def test_ttft_correction_learns_while_the_prefill_pool_keeps_changing() -> None:
+def test_ttft_correction_learns_through_removes_and_waits_after_growth() -> None:
     """Live, an afternoon of removes a drain apart left no window without a change, and a TTFT correction learned in
     the peak's queues (1.5) stayed for minutes. Each window's TTFTs are those of the pools its requests ran under:
-    predicted for those pools, the correction comes back to the truth (1.0) though the pool changes every window."""
+    predicted for those pools, the correction comes back to the truth (1.0) though a remove comes every few ticks.
+    A pool that grows (an add or a move) still waits for a settled window."""
     config = make_config()
     window_s = World(3, 3, CHAT).observe().traffic.window_s
-    sizes = [3, 3, 2, 2, 2, 3, 3, 2] * 8  # the pool at each tick: a change at least every window
+    shrinking = [size for size in range(8, 1, -1) for _ in range(3)]  # a remove every third tick
+    sizes = [*shrinking, 3, 3, 3]  # then an add
     ticks_per_window = round(window_s / config.interval_s)
 
     def ran_under(tick_no: int) -> list[int]:
@@ -616,15 +618,17 @@ def test_ttft_correction_learns_while_the_prefill_pool_keeps_changing() -> None:
         return dataclasses.replace(obs, traffic=dataclasses.replace(obs.traffic, ttft_p50_s=ttft))
 
     state = ControllerState(ttft_correction=1.5, traffic_since_s=-1000.0)
-    corrections = []
+    corrections, updated = [], []
     for tick_no in range(len(sizes)):
         obs = observed(tick_no)
         state = dataclasses.replace(state, last_move_s=obs.now_s)  # never a settled window
         state, inputs = update_corrections(config, MODEL, state, obs)
         corrections.append(state.ttft_correction)
+        updated.append(inputs["ttft_correction_updated"])
         assert inputs["prefill_ran_under"] == pytest.approx(sum(ran_under(tick_no)) / len(ran_under(tick_no)))
     assert corrections[0] < 1.5
-    assert all(c == pytest.approx(1.0, abs=0.02) for c in corrections[len(sizes) // 2:])
+    assert all(c == pytest.approx(1.0, abs=0.02) for c in corrections[len(shrinking) // 2:])
+    assert updated[:len(shrinking)] == [1.0] * len(shrinking) and updated[len(shrinking):] == [0.0] * 3
     assert state.tpot_correction == 1.0  # TPOT still waits for a settled window
 
 
