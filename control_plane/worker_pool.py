@@ -53,6 +53,9 @@ IDLE_STABLE_S = 1.0
 IDLE_POLL_S = 0.25
 WATCH_INTERVAL_S = 1.0
 WATCH_TIMEOUT_S = 10.0
+WORKER_STOP_TIMEOUT_S = 15.0
+"""How long a worker's own stop (unregister, end its engine thread, close its KV pairs) may take before its actor is
+killed anyway: a stop stuck on a peer that is gone held `pdserve down` for its whole 60 s once (CI, 2026-12-06)."""
 ROLE_NAMES = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.BOTH: "colocated"}
 
 
@@ -215,9 +218,11 @@ class WorkerPool:
         if actor is None:  # it died and was replaced meanwhile
             return
         try:
-            await actor.stop.remote()
+            await asyncio.wait_for(actor.stop.remote(), WORKER_STOP_TIMEOUT_S)
         except ray.exceptions.RayError as e:
             log.warning("worker %s did not stop cleanly: %s", worker_id, e)
+        except TimeoutError:
+            log.warning("worker %s did not stop in %.0f s; killing its actor", worker_id, WORKER_STOP_TIMEOUT_S)
         ray.kill(actor)
 
     async def stop_all(self) -> None:

@@ -154,3 +154,27 @@ def test_an_add_this_machine_has_no_room_for_is_refused_at_once():
                      free=lambda: {"CPU": 0.5, "GPU": 0.0})
     with pytest.raises(ScaleError, match="decode: 1 more worker.*need 1 CPUs.*0.5 CPUs"):
         made.plan_adds([Role.DECODE])
+
+
+class _HungStop:
+    """An actor handle whose `stop` never answers (a worker stuck on a peer that is gone)."""
+
+    class _Method:
+        def remote(self):
+            return asyncio.get_running_loop().create_future()
+
+    stop = _Method()
+
+
+def test_a_worker_whose_stop_hangs_is_killed_after_the_timeout(monkeypatch):
+    from pdserve.control_plane import worker_pool
+
+    killed: list[object] = []
+    monkeypatch.setattr(worker_pool, "WORKER_STOP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(worker_pool.ray, "kill", killed.append)
+    made, pool = scaler({})
+    hung = _HungStop()
+    pool.actors["decode-0"] = hung
+
+    asyncio.run(asyncio.wait_for(pool.stop_all(), 5))
+    assert killed == [hung] and "decode-0" not in pool.actors and "decode-0" not in pool.specs
