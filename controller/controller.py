@@ -205,12 +205,22 @@ def _fitted(state: ControllerState, obs: Observation) -> ControllerState:
 
 
 def _same_way(candidate: tuple[int, int] | None, target: tuple[int, int], current: tuple[int, int]) -> bool:
-    """The target heads the same way from current as the last tick's candidate: as many workers in all, and
-    prefill growing (or shrinking) in both. How far it goes may vary from tick to tick with the queues."""
-    if candidate is None or sum(candidate) != sum(target):
+    """The target heads the same way from current as the last tick's candidate: the fleet and each pool grow, stay
+    or shrink in both, and unless both add, to the same number of workers. How far an add goes may vary from tick
+    to tick with the queues: on a rising load each tick asks for more workers than the last (until 2026-12-06 an
+    add had to ask for the same total twice, and live the morning's ramp asked for 6, 7, 8, 9, 8, 9, 10 workers
+    while the add waited 21 s and attainment fell to 13%). A remove still needs the same total twice: scale-down
+    may wait (confirming removes of any size flapped on the planner's 70B day: 16 adds and 15 removes, not 10/9)."""
+    if candidate is None or _direction(candidate, current) != _direction(target, current):
         return False
-    return (candidate[0] > current[0]) == (target[0] > current[0]) and (candidate[0] == current[0]) == (
-        target[0] == current[0])
+    return sum(target) > sum(current) or sum(candidate) == sum(target)
+
+
+def _direction(target: tuple[int, int], current: tuple[int, int]) -> tuple[int, int, int]:
+    """The signs of the change in (all workers, prefill, decode) from current to target."""
+    def sign(change: int) -> int:
+        return (change > 0) - (change < 0)
+    return sign(sum(target) - sum(current)), sign(target[0] - current[0]), sign(target[1] - current[1])
 
 
 def _traffic(needs: PoolNeeds) -> str:

@@ -746,6 +746,11 @@ def test_confirmation_counts_ticks_that_head_the_same_way_however_far() -> None:
     assert not _same_way((5, 2), (4, 2), (2, 4))
     assert not _same_way(None, (4, 2), (2, 4))
     assert _same_way((2, 5), (2, 5), (2, 4)) and not _same_way((3, 4), (2, 5), (2, 4))
+    # A rising load asks for more workers each tick, into the same pools: an add confirms however many it asks for.
+    assert _same_way((2, 5), (2, 6), (1, 4)) and _same_way((2, 7), (2, 6), (1, 4))
+    assert not _same_way((1, 5), (2, 5), (1, 4))  # one adds only decode, the other a prefill worker too
+    assert _same_way((2, 3), (2, 3), (3, 4)) and not _same_way((2, 3), (1, 3), (3, 4))  # a remove: the same total
+    assert not _same_way((2, 3), (2, 4), (3, 3))  # a remove, then a move
 
 
 def test_a_plain_mismatch_moves_even_while_warming_up() -> None:
