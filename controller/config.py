@@ -40,7 +40,8 @@ class ControllerConfig:
     More than one lets a large shift in the mix be followed in one step instead of one cooldown per worker."""
     confirm_ticks: int = 2
     """A new target must be the target this many ticks in a row before the controller acts (hysteresis): a burst
-    shorter than that clears by itself sooner than a drain and a switch would help."""
+    shorter than that clears by itself sooner than a drain and a switch would help. Ticks count as one target when
+    they head the same way (`controller._same_way`): a move or an add may vary in how far it goes."""
     min_gain: float = 0.05
     """Move only when the predicted bottleneck load falls by at least this much: a smaller gain is within the
     model's error, and a move costs a drain. (The scenario family: 0.15 kept planned splits a little better and
