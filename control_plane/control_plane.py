@@ -31,7 +31,7 @@ from pdserve.config import ClusterConfig, config_to_json
 from pdserve.control_plane.control_service import start_control_service
 from pdserve.control_plane.controller_loop import ControllerLoop
 from pdserve.control_plane.local_redis import LocalRedis, free_port
-from pdserve.control_plane.ray_head import RayHead, StartingHead, local_cpus
+from pdserve.control_plane.ray_head import RayHead, StartingHead, join_ray, local_cpus
 from pdserve.control_plane.router_pool import RouterPool, RouterSlot
 from pdserve.control_plane.scaler import Scaler
 from pdserve.control_plane.state_file import ClusterState
@@ -162,13 +162,13 @@ class ControlPlane:
         """Join the configured Ray cluster, the head a previous control plane left, or a new head of our own."""
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if self.config.ray_address is not None:
-            ray.init(address=self.config.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING)
+            join_ray(self.config.ray_address, NAMESPACE)
             return self.config.ray_address, None
         head = self._adopted_head() if self.starting_head is None else self.starting_head.wait_ready()
         if head is None:
             head = RayHead.start(local_cpus(self.config), self.ray_token_file)
         self.started.ray_head = head
-        ray.init(address=head.address, namespace=NAMESPACE, logging_level=logging.WARNING)
+        join_ray(head.address, NAMESPACE)
         return head.address, head.pid
 
     def _adopted_head(self) -> RayHead | None:

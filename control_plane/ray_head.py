@@ -42,6 +42,11 @@ They hold nothing of ours (the cluster's state is in Redis)."""
 
 START_TIMEOUT_S = 120.0
 READY_POLL_S = 0.2
+JOIN_ATTEMPTS = 3
+"""How many times a driver (the control plane, a router) tries `ray.init` on a head that answers. Ray gives each try
+~20 s to reach the GCS; on a loaded machine (CI's 2 cores in the middle of the suite) one try once ran out against a
+head that had just passed its health check, and the cluster failed to start."""
+JOIN_RETRY_S = 2.0
 LOCAL_CPU_OVERSUBSCRIPTION = 4
 """A local Ray gets this many times the machine's cores as logical CPUs: workers share cores once there are more
 of them than cores (`pdserve scale` up to 4x)."""
@@ -152,6 +157,24 @@ class StartingHead:
             time.sleep(READY_POLL_S)
         log.info("Ray head at %s (pid %d)", head.address, head.pid)
         return head
+
+
+def join_ray(address: str, namespace: str) -> None:
+    """Join the Ray cluster at `address` as a driver, trying JOIN_ATTEMPTS times when its GCS does not answer in time
+    (Ray raises ConnectionError then); the last failure is raised."""
+    import ray  # slow (~1 s): the control plane launches its head before importing it
+
+    for attempt in range(1, JOIN_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, namespace=namespace, logging_level=logging.WARNING)
+            return
+        except ConnectionError as e:
+            ray.shutdown()
+            if attempt == JOIN_ATTEMPTS:
+                raise
+            log.warning("could not join Ray at %s (try %d of %d): %s; trying again", address, attempt,
+                        JOIN_ATTEMPTS, e)
+            time.sleep(JOIN_RETRY_S)
 
 
 def local_cpus(config: ClusterConfig) -> int:

@@ -171,3 +171,32 @@ def test_a_task_that_fails_is_logged_at_once(caplog):
         asyncio.run(go())
     (record,) = [r for r in caplog.records if "workers task failed" in r.message]
     assert isinstance(record.exc_info[1], ValueError)
+
+
+def test_joining_ray_is_tried_again_when_the_gcs_does_not_answer_and_the_last_failure_is_raised(monkeypatch, caplog):
+    """`ray.init` that times out reaching the GCS (ConnectionError) is tried again, JOIN_ATTEMPTS in all; a join that
+    goes through on a later try returns, and one that never does raises the last error."""
+    from pdserve.control_plane import ray_head
+
+    monkeypatch.setattr(ray_head, "JOIN_RETRY_S", 0.0)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    tries = []
+
+    def init_failing(times: int):
+        def init(address, namespace, logging_level):
+            tries.append(address)
+            if len(tries) <= times:
+                raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+        return init
+
+    monkeypatch.setattr(ray, "init", init_failing(ray_head.JOIN_ATTEMPTS - 1))
+    with caplog.at_level(logging.WARNING):
+        ray_head.join_ray("127.0.0.1:1", "pdserve")
+    assert len(tries) == ray_head.JOIN_ATTEMPTS
+    assert "could not join Ray at 127.0.0.1:1" in caplog.text
+
+    tries.clear()
+    monkeypatch.setattr(ray, "init", init_failing(ray_head.JOIN_ATTEMPTS))
+    with pytest.raises(ConnectionError, match="127.0.0.1:1"):
+        ray_head.join_ray("127.0.0.1:1", "pdserve")
+    assert len(tries) == ray_head.JOIN_ATTEMPTS
