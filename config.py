@@ -274,8 +274,8 @@ class Controller:
     """A change in the arriving prompts' length by this factor (and a split that fits it this much worse) is a shift
     in the mix: move at once, without confirmation or cooldown. .inf: never."""
     warmup_s: float = 60.0
-    """After traffic begins, move only for a shift (or the first fit) for this long (the first requests to finish
-    are the short ones)."""
+    """After traffic begins, move only for a shift (or the first fit), and remove nothing, for this long (the first
+    requests to finish are the short ones); adds go on."""
     min_gain: float = 0.05
     """Move only when the predicted bottleneck load falls by at least this much (a smaller gain is within the
     model's error, and a move costs a drain)."""

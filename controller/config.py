@@ -49,7 +49,8 @@ class ControllerConfig:
     warmup_s: float = 60.0
     """In the first this many seconds of traffic (after a start or an idle spell) move only for a shift in the mix
     or the first fit (see shift_ratio): the first requests to finish are the short ones, so the lengths learned
-    then are biased, and only a plainly wrong split is worth a move on them."""
+    then are biased, and only a plainly wrong split is worth a move on them. Removes wait too; adds do not (lengths
+    read short make the need read low, so an add is needed at least as much as it seems)."""
     shift_ratio: float = 1.5
     """A shift in the mix skips confirm_ticks and the cooldown: when the averages alone (no queue term) overload the
     current split and the best split carries them with a bottleneck at least this many times lower. A burst shows

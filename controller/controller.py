@@ -41,7 +41,8 @@ controller moves one worker per tick toward it without confirmation or cooldown;
 nothing finished), or with no finished request to learn lengths from, it holds; in the first warmup_s of traffic
 (the first requests to finish are the short ones, so lengths learned then are too short) it moves only for a shift
 in the mix (below) or for the first fit (a starting split the best one beats shift_ratio times: the start was a
-guess made without the traffic, so it goes all the way at once).
+guess made without the traffic, so it goes all the way at once), and removes nothing; it does add, since lengths
+read short make the need read low, so an add they call for is needed at least as much.
 
 When even the averages alone overload the best split (its bottleneck > 1) and no worker can be added,
 the queue terms are left out of the split: the queue then grows in whichever pool is shorter, so following it would
@@ -134,7 +135,7 @@ def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, 
     state = dataclasses.replace(state, candidate=plan.target, candidate_ticks=ticks)
     inputs["candidate_ticks"] = float(ticks)
     shift = plan.action is Action.MOVE and (shifted or first_fit)
-    if warming < config.warmup_s and not shift:
+    if warming < config.warmup_s and not shift and plan.action is not Action.ADD:
         return hold(f"{plan.why}; warming up ({warming:.0f}s of {config.warmup_s:g}s since traffic began: the first "
                     f"requests to finish are the short ones, so the lengths seen so far are too short), holding at "
                     f"{current} unless the mix is plainly wrong for it.", reset, plan.target)

@@ -728,6 +728,20 @@ def test_no_move_while_warming_up_and_again_after_an_idle_spell() -> None:
     assert "warming up" in again.reason
 
 
+def test_warming_up_holds_moves_and_removes_but_not_an_add_the_load_calls_for() -> None:
+    """The warm-up keeps the controller from acting on lengths learned from the first (short) answers; those read the
+    need low, so an add they call for is needed at least as much, and waiting only lets the queue build (live, the
+    first 40 s of a day started at 2:2). Removes and moves still wait for the warm-up."""
+    busy = World(2, 4, (75.0, 200, 400))  # needs ~2.5 prefill + ~4.3 decode: more than 6
+    decisions, _ = busy.run(make_config(max_workers=8, warmup_s=60.0, interval_s=5.0), 4)
+    adds = [d for d in decisions if d.action is Action.ADD]
+    assert len(adds) == 1 and decisions[0].action is Action.HOLD  # confirmed on the second tick, not the first
+    assert not [d for d in decisions if d.action is Action.MOVE]
+    quiet = World(2, 4, (10.0, 200, 400))  # needs ~0.3 prefill + ~0.6 decode: 3 workers are plenty
+    decisions, _ = quiet.run(make_config(min_workers=3, warmup_s=60.0, interval_s=5.0), 4)
+    assert not acted(decisions) and "warming up" in decisions[-1].reason
+
+
 def test_a_mismatch_the_prompts_do_not_explain_waits_for_confirmation() -> None:
     """After the warm-up, the split fitting the averages badly is a shift only if the arriving prompts differ from
     the finished ones: otherwise (a correction grown from an overload, say) it is confirmed like any move."""
