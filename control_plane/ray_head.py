@@ -43,9 +43,10 @@ They hold nothing of ours (the cluster's state is in Redis)."""
 START_TIMEOUT_S = 120.0
 READY_POLL_S = 0.2
 JOIN_ATTEMPTS = 3
-"""How many times a driver (the control plane, a router) tries `ray.init` on a head that answers. Ray gives each try
-~20 s to reach the GCS; on a loaded machine (CI's 2 cores in the middle of the suite) one try once ran out against a
-head that had just passed its health check, and the cluster failed to start."""
+"""How many times the control plane tries `ray.init` on a head that answers. Ray gives each try ~20 s to reach the
+GCS; on a loaded machine (CI's 2 cores in the middle of the suite) one try once ran out against a head that had just
+passed its health check, and the cluster failed to start. (A router that fails to join exits, and the control plane
+starts it again: `RouterPool.watch`.)"""
 JOIN_RETRY_S = 2.0
 LOCAL_CPU_OVERSUBSCRIPTION = 4
 """A local Ray gets this many times the machine's cores as logical CPUs: workers share cores once there are more

@@ -30,7 +30,6 @@ import redis
 
 from pdserve.access import load_access
 from pdserve.config import ClusterConfig, Mode, config_from_json
-from pdserve.control_plane.ray_head import join_ray
 from pdserve.registry.entries import ClusterSettings, RouterInfo
 from pdserve.registry.kv_events import KVEventLog
 from pdserve.registry.registry import CLUSTER, HEARTBEAT_S, Registry
@@ -196,7 +195,7 @@ def _join_ray(settings: ClusterSettings) -> None:
     replaces it with one that exits at once, which skipped the stop above (no grace for running streams, no leaving
     the registry) whenever a router was sent SIGTERM (`pdserve down`, Kubernetes ending a pod)."""
     handler = signal.getsignal(signal.SIGTERM)
-    join_ray(settings.ray_address, settings.namespace)
+    ray.init(address=settings.ray_address, namespace=settings.namespace, logging_level=logging.WARNING)
     if handler is not None and signal.getsignal(signal.SIGTERM) is not handler:
         signal.signal(signal.SIGTERM, handler)
 
