@@ -66,7 +66,13 @@ from dataclasses import dataclass
 from pdserve.controller import trend
 from pdserve.controller.config import ControllerConfig, ControllerState
 from pdserve.controller.decision import Action, Decision, Move
-from pdserve.controller.demand import CORRECTION_MIN_FINISHED, PoolNeeds, estimate_needs, update_corrections
+from pdserve.controller.demand import (
+    CORRECTION_MIN_FINISHED,
+    PoolNeeds,
+    estimate_early_needs,
+    estimate_needs,
+    update_corrections,
+)
 from pdserve.controller.mix_shift import mix_shifted
 from pdserve.controller.observation import Observation, PoolRole, WorkerObservation
 from pdserve.controller.perf_model import PerfModel
@@ -121,14 +127,22 @@ def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, 
                     dataclasses.replace(reset, traffic_since_s=math.inf))
     if math.isinf(state.traffic_since_s):
         state = reset = dataclasses.replace(state, traffic_since_s=obs.now_s)
-    if needs is None:
-        return hold(f"Hold at {current}: {obs.traffic.arrival_rate:.3g} req/s arrived but none finished in the last "
-                    f"{obs.traffic.window_s:g}s, so the lengths are unknown.", reset)
-
     warming = obs.now_s - state.traffic_since_s
-    shifted = mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
-    plan = _plan(config, needs, current, inputs, trend.growth(state, obs, inputs), trend.lead_s(state, obs))
-    first_fit = _first_fit(config, state, obs, plan, inputs)
+    if needs is None:
+        unknown = (f"Hold at {current}: {obs.traffic.arrival_rate:.3g} req/s arrived but none finished in the last "
+                   f"{obs.traffic.window_s:g}s, so the lengths are unknown.")
+        needs = estimate_early_needs(config, model, state, obs)
+        plan = _plan(config, needs, current, inputs) if needs is not None else None
+        if plan is None or plan.action is not Action.ADD:
+            return hold(unknown, reset)
+        inputs.update(needs.inputs)
+        plan = dataclasses.replace(plan, why=f"{plan.why}; no request has finished yet, so decode counts only the "
+                                              f"requests it holds")
+        shifted = first_fit = False
+    else:
+        shifted = mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
+        plan = _plan(config, needs, current, inputs, trend.growth(state, obs, inputs), trend.lead_s(state, obs))
+        first_fit = _first_fit(config, state, obs, plan, inputs)
     if plan.target == current:
         return hold(plan.why, _fitted(dataclasses.replace(state, candidate=None, candidate_ticks=0), obs))
     ticks = state.candidate_ticks + 1 if _same_way(state.candidate, plan.target, current) else 1

@@ -134,14 +134,17 @@ def _lengths(obs: Observation) -> tuple[int, int, int]:
 def _demand_lengths(obs: Observation, state: ControllerState) -> tuple[int, int, int]:
     """(ISL, OSL, ctx) for sizing the pools: the lengths of what is arriving when known (both follow a change in the
     mix at once: the prompt's is known on arrival, the output's is predicted from the prompt's length class), else
-    of what finished."""
-    isl, osl, _ = _lengths(obs)
-    arrived = obs.traffic.arrived_input_tokens
-    if math.isfinite(arrived) and arrived >= 1:
-        isl = round(arrived)
-    predicted = expected_output(state.output_by_class, obs.traffic.arrived_by_class)
+    of what finished. With neither known for the output (nothing has finished yet) OSL is 1: no steady decode need,
+    only the requests decode holds (`estimate_early_needs`)."""
+    traffic = obs.traffic
+    isl, osl = traffic.mean_input_tokens, traffic.mean_output_tokens
+    if math.isfinite(traffic.arrived_input_tokens) and traffic.arrived_input_tokens >= 1:
+        isl = traffic.arrived_input_tokens
+    predicted = expected_output(state.output_by_class, traffic.arrived_by_class)
     if math.isfinite(predicted) and predicted >= 1:
-        osl = round(predicted)
+        osl = predicted
+    isl = max(1, round(isl))
+    osl = max(1, round(osl)) if math.isfinite(osl) else 1
     return isl, osl, max(1, round(isl + osl / 2))
 
 
@@ -249,8 +252,22 @@ def _pressure(config: ControllerConfig, p90: float, slo: float, need: float, siz
     return min(p90 / slo, MAX_PRESSURE)
 
 
+def estimate_early_needs(config: ControllerConfig, model: PerfModel, state: ControllerState,
+                         obs: Observation) -> PoolNeeds | None:
+    """Lower bounds on the needs while no request has finished, so the output lengths are unknown: the prompts
+    arriving and queued (their lengths are known on arrival) and the requests decode holds (each keeps its seat at
+    least until it finishes), without the steady decode need. At a cold start nothing finishes for a whole request's
+    life (live, 64 tokens at ~270 ms: 17 s), while the decode seats fill and the router holds the rest. Only an add
+    may act on these: a move or a remove made on a lower bound could take a worker a pool needs. None when the
+    arrivals' prompt lengths are unknown too."""
+    if math.isfinite(obs.traffic.mean_output_tokens) or not math.isfinite(obs.traffic.arrived_input_tokens):
+        return None
+    return estimate_needs(config, model, state, obs)
+
+
 def estimate_needs(config: ControllerConfig, model: PerfModel, state: ControllerState, obs: Observation) -> PoolNeeds:
-    """The prefill and decode needs in workers. The traffic window must have lengths (`TrafficWindow.has_lengths`)."""
+    """The prefill and decode needs in workers. The traffic window must have lengths (`TrafficWindow.has_lengths`),
+    or the arrivals' prompt lengths (`estimate_early_needs`, which calls this)."""
     traffic = obs.traffic
     rate = traffic.arrival_rate
     isl, osl, ctx = _demand_lengths(obs, state)
