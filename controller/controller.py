@@ -134,13 +134,15 @@ def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, 
                    f"{obs.traffic.window_s:g}s, so the lengths are unknown.")
         needs = estimate_early_needs(config, model, state, obs)
         plan = _plan(config, needs, current, inputs) if needs is not None else None
-        if plan is None or plan.action is not Action.ADD:
+        if plan is None or not _acts_on_early_needs(plan, current):
             return hold(unknown, reset)
         inputs.update(needs.inputs)
         plan = dataclasses.replace(plan, why=f"{plan.why}; no request has finished yet, so decode counts only the "
                                               f"requests it holds")
         shifted = first_fit = False
+        early = True
     else:
+        early = False
         shifted = mix_shifted(config, needs, state, obs, current, inputs, warming < config.warmup_s)
         plan = _plan(config, needs, current, inputs, trend.growth(state, obs, inputs), trend.lead_s(state, obs))
         first_fit = _first_fit(config, state, obs, plan, inputs)
@@ -150,7 +152,7 @@ def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, 
     state = dataclasses.replace(state, candidate=plan.target, candidate_ticks=ticks)
     inputs["candidate_ticks"] = float(ticks)
     shift = plan.action is Action.MOVE and (shifted or first_fit)
-    if warming < config.warmup_s and not shift and plan.action is not Action.ADD:
+    if warming < config.warmup_s and not shift and not early and plan.action is not Action.ADD:
         return hold(f"{plan.why}; warming up ({warming:.0f}s of {config.warmup_s:g}s since traffic began: the first "
                     f"requests to finish are the short ones, so the lengths seen so far are too short), holding at "
                     f"{current} unless the mix is plainly wrong for it.", reset, plan.target)
@@ -212,6 +214,14 @@ def _follow_shift(config: ControllerConfig, state: ControllerState, obs: Observa
                 f"{plan.why}; the mix has shifted (the averages alone load {heading}, where the pools are heading "
                 f"with {names} in transition, {inputs['shift_ratio']:.2f}x its best split), so more go the same way "
                 f"now", state, inputs)
+
+
+def _acts_on_early_needs(plan: _Plan, current: tuple[int, int]) -> bool:
+    """Before any request finishes, decode's need is a lower bound (the requests it holds: `estimate_early_needs`)
+    and prefill's is as good as ever (the prompts' lengths are known on arrival). So an add, or a move toward decode,
+    may go on it: decode needs at least that much. A move away from decode, or a remove, may not. The warm-up does
+    not hold these back: it guards against the first answers' short lengths, and these use none."""
+    return plan.action is Action.ADD or (plan.action is Action.MOVE and plan.target[1] > current[1])
 
 
 def _fitted(state: ControllerState, obs: Observation) -> ControllerState:

@@ -451,33 +451,41 @@ def test_no_traffic_holds() -> None:
     assert decision.action is Action.HOLD and "lengths are unknown" in decision.reason
 
 
-def _cold_start(held_per_worker: int, router_waiting: int) -> Observation:
+def _cold_start(held_per_worker: int, router_waiting: int, queued_prefill_tokens: int = 0) -> Observation:
     """2:2 a few seconds into traffic: nothing has finished, so only the arrivals' prompt lengths are known."""
     nan = math.nan
     window = TrafficWindow(20.0, 2.0, 0, nan, nan, nan, nan, nan, nan, nan, router_waiting=router_waiting,
                            arrived_input_tokens=200.0)
-    workers = tuple(WorkerObservation(f"w{i:02d}", PoolRole.PREFILL, False) for i in range(2)) + tuple(
+    workers = tuple(WorkerObservation(f"w{i:02d}", PoolRole.PREFILL, False, queued_prefill_tokens=queued_prefill_tokens)
+                    for i in range(2)) + tuple(
         WorkerObservation(f"w{i:02d}", PoolRole.DECODE, False, running=held_per_worker,
                           kv_blocks_used=held_per_worker * 220 // BLOCK, kv_blocks_total=KV_TOKENS // BLOCK)
         for i in range(2, 4))
     return Observation(12.0, workers, window)
 
 
-def test_before_anything_finishes_the_requests_decode_holds_call_for_an_add() -> None:
+def _twice(config: ControllerConfig, obs: Observation) -> tuple[Decision, Decision]:
+    first = tick(config, MODEL, ControllerState(), obs)
+    return first, tick(config, MODEL, first.state, dataclasses.replace(obs, now_s=obs.now_s + 3.0))
+
+
+def test_before_anything_finishes_the_requests_decode_holds_call_for_decode_workers() -> None:
     """At a cold start nothing finishes for a request's whole life (live: 17 s), while the decode seats fill and the
-    router holds the rest. Those held requests are a lower bound on decode's need that needs no output length: an
-    add on it is confirmed like any add; nothing else (a move or remove) acts on a lower bound."""
-    config = make_config(max_num_seqs=8, max_workers=8, min_workers=2)
+    router holds the rest. The requests decode holds are a lower bound on its need that needs no output length (the
+    prompts' lengths, prefill's, are known on arrival): an add, or a move toward decode, may act on it, confirmed as
+    usual and not held back by the warm-up; a move away from decode or a remove may not."""
     full = _cold_start(8, 14)  # 30 requests held for 16 seats: ~4 decode workers
-    first = tick(config, MODEL, ControllerState(), full)
+    first, second = _twice(make_config(max_num_seqs=8, max_workers=8, warmup_s=60.0), full)
     assert first.action is Action.HOLD and "seen 1 of 2" in first.reason
-    second = tick(config, MODEL, first.state, dataclasses.replace(full, now_s=15.0))
     assert second.action is Action.ADD and "no request has finished yet" in second.reason
     assert set(second.add) == {PoolRole.DECODE} and second.target[1] >= 4
-    # without room to add, or with seats to spare (a remove would be next), it holds until lengths are known
-    for config, obs in ((make_config(max_num_seqs=8), full), (config, _cold_start(2, 0))):
-        decision = tick(config, MODEL, first.state, obs)
-        assert decision.action is Action.HOLD and "lengths are unknown" in decision.reason
+    first, second = _twice(make_config(max_num_seqs=8, warmup_s=60.0), full)  # no room to add: a prefill worker moves
+    assert first.action is Action.HOLD and second.action is Action.MOVE
+    assert {m.to_role for m in second.moves} == {PoolRole.DECODE}
+    for config, obs in ((make_config(max_num_seqs=8), _cold_start(0, 0, queued_prefill_tokens=20_000)),  # to prefill
+                        (make_config(max_num_seqs=8, min_workers=2), _cold_start(1, 0))):  # a remove
+        _, second = _twice(config, obs)
+        assert second.action is Action.HOLD and "lengths are unknown" in second.reason
 
 
 # --- budget -------------------------------------------------------------------------------------------------------
