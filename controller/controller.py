@@ -38,7 +38,9 @@ workers the way the ones in transition are going, planned from the split they ar
 leave is not waited for (it takes no new requests, so the pools' loads already show the fleet without it, and the
 scale-down cooldown counts from the remove); with `pin` set the target is the pin (clamped to the budget) and the
 controller moves one worker per tick toward it without confirmation or cooldown; with no traffic (nothing arrived,
-nothing finished), or with no finished request to learn lengths from, it holds; in the first warmup_s of traffic
+nothing finished), it holds; with no finished request to learn lengths from, it acts only on what needs no output
+length (`estimate_early_needs`: the requests decode holds, a lower bound on its need, and the arriving prompts):
+an add, or a move toward decode, and otherwise holds; in the first warmup_s of traffic
 (the first requests to finish are the short ones, so lengths learned then are too short) it moves only for a shift
 in the mix (below) or for the first fit (a starting split the best one beats shift_ratio times: the start was a
 guess made without the traffic, so it goes all the way at once), and removes nothing; it does add, since lengths
