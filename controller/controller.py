@@ -136,9 +136,12 @@ def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, 
                    f"{obs.traffic.window_s:g}s, so the lengths are unknown.")
         needs = estimate_early_needs(config, model, state, obs)
         plan = _plan(config, needs, current, inputs) if needs is not None else None
+        if needs is not None:
+            inputs.update(needs.inputs)
+            unknown = (f"{unknown[:-1]}; decode holds {needs.inputs['decode_held']:.0f} requests, at least "
+                       f"{needs.decode:.2f} workers' worth.")
         if plan is None or not _acts_on_early_needs(plan, current):
             return hold(unknown, reset)
-        inputs.update(needs.inputs)
         plan = dataclasses.replace(plan, why=f"{plan.why}; no request has finished yet, so decode counts only the "
                                               f"requests it holds")
         shifted = first_fit = False

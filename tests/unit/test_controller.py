@@ -486,6 +486,8 @@ def test_before_anything_finishes_the_requests_decode_holds_call_for_decode_work
                         (make_config(max_num_seqs=8, min_workers=2), _cold_start(1, 0))):  # a remove
         _, second = _twice(config, obs)
         assert second.action is Action.HOLD and "lengths are unknown" in second.reason
+        assert "decode holds" in second.reason and second.inputs["decode_held"] == sum(
+            w.running for w in obs.active(PoolRole.DECODE))
 
 
 # --- budget -------------------------------------------------------------------------------------------------------
