@@ -24,8 +24,8 @@ def added_roles(grow_p: int, grow_d: int, count: int, prefill_busier: bool) -> t
 
 
 def act(config: ControllerConfig, action: Action, target: tuple[int, int], current: tuple[int, int],
-         obs: Observation, needs: PoolNeeds | None, why: str, state: ControllerState,
-         inputs: dict[str, float], max_moves: int | None = None) -> Decision:
+        obs: Observation, needs: PoolNeeds | None, why: str, state: ControllerState,
+        inputs: dict[str, float], max_moves: int | None = None) -> Decision:
     """The step from current toward target: every worker added or removed at once, or up to `max_moves`
     (config.max_moves) moved."""
     grow_p, grow_d = target[0] - current[0], target[1] - current[1]
@@ -48,7 +48,7 @@ def act(config: ControllerConfig, action: Action, target: tuple[int, int], curre
 
 
 def removal(target: tuple[int, int], current: tuple[int, int], obs: Observation, why: str, state: ControllerState,
-             inputs: dict[str, float]) -> Decision:
+            inputs: dict[str, float]) -> Decision:
     """Remove sum(current) - sum(target) workers, the least loaded of the pools that shrink (prefill first as far
     as it shrinks, the rest from decode)."""
     count = sum(current) - sum(target)

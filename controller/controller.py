@@ -135,13 +135,13 @@ def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, 
         unknown = (f"Hold at {current}: {obs.traffic.arrival_rate:.3g} req/s arrived but none finished in the last "
                    f"{obs.traffic.window_s:g}s, so the lengths are unknown.")
         needs = estimate_early_needs(config, model, state, obs)
-        plan = _plan(config, needs, current, inputs) if needs is not None else None
-        if needs is not None:
-            inputs.update(needs.inputs)
-            unknown = (f"{unknown[:-1]}; decode holds {needs.inputs['decode_held']:.0f} requests, at least "
-                       f"{needs.decode:.2f} workers' worth.")
-        if plan is None or not _acts_on_early_needs(plan, current):
+        if needs is None:
             return hold(unknown, reset)
+        inputs.update(needs.inputs)
+        plan = _plan(config, needs, current, inputs)
+        if not _acts_on_early_needs(plan, current):
+            return hold(f"{unknown[:-1]}; decode holds {needs.inputs['decode_held']:.0f} requests, at least "
+                        f"{needs.decode:.2f} workers' worth.", reset)
         plan = dataclasses.replace(plan, why=f"{plan.why}; no request has finished yet, so decode counts only the "
                                               f"requests it holds")
         shifted = first_fit = False
@@ -178,8 +178,8 @@ def _decide(config: ControllerConfig, model: PerfModel, state: ControllerState, 
         return hold(f"{plan.why}; confirmed, but the last change was {since:.0f}s ago ({name} "
                     f"{cooldown:g}s), holding at {current} for now.", state, plan.target)
     return act(config, plan.action, plan.target, current, obs, needs, plan.why,
-                _fitted(dataclasses.replace(state, last_move_s=obs.now_s), obs), inputs,
-                max_moves=abs(plan.target[0] - current[0]) if first_fit else config.max_moves)
+               _fitted(dataclasses.replace(state, last_move_s=obs.now_s), obs), inputs,
+               max_moves=abs(plan.target[0] - current[0]) if first_fit else config.max_moves)
 
 
 def _first_fit(config: ControllerConfig, state: ControllerState, obs: Observation, plan: _Plan,
@@ -216,9 +216,9 @@ def _follow_shift(config: ControllerConfig, state: ControllerState, obs: Observa
         return None
     state = _fitted(dataclasses.replace(state, last_move_s=obs.now_s, candidate=None, candidate_ticks=0), obs)
     return act(config, Action.MOVE, plan.target, heading, obs, needs,
-                f"{plan.why}; the mix has shifted (the averages alone load {heading}, where the pools are heading "
-                f"with {names} in transition, {inputs['shift_ratio']:.2f}x its best split), so more go the same way "
-                f"now", state, inputs)
+               f"{plan.why}; the mix has shifted (the averages alone load {heading}, where the pools are heading "
+               f"with {names} in transition, {inputs['shift_ratio']:.2f}x its best split), so more go the same way "
+               f"now", state, inputs)
 
 
 def _acts_on_early_needs(plan: _Plan, current: tuple[int, int]) -> bool:
@@ -393,4 +393,4 @@ def _pinned(config: ControllerConfig, state: ControllerState, obs: Observation, 
                         inputs=inputs, state=state)
     action = Action.ADD if goal > total else Action.REMOVE if goal < total else Action.MOVE
     return act(config, action, target, current, obs, needs, why, dataclasses.replace(state, last_move_s=obs.now_s),
-                inputs)
+               inputs)
