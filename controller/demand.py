@@ -258,8 +258,8 @@ def estimate_early_needs(config: ControllerConfig, model: PerfModel, state: Cont
     arriving and queued (their lengths are known on arrival) and the requests decode holds (each keeps its seat at
     least until it finishes), without the steady decode need. At a cold start nothing finishes for a whole request's
     life (live, 64 tokens at ~270 ms: 17 s), while the decode seats fill and the router holds the rest. Only an add
-    may act on these: a move or a remove made on a lower bound could take a worker a pool needs. None when the
-    arrivals' prompt lengths are unknown too."""
+    or a move toward decode may act on these (`controller._acts_on_early_needs`): a move away from decode or a remove
+    made on a lower bound could take a worker decode needs. None when the arrivals' prompt lengths are unknown too."""
     if math.isfinite(obs.traffic.mean_output_tokens) or not math.isfinite(obs.traffic.arrived_input_tokens):
         return None
     return estimate_needs(config, model, state, obs)
