@@ -211,14 +211,14 @@ def update_corrections(config: ControllerConfig, model: PerfModel, state: Contro
         service = model.prefill_seconds(isl) * ttft_c
         if _backlog_tokens(obs) / isl * service / len(prefill) > config.slo_ttft_s:
             state = dataclasses.replace(state, backlog_seen_s=obs.now_s)
-        drained = obs.now_s - state.backlog_seen_s >= 2 * traffic.window_s
+        backlog_gone = obs.now_s - state.backlog_seen_s >= 2 * traffic.window_s
         # The window's requests ran under the pools of its ticks, not only the pool as it is now.
         sizes = [size for _, size, _ in state.pool_samples if size > 0]
         predicted = sum(_predicted_ttft(model, isl, ttft_c, traffic.arrival_rate, size) for size in sizes) / len(sizes)
         inputs["predicted_ttft_p50_s"] = predicted
         inputs["prefill_ran_under"] = sum(sizes) / len(sizes)
         observed = traffic.ttft_p50_s
-        if math.isfinite(observed) and observed > 0 and predicted > 0 and drained and (settled or only_shrank):
+        if math.isfinite(observed) and observed > 0 and predicted > 0 and backlog_gone and (settled or only_shrank):
             ttft_c = _ema(config, ttft_c, ttft_c * observed / predicted)
             inputs["ttft_correction_updated"] = 1.0
 

@@ -237,7 +237,7 @@ class DecodeWorker:
     def _first_token_came(self, engine: Engine, token: FirstToken) -> None:
         arrival = self._arriving.get(token.request_id)
         if arrival is None or arrival.tag != token.tag:
-            return  # aborted here already; its KV, if announced, is drained
+            return  # aborted here already; its KV, if announced, is discarded
         if token.finished:  # it ended at its first token, at the prefill worker: its router has the answer
             self._abort(engine, token.request_id)
             return
@@ -259,7 +259,7 @@ class DecodeWorker:
             self.runtime.connector.start_recv(Transfer(transfer_id, announcement.prefill_worker, blocks,
                                                        announcement.tag, self.runtime.spec.kv_transfer.timeout_s))
         except TransferError as e:  # no pair with that worker any more: its send cannot complete either
-            log.warning("KV of %s from %s not drained: %s", announcement.request_id, announcement.prefill_worker, e)
+            log.warning("KV of %s from %s not discarded: %s", announcement.request_id, announcement.prefill_worker, e)
             return
         self.runtime.connector.cancel(transfer_id)
 

@@ -49,7 +49,7 @@ NO_KV_WAIT_S = 5.0
 HEADER_GRACE_S = 5.0
 """How long past its receive's deadline a read waits for the next header before it calls the pair broken. A sender
 gives a transfer up by the same deadline (counted from before the receive was posted) and then sends "no KV", so a
-header later than this means the peer or the link is gone; a late one is drained, and the pair stays in step."""
+header later than this means the peer or the link is gone; a late one is discarded, and the pair stays in step."""
 
 
 class Phase(enum.Enum):

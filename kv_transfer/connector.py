@@ -15,7 +15,7 @@ in place while its messages are on the wire, so it is reported only once nothing
 Sends and receives are matched one to one by tag, and a receive is posted only for a send that has started: so a
 receive's timeout bounds the transfer, not a wait in some queue, and no transfer waits for KV that is not coming.
 KV that nobody wants any more (its request was aborted, or reaped) still gets a receive, cancelled at once, which
-drains it. A send of no blocks ends its receive as FAILED ("the KV will not come"); the workers do not use it, it is
+discards it. A send of no blocks ends its receive as FAILED ("the KV will not come"); the workers do not use it, it is
 there for peers that must answer a posted receive.
 """
 

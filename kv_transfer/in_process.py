@@ -2,7 +2,7 @@
 
 For tests and the simulator. `Exchange` pairs sends with receives by (sender, receiver, tag); a send whose receive
 has not been posted yet waits in the exchange (as a real transport buffers it); a cancelled receive still takes its
-send off the wire (as the torch.distributed connector drains it). `fail_next(worker)` makes that
+send off the wire (as the torch.distributed connector discards it). `fail_next(worker)` makes that
 worker's next transfer fail, to test the failure paths.
 """
 
@@ -30,7 +30,7 @@ class Exchange:
     def __init__(self) -> None:
         self.connectors: dict[str, InProcessConnector] = {}
         self.in_flight: dict[tuple[str, str, int], torch.Tensor] = {}  # (sender, receiver, tag) -> blocks
-        self.draining: set[tuple[str, str, int]] = set()
+        self.discarding: set[tuple[str, str, int]] = set()
         """Cancelled receives whose send has not arrived yet: it is dropped when it does."""
         self.failing: set[str] = set()
 
@@ -55,8 +55,8 @@ class InProcessConnector(KVConnector):
         if self._consume_failure(transfer):
             return
         key = (self.worker_id, transfer.peer, transfer.tag)
-        if key in self.exchange.draining:
-            self.exchange.draining.discard(key)
+        if key in self.exchange.discarding:
+            self.exchange.discarding.discard(key)
         else:
             self.exchange.in_flight[key] = self._cache().read_blocks(transfer.block_ids)
         self._finish(transfer.transfer_id, TransferStatus.DONE)
@@ -92,7 +92,7 @@ class InProcessConnector(KVConnector):
         if not p.sending:
             key = (p.transfer.peer, self.worker_id, p.transfer.tag)
             if self.exchange.in_flight.pop(key, None) is None:
-                self.exchange.draining.add(key)
+                self.exchange.discarding.add(key)
         self._finish(transfer_id, TransferStatus.CANCELLED)
 
     def shutdown(self) -> None:

@@ -2,7 +2,7 @@
 
 Staging is needed only where a transfer cannot use the cache itself: a sender gathering scattered blocks, a receiver
 whose blocks for a piece are not consecutive, and KV that arrives before its receive was posted (or after it was
-given up) and is held or drained.
+given up) and is held or discarded.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ A transfer's blocks are read and written in place: no gather on the sender, no s
 blocks are consecutive. So a transfer whose messages are on the wire is reported only once they end, whatever the
 caller asked: after `cancel`, free the blocks when `poll` reports the transfer (at once while it still waits its
 turn; at the latest by its deadline). Transfers still waiting when their deadline passes are reported TIMED_OUT by
-`poll`, and their KV is drained when it comes.
+`poll`, and their KV is discarded when it comes.
 
 A transport error or timeout breaks a pair (gloo closes it for good; NCCL's communicator is aborted): the pair is
 dropped at the next `poll`, the transfers waiting on it fail, the worker's heartbeat no longer lists the peer, and the

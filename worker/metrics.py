@@ -19,7 +19,7 @@ the next scrape is whole again.
     pdserve_worker_requests_reaped_total                  counter    requests aborted because their router stopped
                                                                     collecting their tokens (its lease lapsed)
     pdserve_worker_kv_transfers_total{status}             counter    KV transfers ended: done, failed, cancelled
-                                                                    (an aborted request's KV, drained),
+                                                                    (an aborted request's KV, discarded),
                                                                     timed_out
     pdserve_worker_kv_transfer_seconds                    histogram  a handoff that moved KV, start to done (sends on
                                                                     a prefill worker, receives on a decode worker)

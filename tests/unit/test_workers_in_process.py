@@ -175,7 +175,7 @@ def test_kv_announced_for_an_aborted_request_is_drained_not_left_on_the_wire():
         return decode.runtime.connector.exchange
 
     exchange = asyncio.run(go())
-    assert exchange.in_flight == {} and exchange.draining == set()
+    assert exchange.in_flight == {} and exchange.discarding == set()
 
 
 def test_abort_while_the_kv_is_on_the_wire_frees_both_sides():
