@@ -141,18 +141,18 @@ def agreement(device: str, folder: str, dtype: str, overrides: dict) -> tuple[fl
 
 
 def correctness(checks: list[Check], plan: Plan) -> None:
-    folder = tempfile.mkdtemp(prefix="pdserve-gpu-check-")
-    small_llama_folder(folder)
     paths = [("torch attention", {"attention": "torch"})]
     if plan.device.startswith("cuda"):
         paths.insert(0, ("paged kernels + CUDA graphs", {"attention": "triton"}))
-    for dtype in ("fp32", "bf16"):
-        for label, overrides in paths:
-            def run(check: Check, dtype=dtype, overrides=overrides) -> None:
-                share, count = agreement(plan.device, folder, dtype, overrides)
-                check.value = f"{share:.1%} of {count} tokens"
-                check.detail = {"agreement": share, "tokens": count}
-            attempt(checks, "correctness", f"{dtype}, {label}", run)
+    with tempfile.TemporaryDirectory(prefix="pdserve-gpu-check-") as folder:
+        small_llama_folder(folder)
+        for dtype in ("fp32", "bf16"):
+            for label, overrides in paths:
+                def run(check: Check, dtype=dtype, overrides=overrides) -> None:
+                    share, count = agreement(plan.device, folder, dtype, overrides)
+                    check.value = f"{share:.1%} of {count} tokens"
+                    check.detail = {"agreement": share, "tokens": count}
+                attempt(checks, "correctness", f"{dtype}, {label}", run)
 
 
 # ---- decode and prefill ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ NCCL needs two GPUs and is not here.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -128,7 +129,8 @@ def _ipc_receiver(store_path: str, model: ModelConfig, block_size: int, dtype: t
 def ipc_row(engine: Engine, blocks: int) -> tuple[str, dict]:
     source = engine.kv_cache
     device = source.tensor.device
-    store_path = os.path.join(tempfile.mkdtemp(prefix="pdserve-gpu-check-"), "store")
+    store_folder = tempfile.mkdtemp(prefix="pdserve-gpu-check-")
+    store_path = os.path.join(store_folder, "store")
     context = mp.get_context("spawn")
     outbox = context.Queue()
     child = context.Process(target=_ipc_receiver, args=(store_path, engine.model_config, source.block_size,
@@ -151,6 +153,7 @@ def ipc_row(engine: Engine, blocks: int) -> tuple[str, dict]:
         child.join(30)
         if child.is_alive():
             child.kill()
+        shutil.rmtree(store_folder, ignore_errors=True)
     moved = source.tensor[:, :, :blocks]
     local = torch.empty_like(moved)
     plain = best_of(3, lambda: local.copy_(moved), device)
