@@ -63,10 +63,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-tpot", type=float, metavar="SECONDS", help="required but with --scenarios")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--interval-s", type=float, default=5.0, help="controller tick (default 5)")
-    p.add_argument("--cooldown-s", type=float, default=20.0, help="controller cooldown after a move (default 20)")
+    p.add_argument("--interval-s", type=float, help="controller tick (default: the controller's own, as live)")
+    p.add_argument("--cooldown-s", type=float,
+                   help="controller cooldown after a move (default: the controller's own, as live)")
     p.add_argument("--window-s", type=float, default=30.0, help="controller traffic window (default 30)")
-    p.add_argument("--max-moves", type=int, default=1, help="most workers one controller decision moves (default 1)")
+    p.add_argument("--max-moves", type=int,
+                   help="most workers one controller decision moves (default: the controller's own, as live)")
     p.add_argument("--role-switch-s", type=float, default=5.0,
                    help="seconds from a moved worker's drain to serving in its new role (default 5; live ~2 for "
                         "a switch in place, a model load more for a restart)")
@@ -77,8 +79,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="the controller may remove workers down to this many (default: it never removes)")
     p.add_argument("--max-workers", type=int, default=None,
                    help="the controller may add workers up to this many (default: it never adds)")
-    p.add_argument("--scale-down-cooldown-s", type=float, default=120.0,
-                   help="no remove within this long of the last change (default 120)")
+    p.add_argument("--scale-down-cooldown-s", type=float,
+                   help="no remove within this long of the last change (default: the controller's own, as live)")
     p.add_argument("--worker-start-s", type=float, default=60.0,
                    help="seconds from an add to the new worker serving (default 60)")
     p.add_argument("--policy", default="", metavar="MODULE:CLASS",
@@ -143,11 +145,13 @@ def run(args: argparse.Namespace) -> int:
         cost = CostModel(shape(args.model), hardware(args.hardware), args.tp)
         slo = SLO(args.slo_ttft, args.slo_tpot)
         prefill_counts = _splits(args.splits, args.workers)
-        controller = ControllerConfig(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, interval_s=args.interval_s,
-                                      cooldown_s=args.cooldown_s, max_moves=args.max_moves,
+        flags = {"interval_s": args.interval_s, "cooldown_s": args.cooldown_s, "max_moves": args.max_moves,
+                 "scale_down_cooldown_s": args.scale_down_cooldown_s}
+        controller = ControllerConfig(slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot,
                                       max_num_seqs=args.max_num_seqs, min_workers=args.min_workers,
-                                      max_workers=args.max_workers, scale_down_cooldown_s=args.scale_down_cooldown_s,
-                                      kv_capacity_tokens=cost.kv_capacity_tokens(engine.sim.gpu_memory_fraction)
+                                      max_workers=args.max_workers,
+                                      kv_capacity_tokens=cost.kv_capacity_tokens(engine.sim.gpu_memory_fraction),
+                                      **{name: value for name, value in flags.items() if value is not None}
                                       ).replace(**parse_settings(args.set))
         start = _start(args.controller_from, args.workers, controller)
         policy_config = _policy_config(args.policy_config)

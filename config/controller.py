@@ -22,11 +22,11 @@ class Controller:
     """Decide and record, but move no worker."""
     interval_s: float = 5.0
     """Seconds between ticks."""
-    cooldown_s: float = 30.0
+    cooldown_s: float = 15.0
     """No move within this long of the last one finishing."""
     window_s: float = 30.0
     """The traffic window: requests finished in the last this many seconds (from the Redis timings stream)."""
-    max_moves: int = 1
+    max_moves: int = 2
     """Most workers one decision moves (they drain in parallel)."""
     confirm_ticks: int = 2
     """Ticks in a row a new target must be seen before a move (hysteresis)."""

@@ -31,13 +31,17 @@ class ControllerConfig:
     interval_s: float = 5.0
     """How often the adapter ticks: the heartbeats come every second or two and a move takes seconds to drain, so
     a tick in between reads fresh queues without deciding on every heartbeat."""
-    cooldown_s: float = 30.0
+    cooldown_s: float = 15.0
     """No move, add or remove within this long after the last one started, or after a worker was last seen in
-    transition (so it counts from when the move completed): the traffic window (30 s) must first fill with requests
-    served by the new split, or the controller judges it by the old one's latencies."""
-    max_moves: int = 1
+    transition (so it counts from when the move completed): the queues must first show the new split. The
+    corrections learn only from settled windows, so this need not wait for the traffic window to refill. (The
+    scenario family, with max_moves 2: 30 s -> 15 s raised the median from the even split 0.965 -> 0.990 on the
+    tuning half and 1.000 -> 1.032 held out; phases last 80-200 s, and a shift needing three workers took one
+    cooldown each.)"""
+    max_moves: int = 2
     """Most workers one decision moves; they drain in parallel, and the controller holds until all have switched.
-    More than one lets a large shift in the mix be followed in one step instead of one cooldown per worker."""
+    More than one lets a large shift in the mix be followed in one step instead of one cooldown per worker. (The
+    scenario family: 2 with the 15 s cooldown as above; 3 no better.)"""
     confirm_ticks: int = 2
     """A new target must be the target this many ticks in a row before the controller acts (hysteresis): a burst
     shorter than that clears by itself sooner than a drain and a switch would help. Ticks count as one target when

@@ -48,8 +48,10 @@ MODEL = FakeModel()
 
 
 def make_config(**changes: object) -> ControllerConfig:
-    # warmup_s: the fake world is steady from its first tick.
-    values: dict = {"slo_ttft_s": 0.5, "slo_tpot_s": 0.02, "kv_capacity_tokens": KV_TOKENS, "warmup_s": 0.0}
+    # warmup_s: the fake world is steady from its first tick. One worker a move and a 30 s cooldown (the defaults
+    # until 2026-12-07) keep each move of these tests' stories visible on its own; max_moves has tests of its own.
+    values: dict = {"slo_ttft_s": 0.5, "slo_tpot_s": 0.02, "kv_capacity_tokens": KV_TOKENS, "warmup_s": 0.0,
+                    "max_moves": 1, "cooldown_s": 30.0}
     values.update(changes)
     return ControllerConfig(**values)
 
