@@ -158,7 +158,7 @@ def test_an_abort_run_before_its_reserve_and_prefill_leaves_nothing_held():
     assert sum(len(e.token_ids) for e in events) == 10
 
 
-def test_kv_announced_for_an_aborted_request_is_drained_not_left_on_the_wire():
+def test_kv_announced_for_an_aborted_request_is_discarded_not_left_on_the_wire():
     """The decode side let the request go first (aborted, or reaped after its router died) and the prefill worker
     sends its KV after: the announcement finds no reservation, and the KV is received and dropped."""
     sampling = SamplingParams(max_tokens=10, temperature=0)
