@@ -176,7 +176,7 @@ class FastSimulation:
 
     def _pick_decode(self, request: int) -> DecodeWorker | None:
         """`policy.pick_decode` without affinity (most free blocks, then fewest requests, then id), then the
-        reservation: None when that worker has no room now."""
+        reservation: None when that worker has no room now, or has preempted requests waiting (they go first)."""
         best, used, requests = None, 0, 0
         for worker in self._ready(PoolRole.DECODE):
             worker_used, worker_requests = worker.load(self.now)
@@ -185,7 +185,7 @@ class FastSimulation:
         if best is None:
             return None
         blocks = blocks_for(self._prompt[request], self.shape.block_size)
-        if requests >= self.shape.max_num_seqs or self.shape.num_blocks - used < blocks:
+        if requests >= self.shape.max_num_seqs or self.shape.num_blocks - used < blocks or best.waiting:
             return None
         best.held, best.held_blocks = best.held + 1, best.held_blocks + blocks
         self._order[request] = next(self._orders)

@@ -28,7 +28,8 @@ prompt's last token is always computed (`prefix_hash.shareable_blocks`).
 
 Disaggregation hooks: `hold` parks a request (prefill done) with its blocks, outside the running set, until
 `finish` frees them; `reserve` allocates blocks for a request whose KV will be written from elsewhere (sharing the
-blocks of a cached prefix, whose KV need not be sent), and `commit` starts decoding it.
+blocks of a cached prefix, whose KV need not be sent), and `commit` starts decoding it. A reservation waits while a
+request of its priority or higher waits here: preempted requests come back before new ones come in.
 """
 
 from __future__ import annotations
@@ -138,7 +139,11 @@ class Scheduler:
     def reserve(self, request: Request) -> bool:
         """Allocate blocks for a request's prompt, whose KV will be written from elsewhere.
 
-        False when too few blocks are free or max_num_seqs requests are already running or reserved."""
+        False when too few blocks are free, when max_num_seqs requests are already running or reserved, or when a
+        request of its priority or higher waits here (one preempted, say): that one is admitted first, so a stream of
+        new reservations cannot take every block it frees and leave it waiting."""
+        if self.waiting and self.waiting[0].priority <= request.priority:
+            return False
         cached = self._cached_prefix(request)
         needed = blocks_for(request.num_tokens, self.blocks.block_size) - len(cached)
         while len(self.running) + len(self.held) >= self.max_num_seqs or not self.blocks.can_allocate(

@@ -81,6 +81,15 @@ def test_a_reservation_preempts_lower_priority_running_requests_only():
     assert batch.status is RequestStatus.WAITING and batch.num_computed_tokens == 0
 
 
+def test_a_waiting_request_holds_back_reservations_of_its_priority_or_lower_only():
+    _, sched = make()
+    waiting = req(0, 4, BATCH_PRIORITY)
+    sched.add(waiting)  # on a decode worker: one it preempted, or one resumed there
+    assert not sched.reserve(req(1, 4, BATCH_PRIORITY)) and not sched.reserve(req(2, 4, BATCH_PRIORITY + 1))
+    online = req(3, 4, ONLINE_PRIORITY)
+    assert sched.reserve(online) and online.status is RequestStatus.HELD
+
+
 # ---- the router's gate ---------------------------------------------------------------------------------------
 
 async def enter_all(gate: PriorityGate, priorities: list[int], entered: list[int]) -> list[asyncio.Task]:

@@ -301,6 +301,26 @@ def test_reserve_and_commit_then_decode():
     assert blocks.num_used == 0
 
 
+def test_a_reservation_waits_while_a_preempted_request_waits():
+    """Blocks freed on a decode worker go to the requests it preempted before new reservations: otherwise a stream of
+    small new prompts takes every freed block and a preempted request waits for as long as the stream lasts."""
+    blocks, sched = make(num_blocks=4)
+    a, b = req(0, prompt_len=6, max_tokens=2), req(1, prompt_len=8, max_tokens=3)
+    sched.add(a)
+    sched.add(b)
+    step(sched, a, b)
+    assert step(sched, a, b).preempted == ("r1",)
+    assert a.status is RequestStatus.FINISHED and list(sched.waiting) == [b] and blocks.num_free == 4
+    c = req(2, prompt_len=4, max_tokens=2)
+    assert not sched.reserve(c)  # a block is free for c, but b came first
+    assert c.block_ids == [] and "r2" not in sched.held and blocks.num_free == 4
+    assert ids(step(sched, b)) == ["r1"]  # b is recomputed
+    assert sched.reserve(c) and c.status is RequestStatus.HELD
+    sched.finish(c)
+    run_to_end(sched, b)
+    assert blocks.num_used == 0
+
+
 def test_finish_mid_prefill_and_while_waiting_frees_everything():
     blocks, sched = make(budget=8)
     a, b = req(0, prompt_len=20), req(1, prompt_len=4)
