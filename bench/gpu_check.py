@@ -17,7 +17,8 @@ No Ray, Redis, downloads or model files: random weights of real shapes. Writes `
 - KV handoff (`bench.gpu_kv_check`): our connector's in-place handoff of 1 GiB of llama-3-8b KV and the IPC
   connector's handoff between two processes, each against a plain device copy, and decode steps with handoffs
   running beside them.
-A row that fails records its error and the rest go on.
+A row that fails records its error and the rest go on; both files are rewritten after every row, so a run its
+timeout stops keeps every row it finished.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from pdserve.engine import Engine, EngineConfig, SamplingParams
 from pdserve.engine.quantization import weight_bytes
 from pdserve.engine.shapes import shape
 
-# Published peaks (dense bf16 FLOP/s, HBM bytes/s) of the SXM parts; CPUs get no MBU/MFU.
-PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
+# Published peaks (dense bf16 FLOP/s, HBM bytes/s), matched against the device's name in this order (the PCIe and
+# NVL parts before the SXM ones whose names they contain); CPUs get no MBU/MFU.
+PEAKS = (("H100 PCIe", (756e12, 2.0e12)), ("H100 NVL", (835e12, 3.9e12)), ("H200 NVL", (835e12, 4.8e12)),
+         ("H200", (989e12, 4.8e12)), ("H100", (989e12, 3.35e12)), ("A100", (312e12, 2.0e12)))
 
 
 @dataclass
@@ -85,21 +88,48 @@ def peaks(device: str) -> tuple[float, float] | None:
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(torch.device(device))
-    return next((p for key, p in PEAKS.items() if key in name), None)
+    return next((p for key, p in PEAKS if key in name), None)
 
 
-def attempt(checks: list[Check], section: str, name: str, fn: Callable[[Check], None]) -> None:
+@dataclass
+class Report:
+    """The rows so far, written to both files after every row: a run stopped by its timeout keeps what it measured."""
+
+    out_dir: str
+    header: str
+    checks: list[Check] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, check: Check) -> None:
+        self.checks.append(check)
+        self.write()
+
+    def write(self) -> str:
+        """Both files, with the rows so far; returns the markdown table."""
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, "gpu_check.json"), "w") as f:
+            json.dump({"header": self.header, "seconds": time.perf_counter() - self.started,
+                       "checks": [c.__dict__ for c in self.checks]}, f, indent=1)
+        table = markdown(self.checks, self.header)
+        with open(os.path.join(self.out_dir, "gpu_check.md"), "w") as f:
+            f.write(table)
+        return table
+
+
+def attempt(report: Report, section: str, name: str, fn: Callable[[Check], None]) -> bool:
+    """Run one row; whether it succeeded."""
     check = Check(section, name)
     try:
         fn(check)
     except Exception as exc:  # noqa: BLE001 - a failed row is reported as such; the others still run
         check.error = f"{type(exc).__name__}: {exc}"
         check.detail["traceback"] = traceback.format_exc(limit=6)
-    checks.append(check)
+    report.add(check)
     print(f"[{section}] {name}: {check.error or check.value}", flush=True)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return check.error is None
 
 
 # ---- correctness ----------------------------------------------------------------------------------------------
@@ -140,19 +170,24 @@ def agreement(device: str, folder: str, dtype: str, overrides: dict) -> tuple[fl
     return same / (tokens * len(prompts)), tokens * len(prompts)
 
 
-def correctness(checks: list[Check], plan: Plan) -> None:
+def correctness(report: Report, plan: Plan) -> None:
     paths = [("torch attention", {"attention": "torch"})]
     if plan.device.startswith("cuda"):
         paths.insert(0, ("paged kernels + CUDA graphs", {"attention": "triton"}))
     with tempfile.TemporaryDirectory(prefix="pdserve-gpu-check-") as folder:
-        small_llama_folder(folder)
+        def write_llama(check: Check) -> None:
+            small_llama_folder(folder)
+            check.value = "saved (4 layers, hidden 256, vocab 512)"
+
+        if not attempt(report, "correctness", "a small random Llama in transformers", write_llama):
+            return
         for dtype in ("fp32", "bf16"):
             for label, overrides in paths:
                 def run(check: Check, dtype=dtype, overrides=overrides) -> None:
                     share, count = agreement(plan.device, folder, dtype, overrides)
                     check.value = f"{share:.1%} of {count} tokens"
                     check.detail = {"agreement": share, "tokens": count}
-                attempt(checks, "correctness", f"{dtype}, {label}", run)
+                attempt(report, "correctness", f"{dtype}, {label}", run)
 
 
 # ---- decode and prefill ---------------------------------------------------------------------------------------
@@ -164,7 +199,7 @@ def engine_for(plan: Plan, overrides: dict, max_tokens_per_step: int) -> Engine:
     return Engine(EngineConfig(**{**settings, **overrides}))
 
 
-def loaded_engine(checks: list[Check], section: str, label: str, plan: Plan, overrides: dict,
+def loaded_engine(report: Report, section: str, label: str, plan: Plan, overrides: dict,
                   max_tokens_per_step: int) -> Engine | None:
     """The engine for a section's rows, its load recorded as a row of its own; None if it failed."""
     engines: list[Engine] = []
@@ -173,16 +208,16 @@ def loaded_engine(checks: list[Check], section: str, label: str, plan: Plan, ove
         engines.append(engine_for(plan, overrides, max_tokens_per_step))
         check.value = f"{weight_bytes(engines[0].model) / 2**30:.2f} GiB of weights"
 
-    attempt(checks, section, f"{label}: load", build)
+    attempt(report, section, f"{label}: load", build)
     return engines[0] if engines else None
 
 
-def decode(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) -> None:
+def decode(report: Report, plan: Plan, peak: tuple[float, float] | None) -> None:
     cfg = shape(plan.shape)
     kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (2 if plan.dtype == "bf16" else 4)
     prompt_len, tokens = 128, plan.decode_tokens
     for label, overrides in plan.variants:
-        engine = loaded_engine(checks, "decode", label, plan, overrides, 4096)
+        engine = loaded_engine(report, "decode", label, plan, overrides, 4096)
         if engine is None:
             continue
         gen = torch.Generator().manual_seed(2)
@@ -199,14 +234,14 @@ def decode(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) ->
                 if peak is not None:
                     check.detail["mbu"] = read / step / peak[1]
                     check.value += f", MBU {check.detail['mbu']:.1%}"
-            attempt(checks, "decode", f"{label}: batch {batch}", run)
-        del engine
+            attempt(report, "decode", f"{label}: batch {batch}", run)
+        del engine, run  # `run` holds the engine too: the next variant's weights load without this one's
 
 
-def prefill(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) -> None:
+def prefill(report: Report, plan: Plan, peak: tuple[float, float] | None) -> None:
     cfg = shape(plan.shape)
     dense = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size  # the embedding table is a lookup
-    engine = loaded_engine(checks, "prefill", plan.dtype, plan, {}, max(plan.prompt_lengths))
+    engine = loaded_engine(report, "prefill", plan.dtype, plan, {}, max(plan.prompt_lengths))
     if engine is None:
         return
     gen = torch.Generator().manual_seed(3)
@@ -223,24 +258,31 @@ def prefill(checks: list[Check], plan: Plan, peak: tuple[float, float] | None) -
             if peak is not None:
                 check.detail["mfu"] = flops / seconds / peak[0]
                 check.value += f", MFU {check.detail['mfu']:.1%}"
-        attempt(checks, "prefill", f"{plan.dtype}: {length} tokens", run)
+        attempt(report, "prefill", f"{plan.dtype}: {length} tokens", run)
 
 
 VERIFY_CONTEXT = 128
 
 
-def verify(checks: list[Check], plan: Plan) -> None:
+def verify(report: Report, plan: Plan) -> None:
     """A verify step of k proposals per request is one forward pass of k + 1 new tokens per request over its context:
-    timed as the first token of a prompt whose first VERIFY_CONTEXT tokens the prefix cache holds."""
+    timed as the first token of a prompt whose first VERIFY_CONTEXT tokens the prefix cache holds. Without CUDA
+    graphs: k = 0 (one new token each) would replay a decode graph while k > 0 runs eager, and the ratio would
+    measure the launches, not the verify step."""
     cfg = shape(plan.shape)
-    engine = loaded_engine(checks, "verify", plan.dtype, plan, {"prefix_caching": True}, 4096)
+    engine = loaded_engine(report, "verify", plan.dtype, plan, {"prefix_caching": True, "cuda_graphs": False}, 4096)
     if engine is None:
         return
     gen = torch.Generator().manual_seed(4)
     once = SamplingParams(max_tokens=1, temperature=0)
     for batch in plan.verify_batches:
         contexts = [torch.randint(10, cfg.vocab_size, (VERIFY_CONTEXT,), generator=gen).tolist() for _ in range(batch)]
-        engine.generate(contexts, once)  # their KV is cached from now on (whole blocks)
+        def cache(check: Check, contexts=contexts, batch=batch) -> None:
+            engine.generate(contexts, once)  # their KV is cached from now on (whole blocks)
+            check.value = f"{batch} x {VERIFY_CONTEXT} tokens in the prefix cache"
+
+        if not attempt(report, "verify", f"{plan.dtype}: batch {batch}, {VERIFY_CONTEXT}-token contexts cached", cache):
+            continue
         plain: list[float] = []
         for k in plan.verify_proposals:
             def run(check: Check, k=k, contexts=contexts, plain=plain) -> None:
@@ -251,20 +293,21 @@ def verify(checks: list[Check], plan: Plan) -> None:
                     plain.append(seconds)
                 check.detail = {"ms": seconds * 1e3, "vs_k0": seconds / plain[0]}
                 check.value = f"{seconds * 1e3:.2f} ms, {seconds / plain[0]:.2f}x the k = 0 step"
-            attempt(checks, "verify", f"{plan.dtype}: batch {batch}, k {k}", run)
+            attempt(report, "verify", f"{plan.dtype}: batch {batch}, k {k}", run)
 
 
-def kv(checks: list[Check], plan: Plan) -> None:
-    engine = loaded_engine(checks, "kv", plan.dtype, plan, {}, 4096)
+def kv(report: Report, plan: Plan) -> None:
+    engine = loaded_engine(report, "kv", plan.dtype, plan, {}, 4096)
     if engine is None:
         return
+    engine.kv_cache.tensor.normal_()  # not zeros, which a handoff that moved nothing would leave "intact"
     blocks = handoff_blocks(engine)
     for name, row in (("handoff in place over the loopback", channel_row),
                       ("IPC handoff, two processes (CUDA IPC on a GPU)", ipc_row),
                       (f"decode batch {DECODE_BATCH} beside handoffs", beside_decode_row)):
         def run(check: Check, row=row) -> None:
             check.value, check.detail = row(engine, blocks)
-        attempt(checks, "kv", f"{plan.dtype}: {name}", run)
+        attempt(report, "kv", f"{plan.dtype}: {name}", run)
 
 
 def markdown(checks: list[Check], header: str) -> str:
@@ -289,30 +332,16 @@ def main() -> None:
     header = (f"gpu_check {time.strftime('%Y-%m-%d')}: {name}, torch {torch.__version__}, shape {plan.shape}"
               + (f", peaks {peak[0] / 1e12:.0f} TFLOP/s bf16, {peak[1] / 1e12:.2f} TB/s" if peak else ""))
     print(header, flush=True)
-    checks: list[Check] = []
-    started = time.perf_counter()
-    table = write(args.out_dir, header, checks, started)
-    for section, fn in (("correctness", lambda: correctness(checks, plan)),
-                        ("decode", lambda: decode(checks, plan, peak)),
-                        ("prefill", lambda: prefill(checks, plan, peak)),
-                        ("verify", lambda: verify(checks, plan)),
-                        ("kv", lambda: kv(checks, plan))):
+    report = Report(args.out_dir, header)
+    report.write()
+    for section, fn in (("correctness", lambda: correctness(report, plan)),
+                        ("decode", lambda: decode(report, plan, peak)),
+                        ("prefill", lambda: prefill(report, plan, peak)),
+                        ("verify", lambda: verify(report, plan)),
+                        ("kv", lambda: kv(report, plan))):
         if section not in args.skip:
             fn()
-            table = write(args.out_dir, header, checks, started)  # after each section: a timeout keeps the rest
-    print(table)
-
-
-def write(out_dir: str, header: str, checks: list[Check], started: float) -> str:
-    """Both files, with the rows so far; returns the markdown table."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
-        json.dump({"header": header, "seconds": time.perf_counter() - started,
-                   "checks": [c.__dict__ for c in checks]}, f, indent=1)
-    table = markdown(checks, header)
-    with open(os.path.join(out_dir, "gpu_check.md"), "w") as f:
-        f.write(table)
-    return table
+    print(report.write())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,8 @@ DECODE_BATCH = 8
 IPC_ROUNDS = 4
 """IPC handoffs timed (the first warms up)."""
 FINGERPRINT = "gpu-check"
+STORE_TIMEOUT = timedelta(seconds=60)
+"""How long a side of the IPC row waits for the other's keys (the store's default, 300 s, would eat the run)."""
 
 
 class Handoff:
@@ -118,7 +121,9 @@ def _ipc_receiver(store_path: str, model: ModelConfig, block_size: int, dtype: t
     receiver = IpcConnector("receiver")
     receiver.register(cache)
     receiver.model_fingerprint = FINGERPRINT
-    receiver.connect("sender", dist.FileStore(store_path, 2), 1)
+    store = dist.FileStore(store_path, 2)
+    store.set_timeout(STORE_TIMEOUT)
+    receiver.connect("sender", store, 1)
     for k in range(IPC_ROUNDS):
         receiver.start_recv(Transfer(f"t{k}", "sender", tuple(range(blocks)), k, timeout_s=60))
         finish(receiver)
@@ -140,7 +145,9 @@ def ipc_row(engine: Engine, blocks: int) -> tuple[str, dict]:
     try:
         sender.register(source)  # on a CPU this moves the engine's cache into shared memory, in place
         sender.model_fingerprint = FINGERPRINT
-        sender.connect("receiver", dist.FileStore(store_path, 2), 0)
+        store = dist.FileStore(store_path, 2)
+        store.set_timeout(STORE_TIMEOUT)
+        sender.connect("receiver", store, 0)
         seconds = []
         for k in range(IPC_ROUNDS):
             start = time.perf_counter()

@@ -35,13 +35,21 @@ def uses_paged_attention(config: EngineConfig) -> bool:
 
 
 def kv_blocks_from_free_memory(config: EngineConfig, bytes_per_block: int) -> int:
-    """KV blocks that fit in `gpu_memory_utilization` of the GPU once the weights are loaded."""
-    free, total = torch.cuda.mem_get_info(torch.device(config.device))
-    in_use = total - free  # weights, and whatever else shares the GPU
-    budget = total * config.gpu_memory_utilization - in_use - ACTIVATION_RESERVE_GIB * 2**30
+    """KV blocks that fit in this engine's share of the GPU once its weights are loaded.
+
+    `gpu_memory_utilization` is the share of the GPU's memory this engine may hold (as in vLLM), so two workers at
+    0.45 can share one GPU: what this process holds already (its weights) comes out of its own share, what other
+    processes hold does not, and the cache never takes more than is free, less a reserve for activations."""
+    device = torch.device(config.device)
+    torch.cuda.empty_cache()  # what loading left cached (quantisation's temporaries) is free for the cache
+    free, total = torch.cuda.mem_get_info(device)
+    ours = torch.cuda.memory_reserved(device)
+    reserve = ACTIVATION_RESERVE_GIB * 2**30
+    budget = min(total * config.gpu_memory_utilization - ours, free) - reserve
     if budget < bytes_per_block:
         raise ConfigError(f"engine.gpu_memory_utilization: {config.gpu_memory_utilization} of {total / 2**30:.1f} "
-                          f"GiB leaves no room for a KV cache ({in_use / 2**30:.1f} GiB already in use)")
+                          f"GiB leaves no room for a KV cache (this engine holds {ours / 2**30:.1f} GiB, "
+                          f"{free / 2**30:.1f} GiB is free, {ACTIVATION_RESERVE_GIB:g} GiB is kept for activations)")
     return int(budget // bytes_per_block)
 
 

@@ -31,10 +31,14 @@ INT4_GROUP = 32
 """Input channels sharing one int4 scale and zero point (llama.cpp's Q4_0/Q4_1 use 32 too)."""
 DEQUANTIZE_ROWS = 64
 """On CPU, steps of at least this many rows run dense on the dequantised weight."""
+CUDA_INT8_DEQUANTIZE_ROWS = 17
+"""On CUDA, int8 steps of at least this many rows run dense too: torch's CUDA `_weight_int8pack_mm` computes each
+output in one thread (a matrix-vector kernel, no tensor cores), which only small decode batches can afford."""
 CUDA_INT_MM_MIN_ROWS = 16
 """On CUDA `aten._int_mm` needs more rows than this; smaller steps are padded with zero rows."""
-INT4_INNER_K_TILES = 8
-"""The CUDA int4 layout's tiling of the input dimension (8 suits K a multiple of 1024; 2 and 4 also exist)."""
+INT4_INNER_K_TILES = (8, 4, 2)
+"""The CUDA int4 layout's tilings of the input dimension K, best first: `inner_k_tiles` t needs K a multiple of
+16 t (Llama-3-8B's 4096 and 14336 take 8; SmolLM2's 576 takes 4)."""
 
 
 class Quantization(Enum):
@@ -63,7 +67,7 @@ class Int8Linear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= DEQUANTIZE_ROWS and not x.is_cuda:
+        if x.shape[0] >= (CUDA_INT8_DEQUANTIZE_ROWS if x.is_cuda else DEQUANTIZE_ROWS):
             return F.linear(x, self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None], self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
@@ -148,7 +152,8 @@ def _pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q: [N, K] int32 values 0..15 -> the packed layout of the device's int4 matmul."""
     if q.is_cuda:
         pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # [N, K/2], even column in the high nibble
-        return torch.ops.aten._convert_weight_to_int4pack(pairs, INT4_INNER_K_TILES)
+        tiles = next(t for t in INT4_INNER_K_TILES if q.shape[1] % (16 * t) == 0)  # K % INT4_GROUP == 0: t = 2 fits
+        return torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
 
 

@@ -11,5 +11,8 @@ if ! python3 -c "import pdserve" 2>/dev/null; then
   ln -s "$PWD" "$link_dir/pdserve"
   export PYTHONPATH="$link_dir${PYTHONPATH:+:$PYTHONPATH}"
 fi
+if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
+  echo "gpu_check: no C compiler (cc/gcc) on PATH: Triton builds its launcher with one, so the paged-kernel rows will fail" >&2
+fi
 export PYTHONUNBUFFERED=1
 timeout 470 python3 -m pdserve.bench.gpu_check --out-dir "$out" "${@:2}"
