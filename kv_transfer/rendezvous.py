@@ -7,6 +7,9 @@ worker (torch's TCPStore listens on every interface; keep those ports inside a t
 
     address = rendezvous.host()                   # the receiving worker, once: "file:<folder>" or "host:port"
     store = rendezvous.store(address, pair_name)  # both workers of a pair, with the same name
+
+A folder holds its owner's pid; `close` removes it, and a worker that died without closing leaves it behind until the
+next worker on the machine starts hosting and removes every folder whose owner is gone.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from datetime import timedelta
 import torch.distributed as dist
 
 FILE_PREFIX = "file:"
+FOLDER_PREFIX = "pdserve-kv-"
+OWNER_FILE = "owner.pid"
 STORE_TIMEOUT = timedelta(seconds=60)
 LOOPBACK_INTERFACE = "lo"
 
@@ -45,7 +50,10 @@ class Rendezvous:
     def host(self) -> str:
         """Start hosting pairs (the receiving worker); returns the address its peers meet at."""
         if is_loopback(self.host_name):
-            self._folder = tempfile.mkdtemp(prefix=f"pdserve-kv-{self.worker_id}-")
+            remove_orphaned_folders(tempfile.gettempdir())
+            self._folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{self.worker_id}-")
+            with open(os.path.join(self._folder, OWNER_FILE), "w") as f:
+                f.write(str(os.getpid()))
             return f"{FILE_PREFIX}{self._folder}"
         self._tcp = dist.TCPStore(self.host_name, 0, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
         return f"{self.host_name}:{self._tcp.port}"
@@ -63,3 +71,31 @@ class Rendezvous:
     def close(self) -> None:
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def remove_orphaned_folders(parent: str) -> list[str]:
+    """Remove the rendezvous folders in `parent` whose owning process is gone (a worker that crashed); the removed.
+    A folder without an owner file (one being made right now, or another program's) is left alone."""
+    removed = []
+    for entry in os.scandir(parent):
+        if not (entry.name.startswith(FOLDER_PREFIX) and entry.is_dir(follow_symlinks=False)):
+            continue
+        try:
+            with open(os.path.join(entry.path, OWNER_FILE)) as f:
+                owner = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if not _alive(owner):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive, and not ours to judge
+    return True
