@@ -43,6 +43,12 @@ class EngineThread:
         self._cores = cores
         self._inbox: queue.SimpleQueue[tuple[Callable[[Engine], object], Future]] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._closed = False
+        """Set, under `_lock`, once the thread takes no more commands; `call` checks it under the same lock, so a
+        command is either queued before the pending ones are failed, or refused."""
+        self._closed_by: BaseException | None = None
+        """What ended the thread (a failed build, or `failure`); None when it was stopped."""
+        self._lock = threading.Lock()
         self._ready: Future[Engine] = Future()
         self.load: EngineLoad | None = None
         """The engine's load after the latest step; read from any thread."""
@@ -70,10 +76,11 @@ class EngineThread:
 
     def call(self, fn: Callable[[Engine], T]) -> Future[T]:
         future: Future[T] = Future()
-        if self._stopping.is_set() or self.failure is not None:
-            future.set_exception(self._stopped())
-        else:
-            self._inbox.put((fn, future))
+        with self._lock:
+            if not (self._closed or self._stopping.is_set() or self.failure is not None):
+                self._inbox.put((fn, future))
+                return future
+        future.set_exception(self._stopped())
         return future
 
     def stalled_s(self) -> float:
@@ -91,8 +98,9 @@ class EngineThread:
     def _run(self) -> None:
         try:
             engine = self._start_engine()
-        except BaseException as e:  # reported to whoever awaits start(); the thread ends
+        except BaseException as e:  # reported to whoever awaits start(), and to commands sent meanwhile
             self._ready.set_exception(e)
+            self._close(e)
             return
         self._ready.set_result(engine)
         try:
@@ -103,7 +111,7 @@ class EngineThread:
         except Exception as e:  # a bug in a step or a role's callback: this engine's state can no longer be trusted
             log.critical("engine thread %s died", self._thread.name, exc_info=True)
             self.failure = e
-        self._fail_pending()
+        self._close(self.failure)
 
     def _cycle(self, engine: Engine) -> None:
         # Nothing to compute: wait for a command up to IDLE_WAIT_S (transfers in flight are polled that often).
@@ -141,7 +149,10 @@ class EngineThread:
             except queue.Empty:
                 return
 
-    def _fail_pending(self) -> None:
+    def _close(self, cause: BaseException | None) -> None:
+        """Take no more commands, and fail those still queued (with `cause`, what ended the thread, if any)."""
+        with self._lock:
+            self._closed, self._closed_by = True, cause
         while True:
             try:
                 _, future = self._inbox.get_nowait()
@@ -151,6 +162,7 @@ class EngineThread:
                 future.set_exception(self._stopped())
 
     def _stopped(self) -> RuntimeError:
-        if self.failure is not None:
-            return RuntimeError(f"the engine thread died: {type(self.failure).__name__}: {self.failure}")
+        cause = self._closed_by or self.failure
+        if cause is not None:
+            return RuntimeError(f"the engine thread died: {type(cause).__name__}: {cause}")
         return RuntimeError("the engine thread has stopped")

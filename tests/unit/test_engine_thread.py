@@ -75,3 +75,35 @@ def test_attach_hands_the_steps_to_new_callbacks():
     wait_for(lambda: len(seen) > count + 3)
     thread.stop()
     assert seen[count:] and set(seen[count:]) == {"new"}
+
+
+def test_commands_sent_while_the_engine_builds_learn_that_the_build_failed():
+    release = threading.Event()
+
+    def build():
+        release.wait(DEADLINE_S)
+        raise OSError("no weights")
+
+    thread = EngineThread(build, lambda engine, outputs: None, name="engine-test")
+    ready = thread.start()
+    pending = thread.call(lambda e: "never")
+    release.set()
+    with pytest.raises(OSError, match="no weights"):
+        ready.result(DEADLINE_S)
+    with pytest.raises(RuntimeError, match="the engine thread died: OSError: no weights"):
+        pending.result(DEADLINE_S)
+    with pytest.raises(RuntimeError, match="OSError: no weights"):
+        thread.call(lambda e: None).result(DEADLINE_S)
+
+
+def test_every_command_sent_around_a_stop_is_answered():
+    thread = EngineThread(FakeEngine, lambda engine, outputs: None, name="engine-test")
+    thread.start().result(DEADLINE_S)
+    futures = []
+    sender = threading.Thread(target=lambda: futures.extend(thread.call(lambda e: "ran") for _ in range(2000)))
+    sender.start()
+    wait_for(lambda: len(futures) > 0)
+    thread.stop()
+    sender.join(DEADLINE_S)
+    for future in futures:
+        assert future.exception(DEADLINE_S) is None or "has stopped" in str(future.exception())
