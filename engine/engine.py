@@ -21,48 +21,27 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from pdserve.engine.block_manager import BlockManager, CacheEvents, blocks_for
 from pdserve.engine.config import ConfigError, EngineConfig, ModelConfig
 from pdserve.engine.detokenizer import Detokenizer, Finish
+from pdserve.engine.engine_load import EngineLoad
 from pdserve.engine.engine_parts import build_parts
 from pdserve.engine.grammar_state import Grammars, GrammarState
 from pdserve.engine.layer_progress import LayerProgress
 from pdserve.engine.logprobs import Sampled, TokenLogprobs
-from pdserve.engine.lookahead import LookaheadState
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.model_source import context_length, read_model_config, resolve_engine_model
-from pdserve.engine.prompt_lookup import pause_after
 from pdserve.engine.request import ONLINE_PRIORITY, FinishReason, Prompt, Request, RequestOutput, RequestStatus
 from pdserve.engine.sampling_params import SamplingError, SamplingParams
 from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from pdserve.engine.tokenizer import tokenize_prompt
+from pdserve.engine.verified import may_speculate, verified_tokens
 
 log = logging.getLogger(__name__)
 
 class RequestError(ValueError):
     """A request cannot be served as given; the message names the field."""
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    running: int
-    waiting: int
-    held: int
-    """Prefilled and waiting for the handoff, or reserved for a KV that is arriving."""
-    queued_prefill_tokens: int
-    """Prompt tokens still to compute (waiting requests and unfinished chunked prefills)."""
-    kv_blocks_used: int
-    kv_blocks_total: int
-    prompt_tokens_total: int = 0
-    """Prompt tokens of the requests started here since the engine started (`Engine.prompt_tokens_total`)."""
-    cached_tokens_total: int = 0
-    """Of those, tokens whose KV came from the prefix cache."""
-    speculative_steps_total: int = 0
-    speculative_proposed_total: int = 0
-    speculative_accepted_total: int = 0
-    """Speculative decoding since the engine started (`Engine.speculative_steps_total`, ...)."""
 
 
 RETUNABLE = ("max_num_batched_tokens", "max_num_seqs")
@@ -320,8 +299,8 @@ class Engine:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise RequestError(f"priority: must be an integer, got {priority!r}")
         request = Request(request_id, tuple(token_ids), sampling, next(self._order), prefill_only,
-                          priority=priority, resumed_tokens=resumed_tokens, speculative=self._speculates(sampling,
-                                                                                                       prefill_only))
+                          priority=priority, resumed_tokens=resumed_tokens,
+                          speculative=may_speculate(self.config, sampling, prefill_only))
         if sampling.prompt_logprobs is not None and computes_prompt:
             request.prompt_logprobs = [None] * len(token_ids)
         if sampling.structured_output is not None:
@@ -357,15 +336,8 @@ class Engine:
 
     def _append_verified(self, chunk: ScheduledChunk, request: Request, picked: Sampled) -> list[RequestOutput]:
         """A speculative chunk's tokens, one output each until one ends the request; then the request's KV covers
-        its last token and the accepted proposals (`engine.prompt_lookup`, `engine.lookahead`)."""
-        if chunk.lookahead is not None:
-            emitted, _ = request.lookahead.advance(chunk.lookahead, picked.picks)
-            proposed = len(chunk.lookahead.candidates[0]) if chunk.lookahead.candidates else 0
-            self._keep_accepted_kv(chunk, emitted)
-        else:
-            emitted, proposed = (picked.token_id, *picked.more), picked.proposed
-            request.speculation_misses = request.speculation_misses + 1 if len(emitted) == 1 else 0
-            request.speculation_pause = pause_after(request.speculation_misses)
+        its last token and the accepted proposals (`engine.verified`)."""
+        emitted, proposed = verified_tokens(chunk, request, picked, self.kv_cache)
         self.speculative_steps_total += 1
         self.speculative_proposed_total += proposed
         self.speculative_accepted_total += len(emitted) - 1
@@ -379,20 +351,6 @@ class Engine:
         outputs[0] = dataclasses.replace(outputs[0], speculative_proposed=proposed,
                                          speculative_accepted=len(emitted) - 1)
         return outputs
-
-    def _keep_accepted_kv(self, chunk: ScheduledChunk, emitted: Sequence[int]) -> None:
-        """A lookahead candidate's accepted tokens had their KV computed at their true positions over the true
-        prefix, in the chunk's candidate slots: move it to the slots after the input, where it belongs."""
-        rows = LookaheadState.accepted_rows(chunk.lookahead, emitted)
-        if not rows:
-            return
-        size = self.config.block_size
-
-        def slot(position: int) -> int:
-            return chunk.block_ids[position // size] * size + position % size
-
-        self.kv_cache.copy_slots([slot(chunk.start_pos + r) for r in rows],
-                                 [slot(chunk.start_pos + 1 + j) for j in range(len(rows))])
 
     def _start_grammar(self, sampling: SamplingParams, resumed: Sequence[int]) -> GrammarState:
         structured = sampling.structured_output
@@ -445,16 +403,6 @@ class Engine:
         if request is None or request.status is not RequestStatus.HELD:
             raise RequestError(f"request_id: {request_id!r} is not held by this engine")
         return request
-
-    def _speculates(self, sampling: SamplingParams, prefill_only: bool) -> bool:
-        """Speculative decoding keeps greedy output exact, and sampled output's distribution; requests it would change
-        (logit changes, logprobs, grammars, a seed's reproducible stream) decode one token a step."""
-        spec = self.config.speculative
-        if not spec.enabled or self.config.simulated or prefill_only:
-            return False
-        if sampling.adjusts_logits or sampling.logprobs is not None or sampling.structured_output is not None:
-            return False
-        return sampling.greedy or (sampling.seed is None and spec.method != "lookahead")
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.model_config.eos_token_ids)

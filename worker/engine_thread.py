@@ -22,7 +22,8 @@ from typing import TypeVar
 
 import torch
 
-from pdserve.engine.engine import Engine, EngineLoad
+from pdserve.engine.engine import Engine
+from pdserve.engine.engine_load import EngineLoad
 from pdserve.engine.request import RequestOutput
 
 log = logging.getLogger(__name__)

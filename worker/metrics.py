@@ -64,7 +64,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from pdserve.engine.engine import Engine, EngineLoad
+from pdserve.engine.engine import Engine
+from pdserve.engine.engine_load import EngineLoad
 from pdserve.engine.request import RequestOutput
 from pdserve.kv_transfer.connector import TransferResult, TransferStatus
 from pdserve.worker.metrics_server import BATCH_BUCKETS, LATENCY_BUCKETS

@@ -17,7 +17,7 @@ from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine import EngineConfig, SamplingParams
 from pdserve.engine.config import ConfigError
 from pdserve.engine.cost_model import StepCost
-from pdserve.engine.engine import EngineLoad
+from pdserve.engine.engine_load import EngineLoad
 from pdserve.engine.hardware import HARDWARE
 from pdserve.engine.request import FinishReason, RequestOutput
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
