@@ -98,7 +98,8 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
+        """Rows the step's forward pass computes: each chunk's tokens and a draft's proposals."""
+        return sum(len(c.token_ids) + c.draft_tokens for c in self.chunks)
 
 
 class Scheduler:
@@ -346,7 +347,7 @@ class _Step:
 
     def add(self, chunk: ScheduledChunk) -> None:
         self.chunks[chunk.request_id] = chunk
-        self.left -= len(chunk.token_ids)
+        self.left -= len(chunk.token_ids) + chunk.draft_tokens  # a draft's proposals are rows of the step too
 
     def drop(self, request_id: str) -> None:
         chunk = self.chunks.pop(request_id, None)

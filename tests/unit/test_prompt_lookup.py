@@ -58,3 +58,18 @@ def test_no_speculation_past_max_batch_or_for_requests_that_do_not_speculate():
         r.output_token_ids.append(1)
         assert r.status is RequestStatus.RUNNING
     assert all(c.proposed == () for c in sched.schedule().chunks)  # two decode: beyond max_batch 1
+
+
+def test_a_drafts_proposals_count_against_the_steps_token_budget():
+    blocks = BlockManager(32, 4, False)
+    sched = Scheduler(blocks, 8, 4, SpeculativeSettings(method="draft", k=4, max_batch=4, adaptive=False))
+    requests = [Request(f"r{i}", (1, 2, 3), SamplingParams(max_tokens=20, temperature=0), i, speculative=True)
+                for i in range(2)]
+    for r in requests:
+        assert sched.reserve(r)
+        r.num_computed_tokens = 3
+        r.output_token_ids.append(7)
+        sched.commit(r)
+    out = sched.schedule()
+    assert [c.draft_tokens for c in out.chunks] == [4, 2]  # 1 + 4 rows, then the 3 rows left of 8
+    assert out.num_tokens == 8 == sched.max_num_batched_tokens
