@@ -91,14 +91,18 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:
-        """Warm up (Triton compiles its kernels) on a side stream, then capture into the shared memory pool."""
+        """Warm up (Triton compiles its kernels) on a side stream, then capture into the shared memory pool.
+
+        A bucket is captured on first use, while the worker's KV transfer threads may be copying on their own
+        streams: the capture is thread-local, so their CUDA calls neither join nor invalidate it (in torch's default
+        global mode, any thread's stream query or allocation during a capture fails it)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._forward(bucket)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._logits[bucket] = self._forward(bucket)
         self._pool = graph.pool()
         self._graphs[bucket] = graph
