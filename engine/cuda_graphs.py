@@ -43,7 +43,9 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_batch, width, dtype=torch.int32, device=device)  # [B, W]
         self.query_starts = torch.arange(max_batch + 1, dtype=torch.int32, device=device)  # [B + 1]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        self._logits: torch.Tensor | None = None
+        """[max_batch, V]: every bucket's graph writes its logits here, so the buckets share one output buffer (one
+        each would hold the sum of all bucket sizes x V: 2 GiB in fp32 for 256 sequences of Llama-3's vocabulary)."""
         self._pool = None
 
     def serves(self, chunks: Sequence[ScheduledChunk]) -> bool:
@@ -58,7 +60,7 @@ class DecodeGraphs:
         if bucket not in self._graphs:
             self._capture(bucket)
         self._graphs[bucket].replay()
-        return self._logits[bucket][:batch]
+        return self._logits[:batch]
 
     def _fill(self, chunks: Sequence[ScheduledChunk], bucket: int) -> None:
         block_size = self.kv_cache.block_size
@@ -99,11 +101,14 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._forward(bucket)
+            warm = self._forward(bucket)  # [bucket, V]
         torch.cuda.current_stream().wait_stream(stream)
+        if self._logits is None:
+            self._logits = torch.empty(self.max_batch, warm.shape[-1], dtype=warm.dtype, device=warm.device)
+        del warm
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._logits[bucket] = self._forward(bucket)
+            self._logits[:bucket].copy_(self._forward(bucket))
         self._pool = graph.pool()
         self._graphs[bucket] = graph
         log.info("captured a CUDA graph for decode steps of %d requests", bucket)
