@@ -1,15 +1,17 @@
 """CUDA graphs for decode-only steps: the whole forward and LM head replayed as one launch.
 
 A decode step's shapes depend only on its batch size once the block tables are padded to the longest context the
-engine serves, so each batch-size bucket (1, 2, 4, 8, then multiples of 8) is captured once, on first use, into
-persistent input buffers. A step of B requests copies its inputs into the smallest bucket >= B and replays; the
-padding rows write no KV (slot -1) and see no context (length 0), and their logits are dropped. Needs the paged
-Triton attention (the torch path's gathers have data-dependent shapes) and serves steps up to `max_batch` requests.
+engine serves, so each batch-size bucket (1, 2, 4, 8, then multiples of 8) is captured once into persistent input
+buffers: all of them when the engine is built (`capture_all`), before any KV transfer thread runs beside a capture.
+A step of B requests copies its inputs into the smallest bucket >= B and replays; the padding rows write no KV
+(slot -1) and see no context (length 0), and their logits are dropped. Needs the paged Triton attention (the torch
+path's gathers have data-dependent shapes) and serves steps up to `max_batch` requests.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +49,16 @@ class DecodeGraphs:
         """[max_batch, V]: every bucket's graph writes its logits here, so the buckets share one output buffer (one
         each would hold the sum of all bucket sizes x V: 2 GiB in fp32 for 256 sequences of Llama-3's vocabulary)."""
         self._pool = None
+
+    def capture_all(self) -> float:
+        """Capture every bucket now, largest first, with padding rows only (no KV written, no context read: a graph
+        depends on its bucket, not on the data); the seconds it took."""
+        started = time.perf_counter()
+        self.slots.fill_(-1)
+        self.context_lens.zero_()
+        for bucket in reversed(self.buckets):
+            self._capture(bucket)
+        return time.perf_counter() - started
 
     def serves(self, chunks: Sequence[ScheduledChunk]) -> bool:
         """Every chunk decodes one token and samples, and there are at most max_batch of them."""
@@ -95,9 +107,9 @@ class DecodeGraphs:
     def _capture(self, bucket: int) -> None:
         """Warm up (Triton compiles its kernels) on a side stream, then capture into the shared memory pool.
 
-        A bucket is captured on first use, while the worker's KV transfer threads may be copying on their own
-        streams: the capture is thread-local, so their CUDA calls neither join nor invalidate it (in torch's default
-        global mode, any thread's stream query or allocation during a capture fails it)."""
+        Thread-local, should a bucket ever be captured while the worker's KV transfer threads copy on their own
+        streams (`capture_all` runs before they exist): their stream queries and allocations then neither join nor
+        invalidate it, as in torch's default global mode they would (a device-wide synchronize still would)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -76,6 +76,8 @@ def _torch_parts(config: EngineConfig, source: ModelSource, model_config: ModelC
         runner.drafter = Drafter(draft, kv_cache, runner.prepare, runner.sampler.generator)
     if paged and config.cuda_graphs and kv_cache.tensor.is_cuda:
         runner.graphs = DecodeGraphs(model, kv_cache, config.max_num_seqs, max_model_len)
+        log.info("captured %d CUDA graphs for decode steps in %.1f s", len(runner.graphs.buckets),
+                 runner.graphs.capture_all())
     elif config.compile and not paged:
         runner.graphs = CompiledDecode(model, kv_cache)
         log.info("compiling the decode graphs (batch 1 and larger) before the first request")

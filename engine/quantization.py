@@ -34,6 +34,10 @@ DEQUANTIZE_ROWS = 64
 CUDA_INT8_DEQUANTIZE_ROWS = 17
 """On CUDA, int8 steps of at least this many rows run dense too: torch's CUDA `_weight_int8pack_mm` computes each
 output in one thread (a matrix-vector kernel, no tensor cores), which only small decode batches can afford."""
+CUDA_DEQUANTIZE_CHUNK = 8192
+"""On CUDA the dense path dequantises this many output channels at a time, so its temporary stays small (64 MiB
+for a 4096-wide bf16 input) where the whole weight would not: Llama-3's LM head alone is 1 GiB in bf16, and inside
+a CUDA graph's memory pool a temporary stays reserved for good."""
 CUDA_INT_MM_MIN_ROWS = 16
 """On CUDA `aten._int_mm` needs more rows than this; smaller steps are padded with zero rows."""
 INT4_INNER_K_TILES = (8, 4, 2)
@@ -67,10 +71,21 @@ class Int8Linear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= (CUDA_INT8_DEQUANTIZE_ROWS if x.is_cuda else DEQUANTIZE_ROWS):
+        if x.is_cuda and x.shape[0] >= CUDA_INT8_DEQUANTIZE_ROWS:
+            return self._dense_in_chunks(x)
+        if not x.is_cuda and x.shape[0] >= DEQUANTIZE_ROWS:
             return F.linear(x, self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None], self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def _dense_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] -> [M, out] as a dense GEMM on the weight dequantised CUDA_DEQUANTIZE_CHUNK channels at a time."""
+        out = torch.empty(x.shape[0], self.qweight.shape[0], dtype=x.dtype, device=x.device)  # [M, out]
+        for start in range(0, self.qweight.shape[0], CUDA_DEQUANTIZE_CHUNK):
+            part = slice(start, start + CUDA_DEQUANTIZE_CHUNK)
+            out[:, part] = F.linear(x, self.qweight[part].to(x.dtype))
+        out *= self.scale.to(x.dtype)
+        return out if self.bias is None else out + self.bias
 
 
 class W8A8Linear(nn.Module):

@@ -285,4 +285,4 @@ def warm_up(group, peer_rank: int, device: torch.device, timeout_s: float) -> No
     first([ping], peer_rank, 0).wait(timedelta(seconds=timeout_s))
     second([ping], peer_rank, 0).wait(timedelta(seconds=timeout_s))
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()  # not the whole device: it would fail a CUDA graph capture

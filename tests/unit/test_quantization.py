@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pdserve.engine import Engine, EngineConfig, SamplingParams
+from pdserve.engine import Engine, EngineConfig, SamplingParams, quantization
 from pdserve.engine.model import Linear
 from pdserve.engine.quantization import (
     DEQUANTIZE_ROWS,
@@ -131,3 +131,14 @@ def test_w8a8_scales_each_row_on_its_own():
     assert relative_error(got[1:2], want[1:2]) < 0.02
     assert relative_error(got[0:1], want[0:1]) < 0.02
     assert torch.equal(got[2], torch.zeros(32))
+
+
+def test_int8s_chunked_dense_path_equals_the_whole_dequantised_weight(monkeypatch):
+    """The dense path CUDA takes for 17 rows or more (run here on CPU): a few output channels at a time, scaled after
+    the product, equals the product with the whole dequantised weight."""
+    monkeypatch.setattr(quantization, "CUDA_DEQUANTIZE_CHUNK", 7)  # 20 channels: chunks of 7, 7 and 6
+    torch.manual_seed(0)
+    layer = quantization.Int8Linear(torch.randn(32, 20), torch.randn(20))
+    x = torch.randn(24, 32)
+    whole = torch.nn.functional.linear(x, layer.qweight.float() * layer.scale.float()[:, None], layer.bias)
+    assert torch.allclose(layer._dense_in_chunks(x), whole, rtol=1e-5, atol=1e-4)
