@@ -8,8 +8,7 @@
   (`kv_transfer.ipc_connector`: the receiver maps the engine's cache through a CUDA IPC handle and copies the blocks
   device to device; shared memory on a CPU), timed by the sender from its send to the receiver's "done", against
   the same plain copy: what a same-GPU pair (`gpus: 0.5` each) pays;
-- beside decode: the engine's decode step at batch 8 alone, and while channel handoffs run back to back beside it
-  (first capturing the CUDA graph of a batch of 16 while they run, as a worker does on a batch size's first use).
+- beside decode: the engine's decode step at batch 8 alone, and while channel handoffs run back to back beside it.
 NCCL needs two GPUs and is not here.
 """
 
@@ -189,7 +188,6 @@ def beside_decode_row(engine: Engine, blocks: int) -> tuple[str, dict]:
     mover = threading.Thread(target=transfer_loop, daemon=True)
     mover.start()
     try:
-        decode_step_s(engine, prompts + prompts, 2)  # a batch size not seen yet: its CUDA graph is captured beside
         beside = decode_step_s(engine, prompts, tokens)
     finally:
         stop.set()
