@@ -305,8 +305,10 @@ class EngineConfig:
     speculative: SpeculativeSettings = dataclasses.field(default_factory=SpeculativeSettings)
     """Speculative decoding (off by default)."""
     gpu_memory_utilization: float = 0.9
-    """On CUDA with num_kv_blocks unset, the share of the GPU's memory that weights + KV cache may fill; the KV
-    cache takes what the weights leave (kv_cache_gib is then ignored)."""
+    """On CUDA with num_kv_blocks unset, the share of the GPU's memory this engine's weights, KV cache and a 2 GiB
+    activation reserve may fill; the KV cache takes what the rest leave (kv_cache_gib is then ignored). Engines that
+    share a GPU (`gpus: 0.5` each) need shares that sum to at most ~0.9: each process's CUDA context and NCCL
+    buffers (~1 GiB) come on top of its share."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
