@@ -9,7 +9,9 @@ No Ray, Redis, downloads or model files: random weights of real shapes. Writes `
 - correctness: a small random Llama in transformers and in our engine (same weights, through a Hugging Face
   folder), greedy tokens compared, fp32 and bf16, paged kernels with CUDA graphs and the torch attention path;
 - decode tok/s and MBU (bytes a step must read: weights + each request's KV, over the step time, against the
-  device's peak bandwidth) at batch 1, 8 and 64 for llama-3-8b bf16: CUDA graphs on and off, int8, int4, w8a8;
+  device's peak bandwidth) at batch 1, 8 and 64 over 128-token contexts, and at batch 1 over 4k and batch 8 over 2k
+  (where the KV, read by the paged kernel, is much of the bytes), for llama-3-8b bf16: CUDA graphs on and off, int8,
+  int4, w8a8;
 - prefill MFU (model FLOPs over the time to the first token, against the peak bf16 dense rate) at 512, 2k and 8k;
 - speculative decoding's verify step: a forward pass over k + 1 new tokens per request (k = 1, 2, 4, 8 proposals)
   after a 128-token context held in the prefix cache, at batch 1 and 32, against k = 0 (random weights say nothing
@@ -64,6 +66,8 @@ class Plan:
     prompt_lengths: tuple[int, ...]
     decode_tokens: int
     variants: tuple[tuple[str, dict], ...]
+    long_contexts: tuple[tuple[int, int], ...] = ((1, 4096), (8, 2048))
+    """(batch, context tokens) decode rows beyond the 128-token ones: where attention, not the weights, is the read."""
     verify_batches: tuple[int, ...] = (1, 32)
     verify_proposals: tuple[int, ...] = (0, 1, 2, 4, 8)
     """k, the proposals a verify step checks per request (0: a plain decode step, what the others are compared with)."""
@@ -79,7 +83,8 @@ FULL_VARIANTS = (("bf16, CUDA graphs", {}), ("bf16, eager", {"cuda_graphs": Fals
 def plan_for(args: argparse.Namespace) -> Plan:
     if args.quick:
         return Plan(args.device, "smollm2-135m", (1, 4), (64,), 8,
-                    (("fp32", {}), ("int8", {"quantization": "int8"})), verify_batches=(1, 4),
+                    (("fp32", {}), ("int8", {"quantization": "int8"})), long_contexts=((1, 512),),
+                    verify_batches=(1, 4),
                     verify_proposals=(0, 8), dtype="fp32")
     return Plan(args.device, args.shape, (1, 8, 64), (512, 2048, 8192), 64, FULL_VARIANTS)
 
@@ -215,17 +220,18 @@ def loaded_engine(report: Report, section: str, label: str, plan: Plan, override
 def decode(report: Report, plan: Plan, peak: tuple[float, float] | None) -> None:
     cfg = shape(plan.shape)
     kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (2 if plan.dtype == "bf16" else 4)
-    prompt_len, tokens = 128, plan.decode_tokens
+    tokens = plan.decode_tokens
+    cases = [(batch, 128) for batch in plan.batches] + list(plan.long_contexts)
     for label, overrides in plan.variants:
         engine = loaded_engine(report, "decode", label, plan, overrides, 4096)
         if engine is None:
             continue
         gen = torch.Generator().manual_seed(2)
-        for batch in plan.batches:
-            def run(check: Check, batch=batch, engine=engine, gen=gen) -> None:
+        for batch, prompt_len in cases:
+            def run(check: Check, batch=batch, prompt_len=prompt_len, engine=engine, gen=gen) -> None:
                 prompts = [torch.randint(10, cfg.vocab_size, (prompt_len,), generator=gen).tolist()
                            for _ in range(batch)]
-                decode_step_s(engine, prompts, 4)  # warm up (CUDA graphs are captured on first use)
+                decode_step_s(engine, prompts, 4)  # warm up
                 step = decode_step_s(engine, prompts, tokens)
                 read = (weight_bytes(engine.model) - engine.model.embed.numel() * engine.model.embed.element_size()
                         + batch * (prompt_len + tokens / 2) * kv_bytes_per_token)
@@ -234,7 +240,8 @@ def decode(report: Report, plan: Plan, peak: tuple[float, float] | None) -> None
                 if peak is not None:
                     check.detail["mbu"] = read / step / peak[1]
                     check.value += f", MBU {check.detail['mbu']:.1%}"
-            attempt(report, "decode", f"{label}: batch {batch}", run)
+            context = "" if prompt_len == 128 else f", {prompt_len}-token context"
+            attempt(report, "decode", f"{label}: batch {batch}{context}", run)
         del engine, run  # `run` holds the engine too: the next variant's weights load without this one's
 
 
