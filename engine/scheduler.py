@@ -330,7 +330,7 @@ class Scheduler:
             history=_history(request) if request.sampling.needs_history and start + count == request.num_tokens
             else None,
             prompt_targets=request.prompt_token_ids[start + 1:start + count + 1]
-            if request.sampling.prompt_logprobs is not None else (),
+            if request.prompt_logprobs is not None else (),  # None where the prompt was computed elsewhere
             grammar=request.grammar if start + count == request.num_tokens else None,
             proposed=extra.proposed,
             draft_tokens=extra.draft_tokens,
@@ -352,7 +352,7 @@ class _Step:
     def drop(self, request_id: str) -> None:
         chunk = self.chunks.pop(request_id, None)
         if chunk is not None:
-            self.left += len(chunk.token_ids)
+            self.left += len(chunk.token_ids) + chunk.draft_tokens
 
 
 def _order(request: Request) -> tuple[int, int]:

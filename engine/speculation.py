@@ -51,5 +51,7 @@ def plan(request: Request, settings: SpeculativeSettings, k: int, room: int) -> 
         state = request.lookahead = LookaheadState.start(request.all_token_ids, settings.lookahead_window,
                                                          settings.lookahead_ngram - 1)
     layout = state.layout(request.all_token_ids[-1], settings.lookahead_window)
+    if max(layout.positions(request.num_tokens - 1)) >= len(request.prompt_token_ids) + request.sampling.max_tokens:
+        return NONE  # its window would reach past the request's last position (and the context length)
     tokens = state.tokens(layout)
     return Speculation(tokens=tokens, lookahead=layout) if len(tokens) <= room else NONE

@@ -85,3 +85,24 @@ def run_prompt(engine: Engine, prompt: list[int], sampling: SamplingParams, requ
     while not outputs or outputs[-1].finish_reason is None:
         outputs += [o for o in engine.step() if o.request_id == request_id]
     return outputs
+
+
+def test_a_reserved_request_asking_for_prompt_logprobs_survives_its_preemption():
+    """On a decode worker the prompt's logprobs came from the prefill worker; a preempted request recomputed there
+    must not compute them again (it has no list for them: the step raised and killed the engine thread)."""
+    engine = Engine(EngineConfig(model="random:tiny", num_kv_blocks=6, block_size=4, max_num_batched_tokens=64,
+                                 prefix_caching=False))
+    asks, plain = SamplingParams(max_tokens=8, prompt_logprobs=1, temperature=0), SamplingParams(max_tokens=8,
+                                                                                                 temperature=0)
+    for request_id, sampling in (("a", plain), ("b", asks)):
+        assert engine.reserve_remote(request_id, list(range(1, 8)), sampling) is not None
+        engine.commit_remote(request_id, 5)
+    preempted, finished = [], {}
+    for _ in range(40):
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output.token_ids
+        preempted += engine.last_schedule.preempted
+        if not engine.has_unfinished():
+            break
+    assert preempted == ["b"] and set(finished) == {"a", "b"} and all(len(t) == 8 for t in finished.values())

@@ -129,3 +129,13 @@ def test_speculating_requests_preempted_for_room_resume_token_identical(settings
     assert [o.token_ids for o in engine.generate(prompts, greedy)] == expected
     assert engine.preemptions_total > 0 and engine.speculative_steps_total > 0
     assert engine.num_requests == 0 and engine.blocks.num_used == 0
+
+
+def test_a_window_that_would_pass_the_context_length_is_not_used():
+    """Near the end of the context a window's positions would run past the rotary table: it decodes plainly there."""
+    prompt = [(i * 3) % 13 + 1 for i in range(56)]
+    plain = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    settings = SpeculativeSettings(method="lookahead", adaptive=False)
+    looking = Engine(EngineConfig(model="random:tiny", max_model_len=64, num_kv_blocks=64, speculative=settings))
+    reference = Engine(EngineConfig(model="random:tiny", max_model_len=64, num_kv_blocks=64))
+    assert looking.generate([prompt], plain)[0].token_ids == reference.generate([prompt], plain)[0].token_ids
