@@ -252,16 +252,11 @@ class DecodeWorker:
         arrival.posted = True
 
     def _discard(self, announcement: KVAnnouncement) -> None:
-        """Receive KV nobody here wants (cancelled at once, it lands in staging only), so its send completes."""
-        transfer_id = f"{announcement.request_id}#discard{announcement.tag}"
-        blocks = (0,) * announcement.num_blocks  # never written: the receive is cancelled before any copy
+        """Throw away KV nobody here wants without writing a block, so its send completes."""
         try:
-            self.runtime.connector.start_recv(Transfer(transfer_id, announcement.prefill_worker, blocks,
-                                                       announcement.tag, self.runtime.spec.kv_transfer.timeout_s))
+            self.runtime.connector.discard(announcement.prefill_worker, announcement.tag)
         except TransferError as e:  # no pair with that worker any more: its send cannot complete either
             log.warning("KV of %s from %s not discarded: %s", announcement.request_id, announcement.prefill_worker, e)
-            return
-        self.runtime.connector.cancel(transfer_id)
 
     def _generate(self, engine: Engine, task: DecodeTask) -> None:
         engine.add_request(task.request_id, list(task.token_ids), task.sampling, resumed_tokens=task.resumed_tokens,

@@ -96,6 +96,11 @@ class KVConnector(abc.ABC):
         blocks any more."""
 
     @abc.abstractmethod
+    def discard(self, peer: str, tag: int) -> None:
+        """Throw away the transfer `peer` sends under `tag` without writing a block (its request is gone here), so
+        the send completes; nothing is reported for it. Raises TransferError when there is no pair with `peer`."""
+
+    @abc.abstractmethod
     def shutdown(self) -> None:
         """Stop; transfers still under way are abandoned (not reported)."""
 

@@ -95,6 +95,11 @@ class InProcessConnector(KVConnector):
                 self.exchange.discarding.add(key)
         self._finish(transfer_id, TransferStatus.CANCELLED)
 
+    def discard(self, peer: str, tag: int) -> None:
+        key = (peer, self.worker_id, tag)
+        if self.exchange.in_flight.pop(key, None) is None:
+            self.exchange.discarding.add(key)
+
     def shutdown(self) -> None:
         self.pending.clear()
         self.exchange.connectors.pop(self.worker_id, None)

@@ -89,6 +89,8 @@ class OneSidedConnector(PairedConnector):
         self._receives: dict[str, Receive] = {}
         self._notices: dict[tuple[str, int], tuple[float, dict]] = {}
         """"send" notices whose receive is not posted yet, by (peer, tag)."""
+        self._discarding: dict[tuple[str, int], float] = {}
+        """(peer, tag) of transfers to answer "dropped" when their "send" notice comes, until when."""
         self._reported: list[TransferResult] = []
 
     # ---- the transport -----------------------------------------------------------------------------------------
@@ -150,6 +152,8 @@ class OneSidedConnector(PairedConnector):
             self._advance_receive(receive, now)
         for key in [key for key, (until, _) in self._notices.items() if until <= now]:
             del self._notices[key]
+        for key in [key for key, until in self._discarding.items() if until <= now]:
+            del self._discarding[key]
         reported, self._reported = self._reported, []
         return reported
 
@@ -158,6 +162,14 @@ class OneSidedConnector(PairedConnector):
             self._sends[transfer_id].cancelled = True  # its peer may be reading: reported once it answers
         elif transfer_id in self._receives:
             self._give_up(self._receives[transfer_id], TransferStatus.CANCELLED)
+
+    def discard(self, peer: str, tag: int) -> None:
+        if peer not in self.pairs:
+            raise TransferError(f"{self.worker_id}: no pair with peer {peer!r}")
+        if self._notices.pop((peer, tag), None) is not None:
+            self._notify(peer, {"op": "dropped", "tag": tag})
+        else:
+            self._discarding[(peer, tag)] = time.monotonic() + NOTICE_KEEP_S
 
     def shutdown(self) -> None:
         for receive in self._receives.values():
@@ -278,7 +290,9 @@ class OneSidedConnector(PairedConnector):
                 continue
             receive = next((r for r in self._receives.values()
                             if r.transfer.peer == peer and r.transfer.tag == notice["tag"]), None)
-            if receive is None:
+            if receive is None and self._discarding.pop((peer, notice["tag"]), None) is not None:
+                self._notify(peer, {"op": "dropped", "tag": notice["tag"]})
+            elif receive is None:
                 self._notices[(peer, notice["tag"])] = (time.monotonic() + NOTICE_KEEP_S, notice)
             elif receive.source is None:
                 self._noticed(receive, notice)

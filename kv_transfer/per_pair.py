@@ -119,6 +119,12 @@ class PerPairConnector(PairedConnector):
         if connector is not None:
             connector.cancel(transfer_id)
 
+    def discard(self, peer: str, tag: int) -> None:
+        connector = self.pairs.get(peer)
+        if connector is None:
+            raise TransferError(f"{self.worker_id}: no pair with peer {peer!r}")
+        connector.discard(peer, tag)
+
     def shutdown(self) -> None:
         for connector in self._connectors():
             connector.shutdown()

@@ -157,6 +157,19 @@ class TorchDistConnector(PairedConnector):
         if pending is not None:
             self._give_up(pending, TransferStatus.CANCELLED)
 
+    def discard(self, peer: str, tag: int) -> None:
+        channel = self.pairs.get(peer)
+        if channel is None or channel.broken:
+            raise TransferError(f"{self.worker_id}: no group with peer {peer!r}")
+        key = (peer, tag)
+        with self._lock:
+            kept = self._arrived.pop(key, None)
+            if kept is None:
+                self._dropped[key] = time.monotonic() + ARRIVAL_KEEP_S  # read into staging when it comes, dropped
+        channel.submit_read(time.monotonic() + ARRIVAL_KEEP_S)  # one read for every announced transfer, as always
+        if kept is not None and kept[1].staging is not None:
+            self.staging.give_back(kept[1].staging)
+
     def shutdown(self) -> None:
         for pending in list(self.pending.values()):
             pending.give_up(TransferStatus.CANCELLED)

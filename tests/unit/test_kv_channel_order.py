@@ -154,3 +154,28 @@ def test_a_broken_pair_fails_what_waits_on_it_and_is_dropped():
     found = outcomes(decode, count=2)
     assert {r.status for r in found.values()} == {TransferStatus.FAILED}
     assert "prefill-0" not in decode.pairs and decode.pending == {}
+
+
+def test_discarded_kv_writes_no_block_whether_it_came_before_or_after_and_the_pair_stays_in_step():
+    """A request aborted on the decode worker while its KV was on the way: its KV is thrown away, not written into
+    some block (KV that came before the discard was once applied to block 0, which another request's prefix held)."""
+    prefill, decode = pair()
+    before = cache(2).tensor.clone()
+    prefill.start_send(Transfer("early", "decode-0", (1, 2, 3), tag=1, timeout_s=10))
+    prefill.start_send(Transfer("other", "decode-0", (8,), tag=9, timeout_s=10))
+    decode.start_recv(Transfer("other", "prefill-0", (40,), tag=9, timeout_s=10))  # its read takes "early" first
+    deadline = time.monotonic() + 10
+    while ("prefill-0", 1) not in decode._arrived and time.monotonic() < deadline:
+        time.sleep(0.005)
+    decode.discard("prefill-0", 1)  # its KV is here, in staging; the read it queues takes "other"
+    decode.discard("prefill-0", 2)  # announced, its KV still to come
+    prefill.start_send(Transfer("late", "decode-0", (4, 5), tag=2, timeout_s=10))
+    prefill.start_send(Transfer("next", "decode-0", (6, 7), tag=3, timeout_s=10))
+    decode.start_recv(Transfer("next", "prefill-0", (20, 21), tag=3, timeout_s=10))
+    found = outcomes(prefill, decode, count=6)
+    assert {r.status for r in found.values()} == {TransferStatus.DONE} and len(found) == 6
+    assert torch.equal(blocks(decode.kv_cache, (20, 21)), blocks(prefill.kv_cache, (6, 7)))
+    assert torch.equal(blocks(decode.kv_cache, (40,)), blocks(prefill.kv_cache, (8,)))
+    untouched = [b for b in range(BLOCKS) if b not in (20, 21, 40)]
+    assert torch.equal(decode.kv_cache.tensor[:, :, untouched], before[:, :, untouched])
+    assert decode._arrived == {} and decode._dropped == {} and decode.pending == {} and "prefill-0" in decode.pairs

@@ -201,3 +201,25 @@ def test_ipc_says_when_the_peers_cache_cannot_be_opened():
     with pytest.raises(TransferError, match=r"cannot open the peer's KV cache \(/proc/"):
         shared_cache.open_shared({"kind": "cpu", "pid": 2**22 + 1, "fd": 3, "size": 64, "shape": [16],
                                   "dtype": "float32"})
+
+
+def test_discarded_kv_is_never_read_and_its_sender_is_told_not_to_wait(kind):
+    """Whether its "send" notice came before the discard or after, nothing is read into the decode cache."""
+    prefill, decode = pair(kind)
+    before = decode.kv_cache.tensor.clone()
+    prefill.start_send(Transfer("early", decode.worker_id, (1, 2), tag=1, timeout_s=10))
+    deadline = time.monotonic() + 10
+    while (prefill.worker_id, 1) not in decode._notices and time.monotonic() < deadline:
+        decode.poll()
+        prefill.poll()
+        time.sleep(0.005)
+    decode.discard(prefill.worker_id, 1)
+    decode.discard(prefill.worker_id, 2)
+    prefill.start_send(Transfer("late", decode.worker_id, (3,), tag=2, timeout_s=10))
+    found = outcomes(prefill, decode, count=2)
+    assert {key: r.status for key, r in found.items()} == {
+        ("prefill", "early"): TransferStatus.CANCELLED, ("prefill", "late"): TransferStatus.CANCELLED}
+    assert torch.equal(decode.kv_cache.tensor, before)
+    assert decode._notices == {} and decode._discarding == {}
+    prefill.shutdown()
+    decode.shutdown()
