@@ -264,7 +264,10 @@ class DecodeWorker:
         self._local[task.request_id] = _Local(time.monotonic())
 
     def _abort(self, engine: Engine, request_id: str) -> bool:
-        """True if the request was here (reserved, arriving or running) and is gone now, its blocks freed."""
+        """True if the request was here (reserved, arriving or running) and is gone now, its blocks freed (or freed
+        once the receive under way into them is reported: `_cancelling`)."""
+        if request_id in self._cancelling:
+            return True  # aborted already; its blocks go when its receive stops writing them
         self._local.pop(request_id, None)
         arrival = self._arriving.pop(request_id, None)
         if arrival is not None:
@@ -278,7 +281,8 @@ class DecodeWorker:
         return engine.abort(request_id) is not None
 
     def _hand_on(self, engine: Engine) -> int:
-        decoding = [i for i in engine.request_ids if i not in self._arriving and i not in self._local]
+        decoding = [i for i in engine.request_ids
+                    if i not in self._arriving and i not in self._local and i not in self._cancelling]
         events = [TokenEvent(i, finish_reason=FinishReason.ABORT, handed_on=True) for i in decoding
                   if engine.abort(i) is not None]
         self._emit(events)
@@ -313,7 +317,8 @@ class DecodeWorker:
         if arrival is None:  # aborted (its blocks are free now) or discarded (it had none)
             if result.transfer_id in self._cancelling:
                 self._cancelling.discard(result.transfer_id)
-                engine.release(result.transfer_id)
+                if result.transfer_id in engine.request_ids:  # (a stop may have freed everything meanwhile)
+                    engine.release(result.transfer_id)
             return []
         arrival.received = result
         if result.status is not TransferStatus.DONE:

@@ -17,6 +17,7 @@ from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.layer_progress import LayerProgress
 from pdserve.kv_transfer.connector import Transfer, TransferStatus
 from pdserve.kv_transfer.loopback import LoopbackGroup
+from pdserve.kv_transfer.send_delay import InjectedPause
 from pdserve.kv_transfer.torch_dist import TorchDistConnector
 from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.registry.entries import Role
@@ -133,6 +134,32 @@ def test_a_request_that_ends_at_its_first_token_drops_the_streamed_kv_and_leaks_
     result, after, tokens, told = asyncio.run(go())
     assert result.finish_reason is FinishReason.LENGTH
     assert isinstance(told[1], FirstToken) and told[1].finished
+    assert after.finish_reason is None and len(tokens) == 4
+
+
+def test_a_routers_abort_after_the_first_token_ended_the_request_waits_for_the_kv_still_coming():
+    """The request ended at its first token while its KV was still streaming in, so the decode worker let go of it
+    and waits for the receive to stop before freeing its blocks; the router's abort that follows (it was not told
+    the request ended on that worker) must neither free them early nor, once the receive reports, kill the worker."""
+    sampling = SamplingParams(max_tokens=1, temperature=0)
+
+    async def go():
+        peers = LocalPeers()
+        prefill, decode = await started_pair(peers)
+        prefill.runtime.connector.send_delay = InjectedPause(1.0, 1)  # a slow wire: the KV is still coming
+        await handoff(prefill, decode, "r1", sampling)
+        await asyncio.sleep(0.2)  # the decode worker has heard that the request ended
+        await decode.abort("r1", "router-a")
+        held = decode.runtime.thread.load.kv_blocks_used
+        assert await idle(prefill, decode)
+        failure = decode.runtime.thread.failure
+        after = await handoff(prefill, decode, "r2", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        tokens = await tokens_until_finished(decode, "r2")
+        await asyncio.gather(prefill.stop(), decode.stop())
+        return held, failure, after, tokens
+
+    held, failure, after, tokens = asyncio.run(go())
+    assert held > 0 and failure is None  # kept while written, freed after; the worker serves on
     assert after.finish_reason is None and len(tokens) == 4
 
 
