@@ -147,6 +147,8 @@ class Scheduler:
             return False
         cached = self._cached_prefix(request)
         needed = blocks_for(request.num_tokens, self.blocks.block_size) - len(cached)
+        if not self._fits_after_preempting(request, needed + self.blocks.evictable_among(cached)):
+            return False  # preempting would not make room: lose no one's KV for nothing
         while len(self.running) + len(self.held) >= self.max_num_seqs or not self.blocks.can_allocate(
                 needed + self.blocks.evictable_among(cached)):
             if self._preempt_below(request) is None:
@@ -255,6 +257,13 @@ class Scheduler:
         if preempted is not None:
             preempted.append(victim.request_id)
         return victim
+
+    def _fits_after_preempting(self, request: Request, blocks: int) -> bool:
+        """Whether a seat and `blocks` free blocks could be had for `request` by preempting every running request of
+        lower priority (their blocks counted as if none were shared)."""
+        victims = [r for r in self.running if r.priority > request.priority]
+        seats = self.max_num_seqs - len(self.running) - len(self.held) + len(victims)
+        return seats > 0 and blocks <= self.blocks.num_free + sum(len(r.block_ids) for r in victims)
 
     def _enqueue(self, request: Request) -> None:
         """Into the waiting queue at its place in service order (a preempted request keeps its arrival)."""

@@ -90,6 +90,30 @@ def test_a_waiting_request_holds_back_reservations_of_its_priority_or_lower_only
     assert sched.reserve(online) and online.status is RequestStatus.HELD
 
 
+def test_a_reservation_that_preempting_could_not_make_room_for_preempts_no_one():
+    """Blocks: two free plus the batch request's two make four, the prompt needs five. Seats: three reservations
+    waiting for their KV fill all three. Either way the reservation fails, and the batch requests keep their KV
+    (each failed try used to preempt them again, so a router retrying its reservation starved them)."""
+    _, sched = make(num_blocks=12)
+    assert sched.reserve(req(0, 32, ONLINE_PRIORITY))  # 8 blocks held for KV that is on its way
+    batch = req(1, 6, BATCH_PRIORITY, max_tokens=20)
+    sched.add(batch)
+    step(sched, batch)
+    assert not sched.reserve(req(2, 20, ONLINE_PRIORITY))
+    assert batch.status is RequestStatus.RUNNING and batch.num_preemptions == 0
+
+    _, sched = make(num_blocks=80, max_seqs=3, budget=64)
+    for i in range(3):
+        assert sched.reserve(req(10 + i, 4, ONLINE_PRIORITY))
+    long_batch = [req(i, 100, BATCH_PRIORITY, max_tokens=6) for i in range(2)]
+    for r in long_batch:
+        sched.add(r)
+    for attempt in range(30):
+        step(sched, *long_batch)
+        assert not sched.reserve(req(100 + attempt, 4, ONLINE_PRIORITY))  # a router retrying
+    assert all(r.num_preemptions == 0 for r in long_batch)
+
+
 # ---- the router's gate ---------------------------------------------------------------------------------------
 
 async def enter_all(gate: PriorityGate, priorities: list[int], entered: list[int]) -> list[asyncio.Task]:
