@@ -99,9 +99,11 @@ class Owners:
     def adopt(self, client_request_id: str, router_id: str, client_has: int) -> Adoption | None:
         """Make `router_id` the owner of the request its client knows as `client_request_id`, whose client has
         `client_has` tokens; None when no request here can continue from there (the router then resumes it
-        elsewhere, from the tokens the client sent)."""
+        elsewhere, from the tokens the client sent). A request with no event here yet (its KV and first token still
+        on their way) is not taken over: how its prefill ends is told to its first router only, so a new owner
+        could wait for it forever."""
         found = [(k, o) for k, o in self._owned.items() if o.owner.client_request_id == client_request_id
-                 and o.owner.position <= client_has <= o.end]
+                 and o.journal and o.owner.position <= client_has <= o.end]
         if not found:
             return None
         request_id, owned = max(found, key=lambda item: item[1].owner.position)

@@ -88,11 +88,13 @@ def test_adoption_hands_over_what_the_client_lacks_and_ends_the_old_routers_stre
     assert o.owner("c@router-a#0").router_id == "router-b"
 
 
-def test_adoption_of_a_request_whose_kv_is_still_on_its_way_gets_everything_later(run):
+def test_a_request_whose_kv_is_still_on_its_way_is_not_taken_over_until_its_first_token(run):
+    """Only its first router hears how its prefill ends (a first token that ends it, a cancelled or failed prefill):
+    a new owner would wait forever and its blocks stay held, so the new router resumes it elsewhere instead."""
     o, _ = owners()
     o.add("c@router-a#2", Owner("router-a", "c", position=6))  # a resumed attempt, not decoding yet
+    assert o.adopt("c", "router-b", client_has=6) is None and o.owner("c@router-a#2").router_id == "router-a"
+    o.record([tokens("c@router-a#2", 0, 42)])
     assert o.adopt("c", "router-b", client_has=5) is None  # the client lacks tokens this attempt does not have
     adoption = o.adopt("c", "router-b", client_has=6)
-    assert adoption.events == ()
-    o.record([tokens("c@router-a#2", 0, 42)])
-    assert [(e.position, e.token_ids) for e in run(o.take("router-b", 0.01))] == [(6, (42,))]
+    assert [(e.position, e.token_ids) for e in adoption.events] == [(6, (42,))]
