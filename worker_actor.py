@@ -151,9 +151,10 @@ class Worker:
         if self._decodes():
             await self.front.abort(request_id, router_id)
 
-    async def adopt(self, client_request_id: str, router_id: str, client_has: int) -> Adoption | None:
+    async def adopt(self, client_request_id: str, router_id: str, client_has: int,
+                    prompt_digest: str) -> Adoption | None:
         if self._decodes():
-            return await self.front.adopt(client_request_id, router_id, client_has)
+            return await self.front.adopt(client_request_id, router_id, client_has, prompt_digest)
         return None
 
     async def hand_on(self) -> int:

@@ -4,8 +4,9 @@
     record(events)                 every event goes to its request's journal and to its owner's outbox
     take(router, timeout, done)    the router collects its outbox; the call renews its lease on all its requests,
                                    and drops the journals of the requests it names as done
-    adopt(client id, router, n)    a client reconnected to another router: that router owns the request from now
-                                   on and gets the journal's events past the n tokens the client has
+    adopt(client id, router, n, d) a client reconnected to another router: that router owns the request (of the
+                                   prompt with digest d) from now on and gets the journal's events past the n
+                                   tokens the client has
     expired()                      requests of routers that have not collected for `lease_s`: the worker aborts
                                    them and frees their blocks (a killed or hung router leaks nothing)
 
@@ -96,14 +97,14 @@ class Owners:
         box.wakeup.clear()
         return events
 
-    def adopt(self, client_request_id: str, router_id: str, client_has: int) -> Adoption | None:
+    def adopt(self, client_request_id: str, router_id: str, client_has: int, prompt_digest: str) -> Adoption | None:
         """Make `router_id` the owner of the request its client knows as `client_request_id`, whose client has
         `client_has` tokens; None when no request here can continue from there (the router then resumes it
         elsewhere, from the tokens the client sent). A request with no event here yet (its KV and first token still
         on their way) is not taken over: how its prefill ends is told to its first router only, so a new owner
         could wait for it forever."""
         found = [(k, o) for k, o in self._owned.items() if o.owner.client_request_id == client_request_id
-                 and o.journal and o.owner.position <= client_has <= o.end]
+                 and o.owner.prompt_digest == prompt_digest and o.journal and o.owner.position <= client_has <= o.end]
         if not found:
             return None
         request_id, owned = max(found, key=lambda item: item[1].owner.position)

@@ -148,10 +148,11 @@ class DecodeWorker:
         `done`: its requests it wants nothing more of."""
         return await self.owners.take(router_id, timeout_s, done)
 
-    async def adopt(self, client_request_id: str, router_id: str, client_has: int) -> Adoption | None:
-        """Hand the request its client knows as `client_request_id` to `router_id` (its client reconnected there
-        holding `client_has` tokens); None if no request here can go on from there."""
-        return self.owners.adopt(client_request_id, router_id, client_has)
+    async def adopt(self, client_request_id: str, router_id: str, client_has: int,
+                    prompt_digest: str) -> Adoption | None:
+        """Hand the request its client knows as `client_request_id` (with a prompt of that digest) to `router_id`
+        (its client reconnected there holding `client_has` tokens); None if no request here can go on from there."""
+        return self.owners.adopt(client_request_id, router_id, client_has, prompt_digest)
 
     async def metrics(self) -> list:
         """This worker's Prometheus metric families (served by the router at /metrics/workers)."""

@@ -36,7 +36,7 @@ from pdserve.router.membership import Member, Membership
 from pdserve.router.placement import Placement
 from pdserve.router.request_builder import ValidRequest
 from pdserve.router.timings import RequestClock
-from pdserve.worker.messages import Adoption, DecodeTask, Owner, PrefillTask, TokenEvent
+from pdserve.worker.messages import Adoption, DecodeTask, Owner, PrefillTask, TokenEvent, prompt_digest
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ class Attempt:
         self.parts = parts
         self.request = request
         self.key = adoption[1].request_id if adoption else key
-        self.owner = Owner(parts.router_id, request.request_id, position)
+        prompt = request.token_ids[:len(request.token_ids) - request.resumed_tokens]  # the client's own prompt
+        self.owner = Owner(parts.router_id, request.request_id, position, prompt_digest(prompt))
         self.clock = clock
         self.dispatched = dispatched
         self.adoption = adoption

@@ -40,6 +40,7 @@ from pdserve.router.priority_gate import PriorityGate, is_low_priority
 from pdserve.router.records import TimingRecords
 from pdserve.router.request_builder import ValidRequest
 from pdserve.router.timings import RequestClock, Timings
+from pdserve.worker.messages import prompt_digest
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class Orchestrator:
                     clock: RequestClock) -> AsyncIterator[Piece]:
         adoption = None
         if request.resume is not None:
-            adoption = await self.placement.adopt(request.request_id, len(sent))
+            adoption = await self.placement.adopt(request.request_id, len(sent), prompt_digest(request.token_ids))
             self.metrics.resumes.labels(how="taken_over" if adoption else "rerun").inc()
         for number in range(MAX_MIGRATIONS + 1):
             attempt_request = continuation(request, sent)

@@ -2,7 +2,7 @@
 
     placed = await placement.reserve(request, key, owner, on_choice)   # disaggregated: decode, prefill, reservation
     worker = await placement.colocated(request)
-    found = await placement.adopt(client_request_id, client_has)   # a resumed request: which worker holds it
+    found = await placement.adopt(client_request_id, client_has, digest)   # a resumed request: which worker holds it
 
 Disaggregated: the decode worker with the most free KV blocks (KV-aware: the cheapest by `router.policy`'s cost, from
 what `index` says each worker caches) among those with a working KV pair to some prefill worker reserves the
@@ -108,12 +108,14 @@ class Placement:
         self._expect(affinity, worker)
         return worker
 
-    async def adopt(self, client_request_id: str, client_has: int) -> tuple[Member, Adoption] | None:
-        """Ask every decode (or colocated) worker to hand this router the request; the one that holds it answers
-        with what its client lacks. None when no worker holds it (or none answers in time)."""
+    async def adopt(self, client_request_id: str, client_has: int,
+                    prompt_digest: str) -> tuple[Member, Adoption] | None:
+        """Ask every decode (or colocated) worker to hand this router the request (of that prompt); the one that
+        holds it answers with what its client lacks. None when no worker holds it (or none answers in time)."""
         members = [m for m in self.membership.members.values() if m.info.role in (Role.DECODE, Role.BOTH)]
         answers = await asyncio.gather(*(asyncio.wait_for(m.handle.adopt.remote(
-            client_request_id, self.membership.router_id, client_has), ADOPT_TIMEOUT_S) for m in members),
+            client_request_id, self.membership.router_id, client_has, prompt_digest), ADOPT_TIMEOUT_S)
+            for m in members),
             return_exceptions=True)
         for member, answer in zip(members, answers):
             if isinstance(answer, Adoption):

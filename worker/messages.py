@@ -8,6 +8,8 @@ even when their clients reuse an id.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pdserve.engine.logprobs import TokenLogprobs
@@ -24,6 +26,14 @@ class Owner:
     client_request_id: str
     position: int = 0
     """Tokens the client already had when this attempt began (0, or more for a request resumed elsewhere)."""
+    prompt_digest: str = ""
+    """`prompt_digest` of the client's prompt: a router taking the request over must name the same prompt, so one
+    client's id cannot take over another client's request."""
+
+
+def prompt_digest(token_ids: Sequence[int]) -> str:
+    """A short digest of a prompt's token ids (what `Owner.prompt_digest` holds and an adoption must match)."""
+    return hashlib.blake2b(b",".join(str(t).encode() for t in token_ids), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import pytest
 
 from pdserve.decode_worker.owners import Owners
 from pdserve.engine.request import FinishReason
-from pdserve.worker.messages import Owner, TokenEvent
+from pdserve.worker.messages import Owner, TokenEvent, prompt_digest
 
 
 class Clock:
@@ -76,9 +76,9 @@ def test_adoption_hands_over_what_the_client_lacks_and_ends_the_old_routers_stre
     o, _ = owners()
     o.add("c@router-a#0", Owner("router-a", "c"), prefill_worker="prefill-3")
     o.record([tokens("c@router-a#0", 0, 10), tokens("c@router-a#0", 1, 11), tokens("c@router-a#0", 2, 12)])
-    assert o.adopt("c", "router-b", client_has=4) is None  # the client claims more than the worker made
-    assert o.adopt("someone-else", "router-b", 0) is None
-    adoption = o.adopt("c", "router-b", client_has=1)
+    assert o.adopt("c", "router-b", 4, "") is None  # the client claims more than the worker made
+    assert o.adopt("someone-else", "router-b", 0, "") is None
+    adoption = o.adopt("c", "router-b", 1, "")
     assert (adoption.request_id, adoption.prefill_worker) == ("c@router-a#0", "prefill-3")
     assert [e.token_ids for e in adoption.events] == [(11,), (12,)]
     old = run(o.take("router-a", 0.01))
@@ -93,8 +93,18 @@ def test_a_request_whose_kv_is_still_on_its_way_is_not_taken_over_until_its_firs
     a new owner would wait forever and its blocks stay held, so the new router resumes it elsewhere instead."""
     o, _ = owners()
     o.add("c@router-a#2", Owner("router-a", "c", position=6))  # a resumed attempt, not decoding yet
-    assert o.adopt("c", "router-b", client_has=6) is None and o.owner("c@router-a#2").router_id == "router-a"
+    assert o.adopt("c", "router-b", 6, "") is None and o.owner("c@router-a#2").router_id == "router-a"
     o.record([tokens("c@router-a#2", 0, 42)])
-    assert o.adopt("c", "router-b", client_has=5) is None  # the client lacks tokens this attempt does not have
-    adoption = o.adopt("c", "router-b", client_has=6)
+    assert o.adopt("c", "router-b", 5, "") is None  # the client lacks tokens this attempt does not have
+    adoption = o.adopt("c", "router-b", 6, "")
     assert [(e.position, e.token_ids) for e in adoption.events] == [(6, (42,))]
+
+
+def test_another_clients_request_of_the_same_id_is_not_taken_over(run):
+    """Client ids are the clients' own: a request is handed over only to a client naming the same prompt."""
+    o, _ = owners()
+    o.add("job-1@router-c#0", Owner("router-c", "job-1", prompt_digest=prompt_digest((1, 2, 3))))
+    o.record([tokens("job-1@router-c#0", 0, 12), tokens("job-1@router-c#0", 1, 13)])
+    assert o.adopt("job-1", "router-b", 1, prompt_digest((7, 8, 9))) is None
+    assert o.owner("job-1@router-c#0").router_id == "router-c" and run(o.take("router-c", 0.01)) != []
+    assert o.adopt("job-1", "router-b", 1, prompt_digest((1, 2, 3))).request_id == "job-1@router-c#0"

@@ -93,7 +93,7 @@ def test_the_actor_switches_only_when_drained_and_refuses_the_other_roles_work()
             # What a router may still send to the decode worker this actor was: nothing there, and no error.
             assert await worker.events("router-a", 0.01) == []
             await worker.abort_decode("r1", "router-a")
-            assert await worker.adopt("r1", "router-a", 0) is None
+            assert await worker.adopt("r1", "router-a", 0, "") is None
             await worker.abort_prefill("r1")
         finally:
             await worker.stop()

@@ -256,9 +256,9 @@ def test_adoption_moves_a_running_request_to_another_router_with_what_its_client
         await handed_off(prefill, decode, "c8@router-a#0", sampling, Owner("router-a", "c8"))
         seen_by_a = await events_with_tokens(decode, "router-a", 4)
         client_has = [t for e in seen_by_a for t in e.token_ids]
-        assert await decode.adopt("c8", "router-b", len(client_has) + 50) is None  # ahead of the worker: refused
-        assert await decode.adopt("someone-else", "router-b", 0) is None
-        adoption = await decode.adopt("c8", "router-b", len(client_has))
+        assert await decode.adopt("c8", "router-b", len(client_has) + 50, "") is None  # ahead of the worker: refused
+        assert await decode.adopt("someone-else", "router-b", 0, "") is None
+        adoption = await decode.adopt("c8", "router-b", len(client_has), "")
         later_a = await decode.events("router-a", 0.5)
         rest = list(adoption.events) + await events_until_finished(decode, "c8@router-a#0", "router-b")
         assert await idle(prefill, decode)
