@@ -222,8 +222,10 @@ class OpenAIServer:
                     self.orchestrator.metrics.failed(e)
                     raise as_openai_error(e) from e
             one = built[key]
-            if open_ended:
-                room = max(1, self.builder.context_length - len(one.token_ids))
+            if open_ended:  # up to the context's end, or the end of a worker's KV cache if that comes first
+                kv_room = self.orchestrator.placement.output_room(len(one.token_ids))
+                room = max(1, min(self.builder.context_length - len(one.token_ids),
+                                  kv_room if kv_room is not None else self.builder.context_length))
                 one = dataclasses.replace(one, sampling=dataclasses.replace(one.sampling, max_tokens=room))
             valid.append(dataclasses.replace(one, request_id=request_id if len(requests) == 1 else
                                              f"{request_id}-{index}"))

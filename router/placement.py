@@ -171,6 +171,12 @@ class Placement:
                                   "(router.worker_wait_s; see `pdserve status`)")
             await asyncio.sleep(CHOOSE_RETRY_S)
 
+    def output_room(self, prompt_tokens: int) -> int | None:
+        """Tokens of output that fit after a prompt of `prompt_tokens` in the KV cache of every ready decode (or
+        colocated) worker; None while none is ready."""
+        totals = [m.info.kv_blocks_total for role in (Role.DECODE, Role.BOTH) for m in self.membership.ready(role)]
+        return min(totals) * self.block_size - prompt_tokens if totals else None
+
     def _fitting(self, request: ValidRequest, info: WorkerInfo | None) -> WorkerInfo | None:
         if info is not None and blocks_for(len(request.token_ids) + request.sampling.max_tokens,
                                            self.block_size) > info.kv_blocks_total:

@@ -127,7 +127,9 @@ class FakeOrchestrator:
 
     def __init__(self, fail_before: Exception | None = None, fail_after: Exception | None = None,
                  fail_ids: set[str] | None = None, endless: bool = False, membership: FakeMembership = PAIRED,
-                 colocated: bool = False) -> None:
+                 colocated: bool = False, kv_tokens: int | None = None) -> None:
+        """`kv_tokens`: tokens a worker's KV cache holds (None: as if no worker were ready yet)."""
+        self.placement = SimpleNamespace(output_room=lambda prompt: None if kv_tokens is None else kv_tokens - prompt)
         self.fail_before = fail_before
         self.fail_after = fail_after
         self.fail_ids = fail_ids
@@ -363,6 +365,16 @@ def test_chat_without_max_tokens_runs_to_the_end_of_the_context():
     assert orchestrator.received[-1].sampling.max_tokens == 7
     client.post("/v1/completions", json={"prompt": "hello"})  # completions keep the builder's default
     assert orchestrator.received[-1].sampling.max_tokens == 16
+
+
+def test_chat_without_max_tokens_stops_where_a_workers_kv_cache_ends_if_before_the_context():
+    """A worker whose KV cache holds fewer tokens than the context: prompt + the context's room would not fit in it,
+    and the request would be refused naming a max_tokens the client never sent."""
+    orchestrator = FakeOrchestrator(kv_tokens=CONTEXT - 10)
+    client = client_for(orchestrator)
+    body = client.post("/v1/chat/completions", json={"messages": CHAT}).json()
+    assert orchestrator.received[-1].sampling.max_tokens == CONTEXT - 10 - len(chat_bytes(CHAT))
+    assert body["usage"]["completion_tokens"] == CONTEXT - 10 - len(chat_bytes(CHAT))
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------------
