@@ -144,7 +144,9 @@ class NoticeLine:
     def receive(self) -> list[dict]:
         """The notices that came since the last call (none if the line is closed); never waits."""
         chunks = []
-        while not self.closed and select.select([self._socket], [], [], 0)[0]:
+        readable = select.poll()  # (not select.select: it refuses descriptors past 1024, as a busy worker's can be)
+        readable.register(self._socket, select.POLLIN)
+        while not self.closed and readable.poll(0):
             try:
                 chunk = self._socket.recv(READ_CHUNK)
             except OSError:

@@ -96,3 +96,23 @@ def test_another_user_who_found_the_name_is_refused_and_the_peer_still_gets_thro
     assert intruder.stdout.strip() == "closed", intruder.stderr
     notices = _dial_and_send(address, thread, result, {"op": "done", "id": "r1"})
     assert notices == [{"op": "done", "id": "r1"}]  # nothing forged came through
+
+
+def test_a_line_on_a_descriptor_past_1024_still_reads():
+    """select.select refuses descriptors of 1024 and more (ValueError, which escaped the worker's poll): a worker
+    with many sockets open gets such descriptors."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("fewer than 1,200 descriptors allowed here")
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1030)]
+    try:
+        listener, address = notice_line.listen()
+        thread, result = _accept_in_thread(listener, notice_line.me())
+        assert _dial_and_send(address, thread, result, {"op": "send", "id": "r9"}) == [{"op": "send", "id": "r9"}]
+    finally:
+        for fd in fillers:
+            os.close(fd)
