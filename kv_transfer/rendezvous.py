@@ -8,8 +8,9 @@ worker (torch's TCPStore listens on every interface; keep those ports inside a t
     address = rendezvous.host()                   # the receiving worker, once: "file:<folder>" or "host:port"
     store = rendezvous.store(address, pair_name)  # both workers of a pair, with the same name
 
-A folder holds its owner's pid; `close` removes it, and a worker that died without closing leaves it behind until the
-next worker on the machine starts hosting and removes every folder whose owner is gone.
+A folder holds its owner's pid and pid namespace; `close` removes it, and a worker that died without closing leaves it
+behind until the next worker on the machine (in the same pid namespace: a pid means nothing across them) starts
+hosting and removes every folder whose owner is gone.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Rendezvous:
             remove_orphaned_folders(tempfile.gettempdir())
             self._folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{self.worker_id}-")
             with open(os.path.join(self._folder, OWNER_FILE), "w") as f:
-                f.write(str(os.getpid()))
+                f.write(f"{os.getpid()} {_pid_namespace()}")
             return f"{FILE_PREFIX}{self._folder}"
         self._tcp = dist.TCPStore(self.host_name, 0, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
         return f"{self.host_name}:{self._tcp.port}"
@@ -82,13 +83,21 @@ def remove_orphaned_folders(parent: str) -> list[str]:
             continue
         try:
             with open(os.path.join(entry.path, OWNER_FILE)) as f:
-                owner = int(f.read())
+                pid, _, namespace = f.read().partition(" ")
+            owner = int(pid)
         except (OSError, ValueError):
             continue
-        if not _alive(owner):
+        if namespace == _pid_namespace() and not _alive(owner):
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.path)
     return removed
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # e.g. "pid:[4026531836]"
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:

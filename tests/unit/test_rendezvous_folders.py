@@ -7,12 +7,14 @@ import sys
 
 from pdserve.kv_transfer.rendezvous import OWNER_FILE, Rendezvous, remove_orphaned_folders
 
+NAMESPACE = os.readlink("/proc/self/ns/pid")
 
-def folder(parent, name: str, owner: int | None) -> str:
+
+def folder(parent, name: str, owner: int | None, namespace: str = NAMESPACE) -> str:
     path = parent / name
     path.mkdir()
     if owner is not None:
-        (path / OWNER_FILE).write_text(str(owner))
+        (path / OWNER_FILE).write_text(f"{owner} {namespace}")
     return str(path)
 
 
@@ -27,14 +29,15 @@ def test_only_folders_whose_owner_is_gone_are_removed(tmp_path):
     live = folder(tmp_path, "pdserve-kv-decode-1-def", os.getpid())
     unowned = folder(tmp_path, "pdserve-kv-decode-2-ghi", None)
     other = folder(tmp_path, "someone-else", dead_pid())
+    elsewhere = folder(tmp_path, "pdserve-kv-decode-3-jkl", dead_pid(), "pid:[1]")  # a pid of another namespace
     assert remove_orphaned_folders(str(tmp_path)) == [orphan]
-    assert all(os.path.isdir(p) for p in (live, unowned, other)) and not os.path.exists(orphan)
+    assert all(os.path.isdir(p) for p in (live, unowned, other, elsewhere)) and not os.path.exists(orphan)
 
 
 def test_a_hosted_folder_names_its_owner_and_goes_on_close():
     rendezvous = Rendezvous("127.0.0.1", "decode-9")
     path = rendezvous.host().removeprefix("file:")
     with open(os.path.join(path, OWNER_FILE)) as f:
-        assert int(f.read()) == os.getpid()
+        assert f.read() == f"{os.getpid()} {NAMESPACE}"
     rendezvous.close()
     assert not os.path.exists(path)
