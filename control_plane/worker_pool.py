@@ -32,6 +32,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+import time
 
 import ray
 import redis
@@ -54,6 +55,8 @@ IDLE_POLL_S = 0.25
 WATCH_INTERVAL_S = 1.0
 WATCH_TIMEOUT_S = 10.0
 WORKER_STOP_TIMEOUT_S = 15.0
+REFILL_RETRY_S = 30.0
+"""How often a dead worker's slot whose replacement failed to start is tried again."""
 """How long a worker's own stop (unregister, end its engine thread, close its KV pairs) may take before its actor is
 killed anyway: a stop stuck on a peer that is gone held `pdserve down` for its whole 60 s once (CI, 2026-12-06)."""
 ROLE_NAMES = {Role.PREFILL: "prefill", Role.DECODE: "decode", Role.BOTH: "colocated"}
@@ -75,6 +78,8 @@ class WorkerPool:
         self.infos: dict[str, WorkerInfo] = {}
         """Each worker's own answer to the last watch (every second)."""
         self.hangs = HangWatch(config.workers.hung_after_s)
+        self.unfilled: dict[str, tuple[WorkerSpec, float]] = {}
+        """Dead workers' specs whose replacement failed to start, by the dead worker's id, with when to try again."""
 
     def pool(self, role: Role) -> Pool:
         workers = self.config.workers
@@ -229,14 +234,17 @@ class WorkerPool:
         await asyncio.gather(*(self.stop(worker_id) for worker_id in list(self.actors)))
 
     async def watch(self) -> None:
-        """Every second, replace the workers whose actors have died or that are hung."""
+        """Every second, replace the workers whose actors have died or that are hung; a replacement that failed to
+        start is tried again every REFILL_RETRY_S."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             for worker_id in await self.dead():
-                try:
-                    await self.replace(worker_id)
-                except (ray.exceptions.RayError, TimeoutError) as e:  # tried again on the next round
-                    log.error("worker %s could not be replaced: %s", worker_id, e)
+                await self.replace(worker_id)
+            now = time.monotonic()
+            for worker_id, (spec, due) in list(self.unfilled.items()):
+                if due <= now:
+                    del self.unfilled[worker_id]
+                    await self._refill(worker_id, spec)
 
     async def dead(self) -> list[str]:
         """The workers whose actors are gone, and the hung ones (a live but busy actor still answers: `info` runs
@@ -270,10 +278,22 @@ class WorkerPool:
         del self.specs[worker_id]
         self.hangs.forget(worker_id)
         ray.kill(actor)  # a hung one too: Ray stops even a stopped process (SIGKILL once its grace ends)
+        return await self._refill(worker_id, spec)
+
+    async def _refill(self, dead_id: str, spec: WorkerSpec) -> str | None:
+        """Start a worker like `spec` in dead `dead_id`'s place; its id, or None if it failed to start (it is then
+        killed, and `watch` tries again later: a slot never stays filled by a worker that never served)."""
         new_id = self.next_id(spec.role)
         new = dataclasses.replace(spec, worker_id=new_id, actor_name=self.actor_name(new_id))
-        log.warning("worker %s died; starting %s in its place", worker_id, new_id)
-        await self.start([new])
+        log.warning("worker %s died; starting %s in its place", dead_id, new_id)
+        try:
+            await self.start([new])
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            self.abandon(new_id)
+            self.unfilled[dead_id] = (spec, time.monotonic() + REFILL_RETRY_S)
+            log.error("worker %s could not start in %s's place (tried again in %.0f s): %s", new_id, dead_id,
+                      REFILL_RETRY_S, e)
+            return None
         return new_id
 
     def _create(self, spec: WorkerSpec) -> None:

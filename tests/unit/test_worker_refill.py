@@ -1,0 +1,67 @@
+"""The worker pool's watch replaces a dead worker; a replacement whose start fails is killed and its slot tried again
+later, instead of staying in the pool as a worker that never serves (it answered as STARTING for good, was never
+judged hung, and the slot was never filled)."""
+
+import asyncio
+
+import ray
+
+from pdserve.config import parse_config
+from pdserve.control_plane import worker_pool
+from pdserve.control_plane.scaler import Scaler
+from pdserve.control_plane.worker_pool import WorkerPool
+from pdserve.registry.entries import Role, WorkerInfo, WorkerState
+
+
+class Call:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+class FakeActor:
+    """`info` and `start` as a worker actor answers them: dead (its actor is gone), or starting, or failing to."""
+
+    def __init__(self, worker_id: str, role: Role, dead: bool = False, start_fails: bool = False) -> None:
+        async def info():
+            if dead:
+                raise ray.exceptions.RayActorError()
+            return WorkerInfo(worker_id, role, worker_id, 1, WorkerState.READY)
+
+        async def start():
+            if start_fails:
+                raise ray.exceptions.RayError("engine build failed")
+
+        self.info, self.start = Call(info), Call(start)
+
+
+def test_a_replacement_that_fails_to_start_is_killed_and_its_slot_tried_again(monkeypatch):
+    config = parse_config({})
+    pool = WorkerPool(config, "test")
+    killed, starts = [], []
+
+    def create(spec):
+        starts.append(spec.worker_id)
+        pool.specs[spec.worker_id] = spec
+        pool.actors[spec.worker_id] = FakeActor(spec.worker_id, spec.role, start_fails=len(starts) == 1)
+
+    monkeypatch.setattr(pool, "_create", create)
+    monkeypatch.setattr(ray, "kill", killed.append)
+    monkeypatch.setattr(worker_pool, "WATCH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(worker_pool, "REFILL_RETRY_S", 0.2)
+    for spec in Scaler(pool, config, "redis://x", [], free_resources=lambda: {"CPU": 64}).initial_specs():
+        pool.specs[spec.worker_id] = spec
+        pool.actors[spec.worker_id] = FakeActor(spec.worker_id, spec.role, dead=spec.role is Role.DECODE)
+
+    async def watch_a_while() -> None:
+        task = asyncio.create_task(pool.watch())
+        await asyncio.sleep(1.0)
+        task.cancel()
+
+    asyncio.run(watch_a_while())
+    decode = [w for w in pool.specs if pool.specs[w].role is Role.DECODE]
+    assert starts[:2] == ["decode-1", "decode-2"] and len(starts) == 2  # failed once, then started, then no more
+    assert decode == ["decode-2"] and pool.hangs.watched("decode-2") and pool.unfilled == {}
+    assert len(killed) == 2  # the dead worker, and the replacement that never started
