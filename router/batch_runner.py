@@ -20,8 +20,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import redis
+
 from pdserve.router.batch_lines import BatchLine, ResultFiles, read_input
-from pdserve.router.batch_store import FINAL, BatchStore
+from pdserve.router.batch_store import FINAL, BatchStore, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class BatchRunner:
                     task = asyncio.create_task(self._run_batch(batch_id), name=f"batch-{batch_id}")
                     self.running[batch_id] = task
                     task.add_done_callback(lambda _, b=batch_id: self.running.pop(b, None))
-        except OSError as e:  # Redis away (redis.ConnectionError is an OSError): try again next time
+        except (OSError, redis.RedisError) as e:  # Redis away: try again next time
             log.warning("batch runner: %s", e)
 
     async def _run_batch(self, batch_id: str) -> None:
@@ -88,7 +90,7 @@ class BatchRunner:
             await asyncio.sleep(RENEW_S)
             try:
                 held = await asyncio.to_thread(self.store.renew, batch_id, self.owner, LEASE_S)
-            except OSError as e:
+            except (OSError, redis.RedisError) as e:
                 log.warning("batch %s: lease not renewed: %s", batch_id, e)
                 continue
             if not held:
@@ -99,8 +101,14 @@ class BatchRunner:
         record = await asyncio.to_thread(self.store.batch, batch_id)
         if record["status"] in FINAL:
             return
-        stored = await asyncio.to_thread(self.store.file, record["input_file_id"])
-        lines, errors = await asyncio.to_thread(read_input, stored.path, record["endpoint"])
+        try:
+            stored = await asyncio.to_thread(self.store.file, record["input_file_id"])
+            lines, errors = await asyncio.to_thread(read_input, stored.path, record["endpoint"])
+        except (NotFound, OSError) as e:  # its input file was deleted (or is unreadable) before it could run
+            await self._save(record, status="failed", failed_at=_now(), errors={"object": "list", "data": [
+                {"code": "invalid_request", "message": f"input_file_id: {e}", "param": "input_file_id",
+                 "line": None}]})
+            return
         if errors:  # checked at creation too: the file changed under it
             await self._save(record, status="failed", failed_at=_now(),
                              errors={"object": "list", "data": [e.record() for e in errors]})
@@ -132,9 +140,7 @@ class BatchRunner:
                     self.slots.release()
                     outcome = "expired"
                     break
-                task = asyncio.create_task(self._line(record, line, files))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
+                pending.add(asyncio.create_task(self._line(record, line, files)))
                 if time.monotonic() - last_save > SAVE_S:
                     last_save = time.monotonic()
                     await self._save(record, request_counts=_counts(files, total))
@@ -149,7 +155,11 @@ class BatchRunner:
         request_id = f"{record['id']}-{line.index}"
         try:
             for attempt in range(RETRIES + 1):
-                status, body = await self.answer(record["endpoint"], line.body, request_id)
+                try:
+                    status, body = await self.answer(record["endpoint"], line.body, request_id)
+                except Exception as e:  # noqa: BLE001 - a bug answering one line is that line's error, not the batch's
+                    log.exception("batch %s, line %s: no answer", record["id"], line.custom_id)
+                    status, body = 500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error"}}
                 if status not in TRANSIENT or attempt == RETRIES:
                     break
                 await asyncio.sleep(2 ** attempt)
