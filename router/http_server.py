@@ -226,6 +226,12 @@ class OpenAIServer:
                 kv_room = self.orchestrator.placement.output_room(len(one.token_ids))
                 room = max(1, min(self.builder.context_length - len(one.token_ids),
                                   kv_room if kv_room is not None else self.builder.context_length))
+                if one.sampling.min_tokens > room:
+                    error = InvalidRequest(f"min_tokens: {one.sampling.min_tokens} is more than the {room} tokens left "
+                                           f"after the prompt ({len(one.token_ids)} tokens) in the context or a "
+                                           "worker's KV cache")
+                    self.orchestrator.metrics.failed(error)
+                    raise as_openai_error(error)
                 one = dataclasses.replace(one, sampling=dataclasses.replace(one.sampling, max_tokens=room))
             valid.append(dataclasses.replace(one, request_id=request_id if len(requests) == 1 else
                                              f"{request_id}-{index}"))

@@ -367,6 +367,15 @@ def test_chat_without_max_tokens_runs_to_the_end_of_the_context():
     assert orchestrator.received[-1].sampling.max_tokens == 16
 
 
+def test_chat_without_max_tokens_whose_min_tokens_cannot_fit_is_a_400_naming_min_tokens():
+    orchestrator = FakeOrchestrator(kv_tokens=CONTEXT - 10)
+    fits_the_context_not_the_cache = CONTEXT - len(chat_bytes(CHAT)) - 2
+    response = client_for(orchestrator).post("/v1/chat/completions",
+                                             json={"messages": CHAT, "min_tokens": fits_the_context_not_the_cache})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "min_tokens"
+    assert "more than the" in response.json()["error"]["message"] and orchestrator.received == []
+
+
 def test_chat_without_max_tokens_stops_where_a_workers_kv_cache_ends_if_before_the_context():
     """A worker whose KV cache holds fewer tokens than the context: prompt + the context's room would not fit in it,
     and the request would be refused naming a max_tokens the client never sent."""
