@@ -81,6 +81,10 @@ class Router:
             value = getattr(self, name)
             if value is not None and not 0 < value < 65536:
                 raise ConfigError(f"{name}: must be a port number (1-65535), got {value!r}")
+        ports = {name: getattr(self, name) for name in ("port", "http_port", "metrics_port")
+                 if getattr(self, name) is not None}
+        if len(set(ports.values())) < len(ports):
+            raise ConfigError(f"router ports must differ (one server each), got {ports}")
         at_least("max_waiting", self.max_waiting, 1)
         at_least("low_priority_limit", self.low_priority_limit, 1)
         at_least("max_body_bytes", self.max_body_bytes, 1024)

@@ -87,6 +87,8 @@ def _compile(kind: GuideKind, spec: str, choices: tuple[str, ...]) -> str:
             schema = json.loads(spec)
         except json.JSONDecodeError as e:
             raise StructuredOutputError(field, f"the schema is not valid JSON: {e}") from e
+        except RecursionError as e:
+            raise StructuredOutputError(field, "the schema is nested too deeply") from e
         if not isinstance(schema, (dict, bool)):
             raise StructuredOutputError(field, f"a JSON schema is an object, got {type(schema).__name__}")
         try:

@@ -74,7 +74,7 @@ class BatchStore:
         return record
 
     def file(self, file_id: str) -> StoredFile:
-        raw = self.redis.get(self._key("file", file_id))
+        raw = self.redis.get(self._key("file", file_id)) if ":" not in file_id else None
         if raw is None:
             raise NotFound(f"file_id: no file {file_id!r}")
         found = json.loads(raw)
@@ -110,7 +110,7 @@ class BatchStore:
             self.redis.srem(self._key("batches:open"), record["id"])
 
     def batch(self, batch_id: str) -> dict:
-        raw = self.redis.get(self._key("batch", batch_id))
+        raw = self.redis.get(self._key("batch", batch_id)) if ":" not in batch_id else None  # (":" names its parts)
         if raw is None:
             raise NotFound(f"batch_id: no batch {batch_id!r}")
         record = json.loads(raw)

@@ -92,3 +92,18 @@ def test_a_batch_whose_input_file_was_deleted_fails_naming_it(redis_port, tmp_pa
     run_for(store, answer, 1.0)
     batch = store.batch(record["id"])
     assert batch["status"] == "failed" and batch["errors"]["data"][0]["param"] == "input_file_id"
+
+
+def test_ids_that_name_a_batchs_own_keys_are_no_batch_or_file(redis_port, tmp_path):
+    """"<id>:cancel" and "<id>:owner" are keys of batch <id>; read as batch ids they were a 500."""
+    from pdserve.router.batch_store import NotFound
+
+    store = BatchStore(redis.Redis(port=redis_port), f"t-{uuid.uuid4().hex[:6]}", str(tmp_path))
+    record = batch_of(store, ["a"])
+    store.request_cancel(record["id"])
+    assert store.claim(record["id"], "router-a", 10)
+    for suffix in (":cancel", ":owner"):
+        with pytest.raises(NotFound, match="no batch"):
+            store.batch(record["id"] + suffix)
+    with pytest.raises(NotFound, match="no file"):
+        store.file(record["input_file_id"] + ":x")

@@ -76,3 +76,11 @@ def test_the_config_travels_to_routers_as_json_and_back_unchanged():
                         "router": {"lease_s": 12, "token_file": "/etc/token"},
                         "controller": {"enabled": True, "shift_ratio": float("inf")}, "faults": {"kv_send_pause_s": 1}})
     assert config_from_json(config_to_json(cfg)) == cfg
+
+
+def test_router_ports_that_coincide_are_refused_naming_them():
+    with pytest.raises(ConfigError, match="router ports must differ"):
+        parse_config({"router": {"port": 9000, "http_port": 9000}})
+    with pytest.raises(ConfigError, match="'metrics_port': 50051"):
+        parse_config({"router": {"metrics_port": 50051}})
+    assert parse_config({"router": {"http_port": None, "metrics_port": 9100}}).router.metrics_port == 9100

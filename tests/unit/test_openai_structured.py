@@ -91,3 +91,11 @@ def test_an_invalid_or_doubled_structured_output_is_a_400_naming_the_field(path,
     message = assert_error(response, 400, "invalid_request_error", field)
     assert message.startswith(f"{field}: ") and why in message, message
     assert orchestrator.received == []
+
+
+def test_a_schema_nested_too_deeply_for_the_json_parser_is_refused_by_name():
+    from pdserve.engine.structured_output import GuideKind, StructuredOutputError, _compile
+
+    deep = '{"type": "array", "items": ' * 2000 + "{}" + "}" * 2000
+    with pytest.raises(StructuredOutputError, match="nested too deeply"):
+        _compile(GuideKind.JSON, deep, ())
