@@ -95,9 +95,9 @@ class Controller:
             at_least("hand_on_after_s", self.hand_on_after_s, 0)
         if (self.pin_prefill is None) != (self.pin_decode is None):
             raise ConfigError("pin_prefill: set pin_prefill and pin_decode together, or neither")
-        for name in ("pin_prefill", "pin_decode"):
+        for name, low in (("pin_prefill", self.min_prefill), ("pin_decode", self.min_decode)):
             if getattr(self, name) is not None:
-                at_least(name, getattr(self, name), 1)
+                at_least(name, getattr(self, name), low)
 
     @property
     def pin(self) -> tuple[int, int] | None:

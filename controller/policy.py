@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,6 +38,8 @@ from pdserve.controller.controller import tick
 from pdserve.controller.decision import Action, Decision
 from pdserve.controller.observation import Observation, PoolRole
 from pdserve.controller.perf_model import PerfModel
+
+log = logging.getLogger(__name__)
 
 POLICY_API_VERSION = 1
 BUILT_IN = "ratio"
@@ -71,7 +74,12 @@ class RatioPolicy:
         self.state = ControllerState()
 
     def tick(self, observation: Observation) -> Decision:
-        config = self.config if observation.pin is None else self.config.replace(pin=observation.pin)
+        config = self.config
+        if observation.pin is not None:
+            try:
+                config = self.config.replace(pin=observation.pin)
+            except ControllerConfigError as e:  # an operator's pin outside the bounds: not followed (and the
+                log.warning("controller: the pin is not followed: %s", e)  # controller goes on, unpinned)
         decision = tick(config, self.model, self.state, observation)
         self.state = decision.state
         return decision

@@ -71,6 +71,26 @@ def test_a_policy_written_for_another_api_version_is_refused(monkeypatch):
         load_policy(QUEUE_SCALER, context())
 
 
+def test_an_operators_pin_below_the_pool_bounds_is_not_followed_and_the_controller_goes_on(caplog):
+    """A pin set with `pdserve ratio --pin` (in Redis) that the bounds refuse raised in the tick and ended the
+    controller's task, again after every restart."""
+    import dataclasses
+
+    from .test_controller import MODEL
+
+    policy = load_policy("", PolicyContext(config(min_prefill=2, min_workers=3), model=MODEL))
+    decision = policy.tick(dataclasses.replace(observation(2, 2), pin=(1, 3)))
+    assert decision.action is not None and "not followed" in caplog.text
+
+
+def test_a_configured_pin_below_the_pool_bounds_is_a_config_error_naming_it():
+    from pdserve.config import parse_config
+    from pdserve.engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="pin_prefill"):
+        parse_config({"controller": {"min_prefill": 2, "pin_prefill": 1, "pin_decode": 3}})
+
+
 # --- the budget ---------------------------------------------------------------------------------------------------
 
 
