@@ -5,9 +5,10 @@
         ... ticket.waiting()                     # it waits again (resumed after a failure)
 
 A request counts as waiting from its admission until it has a worker: choosing one, or waiting for KV room (a
-low-priority one also while the `PriorityGate` holds it back). Beyond `max_waiting` such requests a new one is
-refused at once. The gate hears when online requests start and stop waiting. The arrival counters are the ratio
-controller's (every router publishes its own in the registry; the controller sums them).
+low-priority one also while the `PriorityGate` holds it back). Online and low-priority requests each have
+`max_waiting` places: beyond them a new one of its kind is refused at once (low-priority ones held back by the gate
+never take an online request's place). The gate hears when online requests start and stop waiting. The arrival
+counters are the ratio controller's (every router publishes its own in the registry; the controller sums them).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class Admission:
         self.running: set[str] = set()
         """The client request ids accepted and not yet ended (a duplicate is refused)."""
         self.waiting_count = 0
+        """Requests waiting for a worker, of any priority."""
+        self.low_waiting_count = 0
+        """Of those, the low-priority ones."""
         self.accepted_total = 0
         self.accepted_prompt_tokens = 0
         self.accepted_by_class = [0] * NUM_CLASSES
@@ -36,14 +40,17 @@ class Admission:
     def admit(self, request: ValidRequest) -> Ticket:
         if request.request_id in self.running:
             raise DuplicateRequest(f"request_id: {request.request_id!r} is already running")
-        if self.waiting_count >= self.max_waiting:
-            raise Overloaded(f"overloaded: {self.waiting_count} requests are already waiting for a worker "
+        online = not is_low_priority(request.priority)
+        waiting = self.waiting_count - self.low_waiting_count if online else self.low_waiting_count
+        if waiting >= self.max_waiting:
+            kind = "" if online else "low-priority "
+            raise Overloaded(f"overloaded: {waiting} {kind}requests are already waiting for a worker "
                              f"(router.max_waiting); retry later")
         self.running.add(request.request_id)
         self.accepted_total += 1
         self.accepted_prompt_tokens += len(request.token_ids)
         self.accepted_by_class[prompt_class(len(request.token_ids))] += 1
-        return Ticket(self, request.request_id, online=not is_low_priority(request.priority))
+        return Ticket(self, request.request_id, online=online)
 
 
 class Ticket:
@@ -62,6 +69,8 @@ class Ticket:
             self._admission.waiting_count -= 1
             if self.online:
                 self._admission.gate.online_wait_ended()
+            else:
+                self._admission.low_waiting_count -= 1
 
     def waiting(self) -> None:
         if not self._waiting:
@@ -69,6 +78,8 @@ class Ticket:
             self._admission.waiting_count += 1
             if self.online:
                 self._admission.gate.online_wait_started()
+            else:
+                self._admission.low_waiting_count += 1
 
     def __enter__(self) -> Ticket:
         return self

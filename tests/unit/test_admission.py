@@ -41,3 +41,20 @@ def test_a_full_admission_queue_refuses_at_once_and_keeps_the_waiting_requests()
     # the waiting requests end only by their own wait for a worker (none ever joined), not by the refusal
     assert all(isinstance(o, Unavailable) and "no ready worker" in str(o) for o in outcomes)
     assert left == 0
+
+
+def test_low_priority_requests_held_back_never_take_an_online_requests_place():
+    """A client's flood of `priority: 1` requests waits in the priority gate; online requests still get in (they
+    were refused with 429 once the low-priority ones filled `max_waiting`)."""
+    from pdserve.router.admission import Admission
+
+    admission = Admission(max_waiting=2)
+    low = [admission.admit(ValidRequest(f"low{n}", (1,), SamplingParams(), priority=1)) for n in range(2)]
+    with pytest.raises(Overloaded, match="low-priority"):
+        admission.admit(ValidRequest("low2", (1,), SamplingParams(), priority=1))
+    online = [admission.admit(ValidRequest(f"on{n}", (1,), SamplingParams())) for n in range(2)]
+    with pytest.raises(Overloaded, match="2 requests are already waiting"):
+        admission.admit(ValidRequest("on2", (1,), SamplingParams()))
+    for ticket in low + online:
+        ticket.dispatched()
+    assert (admission.waiting_count, admission.low_waiting_count) == (0, 0)
