@@ -102,7 +102,8 @@ async def stream_chunks(first: ChoicePiece, rest: AsyncIterator[ChoicePiece], re
         async for item in _prepend(first, rest):
             piece, finish = item.piece, item.piece.finish_reason
             reason = finish.value if finish is not None else None
-            carries = piece.text or ((extras.with_token_ids or extras.logprobs) and piece.token_ids)
+            carries = (piece.text or ((extras.with_token_ids or extras.logprobs) and piece.token_ids)
+                       or (extras.prompt_logprobs and piece.prompt_logprobs is not None))  # (no text held them back)
             if chat:
                 if carries:
                     chunk = oa.chat_chunk(request_id, model, created, item.index, {"content": piece.text}, None)

@@ -744,3 +744,21 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_read_and_the_next_request_i
     within = client.post("/v1/completions", json={"prompt": "x" * 3000, "max_tokens": 2})
     assert within.status_code == 400 and "context length" in within.json()["error"]["message"]  # read and checked
     assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_a_first_piece_without_text_still_streams_the_prompt_logprobs():
+    """Text held back (half a character, a possible stop string) left the first piece with nothing to say, and its
+    prompt logprobs were dropped from the stream while the whole answer had them."""
+
+    class HalfCharacterFirst(FakeOrchestrator):
+        async def generate(self, request):
+            yield Piece((200,), "", None, prompt_logprobs=fake_prompt_logprobs(request))
+            yield Piece((201,), "é", FinishReason.LENGTH, timings=fake_timings(request), completion_tokens=2)
+
+    client = client_for(HalfCharacterFirst())
+    for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2, "prompt_logprobs": 1}),
+                       ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2, "prompt_logprobs": 1})):
+        whole = client.post(path, json=body).json()["choices"][0]["prompt_logprobs"]
+        streamed = [c["choices"][0]["prompt_logprobs"] for c in events(client.post(path, json={**body, "stream": True}))
+                    if c["choices"] and "prompt_logprobs" in c["choices"][0]]
+        assert whole is not None and streamed == [whole], path
