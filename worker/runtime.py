@@ -101,7 +101,8 @@ class WorkerRuntime:
         if self.spec.role is Role.DECODE:
             self.store_address = self.rendezvous.host()
         self.metrics_server = serve_metrics(self.metrics.registry)
-        self.state = WorkerState.READY
+        if self.state is not WorkerState.DRAINING:  # a drain asked for while it started stands
+            self.state = WorkerState.READY
         if self.heartbeat is not None:
             self.heartbeat.start()
         log.info("worker %s ready (%s, pid %d, cores %s)", self.spec.worker_id, self.spec.role.value, os.getpid(),

@@ -99,3 +99,22 @@ def test_the_actor_switches_only_when_drained_and_refuses_the_other_roles_work()
             await worker.stop()
 
     asyncio.run(go())
+
+
+def test_a_worker_drained_while_it_starts_stays_draining():
+    """A scale-down or `pdserve drain` can pick a worker still loading its model (one the controller is adding):
+    its start used to set READY over the drain, and the drained worker took traffic."""
+    from pdserve.engine import EngineConfig
+
+    worker = Worker(WorkerSpec("decode-3", Role.DECODE, EngineConfig(backend="sim", model="tiny")))
+
+    async def go():
+        start = asyncio.create_task(worker.start())
+        await asyncio.sleep(0)
+        await worker.drain()
+        await start
+        state = (await worker.info()).state
+        await worker.stop()
+        return state
+
+    assert asyncio.run(go()) is WorkerState.DRAINING
