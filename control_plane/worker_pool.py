@@ -204,7 +204,13 @@ class WorkerPool:
         idle_since = None
         while True:
             now = loop.time()
-            if await actor.idle.remote():
+            try:  # (idle asks the engine thread: a hung engine never answers)
+                idle = await asyncio.wait_for(actor.idle.remote(), self.hangs.ask_timeout_s(WATCH_TIMEOUT_S))
+            except TimeoutError:
+                idle = False
+            if worker_id in self.hangs.hung():  # the watch replaces it once it is no longer moving
+                raise TimeoutError(f"worker {worker_id} hung while draining")
+            if idle:
                 idle_since = now if idle_since is None else idle_since
                 if now - idle_since >= IDLE_STABLE_S and now - began >= ROUTER_GRACE_S:
                     return

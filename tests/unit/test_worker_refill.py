@@ -1,9 +1,11 @@
-"""The worker pool's watch replaces a dead worker; a replacement whose start fails is killed and its slot tried again
-later, instead of staying in the pool as a worker that never serves (it answered as STARTING for good, was never
-judged hung, and the slot was never filled)."""
+"""The worker pool with fake actors: its watch replaces a dead worker, and a replacement whose start fails is killed
+and its slot tried again later, instead of staying in the pool as a worker that never serves (it answered as STARTING
+for good, was never judged hung, and the slot was never filled); a worker that hangs while it drains for a move or a
+remove ends the drain, so the watch can replace it (the drain waited for it forever)."""
 
 import asyncio
 
+import pytest
 import ray
 
 from pdserve.config import parse_config
@@ -65,3 +67,26 @@ def test_a_replacement_that_fails_to_start_is_killed_and_its_slot_tried_again(mo
     assert starts[:2] == ["decode-1", "decode-2"] and len(starts) == 2  # failed once, then started, then no more
     assert decode == ["decode-2"] and pool.hangs.watched("decode-2") and pool.unfilled == {}
     assert len(killed) == 2  # the dead worker, and the replacement that never started
+
+
+def test_a_worker_that_hangs_while_it_drains_ends_the_drain():
+    config = parse_config({"workers": {"hung_after_s": 1}})
+    pool = WorkerPool(config, "test")
+    spec = Scaler(pool, config, "redis://x", [], free_resources=lambda: {"CPU": 64}).initial_specs()[0]
+
+    async def drain():
+        return None
+
+    async def never():
+        await asyncio.sleep(3600)
+
+    actor = FakeActor(spec.worker_id, spec.role)
+    actor.drain, actor.idle = Call(drain), Call(never)
+    pool.specs[spec.worker_id], pool.actors[spec.worker_id] = spec, actor
+    pool.hangs.watch(spec.worker_id)  # and no answer comes from here on
+
+    async def go():
+        with pytest.raises(TimeoutError, match="hung while draining"):
+            await asyncio.wait_for(pool.drain(spec.worker_id), 5)
+
+    asyncio.run(go())
