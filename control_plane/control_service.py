@@ -3,12 +3,16 @@ calls on to it. It listens on the control plane's host (127.0.0.1 by default) at
 registry, and asks for the cluster's bearer token when one is set.
 
 Answers once the workers have started, or drained and stopped. A change the cluster cannot take is
-FAILED_PRECONDITION naming the field, an unknown worker NOT_FOUND, a request naming no pool INVALID_ARGUMENT.
+FAILED_PRECONDITION naming the field, an unknown worker NOT_FOUND, a request naming no pool INVALID_ARGUMENT. A change
+runs to its end even when its caller goes away (the CLI's deadline, Ctrl-C): stopped between drain and stop, a worker
+would stay drained, serving nothing, for good.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
 
 import grpc
 
@@ -26,25 +30,40 @@ ROLE_OF_SCALE_FIELD = {"prefill": Role.PREFILL, "decode": Role.DECODE, "colocate
 class ControlService(pb_grpc.ControlServicer):
     def __init__(self, scaler: Scaler) -> None:
         self.scaler = scaler
+        self._changes: set[asyncio.Task] = set()
+        """Changes under way (kept here so one whose caller left runs on)."""
 
     async def Scale(self, request: pb.ScaleRequest, context: grpc.aio.ServicerContext) -> pb.ScaleResponse:
         wanted = {role: getattr(request, name) for name, role in ROLE_OF_SCALE_FIELD.items() if request.HasField(name)}
         if not wanted:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give at least one of prefill, decode, colocated")
         try:
-            started, stopped = await self.scaler.scale(wanted)
+            started, stopped = await self._to_the_end(self.scaler.scale(wanted))
         except ScaleError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return pb.ScaleResponse(started=started, stopped=stopped)
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
         try:
-            stopped, started = await self.scaler.drain(request.worker_id, request.replace)
+            stopped, started = await self._to_the_end(self.scaler.drain(request.worker_id, request.replace))
         except UnknownWorker as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except ScaleError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return pb.DrainResponse(stopped=stopped, started=started)
+
+    async def _to_the_end(self, change: Awaitable):
+        """`change`'s result; it runs on if the caller is cancelled (an error it meets then is logged)."""
+        task = asyncio.ensure_future(change)
+        self._changes.add(task)
+        task.add_done_callback(self._ended)
+        return await asyncio.shield(task)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        self._changes.discard(task)
+        if not task.cancelled() and isinstance(task.exception(), Exception) \
+                and not isinstance(task.exception(), ScaleError):
+            log.error("a scale or drain failed", exc_info=task.exception())
 
 
 async def start_control_service(scaler: Scaler, host: str, token: str | None) -> tuple[grpc.aio.Server, str]:
