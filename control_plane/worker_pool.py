@@ -240,17 +240,20 @@ class WorkerPool:
         await asyncio.gather(*(self.stop(worker_id) for worker_id in list(self.actors)))
 
     async def watch(self) -> None:
-        """Every second, replace the workers whose actors have died or that are hung; a replacement that failed to
-        start is tried again every REFILL_RETRY_S."""
+        """Every second, replace the workers whose actors have died or that are hung, all at once; a replacement that
+        failed to start is tried again every REFILL_RETRY_S."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            for worker_id in await self.dead():
-                await self.replace(worker_id)
             now = time.monotonic()
-            for worker_id, (spec, due) in list(self.unfilled.items()):
-                if due <= now:
-                    del self.unfilled[worker_id]
-                    await self._refill(worker_id, spec)
+            due = [(worker_id, spec) for worker_id, (spec, when) in self.unfilled.items() if when <= now]
+            for worker_id, _ in due:
+                del self.unfilled[worker_id]
+            outcomes = await asyncio.gather(*(self.replace(worker_id) for worker_id in await self.dead()),
+                                            *(self._refill(worker_id, spec) for worker_id, spec in due),
+                                            return_exceptions=True)  # together: one slow start holds up none
+            for outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    log.error("replacing a worker failed", exc_info=outcome)
 
     async def dead(self) -> list[str]:
         """The workers whose actors are gone, and the hung ones (a live but busy actor still answers: `info` runs

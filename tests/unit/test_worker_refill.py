@@ -90,3 +90,36 @@ def test_a_worker_that_hangs_while_it_drains_ends_the_drain():
             await asyncio.wait_for(pool.drain(spec.worker_id), 5)
 
     asyncio.run(go())
+
+
+def test_dead_workers_are_replaced_together_not_one_after_another(monkeypatch):
+    config = parse_config({"workers": {"decode": {"count": 2}}})
+    pool = WorkerPool(config, "test")
+    starting, most = set(), []
+
+    def create(spec):
+        async def start():
+            starting.add(spec.worker_id)
+            most.append(len(starting))
+            await asyncio.sleep(0.2)
+            starting.discard(spec.worker_id)
+
+        pool.specs[spec.worker_id] = spec
+        actor = FakeActor(spec.worker_id, spec.role)
+        actor.start = Call(start)
+        pool.actors[spec.worker_id] = actor
+
+    monkeypatch.setattr(pool, "_create", create)
+    monkeypatch.setattr(ray, "kill", lambda actor: None)
+    monkeypatch.setattr(worker_pool, "WATCH_INTERVAL_S", 0.05)
+    for spec in Scaler(pool, config, "redis://x", [], free_resources=lambda: {"CPU": 64}).initial_specs():
+        pool.specs[spec.worker_id] = spec
+        pool.actors[spec.worker_id] = FakeActor(spec.worker_id, spec.role, dead=spec.role is Role.DECODE)
+
+    async def watch_a_while() -> None:
+        task = asyncio.create_task(pool.watch())
+        await asyncio.sleep(0.6)
+        task.cancel()
+
+    asyncio.run(watch_a_while())
+    assert max(most) == 2 and sorted(w for w in pool.specs if w.startswith("decode")) == ["decode-2", "decode-3"]
