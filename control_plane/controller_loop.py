@@ -113,6 +113,13 @@ class ControllerLoop:
         # a worker being added is in transition, joining its pool, before it registers (Ray placing it)
         seen += [WorkerObservation(worker_id, role, draining=True, joining=role)
                  for worker_id, (role, _) in self._adding.items() if worker_id not in present]
+        # so is one the control plane's watch or an operator started (it registers once its engine is loaded):
+        # uncounted, the policy could add past max_workers for a slot already being filled (not while a move is
+        # under way: a moved worker's successor is already counted as the moving worker)
+        known = present | set(self._adding)
+        seen += [WorkerObservation(worker_id, _POOL_ROLES[spec.role], draining=True, joining=_POOL_ROLES[spec.role])
+                 for worker_id, spec in self.pool.specs.items()
+                 if not self._moving and worker_id not in known and spec.role in _POOL_ROLES]
         rate, prompt_tokens, classes = self._arrivals(now, {r.router_id: r for r in routers})
         return Observation(now_s=now - self._started, workers=tuple(seen),
                            traffic=traffic_window(finished_requests(timings), rate, self.window_s,

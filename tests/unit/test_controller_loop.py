@@ -188,3 +188,22 @@ def test_what_breaks_the_budget_is_recorded_as_refused_and_not_done():
     decisions, removed = asyncio.run(go())
     assert not removed
     assert decisions[0]["action"] == "hold" and decisions[0]["reason"].startswith("Refused: removing 1 of 2 workers")
+
+
+def test_a_worker_the_watch_is_starting_counts_as_joining_its_pool_before_it_registers():
+    """A replacement loading its model is not in the registry yet: counted nowhere, the policy added past
+    max_workers for a slot already being filled."""
+    async def go():
+        registry = FakeRegistry([ready("prefill-0", Role.PREFILL), ready("decode-0", Role.DECODE)])
+        scaler = FakeScaler()
+        scaler.pool.specs = {w: SimpleNamespace(role=r) for w, r in (("prefill-0", Role.PREFILL),
+                                                                     ("decode-0", Role.DECODE),
+                                                                     ("decode-1", Role.DECODE))}
+        policy = ScriptedPolicy()
+        await live_loop(policy, scaler, registry).tick_once()
+        return policy.seen[0]
+
+    seen = asyncio.run(go())
+    replacement = [w for w in seen.workers if w.worker_id == "decode-1"]
+    assert replacement and replacement[0].draining and replacement[0].joining is PoolRole.DECODE
+    assert len(seen.workers) == 3
