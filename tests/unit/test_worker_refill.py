@@ -39,6 +39,22 @@ class FakeActor:
         self.info, self.start = Call(info), Call(start)
 
 
+def with_dead_decode_workers(pool: WorkerPool, config) -> None:
+    """The pool's first workers, as its config asks, each decode one dead."""
+    for spec in Scaler(pool, config, "redis://x", [], free_resources=lambda: {"CPU": 64}).initial_specs():
+        pool.specs[spec.worker_id] = spec
+        pool.actors[spec.worker_id] = FakeActor(spec.worker_id, spec.role, dead=spec.role is Role.DECODE)
+
+
+def watch_for(pool: WorkerPool, seconds: float) -> None:
+    async def go() -> None:
+        task = asyncio.create_task(pool.watch())
+        await asyncio.sleep(seconds)
+        task.cancel()
+
+    asyncio.run(go())
+
+
 def test_a_replacement_that_fails_to_start_is_killed_and_its_slot_tried_again(monkeypatch):
     config = parse_config({})
     pool = WorkerPool(config, "test")
@@ -53,16 +69,8 @@ def test_a_replacement_that_fails_to_start_is_killed_and_its_slot_tried_again(mo
     monkeypatch.setattr(ray, "kill", killed.append)
     monkeypatch.setattr(worker_pool, "WATCH_INTERVAL_S", 0.05)
     monkeypatch.setattr(worker_pool, "REFILL_RETRY_S", 0.2)
-    for spec in Scaler(pool, config, "redis://x", [], free_resources=lambda: {"CPU": 64}).initial_specs():
-        pool.specs[spec.worker_id] = spec
-        pool.actors[spec.worker_id] = FakeActor(spec.worker_id, spec.role, dead=spec.role is Role.DECODE)
-
-    async def watch_a_while() -> None:
-        task = asyncio.create_task(pool.watch())
-        await asyncio.sleep(1.0)
-        task.cancel()
-
-    asyncio.run(watch_a_while())
+    with_dead_decode_workers(pool, config)
+    watch_for(pool, 1.0)
     decode = [w for w in pool.specs if pool.specs[w].role is Role.DECODE]
     assert starts[:2] == ["decode-1", "decode-2"] and len(starts) == 2  # failed once, then started, then no more
     assert decode == ["decode-2"] and pool.hangs.watched("decode-2") and pool.unfilled == {}
@@ -112,14 +120,6 @@ def test_dead_workers_are_replaced_together_not_one_after_another(monkeypatch):
     monkeypatch.setattr(pool, "_create", create)
     monkeypatch.setattr(ray, "kill", lambda actor: None)
     monkeypatch.setattr(worker_pool, "WATCH_INTERVAL_S", 0.05)
-    for spec in Scaler(pool, config, "redis://x", [], free_resources=lambda: {"CPU": 64}).initial_specs():
-        pool.specs[spec.worker_id] = spec
-        pool.actors[spec.worker_id] = FakeActor(spec.worker_id, spec.role, dead=spec.role is Role.DECODE)
-
-    async def watch_a_while() -> None:
-        task = asyncio.create_task(pool.watch())
-        await asyncio.sleep(0.6)
-        task.cancel()
-
-    asyncio.run(watch_a_while())
+    with_dead_decode_workers(pool, config)
+    watch_for(pool, 0.6)
     assert max(most) == 2 and sorted(w for w in pool.specs if w.startswith("decode")) == ["decode-2", "decode-3"]
